@@ -1,0 +1,268 @@
+"""The stored block format: a self-describing header, then the packed payload.
+
+Where it stands: the codec (kvpool.kernels.codec) writes and reads blocks in this format; the
+cache tier checks a block's header and checksum with this module alone, without torch.
+
+Wire layout, all integers little-endian:
+
+    header   = FIXED (struct below) | key bits[layers] | value bits[layers] | crc32
+    payload  = for each layer: the key section, then the value section (latent: one section)
+               then, when sink tokens are kept, fp16 sinks [L, H, S, D] of keys, then values
+    section  = packed codes | fp16 scales | fp16 minimums, each padded to 16 bytes
+
+Packed codes: one row is the `head_dim` codes of one (head, token). A row is split into bit
+planes (2 bits: one 2-bit plane; 3 bits: a 2-bit plane of the low bits and a 1-bit plane of
+the high bit; 4 bits: one 4-bit plane; 8 bits: one byte per code). A plane of width w packs
+m = 8 / w codes per byte, "planar": byte j of the plane holds codes j, j + n/m, j + 2n/m, ...
+(n = row length) at bit offsets 0, w, 2w, ...  Byte-addressed, so the format has no endianness.
+
+The crc32 covers the header up to the crc field and the whole payload.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+from kvpool.errors import (
+    BlockFormatError,
+    ChecksumError,
+    TruncatedBlockError,
+    UnsupportedVersionError,
+)
+
+MAGIC = b"KVPB"
+FORMAT_VERSION = 1
+SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_GROUPS = (32, 64, 128)
+ALIGN = 16
+
+# magic, version, header_len, layout, dtype, flags, group, layers, heads, head_dim,
+# sink_tokens, rotary_dim, tokens, start_position, rope_theta, rope_scaling, payload_len
+_FIXED = struct.Struct("<4sHHBBBxHHHHHHIQddQ")
+_CRC = struct.Struct("<I")
+
+
+class Layout(IntEnum):
+    KV = 1  # keys and values [layers, kv_heads, tokens, head_dim]
+    LATENT = 2  # one latent vector per token and layer [layers, tokens, latent_dim]
+
+
+class DType(IntEnum):
+    FLOAT16 = 1
+    BFLOAT16 = 2
+    FLOAT32 = 3
+
+
+class Flag(IntEnum):
+    PRE_ROPE_KEYS = 1  # keys were quantized with the rotary embedding undone
+    HADAMARD_VALUES = 2  # values were quantized after an orthonormal Hadamard rotation
+
+
+def plane_widths(bits: int) -> tuple[int, ...]:
+    """Bit widths of the planes a `bits`-bit code is split into (low bits first)."""
+    return {2: (2,), 3: (2, 1), 4: (4,), 8: (8,)}[bits]
+
+
+def _pad(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+@dataclass(frozen=True)
+class Section:
+    """Where one (layer, tensor) lives in the payload, in bytes from the payload start."""
+
+    codes: int
+    scales: int
+    mins: int
+    bits: int
+    is_key: bool  # key sections group G tokens of a channel; others G channels of a token
+    n_params: int  # scales (= minimums) in the section
+
+
+@dataclass(frozen=True)
+class BlockHeader:
+    """Everything needed to decode a block, and everything that changes its bytes."""
+
+    layout: Layout
+    dtype: DType
+    layers: int
+    heads: int  # kv heads; 1 for the latent layout
+    tokens: int
+    head_dim: int  # latent_dim for the latent layout
+    group_size: int
+    key_bits: tuple[int, ...]  # per layer; the latent layout's bits
+    value_bits: tuple[int, ...]  # per layer; empty for the latent layout
+    flags: int = 0
+    sink_tokens: int = 0
+    start_position: int = 0
+    rope_theta: float = 0.0
+    rope_scaling: float = 1.0
+    rotary_dim: int = 0
+    version: int = FORMAT_VERSION
+    sections: tuple[Section, ...] = field(init=False, repr=False, compare=False)
+    sinks_offset: int = field(init=False, repr=False, compare=False)
+    payload_len: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._validate()
+        sections: list[Section] = []
+        offset = 0
+        tensors = [(True, self.key_bits), (False, self.value_bits)]
+        if self.layout == Layout.LATENT:
+            tensors = [(False, self.key_bits)]
+        for layer in range(self.layers):
+            for is_key, bits_per_layer in tensors:
+                bits = bits_per_layer[layer]
+                n_params = self.heads * self.tokens * self.head_dim // self.group_size
+                if not is_key:
+                    n_params = self.heads * self.tokens * self.head_dim // self.value_group
+                codes = offset
+                scales = codes + _pad(self.heads * self.tokens * self.head_dim * bits // 8)
+                mins = scales + _pad(2 * n_params)
+                offset = mins + _pad(2 * n_params)
+                sections.append(Section(codes, scales, mins, bits, is_key, n_params))
+        object.__setattr__(self, "sections", tuple(sections))
+        object.__setattr__(self, "sinks_offset", offset)
+        object.__setattr__(self, "payload_len", offset + 2 * self.sink_elements)
+
+    @property
+    def value_group(self) -> int:
+        """Group size along channels (values, latent): the group size clamped to head_dim."""
+        return min(self.group_size, self.head_dim)
+
+    @property
+    def tensors_per_layer(self) -> int:
+        return 1 if self.layout == Layout.LATENT else 2
+
+    @property
+    def sink_elements(self) -> int:
+        """fp16 elements of the kept sink tokens, all tensors and layers."""
+        per_tensor = self.layers * self.heads * self.sink_tokens * self.head_dim
+        return per_tensor * self.tensors_per_layer
+
+    @property
+    def header_len(self) -> int:
+        return _FIXED.size + len(self.key_bits) + len(self.value_bits) + _CRC.size
+
+    @property
+    def elements(self) -> int:
+        """Values the block stands for (keys and values, or latent)."""
+        return self.layers * self.heads * self.tokens * self.head_dim * self.tensors_per_layer
+
+    def _validate(self) -> None:
+        if self.version != FORMAT_VERSION:
+            raise UnsupportedVersionError(f"block format version {self.version}")
+        for name in ("layers", "heads", "tokens", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise BlockFormatError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.group_size not in SUPPORTED_GROUPS:
+            raise BlockFormatError(f"group size {self.group_size} not in {SUPPORTED_GROUPS}")
+        if self.tokens % self.group_size:
+            raise BlockFormatError(
+                f"tokens ({self.tokens}) must be a multiple of the group size ({self.group_size})"
+            )
+        if self.head_dim % 8 or self.head_dim % self.value_group:
+            raise BlockFormatError(
+                f"head_dim {self.head_dim} must be a multiple of 8 and of the group size"
+            )
+        want_value_bits = 0 if self.layout == Layout.LATENT else self.layers
+        if len(self.key_bits) != self.layers or len(self.value_bits) != want_value_bits:
+            raise BlockFormatError("bits per layer do not match the number of layers")
+        for b in (*self.key_bits, *self.value_bits):
+            if b not in SUPPORTED_BITS:
+                raise BlockFormatError(f"bit width {b} not in {SUPPORTED_BITS}")
+        if not 0 <= self.sink_tokens < self.tokens:
+            raise BlockFormatError(f"sink_tokens {self.sink_tokens} out of range")
+        if self.sink_tokens and self.start_position != 0:
+            raise BlockFormatError("sink tokens are only kept in a block starting at position 0")
+        if self.start_position < 0:
+            raise BlockFormatError("start_position must be >= 0")
+        if self.flags & ~(Flag.PRE_ROPE_KEYS | Flag.HADAMARD_VALUES):
+            raise BlockFormatError(f"unknown option flags {self.flags:#x}")
+        if self.flags & Flag.PRE_ROPE_KEYS:
+            if self.layout == Layout.LATENT:
+                raise BlockFormatError("pre-RoPE keys need the KV layout")
+            if not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
+                raise BlockFormatError(f"rotary_dim {self.rotary_dim} invalid")
+            if not (self.rope_theta > 0 and self.rope_scaling > 0):
+                raise BlockFormatError("rope_theta and rope_scaling must be positive")
+
+    def has_flag(self, flag: Flag) -> bool:
+        return bool(self.flags & flag)
+
+    def pack(self) -> bytes:
+        """The header bytes without the trailing crc32 (see `seal`)."""
+        fixed = _FIXED.pack(
+            MAGIC, self.version, self.header_len, self.layout, self.dtype, self.flags,
+            self.group_size, self.layers, self.heads, self.head_dim, self.sink_tokens,
+            self.rotary_dim, self.tokens, self.start_position, self.rope_theta,
+            self.rope_scaling, self.payload_len,
+        )  # fmt: skip
+        return fixed + bytes(self.key_bits) + bytes(self.value_bits)
+
+
+def seal(header: BlockHeader, payload: bytes | bytearray | memoryview) -> bytes:
+    """Join header and payload into a block, with the crc32 over both."""
+    if len(payload) != header.payload_len:
+        raise BlockFormatError(f"payload is {len(payload)} bytes, header says {header.payload_len}")
+    head = header.pack()
+    crc = zlib.crc32(payload, zlib.crc32(head))
+    return b"".join((head, _CRC.pack(crc), payload))
+
+
+def parse_header(blob: bytes | bytearray | memoryview) -> BlockHeader:
+    """Read and validate a block's header (no checksum check; see `verify`)."""
+    if len(blob) < _FIXED.size:
+        raise TruncatedBlockError(f"{len(blob)} bytes is shorter than a block header")
+    (magic, version, header_len, layout, dtype, flags, group, layers, heads, head_dim, sinks,
+     rotary_dim, tokens, start, theta, scaling, payload_len) = _FIXED.unpack_from(blob)  # fmt: skip
+    if magic != MAGIC:
+        raise BlockFormatError(f"not a kvpool block (magic {bytes(magic)!r})")
+    if version != FORMAT_VERSION:
+        raise UnsupportedVersionError(
+            f"block format version {version}; this build reads version {FORMAT_VERSION}"
+        )
+    try:
+        layout, dtype = Layout(layout), DType(dtype)
+    except ValueError as e:
+        raise BlockFormatError(str(e)) from None
+    n_value_bits = 0 if layout == Layout.LATENT else layers
+    if header_len != _FIXED.size + layers + n_value_bits + _CRC.size:
+        raise BlockFormatError(f"header length {header_len} does not match its layer count")
+    if len(blob) < header_len:
+        raise TruncatedBlockError(f"{len(blob)} bytes is shorter than the {header_len}-byte header")
+    bits = bytes(blob[_FIXED.size : header_len - _CRC.size])
+    header = BlockHeader(
+        layout=layout, dtype=dtype, layers=layers, heads=heads, tokens=tokens,
+        head_dim=head_dim, group_size=group, key_bits=tuple(bits[:layers]),
+        value_bits=tuple(bits[layers:]), flags=flags, sink_tokens=sinks,
+        start_position=start, rope_theta=theta, rope_scaling=scaling, rotary_dim=rotary_dim,
+    )  # fmt: skip
+    if header.payload_len != payload_len:
+        raise BlockFormatError(
+            f"payload length field {payload_len} does not match the layout ({header.payload_len})"
+        )
+    return header
+
+
+def verify(blob: bytes | bytearray | memoryview) -> BlockHeader:
+    """Parse the header, check the length and the crc32; return the header.
+
+    Raises TruncatedBlockError, BlockFormatError, UnsupportedVersionError or ChecksumError.
+    """
+    header = parse_header(blob)
+    total = header.header_len + header.payload_len
+    if len(blob) < total:
+        raise TruncatedBlockError(f"block is {len(blob)} bytes, its header says {total}")
+    if len(blob) > total:
+        raise BlockFormatError(f"block is {len(blob)} bytes, its header says {total}")
+    view = memoryview(blob)
+    crc_at = header.header_len - _CRC.size
+    (stored,) = _CRC.unpack_from(view, crc_at)
+    crc = zlib.crc32(view[header.header_len :], zlib.crc32(view[:crc_at]))
+    if crc != stored:
+        raise ChecksumError(f"crc32 {crc:#010x} != stored {stored:#010x}")
+    return header

@@ -1,0 +1,373 @@
+/* The CPU fast path of the codec: one pass per section, quantize+pack and unpack+dequantize.
+ *
+ * Where it stands: kvpool.kernels.cpu calls these on CPU tensors; they must give the same codes
+ * as kvpool.kernels.reference (the spec), bit for bit, and tests check that they do.
+ *
+ * A section is one layer's keys or values, x: [H, T, D] contiguous, float16/bfloat16/float32.
+ *   keys   (is_key=1): groups of G tokens of one channel, scales/mins [H, T/G, D]
+ *   values (is_key=0): groups of G channels of one token, scales/mins [H, T, D/G]
+ * Codes are packed row by row (a row = D codes of one head and token) in bit planes, planar:
+ * byte j of a w-bit plane holds codes j, j + D/m, j + 2D/m ... (m = 8/w) at shifts 0, w, 2w ...
+ *
+ * The functions take raw addresses (tensor.data_ptr()) and release the GIL while they run, so
+ * Python threads can work on different sections at once. Built with gcc function
+ * multi-versioning: AVX-512 / AVX2+F16C clones where the CPU has them, portable code otherwise.
+ * Compiled without -ffast-math: division and rounding are IEEE, as in the torch reference.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define MULTIVERSION
+#endif
+/* helpers are inlined into the multi-versioned entry points, so they get each clone's ISA */
+#define INLINE static inline __attribute__((always_inline))
+
+enum { DT_F16 = 1, DT_BF16 = 2, DT_F32 = 3 };
+#define SCALE_EPS 5.9604644775390625e-08f /* 2^-24, the smallest positive fp16 */
+
+typedef _Float16 f16;
+
+/* ---- element conversions ------------------------------------------------------------------ */
+
+INLINE float bf16_to_f32(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+INLINE uint16_t f32_to_bf16(float f) { /* round to nearest even; inputs are finite */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* fp32 -> fp16 bits, round to nearest even, saturating at +-65504; plain integer code so the
+ * compiler vectorizes it on every ISA (gcc does not vectorize the _Float16 conversion) */
+INLINE uint16_t f32_to_f16(float f) {
+    uint32_t x, t_bits;
+    memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000u;
+    x &= 0x7fffffffu;
+    x = x < 0x477fe000u ? x : 0x477fe000u; /* 65504 */
+    uint32_t normal = (x - 0x38000000u + 0xfffu + ((x >> 13) & 1u)) >> 13;
+    float t;
+    memcpy(&t, &x, 4);
+    t += 0.5f; /* below 2^-14: the fp16 subnormal step is the ulp of 0.5f */
+    memcpy(&t_bits, &t, 4);
+    uint32_t sub = t_bits - 0x3f000000u;
+    return (uint16_t)(sign | (x < 0x38800000u ? sub : normal));
+}
+
+/* fp16 bits -> fp32, exact for finite values (inf and NaN come out as magnitudes beyond
+ * 65504, which the encoder rejects); integer code so that it vectorizes everywhere */
+INLINE float f16_to_f32(uint16_t h) {
+    uint32_t bits = (uint32_t)(h & 0x7fffu) << 13, sign = (uint32_t)(h & 0x8000u) << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    f *= 0x1p112f; /* rebias the exponent; exact, subnormals included */
+    memcpy(&bits, &f, 4);
+    bits |= sign;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+INLINE void load_row(const void *src, int dtype, int64_t n, float *dst) {
+    if (dtype == DT_F32) {
+        memcpy(dst, src, (size_t)n * 4);
+    } else if (dtype == DT_F16) {
+        const uint16_t *s = (const uint16_t *)src;
+        for (int64_t i = 0; i < n; i++) dst[i] = f16_to_f32(s[i]);
+    } else {
+        const uint16_t *s = (const uint16_t *)src;
+        for (int64_t i = 0; i < n; i++) dst[i] = bf16_to_f32(s[i]);
+    }
+}
+
+INLINE void store_row(const float *src, int dtype, int64_t n, void *dst) {
+    if (dtype == DT_F32) {
+        memcpy(dst, src, (size_t)n * 4);
+    } else if (dtype == DT_F16) {
+        uint16_t *d = (uint16_t *)dst;
+        for (int64_t i = 0; i < n; i++) d[i] = f32_to_f16(src[i]);
+    } else {
+        uint16_t *d = (uint16_t *)dst;
+        for (int64_t i = 0; i < n; i++) d[i] = f32_to_bf16(src[i]);
+    }
+}
+
+/* ---- packing ------------------------------------------------------------------------------ */
+
+INLINE void pack_row(const uint8_t *restrict c, int64_t n, int bits, uint8_t *restrict p) {
+    if (bits == 8) {
+        memcpy(p, c, (size_t)n);
+    } else if (bits == 4) {
+        int64_t q = n / 2;
+        for (int64_t j = 0; j < q; j++) p[j] = (uint8_t)(c[j] | (c[q + j] << 4));
+    } else { /* 2 or 3: a 2-bit plane of the low bits, then (3) a 1-bit plane of the high bit */
+        int64_t q = n / 4;
+        for (int64_t j = 0; j < q; j++)
+            p[j] = (uint8_t)((c[j] & 3) | ((c[q + j] & 3) << 2) | ((c[2 * q + j] & 3) << 4) |
+                             ((c[3 * q + j] & 3) << 6));
+        if (bits == 3) {
+            int64_t e = n / 8;
+            uint8_t *h = p + q;
+            for (int64_t j = 0; j < e; j++) {
+                uint8_t v = 0;
+                for (int k = 0; k < 8; k++) v |= (uint8_t)(((c[k * e + j] >> 2) & 1) << k);
+                h[j] = v;
+            }
+        }
+    }
+}
+
+INLINE void unpack_row(const uint8_t *restrict p, int64_t n, int bits, uint8_t *restrict c) {
+    if (bits == 8) {
+        memcpy(c, p, (size_t)n);
+    } else if (bits == 4) {
+        int64_t q = n / 2;
+        for (int64_t j = 0; j < q; j++) {
+            c[j] = p[j] & 15;
+            c[q + j] = p[j] >> 4;
+        }
+    } else {
+        int64_t q = n / 4;
+        for (int k = 0; k < 4; k++)
+            for (int64_t j = 0; j < q; j++) c[k * q + j] = (p[j] >> (2 * k)) & 3;
+        if (bits == 3) {
+            int64_t e = n / 8;
+            const uint8_t *h = p + q;
+            for (int k = 0; k < 8; k++)
+                for (int64_t j = 0; j < e; j++) c[k * e + j] |= (uint8_t)(((h[j] >> k) & 1) << 2);
+        }
+    }
+}
+
+/* ---- quantize ----------------------------------------------------------------------------- */
+
+/* scale and minimum of a group, rounded through fp16 exactly as the reference does */
+INLINE void group_params(float lo, float hi, float qmax, f16 *s16, f16 *m16) {
+    float s = (hi - lo) / qmax;
+    if (!(s >= SCALE_EPS)) s = SCALE_EPS;
+    *s16 = (f16)s;
+    *m16 = (f16)lo;
+}
+
+INLINE void codes_row(const float *restrict x, const float *restrict s, const float *restrict m,
+                      int64_t n, float qmax, uint8_t *restrict c) {
+    for (int64_t i = 0; i < n; i++) {
+        float q = floorf((x[i] - m[i]) / s[i] + 0.5f);
+        q = q > 0.f ? q : 0.f;
+        q = q < qmax ? q : qmax;
+        c[i] = (uint8_t)(int32_t)q;
+    }
+}
+
+INLINE void minmax_cols(const float *restrict rows, int64_t r, int64_t n, float *restrict lo,
+                        float *restrict hi) {
+    for (int64_t i = 0; i < n; i++) lo[i] = hi[i] = rows[i];
+    for (int64_t k = 1; k < r; k++) {
+        const float *row = rows + k * n;
+        for (int64_t i = 0; i < n; i++) {
+            lo[i] = row[i] < lo[i] ? row[i] : lo[i];
+            hi[i] = row[i] > hi[i] ? row[i] : hi[i];
+        }
+    }
+}
+
+/* min and max of n values (n a multiple of 16): 16 lanes of vertical min/max, then a
+ * reduction; written so that it vectorizes without -ffast-math */
+INLINE void minmax_span(const float *restrict x, int64_t n, float *lo, float *hi) {
+    float l[16], u[16];
+    for (int j = 0; j < 16; j++) l[j] = u[j] = x[j];
+    for (int64_t i = 16; i < n; i += 16)
+        for (int j = 0; j < 16; j++) {
+            l[j] = x[i + j] < l[j] ? x[i + j] : l[j];
+            u[j] = x[i + j] > u[j] ? x[i + j] : u[j];
+        }
+    for (int j = 1; j < 16; j++) {
+        l[0] = l[j] < l[0] ? l[j] : l[0];
+        u[0] = u[j] > u[0] ? u[j] : u[0];
+    }
+    *lo = l[0];
+    *hi = u[0];
+}
+
+INLINE int out_of_range(const float *restrict x, int64_t n) { /* NaN, inf or beyond fp16 */
+    int bad = 0;
+    for (int64_t i = 0; i < n; i++) bad |= !(fabsf(x[i]) <= 65504.f);
+    return bad;
+}
+
+/* returns 0, or 1 when the section holds NaN, inf or a magnitude beyond fp16 (nothing valid
+ * is written then) */
+INLINE int encode_impl(const char *x, int dtype, int64_t H, int64_t T, int64_t D, int is_key,
+                           int64_t G, int bits, uint8_t *codes, f16 *scales, f16 *mins) {
+    const int64_t esize = dtype == DT_F32 ? 4 : 2, row_bytes = D * bits / 8;
+    const float qmax = (float)((1 << bits) - 1);
+    const int64_t rows = is_key ? G : 1;
+    float *buf = malloc(sizeof(float) * (size_t)(rows * D + 4 * D));
+    uint8_t *c = malloc((size_t)D);
+    float *s = buf + rows * D, *m = s + D, *lo = m + D, *hi = lo + D;
+    for (int64_t h = 0; h < H; h++) {
+        for (int64_t t0 = 0; t0 < T; t0 += rows) {
+            int64_t r0 = h * T + t0;
+            load_row(x + r0 * D * esize, dtype, rows * D, buf);
+            if (out_of_range(buf, rows * D)) {
+                free(c);
+                free(buf);
+                return 1;
+            }
+            if (is_key) { /* one group per channel over these G rows */
+                minmax_cols(buf, G, D, lo, hi);
+                f16 *ps = scales + (r0 / G) * D, *pm = mins + (r0 / G) * D;
+                for (int64_t i = 0; i < D; i++) {
+                    group_params(lo[i], hi[i], qmax, ps + i, pm + i);
+                    s[i] = (float)ps[i];
+                    m[i] = (float)pm[i];
+                }
+            } else { /* groups of G channels in this one row */
+                f16 *ps = scales + r0 * (D / G), *pm = mins + r0 * (D / G);
+                for (int64_t g = 0; g < D / G; g++) {
+                    float l, u;
+                    minmax_span(buf + g * G, G, &l, &u);
+                    group_params(l, u, qmax, ps + g, pm + g);
+                    float sf = (float)ps[g], mf = (float)pm[g];
+                    for (int64_t i = 0; i < G; i++) {
+                        s[g * G + i] = sf;
+                        m[g * G + i] = mf;
+                    }
+                }
+            }
+            for (int64_t k = 0; k < rows; k++) {
+                codes_row(buf + k * D, s, m, D, qmax, c);
+                pack_row(c, D, bits, codes + (r0 + k) * row_bytes);
+            }
+        }
+    }
+    free(c);
+    free(buf);
+    return 0;
+}
+
+/* ---- dequantize --------------------------------------------------------------------------- */
+
+INLINE void dequant_row(const uint8_t *restrict c, const float *restrict s,
+                        const float *restrict m, int64_t n, float *restrict y) {
+    for (int64_t i = 0; i < n; i++) y[i] = (float)c[i] * s[i] + m[i];
+}
+
+INLINE void widen_params(const f16 *restrict ps, const f16 *restrict pm, int64_t n,
+                         int64_t repeat, float *restrict s, float *restrict m) {
+    for (int64_t g = 0; g < n; g++)
+        for (int64_t i = 0; i < repeat; i++) {
+            s[g * repeat + i] = (float)ps[g];
+            m[g * repeat + i] = (float)pm[g];
+        }
+}
+
+INLINE void decode_impl(const uint8_t *codes, const f16 *scales, const f16 *mins, int64_t H,
+                           int64_t T, int64_t D, int is_key, int64_t G, int bits, char *out,
+                           int dtype) {
+    const int64_t esize = dtype == DT_F32 ? 4 : 2, row_bytes = D * bits / 8;
+    float *buf = malloc(sizeof(float) * (size_t)(3 * D));
+    uint8_t *c = malloc((size_t)D);
+    float *s = buf, *m = s + D, *y = m + D;
+    for (int64_t r = 0; r < H * T; r++) {
+        if (is_key && r % G == 0)
+            widen_params(scales + (r / G) * D, mins + (r / G) * D, D, 1, s, m);
+        else if (!is_key)
+            widen_params(scales + r * (D / G), mins + r * (D / G), D / G, G, s, m);
+        unpack_row(codes + r * row_bytes, D, bits, c);
+        dequant_row(c, s, m, D, y);
+        store_row(y, dtype, D, out + r * D * esize);
+    }
+    free(c);
+    free(buf);
+}
+
+/* Entry points: one clone per ISA, with the common head dims as compile-time constants. */
+MULTIVERSION
+static int encode_section(const char *x, int dtype, int64_t H, int64_t T, int64_t D, int is_key,
+                          int64_t G, int bits, uint8_t *codes, f16 *scales, f16 *mins) {
+    switch (D) {
+    case 64: return encode_impl(x, dtype, H, T, 64, is_key, G, bits, codes, scales, mins);
+    case 128: return encode_impl(x, dtype, H, T, 128, is_key, G, bits, codes, scales, mins);
+    default: return encode_impl(x, dtype, H, T, D, is_key, G, bits, codes, scales, mins);
+    }
+}
+
+MULTIVERSION
+static void decode_section(const uint8_t *codes, const f16 *scales, const f16 *mins, int64_t H,
+                           int64_t T, int64_t D, int is_key, int64_t G, int bits, char *out,
+                           int dtype) {
+    switch (D) {
+    case 64: decode_impl(codes, scales, mins, H, T, 64, is_key, G, bits, out, dtype); break;
+    case 128: decode_impl(codes, scales, mins, H, T, 128, is_key, G, bits, out, dtype); break;
+    default: decode_impl(codes, scales, mins, H, T, D, is_key, G, bits, out, dtype);
+    }
+}
+
+/* ---- Python bindings ---------------------------------------------------------------------- */
+
+static int check_args(int dtype, long long H, long long T, long long D, int is_key, long long G,
+                      int bits) {
+    if (dtype < DT_F16 || dtype > DT_F32) return PyErr_SetString(PyExc_ValueError, "dtype"), 0;
+    if (bits != 2 && bits != 3 && bits != 4 && bits != 8)
+        return PyErr_SetString(PyExc_ValueError, "bits must be 2, 3, 4 or 8"), 0;
+    if (H <= 0 || T <= 0 || D <= 0 || G <= 0 || D % 8 || (is_key ? T % G : D % G))
+        return PyErr_SetString(PyExc_ValueError, "bad section shape"), 0;
+    return 1;
+}
+
+static PyObject *py_encode(PyObject *self, PyObject *args) {
+    unsigned long long x, codes, scales, mins;
+    int dtype, is_key, bits;
+    long long H, T, D, G;
+    if (!PyArg_ParseTuple(args, "KiLLLiLiKKK", &x, &dtype, &H, &T, &D, &is_key, &G, &bits, &codes,
+                          &scales, &mins))
+        return NULL;
+    if (!check_args(dtype, H, T, D, is_key, G, bits)) return NULL;
+    int bad;
+    Py_BEGIN_ALLOW_THREADS
+    bad = encode_section((const char *)x, dtype, H, T, D, is_key, G, bits, (uint8_t *)codes,
+                   (f16 *)scales, (f16 *)mins);
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(!bad);
+}
+
+static PyObject *py_decode(PyObject *self, PyObject *args) {
+    unsigned long long codes, scales, mins, out;
+    int dtype, is_key, bits;
+    long long H, T, D, G;
+    if (!PyArg_ParseTuple(args, "KKKLLLiLiKi", &codes, &scales, &mins, &H, &T, &D, &is_key, &G,
+                          &bits, &out, &dtype))
+        return NULL;
+    if (!check_args(dtype, H, T, D, is_key, G, bits)) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    decode_section((const uint8_t *)codes, (const f16 *)scales, (const f16 *)mins, H, T, D, is_key,
+                   G, bits, (char *)out, dtype);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"encode_section", py_encode, METH_VARARGS,
+     "encode_section(x, dtype, H, T, D, is_key, G, bits, codes, scales, mins): quantize and pack; False if x holds NaN, inf or |x| > 65504"},
+    {"decode_section", py_decode, METH_VARARGS,
+     "decode_section(codes, scales, mins, H, T, D, is_key, G, bits, out, dtype): unpack, dequantize"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu_codec",
+                                    "kvpool's CPU codec loop", -1, methods};
+
+PyMODINIT_FUNC PyInit__cpu_codec(void) { return PyModule_Create(&module); }

@@ -1,0 +1,276 @@
+"""Encode a block of KV cache into a self-describing blob, and decode it back.
+
+Where it stands: the kvpool client calls `encode` before a put and `decode` after a get, on the
+device where the KV lives. The cache tier never sees tensors, only the blobs.
+
+    keys, values [L, H, T, D] --(undo RoPE, keep sinks, Hadamard)--> quantize+pack per section
+        --> payload (device) --> header + crc32 + payload (bytes)
+    bytes --> verify --> payload --> unpack+dequantize --> (Hadamard, redo RoPE, sinks) --> tensors
+
+The per-section work runs on one of three interchangeable backends with identical output:
+"triton" (CUDA), "cpu" (the C loop) and "reference" (plain torch, the spec).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from kvpool.blockformat import (
+    SUPPORTED_BITS,
+    SUPPORTED_GROUPS,
+    BlockHeader,
+    DType,
+    Flag,
+    Layout,
+    seal,
+    verify,
+)
+from kvpool.errors import CodecError
+from kvpool.kernels import reference
+from kvpool.kernels.transforms import RopeParams, hadamard, redo_rope, undo_rope
+
+Backend = Literal["auto", "triton", "cpu", "reference"]
+TORCH_DTYPES = {DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16, DType.FLOAT32: torch.float32}
+FORMAT_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    """How blocks are quantized. Part of the namespace: readers and writers must agree.
+
+    key_bits / value_bits: one width for every layer, or one per layer (the layer-discriminative
+    profile), each from {2, 3, 4, 8}. group_size: G in {32, 64, 128} (values: clamped to
+    head_dim). rope: when set, keys are quantized before the rotary embedding.
+    hadamard_values: rotate values along head_dim before quantizing. sink_tokens: the first S
+    tokens of a sequence are kept in fp16 (in the block that starts at position 0).
+    """
+
+    key_bits: int | tuple[int, ...] = 2
+    value_bits: int | tuple[int, ...] = 2
+    group_size: int = 128
+    rope: RopeParams | None = None
+    hadamard_values: bool = False
+    sink_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if self.group_size not in SUPPORTED_GROUPS:
+            raise CodecError(f"group_size {self.group_size} not in {SUPPORTED_GROUPS}")
+        for bits in (self.key_bits, self.value_bits):
+            for b in (bits,) if isinstance(bits, int) else bits:
+                if b not in SUPPORTED_BITS:
+                    raise CodecError(f"bit width {b} not in {SUPPORTED_BITS}")
+        if self.sink_tokens < 0:
+            raise CodecError("sink_tokens must be >= 0")
+
+    def bits_per_layer(self, layers: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(key bits, value bits) with one entry per layer."""
+
+        def expand(bits: int | tuple[int, ...], what: str) -> tuple[int, ...]:
+            if isinstance(bits, int):
+                return (bits,) * layers
+            if len(bits) != layers:
+                raise CodecError(f"{what} has {len(bits)} entries for a {layers}-layer block")
+            return tuple(bits)
+
+        return expand(self.key_bits, "key_bits"), expand(self.value_bits, "value_bits")
+
+
+@dataclass
+class Block:
+    """A decoded block: keys and values [L, H, T, D], or latent [L, T, C]."""
+
+    header: BlockHeader
+    keys: Tensor | None = None
+    values: Tensor | None = None
+    latent: Tensor | None = None
+
+
+# ---- public API ---------------------------------------------------------------------------
+
+
+def encode(
+    keys: Tensor,
+    values: Tensor,
+    config: CodecConfig = CodecConfig(),
+    start_position: int = 0,
+    backend: Backend = "auto",
+) -> bytes:
+    """keys, values [layers, kv_heads, T, head_dim] (fp32/fp16/bf16, same shape) -> block bytes.
+
+    start_position: the absolute position of the block's first token (RoPE, sink tokens).
+    Raises CodecError for a bad shape, dtype or configuration, NonFiniteError for NaN/inf.
+    """
+    _check_tensor(keys, "keys", 4)
+    _check_tensor(values, "values", 4)
+    if keys.shape != values.shape or keys.dtype != values.dtype or keys.device != values.device:
+        raise CodecError(
+            f"keys {tuple(keys.shape)} {keys.dtype} and values {tuple(values.shape)} "
+            f"{values.dtype} must match in shape, dtype and device"
+        )
+    layers, heads, tokens, head_dim = keys.shape
+    header = _header(Layout.KV, keys.dtype, layers, heads, tokens, head_dim, config, start_position)
+    sinks = header.sink_tokens
+    sink_k, sink_v = keys[:, :, :sinks].half(), values[:, :, :sinks].half()
+    if config.rope is not None:
+        keys = undo_rope(keys, config.rope, start_position)
+    if config.hadamard_values:
+        values = hadamard(values)
+    keys, values = _fill_sinks(keys, sinks), _fill_sinks(values, sinks)
+    return _encode_payload(header, [keys, values], [sink_k, sink_v], backend)
+
+
+def encode_latent(
+    latent: Tensor, config: CodecConfig = CodecConfig(), start_position: int = 0,
+    backend: Backend = "auto",
+) -> bytes:  # fmt: skip
+    """latent [layers, T, latent_dim] (MLA/CLLA-style caches; per-token groups) -> block bytes.
+
+    Uses config.key_bits as the bits per layer; RoPE and Hadamard options do not apply.
+    """
+    _check_tensor(latent, "latent", 3)
+    if config.rope is not None or config.hadamard_values:
+        raise CodecError("the latent layout takes no RoPE or Hadamard option")
+    layers, tokens, dim = latent.shape
+    header = _header(Layout.LATENT, latent.dtype, layers, 1, tokens, dim, config, start_position)
+    x = latent.unsqueeze(1)
+    sink = x[:, :, : header.sink_tokens].half()
+    return _encode_payload(header, [_fill_sinks(x, header.sink_tokens)], [sink], backend)
+
+
+def decode(
+    blob: bytes | bytearray | memoryview,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    backend: Backend = "auto",
+) -> Block:
+    """Block bytes -> Block with tensors on `device` in `dtype` (default: the encoded dtype).
+
+    Raises BlockFormatError (or its subclasses TruncatedBlockError, UnsupportedVersionError,
+    ChecksumError) for a blob that is not an intact block of this format.
+    """
+    header = verify(blob)
+    device = torch.device(device)
+    out_dtype = dtype or TORCH_DTYPES[header.dtype]
+    if out_dtype not in FORMAT_DTYPES:
+        raise CodecError(f"cannot decode to {out_dtype}; use float16, bfloat16 or float32")
+    with warnings.catch_warnings():  # read-only bytes: the payload is only ever read
+        warnings.simplefilter("ignore", UserWarning)
+        payload = torch.frombuffer(blob, dtype=torch.uint8, offset=header.header_len)
+    payload = payload.to(device, non_blocking=True)
+    impl = _backend(backend, device, header.head_dim)
+    transformed = header.flags != 0
+    work_dtype = torch.float32 if transformed else out_dtype
+    shape = (header.layers, header.heads, header.tokens, header.head_dim)
+    per_tensor = [list(header.sections[i :: header.tensors_per_layer]) for i in range(header.tensors_per_layer)]
+    outs = []
+    for sections in per_tensor:
+        out = torch.empty(shape, dtype=work_dtype, device=device)
+        impl.decode_tensor(payload, sections, header, out)
+        outs.append(out)
+    if header.has_flag(Flag.HADAMARD_VALUES):
+        outs[1] = hadamard(outs[1])
+    if header.has_flag(Flag.PRE_ROPE_KEYS):
+        rope = RopeParams(header.rope_theta, header.rotary_dim, header.rope_scaling)
+        outs[0] = redo_rope(outs[0], rope, header.start_position)
+    if header.sink_tokens:
+        n = header.layers * header.heads * header.sink_tokens * header.head_dim
+        for i, out in enumerate(outs):
+            start = header.sinks_offset + 2 * n * i
+            sink = payload[start : start + 2 * n].view(torch.float16)
+            out[:, :, : header.sink_tokens] = sink.view(*shape[:2], header.sink_tokens, -1)
+    outs = [o.to(out_dtype) for o in outs]
+    if header.layout == Layout.LATENT:
+        return Block(header, latent=outs[0].squeeze(1))
+    return Block(header, keys=outs[0], values=outs[1])
+
+
+def encoded_size(header: BlockHeader) -> int:
+    return header.header_len + header.payload_len
+
+
+# ---- internals ----------------------------------------------------------------------------
+
+
+def _check_tensor(x: Tensor, name: str, ndim: int) -> None:
+    if not isinstance(x, Tensor):
+        raise CodecError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise CodecError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    if x.dtype not in FORMAT_DTYPES:
+        raise CodecError(f"{name} dtype {x.dtype} not supported (float16, bfloat16, float32)")
+
+
+def _header(
+    layout: Layout, dtype: torch.dtype, layers: int, heads: int, tokens: int, head_dim: int,
+    config: CodecConfig, start_position: int,
+) -> BlockHeader:  # fmt: skip
+    key_bits, value_bits = config.bits_per_layer(layers)
+    if start_position < 0:
+        raise CodecError(f"start_position must be >= 0, got {start_position}")
+    if tokens % config.group_size:
+        raise CodecError(f"tokens ({tokens}) must be a multiple of group_size ({config.group_size})")
+    if head_dim % 8 or head_dim % min(config.group_size, head_dim):
+        raise CodecError(f"head_dim {head_dim} must be a multiple of 8 and of the value group")
+    if config.hadamard_values and head_dim & (head_dim - 1):
+        raise CodecError(f"hadamard_values needs a power-of-two head_dim, got {head_dim}")
+    sinks = config.sink_tokens if start_position == 0 else 0
+    if sinks >= tokens:
+        raise CodecError(f"sink_tokens ({sinks}) must be fewer than the block's tokens ({tokens})")
+    rope = config.rope
+    if rope is not None and rope.rotary_dim > head_dim:
+        raise CodecError(f"rotary_dim {rope.rotary_dim} exceeds head_dim {head_dim}")
+    flags = (Flag.PRE_ROPE_KEYS if rope else 0) | (Flag.HADAMARD_VALUES if config.hadamard_values else 0)
+    return BlockHeader(
+        layout=layout, dtype=FORMAT_DTYPES[dtype], layers=layers, heads=heads, tokens=tokens,
+        head_dim=head_dim, group_size=config.group_size, key_bits=key_bits,
+        value_bits=value_bits if layout == Layout.KV else (), flags=int(flags), sink_tokens=sinks,
+        start_position=start_position, rope_theta=rope.theta if rope else 0.0,
+        rope_scaling=rope.scaling if rope else 1.0, rotary_dim=rope.rotary_dim if rope else 0,
+    )  # fmt: skip
+
+
+def _fill_sinks(x: Tensor, sinks: int) -> Tensor:
+    """Replace the sink rows by the first non-sink token so they do not widen any group."""
+    if not sinks:
+        return x
+    x = x.clone()
+    x[:, :, :sinks] = x[:, :, sinks : sinks + 1]
+    return x
+
+
+def _encode_payload(header: BlockHeader, tensors: list[Tensor], sinks: list[Tensor], backend: Backend) -> bytes:
+    device = tensors[0].device
+    impl = _backend(backend, device, header.head_dim)
+    payload = torch.zeros(header.payload_len, dtype=torch.uint8, device=device)
+    for i, x in enumerate(tensors):
+        if x.dtype not in FORMAT_DTYPES:
+            x = x.float()
+        impl.encode_tensor(x.contiguous(), list(header.sections[i :: len(tensors)]), header, payload)
+    if header.sink_tokens:
+        flat = torch.cat([s.contiguous().flatten() for s in sinks]).view(torch.uint8)
+        payload[header.sinks_offset :] = flat
+    return seal(header, payload.cpu().numpy().data)
+
+
+def _backend(name: Backend, device: torch.device, head_dim: int):  # type: ignore[no-untyped-def]
+    """The module that implements encode_tensor / decode_tensor for this device."""
+    if name == "reference":
+        return reference
+    if name == "triton" or (name == "auto" and device.type == "cuda"):
+        from kvpool.kernels import triton_ops
+
+        if triton_ops.supports(device, head_dim):
+            return triton_ops
+        if name == "triton":
+            raise CodecError(f"the Triton path cannot run here (device {device}, head_dim {head_dim})")
+        return reference
+    if name in ("cpu", "auto") and device.type == "cpu":
+        from kvpool.kernels import cpu
+
+        return cpu
+    raise CodecError(f"backend {name!r} cannot run on device {device}")

@@ -1,0 +1,55 @@
+"""The CPU fast path: the C loop in _cpu_codec.c, one section per call, sections in parallel.
+
+Where it stands: kvpool.kernels.codec uses it for tensors on the CPU. Each call releases the
+GIL, so a small thread pool spreads the layers of a block over the machine's cores.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from torch import Tensor
+
+from kvpool.blockformat import BlockHeader, Section
+from kvpool.errors import NonFiniteError
+from kvpool.kernels import _cpu_codec
+
+DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}
+_POOL = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="kvcodec")
+
+
+def encode_tensor(x: Tensor, sections: list[Section], header: BlockHeader, payload: Tensor) -> None:
+    """Quantize and pack x: [L, H, T, D] (contiguous, CPU) into the payload's sections."""
+    _, h, t, d = x.shape
+    base, code = payload.data_ptr(), DTYPE_CODES[x.dtype]
+
+    def one(layer: int) -> bool:
+        s = sections[layer]
+        group = header.group_size if s.is_key else header.value_group
+        return bool(
+            _cpu_codec.encode_section(
+                x[layer].data_ptr(), code, h, t, d, int(s.is_key), group, s.bits,
+                base + s.codes, base + s.scales, base + s.mins,
+            )  # fmt: skip
+        )
+
+    if not all(_POOL.map(one, range(x.shape[0]))):
+        raise NonFiniteError("block holds NaN, inf or a magnitude beyond fp16 (65504)")
+
+
+def decode_tensor(payload: Tensor, sections: list[Section], header: BlockHeader, out: Tensor) -> None:
+    """Unpack and dequantize the payload's sections into out: [L, H, T, D] (contiguous, CPU)."""
+    _, h, t, d = out.shape
+    base, code = payload.data_ptr(), DTYPE_CODES[out.dtype]
+
+    def one(layer: int) -> None:
+        s = sections[layer]
+        group = header.group_size if s.is_key else header.value_group
+        _cpu_codec.decode_section(
+            base + s.codes, base + s.scales, base + s.mins, h, t, d, int(s.is_key), group,
+            s.bits, out[layer].data_ptr(), code,
+        )  # fmt: skip
+
+    list(_POOL.map(one, range(out.shape[0])))
