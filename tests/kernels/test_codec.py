@@ -1,0 +1,221 @@
+"""encode/decode of whole blocks: round trips, options, layouts, and every documented error."""
+
+import struct
+
+import pytest
+import torch
+
+from kvpool.blockformat import BlockHeader, DType, Layout, parse_header, verify
+from kvpool.errors import (
+    BlockFormatError,
+    ChecksumError,
+    CodecError,
+    NonFiniteError,
+    TruncatedBlockError,
+    UnsupportedVersionError,
+)
+from kvpool.kernels.codec import CodecConfig, decode, encode, encode_latent
+from kvpool.kernels.transforms import RopeParams, hadamard, redo_rope, undo_rope
+from tests.kernels.helpers import error_bound, kv
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_round_trip_every_width_group_dtype(dtype: torch.dtype, bits: int, group: int) -> None:
+    k, v = kv(tokens=128, dim=64, dtype=dtype, seed=group)
+    blob = encode(k, v, CodecConfig(bits, bits, group))
+    out = decode(blob, dtype=torch.float32)
+    assert out.keys is not None and out.values is not None
+    assert out.keys.shape == k.shape and out.keys.dtype == torch.float32
+    vgroup = min(group, 64)
+    for layer in range(k.shape[0]):
+        for x, x_hat, is_key, g in ((k, out.keys, True, group), (v, out.values, False, vgroup)):
+            err = (x[layer].float() - x_hat[layer]).abs()
+            assert bool((err <= error_bound(x[layer], is_key, g, bits)).all())
+    assert decode(blob).keys.dtype == dtype  # type: ignore[union-attr]
+
+
+def test_llama_shaped_block_compresses_7x_at_2_bits() -> None:
+    header = BlockHeader(
+        layout=Layout.KV, dtype=DType.FLOAT16, layers=32, heads=8, tokens=256, head_dim=128,
+        group_size=128, key_bits=(2,) * 32, value_bits=(2,) * 32,
+    )  # fmt: skip
+    fp16_bytes = 2 * 32 * 8 * 256 * 128 * 2
+    assert fp16_bytes / (header.header_len + header.payload_len) >= 7.0
+    # bits per value = b + 32/G (fp16 scale and minimum per group of G)
+    assert header.payload_len * 8 / header.elements == pytest.approx(2 + 32 / 128, rel=1e-3)
+
+
+def test_per_layer_bit_profile_is_recorded_and_used() -> None:
+    k, v = kv(layers=3, seed=3)
+    cfg = CodecConfig(key_bits=(8, 2, 4), value_bits=(3, 8, 2), group_size=64)
+    blob = encode(k, v, cfg)
+    header = verify(blob)
+    assert header.key_bits == (8, 2, 4) and header.value_bits == (3, 8, 2)
+    out = decode(blob, dtype=torch.float32)
+    err = (out.keys - k.float()).abs().amax(dim=(1, 2, 3))  # type: ignore[operator]
+    assert float(err[0]) < float(err[2]) < float(err[1])  # 8 bits < 4 bits < 2 bits
+
+
+def test_rope_undo_redo_is_exact_up_to_rounding() -> None:
+    k, _ = kv(tokens=64, dim=64, dtype=torch.float32)
+    rope = RopeParams(theta=10000.0, rotary_dim=48, scaling=2.0)
+    back = redo_rope(undo_rope(k, rope, 1000), rope, 1000)
+    torch.testing.assert_close(back, k, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(undo_rope(k, rope, 1000), k)
+    assert torch.equal(undo_rope(k, rope, 0)[..., 48:], k[..., 48:])  # unrotated channels stay
+
+
+def test_pre_rope_keys_round_trip() -> None:
+    k, v = kv(tokens=128, dim=64, dtype=torch.float32)
+    rope = RopeParams(theta=10000.0, rotary_dim=64)
+    blob = encode(k, v, CodecConfig(4, 4, 32, rope=rope), start_position=512)
+    header = verify(blob)
+    assert header.start_position == 512 and header.rope_theta == 10000.0
+    out = decode(blob)
+    # error bound in the pre-RoPE frame; a rotation preserves each pair's norm
+    pre = undo_rope(k, rope, 512)
+    err = (undo_rope(out.keys, rope, 512) - pre).abs()  # type: ignore[arg-type]
+    bound = torch.stack([error_bound(pre[i], True, 32, 4) for i in range(2)])
+    assert bool((err <= bound + 1e-4).all())
+
+
+def test_hadamard_values_round_trip() -> None:
+    h = hadamard(torch.eye(64))
+    torch.testing.assert_close(h @ h, torch.eye(64), atol=1e-5, rtol=0)
+    k, v = kv(tokens=64, dim=64, dtype=torch.float32)
+    v[:, :, :, 7] *= 30  # an outlier channel: the rotation spreads it
+    plain = decode(encode(k, v, CodecConfig(2, 2, 64))).values
+    rotated = decode(encode(k, v, CodecConfig(2, 2, 64, hadamard_values=True))).values
+    e_plain = float((plain - v).pow(2).mean())  # type: ignore[operator]
+    e_rot = float((rotated - v).pow(2).mean())  # type: ignore[operator]
+    assert e_rot < e_plain
+
+
+def test_sink_tokens_are_kept_in_fp16_only_at_position_zero() -> None:
+    k, v = kv(tokens=64, dim=64, dtype=torch.float32)
+    k[:, :, 0] *= 50  # attention-sink-like outliers
+    cfg = CodecConfig(2, 2, 32, sink_tokens=4)
+    out = decode(encode(k, v, cfg))
+    assert torch.equal(out.keys[:, :, :4], k[:, :, :4].half().float())  # type: ignore[index]
+    assert torch.equal(out.values[:, :, :4], v[:, :, :4].half().float())  # type: ignore[index]
+    plain = decode(encode(k, v, CodecConfig(2, 2, 32)))
+    rest = slice(4, 32)
+    e_sink = float((out.keys[:, :, rest] - k[:, :, rest]).abs().mean())  # type: ignore[index]
+    e_plain = float((plain.keys[:, :, rest] - k[:, :, rest]).abs().mean())  # type: ignore[index]
+    assert e_sink < e_plain  # the outlier token no longer widens its groups
+    assert verify(encode(k, v, cfg, start_position=64)).sink_tokens == 0
+
+
+def test_all_options_together() -> None:
+    k, v = kv(tokens=128, dim=64, dtype=torch.bfloat16)
+    cfg = CodecConfig((3, 4), (2, 3), 32, rope=RopeParams(10000.0, 64), hadamard_values=True, sink_tokens=2)
+    out = decode(encode(k, v, cfg), dtype=torch.float32)
+    assert out.keys is not None and bool(torch.isfinite(out.keys).all())
+    assert float((out.values - v.float()).abs().mean()) < 0.5  # type: ignore[operator]
+
+
+def test_latent_layout() -> None:
+    latent = torch.randn(3, 64, 128, dtype=torch.float16)
+    blob = encode_latent(latent, CodecConfig(key_bits=4, group_size=32, sink_tokens=1))
+    header = verify(blob)
+    assert header.layout == Layout.LATENT and header.value_bits == ()
+    out = decode(blob)
+    assert out.keys is None and out.latent is not None and out.latent.shape == latent.shape
+    for layer in range(3):
+        err = (out.latent[layer].float() - latent[layer].float()).abs()[1:]
+        bound = error_bound(latent[layer : layer + 1], False, 32, 4)[0][1:]
+        assert bool((err <= bound + 2e-3).all())
+    assert torch.equal(out.latent[:, 0], latent[:, 0])
+    with pytest.raises(CodecError):
+        encode_latent(latent, CodecConfig(rope=RopeParams(10000.0, 64)))
+
+
+def test_decode_to_another_dtype_and_device() -> None:
+    k, v = kv()
+    out = decode(encode(k, v), device="cpu", dtype=torch.bfloat16)
+    assert out.keys.dtype == torch.bfloat16 and out.keys.device.type == "cpu"  # type: ignore[union-attr]
+    with pytest.raises(CodecError):
+        decode(encode(k, v), dtype=torch.int8)
+
+
+def test_encoding_is_deterministic() -> None:
+    k, v = kv(seed=11)
+    assert encode(k, v) == encode(k.clone(), v.clone())
+
+
+# ---- bad blobs ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def blob() -> bytes:
+    k, v = kv(tokens=64, dim=64)
+    return encode(k, v, CodecConfig(group_size=32))
+
+
+def test_truncated_blobs_raise(blob: bytes) -> None:
+    for cut in (0, 3, 10, parse_header(blob).header_len - 1, len(blob) // 2, len(blob) - 1):
+        with pytest.raises(TruncatedBlockError):
+            decode(blob[:cut])
+
+
+def test_corrupted_byte_raises_checksum_error(blob: bytes) -> None:
+    header_len = parse_header(blob).header_len
+    for pos in (header_len, header_len + 100, len(blob) - 1):
+        bad = bytearray(blob)
+        bad[pos] ^= 0x10
+        with pytest.raises(ChecksumError):
+            decode(bytes(bad))
+
+
+def test_corrupted_header_field_raises(blob: bytes) -> None:
+    bad = bytearray(blob)
+    bad[len(blob) - parse_header(blob).payload_len - 5] ^= 1  # the last value-bits byte
+    with pytest.raises(BlockFormatError):
+        decode(bytes(bad))
+
+
+def test_unknown_version_and_magic_raise(blob: bytes) -> None:
+    future = blob[:4] + struct.pack("<H", 99) + blob[6:]
+    with pytest.raises(UnsupportedVersionError):
+        decode(future)
+    with pytest.raises(BlockFormatError):
+        decode(b"NOPE" + blob[4:])
+    with pytest.raises(BlockFormatError):
+        decode(blob + b"\0")
+
+
+# ---- bad inputs --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), 1e6])
+def test_non_finite_or_out_of_range_input_is_rejected(bad: float) -> None:
+    k, v = kv(dtype=torch.float32)
+    k[1, 1, 17, 5] = bad
+    for backend in ("cpu", "reference"):
+        with pytest.raises(NonFiniteError):
+            encode(k, v, CodecConfig(group_size=32), backend=backend)  # type: ignore[arg-type]
+
+
+def test_bad_shapes_and_configs_raise_codec_error() -> None:
+    k, v = kv(tokens=64, dim=64)
+    cases = [
+        lambda: encode(k[0], v[0]),  # 3-d
+        lambda: encode(k, v[:, :, :32]),  # mismatched shapes
+        lambda: encode(k.int(), v.int()),  # integer dtype
+        lambda: encode(k, v, CodecConfig(group_size=128)),  # 64 tokens, G = 128
+        lambda: encode(k[..., :60], v[..., :60], CodecConfig(group_size=32)),  # head_dim 60
+        lambda: CodecConfig(key_bits=5),
+        lambda: CodecConfig(group_size=48),
+        lambda: encode(k, v, CodecConfig(key_bits=(2, 2, 2), group_size=32)),  # 3 for 2 layers
+        lambda: encode(k, v, CodecConfig(group_size=32), start_position=-1),
+        lambda: encode(k, v, CodecConfig(group_size=32, sink_tokens=64)),
+        lambda: encode(k, v, CodecConfig(group_size=32, rope=RopeParams(10000.0, 128))),
+        lambda: encode("keys", v),  # type: ignore[arg-type]
+    ]
+    for case in cases:
+        with pytest.raises(CodecError):
+            case()
