@@ -1,0 +1,179 @@
+"""Codec throughput on a Llama-3-8B-shaped block, against Hugging Face's quanto KV quantizer.
+
+    python benchmarks/codec.py            # CPU: kvpool's C loop vs quanto vs a tensor copy
+    python benchmarks/codec.py --device cuda   # adds the Triton kernels vs the device's copy
+
+Block: keys and values [32 layers, 8 kv heads, 256 tokens, 128 head_dim] fp16; 2-bit keys and
+values, G = 128, options off. GB/s are of fp16 data (keys + values) per second, so a codec and a
+copy of the same tensors compare directly. Prints a table, then one JSON object as its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from kvpool.blockformat import Layout, verify
+from kvpool.kernels.codec import CodecConfig, decode, encode
+
+SHAPE = (32, 8, 256, 128)
+
+
+def best_seconds(fn: Callable[[], Any], repeat: int, sync: Callable[[], None] = lambda: None) -> float:
+    """Median wall time of `repeat` runs after two warm-ups."""
+    for _ in range(2):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def quanto_peer(k: torch.Tensor, v: torch.Tensor, bits: int, group: int) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """encode / decode as transformers' QuantoQuantizedLayer does it, layer by layer."""
+    from optimum.quanto import MaxOptimizer, qint2, qint4, quantize_weight
+
+    qtype = {2: qint2, 4: qint4}[bits]
+    optimizer = MaxOptimizer()
+
+    def quantize(x: torch.Tensor) -> Any:
+        scale, zeropoint = optimizer(x, qtype, 0, group)
+        return quantize_weight(x, qtype, 0, scale, zeropoint, group)
+
+    def enc() -> list[Any]:
+        return [quantize(t[layer : layer + 1].contiguous()) for t in (k, v) for layer in range(t.shape[0])]
+
+    stored = enc()
+
+    def dec() -> list[torch.Tensor]:
+        return [q.dequantize() for q in stored]
+
+    return enc, dec
+
+
+def cpu_figures(repeat: int, peer: bool) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(SHAPE, generator=g).half()
+    v = torch.randn(SHAPE, generator=g).half()
+    fp16_bytes = 2 * k.numel() * 2
+    cfg = CodecConfig(2, 2, 128)
+    blob = encode(k, v, cfg)
+    dst_k, dst_v = torch.empty_like(k), torch.empty_like(v)
+
+    def copy() -> None:
+        dst_k.copy_(k)
+        dst_v.copy_(v)
+
+    t_enc = best_seconds(lambda: encode(k, v, cfg), repeat)
+    t_dec = best_seconds(lambda: decode(blob), repeat)
+    t_copy = best_seconds(copy, repeat)
+    t_crc = best_seconds(lambda: verify(blob), repeat)
+    gbps = lambda t: round(fp16_bytes / t / 1e9, 3)  # noqa: E731
+    figures = {
+        "shape": list(SHAPE),
+        "bits": 2,
+        "group_size": 128,
+        "fp16_bytes": fp16_bytes,
+        "encoded_bytes": len(blob),
+        "compression_ratio": round(fp16_bytes / len(blob), 3),
+        "encode_gbps": gbps(t_enc),
+        "decode_gbps": gbps(t_dec),
+        "copy_gbps": gbps(t_copy),
+        "checksum_gbps": gbps(t_crc),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if peer:
+        peer_enc, peer_dec = quanto_peer(k, v, 2, 128)
+        t_peer_enc = best_seconds(peer_enc, max(3, repeat // 3))
+        t_peer_dec = best_seconds(peer_dec, max(3, repeat // 3))  # first call builds its extension
+        figures.update(
+            peer="optimum-quanto (transformers QuantoQuantizedLayer: MaxOptimizer + quantize_weight, qint2, G=128)",
+            peer_encode_gbps=gbps(t_peer_enc),
+            peer_decode_gbps=gbps(t_peer_dec),
+            encode_vs_peer=round(t_peer_enc / t_enc, 2),
+            decode_vs_peer=round(t_peer_dec / t_dec, 2),
+        )
+    return figures
+
+
+def cuda_figures(repeat: int) -> dict[str, Any]:
+    from kvpool.kernels import triton_ops
+    from kvpool.kernels.codec import _header
+
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    k = torch.randn(SHAPE, generator=g, device=dev).half()
+    v = torch.randn(SHAPE, generator=g, device=dev).half()
+    fp16_bytes = 2 * k.numel() * 2
+    cfg = CodecConfig(2, 2, 128)
+    header = _header(Layout.KV, k.dtype, *SHAPE, cfg, 0)
+    key_sections, value_sections = list(header.sections[0::2]), list(header.sections[1::2])
+    payload = torch.zeros(header.payload_len, dtype=torch.uint8, device=dev)
+    flag = torch.zeros(1, dtype=torch.int32, device=dev)
+    out_k, out_v = torch.empty_like(k), torch.empty_like(v)
+
+    def kernels_encode() -> None:
+        triton_ops.quantize_into(k, key_sections, header, payload, flag)
+        triton_ops.quantize_into(v, value_sections, header, payload, flag)
+
+    def kernels_decode() -> None:
+        triton_ops.decode_tensor(payload, key_sections, header, out_k)
+        triton_ops.decode_tensor(payload, value_sections, header, out_v)
+
+    def copy() -> None:
+        out_k.copy_(k)
+        out_v.copy_(v)
+
+    from triton.testing import do_bench
+
+    t_enc = do_bench(kernels_encode, rep=200) / 1e3
+    t_dec = do_bench(kernels_decode, rep=200) / 1e3
+    t_copy = do_bench(copy, rep=200) / 1e3
+    kernels_encode()
+    torch.cuda.synchronize()
+    blob = encode(k, v, cfg)
+    ref = encode(k.cpu(), v.cpu(), cfg, backend="cpu")
+    sync = torch.cuda.synchronize
+    t_full_enc = best_seconds(lambda: encode(k, v, cfg), repeat, sync)
+    t_full_dec = best_seconds(lambda: decode(blob, device=dev), repeat, sync)
+    gbps = lambda t: round(fp16_bytes / t / 1e9, 1)  # noqa: E731
+    return {
+        "device": torch.cuda.get_device_name(),
+        "gpu_codes_equal_cpu": blob == ref,
+        "gpu_encode_gbps": gbps(t_enc),
+        "gpu_decode_gbps": gbps(t_dec),
+        "gpu_copy_gbps": gbps(t_copy),
+        "gpu_encode_fraction_of_copy": round(t_copy / t_enc, 3),
+        "gpu_decode_fraction_of_copy": round(t_copy / t_dec, 3),
+        "gpu_end_to_end_encode_gbps": gbps(t_full_enc),
+        "gpu_end_to_end_decode_gbps": gbps(t_full_dec),
+    }
+
+
+def main(device: str, repeat: int, peer: bool) -> dict[str, Any]:
+    figures = cpu_figures(repeat, peer)
+    if device == "cuda":
+        figures.update(cuda_figures(repeat))
+    return figures
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--repeat", type=int, default=15)
+    p.add_argument("--no-peer", action="store_true", help="skip quanto (where it is not installed)")
+    args = p.parse_args()
+    result = main(args.device, args.repeat, not args.no_peer)
+    for key, value in result.items():
+        print(f"{key:32s} {value}")
+    print(json.dumps(result))
