@@ -25,7 +25,9 @@ from kvpool.kernels.codec import CodecConfig, decode, encode
 SHAPE = (32, 8, 256, 128)
 
 
-def best_seconds(fn: Callable[[], Any], repeat: int, sync: Callable[[], None] = lambda: None) -> float:
+def best_seconds(
+    fn: Callable[[], Any], repeat: int, sync: Callable[[], None] = lambda: None
+) -> float:
     """Median wall time of `repeat` runs after two warm-ups."""
     for _ in range(2):
         fn()
@@ -39,7 +41,9 @@ def best_seconds(fn: Callable[[], Any], repeat: int, sync: Callable[[], None] = 
     return statistics.median(times)
 
 
-def quanto_peer(k: torch.Tensor, v: torch.Tensor, bits: int, group: int) -> tuple[Callable[[], Any], Callable[[], Any]]:
+def quanto_peer(
+    k: torch.Tensor, v: torch.Tensor, bits: int, group: int
+) -> tuple[Callable[[], Any], Callable[[], Any]]:
     """encode / decode as transformers' QuantoQuantizedLayer does it, layer by layer."""
     from optimum.quanto import MaxOptimizer, qint2, qint4, quantize_weight
 
@@ -51,7 +55,11 @@ def quanto_peer(k: torch.Tensor, v: torch.Tensor, bits: int, group: int) -> tupl
         return quantize_weight(x, qtype, 0, scale, zeropoint, group)
 
     def enc() -> list[Any]:
-        return [quantize(t[layer : layer + 1].contiguous()) for t in (k, v) for layer in range(t.shape[0])]
+        return [
+            quantize(t[layer : layer + 1].contiguous())
+            for t in (k, v)
+            for layer in range(t.shape[0])
+        ]
 
     stored = enc()
 

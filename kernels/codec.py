@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Literal
 
 import torch
@@ -35,7 +36,11 @@ from kvpool.kernels import reference
 from kvpool.kernels.transforms import RopeParams, hadamard, redo_rope, undo_rope
 
 Backend = Literal["auto", "triton", "cpu", "reference"]
-TORCH_DTYPES = {DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16, DType.FLOAT32: torch.float32}
+TORCH_DTYPES = {
+    DType.FLOAT16: torch.float16,
+    DType.BFLOAT16: torch.bfloat16,
+    DType.FLOAT32: torch.float32,
+}
 FORMAT_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
 
 
@@ -166,7 +171,10 @@ def decode(
     transformed = header.flags != 0
     work_dtype = torch.float32 if transformed else out_dtype
     shape = (header.layers, header.heads, header.tokens, header.head_dim)
-    per_tensor = [list(header.sections[i :: header.tensors_per_layer]) for i in range(header.tensors_per_layer)]
+    per_tensor = [
+        list(header.sections[i :: header.tensors_per_layer])
+        for i in range(header.tensors_per_layer)
+    ]
     outs = []
     for sections in per_tensor:
         out = torch.empty(shape, dtype=work_dtype, device=device)
@@ -213,7 +221,9 @@ def _header(
     if start_position < 0:
         raise CodecError(f"start_position must be >= 0, got {start_position}")
     if tokens % config.group_size:
-        raise CodecError(f"tokens ({tokens}) must be a multiple of group_size ({config.group_size})")
+        raise CodecError(
+            f"tokens ({tokens}) must be a multiple of group_size ({config.group_size})"
+        )
     if head_dim % 8 or head_dim % min(config.group_size, head_dim):
         raise CodecError(f"head_dim {head_dim} must be a multiple of 8 and of the value group")
     if config.hadamard_values and head_dim & (head_dim - 1):
@@ -224,7 +234,9 @@ def _header(
     rope = config.rope
     if rope is not None and rope.rotary_dim > head_dim:
         raise CodecError(f"rotary_dim {rope.rotary_dim} exceeds head_dim {head_dim}")
-    flags = (Flag.PRE_ROPE_KEYS if rope else 0) | (Flag.HADAMARD_VALUES if config.hadamard_values else 0)
+    flags = (Flag.PRE_ROPE_KEYS if rope else 0) | (
+        Flag.HADAMARD_VALUES if config.hadamard_values else 0
+    )
     return BlockHeader(
         layout=layout, dtype=FORMAT_DTYPES[dtype], layers=layers, heads=heads, tokens=tokens,
         head_dim=head_dim, group_size=config.group_size, key_bits=key_bits,
@@ -243,21 +255,25 @@ def _fill_sinks(x: Tensor, sinks: int) -> Tensor:
     return x
 
 
-def _encode_payload(header: BlockHeader, tensors: list[Tensor], sinks: list[Tensor], backend: Backend) -> bytes:
+def _encode_payload(
+    header: BlockHeader, tensors: list[Tensor], sinks: list[Tensor], backend: Backend
+) -> bytes:
     device = tensors[0].device
     impl = _backend(backend, device, header.head_dim)
     payload = torch.zeros(header.payload_len, dtype=torch.uint8, device=device)
     for i, x in enumerate(tensors):
         if x.dtype not in FORMAT_DTYPES:
             x = x.float()
-        impl.encode_tensor(x.contiguous(), list(header.sections[i :: len(tensors)]), header, payload)
+        impl.encode_tensor(
+            x.contiguous(), list(header.sections[i :: len(tensors)]), header, payload
+        )
     if header.sink_tokens:
         flat = torch.cat([s.contiguous().flatten() for s in sinks]).view(torch.uint8)
         payload[header.sinks_offset :] = flat
     return seal(header, payload.cpu().numpy().data)
 
 
-def _backend(name: Backend, device: torch.device, head_dim: int):  # type: ignore[no-untyped-def]
+def _backend(name: Backend, device: torch.device, head_dim: int) -> ModuleType:
     """The module that implements encode_tensor / decode_tensor for this device."""
     if name == "reference":
         return reference
@@ -267,7 +283,9 @@ def _backend(name: Backend, device: torch.device, head_dim: int):  # type: ignor
         if triton_ops.supports(device, head_dim):
             return triton_ops
         if name == "triton":
-            raise CodecError(f"the Triton path cannot run here (device {device}, head_dim {head_dim})")
+            raise CodecError(
+                f"the Triton path cannot run here (device {device}, head_dim {head_dim})"
+            )
         return reference
     if name in ("cpu", "auto") and device.type == "cpu":
         from kvpool.kernels import cpu

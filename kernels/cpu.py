@@ -30,16 +30,27 @@ def encode_tensor(x: Tensor, sections: list[Section], header: BlockHeader, paylo
         group = header.group_size if s.is_key else header.value_group
         return bool(
             _cpu_codec.encode_section(
-                x[layer].data_ptr(), code, h, t, d, int(s.is_key), group, s.bits,
-                base + s.codes, base + s.scales, base + s.mins,
-            )  # fmt: skip
+                x[layer].data_ptr(),
+                code,
+                h,
+                t,
+                d,
+                int(s.is_key),
+                group,
+                s.bits,
+                base + s.codes,
+                base + s.scales,
+                base + s.mins,
+            )
         )
 
     if not all(_POOL.map(one, range(x.shape[0]))):
         raise NonFiniteError("block holds NaN, inf or a magnitude beyond fp16 (65504)")
 
 
-def decode_tensor(payload: Tensor, sections: list[Section], header: BlockHeader, out: Tensor) -> None:
+def decode_tensor(
+    payload: Tensor, sections: list[Section], header: BlockHeader, out: Tensor
+) -> None:
     """Unpack and dequantize the payload's sections into out: [L, H, T, D] (contiguous, CPU)."""
     _, h, t, d = out.shape
     base, code = payload.data_ptr(), DTYPE_CODES[out.dtype]

@@ -107,7 +107,9 @@ def encode_tensor(x: Tensor, sections: list[Section], header: BlockHeader, paylo
         _params_view(payload, s.mins, s.n_params).copy_(lo.flatten())
 
 
-def decode_tensor(payload: Tensor, sections: list[Section], header: BlockHeader, out: Tensor) -> None:
+def decode_tensor(
+    payload: Tensor, sections: list[Section], header: BlockHeader, out: Tensor
+) -> None:
     """Unpack and dequantize the payload's sections into out: [L, H, T, D]."""
     _, h, t, d = out.shape
     for layer, s in enumerate(sections):

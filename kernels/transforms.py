@@ -38,7 +38,9 @@ class RopeParams:
             raise CodecError(f"rotary_dim must be positive and even, got {self.rotary_dim}")
 
 
-def _cos_sin(rope: RopeParams, start: int, tokens: int, device: torch.device) -> tuple[Tensor, Tensor]:
+def _cos_sin(
+    rope: RopeParams, start: int, tokens: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
     # cos, sin: [T, rotary_dim], angles computed in float64 then rounded once
     half = rope.rotary_dim // 2
     inv_freq = 1.0 / (rope.theta ** (torch.arange(half, dtype=torch.float64) * 2 / rope.rotary_dim))

@@ -26,6 +26,8 @@ from kvpool.errors import NonFiniteError
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _VALUE_ROWS = 16  # tokens per program for per-token groups
+_KEY_WARPS = 8  # a key tile is [G, D]: up to 128 x 128 values
+_VALUE_WARPS = 4
 
 
 def supports(device: torch.device, head_dim: int) -> bool:
@@ -86,7 +88,9 @@ def _load_codes(base, rows, R: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr
 def _quantize(x, lo, hi, BITS: tl.constexpr):
     # x: fp32 tile; lo, hi: group min/max broadcastable to x -> codes, fp16 scale, fp16 min
     QMAX: tl.constexpr = (1 << BITS) - 1
-    scale = tl.maximum(tl.math.div_rn(hi - lo, tl.full(hi.shape, QMAX, tl.float32)), 5.9604644775390625e-08)
+    scale = tl.maximum(
+        tl.math.div_rn(hi - lo, tl.full(hi.shape, QMAX, tl.float32)), 5.9604644775390625e-08
+    )
     s16 = scale.to(tl.float16)
     m16 = lo.to(tl.float16)
     return s16, m16
@@ -123,7 +127,9 @@ def _encode_keys_kernel(
     tl.atomic_max(flag_ptr, _bad(x))
     QMAX: tl.constexpr = (1 << BITS) - 1
     s16, m16 = _quantize(x, tl.min(x, axis=0), tl.max(x, axis=0), BITS)  # [D]
-    q = tl.math.div_rn(x - m16.to(tl.float32)[None, :], tl.broadcast_to(s16.to(tl.float32)[None, :], (G, D)))
+    q = tl.math.div_rn(
+        x - m16.to(tl.float32)[None, :], tl.broadcast_to(s16.to(tl.float32)[None, :], (G, D))
+    )
     codes = tl.minimum(tl.maximum(tl.floor(q + 0.5), 0.0), QMAX).to(tl.int32)
     _store_codes(out_ptr + codes_off, h * T + tok, codes, G, D, BITS)
     p = (h * (T // G) + g) * D + ch
@@ -187,7 +193,10 @@ def _decode_kernel(
     mp = (in_ptr + mins_off).to(tl.pointer_type(tl.float16))
     if IS_KEY:  # BT == G: one parameter row [D] for the tile
         p = (h * (T // G) + b) * D + ch
-        y = codes * tl.load(sp + p).to(tl.float32)[None, :] + tl.load(mp + p).to(tl.float32)[None, :]
+        y = (
+            codes * tl.load(sp + p).to(tl.float32)[None, :]
+            + tl.load(mp + p).to(tl.float32)[None, :]
+        )
     else:
         NG: tl.constexpr = D // G
         p = (h * T + tok[:, None]) * NG + tl.arange(0, NG)[None, :]
@@ -202,13 +211,16 @@ def _decode_kernel(
 
 
 @functools.lru_cache(maxsize=256)
-def _launch_plan(sections: tuple[Section, ...], device: torch.device) -> tuple[tuple[int, Tensor], ...]:
+def _launch_plan(
+    sections: tuple[Section, ...], device: torch.device
+) -> tuple[tuple[int, Tensor], ...]:
     """(bits, meta) per bit width: meta = int64 [n, 4] rows (layer, codes, scales, mins)."""
     by_bits: dict[int, list[list[int]]] = {}
     for layer, s in enumerate(sections):
         by_bits.setdefault(s.bits, []).append([layer, s.codes, s.scales, s.mins])
     return tuple(
-        (bits, torch.tensor(rows, dtype=torch.int64, device=device)) for bits, rows in by_bits.items()
+        (bits, torch.tensor(rows, dtype=torch.int64, device=device))
+        for bits, rows in by_bits.items()
     )
 
 
@@ -233,13 +245,13 @@ def quantize_into(
             grid = (n * h, t // header.group_size)
             _encode_keys_kernel[grid](
                 x, payload, meta, flag, h, t, x.stride(0), x.stride(1), x.stride(2),
-                D=d, G=header.group_size, BITS=bits,
+                D=d, G=header.group_size, BITS=bits, num_warps=_KEY_WARPS,
             )  # fmt: skip
         else:
             grid = (n * h, t // _VALUE_ROWS)
             _encode_values_kernel[grid](
                 x, payload, meta, flag, h, t, x.stride(0), x.stride(1), x.stride(2),
-                D=d, GV=header.value_group, BITS=bits, BT=_VALUE_ROWS,
+                D=d, GV=header.value_group, BITS=bits, BT=_VALUE_ROWS, num_warps=_VALUE_WARPS,
             )  # fmt: skip
 
 
@@ -251,7 +263,9 @@ def encode_tensor(x: Tensor, sections: list[Section], header: BlockHeader, paylo
         raise NonFiniteError("block holds NaN, inf or a magnitude beyond fp16 (65504)")
 
 
-def decode_tensor(payload: Tensor, sections: list[Section], header: BlockHeader, out: Tensor) -> None:
+def decode_tensor(
+    payload: Tensor, sections: list[Section], header: BlockHeader, out: Tensor
+) -> None:
     """Unpack and dequantize the payload's sections into out: [L, H, T, D]. Asynchronous."""
     _check(out, header)
     _, h, t, d = out.shape
@@ -263,4 +277,5 @@ def decode_tensor(payload: Tensor, sections: list[Section], header: BlockHeader,
         _decode_kernel[grid](
             payload, out, meta, h, t, out.stride(0), out.stride(1), out.stride(2),
             D=d, G=group, BITS=bits, BT=rows, IS_KEY=is_key,
+            num_warps=_KEY_WARPS if is_key else _VALUE_WARPS,
         )  # fmt: skip

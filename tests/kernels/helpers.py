@@ -8,7 +8,15 @@ from torch import Tensor
 from kvpool.kernels import reference
 
 
-def kv(layers: int = 2, heads: int = 2, tokens: int = 128, dim: int = 64, dtype=torch.float16, seed: int = 0, device="cpu") -> tuple[Tensor, Tensor]:
+def kv(
+    layers: int = 2,
+    heads: int = 2,
+    tokens: int = 128,
+    dim: int = 64,
+    dtype=torch.float16,
+    seed: int = 0,
+    device="cpu",
+) -> tuple[Tensor, Tensor]:
     g = torch.Generator().manual_seed(seed)
     k = torch.randn(layers, heads, tokens, dim, generator=g) * 2 + 0.5
     v = torch.randn(layers, heads, tokens, dim, generator=g)

@@ -32,17 +32,23 @@ def test_cpu_loop_matches_reference(dtype: torch.dtype, bits: int, group: int) -
     ref = encode(k, v, cfg, backend="reference")
     assert encode(k, v, cfg, backend="cpu") == ref
     a, b = decode(ref, backend="reference"), decode(ref, backend="cpu")
-    assert a.keys is not None and b.keys is not None and a.values is not None and b.values is not None
+    assert (
+        a.keys is not None and b.keys is not None and a.values is not None and b.values is not None
+    )
     _close(a.keys, b.keys)
     _close(a.values, b.values)
     f32 = decode(ref, dtype=torch.float32, backend="cpu")
-    assert f32.keys is not None and torch.equal(f32.keys, decode(ref, dtype=torch.float32, backend="reference").keys)
+    assert f32.keys is not None and torch.equal(
+        f32.keys, decode(ref, dtype=torch.float32, backend="reference").keys
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("group", GROUPS)
-def test_triton_codes_equal_reference_bit_for_bit(dtype: torch.dtype, bits: int, group: int) -> None:
+def test_triton_codes_equal_reference_bit_for_bit(
+    dtype: torch.dtype, bits: int, group: int
+) -> None:
     k, v = kv(tokens=64, dim=64, dtype=dtype, seed=bits)
     cfg = CodecConfig(bits, bits, group)
     ref = encode(k, v, cfg, backend="reference")
@@ -50,7 +56,9 @@ def test_triton_codes_equal_reference_bit_for_bit(dtype: torch.dtype, bits: int,
     assert got == ref
     a = decode(ref, backend="reference")
     b = decode(ref, device=TRITON_DEVICE, backend="triton")
-    assert a.keys is not None and b.keys is not None and a.values is not None and b.values is not None
+    assert (
+        a.keys is not None and b.keys is not None and a.values is not None and b.values is not None
+    )
     _close(a.keys, b.keys)
     _close(a.values, b.values)
 
@@ -76,4 +84,6 @@ def test_triton_rejects_non_finite_input() -> None:
     k, v = kv(tokens=64, dim=64)
     v[1, 0, 5, 3] = float("nan")
     with pytest.raises(NonFiniteError):
-        encode(k.to(TRITON_DEVICE), v.to(TRITON_DEVICE), CodecConfig(group_size=32), backend="triton")
+        encode(
+            k.to(TRITON_DEVICE), v.to(TRITON_DEVICE), CodecConfig(group_size=32), backend="triton"
+        )

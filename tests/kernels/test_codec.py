@@ -112,7 +112,9 @@ def test_sink_tokens_are_kept_in_fp16_only_at_position_zero() -> None:
 
 def test_all_options_together() -> None:
     k, v = kv(tokens=128, dim=64, dtype=torch.bfloat16)
-    cfg = CodecConfig((3, 4), (2, 3), 32, rope=RopeParams(10000.0, 64), hadamard_values=True, sink_tokens=2)
+    cfg = CodecConfig(
+        (3, 4), (2, 3), 32, rope=RopeParams(10000.0, 64), hadamard_values=True, sink_tokens=2
+    )
     out = decode(encode(k, v, cfg), dtype=torch.float32)
     assert out.keys is not None and bool(torch.isfinite(out.keys).all())
     assert float((out.values - v.float()).abs().mean()) < 0.5  # type: ignore[operator]
