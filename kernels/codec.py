@@ -197,10 +197,6 @@ def decode(
     return Block(header, keys=outs[0], values=outs[1])
 
 
-def encoded_size(header: BlockHeader) -> int:
-    return header.header_len + header.payload_len
-
-
 # ---- internals ----------------------------------------------------------------------------
 
 
@@ -262,8 +258,6 @@ def _encode_payload(
     impl = _backend(backend, device, header.head_dim)
     payload = torch.zeros(header.payload_len, dtype=torch.uint8, device=device)
     for i, x in enumerate(tensors):
-        if x.dtype not in FORMAT_DTYPES:
-            x = x.float()
         impl.encode_tensor(
             x.contiguous(), list(header.sections[i :: len(tensors)]), header, payload
         )

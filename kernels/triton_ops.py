@@ -97,6 +97,13 @@ def _quantize(x, lo, hi, BITS: tl.constexpr):
 
 
 @triton.jit
+def _section(meta_ptr, slot):
+    # one row of the launch plan: (layer, codes offset, scales offset, mins offset)
+    row = meta_ptr + 4 * slot
+    return tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)
+
+
+@triton.jit
 def _bad(x):
     # 1 if any element is NaN, inf or beyond the fp16 range of the scales, else 0
     return tl.max(((x != x) | (tl.abs(x) > 65504.0)).to(tl.int32))
@@ -115,11 +122,8 @@ def _encode_keys_kernel(
     D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr,
 ):  # fmt: skip
     pid, g = tl.program_id(0), tl.program_id(1)
-    slot, h = pid // H, pid % H
-    layer = tl.load(meta_ptr + 4 * slot)
-    codes_off = tl.load(meta_ptr + 4 * slot + 1)
-    scales_off = tl.load(meta_ptr + 4 * slot + 2)
-    mins_off = tl.load(meta_ptr + 4 * slot + 3)
+    h = pid % H
+    layer, codes_off, scales_off, mins_off = _section(meta_ptr, pid // H)
     tok = g * G + tl.arange(0, G)
     ch = tl.arange(0, D)
     x = tl.load(x_ptr + layer * stride_l + h * stride_h + tok[:, None] * stride_t + ch[None, :])
@@ -147,11 +151,8 @@ def _encode_values_kernel(
     D: tl.constexpr, GV: tl.constexpr, BITS: tl.constexpr, BT: tl.constexpr,
 ):  # fmt: skip
     pid, b = tl.program_id(0), tl.program_id(1)
-    slot, h = pid // H, pid % H
-    layer = tl.load(meta_ptr + 4 * slot)
-    codes_off = tl.load(meta_ptr + 4 * slot + 1)
-    scales_off = tl.load(meta_ptr + 4 * slot + 2)
-    mins_off = tl.load(meta_ptr + 4 * slot + 3)
+    h = pid % H
+    layer, codes_off, scales_off, mins_off = _section(meta_ptr, pid // H)
     tok = b * BT + tl.arange(0, BT)
     ch = tl.arange(0, D)
     x = tl.load(x_ptr + layer * stride_l + h * stride_h + tok[:, None] * stride_t + ch[None, :])
@@ -181,11 +182,8 @@ def _decode_kernel(
     IS_KEY: tl.constexpr,
 ):  # fmt: skip
     pid, b = tl.program_id(0), tl.program_id(1)
-    slot, h = pid // H, pid % H
-    layer = tl.load(meta_ptr + 4 * slot)
-    codes_off = tl.load(meta_ptr + 4 * slot + 1)
-    scales_off = tl.load(meta_ptr + 4 * slot + 2)
-    mins_off = tl.load(meta_ptr + 4 * slot + 3)
+    h = pid % H
+    layer, codes_off, scales_off, mins_off = _section(meta_ptr, pid // H)
     tok = b * BT + tl.arange(0, BT)
     ch = tl.arange(0, D)
     codes = _load_codes(in_ptr + codes_off, h * T + tok, BT, D, BITS).to(tl.float32)

@@ -87,3 +87,15 @@ def test_triton_rejects_non_finite_input() -> None:
         encode(
             k.to(TRITON_DEVICE), v.to(TRITON_DEVICE), CodecConfig(group_size=32), backend="triton"
         )
+
+
+def test_forcing_triton_where_it_cannot_run_raises() -> None:
+    from kvpool.errors import CodecError
+
+    k, v = kv(tokens=64, dim=24)  # not a power of two
+    with pytest.raises(CodecError):
+        encode(
+            k.to(TRITON_DEVICE), v.to(TRITON_DEVICE), CodecConfig(group_size=32), backend="triton"
+        )
+    # auto falls back to a path that can run
+    assert decode(encode(k, v, CodecConfig(group_size=32))).keys is not None
