@@ -31,3 +31,22 @@ class UnsupportedVersionError(BlockFormatError):
 
 class ChecksumError(BlockFormatError):
     """The blob's checksum does not match its content: the bytes were corrupted."""
+
+
+class NamespaceError(KVPoolError, ValueError):
+    """A namespace that is incomplete or inconsistent (missing model id, bad sizes)."""
+
+
+class TokenError(KVPoolError, ValueError):
+    """Tokens that cannot be hashed into block keys (not 1-D integers in [0, 2**32))."""
+
+
+class TierError(KVPoolError):
+    """A call to the cache tier failed (shard gone, deadline passed, request refused).
+
+    The client's own `lookup`/`put`/`get` never raise it: a failed put is a dropped save and a
+    failed get is a miss. Lower-level calls (`TierClient`) raise it with the gRPC status."""
+
+    def __init__(self, message: str, code: str = "UNKNOWN") -> None:
+        super().__init__(message)
+        self.code = code

@@ -72,6 +72,19 @@ class CodecConfig:
         if self.sink_tokens < 0:
             raise CodecError("sink_tokens must be >= 0")
 
+    def describe(self) -> str:
+        """A canonical one-line description: the codec part of a namespace."""
+
+        def widths(bits: int | tuple[int, ...]) -> str:
+            return str(bits) if isinstance(bits, int) else ",".join(map(str, bits))
+
+        rope = self.rope
+        rope_s = f"{rope.theta!r}/{rope.rotary_dim}/{rope.scaling!r}" if rope else "none"
+        return (
+            f"kivi k={widths(self.key_bits)} v={widths(self.value_bits)} g={self.group_size} "
+            f"rope={rope_s} hadamard={int(self.hadamard_values)} sinks={self.sink_tokens}"
+        )
+
     def bits_per_layer(self, layers: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(key bits, value bits) with one entry per layer."""
 

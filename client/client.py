@@ -1,0 +1,300 @@
+"""The API inference workers use: lookup, put and get of KV caches by token prefix.
+
+Where it stands: the top of the data path, inside the worker process.
+
+    put(tokens, kv):  block keys -> lookup (skip stored blocks) -> encode each new full block
+                      on the KV's device -> stream to its owning shard(s)
+    get(tokens):      block keys -> lookup (longest cached prefix) -> fetch blocks in parallel
+                      -> verify + decode on the worker's device -> concatenate along tokens
+
+The cache is best effort, like every serious KV cache connector: a put that fails is a dropped
+save and a get that fails is a miss. Neither raises because the tier is slow or down; the
+failure is logged and counted in `stats`. Bad input (wrong shapes, bad tokens) does raise.
+
+`AsyncKVPool` is for asyncio code; `KVPool` wraps it for synchronous code with an event loop
+in a background thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+from kvpool.blockformat import Layout
+from kvpool.errors import BlockFormatError, CodecError, NamespaceError, TierError
+from kvpool.kernels.codec import FORMAT_DTYPES, CodecConfig, decode, encode, encode_latent
+from kvpool.keys import BlockHash, Namespace, block_keys
+from kvpool.transport import ClientConfig, TierClient
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+KV = tuple[Tensor, Tensor] | Tensor  # (keys, values) [L, H, T, D] each, or latent [L, T, C]
+
+
+def namespace_for(
+    model: str, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, codec: CodecConfig,
+    **kwargs: Any,
+) -> Namespace:  # fmt: skip
+    """A Namespace whose codec field is `codec.describe()` (the form `AsyncKVPool` checks)."""
+    if dtype not in FORMAT_DTYPES:
+        raise NamespaceError(f"dtype {dtype} not supported")
+    return Namespace(
+        model=model, layers=layers, kv_heads=kv_heads, head_dim=head_dim,
+        dtype=FORMAT_DTYPES[dtype], codec=codec.describe(), **kwargs,
+    )  # fmt: skip
+
+
+@dataclass
+class ClientStats:
+    """What this client did; failures are the saves it dropped and the gets it turned to misses."""
+
+    lookups: int = 0
+    blocks_put: int = 0
+    blocks_existing: int = 0
+    blocks_fetched: int = 0
+    bytes_put: int = 0
+    bytes_fetched: int = 0
+    put_failures: int = 0
+    get_failures: int = 0
+    lookup_failures: int = 0
+    corrupt_blocks: int = 0
+
+
+@dataclass
+class CachedPrefix:
+    """The KV of the longest cached prefix: `tokens` tokens, on the client's device."""
+
+    tokens: int
+    keys: Tensor | None = None  # [L, H, tokens, D]
+    values: Tensor | None = None
+    latent: Tensor | None = None  # [L, tokens, C]
+    fetched_bytes: int = 0
+
+
+@dataclass
+class AsyncKVPool:
+    """Client of one namespace on one tier. Create and use it inside one event loop."""
+
+    endpoints: str | Sequence[str]
+    namespace: Namespace
+    codec: CodecConfig
+    device: torch.device | str = "cpu"
+    config: ClientConfig = field(default_factory=ClientConfig)
+    stats: ClientStats = field(default_factory=ClientStats)
+
+    def __post_init__(self) -> None:
+        if self.namespace.codec != self.codec.describe():
+            raise NamespaceError(
+                f"namespace codec {self.namespace.codec!r} is not this codec "
+                f"({self.codec.describe()!r}): build it with namespace_for()"
+            )
+        self.device = torch.device(self.device)
+        self.tier = TierClient(self.endpoints, self.config)
+        self.block_tokens = self.namespace.block_tokens
+
+    # -- the three calls -------------------------------------------------------------------
+
+    async def lookup(self, tokens: Sequence[int] | Tensor) -> int:
+        """How many leading tokens of `tokens` are cached (a multiple of block_tokens)."""
+        keys = block_keys(self.namespace, tokens)
+        return await self._lookup(keys) * self.block_tokens
+
+    async def put(self, tokens: Sequence[int] | Tensor, kv: KV) -> int:
+        """Encode and store every full block of `tokens` not stored yet; returns how many new
+        blocks the tier took. `kv` covers at least the full blocks of `tokens`."""
+        keys = block_keys(self.namespace, tokens)
+        tensors = self._check_kv(kv, len(keys) * self.block_tokens)
+        start = await self._lookup(keys)
+        stored = 0
+        pending: list[asyncio.Task[bool]] = []
+        for i in range(start, len(keys)):
+            blob = await asyncio.to_thread(self._encode, tensors, i)
+            pending.append(asyncio.create_task(self._put_block(keys, i, blob)))
+            if len(pending) >= self.config.max_inflight:
+                stored += sum(await asyncio.gather(*pending))
+                pending.clear()
+        stored += sum(await asyncio.gather(*pending))
+        return stored
+
+    async def get(
+        self, tokens: Sequence[int] | Tensor, dtype: torch.dtype | None = None
+    ) -> CachedPrefix | None:
+        """The KV of the longest cached prefix of `tokens`, or None on a miss.
+
+        Blocks are fetched in parallel, verified and decoded on the client's device (in the
+        namespace's dtype unless `dtype` is given). If a block vanishes between lookup and
+        fetch, the prefix ends before it."""
+        keys = block_keys(self.namespace, tokens)
+        n = await self._lookup(keys)
+        if n == 0:
+            return None
+        out_dtype = dtype or _torch_dtype(self.namespace)
+        blobs = await asyncio.gather(*(self._get_block(k) for k in keys[:n]))
+        blocks = []
+        fetched = 0
+        for i, blob in enumerate(blobs):
+            if blob is None:
+                break
+            try:
+                block = await asyncio.to_thread(decode, blob, self.device, out_dtype)
+            except BlockFormatError as e:  # corrupted on the way: a miss, counted
+                self.stats.corrupt_blocks += 1
+                log.error("block %d of a prefix failed to decode: %s", i, e)
+                break
+            blocks.append(block)
+            fetched += len(blob)
+        if not blocks:
+            return None
+        prefix = CachedPrefix(tokens=len(blocks) * self.block_tokens, fetched_bytes=fetched)
+        if self.namespace.layout == Layout.LATENT:
+            prefix.latent = torch.cat([b.latent for b in blocks if b.latent is not None], dim=1)
+        else:
+            prefix.keys = torch.cat([b.keys for b in blocks if b.keys is not None], dim=2)
+            prefix.values = torch.cat([b.values for b in blocks if b.values is not None], dim=2)
+        return prefix
+
+    async def close(self) -> None:
+        await self.tier.close()
+
+    # -- internals -------------------------------------------------------------------------
+
+    async def _lookup(self, keys: list[BlockHash]) -> int:
+        self.stats.lookups += 1
+        limit = self.config.max_lookup_keys
+        try:
+            return await self.tier.lookup(self.namespace, keys[:limit])
+        except TierError as e:
+            self.stats.lookup_failures += 1
+            log.warning("kvpool lookup failed, treating as a miss: %s", e)
+            return 0
+
+    async def _put_block(self, keys: list[BlockHash], i: int, blob: bytes) -> bool:
+        try:
+            stored = await self.tier.put(self.namespace, keys[i], keys[0], i, blob)
+        except TierError as e:
+            self.stats.put_failures += 1
+            log.warning("kvpool put of block %d dropped: %s", i, e)
+            return False
+        if stored:
+            self.stats.blocks_put += 1
+            self.stats.bytes_put += len(blob)
+        else:
+            self.stats.blocks_existing += 1
+        return stored
+
+    async def _get_block(self, key: BlockHash) -> bytes | None:
+        try:
+            blob = await self.tier.get(self.namespace, key)
+        except TierError as e:
+            self.stats.get_failures += 1
+            log.warning("kvpool get failed, treating as a miss: %s", e)
+            return None
+        if blob is not None:
+            self.stats.blocks_fetched += 1
+            self.stats.bytes_fetched += len(blob)
+        return blob
+
+    def _check_kv(self, kv: KV, tokens: int) -> list[Tensor]:
+        """The tensors of `kv`, checked against the namespace: shape, dtype, enough tokens."""
+        ns = self.namespace
+        want: tuple[int | None, ...]
+        if ns.layout == Layout.LATENT:
+            if not isinstance(kv, Tensor):
+                raise CodecError("a latent namespace stores one tensor [layers, tokens, dim]")
+            tensors, want, token_dim = [kv], (ns.layers, None, ns.head_dim), 1
+        else:
+            if isinstance(kv, Tensor) or len(kv) != 2:
+                raise CodecError(
+                    "a KV namespace stores (keys, values) [layers, kv_heads, tokens, head_dim]"
+                )
+            tensors, want, token_dim = list(kv), (ns.layers, ns.kv_heads, None, ns.head_dim), 2
+        for t in tensors:
+            shape = tuple(t.shape)
+            if len(shape) != len(want) or any(
+                w not in (None, s) for w, s in zip(want, shape, strict=False)
+            ):
+                raise CodecError(f"KV of shape {shape} does not match the namespace {want}")
+            if shape[token_dim] < tokens:
+                raise CodecError(
+                    f"KV covers {shape[token_dim]} tokens, the full blocks need {tokens}"
+                )
+            if FORMAT_DTYPES.get(t.dtype) != ns.dtype:
+                raise CodecError(f"KV dtype {t.dtype} is not the namespace's {ns.dtype.name}")
+        return tensors
+
+    def _encode(self, tensors: list[Tensor], i: int) -> bytes:
+        b = self.block_tokens
+        if self.namespace.layout == Layout.LATENT:
+            return encode_latent(
+                tensors[0][:, i * b : (i + 1) * b], self.codec, start_position=i * b
+            )
+        k, v = (t[:, :, i * b : (i + 1) * b] for t in tensors)
+        return encode(k, v, self.codec, start_position=i * b)
+
+
+def _torch_dtype(ns: Namespace) -> torch.dtype:
+    return {v: k for k, v in FORMAT_DTYPES.items()}[ns.dtype]
+
+
+class KVPool:
+    """Synchronous client: the same calls as AsyncKVPool, from any thread.
+
+    Its event loop runs in a daemon thread; every call waits at most its deadline budget."""
+
+    def __init__(self, endpoints: str | Sequence[str], namespace: Namespace, codec: CodecConfig,
+                 device: torch.device | str = "cpu", config: ClientConfig | None = None) -> None:  # fmt: skip
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="kvpool-client", daemon=True
+        )
+        self._thread.start()
+
+        async def make() -> AsyncKVPool:
+            return AsyncKVPool(endpoints, namespace, codec, device, config or ClientConfig())
+
+        self._client = self._run(make())
+
+    @property
+    def stats(self) -> ClientStats:
+        return self._client.stats
+
+    @property
+    def tier(self) -> TierClient:
+        return self._client.tier
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def lookup(self, tokens: Sequence[int] | Tensor) -> int:
+        return self._run(self._client.lookup(tokens))
+
+    def put(self, tokens: Sequence[int] | Tensor, kv: KV) -> int:
+        return self._run(self._client.put(tokens, kv))
+
+    def get(
+        self, tokens: Sequence[int] | Tensor, dtype: torch.dtype | None = None
+    ) -> CachedPrefix | None:
+        return self._run(self._client.get(tokens, dtype))
+
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run any coroutine (e.g. one of `tier`'s) on the client's loop."""
+        return self._run(coro)
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._run(self._client.close())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> KVPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

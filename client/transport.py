@@ -1,0 +1,290 @@
+"""The client's gRPC layer: route block keys to shards and move bytes (no tensors here).
+
+Where it stands: between the KVPool client (client.py, which hashes and encodes) and the
+shards. It fetches the tier's topology from any known address, places keys on a consistent-
+hash ring, keeps one channel per shard, bounds the transfers in flight, and puts a deadline on
+every call. Errors surface as TierError with the gRPC status name; the KVPool client turns
+them into misses and dropped saves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+
+from kvpool.errors import TierError
+from kvpool.keys import Namespace
+from kvpool.proto import kvpool_pb2 as pb
+from kvpool.proto import kvpool_pb2_grpc as pb_grpc
+from kvpool.proto.messages import namespace_to_proto
+from kvpool.ring import Ring
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    timeout_s: float = 10.0  # deadline of every RPC
+    max_inflight: int = 16  # block transfers in flight per client
+    chunk_bytes: int = 1 << 20
+    topology_ttl_s: float = 10.0  # refresh the topology at least this often
+    max_lookup_keys: int = 4096
+
+
+class TierClient:
+    """Async, bytes-level access to a tier; create it inside the event loop that uses it."""
+
+    def __init__(
+        self, endpoints: str | Sequence[str], config: ClientConfig = ClientConfig()
+    ) -> None:
+        seeds = endpoints.split(",") if isinstance(endpoints, str) else list(endpoints)
+        self.seeds = [s.strip() for s in seeds if s.strip()]
+        if not self.seeds:
+            raise ValueError("at least one tier endpoint (host:port) is needed")
+        self.config = config
+        self.replication = 1
+        self.epoch = -1
+        self._addresses: dict[str, str] = {}  # shard id -> host:port
+        self._ring = Ring([])
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._registered: set[tuple[str, bytes]] = set()
+        self._refreshed_at = 0.0
+        self._refresh_lock = asyncio.Lock()
+        self._inflight = asyncio.Semaphore(config.max_inflight)
+
+    # -- topology and channels -------------------------------------------------------------
+
+    def _stub(self, address: str) -> pb_grpc.KVPoolStub:
+        channel = self._channels.get(address)
+        if channel is None:
+            opts = [
+                ("grpc.max_receive_message_length", 8 << 20),
+                ("grpc.max_send_message_length", 8 << 20),
+            ]
+            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=opts)
+        return pb_grpc.KVPoolStub(channel)
+
+    async def refresh(self, force: bool = False) -> None:
+        """Fetch the topology from the first shard (known or seed) that answers."""
+        async with self._refresh_lock:
+            if not force and time.monotonic() - self._refreshed_at < self.config.topology_ttl_s:
+                return
+            candidates = list(dict.fromkeys([*self._addresses.values(), *self.seeds]))
+            errors = []
+            for address in candidates:
+                try:
+                    topo = await self._stub(address).Topology(
+                        pb.TopologyRequest(), timeout=self.config.timeout_s
+                    )
+                except grpc.aio.AioRpcError as e:
+                    errors.append(f"{address}: {e.code().name}")
+                    continue
+                self._apply(topo)
+                return
+            self._refreshed_at = time.monotonic()  # do not hammer a tier that is down
+            raise TierError(
+                f"no shard answered for the topology ({'; '.join(errors)})", "UNAVAILABLE"
+            )
+
+    def _apply(self, topo: pb.TopologyResponse) -> None:
+        self._refreshed_at = time.monotonic()
+        if topo.epoch == self.epoch:
+            return
+        addresses = {s.shard_id: s.address for s in topo.shards}
+        if addresses != self._addresses:
+            self._registered = {
+                (sid, ns)
+                for sid, ns in self._registered
+                if addresses.get(sid) == self._addresses.get(sid)
+            }
+            self._addresses = addresses
+            self._ring = Ring(list(addresses))
+        self.replication = max(1, topo.replication)
+        self.epoch = topo.epoch
+
+    async def _ensure_topology(self) -> None:
+        if (
+            time.monotonic() - self._refreshed_at >= self.config.topology_ttl_s
+            or not self._addresses
+        ):
+            await self.refresh()
+        if not self._addresses:
+            raise TierError("the tier has no shards", "UNAVAILABLE")
+
+    def owners(self, key: bytes) -> list[str]:
+        return self._ring.owners(key, self.replication)
+
+    async def _call(
+        self, shard_id: str, ns: Namespace, rpc: Callable[[pb_grpc.KVPoolStub], Awaitable[T]]
+    ) -> T:
+        """Run one RPC against a shard: register the namespace first if the shard does not know
+        it yet (or forgot it after a restart); map failures to TierError."""
+        address = self._addresses[shard_id]
+        stub = self._stub(address)
+        for attempt in (0, 1):
+            try:
+                if (shard_id, ns.id) not in self._registered:
+                    await stub.RegisterNamespace(
+                        pb.RegisterNamespaceRequest(
+                            namespace_id=ns.id, namespace=namespace_to_proto(ns)
+                        ),
+                        timeout=self.config.timeout_s,
+                    )
+                    self._registered.add((shard_id, ns.id))
+                return await rpc(stub)
+            except grpc.aio.AioRpcError as e:
+                code = e.code()
+                if (
+                    code == grpc.StatusCode.FAILED_PRECONDITION
+                    and "unknown namespace" in (e.details() or "")
+                    and attempt == 0
+                ):
+                    self._registered.discard((shard_id, ns.id))  # the shard restarted
+                    continue
+                if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    self._refreshed_at = 0.0  # look again at the topology on the next call
+                raise TierError(
+                    f"{shard_id} ({address}): {code.name}: {e.details()}", code.name
+                ) from None
+        raise AssertionError("unreachable")
+
+    # -- data calls ------------------------------------------------------------------------
+
+    async def lookup(self, ns: Namespace, keys: Sequence[bytes]) -> int:
+        """How many leading keys are present on the tier (on any of their owners). A shard
+        that cannot be reached counts as holding none of its keys."""
+        if len(keys) > self.config.max_lookup_keys:
+            raise ValueError(f"at most {self.config.max_lookup_keys} keys per lookup")
+        if not keys:
+            return 0
+        await self._ensure_topology()
+        per_shard: dict[str, list[int]] = {}
+        for i, key in enumerate(keys):
+            for sid in self.owners(key):
+                per_shard.setdefault(sid, []).append(i)
+
+        async def ask(sid: str, idx: list[int]) -> tuple[list[int], int]:
+            req = pb.LookupRequest(namespace_id=ns.id, keys=[keys[i] for i in idx])
+            try:
+                reply = await self._call(
+                    sid, ns, lambda s: s.Lookup(req, timeout=self.config.timeout_s)
+                )
+            except TierError as e:
+                log.warning("lookup: %s", e)
+                return idx, 0
+            return idx, reply.present
+
+        present = [False] * len(keys)
+        for idx, n in await asyncio.gather(*(ask(s, idx) for s, idx in per_shard.items())):
+            for i in idx[:n]:
+                present[i] = True
+        return present.index(False) if False in present else len(keys)
+
+    async def put(
+        self, ns: Namespace, key: bytes, chain: bytes, position: int, data: bytes
+    ) -> bool:
+        """Store one block on each of its owners; True if any owner newly stored it.
+        Raises TierError when no owner took it."""
+        await self._ensure_topology()
+        info = pb.BlockInfo(
+            namespace_id=ns.id, key=key, chain=chain, position=position, size=len(data)
+        )
+        step = self.config.chunk_bytes
+
+        async def messages() -> AsyncIterator[pb.PutRequest]:
+            yield pb.PutRequest(info=info)
+            view = memoryview(data)
+            for off in range(0, len(data), step):
+                yield pb.PutRequest(chunk=bytes(view[off : off + step]))
+
+        async def put_one(sid: str) -> bool | TierError:
+            try:
+                reply = await self._call(
+                    sid, ns, lambda s: s.Put(messages(), timeout=self.config.timeout_s)
+                )
+            except TierError as e:
+                return e
+            return reply.stored
+
+        async with self._inflight:
+            results = await asyncio.gather(*(put_one(sid) for sid in self.owners(key)))
+        if all(isinstance(r, TierError) for r in results):
+            raise results[0]  # type: ignore[misc]
+        return any(r is True for r in results)
+
+    async def get(self, ns: Namespace, key: bytes) -> bytes | None:
+        """The block's bytes from the first owner that has it; None on a miss. Raises TierError
+        when no owner answered."""
+        await self._ensure_topology()
+        error: TierError | None = None
+        async with self._inflight:
+            for sid in self.owners(key):
+                try:
+                    data = await self._call(sid, ns, lambda s: self._fetch(s, ns, key))
+                except TierError as e:
+                    error = e
+                    continue
+                if data is not None:
+                    return data
+        if error is not None:
+            raise error
+        return None
+
+    async def _fetch(self, stub: pb_grpc.KVPoolStub, ns: Namespace, key: bytes) -> bytes | None:
+        call = stub.Get(pb.GetRequest(namespace_id=ns.id, key=key), timeout=self.config.timeout_s)
+        buf: bytearray | None = None
+        filled = 0
+        async for msg in call:
+            if buf is None:
+                if not msg.found:
+                    return None
+                buf = bytearray(msg.size)
+            end = filled + len(msg.chunk)
+            if end > len(buf):
+                raise TierError(f"shard sent more than the announced {len(buf)} bytes", "DATA_LOSS")
+            buf[filled:end] = msg.chunk
+            filled = end
+        if buf is None or filled != len(buf):
+            raise TierError("truncated block stream", "DATA_LOSS")
+        return bytes(buf)
+
+    async def delete(self, ns: Namespace, keys: Sequence[bytes]) -> int:
+        """Remove blocks from all their owners; returns how many copies were removed."""
+        await self._ensure_topology()
+        per_shard: dict[str, list[bytes]] = {}
+        for key in keys:
+            for sid in self.owners(key):
+                per_shard.setdefault(sid, []).append(key)
+
+        async def delete_on(sid: str, ks: list[bytes]) -> int:
+            req = pb.DeleteRequest(namespace_id=ns.id, keys=ks)
+            reply = await self._call(
+                sid, ns, lambda s: s.Delete(req, timeout=self.config.timeout_s)
+            )
+            return reply.deleted
+
+        return sum(await asyncio.gather(*(delete_on(s, ks) for s, ks in per_shard.items())))
+
+    async def stats(self) -> list[pb.StatsResponse]:
+        """One StatsResponse per shard that answers."""
+        await self._ensure_topology()
+        replies = await asyncio.gather(
+            *(
+                self._stub(a).Stats(pb.StatsRequest(), timeout=self.config.timeout_s)
+                for a in self._addresses.values()
+            ),
+            return_exceptions=True,
+        )
+        return [r for r in replies if isinstance(r, pb.StatsResponse)]
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()

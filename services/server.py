@@ -1,0 +1,352 @@
+"""The gRPC face of one shard: kvpool.v1.KVPool over a BlockStore.
+
+Where it stands: a shard actor (services/shard.py) runs `ShardServer` in its own thread and
+event loop; clients stream blocks to it directly. The servicer only translates between
+messages and the store, and maps every refusal to its status code:
+
+    INVALID_ARGUMENT     malformed request: bad key length, missing header, truncated stream,
+                         bytes that are not a kvpool block
+    FAILED_PRECONDITION  unknown namespace, unsupported format version, block that does not
+                         match its namespace
+    RESOURCE_EXHAUSTED   block or key list over a limit
+    DATA_LOSS            checksum mismatch (on upload, or of a stored block: then it is dropped)
+
+A miss is not an error: Lookup counts present keys, Get answers found = false.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from kvpool.blockformat import FORMAT_VERSION, BlockHeader, Layout, verify
+from kvpool.errors import BlockFormatError, ChecksumError, UnsupportedVersionError
+from kvpool.keys import KEY_BYTES, Namespace
+from kvpool.proto import kvpool_pb2 as pb
+from kvpool.proto import kvpool_pb2_grpc as pb_grpc
+from kvpool.proto.messages import namespace_from_proto
+from kvpool.services.store import BlockStore, BlockTooLargeError
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = "kvpool.v1.KVPool"
+CHUNK_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_block_bytes: int = 256 << 20
+    max_keys: int = 4096  # per Lookup / Delete
+    max_message_bytes: int = 4 << 20  # one chunk; gRPC enforces it
+    max_namespaces: int = 1024
+
+
+TopologyFn = Callable[[], Awaitable[pb.TopologyResponse]]
+T = TypeVar("T")
+
+
+class _Abort(Exception):
+    def __init__(self, code: grpc.StatusCode, detail: str) -> None:
+        self.code, self.detail = code, detail
+
+
+def _check_key(key: bytes, what: str = "key") -> None:
+    if len(key) != KEY_BYTES:
+        raise _Abort(
+            grpc.StatusCode.INVALID_ARGUMENT, f"{what} must be {KEY_BYTES} bytes, got {len(key)}"
+        )
+
+
+def check_block(header: BlockHeader, ns: Namespace) -> None:
+    """A stored block must be of its namespace's shape: refuse anything else."""
+    heads = 1 if ns.layout == Layout.LATENT else ns.kv_heads
+    want = (ns.layout, ns.dtype, ns.layers, heads, ns.head_dim, ns.block_tokens)
+    got = (header.layout, header.dtype, header.layers, header.heads, header.head_dim, header.tokens)
+    if want != got:
+        raise _Abort(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "block (layout, dtype, layers, heads, head_dim, tokens) "
+            f"{tuple(int(x) for x in got)} does not match its namespace {tuple(int(x) for x in want)}",
+        )
+
+
+class KVPoolServicer(pb_grpc.KVPoolServicer):
+    def __init__(
+        self, store: BlockStore, shard_id: str, topology: TopologyFn, limits: Limits = Limits()
+    ) -> None:
+        self.store, self.shard_id, self.limits = store, shard_id, limits
+        self._topology = topology
+        self._namespaces: dict[bytes, Namespace] = {}
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _namespace(self, namespace_id: bytes) -> Namespace:
+        ns = self._namespaces.get(namespace_id)
+        if ns is None:
+            _check_key(namespace_id, "namespace_id")
+            raise _Abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"unknown namespace {namespace_id.hex()[:16]}: call RegisterNamespace first",
+            )
+        return ns
+
+    def _check_keys(self, keys: list[bytes]) -> None:
+        if len(keys) > self.limits.max_keys:
+            raise _Abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{len(keys)} keys in one request; the limit is {self.limits.max_keys}",
+            )
+        for key in keys:
+            _check_key(key)
+
+    # -- RPCs -------------------------------------------------------------------------------
+
+    async def RegisterNamespace(
+        self, request: pb.RegisterNamespaceRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RegisterNamespaceResponse:
+        async def run() -> pb.RegisterNamespaceResponse:
+            if not request.HasField("namespace"):
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "namespace missing")
+            try:
+                ns = namespace_from_proto(request.namespace)
+            except ValueError as e:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad namespace: {e}") from None
+            if ns.format_version != FORMAT_VERSION:
+                raise _Abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"block format version {ns.format_version}; this shard stores version "
+                    f"{FORMAT_VERSION}",
+                )
+            if ns.id != request.namespace_id:
+                raise _Abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, "namespace_id is not the namespace's digest"
+                )
+            if (
+                ns.id not in self._namespaces
+                and len(self._namespaces) >= self.limits.max_namespaces
+            ):
+                raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many namespaces")
+            self._namespaces[ns.id] = ns
+            return pb.RegisterNamespaceResponse()
+
+        return await self._guard(run(), context)
+
+    async def Lookup(
+        self, request: pb.LookupRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LookupResponse:
+        async def run() -> pb.LookupResponse:
+            self._namespace(request.namespace_id)
+            keys = list(request.keys)
+            self._check_keys(keys)
+            return pb.LookupResponse(present=self.store.leading(request.namespace_id, keys))
+
+        return await self._guard(run(), context)
+
+    async def Put(
+        self, request_iterator: AsyncIterator[pb.PutRequest], context: grpc.aio.ServicerContext
+    ) -> pb.PutResponse:
+        async def run() -> pb.PutResponse:
+            first = await anext(aiter(request_iterator), None)
+            if first is None or first.WhichOneof("part") != "info":
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "a Put stream starts with info")
+            info = first.info
+            ns = self._namespace(info.namespace_id)
+            _check_key(info.key)
+            _check_key(info.chain, "chain")
+            if info.size > self.limits.max_block_bytes or info.size > self.store.budget_bytes:
+                raise _Abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"block of {info.size} bytes over the limit of "
+                    f"{min(self.limits.max_block_bytes, self.store.budget_bytes)}",
+                )
+            if info.key in self.store:
+                self.store.stats.put_existing += 1
+                return pb.PutResponse(stored=False)  # immutable: no work, the rest is not read
+            buf = bytearray(info.size)
+            filled = 0
+            async for msg in request_iterator:
+                if msg.WhichOneof("part") != "chunk":
+                    raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "info sent twice in one Put")
+                end = filled + len(msg.chunk)
+                if end > info.size:
+                    raise _Abort(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"more than the announced {info.size} bytes",
+                    )
+                buf[filled:end] = msg.chunk
+                filled = end
+            if filled != info.size:
+                raise _Abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"truncated stream: {filled} of {info.size} bytes",
+                )
+            try:
+                header = verify(buf)
+            except ChecksumError as e:
+                raise _Abort(grpc.StatusCode.DATA_LOSS, f"upload corrupted: {e}") from None
+            except UnsupportedVersionError as e:
+                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
+            except BlockFormatError as e:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"not a kvpool block: {e}") from None
+            check_block(header, ns)
+            try:
+                stored = self.store.put(
+                    info.namespace_id, info.key, info.chain, info.position, bytes(buf)
+                )
+            except BlockTooLargeError as e:
+                raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+            return pb.PutResponse(stored=stored)
+
+        return await self._guard(run(), context)
+
+    async def Get(
+        self, request: pb.GetRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GetResponse]:
+        try:
+            self._namespace(request.namespace_id)
+            _check_key(request.key)
+            data = self.store.get(request.namespace_id, request.key)
+            if data is not None:
+                try:
+                    verify(data)
+                except BlockFormatError as e:
+                    self.store.drop_corrupt(request.key)
+                    log.error(
+                        "shard %s dropped corrupt block %s: %s",
+                        self.shard_id,
+                        request.key.hex()[:16],
+                        e,
+                    )
+                    raise _Abort(
+                        grpc.StatusCode.DATA_LOSS, f"stored block corrupted: {e}"
+                    ) from None
+        except _Abort as e:
+            self.store.stats.rejected += 1
+            await context.abort(e.code, e.detail)
+            return
+        if data is None:
+            yield pb.GetResponse(found=False)
+            return
+        view = memoryview(data)
+        yield pb.GetResponse(found=True, size=len(data), chunk=bytes(view[:CHUNK_BYTES]))
+        for off in range(CHUNK_BYTES, len(data), CHUNK_BYTES):
+            yield pb.GetResponse(chunk=bytes(view[off : off + CHUNK_BYTES]))
+
+    async def Delete(
+        self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteResponse:
+        async def run() -> pb.DeleteResponse:
+            self._namespace(request.namespace_id)
+            keys = list(request.keys)
+            self._check_keys(keys)
+            return pb.DeleteResponse(deleted=self.store.delete(request.namespace_id, keys))
+
+        return await self._guard(run(), context)
+
+    async def Stats(
+        self, request: pb.StatsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StatsResponse:
+        s = self.store.stats
+        return pb.StatsResponse(
+            shard_id=self.shard_id, blocks=s.blocks, bytes=s.bytes, budget_bytes=s.budget_bytes,
+            hits=s.hits, misses=s.misses, puts=s.puts, put_existing=s.put_existing,
+            evictions=s.evictions, checksum_failures=s.checksum_failures, rejected=s.rejected,
+        )  # fmt: skip
+
+    async def Topology(
+        self, request: pb.TopologyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TopologyResponse:
+        try:
+            return await self._topology()
+        except Exception as e:  # the control plane is briefly away (e.g. restarting)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"topology unavailable: {e}")
+            raise
+
+    async def _guard(self, call: Awaitable[T], context: grpc.aio.ServicerContext) -> T:
+        try:
+            return await call
+        except _Abort as e:
+            self.store.stats.rejected += 1
+            await context.abort(e.code, e.detail)
+            raise  # not reached: abort raises
+
+
+class ShardServer:
+    """A grpc.aio server for one shard, running in its own thread and event loop.
+
+    `start()` returns once the port is bound; `address` is then "host:port". Used by the shard
+    actor, and directly by tests and tools that want a tier without Ray.
+    """
+
+    def __init__(
+        self,
+        store: BlockStore,
+        shard_id: str,
+        topology: TopologyFn | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        advertise_host: str | None = None,
+        limits: Limits = Limits(),
+    ) -> None:
+        self.store, self.shard_id, self.limits = store, shard_id, limits
+        self.host, self.port = host, port
+        self.advertise_host = advertise_host or host
+        self._topology = topology or self._single_topology
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name=f"grpc-{shard_id}", daemon=True
+        )
+        self._server: grpc.aio.Server | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.advertise_host}:{self.port}"
+
+    async def _single_topology(self) -> pb.TopologyResponse:
+        return pb.TopologyResponse(
+            epoch=1, replication=1, shards=[pb.Shard(shard_id=self.shard_id, address=self.address)]
+        )
+
+    async def _start(self) -> int:
+        opts = [
+            ("grpc.max_receive_message_length", self.limits.max_message_bytes),
+            ("grpc.max_send_message_length", self.limits.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        server = grpc.aio.server(options=opts)
+        pb_grpc.add_KVPoolServicer_to_server(
+            KVPoolServicer(self.store, self.shard_id, self._topology, self.limits), server
+        )
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        port = server.add_insecure_port(f"{self.host}:{self.port}")
+        await server.start()
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._server = server
+        return port
+
+    def start(self) -> str:
+        self._thread.start()
+        self.port = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=30)
+        log.info("shard %s serving on %s", self.shard_id, self.address)
+        return self.address
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run a coroutine on the server's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def stop(self, grace: float = 1.0) -> None:
+        if self._server is not None:
+            asyncio.run_coroutine_threadsafe(self._server.stop(grace), self._loop).result(
+                timeout=grace + 5
+            )
+            self._server = None
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)

@@ -1,0 +1,116 @@
+"""The tier on Ray: a Directory actor (the control plane) and Shard actors (the data plane).
+
+Where it stands: `kvpool serve` (services/tier.py) creates these actors. Each Shard owns a
+BlockStore with a byte budget and serves kvpool.v1 over gRPC itself, so block bytes go from a
+client straight to the owning shard and never ride a Ray call. The Directory holds the list of
+shards and their addresses; shards serve it to clients through the Topology RPC.
+
+Ray restarts a Shard that dies (max_restarts=-1): `__init__` runs again with the same id and
+port, the store starts empty (its blocks become misses), and it registers again. Shards
+re-register every few seconds, so a restarted Directory rebuilds its list by itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import ray
+
+from kvpool.proto import kvpool_pb2 as pb
+from kvpool.services.server import Limits, ShardServer
+from kvpool.services.store import BlockStore
+
+log = logging.getLogger(__name__)
+RAY_NAMESPACE = "kvpool"
+DIRECTORY_NAME = "kvpool-directory"
+HEARTBEAT_S = 2.0
+TOPOLOGY_CACHE_S = 0.5
+
+
+class Directory:
+    """Which shards exist and where they listen. Epoch changes with every change of the set."""
+
+    def __init__(self, replication: int) -> None:
+        self.replication = replication
+        self._shards: dict[str, str] = {}
+        self._next = 0
+        self._epoch = time.time_ns()  # distinct across Directory restarts
+
+    def reserve_ids(self, n: int) -> list[str]:
+        """n fresh shard ids ("shard-<i>")."""
+        ids: list[str] = []
+        while len(ids) < n:
+            sid = f"shard-{self._next}"
+            self._next += 1
+            if sid not in self._shards:
+                ids.append(sid)
+        return ids
+
+    def register(self, shard_id: str, address: str) -> None:
+        if self._shards.get(shard_id) != address:
+            self._shards[shard_id] = address
+            self._epoch += 1
+            self._next = max(self._next, int(shard_id.rsplit("-", 1)[-1]) + 1)
+
+    def remove(self, shard_id: str) -> None:
+        if self._shards.pop(shard_id, None) is not None:
+            self._epoch += 1
+
+    def topology(self) -> tuple[int, int, list[tuple[str, str]]]:
+        """(epoch, replication, [(shard_id, address)])."""
+        return self._epoch, self.replication, sorted(self._shards.items())
+
+
+class Shard:
+    """One shard: a BlockStore behind a gRPC server on (host, port)."""
+
+    def __init__(
+        self, shard_id: str, budget_bytes: int, host: str, port: int, advertise_host: str | None
+    ) -> None:
+        logging.basicConfig(level=logging.INFO)
+        self.shard_id = shard_id
+        if advertise_host is None:
+            advertise_host = ray.util.get_node_ip_address() if host == "0.0.0.0" else host
+        self._directory = ray.get_actor(DIRECTORY_NAME, namespace=RAY_NAMESPACE)
+        self._cached: tuple[float, pb.TopologyResponse] | None = None
+        self.server = ShardServer(
+            BlockStore(budget_bytes), shard_id, topology=self._topology, host=host, port=port,
+            advertise_host=advertise_host, limits=Limits(),
+        )  # fmt: skip
+        self.address = self.server.start()
+        ray.get(self._directory.register.remote(shard_id, self.address))
+        threading.Thread(target=self._heartbeat, daemon=True).start()
+
+    def _heartbeat(self) -> None:
+        while True:
+            time.sleep(HEARTBEAT_S)
+            try:
+                directory = ray.get_actor(DIRECTORY_NAME, namespace=RAY_NAMESPACE)
+                ray.get(directory.register.remote(self.shard_id, self.address), timeout=10)
+            except Exception as e:  # the Directory is restarting: try again next beat
+                log.warning("shard %s could not re-register: %s", self.shard_id, e)
+
+    async def _topology(self) -> pb.TopologyResponse:
+        now = time.monotonic()
+        if self._cached is not None and now - self._cached[0] < TOPOLOGY_CACHE_S:
+            return self._cached[1]
+        epoch, replication, shards = await self._directory.topology.remote()
+        msg = pb.TopologyResponse(
+            epoch=epoch, replication=replication,
+            shards=[pb.Shard(shard_id=s, address=a) for s, a in shards],
+        )  # fmt: skip
+        self._cached = (now, msg)
+        return msg
+
+    def endpoint(self) -> str:
+        return self.address
+
+    def stats(self) -> dict[str, int]:
+        return dict(vars(self.server.store.stats))
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()

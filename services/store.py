@@ -1,0 +1,204 @@
+"""A shard's in-memory block store: immutable blobs under a byte budget.
+
+Where it stands: behind the gRPC servicer of one shard (services/server.py). It stores opaque
+bytes; it never imports torch or the kernels.
+
+Eviction knows prefixes and resists scans:
+- Blocks are grouped by chain (the key of block 0 of their prefix). Evicting block i of a
+  prefix makes every later block unreachable, so a chain is always eaten from its deepest
+  block towards its head.
+- Chains live in two queues, S3-FIFO style. A new chain enters `probation` (FIFO); a chain
+  that was read while there moves to `main` (LRU) when it reaches the head of probation, one
+  that was not is evicted and remembered in a small `ghost` list (a chain put again while in
+  the ghost list goes straight to main). Probation is held to `probation_fraction` of the
+  budget while main has blocks, so one large scan of blocks read once only cycles probation.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+
+class BlockTooLargeError(ValueError):
+    """A block larger than the whole byte budget of the shard."""
+
+
+@dataclass
+class _Entry:
+    namespace_id: bytes
+    chain: bytes
+    position: int
+    data: bytes
+
+
+@dataclass
+class _Chain:
+    blocks: list[tuple[int, bytes]] = field(default_factory=list)  # (position, key), sorted
+    nbytes: int = 0
+    read: bool = False
+    in_main: bool = False
+
+
+@dataclass
+class StoreStats:
+    blocks: int = 0
+    bytes: int = 0
+    budget_bytes: int = 0
+    hits: int = 0
+    misses: int = 0
+    puts: int = 0
+    put_existing: int = 0
+    evictions: int = 0
+    checksum_failures: int = 0
+    rejected: int = 0
+
+
+class BlockStore:
+    """Blocks by key, at most `budget_bytes` of payload. Thread-safe."""
+
+    def __init__(
+        self, budget_bytes: int, probation_fraction: float = 0.1, ghost_chains: int = 4096
+    ) -> None:
+        if budget_bytes <= 0:
+            raise ValueError("budget_bytes must be positive")
+        if not 0.0 < probation_fraction < 1.0:
+            raise ValueError("probation_fraction must lie in (0, 1)")
+        self.budget_bytes = budget_bytes
+        self.probation_fraction = probation_fraction
+        self._ghost_limit = ghost_chains
+        self._blocks: dict[bytes, _Entry] = {}
+        self._chains: dict[bytes, _Chain] = {}
+        self._probation: OrderedDict[bytes, None] = OrderedDict()
+        self._main: OrderedDict[bytes, None] = OrderedDict()
+        self._ghost: OrderedDict[bytes, None] = OrderedDict()
+        self._probation_bytes = 0
+        self._lock = threading.Lock()
+        self.stats = StoreStats(budget_bytes=budget_bytes)
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def leading(self, namespace_id: bytes, keys: list[bytes]) -> int:
+        """How many of `keys`, in order, are present before the first missing one."""
+        with self._lock:
+            for i, key in enumerate(keys):
+                entry = self._blocks.get(key)
+                if entry is None or entry.namespace_id != namespace_id:
+                    return i
+            return len(keys)
+
+    def get(self, namespace_id: bytes, key: bytes) -> bytes | None:
+        """The block's bytes, or None on a miss. A hit marks its chain as read."""
+        with self._lock:
+            entry = self._blocks.get(key)
+            if entry is None or entry.namespace_id != namespace_id:
+                self.stats.misses += 1
+                return None
+            self.stats.hits += 1
+            chain = self._chains[entry.chain]
+            chain.read = True
+            if chain.in_main:
+                self._main.move_to_end(entry.chain)
+            return entry.data
+
+    def __contains__(self, key: bytes) -> bool:
+        with self._lock:
+            return key in self._blocks
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._blocks)
+
+    # -- writes -----------------------------------------------------------------------------
+
+    def put(
+        self, namespace_id: bytes, key: bytes, chain: bytes, position: int, data: bytes
+    ) -> bool:
+        """Store a block; False (and no work) when the key is already present."""
+        if len(data) > self.budget_bytes:
+            raise BlockTooLargeError(
+                f"block of {len(data)} bytes exceeds the shard budget of {self.budget_bytes}"
+            )
+        with self._lock:
+            if key in self._blocks:
+                self.stats.put_existing += 1
+                return False
+            ch = self._chains.get(chain)
+            if ch is None:
+                ch = self._chains[chain] = _Chain()
+                if chain in self._ghost:
+                    del self._ghost[chain]
+                    ch.in_main = True
+                    self._main[chain] = None
+                else:
+                    self._probation[chain] = None
+            elif ch.in_main:
+                self._main.move_to_end(chain)
+            bisect.insort(ch.blocks, (position, key))
+            self._account(ch, len(data))
+            self._blocks[key] = _Entry(namespace_id, chain, position, data)
+            self.stats.puts += 1
+            while self.stats.bytes > self.budget_bytes:
+                self._evict_one()
+            self.stats.blocks = len(self._blocks)
+            return True
+
+    def delete(self, namespace_id: bytes, keys: list[bytes]) -> int:
+        """Remove the given blocks; returns how many were present."""
+        with self._lock:
+            n = 0
+            for key in keys:
+                entry = self._blocks.get(key)
+                if entry is not None and entry.namespace_id == namespace_id:
+                    self._remove(key, remember=False)
+                    n += 1
+            self.stats.blocks = len(self._blocks)
+            return n
+
+    def drop_corrupt(self, key: bytes) -> None:
+        """Remove a block whose checksum failed, and count it."""
+        with self._lock:
+            if key in self._blocks:
+                self._remove(key, remember=False)
+            self.stats.checksum_failures += 1
+            self.stats.blocks = len(self._blocks)
+
+    # -- eviction ---------------------------------------------------------------------------
+
+    def _account(self, ch: _Chain, delta: int) -> None:
+        ch.nbytes += delta
+        self.stats.bytes += delta
+        if not ch.in_main:
+            self._probation_bytes += delta
+
+    def _evict_one(self) -> None:
+        limit = self.probation_fraction * self.budget_bytes
+        from_probation = bool(self._probation) and (not self._main or self._probation_bytes > limit)
+        queue = self._probation if from_probation else self._main
+        chain_id = next(iter(queue))
+        ch = self._chains[chain_id]
+        if from_probation and ch.read:  # read while on probation: promote, evict elsewhere
+            del self._probation[chain_id]
+            self._probation_bytes -= ch.nbytes
+            ch.in_main, ch.read = True, False
+            self._main[chain_id] = None
+            return
+        _, key = ch.blocks[-1]  # the deepest block of the least valuable chain
+        self._remove(key, remember=from_probation)
+        self.stats.evictions += 1
+
+    def _remove(self, key: bytes, remember: bool) -> None:
+        entry = self._blocks.pop(key)
+        ch = self._chains[entry.chain]
+        ch.blocks.remove((entry.position, key))
+        self._account(ch, -len(entry.data))
+        if ch.blocks:
+            return
+        del self._chains[entry.chain]
+        (self._main if ch.in_main else self._probation).pop(entry.chain)
+        if remember:
+            self._ghost[entry.chain] = None
+            if len(self._ghost) > self._ghost_limit:
+                self._ghost.popitem(last=False)

@@ -1,0 +1,134 @@
+"""Start, join and grow a kvpool tier on Ray.
+
+Where it stands: `kvpool serve` calls `start_tier`. On its embedded default it starts a local
+Ray instance on this machine; given a Ray address it joins that cluster, and if a tier already
+runs there it adds shards to it. Shard actors are detached and named, so they outlive the
+process that created them; `Tier.shutdown` removes the ones it created.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import ray
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from kvpool.services.shard import DIRECTORY_NAME, RAY_NAMESPACE, Directory, Shard
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    shards: int = 2
+    budget_bytes: int = 1 << 30  # per shard
+    host: str = "127.0.0.1"  # "0.0.0.0" on a cluster: shards advertise their node's IP
+    port: int = 0  # the first shard's port (the next ones count up); 0: any free port
+    replication: int = 1
+    shard_cpus: float = 0.5  # Ray's logical CPUs reserved per shard
+
+    def __post_init__(self) -> None:
+        if self.shards < 0 or self.budget_bytes <= 0 or self.replication < 1:
+            raise ValueError("shards >= 0, budget_bytes > 0 and replication >= 1 are required")
+
+
+@dataclass
+class Tier:
+    """Handles to a running tier: its Directory and the shards this process created."""
+
+    directory: Any
+    shards: dict[str, Any] = field(default_factory=dict)
+    started_ray: bool = False
+
+    def topology(self) -> list[tuple[str, str]]:
+        _, _, shards = ray.get(self.directory.topology.remote())
+        return list(shards)
+
+    @property
+    def endpoint(self) -> str:
+        """Comma-separated shard addresses: any of them bootstraps a client."""
+        return ",".join(address for _, address in self.topology())
+
+    def add_shards(self, config: TierConfig, count: int) -> list[str]:
+        """Create `count` more shards and wait until each serves gRPC health."""
+        ids = ray.get(self.directory.reserve_ids.remote(count))
+        actor = ray.remote(Shard)
+        handles = {}
+        for sid in ids:
+            index = int(sid.rsplit("-", 1)[-1])
+            port = config.port + index if config.port else 0
+            handles[sid] = actor.options(
+                name=f"kvpool-{sid}", namespace=RAY_NAMESPACE, lifetime="detached",
+                max_restarts=-1, max_task_retries=0, num_cpus=config.shard_cpus,
+            ).remote(sid, config.budget_bytes, config.host, port, None)  # fmt: skip
+        for handle in handles.values():
+            wait_serving(ray.get(handle.endpoint.remote(), timeout=60))
+        self.shards.update(handles)
+        return ids
+
+    def kill_shard(self, shard_id: str, restart: bool = True) -> None:
+        """Kill a shard's process (fault injection); Ray restarts it when `restart`."""
+        handle = self.shards.get(shard_id) or ray.get_actor(
+            f"kvpool-{shard_id}", namespace=RAY_NAMESPACE
+        )
+        ray.kill(handle, no_restart=not restart)
+        if not restart:
+            ray.get(self.directory.remove.remote(shard_id))
+
+    def shutdown(self) -> None:
+        """Remove the shards this process created; stop Ray if this process started it."""
+        for sid, handle in self.shards.items():
+            ray.get(self.directory.remove.remote(sid))
+            ray.kill(handle, no_restart=True)
+        self.shards.clear()
+        if self.started_ray:
+            ray.shutdown()
+
+
+def wait_serving(address: str, timeout: float = 60.0) -> None:
+    """Block until the gRPC health service at `address` reports SERVING."""
+    with grpc.insecure_channel(address) as channel:
+        grpc.channel_ready_future(channel).result(timeout=timeout)
+        stub = health_pb2_grpc.HealthStub(channel)
+        reply = stub.Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=timeout, wait_for_ready=True
+        )
+        if reply.status != health_pb2.HealthCheckResponse.SERVING:
+            raise RuntimeError(f"shard at {address} is not serving: {reply.status}")
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Connect to the Ray cluster at `address`, or start a local one; True if started here."""
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    common: dict[str, Any] = {
+        "namespace": RAY_NAMESPACE,
+        "logging_level": logging.WARNING,
+        "log_to_driver": False,
+    }
+    if address:
+        ray.init(address=address, **common)
+        return False
+    temp_dir = os.environ.get("KVPOOL_RAY_TEMP_DIR") or tempfile.mkdtemp(prefix="kvpool-ray-")
+    ray.init(
+        num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=temp_dir, **common
+    )
+    return True
+
+
+def start_tier(config: TierConfig, address: str | None = None) -> Tier:
+    """Start a tier (or join the one running on the cluster at `address`) and add shards."""
+    started = init_ray(address)
+    directory = ray.remote(Directory).options(
+        name=DIRECTORY_NAME, namespace=RAY_NAMESPACE, lifetime="detached", max_restarts=-1,
+        get_if_exists=True, num_cpus=0,
+    ).remote(config.replication)  # fmt: skip
+    tier = Tier(directory=directory, started_ray=started)
+    tier.add_shards(config, config.shards)
+    return tier
