@@ -1,17 +1,58 @@
 """The `kvpool` command line.
 
-    kvpool demo      encode a Llama-3-8B-shaped KV block at several codec settings and report
-                     encoded size, compression ratio, reconstruction error and throughput
-
-The cache tier's `kvpool serve` joins this command when the tier exists (issue 3).
+kvpool serve     start the cache tier: local Ray (or join a cluster with --address), shard
+                 actors serving gRPC; prints the endpoint and runs until interrupted
+kvpool demo      encode a Llama-3-8B-shaped KV block at several codec settings and report
+                 encoded size, compression ratio, reconstruction error and throughput
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import signal
+import threading
 import time
 from collections.abc import Sequence
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """'512MiB', '2G', '1048576' -> bytes (binary units)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
+    if m is None:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512MiB, 2GiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def serve(args: argparse.Namespace) -> None:
+    """Start (or grow) a tier and keep it up until SIGINT/SIGTERM."""
+    import logging
+
+    from kvpool.services.tier import TierConfig, start_tier
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    config = TierConfig(
+        shards=args.shards, budget_bytes=args.budget, host=args.host, port=args.port,
+        replication=args.replication, shard_cpus=args.shard_cpus,
+    )  # fmt: skip
+    tier = start_tier(config, address=args.address)
+    print(f"endpoint: {tier.endpoint}", flush=True)
+    print(
+        f"kvpool tier: {len(tier.topology())} shards ({len(tier.shards)} started here), "
+        f"{args.budget / 2**20:.0f} MiB each, replication {args.replication}"
+        + ("" if tier.started_ray else f", Ray cluster {args.address}"),
+        flush=True,
+    )
+    if args.address and not tier.started_ray and args.detach:
+        return  # the shards are detached actors: they stay on the cluster
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    tier.shutdown()
 
 
 def demo(layers: int, heads: int, tokens: int, head_dim: int, seed: int) -> list[dict[str, object]]:
@@ -62,6 +103,31 @@ def main(argv: Sequence[str] | None = None) -> None:
         prog="kvpool", description="kvpool: a store for compressed KV caches"
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    p_serve = sub.add_parser("serve", help="start the cache tier and print its endpoint")
+    p_serve.add_argument("--shards", type=int, default=2, help="shards to start (default 2)")
+    p_serve.add_argument(
+        "--budget",
+        type=parse_bytes,
+        default=parse_bytes("1GiB"),
+        help="bytes per shard (default 1GiB)",
+    )
+    p_serve.add_argument("--host", default="127.0.0.1", help="bind address; 0.0.0.0 on a cluster")
+    p_serve.add_argument(
+        "--port",
+        type=int,
+        default=0,
+        help="first shard's port, the next count up (default: any free)",
+    )
+    p_serve.add_argument("--replication", type=int, default=1)
+    p_serve.add_argument("--shard-cpus", type=float, default=0.5, help="Ray CPUs per shard")
+    p_serve.add_argument(
+        "--address",
+        default=None,
+        help="join this Ray cluster (e.g. auto, host:6379) and add shards to its tier",
+    )
+    p_serve.add_argument(
+        "--detach", action="store_true", help="with --address: exit once the shards serve"
+    )
     p_demo = sub.add_parser("demo", help="encode a KV block and report size and error")
     p_demo.add_argument("--layers", type=int, default=32)
     p_demo.add_argument("--heads", type=int, default=8)
@@ -70,7 +136,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p_demo.add_argument("--seed", type=int, default=0)
     p_demo.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     args = parser.parse_args(argv)
-    if args.command == "demo":
+    if args.command == "serve":
+        serve(args)
+    elif args.command == "demo":
         rows = demo(args.layers, args.heads, args.tokens, args.head_dim, args.seed)
         print(
             f"block: keys and values [{args.layers}, {args.heads}, {args.tokens}, {args.head_dim}] fp16"
