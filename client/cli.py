@@ -36,7 +36,7 @@ def serve(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     config = TierConfig(
         shards=args.shards, budget_bytes=args.budget, host=args.host, port=args.port,
-        replication=args.replication, shard_cpus=args.shard_cpus,
+        replication=args.replication, shard_cpus=args.shard_cpus, name=args.name,
     )  # fmt: skip
     tier = start_tier(config, address=args.address)
     print(f"endpoint: {tier.endpoint}", flush=True)
@@ -124,6 +124,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--address",
         default=None,
         help="join this Ray cluster (e.g. auto, host:6379) and add shards to its tier",
+    )
+    p_serve.add_argument(
+        "--name", default="default", help="tier name (several tiers can share one Ray cluster)"
     )
     p_serve.add_argument(
         "--detach", action="store_true", help="with --address: exit once the shards serve"

@@ -24,7 +24,17 @@ from kvpool.services.store import BlockStore
 
 log = logging.getLogger(__name__)
 RAY_NAMESPACE = "kvpool"
-DIRECTORY_NAME = "kvpool-directory"
+
+
+def directory_name(tier: str) -> str:
+    """The Ray actor name of a tier's Directory; several tiers can share one Ray cluster."""
+    return f"kvpool-{tier}-directory"
+
+
+def shard_name(tier: str, shard_id: str) -> str:
+    return f"kvpool-{tier}-{shard_id}"
+
+
 HEARTBEAT_S = 2.0
 TOPOLOGY_CACHE_S = 0.5
 
@@ -67,13 +77,19 @@ class Shard:
     """One shard: a BlockStore behind a gRPC server on (host, port)."""
 
     def __init__(
-        self, shard_id: str, budget_bytes: int, host: str, port: int, advertise_host: str | None
+        self,
+        tier: str,
+        shard_id: str,
+        budget_bytes: int,
+        host: str,
+        port: int,
+        advertise_host: str | None = None,
     ) -> None:
         logging.basicConfig(level=logging.INFO)
-        self.shard_id = shard_id
+        self.tier, self.shard_id = tier, shard_id
         if advertise_host is None:
             advertise_host = ray.util.get_node_ip_address() if host == "0.0.0.0" else host
-        self._directory = ray.get_actor(DIRECTORY_NAME, namespace=RAY_NAMESPACE)
+        self._directory = ray.get_actor(directory_name(tier), namespace=RAY_NAMESPACE)
         self._cached: tuple[float, pb.TopologyResponse] | None = None
         self.server = ShardServer(
             BlockStore(budget_bytes), shard_id, topology=self._topology, host=host, port=port,
@@ -87,7 +103,7 @@ class Shard:
         while True:
             time.sleep(HEARTBEAT_S)
             try:
-                directory = ray.get_actor(DIRECTORY_NAME, namespace=RAY_NAMESPACE)
+                directory = ray.get_actor(directory_name(self.tier), namespace=RAY_NAMESPACE)
                 ray.get(directory.register.remote(self.shard_id, self.address), timeout=10)
             except Exception as e:  # the Directory is restarting: try again next beat
                 log.warning("shard %s could not re-register: %s", self.shard_id, e)

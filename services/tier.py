@@ -18,7 +18,7 @@ import grpc
 import ray
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from kvpool.services.shard import DIRECTORY_NAME, RAY_NAMESPACE, Directory, Shard
+from kvpool.services.shard import RAY_NAMESPACE, Directory, Shard, directory_name, shard_name
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,7 @@ class TierConfig:
     port: int = 0  # the first shard's port (the next ones count up); 0: any free port
     replication: int = 1
     shard_cpus: float = 0.5  # Ray's logical CPUs reserved per shard
+    name: str = "default"  # tiers on one Ray cluster are told apart by name
 
     def __post_init__(self) -> None:
         if self.shards < 0 or self.budget_bytes <= 0 or self.replication < 1:
@@ -41,6 +42,7 @@ class TierConfig:
 class Tier:
     """Handles to a running tier: its Directory and the shards this process created."""
 
+    name: str
     directory: Any
     shards: dict[str, Any] = field(default_factory=dict)
     started_ray: bool = False
@@ -63,9 +65,9 @@ class Tier:
             index = int(sid.rsplit("-", 1)[-1])
             port = config.port + index if config.port else 0
             handles[sid] = actor.options(
-                name=f"kvpool-{sid}", namespace=RAY_NAMESPACE, lifetime="detached",
+                name=shard_name(config.name, sid), namespace=RAY_NAMESPACE, lifetime="detached",
                 max_restarts=-1, max_task_retries=0, num_cpus=config.shard_cpus,
-            ).remote(sid, config.budget_bytes, config.host, port, None)  # fmt: skip
+            ).remote(config.name, sid, config.budget_bytes, config.host, port)  # fmt: skip
         for handle in handles.values():
             wait_serving(ray.get(handle.endpoint.remote(), timeout=60))
         self.shards.update(handles)
@@ -74,7 +76,7 @@ class Tier:
     def kill_shard(self, shard_id: str, restart: bool = True) -> None:
         """Kill a shard's process (fault injection); Ray restarts it when `restart`."""
         handle = self.shards.get(shard_id) or ray.get_actor(
-            f"kvpool-{shard_id}", namespace=RAY_NAMESPACE
+            shard_name(self.name, shard_id), namespace=RAY_NAMESPACE
         )
         ray.kill(handle, no_restart=not restart)
         if not restart:
@@ -126,9 +128,9 @@ def start_tier(config: TierConfig, address: str | None = None) -> Tier:
     """Start a tier (or join the one running on the cluster at `address`) and add shards."""
     started = init_ray(address)
     directory = ray.remote(Directory).options(
-        name=DIRECTORY_NAME, namespace=RAY_NAMESPACE, lifetime="detached", max_restarts=-1,
+        name=directory_name(config.name), namespace=RAY_NAMESPACE, lifetime="detached", max_restarts=-1,
         get_if_exists=True, num_cpus=0,
     ).remote(config.replication)  # fmt: skip
-    tier = Tier(directory=directory, started_ray=started)
+    tier = Tier(name=config.name, directory=directory, started_ray=started)
     tier.add_shards(config, config.shards)
     return tier

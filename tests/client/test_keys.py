@@ -1,0 +1,141 @@
+"""Block keys: chained, deterministic across processes and containers, isolated by namespace."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from kvpool.blockformat import DType
+from kvpool.errors import NamespaceError, TokenError
+from kvpool.keys import Namespace, block_keys
+
+NS = Namespace(
+    model="m", layers=2, kv_heads=2, head_dim=64, dtype=DType.FLOAT16, codec="c", block_tokens=16
+)
+TOKENS = [(7 * i + 3) % 50000 for i in range(100)]
+
+
+def test_one_key_per_full_block_and_chained() -> None:
+    keys = block_keys(NS, TOKENS)
+    assert len(keys) == 100 // 16
+    assert all(len(k) == 32 for k in keys) and len(set(keys)) == len(keys)
+    # key_i = sha256(key_{i-1} || tokens of block i as little-endian uint32)
+    prev = NS.root
+    for i, key in enumerate(keys):
+        block = np.asarray(TOKENS[16 * i : 16 * (i + 1)], dtype="<u4").tobytes()
+        prev = hashlib.sha256(prev + block).digest()
+        assert key == prev
+
+
+def test_a_key_commits_to_every_earlier_token() -> None:
+    keys = block_keys(NS, TOKENS)
+    changed = list(TOKENS)
+    changed[5] += 1  # inside block 0
+    other = block_keys(NS, changed)
+    assert all(a != b for a, b in zip(keys, other, strict=True))
+    changed = list(TOKENS)
+    changed[40] += 1  # inside block 2
+    other = block_keys(NS, changed)
+    assert other[:2] == keys[:2] and all(a != b for a, b in zip(keys[2:], other[2:], strict=True))
+
+
+@pytest.mark.parametrize(
+    "container",
+    [
+        list,
+        tuple,
+        lambda t: np.asarray(t, dtype=np.int64),
+        lambda t: np.asarray(t, dtype=np.int32),
+        lambda t: np.asarray(t, dtype=np.uint32),
+        lambda t: np.asarray(t, dtype=">i8"),  # big-endian input still hashes little-endian
+        lambda t: torch.tensor(t, dtype=torch.int64),
+        lambda t: torch.tensor(t, dtype=torch.int32),
+    ],
+)
+def test_same_keys_whatever_the_container(container) -> None:
+    assert block_keys(NS, container(TOKENS)) == block_keys(NS, TOKENS)
+
+
+def test_keys_identical_across_processes_with_different_hash_seeds() -> None:
+    code = (
+        "from kvpool.keys import Namespace, block_keys; from kvpool.blockformat import DType;"
+        "ns = Namespace(model='m', layers=2, kv_heads=2, head_dim=64, dtype=DType.FLOAT16,"
+        " codec='c', block_tokens=16, salt=b'tenant');"
+        f"print(','.join(k.hex() for k in block_keys(ns, {TOKENS!r})))"
+    )
+    outs = set()
+    for seed in ("0", "1", "12345"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
+        outs.add(out.stdout.strip())
+    assert len(outs) == 1
+    salted = Namespace(**{**NS.fields(), "dtype": NS.dtype, "layout": NS.layout, "salt": b"tenant"})
+    assert outs.pop() == ",".join(k.hex() for k in block_keys(salted, TOKENS))
+
+
+def test_tenant_salt_and_every_namespace_field_change_all_keys() -> None:
+    base = block_keys(NS, TOKENS)
+    variants = [
+        {"salt": b"tenant-a"},
+        {"model": "m2"},
+        {"revision": "r1"},
+        {"layers": 3},
+        {"kv_heads": 4},
+        {"head_dim": 128},
+        {"dtype": DType.BFLOAT16},
+        {"codec": "c2"},
+        {"tp_rank": 1, "tp_size": 2},
+    ]
+    seen = {tuple(base)}
+    for change in variants:
+        fields = {**NS.fields(), "dtype": NS.dtype, "layout": NS.layout, **change}
+        keys = block_keys(Namespace(**fields), TOKENS)
+        assert not set(keys) & set(base), change
+        seen.add(tuple(keys))
+    assert len(seen) == len(variants) + 1
+    # the salt stays out of the namespace id the tier sees, but not out of the keys
+    salted = Namespace(**{**NS.fields(), "dtype": NS.dtype, "layout": NS.layout, "salt": b"s"})
+    assert salted.id == NS.id and salted.root != NS.root
+
+
+@pytest.mark.parametrize(
+    "tokens, error",
+    [
+        ([[1, 2], [3, 4]], TokenError),
+        ([1.5, 2.0], TokenError),
+        ([-1, 2], TokenError),
+        ([2**32, 1], TokenError),
+        (["a", "b"], TokenError),
+    ],
+)
+def test_bad_tokens_are_refused(tokens, error) -> None:
+    with pytest.raises(error):
+        block_keys(NS, tokens)
+
+
+def test_short_and_empty_inputs_have_no_keys() -> None:
+    assert block_keys(NS, []) == []
+    assert block_keys(NS, TOKENS[:15]) == []
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"model": ""},
+        {"layers": 0},
+        {"block_tokens": -1},
+        {"tp_rank": 2, "tp_size": 2},
+        {"salt": "str"},
+    ],
+)
+def test_bad_namespaces_are_refused(change) -> None:
+    with pytest.raises(NamespaceError):
+        Namespace(**{**NS.fields(), "dtype": NS.dtype, "layout": NS.layout, **change})

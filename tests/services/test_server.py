@@ -1,0 +1,283 @@
+"""A shard's gRPC server, without Ray: every malformed request gets its status code, and the
+server goes on answering the next request."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from kvpool.client import namespace_for
+from kvpool.kernels.codec import CodecConfig, encode
+from kvpool.keys import Namespace, block_keys
+from kvpool.proto import kvpool_pb2 as pb
+from kvpool.proto import kvpool_pb2_grpc as pb_grpc
+from kvpool.proto.messages import namespace_to_proto
+from kvpool.services.server import Limits, ShardServer
+from kvpool.services.store import BlockStore
+
+CODEC = CodecConfig(2, 2, 128)
+NS = namespace_for("test/server", 2, 2, 64, torch.float16, CODEC, block_tokens=128)
+TOKENS = list(range(256))
+Code = grpc.StatusCode
+
+
+def block(ns: Namespace = NS, seed: int = 0, codec: CodecConfig = CODEC) -> bytes:
+    g = torch.Generator().manual_seed(seed)
+    shape = (ns.layers, ns.kv_heads, ns.block_tokens, ns.head_dim)
+    return encode(
+        torch.randn(shape, generator=g).half(), torch.randn(shape, generator=g).half(), codec
+    )
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ShardServer]:
+    srv = ShardServer(
+        BlockStore(64 << 20), "shard-test", limits=Limits(max_block_bytes=16 << 20, max_keys=64)
+    )
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(server: ShardServer) -> Iterator[pb_grpc.KVPoolStub]:
+    with grpc.insecure_channel(server.address) as channel:
+        s = pb_grpc.KVPoolStub(channel)
+        s.RegisterNamespace(
+            pb.RegisterNamespaceRequest(namespace_id=NS.id, namespace=namespace_to_proto(NS))
+        )
+        yield s
+
+
+def put_msgs(
+    ns: Namespace, key: bytes, data: bytes, size: int | None = None, chunk: int = 1 << 20
+) -> list[pb.PutRequest]:
+    info = pb.BlockInfo(
+        namespace_id=ns.id, key=key, chain=key, position=0, size=len(data) if size is None else size
+    )
+    return [pb.PutRequest(info=info)] + [
+        pb.PutRequest(chunk=data[i : i + chunk]) for i in range(0, len(data), chunk)
+    ]
+
+
+def get(stub: pb_grpc.KVPoolStub, key: bytes, ns: Namespace = NS) -> bytes | None:
+    replies = list(stub.Get(pb.GetRequest(namespace_id=ns.id, key=key), timeout=10))
+    if not replies[0].found:
+        return None
+    data = b"".join(r.chunk for r in replies)
+    assert len(data) == replies[0].size
+    return data
+
+
+def code_of(fn) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as e:
+        fn()
+    return e.value.code()
+
+
+def still_serving(stub: pb_grpc.KVPoolStub, server: ShardServer) -> None:
+    keys = block_keys(NS, TOKENS)
+    assert stub.Lookup(pb.LookupRequest(namespace_id=NS.id, keys=keys), timeout=10).present >= 0
+    with grpc.insecure_channel(server.address) as ch:
+        reply = health_pb2_grpc.HealthStub(ch).Check(
+            health_pb2.HealthCheckRequest(service="kvpool.v1.KVPool")
+        )
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_round_trip_of_a_multi_chunk_block(stub, server) -> None:
+    ns = namespace_for(
+        "test/server-big", 8, 8, 128, torch.float16, CodecConfig(8, 8, 128), block_tokens=128
+    )
+    stub.RegisterNamespace(
+        pb.RegisterNamespaceRequest(namespace_id=ns.id, namespace=namespace_to_proto(ns))
+    )
+    data = block(ns, codec=CodecConfig(8, 8, 128))
+    assert len(data) > 2 << 20  # three chunks or more each way
+    key = block_keys(ns, range(128))[0]
+    assert stub.Put(iter(put_msgs(ns, key, data)), timeout=10).stored
+    assert not stub.Put(iter(put_msgs(ns, key, data)), timeout=10).stored  # immutable: a no-op
+    assert get(stub, key, ns) == data
+    assert stub.Lookup(pb.LookupRequest(namespace_id=ns.id, keys=[key]), timeout=10).present == 1
+    assert stub.Delete(pb.DeleteRequest(namespace_id=ns.id, keys=[key]), timeout=10).deleted == 1
+    assert get(stub, key, ns) is None  # a miss is not an error
+
+
+def test_lookup_counts_leading_present_keys(stub) -> None:
+    keys = block_keys(NS, range(1000, 1000 + 3 * 128))
+    stub.Put(iter(put_msgs(NS, keys[0], block(seed=1))), timeout=10)
+    stub.Put(iter(put_msgs(NS, keys[2], block(seed=2))), timeout=10)
+    assert stub.Lookup(pb.LookupRequest(namespace_id=NS.id, keys=keys), timeout=10).present == 1
+
+
+BAD_NAMESPACES = {
+    "missing": (pb.RegisterNamespaceRequest(namespace_id=NS.id), Code.INVALID_ARGUMENT),
+    "wrong id": (
+        pb.RegisterNamespaceRequest(namespace_id=b"x" * 32, namespace=namespace_to_proto(NS)),
+        Code.INVALID_ARGUMENT,
+    ),
+    "zero layers": (
+        pb.RegisterNamespaceRequest(
+            namespace_id=NS.id, namespace=pb.Namespace(model="m", dtype=1, layout=1)
+        ),
+        Code.INVALID_ARGUMENT,
+    ),
+    "future format": (
+        pb.RegisterNamespaceRequest(
+            namespace_id=NS.id,
+            namespace=pb.Namespace(
+                **{
+                    **{f.name: v for f, v in namespace_to_proto(NS).ListFields()},
+                    "format_version": 99,
+                }
+            ),
+        ),
+        Code.FAILED_PRECONDITION,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_NAMESPACES))
+def test_bad_namespace_registrations(stub, server, case) -> None:
+    request, code = BAD_NAMESPACES[case]
+    assert code_of(lambda: stub.RegisterNamespace(request, timeout=10)) == code
+    still_serving(stub, server)
+
+
+def test_unknown_namespace_is_a_failed_precondition(stub, server) -> None:
+    other = namespace_for("test/other", 2, 2, 64, torch.float16, CODEC, block_tokens=128)
+    key = block_keys(other, TOKENS)[0]
+    assert (
+        code_of(
+            lambda: stub.Lookup(pb.LookupRequest(namespace_id=other.id, keys=[key]), timeout=10)
+        )
+        == Code.FAILED_PRECONDITION
+    )
+    assert (
+        code_of(lambda: list(stub.Get(pb.GetRequest(namespace_id=other.id, key=key), timeout=10)))
+        == Code.FAILED_PRECONDITION
+    )
+    assert (
+        code_of(lambda: stub.Put(iter(put_msgs(other, key, block())), timeout=10))
+        == Code.FAILED_PRECONDITION
+    )
+    assert (
+        code_of(
+            lambda: stub.Lookup(pb.LookupRequest(namespace_id=b"short", keys=[key]), timeout=10)
+        )
+        == Code.INVALID_ARGUMENT
+    )
+    still_serving(stub, server)
+
+
+KEY = block_keys(NS, TOKENS)[1]
+
+
+def corrupt(data: bytes, at: int) -> bytes:
+    return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :]
+
+
+def future_version(data: bytes) -> bytes:
+    return data[:4] + (99).to_bytes(2, "little") + data[6:]
+
+
+BAD_PUTS = {
+    "chunk before info": (lambda d: [pb.PutRequest(chunk=d[:100])], Code.INVALID_ARGUMENT),
+    "empty stream": (lambda d: [], Code.INVALID_ARGUMENT),
+    "info twice": (lambda d: put_msgs(NS, KEY, d)[:1] * 2, Code.INVALID_ARGUMENT),
+    "short key": (lambda d: put_msgs(NS, KEY[:8], d), Code.INVALID_ARGUMENT),
+    "truncated": (
+        lambda d: put_msgs(NS, KEY, d[: len(d) // 2], size=len(d)),
+        Code.INVALID_ARGUMENT,
+    ),
+    "longer than announced": (
+        lambda d: put_msgs(NS, KEY, d, size=len(d) - 1),
+        Code.INVALID_ARGUMENT,
+    ),
+    "not a block": (lambda d: put_msgs(NS, KEY, b"\x00" * len(d)), Code.INVALID_ARGUMENT),
+    "cut-off block": (lambda d: put_msgs(NS, KEY, d[:-16]), Code.INVALID_ARGUMENT),
+    "flipped byte": (lambda d: put_msgs(NS, KEY, corrupt(d, len(d) - 7)), Code.DATA_LOSS),
+    "future format": (lambda d: put_msgs(NS, KEY, future_version(d)), Code.FAILED_PRECONDITION),
+    "other shape": (
+        lambda d: put_msgs(
+            NS, KEY, block(namespace_for("x", 2, 1, 64, torch.float16, CODEC, block_tokens=128))
+        ),
+        Code.FAILED_PRECONDITION,
+    ),
+    "over the block limit": (
+        lambda d: put_msgs(NS, KEY, b"", size=17 << 20),
+        Code.RESOURCE_EXHAUSTED,
+    ),
+    "chunk over 4 MiB": (
+        lambda d: put_msgs(NS, KEY, b"\x00" * (5 << 20), chunk=5 << 20),
+        Code.RESOURCE_EXHAUSTED,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PUTS))
+def test_bad_puts_get_their_status_and_store_nothing(stub, server, case) -> None:
+    make, code = BAD_PUTS[case]
+    before = server.store.stats.rejected
+    assert code_of(lambda: stub.Put(iter(make(block())), timeout=10)) == code
+    assert KEY not in server.store
+    if code != Code.RESOURCE_EXHAUSTED or "block" in case:
+        assert server.store.stats.rejected == before + 1
+    still_serving(stub, server)
+
+
+def test_a_put_cancelled_midway_stores_nothing(stub, server) -> None:
+    data = block(seed=3)
+    msgs = put_msgs(NS, KEY, data, chunk=1000)
+
+    def stream() -> Iterator[pb.PutRequest]:
+        yield from msgs[:3]
+        raise RuntimeError("client died")
+
+    assert code_of(lambda: stub.Put(stream(), timeout=10)) in (Code.CANCELLED, Code.UNKNOWN)
+    assert KEY not in server.store
+    still_serving(stub, server)
+
+
+@pytest.mark.parametrize(
+    "request_, code",
+    [
+        (pb.LookupRequest(namespace_id=NS.id, keys=[b"k"]), Code.INVALID_ARGUMENT),
+        (pb.LookupRequest(namespace_id=NS.id, keys=[KEY] * 65), Code.RESOURCE_EXHAUSTED),
+        (pb.GetRequest(namespace_id=NS.id, key=b"k" * 31), Code.INVALID_ARGUMENT),
+        (pb.DeleteRequest(namespace_id=NS.id, keys=[b""]), Code.INVALID_ARGUMENT),
+    ],
+)
+def test_bad_keys_and_oversized_requests(stub, server, request_, code) -> None:
+    call = {pb.LookupRequest: stub.Lookup, pb.DeleteRequest: stub.Delete}.get(type(request_))
+    if call is None:
+        assert code_of(lambda: list(stub.Get(request_, timeout=10))) == code
+    else:
+        assert code_of(lambda: call(request_, timeout=10)) == code
+    still_serving(stub, server)
+
+
+def test_a_corrupted_stored_block_is_data_loss_then_a_miss(stub, server) -> None:
+    key = hashlib.sha256(b"to corrupt").digest()
+    data = block(seed=4)
+    assert stub.Put(iter(put_msgs(NS, key, data)), timeout=10).stored
+    entry = server.store._blocks[key]
+    entry.data = corrupt(entry.data, 200)  # a bit flip in memory
+    assert code_of(lambda: get(stub, key)) == Code.DATA_LOSS
+    assert get(stub, key) is None
+    assert server.store.stats.checksum_failures == 1
+    still_serving(stub, server)
+
+
+def test_stats_and_topology(stub, server) -> None:
+    stats = stub.Stats(pb.StatsRequest(), timeout=10)
+    assert (
+        stats.shard_id == "shard-test" and stats.blocks == len(server.store) and stats.rejected > 0
+    )
+    topo = stub.Topology(pb.TopologyRequest(), timeout=10)
+    assert [(s.shard_id, s.address) for s in topo.shards] == [("shard-test", server.address)]

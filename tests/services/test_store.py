@@ -1,0 +1,135 @@
+"""The shard's block store: byte bound, immutability, tail-first and scan-resistant eviction."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvpool.services.store import BlockStore, BlockTooLargeError
+
+NS = b"n" * 32
+
+
+def key(chain: int, pos: int, branch: int = 0) -> bytes:
+    return hashlib.sha256(f"{chain}/{pos}/{branch}".encode()).digest()
+
+
+def put_chain(
+    store: BlockStore, chain: int, blocks: int, size: int = 100, branch: int = 0
+) -> list[bytes]:
+    keys = [key(chain, p, 0 if p < 2 else branch) for p in range(blocks)]
+    for p, k in enumerate(keys):
+        store.put(NS, k, keys[0], p, bytes([p % 256]) * size)
+    return keys
+
+
+def test_put_get_and_immutability() -> None:
+    store = BlockStore(10_000)
+    k = key(0, 0)
+    assert store.put(NS, k, k, 0, b"abc")
+    assert not store.put(NS, k, k, 0, b"xyz")  # a re-put is a no-op that succeeds
+    assert store.get(NS, k) == b"abc"
+    assert store.get(b"o" * 32, k) is None  # another namespace never sees it
+    assert store.stats.put_existing == 1 and store.stats.hits == 1 and store.stats.misses == 1
+
+
+def test_leading_counts_until_the_first_gap() -> None:
+    store = BlockStore(10_000)
+    keys = put_chain(store, 0, 5)
+    assert store.leading(NS, keys) == 5
+    store.delete(NS, [keys[2]])
+    assert store.leading(NS, keys) == 2
+    assert store.leading(b"o" * 32, keys) == 0
+    assert store.leading(NS, []) == 0
+
+
+def test_a_chain_is_evicted_from_its_tail() -> None:
+    store = BlockStore(1000)  # ten 100-byte blocks
+    keys = put_chain(store, 0, 10)
+    put_chain(store, 1, 4)  # needs four blocks of room: chain 0 loses its last four
+    assert [k in store for k in keys] == [True] * 6 + [False] * 4
+    assert store.leading(NS, keys) == 6  # what is left is still a usable prefix
+    assert store.stats.evictions == 4
+
+
+def test_branches_go_before_their_shared_head() -> None:
+    store = BlockStore(800)
+    a = put_chain(store, 0, 5, branch=1)  # blocks 0,1 shared; 2..4 branch 1
+    b = put_chain(store, 0, 5, branch=2)  # re-uses 0,1 (no-op); 2..4 branch 2
+    assert store.stats.put_existing == 2 and len(store) == 8
+    put_chain(store, 1, 6)  # six more blocks: evicts six of chain 0, deepest positions first
+    assert a[0] in store and a[1] in store  # the shared head survives
+    assert sum(k in store for k in a[2:] + b[2:]) == 0
+
+
+def test_one_large_scan_does_not_flush_a_reused_prefix() -> None:
+    store = BlockStore(2000)
+    hot = put_chain(store, 0, 8)
+    for k in hot:
+        assert store.get(NS, k) is not None  # read: it earns its place
+    for chain in range(1, 200):  # a scan of 20x the budget, each block read never
+        put_chain(store, chain, 3)
+    assert all(k in store for k in hot)
+    assert store.stats.bytes <= 2000
+
+
+def test_a_chain_evicted_from_probation_and_put_again_is_kept() -> None:
+    store = BlockStore(1000, probation_fraction=0.3)
+    put_chain(store, 0, 2)
+    store.get(NS, key(0, 0))
+    for chain in range(1, 10):  # chain 0 is promoted; chain 1 leaves probation unread
+        put_chain(store, chain, 2)
+    assert key(1, 0) not in store
+    again = put_chain(store, 1, 2)  # seen again while remembered: straight to main
+    for chain in range(10, 40):
+        put_chain(store, chain, 2)
+    assert all(k in store for k in again)
+    assert key(5, 0) not in store  # its peers that were not seen twice are gone
+
+
+def test_a_block_larger_than_the_budget_is_refused() -> None:
+    store = BlockStore(100)
+    with pytest.raises(BlockTooLargeError):
+        store.put(NS, key(0, 0), key(0, 0), 0, b"x" * 101)
+    assert len(store) == 0 and store.stats.bytes == 0
+
+
+def test_corrupt_blocks_are_dropped_and_counted() -> None:
+    store = BlockStore(1000)
+    keys = put_chain(store, 0, 3)
+    store.drop_corrupt(keys[1])
+    assert keys[1] not in store and store.stats.checksum_failures == 1
+    assert store.leading(NS, keys) == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["put", "get", "delete"]),
+            st.integers(0, 7),
+            st.integers(0, 9),
+            st.integers(1, 400),
+        ),
+        max_size=120,
+    )
+)
+def test_byte_bound_and_accounting_hold_under_any_sequence(ops) -> None:
+    store = BlockStore(1500)
+    sizes: dict[bytes, int] = {}
+    for op, chain, pos, size in ops:
+        k = key(chain, pos)
+        if op == "put":
+            if store.put(NS, k, key(chain, 0), pos, b"x" * size):
+                sizes[k] = size
+        elif op == "get":
+            data = store.get(NS, k)
+            assert data is None or len(data) == sizes[k]
+        else:
+            store.delete(NS, [k])
+        present = [k for k in sizes if k in store]
+        assert store.stats.bytes == sum(sizes[k] for k in present) <= 1500
+        assert store.stats.blocks == len(store) == len(present)
