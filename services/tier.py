@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +47,7 @@ class Tier:
     directory: Any
     shards: dict[str, Any] = field(default_factory=dict)
     started_ray: bool = False
+    temp_dir: str | None = None  # Ray's session files, when this process started Ray
 
     def topology(self) -> list[tuple[str, str]]:
         _, _, shards = ray.get(self.directory.topology.remote())
@@ -90,6 +92,8 @@ class Tier:
         self.shards.clear()
         if self.started_ray:
             ray.shutdown()
+            if self.temp_dir:
+                shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def wait_serving(address: str, timeout: float = 60.0) -> None:
@@ -104,10 +108,11 @@ def wait_serving(address: str, timeout: float = 60.0) -> None:
             raise RuntimeError(f"shard at {address} is not serving: {reply.status}")
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
-    """Connect to the Ray cluster at `address`, or start a local one; True if started here."""
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> str | None:
+    """Connect to the Ray cluster at `address`, or start a local one. Returns the temp dir of
+    a Ray started here, None when joining one that runs already."""
     if ray.is_initialized():
-        return False
+        return None
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     common: dict[str, Any] = {
         "namespace": RAY_NAMESPACE,
@@ -116,12 +121,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     }
     if address:
         ray.init(address=address, **common)
-        return False
+        return None
     temp_dir = os.environ.get("KVPOOL_RAY_TEMP_DIR") or tempfile.mkdtemp(prefix="kvpool-ray-")
     ray.init(
         num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=temp_dir, **common
     )
-    return True
+    return temp_dir
 
 
 def start_tier(config: TierConfig, address: str | None = None) -> Tier:
@@ -131,6 +136,8 @@ def start_tier(config: TierConfig, address: str | None = None) -> Tier:
         name=directory_name(config.name), namespace=RAY_NAMESPACE, lifetime="detached", max_restarts=-1,
         get_if_exists=True, num_cpus=0,
     ).remote(config.replication)  # fmt: skip
-    tier = Tier(name=config.name, directory=directory, started_ray=started)
+    tier = Tier(
+        name=config.name, directory=directory, started_ray=started is not None, temp_dir=started
+    )
     tier.add_shards(config, config.shards)
     return tier
