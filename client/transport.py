@@ -239,21 +239,21 @@ class TierClient:
 
     async def _fetch(self, stub: pb_grpc.KVPoolStub, ns: Namespace, key: bytes) -> bytes | None:
         call = stub.Get(pb.GetRequest(namespace_id=ns.id, key=key), timeout=self.config.timeout_s)
-        buf: bytearray | None = None
-        filled = 0
+        size: int | None = None
+        chunks: list[bytes] = []
+        received = 0
         async for msg in call:
-            if buf is None:
+            if size is None:
                 if not msg.found:
                     return None
-                buf = bytearray(msg.size)
-            end = filled + len(msg.chunk)
-            if end > len(buf):
-                raise TierError(f"shard sent more than the announced {len(buf)} bytes", "DATA_LOSS")
-            buf[filled:end] = msg.chunk
-            filled = end
-        if buf is None or filled != len(buf):
+                size = msg.size
+            chunks.append(msg.chunk)
+            received += len(msg.chunk)
+            if received > size:
+                raise TierError(f"shard sent more than the announced {size} bytes", "DATA_LOSS")
+        if size is None or received != size:
             raise TierError("truncated block stream", "DATA_LOSS")
-        return bytes(buf)
+        return b"".join(chunks)  # the one copy of the block on this side
 
     async def delete(self, ns: Namespace, keys: Sequence[bytes]) -> int:
         """Remove blocks from all their owners; returns how many copies were removed."""
