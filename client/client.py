@@ -266,6 +266,14 @@ class KVPool:
         return self._client.stats
 
     @property
+    def namespace(self) -> Namespace:
+        return self._client.namespace
+
+    @property
+    def codec(self) -> CodecConfig:
+        return self._client.codec
+
+    @property
     def tier(self) -> TierClient:
         return self._client.tier
 

@@ -1,0 +1,219 @@
+"""Hugging Face transformers integration: prefill only what the tier does not hold.
+
+Where it stands: inside an inference worker, between its model and the KVPool client.
+
+    input_ids [1, T] --lookup--> longest cached prefix P (full blocks, P < T)
+        --cost check--> fetch + decode into a DynamicCache (positions 0..P-1)
+        --model / model.generate--> prefill of tokens P..T-1 only, then decode as usual
+        --store--> the prompt's new full blocks go back to the tier
+
+Everything that shapes the stored bytes (layers, KV heads, head dim, dtype, RoPE) is read from
+the model's config, never typed by the user; the model id and revision are part of the
+namespace, so two models never share blocks.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+
+from kvpool.client import KVPool, namespace_for
+from kvpool.errors import CodecError, NamespaceError
+from kvpool.kernels.codec import CodecConfig
+from kvpool.kernels.transforms import RopeParams
+from kvpool.keys import Namespace
+
+
+def _text_config(model: Any) -> Any:
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def model_layout(model: Any) -> tuple[int, int, int]:
+    """(layers, kv_heads, head_dim) of a decoder-only transformers model."""
+    c = _text_config(model)
+    heads = c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    return c.num_hidden_layers, getattr(c, "num_key_value_heads", None) or heads, head_dim
+
+
+def rope_params(model: Any) -> RopeParams | None:
+    """The model's rotary embedding, when it is one the codec can undo exactly (plain or
+    linearly scaled); None otherwise (then keys are quantized as the model caches them)."""
+    c = _text_config(model)
+    params = dict(getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {})
+    theta = params.get("rope_theta", getattr(c, "rope_theta", None))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if theta is None or kind not in ("default", "linear"):
+        return None
+    _, _, head_dim = model_layout(model)
+    factor = float(params.get("partial_rotary_factor", getattr(c, "partial_rotary_factor", 1.0)))
+    scaling = float(params.get("factor", 1.0)) if kind == "linear" else 1.0
+    return RopeParams(float(theta), int(head_dim * factor), scaling)
+
+
+def codec_for(
+    model: Any, key_bits: int | tuple[int, ...] = 2, value_bits: int | tuple[int, ...] = 2,
+    group_size: int = 128, pre_rope: bool = True, hadamard_values: bool = True, sink_tokens: int = 4,
+) -> CodecConfig:  # fmt: skip
+    """A codec for `model`: pre-RoPE keys with the model's own RoPE parameters when it has a
+    RoPE the codec can undo; values rotated when head_dim is a power of two."""
+    _, _, head_dim = model_layout(model)
+    rope = rope_params(model) if pre_rope else None
+    if pre_rope and rope is None:
+        raise CodecError("this model's RoPE cannot be undone exactly: use pre_rope=False")
+    pow2 = head_dim & (head_dim - 1) == 0
+    return CodecConfig(
+        key_bits=key_bits, value_bits=value_bits, group_size=group_size, rope=rope,
+        hadamard_values=hadamard_values and pow2, sink_tokens=sink_tokens,
+    )  # fmt: skip
+
+
+def namespace_for_model(
+    model: Any, codec: CodecConfig, name: str | None = None, **kwargs: Any
+) -> Namespace:
+    """The namespace of `model` with `codec`: model id (unless `name` is given), revision and KV
+    layout from its config; `kwargs` go to Namespace (block_tokens, salt, tp_rank...)."""
+    layers, kv_heads, head_dim = model_layout(model)
+    c = model.config
+    name = name or getattr(c, "_name_or_path", "") or c.model_type
+    kwargs.setdefault("revision", str(getattr(c, "_commit_hash", None) or ""))
+    return namespace_for(name, layers, kv_heads, head_dim, model.dtype, codec, **kwargs)
+
+
+@dataclass
+class CostModel:
+    """Fetch a cached prefix only when it is predicted to be faster than recomputing it.
+
+    Both rates are learned from what this worker measures (exponential moving averages);
+    until the first prefill is measured, fetching is assumed worth it."""
+
+    fetch_bytes_per_s: float = 200e6
+    fetch_overhead_s: float = 0.003  # lookup + one round trip
+    prefill_s_per_token: float | None = None
+    min_tokens: int = 1
+    alpha: float = 0.3
+
+    def worth_fetching(self, tokens: int, nbytes: int) -> bool:
+        if tokens < self.min_tokens:
+            return False
+        if self.prefill_s_per_token is None:
+            return True
+        fetch = self.fetch_overhead_s + nbytes / self.fetch_bytes_per_s
+        return fetch < tokens * self.prefill_s_per_token
+
+    def saw_prefill(self, tokens: int, seconds: float) -> None:
+        if tokens > 0:
+            rate = seconds / tokens
+            old = self.prefill_s_per_token
+            self.prefill_s_per_token = rate if old is None else old + self.alpha * (rate - old)
+
+    def saw_fetch(self, nbytes: int, seconds: float) -> None:
+        if nbytes > 0 and seconds > 0:
+            self.fetch_bytes_per_s += self.alpha * (nbytes / seconds - self.fetch_bytes_per_s)
+
+
+def cache_from_kv(model: Any, keys: Tensor, values: Tensor) -> DynamicCache:
+    """A DynamicCache holding keys/values [L, H, T, D] for batch 1 at positions 0..T-1."""
+    cache = DynamicCache(config=model.config)
+    for layer in range(keys.shape[0]):
+        cache.update(keys[layer].unsqueeze(0), values[layer].unsqueeze(0), layer)
+    return cache
+
+
+def kv_from_cache(cache: Any, tokens: int) -> tuple[Tensor, Tensor]:
+    """The first `tokens` positions of a batch-1 cache as (keys, values) [L, H, tokens, D]."""
+    layers = cache.layers
+    keys = torch.stack([layer.keys[0, :, :tokens] for layer in layers])
+    values = torch.stack([layer.values[0, :, :tokens] for layer in layers])
+    return keys, values
+
+
+class CachedModel:
+    """A transformers causal LM whose prompt prefills go through a kvpool tier (batch 1).
+
+    cached = CachedModel(model, pool)
+    out = cached.generate(input_ids, max_new_tokens=64)  # fetch, prefill the rest, store
+    logits, cache = cached.prefill(input_ids)            # the same for a forward loop
+    """
+
+    def __init__(self, model: Any, pool: KVPool, cost: CostModel | None = None) -> None:
+        expected = namespace_for_model(model, pool.codec, **_same_options(pool.namespace))
+        if expected.id != pool.namespace.id:
+            raise NamespaceError(
+                "the pool's namespace does not describe this model (name, layout, dtype or codec "
+                "differ): build it with namespace_for_model(model, codec)"
+            )
+        self.model, self.pool = model, pool
+        self.cost = cost or CostModel(min_tokens=pool.namespace.block_tokens)
+        self.last_cached_tokens = 0
+        self.last_fetched_bytes = 0
+
+    def fetch(self, input_ids: Tensor) -> DynamicCache:
+        """A cache holding the longest cached prefix of `input_ids` [1, T] that is worth
+        fetching (at most T-1 tokens: the last token always runs, to give logits)."""
+        tokens = self._tokens(input_ids)
+        self.last_cached_tokens = self.last_fetched_bytes = 0
+        probe = tokens[: len(tokens) - 1]
+        n = self.pool.lookup(probe)
+        est = self._block_bytes() * (n // self.pool.namespace.block_tokens)
+        if n == 0 or not self.cost.worth_fetching(n, est):
+            return DynamicCache(config=self.model.config)
+        t0 = time.perf_counter()
+        hit = self.pool.get(probe[:n], dtype=self.model.dtype)
+        if hit is None or hit.keys is None or hit.values is None:
+            return DynamicCache(config=self.model.config)
+        self.cost.saw_fetch(hit.fetched_bytes, time.perf_counter() - t0)
+        self.last_cached_tokens, self.last_fetched_bytes = hit.tokens, hit.fetched_bytes
+        return cache_from_kv(self.model, hit.keys, hit.values)
+
+    def store(self, input_ids: Tensor, cache: Any) -> int:
+        """Store the full blocks of the prompt `input_ids` [1, T] held in `cache`."""
+        tokens = self._tokens(input_ids)
+        full = len(tokens) - len(tokens) % self.pool.namespace.block_tokens
+        if full == 0 or full <= self.last_cached_tokens:
+            return 0
+        return self.pool.put(tokens[:full], kv_from_cache(cache, full))
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: Tensor) -> tuple[Tensor, DynamicCache]:
+        """(logits of the last position [1, vocab], the cache of the whole prompt)."""
+        cache = self.fetch(input_ids)
+        start = cache.get_seq_length()
+        t0 = time.perf_counter()
+        out = self.model(input_ids[:, start:], past_key_values=cache, use_cache=True)
+        self.cost.saw_prefill(input_ids.shape[1] - start, time.perf_counter() - t0)
+        self.store(input_ids, cache)
+        return out.logits[:, -1], cache
+
+    @torch.inference_mode()
+    def generate(self, input_ids: Tensor, **kwargs: Any) -> Tensor:
+        """`model.generate` with the prompt's cached prefix fetched first and its new blocks
+        stored afterwards; returns the generated ids like `model.generate`."""
+        cache = self.fetch(input_ids)
+        kwargs.setdefault("attention_mask", torch.ones_like(input_ids))
+        out = self.model.generate(input_ids, past_key_values=cache, **kwargs)
+        self.store(input_ids, cache)
+        return out
+
+    def _tokens(self, input_ids: Tensor) -> list[int]:
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise ValueError(f"input_ids must be [1, T], got {tuple(input_ids.shape)}")
+        return input_ids[0].tolist()
+
+    def _block_bytes(self) -> int:
+        ns = self.pool.namespace
+        values = 2 * ns.layers * ns.kv_heads * ns.block_tokens * ns.head_dim
+        return values * 3 // 8  # about 3 bits per value, enough for a cost estimate
+
+
+def _same_options(ns: Namespace) -> dict[str, Any]:
+    return {
+        "name": ns.model, "revision": ns.revision, "block_tokens": ns.block_tokens,
+        "tp_rank": ns.tp_rank, "tp_size": ns.tp_size, "salt": ns.salt,
+    }  # fmt: skip
