@@ -98,6 +98,32 @@ def demo(layers: int, heads: int, tokens: int, head_dim: int, seed: int) -> list
     return rows
 
 
+def ingest(args: argparse.Namespace) -> None:
+    """Prefill the documents under args.paths with worker actors and store their blocks."""
+    import logging
+
+    from tqdm import tqdm
+
+    from kvpool.models import SMOLLM2
+    from kvpool.services.ingest import IngestConfig, read_documents, run_ingest
+    from kvpool.services.tier import init_ray
+
+    logging.basicConfig(level=logging.WARNING)
+    texts = read_documents(args.paths)
+    if not texts:
+        raise SystemExit(f"no documents under {' '.join(args.paths)}")
+    config = IngestConfig(
+        model=args.model or SMOLLM2, endpoint=args.endpoint, key_bits=args.key_bits,
+        value_bits=args.value_bits, group_size=args.group_size, sink_tokens=args.sink_tokens,
+        block_tokens=args.block_tokens, batch_tokens=args.batch_tokens,
+        salt=args.salt.encode() if args.salt else b"",
+    )  # fmt: skip
+    init_ray(args.address)
+    with tqdm(total=len(texts), unit="doc", desc="ingest") as bar:
+        stats = run_ingest(texts, config, workers=args.workers, progress=bar.update)
+    print(json.dumps({"endpoint": args.endpoint, **vars(stats)}))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="kvpool", description="kvpool: a store for compressed KV caches"
@@ -131,6 +157,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     p_serve.add_argument(
         "--detach", action="store_true", help="with --address: exit once the shards serve"
     )
+    p_ingest = sub.add_parser("ingest", help="precompute and store the KV of documents")
+    p_ingest.add_argument("paths", nargs="+", help="text files, or folders of .txt/.md/.rst files")
+    p_ingest.add_argument("--endpoint", required=True, help="the tier (what kvpool serve printed)")
+    p_ingest.add_argument(
+        "--model", default=None, help="local model folder (default: SmolLM2-135M)"
+    )
+    p_ingest.add_argument("--workers", type=int, default=1, help="worker actors (default 1)")
+    p_ingest.add_argument(
+        "--address", default=None, help="Ray cluster to run workers on (default: a local one)"
+    )
+    p_ingest.add_argument("--key-bits", type=int, default=2)
+    p_ingest.add_argument("--value-bits", type=int, default=2)
+    p_ingest.add_argument("--group-size", type=int, default=128)
+    p_ingest.add_argument("--sink-tokens", type=int, default=4)
+    p_ingest.add_argument("--block-tokens", type=int, default=256)
+    p_ingest.add_argument("--batch-tokens", type=int, default=8192)
+    p_ingest.add_argument("--salt", default=None, help="tenant salt")
     p_demo = sub.add_parser("demo", help="encode a KV block and report size and error")
     p_demo.add_argument("--layers", type=int, default=32)
     p_demo.add_argument("--heads", type=int, default=8)
@@ -141,6 +184,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "serve":
         serve(args)
+    elif args.command == "ingest":
+        ingest(args)
     elif args.command == "demo":
         rows = demo(args.layers, args.heads, args.tokens, args.head_dim, args.seed)
         print(

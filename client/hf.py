@@ -126,11 +126,11 @@ def cache_from_kv(model: Any, keys: Tensor, values: Tensor) -> DynamicCache:
     return cache
 
 
-def kv_from_cache(cache: Any, tokens: int) -> tuple[Tensor, Tensor]:
-    """The first `tokens` positions of a batch-1 cache as (keys, values) [L, H, tokens, D]."""
-    layers = cache.layers
-    keys = torch.stack([layer.keys[0, :, :tokens] for layer in layers])
-    values = torch.stack([layer.values[0, :, :tokens] for layer in layers])
+def kv_from_cache(cache: Any, tokens: int, row: int = 0) -> tuple[Tensor, Tensor]:
+    """The first `tokens` positions of batch row `row` of a cache as (keys, values)
+    [L, H, tokens, D]."""
+    keys = torch.stack([layer.keys[row, :, :tokens] for layer in cache.layers])
+    values = torch.stack([layer.values[row, :, :tokens] for layer in cache.layers])
     return keys, values
 
 

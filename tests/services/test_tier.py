@@ -41,8 +41,7 @@ def tokens(n: int, seed: int = 0) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def tier() -> Iterator[Tier]:
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+def tier(ray_session: None) -> Iterator[Tier]:
     t = start_tier(CONFIG)
     yield t
     t.shutdown()
@@ -208,7 +207,7 @@ def test_shards_added_to_a_running_tier_take_new_blocks(tier, client) -> None:
     assert len(per_shard) == 3 and all(n > 0 for n in per_shard.values())
 
 
-def test_replicated_blocks_survive_a_dead_shard() -> None:
+def test_replicated_blocks_survive_a_dead_shard(ray_session: None) -> None:
     config = TierConfig(
         shards=2, budget_bytes=16 << 20, shard_cpus=0.1, replication=2, name="replicated"
     )
