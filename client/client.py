@@ -29,7 +29,7 @@ from torch import Tensor
 
 from kvpool.blockformat import Layout
 from kvpool.errors import BlockFormatError, CodecError, NamespaceError, TierError
-from kvpool.kernels.codec import FORMAT_DTYPES, CodecConfig, decode, encode, encode_latent
+from kvpool.kernels.codec import FORMAT_DTYPES, Block, CodecConfig, decode, encode, encode_latent
 from kvpool.keys import BlockHash, Namespace, block_keys
 from kvpool.transport import ClientConfig, TierClient
 
@@ -124,32 +124,40 @@ class AsyncKVPool:
         return stored
 
     async def get(
-        self, tokens: Sequence[int] | Tensor, dtype: torch.dtype | None = None
-    ) -> CachedPrefix | None:
+        self, tokens: Sequence[int] | Tensor, dtype: torch.dtype | None = None,
+        present: int | None = None,
+    ) -> CachedPrefix | None:  # fmt: skip
         """The KV of the longest cached prefix of `tokens`, or None on a miss.
 
-        Blocks are fetched in parallel, verified and decoded on the client's device (in the
-        namespace's dtype unless `dtype` is given). If a block vanishes between lookup and
-        fetch, the prefix ends before it."""
+        Blocks are fetched in parallel and each is verified and decoded on the client's device
+        (in the namespace's dtype unless `dtype` is given) as soon as it arrives. `present`: a
+        token count a lookup just returned, to skip a second one. If a block vanishes between
+        lookup and fetch, the prefix ends before it."""
         keys = block_keys(self.namespace, tokens)
-        n = await self._lookup(keys)
+        n = await self._lookup(keys) if present is None else present // self.block_tokens
+        n = min(n, len(keys))
         if n == 0:
             return None
         out_dtype = dtype or _torch_dtype(self.namespace)
-        blobs = await asyncio.gather(*(self._get_block(k) for k in keys[:n]))
-        blocks = []
-        fetched = 0
-        for i, blob in enumerate(blobs):
+
+        async def fetch(i: int) -> tuple[Block | None, int]:
+            blob = await self._get_block(keys[i])
             if blob is None:
-                break
+                return None, 0
             try:
-                block = await asyncio.to_thread(decode, blob, self.device, out_dtype)
+                return await asyncio.to_thread(decode, blob, self.device, out_dtype), len(blob)
             except BlockFormatError as e:  # corrupted on the way: a miss, counted
                 self.stats.corrupt_blocks += 1
                 log.error("block %d of a prefix failed to decode: %s", i, e)
+                return None, 0
+
+        blocks: list[Block] = []
+        fetched = 0
+        for block, size in await asyncio.gather(*(fetch(i) for i in range(n))):
+            if block is None:
                 break
             blocks.append(block)
-            fetched += len(blob)
+            fetched += size
         if not blocks:
             return None
         prefix = CachedPrefix(tokens=len(blocks) * self.block_tokens, fetched_bytes=fetched)
@@ -287,9 +295,10 @@ class KVPool:
         return self._run(self._client.put(tokens, kv))
 
     def get(
-        self, tokens: Sequence[int] | Tensor, dtype: torch.dtype | None = None
-    ) -> CachedPrefix | None:
-        return self._run(self._client.get(tokens, dtype))
+        self, tokens: Sequence[int] | Tensor, dtype: torch.dtype | None = None,
+        present: int | None = None,
+    ) -> CachedPrefix | None:  # fmt: skip
+        return self._run(self._client.get(tokens, dtype, present))
 
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run any coroutine (e.g. one of `tier`'s) on the client's loop."""

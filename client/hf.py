@@ -93,7 +93,7 @@ class CostModel:
     Both rates are learned from what this worker measures (exponential moving averages);
     until the first prefill is measured, fetching is assumed worth it."""
 
-    fetch_bytes_per_s: float = 200e6
+    fetch_bytes_per_s: float = 50e6  # fetch and decode together; ~54e6 measured on a 2-core CPU
     fetch_overhead_s: float = 0.003  # lookup + one round trip
     prefill_s_per_token: float | None = None
     min_tokens: int = 1
@@ -150,33 +150,36 @@ class CachedModel:
                 "differ): build it with namespace_for_model(model, codec)"
             )
         self.model, self.pool = model, pool
-        self.cost = cost or CostModel(min_tokens=pool.namespace.block_tokens)
-        self.last_cached_tokens = 0
+        self.cost = cost or CostModel()
+        self.last_cached_tokens = 0  # tokens the last fetch put into the cache
         self.last_fetched_bytes = 0
+        self._tier_tokens = 0  # leading tokens of the last prompt the tier held
 
     def fetch(self, input_ids: Tensor) -> DynamicCache:
         """A cache holding the longest cached prefix of `input_ids` [1, T] that is worth
-        fetching (at most T-1 tokens: the last token always runs, to give logits)."""
+        fetching, cut to at most T-1 tokens: the last token always runs, to give logits."""
         tokens = self._tokens(input_ids)
         self.last_cached_tokens = self.last_fetched_bytes = 0
-        probe = tokens[: len(tokens) - 1]
-        n = self.pool.lookup(probe)
-        est = self._block_bytes() * (n // self.pool.namespace.block_tokens)
-        if n == 0 or not self.cost.worth_fetching(n, est):
+        n = self._tier_tokens = self.pool.lookup(tokens)
+        use = min(n, len(tokens) - 1)
+        blocks = -(-use // self.pool.namespace.block_tokens)
+        if use <= 0 or not self.cost.worth_fetching(use, blocks * self._block_bytes()):
             return DynamicCache(config=self.model.config)
         t0 = time.perf_counter()
-        hit = self.pool.get(probe[:n], dtype=self.model.dtype)
+        hit = self.pool.get(tokens[:n], dtype=self.model.dtype, present=n)
         if hit is None or hit.keys is None or hit.values is None:
             return DynamicCache(config=self.model.config)
         self.cost.saw_fetch(hit.fetched_bytes, time.perf_counter() - t0)
-        self.last_cached_tokens, self.last_fetched_bytes = hit.tokens, hit.fetched_bytes
-        return cache_from_kv(self.model, hit.keys, hit.values)
+        use = min(hit.tokens, len(tokens) - 1)
+        self.last_cached_tokens, self.last_fetched_bytes = use, hit.fetched_bytes
+        return cache_from_kv(self.model, hit.keys[:, :, :use], hit.values[:, :, :use])
 
     def store(self, input_ids: Tensor, cache: Any) -> int:
-        """Store the full blocks of the prompt `input_ids` [1, T] held in `cache`."""
+        """Store the full blocks of the prompt `input_ids` [1, T] held in `cache` that the
+        tier did not hold when `fetch` looked."""
         tokens = self._tokens(input_ids)
         full = len(tokens) - len(tokens) % self.pool.namespace.block_tokens
-        if full == 0 or full <= self.last_cached_tokens:
+        if full == 0 or full <= self._tier_tokens:
             return 0
         return self.pool.put(tokens[:full], kv_from_cache(cache, full))
 
@@ -187,6 +190,8 @@ class CachedModel:
         start = cache.get_seq_length()
         t0 = time.perf_counter()
         out = self.model(input_ids[:, start:], past_key_values=cache, use_cache=True)
+        if out.logits.is_cuda:
+            torch.cuda.synchronize(out.logits.device)  # time the work, not its launch
         self.cost.saw_prefill(input_ids.shape[1] - start, time.perf_counter() - t0)
         self.store(input_ids, cache)
         return out.logits[:, -1], cache

@@ -87,6 +87,18 @@ def test_a_forward_loop_keeps_positions_right(smollm2, tier) -> None:
     cm.pool.close()
 
 
+def test_a_block_aligned_prompt_reuses_all_but_its_last_token(smollm2, tier) -> None:
+    model, tok = smollm2
+    cm = cached_model(model, tier, 8, 8, 32)
+    ids = prompt(tok, 512, offset=2200)
+    cm.prefill(ids)
+    logits, cache = cm.prefill(ids)  # both blocks come back; the cache is cut to 511 tokens
+    assert cm.last_cached_tokens == 511 and cache.get_seq_length() == 512
+    with torch.inference_mode():
+        torch.testing.assert_close(logits, model(ids).logits[:, -1], atol=0.1, rtol=0)
+    cm.pool.close()
+
+
 def test_a_prefix_at_under_3_bits_stays_close(smollm2, tier) -> None:
     model, tok = smollm2
     cm = cached_model(model, tier, 3, 2, 128)  # keys 3.25, values 2.5 bits per value

@@ -68,7 +68,7 @@ def test_worker_actors_fill_the_tier_and_another_process_hits(
         ids = torch.tensor([tok(text).input_ids])
         cache = cm.fetch(ids)
         cached = cm.last_cached_tokens
-        assert cached == min(256 * n, (ids.shape[1] - 1) // 256 * 256) > 0
+        assert cached == min(256 * n, ids.shape[1] - 1) > 0
         with torch.inference_mode():  # what this process would have stored itself
             exact = model(ids[:, :cached], use_cache=True).past_key_values
         keys, values = kv_from_cache(exact, cached)
