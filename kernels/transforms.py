@@ -38,15 +38,21 @@ class RopeParams:
             raise CodecError(f"rotary_dim must be positive and even, got {self.rotary_dim}")
 
 
-def _cos_sin(
-    rope: RopeParams, start: int, tokens: int, device: torch.device
-) -> tuple[Tensor, Tensor]:
+@functools.lru_cache(maxsize=256)
+def _cos_sin_cpu(rope: RopeParams, start: int, tokens: int) -> tuple[Tensor, Tensor]:
     # cos, sin: [T, rotary_dim], angles computed in float64 then rounded once
     half = rope.rotary_dim // 2
     inv_freq = 1.0 / (rope.theta ** (torch.arange(half, dtype=torch.float64) * 2 / rope.rotary_dim))
     pos = torch.arange(start, start + tokens, dtype=torch.float64) / rope.scaling
     angles = torch.outer(pos, inv_freq).repeat(1, 2)
-    return angles.cos().float().to(device), angles.sin().float().to(device)
+    return angles.cos().float(), angles.sin().float()
+
+
+def _cos_sin(
+    rope: RopeParams, start: int, tokens: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    cos, sin = _cos_sin_cpu(rope, start, tokens)  # blocks repeat the same positions: cached
+    return cos.to(device), sin.to(device)
 
 
 def _rotate(k: Tensor, rope: RopeParams, start: int, sign: float) -> Tensor:
@@ -56,10 +62,12 @@ def _rotate(k: Tensor, rope: RopeParams, start: int, sign: float) -> Tensor:
         raise CodecError(f"rotary_dim {r} exceeds head_dim {k.shape[-1]}")
     cos, sin = _cos_sin(rope, start, k.shape[-2], k.device)
     x = k[..., :r]
-    x1, x2 = x[..., : r // 2], x[..., r // 2 :]
-    rotated = torch.cat((-x2, x1), dim=-1)
+    rotated = torch.cat((x[..., r // 2 :].neg(), x[..., : r // 2]), dim=-1)
+    result = torch.addcmul(x * cos, rotated, sin, value=sign)
+    if r == k.shape[-1]:
+        return result
     out = k.clone()
-    out[..., :r] = x * cos + sign * rotated * sin
+    out[..., :r] = result
     return out
 
 
