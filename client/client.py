@@ -20,17 +20,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
+from prometheus_client import CollectorRegistry
 from torch import Tensor
 
 from kvpool.blockformat import Layout
 from kvpool.errors import BlockFormatError, CodecError, NamespaceError, TierError
 from kvpool.kernels.codec import FORMAT_DTYPES, Block, CodecConfig, decode, encode, encode_latent
 from kvpool.keys import BlockHash, Namespace, block_keys
+from kvpool.metrics import client_metrics
 from kvpool.transport import ClientConfig, TierClient
 
 log = logging.getLogger(__name__)
@@ -88,6 +91,7 @@ class AsyncKVPool:
     device: torch.device | str = "cpu"
     config: ClientConfig = field(default_factory=ClientConfig)
     stats: ClientStats = field(default_factory=ClientStats)
+    registry: CollectorRegistry | None = None  # Prometheus registry; None: the process default
 
     def __post_init__(self) -> None:
         if self.namespace.codec != self.codec.describe():
@@ -98,19 +102,33 @@ class AsyncKVPool:
         self.device = torch.device(self.device)
         self.tier = TierClient(self.endpoints, self.config)
         self.block_tokens = self.namespace.block_tokens
+        self.metrics = client_metrics(self.registry)
+
+    def _failures(self) -> int:
+        s = self.stats
+        return s.lookup_failures + s.put_failures + s.get_failures + s.corrupt_blocks
+
+    def _observe(self, operation: str, status: str, t0: float, failures_before: int) -> None:
+        if self._failures() != failures_before:
+            status = "error"
+        self.metrics.request_duration.labels(operation, status).observe(time.perf_counter() - t0)
 
     # -- the three calls -------------------------------------------------------------------
 
     async def lookup(self, tokens: Sequence[int] | Tensor) -> int:
         """How many leading tokens of `tokens` are cached (a multiple of block_tokens)."""
         keys = block_keys(self.namespace, tokens)
-        return await self._lookup(keys) * self.block_tokens
+        t0, failures = time.perf_counter(), self._failures()
+        n = await self._lookup(keys) * self.block_tokens
+        self._observe("lookup", "ok", t0, failures)
+        return n
 
     async def put(self, tokens: Sequence[int] | Tensor, kv: KV) -> int:
         """Encode and store every full block of `tokens` not stored yet; returns how many new
         blocks the tier took. `kv` covers at least the full blocks of `tokens`."""
         keys = block_keys(self.namespace, tokens)
         tensors = self._check_kv(kv, len(keys) * self.block_tokens)
+        t0, failures = time.perf_counter(), self._failures()
         start = await self._lookup(keys)
         stored = 0
         pending: list[asyncio.Task[bool]] = []
@@ -121,6 +139,7 @@ class AsyncKVPool:
                 stored += sum(await asyncio.gather(*pending))
                 pending.clear()
         stored += sum(await asyncio.gather(*pending))
+        self._observe("put", "ok", t0, failures)
         return stored
 
     async def get(
@@ -134,6 +153,16 @@ class AsyncKVPool:
         token count a lookup just returned, to skip a second one. If a block vanishes between
         lookup and fetch, the prefix ends before it."""
         keys = block_keys(self.namespace, tokens)
+        t0, failures = time.perf_counter(), self._failures()
+        prefix = await self._get(keys, dtype, present)
+        self._observe("get", "miss" if prefix is None else "hit", t0, failures)
+        if prefix is not None:
+            self.metrics.hit_tokens.inc(prefix.tokens)
+        return prefix
+
+    async def _get(
+        self, keys: list[BlockHash], dtype: torch.dtype | None, present: int | None
+    ) -> CachedPrefix | None:
         n = await self._lookup(keys) if present is None else present // self.block_tokens
         n = min(n, len(keys))
         if n == 0:
@@ -145,7 +174,8 @@ class AsyncKVPool:
             if blob is None:
                 return None, 0
             try:
-                return await asyncio.to_thread(decode, blob, self.device, out_dtype), len(blob)
+                block = await asyncio.to_thread(self._decode, blob, out_dtype)
+                return block, len(blob)
             except BlockFormatError as e:  # corrupted on the way: a miss, counted
                 self.stats.corrupt_blocks += 1
                 log.error("block %d of a prefix failed to decode: %s", i, e)
@@ -175,11 +205,13 @@ class AsyncKVPool:
 
     async def _lookup(self, keys: list[BlockHash]) -> int:
         self.stats.lookups += 1
+        self.metrics.lookups.inc()
         limit = self.config.max_lookup_keys
         try:
             return await self.tier.lookup(self.namespace, keys[:limit])
         except TierError as e:
             self.stats.lookup_failures += 1
+            self.metrics.failures.labels("lookup").inc()
             log.warning("kvpool lookup failed, treating as a miss: %s", e)
             return 0
 
@@ -188,11 +220,13 @@ class AsyncKVPool:
             stored = await self.tier.put(self.namespace, keys[i], keys[0], i, blob)
         except TierError as e:
             self.stats.put_failures += 1
+            self.metrics.failures.labels("put").inc()
             log.warning("kvpool put of block %d dropped: %s", i, e)
             return False
         if stored:
             self.stats.blocks_put += 1
             self.stats.bytes_put += len(blob)
+            self.metrics.sent_bytes.inc(len(blob))
         else:
             self.stats.blocks_existing += 1
         return stored
@@ -202,11 +236,13 @@ class AsyncKVPool:
             blob = await self.tier.get(self.namespace, key)
         except TierError as e:
             self.stats.get_failures += 1
+            self.metrics.failures.labels("get").inc()
             log.warning("kvpool get failed, treating as a miss: %s", e)
             return None
         if blob is not None:
             self.stats.blocks_fetched += 1
             self.stats.bytes_fetched += len(blob)
+            self.metrics.received_bytes.inc(len(blob))
         return blob
 
     def _check_kv(self, kv: KV, tokens: int) -> list[Tensor]:
@@ -237,7 +273,17 @@ class AsyncKVPool:
                 raise CodecError(f"KV dtype {t.dtype} is not the namespace's {ns.dtype.name}")
         return tensors
 
+    def _decode(self, blob: bytes, dtype: torch.dtype) -> Block:
+        with self.metrics.decode_seconds.time():
+            block = decode(blob, self.device, dtype)
+        self.metrics.hit_blocks.inc()
+        return block
+
     def _encode(self, tensors: list[Tensor], i: int) -> bytes:
+        with self.metrics.encode_seconds.time():
+            return self._encode_block(tensors, i)
+
+    def _encode_block(self, tensors: list[Tensor], i: int) -> bytes:
         b = self.block_tokens
         if self.namespace.layout == Layout.LATENT:
             return encode_latent(
@@ -257,7 +303,8 @@ class KVPool:
     Its event loop runs in a daemon thread; every call waits at most its deadline budget."""
 
     def __init__(self, endpoints: str | Sequence[str], namespace: Namespace, codec: CodecConfig,
-                 device: torch.device | str = "cpu", config: ClientConfig | None = None) -> None:  # fmt: skip
+                 device: torch.device | str = "cpu", config: ClientConfig | None = None,
+                 registry: CollectorRegistry | None = None) -> None:  # fmt: skip
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="kvpool-client", daemon=True
@@ -265,7 +312,9 @@ class KVPool:
         self._thread.start()
 
         async def make() -> AsyncKVPool:
-            return AsyncKVPool(endpoints, namespace, codec, device, config or ClientConfig())
+            return AsyncKVPool(
+                endpoints, namespace, codec, device, config or ClientConfig(), registry=registry
+            )
 
         self._client = self._run(make())
 

@@ -176,12 +176,14 @@ class TopologyRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Shard(_message.Message):
-    __slots__ = ("shard_id", "address")
+    __slots__ = ("shard_id", "address", "metrics_address")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     shard_id: str
     address: str
-    def __init__(self, shard_id: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
+    metrics_address: str
+    def __init__(self, shard_id: _Optional[str] = ..., address: _Optional[str] = ..., metrics_address: _Optional[str] = ...) -> None: ...
 
 class TopologyResponse(_message.Message):
     __slots__ = ("epoch", "replication", "shards")

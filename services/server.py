@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -32,6 +33,7 @@ from kvpool.keys import KEY_BYTES, Namespace
 from kvpool.proto import kvpool_pb2 as pb
 from kvpool.proto import kvpool_pb2_grpc as pb_grpc
 from kvpool.proto.messages import namespace_from_proto
+from kvpool.services.metrics import ShardMetrics
 from kvpool.services.store import BlockStore, BlockTooLargeError
 
 log = logging.getLogger(__name__)
@@ -78,9 +80,10 @@ def check_block(header: BlockHeader, ns: Namespace) -> None:
 
 class KVPoolServicer(pb_grpc.KVPoolServicer):
     def __init__(
-        self, store: BlockStore, shard_id: str, topology: TopologyFn, limits: Limits = Limits()
-    ) -> None:
-        self.store, self.shard_id, self.limits = store, shard_id, limits
+        self, store: BlockStore, shard_id: str, topology: TopologyFn, limits: Limits = Limits(),
+        metrics: ShardMetrics | None = None,
+    ) -> None:  # fmt: skip
+        self.store, self.shard_id, self.limits, self.metrics = store, shard_id, limits, metrics
         self._topology = topology
         self._namespaces: dict[bytes, Namespace] = {}
 
@@ -135,7 +138,7 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
             self._namespaces[ns.id] = ns
             return pb.RegisterNamespaceResponse()
 
-        return await self._guard(run(), context)
+        return await self._guard("RegisterNamespace", run(), context)
 
     async def Lookup(
         self, request: pb.LookupRequest, context: grpc.aio.ServicerContext
@@ -146,7 +149,7 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
             self._check_keys(keys)
             return pb.LookupResponse(present=self.store.leading(request.namespace_id, keys))
 
-        return await self._guard(run(), context)
+        return await self._guard("Lookup", run(), context)
 
     async def Put(
         self, request_iterator: AsyncIterator[pb.PutRequest], context: grpc.aio.ServicerContext
@@ -203,40 +206,50 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
                 raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
             return pb.PutResponse(stored=stored)
 
-        return await self._guard(run(), context)
+        return await self._guard("Put", run(), context)
 
     async def Get(
         self, request: pb.GetRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GetResponse]:
+        t0 = time.perf_counter()
         try:
-            self._namespace(request.namespace_id)
-            _check_key(request.key)
-            data = self.store.get(request.namespace_id, request.key)
-            if data is not None:
-                try:
-                    verify(data)
-                except BlockFormatError as e:
-                    self.store.drop_corrupt(request.key)
-                    log.error(
-                        "shard %s dropped corrupt block %s: %s",
-                        self.shard_id,
-                        request.key.hex()[:16],
-                        e,
-                    )
-                    raise _Abort(
-                        grpc.StatusCode.DATA_LOSS, f"stored block corrupted: {e}"
-                    ) from None
+            data = self._read(request)
         except _Abort as e:
             self.store.stats.rejected += 1
+            self._observe("Get", e.code.name, t0)
             await context.abort(e.code, e.detail)
             return
+        code = "OK"
+        try:
+            if data is None:
+                yield pb.GetResponse(found=False)
+                return
+            view = memoryview(data)
+            yield pb.GetResponse(found=True, size=len(data), chunk=bytes(view[:CHUNK_BYTES]))
+            for off in range(CHUNK_BYTES, len(data), CHUNK_BYTES):
+                yield pb.GetResponse(chunk=bytes(view[off : off + CHUNK_BYTES]))
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        finally:
+            self._observe("Get", code, t0)
+
+    def _read(self, request: pb.GetRequest) -> bytes | None:
+        """The requested block, verified; None on a miss. A corrupt block is dropped."""
+        self._namespace(request.namespace_id)
+        _check_key(request.key)
+        data = self.store.get(request.namespace_id, request.key)
         if data is None:
-            yield pb.GetResponse(found=False)
-            return
-        view = memoryview(data)
-        yield pb.GetResponse(found=True, size=len(data), chunk=bytes(view[:CHUNK_BYTES]))
-        for off in range(CHUNK_BYTES, len(data), CHUNK_BYTES):
-            yield pb.GetResponse(chunk=bytes(view[off : off + CHUNK_BYTES]))
+            return None
+        try:
+            verify(data)
+        except BlockFormatError as e:
+            self.store.drop_corrupt(request.key)
+            log.error(
+                "shard %s dropped corrupt block %s: %s", self.shard_id, request.key.hex()[:16], e
+            )
+            raise _Abort(grpc.StatusCode.DATA_LOSS, f"stored block corrupted: {e}") from None
+        return data
 
     async def Delete(
         self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext
@@ -247,7 +260,7 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
             self._check_keys(keys)
             return pb.DeleteResponse(deleted=self.store.delete(request.namespace_id, keys))
 
-        return await self._guard(run(), context)
+        return await self._guard("Delete", run(), context)
 
     async def Stats(
         self, request: pb.StatsRequest, context: grpc.aio.ServicerContext
@@ -268,13 +281,27 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"topology unavailable: {e}")
             raise
 
-    async def _guard(self, call: Awaitable[T], context: grpc.aio.ServicerContext) -> T:
+    async def _guard(self, method: str, call: Awaitable[T], context: grpc.aio.ServicerContext) -> T:
+        t0 = time.perf_counter()
+        code = "OK"
         try:
             return await call
         except _Abort as e:
+            code = e.code.name
             self.store.stats.rejected += 1
             await context.abort(e.code, e.detail)
             raise  # not reached: abort raises
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            code = "INTERNAL"
+            raise
+        finally:
+            self._observe(method, code, t0)
+
+    def _observe(self, method: str, code: str, t0: float) -> None:
+        if self.metrics is not None:
+            self.metrics.observe(method, code, time.perf_counter() - t0)
 
 
 class ShardServer:
@@ -293,9 +320,12 @@ class ShardServer:
         port: int = 0,
         advertise_host: str | None = None,
         limits: Limits = Limits(),
+        metrics_port: int | None = None,
     ) -> None:
         self.store, self.shard_id, self.limits = store, shard_id, limits
         self.host, self.port = host, port
+        self.metrics = ShardMetrics(store)
+        self._metrics_port = metrics_port  # None: no /metrics server (0: any free port)
         self.advertise_host = advertise_host or host
         self._topology = topology or self._single_topology
         self._loop = asyncio.new_event_loop()
@@ -307,6 +337,11 @@ class ShardServer:
     @property
     def address(self) -> str:
         return f"{self.advertise_host}:{self.port}"
+
+    @property
+    def metrics_address(self) -> str:
+        """host:port of `/metrics`, or "" when not served."""
+        return f"{self.advertise_host}:{self.metrics.port}" if self.metrics.port else ""
 
     async def _single_topology(self) -> pb.TopologyResponse:
         return pb.TopologyResponse(
@@ -321,7 +356,8 @@ class ShardServer:
         ]
         server = grpc.aio.server(options=opts)
         pb_grpc.add_KVPoolServicer_to_server(
-            KVPoolServicer(self.store, self.shard_id, self._topology, self.limits), server
+            KVPoolServicer(self.store, self.shard_id, self._topology, self.limits, self.metrics),
+            server,
         )
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -333,6 +369,8 @@ class ShardServer:
         return port
 
     def start(self) -> str:
+        if self._metrics_port is not None:
+            self.metrics.serve(self.host, self._metrics_port)
         self._thread.start()
         self.port = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=30)
         log.info("shard %s serving on %s", self.shard_id, self.address)

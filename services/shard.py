@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Any
 
 import ray
 
@@ -44,7 +45,7 @@ class Directory:
 
     def __init__(self, replication: int) -> None:
         self.replication = replication
-        self._shards: dict[str, str] = {}
+        self._shards: dict[str, tuple[str, str]] = {}  # id -> (gRPC address, metrics address)
         self._next = 0
         self._epoch = time.time_ns()  # distinct across Directory restarts
 
@@ -58,9 +59,9 @@ class Directory:
                 ids.append(sid)
         return ids
 
-    def register(self, shard_id: str, address: str) -> None:
-        if self._shards.get(shard_id) != address:
-            self._shards[shard_id] = address
+    def register(self, shard_id: str, address: str, metrics_address: str = "") -> None:
+        if self._shards.get(shard_id) != (address, metrics_address):
+            self._shards[shard_id] = (address, metrics_address)
             self._epoch += 1
             self._next = max(self._next, int(shard_id.rsplit("-", 1)[-1]) + 1)
 
@@ -68,9 +69,9 @@ class Directory:
         if self._shards.pop(shard_id, None) is not None:
             self._epoch += 1
 
-    def topology(self) -> tuple[int, int, list[tuple[str, str]]]:
-        """(epoch, replication, [(shard_id, address)])."""
-        return self._epoch, self.replication, sorted(self._shards.items())
+    def topology(self) -> tuple[int, int, list[tuple[str, str, str]]]:
+        """(epoch, replication, [(shard_id, address, metrics_address)])."""
+        return self._epoch, self.replication, sorted((s, *a) for s, a in self._shards.items())
 
 
 class Shard:
@@ -84,6 +85,7 @@ class Shard:
         host: str,
         port: int,
         advertise_host: str | None = None,
+        metrics_port: int | None = 0,
     ) -> None:
         logging.basicConfig(level=logging.INFO)
         self.tier, self.shard_id = tier, shard_id
@@ -93,10 +95,11 @@ class Shard:
         self._cached: tuple[float, pb.TopologyResponse] | None = None
         self.server = ShardServer(
             BlockStore(budget_bytes), shard_id, topology=self._topology, host=host, port=port,
-            advertise_host=advertise_host, limits=Limits(),
+            advertise_host=advertise_host, limits=Limits(), metrics_port=metrics_port,
         )  # fmt: skip
         self.address = self.server.start()
-        ray.get(self._directory.register.remote(shard_id, self.address))
+        self.metrics_address = self.server.metrics_address
+        ray.get(self._directory.register.remote(shard_id, self.address, self.metrics_address))
         threading.Thread(target=self._heartbeat, daemon=True).start()
 
     def _heartbeat(self) -> None:
@@ -104,7 +107,10 @@ class Shard:
             time.sleep(HEARTBEAT_S)
             try:
                 directory = ray.get_actor(directory_name(self.tier), namespace=RAY_NAMESPACE)
-                ray.get(directory.register.remote(self.shard_id, self.address), timeout=10)
+                ref: Any = directory.register.remote(
+                    self.shard_id, self.address, self.metrics_address
+                )
+                ray.get(ref, timeout=10)
             except Exception as e:  # the Directory is restarting: try again next beat
                 log.warning("shard %s could not re-register: %s", self.shard_id, e)
 
@@ -115,7 +121,7 @@ class Shard:
         epoch, replication, shards = await self._directory.topology.remote()
         msg = pb.TopologyResponse(
             epoch=epoch, replication=replication,
-            shards=[pb.Shard(shard_id=s, address=a) for s, a in shards],
+            shards=[pb.Shard(shard_id=s, address=a, metrics_address=m) for s, a, m in shards],
         )  # fmt: skip
         self._cached = (now, msg)
         return msg

@@ -54,6 +54,8 @@ class StoreStats:
     evictions: int = 0
     checksum_failures: int = 0
     rejected: int = 0
+    redis_hits: int = 0
+    redis_misses: int = 0
 
 
 class BlockStore:

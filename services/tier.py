@@ -8,11 +8,13 @@ process that created them; `Tier.shutdown` removes the ones it created.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -32,6 +34,9 @@ class TierConfig:
     port: int = 0  # the first shard's port (the next ones count up); 0: any free port
     replication: int = 1
     shard_cpus: float = 0.5  # Ray's logical CPUs reserved per shard
+    metrics_port: int | None = (
+        0  # first shard's /metrics port (next ones count up); 0: any; None: off
+    )
     name: str = "default"  # tiers on one Ray cluster are told apart by name
 
     def __post_init__(self) -> None:
@@ -49,14 +54,24 @@ class Tier:
     started_ray: bool = False
     temp_dir: str | None = None  # Ray's session files, when this process started Ray
 
-    def topology(self) -> list[tuple[str, str]]:
+    def topology(self) -> list[tuple[str, str, str]]:
+        """[(shard id, gRPC address, metrics address)]"""
         _, _, shards = ray.get(self.directory.topology.remote())
         return list(shards)
 
     @property
     def endpoint(self) -> str:
         """Comma-separated shard addresses: any of them bootstraps a client."""
-        return ",".join(address for _, address in self.topology())
+        return ",".join(address for _, address, _ in self.topology())
+
+    def write_file_sd(self, path: str | Path) -> None:
+        """Write the shards' /metrics targets as a Prometheus file_sd JSON file (atomically)."""
+        targets = [m for _, _, m in self.topology() if m]
+        groups = [{"targets": targets, "labels": {"job": "kvpool-shards", "tier": self.name}}]
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(groups, indent=2) + "\n")
+        tmp.replace(path)
 
     def add_shards(self, config: TierConfig, count: int) -> list[str]:
         """Create `count` more shards and wait until each serves gRPC health."""
@@ -66,10 +81,11 @@ class Tier:
         for sid in ids:
             index = int(sid.rsplit("-", 1)[-1])
             port = config.port + index if config.port else 0
+            metrics = config.metrics_port + index if config.metrics_port else config.metrics_port
             handles[sid] = actor.options(
                 name=shard_name(config.name, sid), namespace=RAY_NAMESPACE, lifetime="detached",
                 max_restarts=-1, max_task_retries=0, num_cpus=config.shard_cpus,
-            ).remote(config.name, sid, config.budget_bytes, config.host, port)  # fmt: skip
+            ).remote(config.name, sid, config.budget_bytes, config.host, port, None, metrics)  # fmt: skip
         for handle in handles.values():
             wait_serving(ray.get(handle.endpoint.remote(), timeout=60))
         self.shards.update(handles)

@@ -182,7 +182,7 @@ def test_a_killed_shard_gives_misses_then_serves_again(tier, client) -> None:
     assert client.lookup(toks) == 0  # block 0 lived there: a miss, not an error
     assert client.get(toks) is None
     wait_for(lambda: pid_of(tier.shards[victim]) not in (None, pid))
-    wait_serving(dict(tier.topology())[victim])
+    wait_serving({s: a for s, a, _ in tier.topology()}[victim])
     assert client.lookup(toks) == 0  # restarted empty
     assert client.put(toks, kv(8 * B, seed=8)) == owners.count(victim)  # only its blocks again
     assert client.lookup(toks) == 8 * B
