@@ -65,9 +65,8 @@ def test_shard_and_client_metrics_follow_a_workload(tier) -> None:
         assert pool.get([7] * 64) is None  # a miss
         sent, received = pool.stats.bytes_put, pool.stats.bytes_fetched
         address = tier.topology()[0][1]
-        with grpc.insecure_channel(address) as ch:  # one malformed request
-            with pytest.raises(grpc.RpcError):
-                pb_grpc.KVPoolStub(ch).Lookup(pb.LookupRequest(namespace_id=b"x"), timeout=5)
+        with grpc.insecure_channel(address) as ch, pytest.raises(grpc.RpcError):
+            pb_grpc.KVPoolStub(ch).Lookup(pb.LookupRequest(namespace_id=b"x"), timeout=5)  # bad
     after = scrape(tier)
 
     def delta(name: str, **labels: str) -> float:
