@@ -56,11 +56,11 @@ import numpy as np
 import redis
 import torch
 from redis.utils import HIREDIS_AVAILABLE
-from redis_server import RedisServer  # benchmarks/, on sys.path as the script's folder
 
 from kvpool.client import namespace_for
 from kvpool.kernels.codec import CodecConfig, decode, encode
 from kvpool.keys import Namespace, block_keys
+from kvpool.services.redis_server import RedisServer
 from kvpool.transport import ClientConfig, TierClient
 
 SHAPE = (32, 8, 256, 128)

@@ -148,12 +148,27 @@ class TierClient:
                 ):
                     self._registered.discard((shard_id, ns.id))  # the shard restarted
                     continue
+                if code == grpc.StatusCode.UNAVAILABLE and attempt == 0:
+                    moved = await self._moved(shard_id, address)
+                    if moved is not None:  # restarted elsewhere (a new port): try it there
+                        address, stub = moved, self._stub(moved)
+                        self._registered.discard((shard_id, ns.id))
+                        continue
                 if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     self._refreshed_at = 0.0  # look again at the topology on the next call
                 raise TierError(
                     f"{shard_id} ({address}): {code.name}: {e.details()}", code.name
                 ) from None
         raise AssertionError("unreachable")
+
+    async def _moved(self, shard_id: str, address: str) -> str | None:
+        """The shard's new address if the topology now places it elsewhere, else None."""
+        try:
+            await self.refresh(force=True)
+        except TierError:
+            return None
+        new = self._addresses.get(shard_id)
+        return new if new is not None and new != address else None
 
     # -- data calls ------------------------------------------------------------------------
 

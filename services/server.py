@@ -17,6 +17,7 @@ A miss is not an error: Lookup counts present keys, Get answers found = false.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -34,6 +35,7 @@ from kvpool.proto import kvpool_pb2 as pb
 from kvpool.proto import kvpool_pb2_grpc as pb_grpc
 from kvpool.proto.messages import namespace_from_proto
 from kvpool.services.metrics import ShardMetrics
+from kvpool.services.redis_tier import RedisTier
 from kvpool.services.store import BlockStore, BlockTooLargeError
 
 log = logging.getLogger(__name__)
@@ -81,9 +83,10 @@ def check_block(header: BlockHeader, ns: Namespace) -> None:
 class KVPoolServicer(pb_grpc.KVPoolServicer):
     def __init__(
         self, store: BlockStore, shard_id: str, topology: TopologyFn, limits: Limits = Limits(),
-        metrics: ShardMetrics | None = None,
+        metrics: ShardMetrics | None = None, redis: RedisTier | None = None,
     ) -> None:  # fmt: skip
         self.store, self.shard_id, self.limits, self.metrics = store, shard_id, limits, metrics
+        self.redis = redis
         self._topology = topology
         self._namespaces: dict[bytes, Namespace] = {}
 
@@ -147,7 +150,10 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
             self._namespace(request.namespace_id)
             keys = list(request.keys)
             self._check_keys(keys)
-            return pb.LookupResponse(present=self.store.leading(request.namespace_id, keys))
+            n = self.store.leading(request.namespace_id, keys)
+            if self.redis is not None and n < len(keys):
+                n += await asyncio.to_thread(self.redis.leading, request.namespace_id, keys[n:])
+            return pb.LookupResponse(present=n)
 
         return await self._guard("Lookup", run(), context)
 
@@ -204,6 +210,8 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
                 )
             except BlockTooLargeError as e:
                 raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+            if stored and self.redis is not None and self.redis.mode == "all":
+                self.redis.offer(info.namespace_id, info.key, info.chain, info.position, bytes(buf))
             return pb.PutResponse(stored=stored)
 
         return await self._guard("Put", run(), context)
@@ -213,7 +221,7 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
     ) -> AsyncIterator[pb.GetResponse]:
         t0 = time.perf_counter()
         try:
-            data = self._read(request)
+            data = await self._read(request)
         except _Abort as e:
             self.store.stats.rejected += 1
             self._observe("Get", e.code.name, t0)
@@ -234,13 +242,13 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
         finally:
             self._observe("Get", code, t0)
 
-    def _read(self, request: pb.GetRequest) -> bytes | None:
+    async def _read(self, request: pb.GetRequest) -> bytes | None:
         """The requested block, verified; None on a miss. A corrupt block is dropped."""
         self._namespace(request.namespace_id)
         _check_key(request.key)
         data = self.store.get(request.namespace_id, request.key)
         if data is None:
-            return None
+            return await self._read_through(request.namespace_id, request.key)
         try:
             verify(data)
         except BlockFormatError as e:
@@ -251,6 +259,26 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
             raise _Abort(grpc.StatusCode.DATA_LOSS, f"stored block corrupted: {e}") from None
         return data
 
+    async def _read_through(self, namespace_id: bytes, key: bytes) -> bytes | None:
+        """A memory miss read from the Redis tier, verified and put back into memory."""
+        if self.redis is None:
+            return None
+        found = await asyncio.to_thread(self.redis.get, namespace_id, key)
+        if found is None:
+            self.store.stats.redis_misses += 1
+            return None
+        chain, position, data = found
+        try:
+            verify(data)
+        except BlockFormatError as e:
+            self.store.stats.checksum_failures += 1
+            log.error("shard %s: corrupt block in Redis %s: %s", self.shard_id, key.hex()[:16], e)
+            return None
+        self.store.stats.redis_hits += 1
+        with contextlib.suppress(BlockTooLargeError):
+            self.store.put(namespace_id, key, chain, position, data)
+        return data
+
     async def Delete(
         self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteResponse:
@@ -258,7 +286,10 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
             self._namespace(request.namespace_id)
             keys = list(request.keys)
             self._check_keys(keys)
-            return pb.DeleteResponse(deleted=self.store.delete(request.namespace_id, keys))
+            deleted = self.store.delete(request.namespace_id, keys)
+            if self.redis is not None:
+                deleted |= await asyncio.to_thread(self.redis.delete, request.namespace_id, keys)
+            return pb.DeleteResponse(deleted=len(deleted))
 
         return await self._guard("Delete", run(), context)
 
@@ -321,8 +352,10 @@ class ShardServer:
         advertise_host: str | None = None,
         limits: Limits = Limits(),
         metrics_port: int | None = None,
+        redis: RedisTier | None = None,
     ) -> None:
         self.store, self.shard_id, self.limits = store, shard_id, limits
+        self.redis = redis
         self.host, self.port = host, port
         self.metrics = ShardMetrics(store)
         self._metrics_port = metrics_port  # None: no /metrics server (0: any free port)
@@ -356,7 +389,9 @@ class ShardServer:
         ]
         server = grpc.aio.server(options=opts)
         pb_grpc.add_KVPoolServicer_to_server(
-            KVPoolServicer(self.store, self.shard_id, self._topology, self.limits, self.metrics),
+            KVPoolServicer(
+                self.store, self.shard_id, self._topology, self.limits, self.metrics, self.redis
+            ),
             server,
         )
         health_servicer = health.aio.HealthServicer()

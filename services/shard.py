@@ -20,6 +20,7 @@ from typing import Any
 import ray
 
 from kvpool.proto import kvpool_pb2 as pb
+from kvpool.services.redis_tier import Mode, RedisTier
 from kvpool.services.server import Limits, ShardServer
 from kvpool.services.store import BlockStore
 
@@ -86,6 +87,9 @@ class Shard:
         port: int,
         advertise_host: str | None = None,
         metrics_port: int | None = 0,
+        redis_url: str | None = None,
+        redis_ttl_s: int = 3600,
+        redis_mode: Mode = "all",
     ) -> None:
         logging.basicConfig(level=logging.INFO)
         self.tier, self.shard_id = tier, shard_id
@@ -93,9 +97,12 @@ class Shard:
             advertise_host = ray.util.get_node_ip_address() if host == "0.0.0.0" else host
         self._directory = ray.get_actor(directory_name(tier), namespace=RAY_NAMESPACE)
         self._cached: tuple[float, pb.TopologyResponse] | None = None
+        redis = RedisTier(redis_url, redis_ttl_s, redis_mode) if redis_url else None
+        spill = redis.offer if redis is not None and redis.mode == "evicted" else None
         self.server = ShardServer(
-            BlockStore(budget_bytes), shard_id, topology=self._topology, host=host, port=port,
-            advertise_host=advertise_host, limits=Limits(), metrics_port=metrics_port,
+            BlockStore(budget_bytes, on_evict=spill), shard_id, topology=self._topology,
+            host=host, port=port, advertise_host=advertise_host, limits=Limits(),
+            metrics_port=metrics_port, redis=redis,
         )  # fmt: skip
         self.address = self.server.start()
         self.metrics_address = self.server.metrics_address

@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -62,8 +63,14 @@ class BlockStore:
     """Blocks by key, at most `budget_bytes` of payload. Thread-safe."""
 
     def __init__(
-        self, budget_bytes: int, probation_fraction: float = 0.1, ghost_chains: int = 4096
+        self,
+        budget_bytes: int,
+        probation_fraction: float = 0.1,
+        ghost_chains: int = 4096,
+        on_evict: Callable[[bytes, bytes, bytes, int, bytes], None] | None = None,
     ) -> None:
+        """on_evict(namespace_id, key, chain, position, data): told of every evicted block
+        (the Redis tier's "evicted" mode); called with the store's lock held: must not block."""
         if budget_bytes <= 0:
             raise ValueError("budget_bytes must be positive")
         if not 0.0 < probation_fraction < 1.0:
@@ -71,6 +78,7 @@ class BlockStore:
         self.budget_bytes = budget_bytes
         self.probation_fraction = probation_fraction
         self._ghost_limit = ghost_chains
+        self._on_evict = on_evict
         self._blocks: dict[bytes, _Entry] = {}
         self._chains: dict[bytes, _Chain] = {}
         self._probation: OrderedDict[bytes, None] = OrderedDict()
@@ -147,17 +155,17 @@ class BlockStore:
             self.stats.blocks = len(self._blocks)
             return True
 
-    def delete(self, namespace_id: bytes, keys: list[bytes]) -> int:
-        """Remove the given blocks; returns how many were present."""
+    def delete(self, namespace_id: bytes, keys: list[bytes]) -> set[bytes]:
+        """Remove the given blocks; returns the keys that were present."""
         with self._lock:
-            n = 0
+            deleted = set()
             for key in keys:
                 entry = self._blocks.get(key)
                 if entry is not None and entry.namespace_id == namespace_id:
                     self._remove(key, remember=False)
-                    n += 1
+                    deleted.add(key)
             self.stats.blocks = len(self._blocks)
-            return n
+            return deleted
 
     def drop_corrupt(self, key: bytes) -> None:
         """Remove a block whose checksum failed, and count it."""
@@ -188,8 +196,11 @@ class BlockStore:
             self._main[chain_id] = None
             return
         _, key = ch.blocks[-1]  # the deepest block of the least valuable chain
+        entry = self._blocks[key]
         self._remove(key, remember=from_probation)
         self.stats.evictions += 1
+        if self._on_evict is not None:
+            self._on_evict(entry.namespace_id, key, entry.chain, entry.position, entry.data)
 
     def _remove(self, key: bytes, remember: bool) -> None:
         entry = self._blocks.pop(key)

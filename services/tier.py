@@ -21,6 +21,7 @@ import grpc
 import ray
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from kvpool.services.redis_tier import Mode
 from kvpool.services.shard import RAY_NAMESPACE, Directory, Shard, directory_name, shard_name
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,9 @@ class TierConfig:
         0  # first shard's /metrics port (next ones count up); 0: any; None: off
     )
     name: str = "default"  # tiers on one Ray cluster are told apart by name
+    redis_url: str | None = None  # the optional second tier, e.g. redis://host:6379/0
+    redis_ttl_s: int = 3600
+    redis_mode: Mode = "all"  # "all": every block also goes to Redis; "evicted": only evictions
 
     def __post_init__(self) -> None:
         if self.shards < 0 or self.budget_bytes <= 0 or self.replication < 1:
@@ -85,7 +89,10 @@ class Tier:
             handles[sid] = actor.options(
                 name=shard_name(config.name, sid), namespace=RAY_NAMESPACE, lifetime="detached",
                 max_restarts=-1, max_task_retries=0, num_cpus=config.shard_cpus,
-            ).remote(config.name, sid, config.budget_bytes, config.host, port, None, metrics)  # fmt: skip
+            ).remote(
+                config.name, sid, config.budget_bytes, config.host, port, None, metrics,
+                config.redis_url, config.redis_ttl_s, config.redis_mode,
+            )  # fmt: skip
         for handle in handles.values():
             wait_serving(ray.get(handle.endpoint.remote(), timeout=60))
         self.shards.update(handles)

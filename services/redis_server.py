@@ -1,4 +1,4 @@
-"""A throwaway Redis server on loopback, for benchmarks that compare against Redis.
+"""A throwaway Redis server on loopback, for tests and benchmarks (never fakeredis).
 
     with RedisServer() as server:
         r = redis.Redis(server.host, server.port)
