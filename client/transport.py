@@ -24,6 +24,7 @@ from kvpool.proto import kvpool_pb2 as pb
 from kvpool.proto import kvpool_pb2_grpc as pb_grpc
 from kvpool.proto.messages import namespace_to_proto
 from kvpool.ring import Ring
+from kvpool.services.security import channel_credentials
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -36,6 +37,15 @@ class ClientConfig:
     chunk_bytes: int = 1 << 20
     topology_ttl_s: float = 10.0  # refresh the topology at least this often
     max_lookup_keys: int = 4096
+    tls_ca_file: str | None = None  # set: TLS, trusting this CA
+    tls_cert_file: str | None = None  # with tls_key_file: a client certificate (mutual TLS)
+    tls_key_file: str | None = None
+    tls_server_name: str | None = None  # when the certificate names another host
+    token: str | None = None  # the tenant's token (needs TLS)
+
+    def __post_init__(self) -> None:
+        if self.token and not self.tls_ca_file:
+            raise ValueError("a token is only sent over TLS: set tls_ca_file")
 
 
 class TierClient:
@@ -64,11 +74,19 @@ class TierClient:
     def _stub(self, address: str) -> pb_grpc.KVPoolStub:
         channel = self._channels.get(address)
         if channel is None:
-            opts = [
+            opts: list[tuple[str, object]] = [
                 ("grpc.max_receive_message_length", 8 << 20),
                 ("grpc.max_send_message_length", 8 << 20),
             ]
-            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=opts)
+            c = self.config
+            if c.tls_ca_file:
+                creds = channel_credentials(c.tls_ca_file, c.tls_cert_file, c.tls_key_file, c.token)
+                if c.tls_server_name:
+                    opts.append(("grpc.ssl_target_name_override", c.tls_server_name))
+                channel = grpc.aio.secure_channel(address, creds, options=opts)
+            else:
+                channel = grpc.aio.insecure_channel(address, options=opts)
+            self._channels[address] = channel
         return pb_grpc.KVPoolStub(channel)
 
     async def refresh(self, force: bool = False) -> None:

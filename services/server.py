@@ -21,7 +21,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -36,6 +36,7 @@ from kvpool.proto import kvpool_pb2_grpc as pb_grpc
 from kvpool.proto.messages import namespace_from_proto
 from kvpool.services.metrics import ShardMetrics
 from kvpool.services.redis_tier import RedisTier
+from kvpool.services.security import ServerSecurity, scoped, tenant_of
 from kvpool.services.store import BlockStore, BlockTooLargeError
 
 log = logging.getLogger(__name__)
@@ -84,9 +85,10 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
     def __init__(
         self, store: BlockStore, shard_id: str, topology: TopologyFn, limits: Limits = Limits(),
         metrics: ShardMetrics | None = None, redis: RedisTier | None = None,
+        tokens: Mapping[str, str] | None = None,
     ) -> None:  # fmt: skip
         self.store, self.shard_id, self.limits, self.metrics = store, shard_id, limits, metrics
-        self.redis = redis
+        self.redis, self.tokens = redis, tokens
         self._topology = topology
         self._namespaces: dict[bytes, Namespace] = {}
 
@@ -101,6 +103,21 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
                 f"unknown namespace {namespace_id.hex()[:16]}: call RegisterNamespace first",
             )
         return ns
+
+    def _tenant(self, context: grpc.aio.ServicerContext) -> str | None:
+        """The caller's tenant (None when authentication is off); UNAUTHENTICATED otherwise."""
+        if self.tokens is None:
+            return None
+        tenant = tenant_of(self.tokens, tuple(context.invocation_metadata() or ()))
+        if tenant is None:
+            raise _Abort(grpc.StatusCode.UNAUTHENTICATED, "a valid tenant token is required")
+        return tenant
+
+    async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+        try:
+            self._tenant(context)
+        except _Abort as e:
+            await context.abort(e.code, e.detail)
 
     def _check_keys(self, keys: list[bytes]) -> None:
         if len(keys) > self.limits.max_keys:
@@ -117,6 +134,7 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
         self, request: pb.RegisterNamespaceRequest, context: grpc.aio.ServicerContext
     ) -> pb.RegisterNamespaceResponse:
         async def run() -> pb.RegisterNamespaceResponse:
+            self._tenant(context)
             if not request.HasField("namespace"):
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "namespace missing")
             try:
@@ -147,9 +165,10 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
         self, request: pb.LookupRequest, context: grpc.aio.ServicerContext
     ) -> pb.LookupResponse:
         async def run() -> pb.LookupResponse:
+            tenant = self._tenant(context)
             self._namespace(request.namespace_id)
-            keys = list(request.keys)
-            self._check_keys(keys)
+            self._check_keys(list(request.keys))
+            keys = [scoped(tenant, k) for k in request.keys]
             n = self.store.leading(request.namespace_id, keys)
             if self.redis is not None and n < len(keys):
                 n += await asyncio.to_thread(self.redis.leading, request.namespace_id, keys[n:])
@@ -161,6 +180,7 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
         self, request_iterator: AsyncIterator[pb.PutRequest], context: grpc.aio.ServicerContext
     ) -> pb.PutResponse:
         async def run() -> pb.PutResponse:
+            tenant = self._tenant(context)
             first = await anext(aiter(request_iterator), None)
             if first is None or first.WhichOneof("part") != "info":
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "a Put stream starts with info")
@@ -174,7 +194,8 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
                     f"block of {info.size} bytes over the limit of "
                     f"{min(self.limits.max_block_bytes, self.store.budget_bytes)}",
                 )
-            if info.key in self.store:
+            key, chain = scoped(tenant, info.key), scoped(tenant, info.chain)
+            if key in self.store:
                 self.store.stats.put_existing += 1
                 return pb.PutResponse(stored=False)  # immutable: no work, the rest is not read
             buf = bytearray(info.size)
@@ -205,13 +226,11 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"not a kvpool block: {e}") from None
             check_block(header, ns)
             try:
-                stored = self.store.put(
-                    info.namespace_id, info.key, info.chain, info.position, bytes(buf)
-                )
+                stored = self.store.put(info.namespace_id, key, chain, info.position, bytes(buf))
             except BlockTooLargeError as e:
                 raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
             if stored and self.redis is not None and self.redis.mode == "all":
-                self.redis.offer(info.namespace_id, info.key, info.chain, info.position, bytes(buf))
+                self.redis.offer(info.namespace_id, key, chain, info.position, bytes(buf))
             return pb.PutResponse(stored=stored)
 
         return await self._guard("Put", run(), context)
@@ -221,7 +240,7 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
     ) -> AsyncIterator[pb.GetResponse]:
         t0 = time.perf_counter()
         try:
-            data = await self._read(request)
+            data = await self._read(request, self._tenant(context))
         except _Abort as e:
             self.store.stats.rejected += 1
             self._observe("Get", e.code.name, t0)
@@ -242,17 +261,18 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
         finally:
             self._observe("Get", code, t0)
 
-    async def _read(self, request: pb.GetRequest) -> bytes | None:
+    async def _read(self, request: pb.GetRequest, tenant: str | None) -> bytes | None:
         """The requested block, verified; None on a miss. A corrupt block is dropped."""
         self._namespace(request.namespace_id)
         _check_key(request.key)
-        data = self.store.get(request.namespace_id, request.key)
+        key = scoped(tenant, request.key)
+        data = self.store.get(request.namespace_id, key)
         if data is None:
-            return await self._read_through(request.namespace_id, request.key)
+            return await self._read_through(request.namespace_id, key)
         try:
             verify(data)
         except BlockFormatError as e:
-            self.store.drop_corrupt(request.key)
+            self.store.drop_corrupt(key)
             log.error(
                 "shard %s dropped corrupt block %s: %s", self.shard_id, request.key.hex()[:16], e
             )
@@ -283,9 +303,10 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
         self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteResponse:
         async def run() -> pb.DeleteResponse:
+            tenant = self._tenant(context)
             self._namespace(request.namespace_id)
-            keys = list(request.keys)
-            self._check_keys(keys)
+            self._check_keys(list(request.keys))
+            keys = [scoped(tenant, k) for k in request.keys]
             deleted = self.store.delete(request.namespace_id, keys)
             if self.redis is not None:
                 deleted |= await asyncio.to_thread(self.redis.delete, request.namespace_id, keys)
@@ -296,6 +317,7 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
     async def Stats(
         self, request: pb.StatsRequest, context: grpc.aio.ServicerContext
     ) -> pb.StatsResponse:
+        await self._authorize(context)
         s = self.store.stats
         return pb.StatsResponse(
             shard_id=self.shard_id, blocks=s.blocks, bytes=s.bytes, budget_bytes=s.budget_bytes,
@@ -306,6 +328,7 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
     async def Topology(
         self, request: pb.TopologyRequest, context: grpc.aio.ServicerContext
     ) -> pb.TopologyResponse:
+        await self._authorize(context)
         try:
             return await self._topology()
         except Exception as e:  # the control plane is briefly away (e.g. restarting)
@@ -353,9 +376,10 @@ class ShardServer:
         limits: Limits = Limits(),
         metrics_port: int | None = None,
         redis: RedisTier | None = None,
+        security: ServerSecurity | None = None,
     ) -> None:
         self.store, self.shard_id, self.limits = store, shard_id, limits
-        self.redis = redis
+        self.redis, self.security = redis, security or ServerSecurity()
         self.host, self.port = host, port
         self.metrics = ShardMetrics(store)
         self._metrics_port = metrics_port  # None: no /metrics server (0: any free port)
@@ -390,13 +414,23 @@ class ShardServer:
         server = grpc.aio.server(options=opts)
         pb_grpc.add_KVPoolServicer_to_server(
             KVPoolServicer(
-                self.store, self.shard_id, self._topology, self.limits, self.metrics, self.redis
+                self.store,
+                self.shard_id,
+                self._topology,
+                self.limits,
+                self.metrics,
+                self.redis,
+                self.security.tenants(),
             ),
             server,
         )
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        port = server.add_insecure_port(f"{self.host}:{self.port}")
+        bind = f"{self.host}:{self.port}"
+        if self.security.tls:
+            port = server.add_secure_port(bind, self.security.credentials())
+        else:
+            port = server.add_insecure_port(bind)
         await server.start()
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -1,0 +1,100 @@
+"""Transport security and tenant authentication for the shards' gRPC endpoints.
+
+Where it stands: at the edge of every shard (services/server.py) and in the client's channels
+(client/transport.py).
+- TLS with a server certificate; mutual TLS when a client CA is given (clients then present
+  certificates signed by it).
+- Token authentication per tenant: a request carries `authorization: Bearer <token>` (sent by
+  the client as gRPC call credentials, so only over TLS); the shard maps the token to its
+  tenant and answers UNAUTHENTICATED otherwise. Blocks are stored under keys scoped by tenant,
+  so a tenant can never read or overwrite another tenant's blocks, even knowing their keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+
+@dataclass(frozen=True)
+class ServerSecurity:
+    cert_file: str | None = None  # PEM server certificate (chain)
+    key_file: str | None = None
+    client_ca_file: str | None = None  # set: mutual TLS, clients must present a certificate
+    tokens_file: str | None = None  # JSON {"<token>": "<tenant>"}; needs TLS
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("TLS needs both a certificate and its key")
+        if self.client_ca_file and not self.cert_file:
+            raise ValueError("mutual TLS needs a server certificate too")
+        if self.tokens_file and not self.cert_file:
+            raise ValueError("token authentication needs TLS (tokens never travel in clear)")
+
+    @property
+    def tls(self) -> bool:
+        return self.cert_file is not None
+
+    def credentials(self) -> grpc.ServerCredentials:
+        assert self.cert_file and self.key_file
+        ca = Path(self.client_ca_file).read_bytes() if self.client_ca_file else None
+        pair = (Path(self.key_file).read_bytes(), Path(self.cert_file).read_bytes())
+        return grpc.ssl_server_credentials(
+            [pair], root_certificates=ca, require_client_auth=ca is not None
+        )
+
+    def tenants(self) -> Mapping[str, str] | None:
+        """token -> tenant, or None when authentication is off."""
+        if not self.tokens_file:
+            return None
+        tokens = json.loads(Path(self.tokens_file).read_text())
+        if not isinstance(tokens, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and k and v for k, v in tokens.items()
+        ):
+            raise ValueError(f"{self.tokens_file}: expected a JSON object of token -> tenant")
+        return tokens
+
+
+def tenant_of(
+    tokens: Mapping[str, str], metadata: tuple[tuple[str, str | bytes], ...]
+) -> str | None:
+    """The tenant whose token the request carries; None if it carries no valid token."""
+    auth = next((v for k, v in metadata if k == "authorization"), None)
+    if not isinstance(auth, str) or not auth.startswith("Bearer "):
+        return None
+    given = auth[len("Bearer ") :].encode()
+    found = None
+    for token, tenant in tokens.items():  # compare every token in constant time
+        if hmac.compare_digest(given, token.encode()):
+            found = tenant
+    return found
+
+
+def scoped(tenant: str | None, key: bytes) -> bytes:
+    """The key a block is stored under: the client's key, or one scoped to its tenant."""
+    if tenant is None:
+        return key
+    return hashlib.sha256(b"kvpool tenant\x00" + tenant.encode() + b"\x00" + key).digest()
+
+
+def channel_credentials(
+    ca_file: str,
+    cert_file: str | None = None,
+    key_file: str | None = None,
+    token: str | None = None,
+) -> grpc.ChannelCredentials:
+    """Client credentials: trust `ca_file`; present a certificate for mutual TLS; send a token."""
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=Path(ca_file).read_bytes(),
+        private_key=Path(key_file).read_bytes() if key_file else None,
+        certificate_chain=Path(cert_file).read_bytes() if cert_file else None,
+    )
+    if token:
+        creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(token))
+    return creds
