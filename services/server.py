@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kvpool.blockformat import FORMAT_VERSION, BlockHeader, Layout, verify
@@ -59,6 +60,31 @@ T = TypeVar("T")
 class _Abort(Exception):
     def __init__(self, code: grpc.StatusCode, detail: str) -> None:
         self.code, self.detail = code, detail
+
+
+class _Malformed:
+    """Stands for a request whose bytes did not parse (see `_parse`)."""
+
+
+MALFORMED: Any = _Malformed()
+
+
+def _parse(message: Any) -> Callable[[bytes], Any]:
+    """A request deserializer that turns unparsable bytes into MALFORMED, so the servicer can
+    answer INVALID_ARGUMENT (gRPC itself would answer UNKNOWN)."""
+
+    def parse(data: bytes) -> Any:
+        try:
+            return message.FromString(data)
+        except DecodeError:
+            return MALFORMED
+
+    return parse
+
+
+def _well_formed(request: object) -> None:
+    if request is MALFORMED:
+        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "the request does not parse as kvpool.v1")
 
 
 def _check_key(key: bytes, what: str = "key") -> None:
@@ -134,6 +160,7 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
         self, request: pb.RegisterNamespaceRequest, context: grpc.aio.ServicerContext
     ) -> pb.RegisterNamespaceResponse:
         async def run() -> pb.RegisterNamespaceResponse:
+            _well_formed(request)
             self._tenant(context)
             if not request.HasField("namespace"):
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "namespace missing")
@@ -165,6 +192,7 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
         self, request: pb.LookupRequest, context: grpc.aio.ServicerContext
     ) -> pb.LookupResponse:
         async def run() -> pb.LookupResponse:
+            _well_formed(request)
             tenant = self._tenant(context)
             self._namespace(request.namespace_id)
             self._check_keys(list(request.keys))
@@ -182,7 +210,7 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
         async def run() -> pb.PutResponse:
             tenant = self._tenant(context)
             first = await anext(aiter(request_iterator), None)
-            if first is None or first.WhichOneof("part") != "info":
+            if first is None or first is MALFORMED or first.WhichOneof("part") != "info":
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "a Put stream starts with info")
             info = first.info
             ns = self._namespace(info.namespace_id)
@@ -201,6 +229,7 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
             buf = bytearray(info.size)
             filled = 0
             async for msg in request_iterator:
+                _well_formed(msg)
                 if msg.WhichOneof("part") != "chunk":
                     raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "info sent twice in one Put")
                 end = filled + len(msg.chunk)
@@ -263,6 +292,7 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
 
     async def _read(self, request: pb.GetRequest, tenant: str | None) -> bytes | None:
         """The requested block, verified; None on a miss. A corrupt block is dropped."""
+        _well_formed(request)
         self._namespace(request.namespace_id)
         _check_key(request.key)
         key = scoped(tenant, request.key)
@@ -303,6 +333,7 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
         self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteResponse:
         async def run() -> pb.DeleteResponse:
+            _well_formed(request)
             tenant = self._tenant(context)
             self._namespace(request.namespace_id)
             self._check_keys(list(request.keys))
@@ -356,6 +387,25 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
     def _observe(self, method: str, code: str, t0: float) -> None:
         if self.metrics is not None:
             self.metrics.observe(method, code, time.perf_counter() - t0)
+
+
+def _handlers(s: KVPoolServicer) -> grpc.GenericRpcHandler:
+    """kvpool.v1.KVPool's handlers, with request parsing that cannot fail (see `_parse`)."""
+    u, us, su = (
+        grpc.unary_unary_rpc_method_handler,
+        grpc.unary_stream_rpc_method_handler,
+        grpc.stream_unary_rpc_method_handler,
+    )
+    handlers = {
+        "RegisterNamespace": u(s.RegisterNamespace, _parse(pb.RegisterNamespaceRequest), pb.RegisterNamespaceResponse.SerializeToString),
+        "Lookup": u(s.Lookup, _parse(pb.LookupRequest), pb.LookupResponse.SerializeToString),
+        "Put": su(s.Put, _parse(pb.PutRequest), pb.PutResponse.SerializeToString),
+        "Get": us(s.Get, _parse(pb.GetRequest), pb.GetResponse.SerializeToString),
+        "Delete": u(s.Delete, _parse(pb.DeleteRequest), pb.DeleteResponse.SerializeToString),
+        "Stats": u(s.Stats, _parse(pb.StatsRequest), pb.StatsResponse.SerializeToString),
+        "Topology": u(s.Topology, _parse(pb.TopologyRequest), pb.TopologyResponse.SerializeToString),
+    }  # fmt: skip
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
 
 class ShardServer:
@@ -412,18 +462,11 @@ class ShardServer:
             ("grpc.so_reuseport", 0),
         ]
         server = grpc.aio.server(options=opts)
-        pb_grpc.add_KVPoolServicer_to_server(
-            KVPoolServicer(
-                self.store,
-                self.shard_id,
-                self._topology,
-                self.limits,
-                self.metrics,
-                self.redis,
-                self.security.tenants(),
-            ),
-            server,
-        )
+        servicer = KVPoolServicer(
+            self.store, self.shard_id, self._topology, self.limits, self.metrics, self.redis,
+            self.security.tenants(),
+        )  # fmt: skip
+        server.add_generic_rpc_handlers((_handlers(servicer),))
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         bind = f"{self.host}:{self.port}"
