@@ -21,6 +21,7 @@ import ray
 
 from kvpool.proto import kvpool_pb2 as pb
 from kvpool.services.redis_tier import Mode, RedisTier
+from kvpool.services.security import ServerSecurity
 from kvpool.services.server import Limits, ShardServer
 from kvpool.services.store import BlockStore
 
@@ -90,6 +91,7 @@ class Shard:
         redis_url: str | None = None,
         redis_ttl_s: int = 3600,
         redis_mode: Mode = "all",
+        security: ServerSecurity | None = None,
     ) -> None:
         logging.basicConfig(level=logging.INFO)
         self.tier, self.shard_id = tier, shard_id
@@ -102,7 +104,7 @@ class Shard:
         self.server = ShardServer(
             BlockStore(budget_bytes, on_evict=spill), shard_id, topology=self._topology,
             host=host, port=port, advertise_host=advertise_host, limits=Limits(),
-            metrics_port=metrics_port, redis=redis,
+            metrics_port=metrics_port, redis=redis, security=security,
         )  # fmt: skip
         self.address = self.server.start()
         self.metrics_address = self.server.metrics_address

@@ -22,6 +22,7 @@ import ray
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvpool.services.redis_tier import Mode
+from kvpool.services.security import ServerSecurity
 from kvpool.services.shard import RAY_NAMESPACE, Directory, Shard, directory_name, shard_name
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class TierConfig:
     redis_url: str | None = None  # the optional second tier, e.g. redis://host:6379/0
     redis_ttl_s: int = 3600
     redis_mode: Mode = "all"  # "all": every block also goes to Redis; "evicted": only evictions
+    security: ServerSecurity = field(default_factory=ServerSecurity)  # TLS, mTLS, tenant tokens
 
     def __post_init__(self) -> None:
         if self.shards < 0 or self.budget_bytes <= 0 or self.replication < 1:
@@ -91,10 +93,12 @@ class Tier:
                 max_restarts=-1, max_task_retries=0, num_cpus=config.shard_cpus,
             ).remote(
                 config.name, sid, config.budget_bytes, config.host, port, None, metrics,
-                config.redis_url, config.redis_ttl_s, config.redis_mode,
+                config.redis_url, config.redis_ttl_s, config.redis_mode, config.security,
             )  # fmt: skip
-        for handle in handles.values():
-            wait_serving(ray.get(handle.endpoint.remote(), timeout=60))
+        for handle in handles.values():  # endpoint() answers once __init__ has started serving
+            address = ray.get(handle.endpoint.remote(), timeout=60)
+            if not config.security.tls:  # the health check from outside, where no cert is needed
+                wait_serving(address)
         self.shards.update(handles)
         return ids
 
@@ -120,7 +124,7 @@ class Tier:
 
 
 def wait_serving(address: str, timeout: float = 60.0) -> None:
-    """Block until the gRPC health service at `address` reports SERVING."""
+    """Block until the gRPC health service at `address` (plaintext) reports SERVING."""
     with grpc.insecure_channel(address) as channel:
         grpc.channel_ready_future(channel).result(timeout=timeout)
         stub = health_pb2_grpc.HealthStub(channel)

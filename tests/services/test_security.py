@@ -190,3 +190,22 @@ def test_configurations_that_would_leak_are_refused() -> None:
         ServerSecurity(cert_file="a.crt")  # a certificate without its key
     with pytest.raises(ValueError):
         ClientConfig(token="t")  # a token over plaintext
+
+
+def test_a_ray_tier_with_tls_and_tokens(ray_session, pki) -> None:
+    from kvpool.services.tier import TierConfig, start_tier
+
+    security = ServerSecurity(
+        str(pki / "server.crt"), str(pki / "server.key"), tokens_file=str(pki / "tokens.json")
+    )
+    tier = start_tier(
+        TierConfig(shards=2, budget_bytes=16 << 20, shard_cpus=0.1, name="tls", security=security)
+    )
+    try:
+        config = ClientConfig(timeout_s=5.0, tls_ca_file=str(pki / "ca.crt"), token="token-a")
+        with KVPool(tier.endpoint, NS, CODEC, config=config) as c:
+            assert c.put(TOKENS, kv(4)) == 2 and c.lookup(TOKENS) == 2 * B
+        with KVPool(tier.endpoint, NS, CODEC, config=ClientConfig(timeout_s=2.0)) as plain:
+            assert plain.lookup(TOKENS) == 0  # plaintext: refused by the TLS endpoints, a miss
+    finally:
+        tier.shutdown()
