@@ -4,6 +4,8 @@ kvpool serve     start the cache tier: local Ray (or join a cluster with --addre
                  actors serving gRPC; prints the endpoint and runs until interrupted
 kvpool demo      encode a Llama-3-8B-shaped KV block at several codec settings and report
                  encoded size, compression ratio, reconstruction error and throughput
+kvpool calibrate measure each layer's sensitivity to KV quantization on sample text and pick
+                 per-layer key and value bits for a target average; writes a profile JSON
 """
 
 from __future__ import annotations
@@ -31,12 +33,17 @@ def serve(args: argparse.Namespace) -> None:
     """Start (or grow) a tier and keep it up until SIGINT/SIGTERM."""
     import logging
 
+    from kvpool.services.security import ServerSecurity
     from kvpool.services.tier import TierConfig, start_tier
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    security = ServerSecurity(args.tls_cert, args.tls_key, args.tls_client_ca, args.auth_tokens)
     config = TierConfig(
         shards=args.shards, budget_bytes=args.budget, host=args.host, port=args.port,
         replication=args.replication, shard_cpus=args.shard_cpus, name=args.name,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        redis_url=args.redis, redis_ttl_s=args.redis_ttl, redis_mode=args.redis_mode,
+        security=security, per_node_ports=args.per_node_ports,
     )  # fmt: skip
     tier = start_tier(config, address=args.address)
     print(f"endpoint: {tier.endpoint}", flush=True)
@@ -46,12 +53,16 @@ def serve(args: argparse.Namespace) -> None:
         + ("" if tier.started_ray else f", Ray cluster {args.address}"),
         flush=True,
     )
+    if args.metrics_sd:
+        tier.write_file_sd(args.metrics_sd)
     if args.address and not tier.started_ray and args.detach:
         return  # the shards are detached actors: they stay on the cluster
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    while not stop.wait(10.0):
+        if args.metrics_sd:  # keep Prometheus's view current as shards restart or join
+            tier.write_file_sd(args.metrics_sd)
     tier.shutdown()
 
 
@@ -124,7 +135,30 @@ def ingest(args: argparse.Namespace) -> None:
     print(json.dumps({"endpoint": args.endpoint, **vars(stats)}))
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def calibrate(args: argparse.Namespace) -> None:
+    """Calibrate a per-layer bit profile and write it (see kvpool.calibrate)."""
+    from pathlib import Path
+
+    from kvpool import calibrate as cal
+    from kvpool.models import SMOLLM2, load
+
+    model, tokenizer = load(args.model or SMOLLM2)
+    if args.text:
+        sample = list(tokenizer(Path(args.text).read_text()).input_ids)
+    else:
+        sample = cal.default_sample(tokenizer)
+    t0 = time.perf_counter()
+    profile = cal.calibrate(
+        model, sample, target_bits=args.target_bits, group_size=args.group_size,
+        sink_tokens=args.sink_tokens, pre_rope=not args.no_pre_rope, samples=args.samples,
+    )  # fmt: skip
+    path = profile.save(args.out or cal.default_path(profile))
+    print(cal.summary(profile))
+    print(f"calibrated in {time.perf_counter() - t0:.0f} s; profile written to {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `kvpool` command line (also used by the tests that check deploy/'s commands)."""
     parser = argparse.ArgumentParser(
         prog="kvpool", description="kvpool: a store for compressed KV caches"
     )
@@ -145,6 +179,43 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="first shard's port, the next count up (default: any free)",
     )
     p_serve.add_argument("--replication", type=int, default=1)
+    p_serve.add_argument(
+        "--per-node-ports", action="store_true",
+        help="every shard binds --port and --metrics-port themselves (one shard per node, e.g. per pod)",
+    )  # fmt: skip
+    p_serve.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        help="first shard's /metrics port, the next count up (0: any free, -1: off)",
+    )
+    p_serve.add_argument(
+        "--metrics-sd",
+        default=None,
+        help="write the shards' /metrics targets to this Prometheus file_sd JSON file",
+    )
+    p_serve.add_argument("--redis", default=None, help="second tier, e.g. redis://host:6379/0")
+    p_serve.add_argument(
+        "--redis-ttl", type=int, default=3600, help="seconds a block lives in Redis"
+    )
+    p_serve.add_argument(
+        "--redis-mode",
+        choices=["all", "evicted"],
+        default="all",
+        help="write every block to Redis, or only evicted ones",
+    )
+    p_serve.add_argument("--tls-cert", default=None, help="PEM server certificate (enables TLS)")
+    p_serve.add_argument("--tls-key", default=None, help="its PEM private key")
+    p_serve.add_argument(
+        "--tls-client-ca",
+        default=None,
+        help="require client certificates signed by this CA (mutual TLS)",
+    )
+    p_serve.add_argument(
+        "--auth-tokens",
+        default=None,
+        help='JSON file {"token": "tenant"}: per-tenant token authentication (needs TLS)',
+    )
     p_serve.add_argument("--shard-cpus", type=float, default=0.5, help="Ray CPUs per shard")
     p_serve.add_argument(
         "--address",
@@ -181,7 +252,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     p_demo.add_argument("--head-dim", type=int, default=128)
     p_demo.add_argument("--seed", type=int, default=0)
     p_demo.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
-    args = parser.parse_args(argv)
+    p_cal = sub.add_parser(
+        "calibrate", help="pick per-layer key/value bits for a target average bits per value"
+    )
+    p_cal.add_argument("--model", default=None, help="model folder (default: bundled SmolLM2)")
+    p_cal.add_argument("--target-bits", type=float, default=2.5, help="bits per value (2.5)")
+    p_cal.add_argument("--group-size", type=int, default=128, choices=(32, 64, 128))
+    p_cal.add_argument("--sink-tokens", type=int, default=1, help="fp16 sink tokens (1)")
+    p_cal.add_argument("--no-pre-rope", action="store_true", help="quantize keys after RoPE")
+    p_cal.add_argument(
+        "--text", default=None, help="sample text file (default: Python's own reference manual)"
+    )
+    p_cal.add_argument("--samples", type=int, default=4, help="sample windows (default 4)")
+    p_cal.add_argument("--out", default=None, help="profile file (default .cache/profiles/...)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.command == "serve":
         serve(args)
     elif args.command == "ingest":
@@ -196,6 +284,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 print(json.dumps(row))
             else:
                 print("  ".join(f"{k}={v}" for k, v in row.items()))
+    elif args.command == "calibrate":
+        calibrate(args)
 
 
 if __name__ == "__main__":

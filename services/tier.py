@@ -44,6 +44,7 @@ class TierConfig:
     redis_ttl_s: int = 3600
     redis_mode: Mode = "all"  # "all": every block also goes to Redis; "evicted": only evictions
     security: ServerSecurity = field(default_factory=ServerSecurity)  # TLS, mTLS, tenant tokens
+    per_node_ports: bool = False  # every shard binds port / metrics_port (one shard per node)
 
     def __post_init__(self) -> None:
         if self.shards < 0 or self.budget_bytes <= 0 or self.replication < 1:
@@ -86,8 +87,9 @@ class Tier:
         handles = {}
         for sid in ids:
             index = int(sid.rsplit("-", 1)[-1])
-            port = config.port + index if config.port else 0
-            metrics = config.metrics_port + index if config.metrics_port else config.metrics_port
+            step = 0 if config.per_node_ports else index
+            port = config.port + step if config.port else 0
+            metrics = config.metrics_port + step if config.metrics_port else config.metrics_port
             handles[sid] = actor.options(
                 name=shard_name(config.name, sid), namespace=RAY_NAMESPACE, lifetime="detached",
                 max_restarts=-1, max_task_retries=0, num_cpus=config.shard_cpus,
