@@ -123,11 +123,23 @@ def ingest(args: argparse.Namespace) -> None:
     texts = read_documents(args.paths)
     if not texts:
         raise SystemExit(f"no documents under {' '.join(args.paths)}")
+    codec: dict[str, object] = {
+        "key_bits": args.key_bits, "value_bits": args.value_bits, "group_size": args.group_size,
+        "sink_tokens": args.sink_tokens,
+    }  # fmt: skip
+    if args.profile:  # a calibrated per-layer profile (kvpool calibrate) fixes the codec
+        from kvpool.calibrate import Profile
+
+        p = Profile.load(args.profile)
+        codec = {
+            "key_bits": tuple(p.key_bits), "value_bits": tuple(p.value_bits),
+            "group_size": p.group_size, "sink_tokens": p.sink_tokens,
+            "pre_rope": p.rope is not None, "hadamard_values": p.hadamard_values,
+        }  # fmt: skip
     config = IngestConfig(
-        model=args.model or SMOLLM2, endpoint=args.endpoint, key_bits=args.key_bits,
-        value_bits=args.value_bits, group_size=args.group_size, sink_tokens=args.sink_tokens,
-        block_tokens=args.block_tokens, batch_tokens=args.batch_tokens,
-        salt=args.salt.encode() if args.salt else b"",
+        model=args.model or SMOLLM2, endpoint=args.endpoint, block_tokens=args.block_tokens,
+        batch_tokens=args.batch_tokens, salt=args.salt.encode() if args.salt else b"",
+        **codec,
     )  # fmt: skip
     init_ray(args.address)
     with tqdm(total=len(texts), unit="doc", desc="ingest") as bar:
@@ -245,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_ingest.add_argument("--block-tokens", type=int, default=256)
     p_ingest.add_argument("--batch-tokens", type=int, default=8192)
     p_ingest.add_argument("--salt", default=None, help="tenant salt")
+    p_ingest.add_argument(
+        "--profile", default=None, help="a per-layer bit profile from kvpool calibrate (JSON)"
+    )
     p_demo = sub.add_parser("demo", help="encode a KV block and report size and error")
     p_demo.add_argument("--layers", type=int, default=32)
     p_demo.add_argument("--heads", type=int, default=8)

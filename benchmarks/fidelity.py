@@ -1,0 +1,285 @@
+"""Fidelity: what a prefix that came through the store costs in perplexity, per codec config.
+
+    python benchmarks/fidelity.py
+    python benchmarks/fidelity.py --windows 3 --profile .cache/profiles/FILE.json
+
+Model: SmolLM2-135M-Instruct (fp32, CPU; `kvpool.models.load`, no download). Text: the Python
+reference manual's section on special method names, `pydoc_data.topics.topics["specialnames"]`
+(~15k tokens; neither the tests nor the calibration read it, calibration reads "compound" and
+"types"). `--windows` windows (default 3) of 1024 + 513 tokens at evenly spaced offsets over the
+text; every figure pools all windows, to reduce noise.
+
+Per window, the 1024-token prefix is run once (fp32) and its KV kept. For each config that KV
+goes through a local tier (2 shards, started here; one namespace per config, from
+`namespace_for_model(model, codec)`): put, get back as fp32, into a DynamicCache. Then:
+
+  ppl         one forward of the continuation tokens 1024..1535 with that cache (their own KV
+              computed normally): the NLL of predicting tokens 1025..1536, 512 per window.
+              ppl_increase_pct = 100 * (exp(NLL - NLL_reference) - 1), NLLs the mean over all
+              windows' tokens.
+  greedy      the reference's greedy continuation: 64 tokens generated one at a time after token
+              1024 with the fp16 cache. greedy_match = the fraction of those 64 positions where
+              the config's argmax, teacher-forced on the reference tokens (one forward of token
+              1024 and greedy tokens 1..63), is the reference's token, over all windows.
+              greedy_prefix = the leading positions that agree, averaged over windows: exactly
+              how many tokens free-running greedy generation from the config's cache shares with
+              the reference's before the first difference.
+
+fp16 (reference): the prefix KV rounded to fp16, in memory (no codec width reaches 16 bits).
+bits_per_value = encoded bytes * 8 / the prefix's K+V values (headers, scales, minimums,
+padding and fp16 sink tokens included); compression_ratio = fp16 bytes / encoded bytes.
+best_at_6x = the lowest ppl_increase_pct among configs with compression_ratio >= 6.0.
+
+Configs: KIVI-style baselines (per-channel keys, per-token values, no codec options); 2-bit and
+3-bit keys with every option (pre-RoPE keys, Hadamard-rotated values, 1 fp16 sink token);
+per-layer profiles calibrated on other text (`kvpool calibrate`, cached in .cache/profiles/; the
+6x one is calibrated here first if missing) at 6x and at 2.5 bits per value; and the 6x profile
+with one option removed at a time, same widths (the ablation). Prints a table, then one JSON
+object as its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kvpool import calibrate
+from kvpool.client import KVPool
+from kvpool.hf import cache_from_kv, codec_for, kv_from_cache, namespace_for_model
+from kvpool.kernels.codec import CodecConfig
+from kvpool.models import load
+
+PREFIX, CONTINUATION, GREEDY = 1024, 512, 64
+EVAL_TOPIC = "specialnames"
+SIX_X = 16 / 6  # bits per value at a compression ratio of exactly 6
+
+
+@dataclass
+class Window:
+    tokens: Tensor  # [1, PREFIX + CONTINUATION + 1]
+    keys: Tensor  # the prefix's exact KV [L, H, PREFIX, D], fp32
+    values: Tensor
+    greedy: Tensor  # [1, GREEDY] the reference's greedy continuation after token PREFIX
+
+
+@dataclass
+class Row:
+    name: str
+    codec: CodecConfig | None  # None: the fp16 reference
+    nll_sum: float = 0.0
+    tokens: int = 0
+    window_nll: list[float] = field(default_factory=list)
+    encoded_bytes: int = 0
+    values: int = 0
+    matches: int = 0
+    prefixes: list[int] = field(default_factory=list)
+
+
+def windows(model: Any, tokenizer: Any, count: int) -> list[Window]:
+    from pydoc_data.topics import topics
+
+    ids = tokenizer(topics[EVAL_TOPIC], return_tensors="pt").input_ids
+    span = PREFIX + CONTINUATION + 1
+    last = ids.shape[1] - span
+    starts = [round(i * last / max(count - 1, 1)) for i in range(count)]
+    out = []
+    for s in starts:
+        tokens = ids[:, s : s + span]
+        with torch.inference_mode():
+            prefix = model(tokens[:, :PREFIX], use_cache=True).past_key_values
+        keys, values = kv_from_cache(prefix, PREFIX)
+        greedy = greedy_tokens(model, tokens[:, PREFIX : PREFIX + 1], keys.half(), values.half())
+        out.append(Window(tokens, keys, values, greedy))
+    return out
+
+
+@torch.inference_mode()
+def greedy_tokens(model: Any, first: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+    cache = cache_from_kv(model, keys.float(), values.float())
+    step, generated = first, []
+    for _ in range(GREEDY):
+        logits = model(step, past_key_values=cache, use_cache=True).logits
+        step = logits[:, -1:].argmax(-1)
+        generated.append(step)
+    return torch.cat(generated, dim=1)
+
+
+@torch.inference_mode()
+def score(model: Any, row: Row, w: Window, keys: Tensor, values: Tensor) -> None:
+    """NLL of the continuation and greedy agreement given the prefix KV (keys, values)."""
+    cont = w.tokens[:, PREFIX : PREFIX + CONTINUATION]
+    logits = model(cont, past_key_values=cache_from_kv(model, keys, values)).logits[0]
+    target = w.tokens[0, PREFIX + 1 :]
+    nll = float(torch.nn.functional.cross_entropy(logits.float(), target, reduction="sum"))
+    row.nll_sum += nll
+    row.tokens += len(target)
+    row.window_nll.append(nll / len(target))
+    forced = torch.cat([w.tokens[:, PREFIX : PREFIX + 1], w.greedy[:, :-1]], dim=1)
+    logits = model(forced, past_key_values=cache_from_kv(model, keys, values)).logits
+    agree = (logits.argmax(-1) == w.greedy)[0]
+    row.matches += int(agree.sum())
+    row.prefixes.append(int(agree.long().cumprod(0).sum()))
+
+
+def through_tier(endpoint: str, model: Any, row: Row, w: Window) -> tuple[Tensor, Tensor]:
+    """Put the window's prefix KV into the tier under the row's codec and get it back."""
+    assert row.codec is not None
+    pool = KVPool(endpoint, namespace_for_model(model, row.codec), row.codec)
+    try:
+        prefix = w.tokens[0, :PREFIX]
+        pool.put(prefix, (w.keys, w.values))
+        hit = pool.get(prefix, dtype=torch.float32)
+    finally:
+        pool.close()
+    if hit is None or hit.keys is None or hit.values is None or hit.tokens != PREFIX:
+        raise RuntimeError(f"{row.name}: the tier did not return the whole prefix")
+    row.encoded_bytes += hit.fetched_bytes
+    row.values += 2 * w.keys.numel()
+    return hit.keys, hit.values
+
+
+def load_profile(model: Any, tokenizer: Any, path: Path | None, sinks: int) -> calibrate.Profile:
+    """The 6x profile: from `path`, else the cached default, else calibrated now and cached."""
+    model_id = model.config._name_or_path
+    path = path or calibrate.default_path(
+        model=model_id, group_size=128, sink_tokens=sinks, target_bits=SIX_X
+    )
+    if path.exists():
+        print(f"profile: {path}", flush=True)
+        return calibrate.Profile.load(path)
+    t0 = time.perf_counter()
+    profile = calibrate.calibrate(
+        model, calibrate.default_sample(tokenizer), target_bits=SIX_X, group_size=128,
+        sink_tokens=sinks,
+    )  # fmt: skip
+    profile.save(path)
+    print(f"profile: calibrated in {time.perf_counter() - t0:.0f} s, saved to {path}", flush=True)
+    return profile
+
+
+def configs(model: Any, profile: calibrate.Profile) -> list[Row]:
+    six = calibrate.profile_codec(profile)
+    lower = calibrate.retarget(profile, 2.5)
+    x, x_lower = 16 / profile.achieved_bits, 16 / lower.achieved_bits
+    s = profile.sink_tokens
+    return [
+        Row("fp16 (reference)", None),
+        Row("KIVI 2-bit G=32", CodecConfig(2, 2, 32)),
+        Row("KIVI 2-bit G=128", CodecConfig(2, 2, 128)),
+        Row("KIVI 4-bit G=128", CodecConfig(4, 4, 128)),
+        Row(f"2-bit G=128 +pre-RoPE +Hadamard +{s} sink", codec_for(model, 2, 2, sink_tokens=s)),
+        Row(f"K3 V2 G=128 +pre-RoPE +Hadamard +{s} sink", codec_for(model, 3, 2, sink_tokens=s)),
+        Row(f"kvpool profile {x:.1f}x (all options)", six),
+        Row(f"kvpool profile {x_lower:.1f}x (all options)", calibrate.profile_codec(lower)),
+        Row(f"  profile {x:.1f}x without pre-RoPE", replace(six, rope=None)),
+        Row(f"  profile {x:.1f}x without Hadamard", replace(six, hadamard_values=False)),
+        Row(f"  profile {x:.1f}x without sink", replace(six, sink_tokens=0)),
+    ]
+
+
+def run(windows_count: int, profile_path: Path | None, sinks: int) -> dict[str, Any]:
+    from kvpool.services.tier import TierConfig, start_tier
+
+    t0 = time.perf_counter()
+    model, tokenizer = load()
+    profile = load_profile(model, tokenizer, profile_path, sinks)
+    rows = configs(model, profile)
+    data = windows(model, tokenizer, windows_count)
+    tier = start_tier(TierConfig(shards=2, budget_bytes=512 << 20))
+    try:
+        for row in rows:
+            for w in data:
+                if row.codec is None:
+                    keys, values = w.keys.half().float(), w.values.half().float()
+                    row.encoded_bytes += 2 * 2 * w.keys.numel()
+                    row.values += 2 * w.keys.numel()
+                else:
+                    keys, values = through_tier(tier.endpoint, model, row, w)
+                score(model, row, w, keys, values)
+    finally:
+        tier.shutdown()
+    ref = rows[0]
+    base = ref.nll_sum / ref.tokens
+    out: list[dict[str, Any]] = []
+    for row in rows:
+        bits = row.encoded_bytes * 8 / row.values
+        out.append({
+            "name": row.name,
+            "codec": row.codec.describe() if row.codec else "fp16",
+            "bits_per_value": round(bits, 4),
+            "compression_ratio": round(16 / bits, 3),
+            "ppl": round(math.exp(row.nll_sum / row.tokens), 4),
+            "ppl_increase_pct": round(100 * math.expm1(row.nll_sum / row.tokens - base), 3),
+            "ppl_increase_pct_by_window": [
+                round(100 * math.expm1(n - r), 2)
+                for n, r in zip(row.window_nll, ref.window_nll, strict=True)
+            ],
+            "greedy_match": round(row.matches / (GREEDY * len(data)), 4),
+            "greedy_prefix": round(sum(row.prefixes) / len(row.prefixes), 1),
+        })  # fmt: skip
+    at_6x = [c["ppl_increase_pct"] for c in out if c["compression_ratio"] >= 6.0]
+    return {
+        "model": model.config._name_or_path,
+        "text": f"pydoc_data.topics.topics[{EVAL_TOPIC!r}]",
+        "windows": len(data),
+        "prefix_tokens": PREFIX,
+        "continuation_tokens": CONTINUATION,
+        "greedy_tokens": GREEDY,
+        "base_ppl": round(math.exp(base), 4),
+        "best_at_6x": min(at_6x) if at_6x else None,
+        "profile": {
+            "key_bits": profile.key_bits,
+            "value_bits": profile.value_bits,
+            "target_bits": round(profile.target_bits, 4),
+            "achieved_bits": profile.achieved_bits,
+            "sink_tokens": profile.sink_tokens,
+            "calibration": profile.sample,
+        },
+        "configs": out,
+        "torch_threads": torch.get_num_threads(),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def print_table(result: dict[str, Any]) -> None:
+    print(
+        f"{result['model']}, {result['text']}: {result['windows']} windows of "
+        f"{result['prefix_tokens']} stored + {result['continuation_tokens']} scored tokens; "
+        f"reference ppl {result['base_ppl']}"
+    )
+    print(
+        f"{'config':40s} {'bits/val':>8s} {'ratio':>6s} {'ppl':>8s} {'ppl +%':>7s} "
+        f"{'by window':>20s} {'greedy':>7s} {'prefix':>6s}"
+    )
+    for c in result["configs"]:
+        by = " ".join(f"{x:.2f}" for x in c["ppl_increase_pct_by_window"])
+        print(
+            f"{c['name']:40s} {c['bits_per_value']:8.3f} {c['compression_ratio']:6.2f} "
+            f"{c['ppl']:8.3f} {c['ppl_increase_pct']:7.2f} {by:>20s} "
+            f"{c['greedy_match']:7.3f} {c['greedy_prefix']:6.1f}"
+        )
+    p = result["profile"]
+    print(f"6x profile key bits:   {' '.join(map(str, p['key_bits']))}")
+    print(f"6x profile value bits: {' '.join(map(str, p['value_bits']))}")
+    print(f"best_at_6x: {result['best_at_6x']}% ppl increase; {result['seconds']} s")
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--windows", type=int, default=3, help="text windows, pooled (default 3)")
+    p.add_argument("--profile", type=Path, default=None, help="a `kvpool calibrate` profile")
+    p.add_argument("--sink-tokens", type=int, default=1, help="sinks of the default profile")
+    args = p.parse_args()
+    result = run(args.windows, args.profile, args.sink_tokens)
+    print_table(result)
+    print(json.dumps(result))

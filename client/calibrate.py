@@ -1,0 +1,338 @@
+"""Calibration: per-layer bit widths for keys and values, spent where the model is sensitive.
+
+Where it stands: offline, before a namespace is first used. It runs the model once on sample
+text and writes a profile; `profile_codec(profile)` turns the profile into the CodecConfig that
+every writer and reader of the namespace then uses (MiniKV's layer-discriminative idea, in a
+form that is safe to share across requests):
+
+    sample text --model--> exact prefix KV --codec at each width--> quantized copies
+        --one layer's K (or V) swapped in at a time--> KL of next-token distributions
+        --greedy allocation under a bits-per-value budget--> profile (JSON)
+        --profile_codec--> CodecConfig(key_bits=(...), value_bits=(...)) --> namespace
+
+Sensitivity of (layer, K or V) at the lowest width: the mean KL divergence, over a continuation,
+between the next-token distributions with the exact prefix KV and with only that layer's K (or
+V) quantized (everything else exact; the continuation's own KV is computed normally). At the
+higher widths it is estimated, not measured: the measured KL scaled by the ratio of that
+tensor's squared quantization error at the higher width to that at the lowest (second-order
+behaviour of the KL in a small perturbation), which costs no forward pass.
+
+Allocation: every (layer, tensor) starts at the lowest width; repeatedly take the upgrade (to
+any higher width) with the largest estimated loss reduction per added bit among those that keep
+the average bits per value within the target, until none fits. Bits per value are computed
+exactly from the block format: every header, scale, minimum, padding and fp16 sink token of a
+prefix of `context_tokens` tokens stored in blocks of `block_tokens`, over its K+V values.
+
+Sharing: the per-layer widths are part of `CodecConfig.describe()`, hence of the namespace id
+and of every block key. Writers and readers with different profiles therefore never see each
+other's blocks (a different profile is a different namespace), and each block's header also
+carries its widths, so a block always decodes the way it was encoded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kvpool.blockformat import SUPPORTED_BITS, Layout
+from kvpool.errors import CodecError
+from kvpool.kernels.codec import CodecConfig, _header, decode, encode
+from kvpool.kernels.transforms import RopeParams
+
+TENSORS = ("key", "value")
+
+
+@dataclass
+class Profile:
+    """A calibrated bit profile and how it was measured (the JSON written by `kvpool calibrate`).
+
+    sensitivity[tensor][layer][i]: the (estimated, except at widths[0]) mean KL in nats per
+    token when only that layer's tensor is quantized at widths[i]."""
+
+    model: str
+    layers: int
+    kv_heads: int
+    head_dim: int
+    group_size: int
+    sink_tokens: int
+    hadamard_values: bool
+    rope: dict[str, float] | None  # RopeParams fields when keys are quantized pre-RoPE
+    key_bits: list[int]
+    value_bits: list[int]
+    target_bits: float
+    achieved_bits: float
+    context_tokens: int
+    block_tokens: int
+    widths: list[int]
+    sensitivity: dict[str, list[list[float]]]
+    sample: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Profile:
+        return cls(**json.loads(text))
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_json() + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Profile:
+        return cls.from_json(Path(path).read_text())
+
+
+def profile_codec(profile: Profile) -> CodecConfig:
+    """The CodecConfig a profile describes, with one key and one value width per layer."""
+    rope = RopeParams(
+        float(profile.rope["theta"]), int(profile.rope["rotary_dim"]), float(profile.rope["scaling"])
+    ) if profile.rope else None  # fmt: skip
+    return CodecConfig(
+        key_bits=tuple(profile.key_bits), value_bits=tuple(profile.value_bits),
+        group_size=profile.group_size, rope=rope, hadamard_values=profile.hadamard_values,
+        sink_tokens=profile.sink_tokens,
+    )  # fmt: skip
+
+
+def bits_per_value(
+    codec: CodecConfig, kv_heads: int, head_dim: int, context_tokens: int = 1024,
+    block_tokens: int = 256, layers: int | None = None,
+) -> float:  # fmt: skip
+    """Stored bits per K+V value of a `context_tokens` prefix in blocks of `block_tokens`
+    (whole blocks; the first holds the sinks), exact from the block format."""
+    if layers is None:
+        if isinstance(codec.key_bits, int):
+            raise CodecError("give `layers` for a codec with one width for every layer")
+        layers = len(codec.key_bits)
+    blocks = max(1, context_tokens // block_tokens)
+    nbytes = 0
+    for i in range(blocks):
+        h = _header(
+            Layout.KV, torch.float16, layers, kv_heads, block_tokens, head_dim, codec,
+            i * block_tokens,
+        )  # fmt: skip
+        nbytes += h.header_len + h.payload_len
+    return nbytes * 8 / (2 * layers * kv_heads * blocks * block_tokens * head_dim)
+
+
+Bits = tuple[list[int], list[int]]
+
+
+def allocate(
+    loss: Mapping[str, Sequence[Sequence[float]]], widths: Sequence[int],
+    cost: Callable[[Sequence[int], Sequence[int]], float], target: float,
+) -> Bits:  # fmt: skip
+    """Greedy per-layer widths: (key_bits, value_bits) with cost(key_bits, value_bits) <= target.
+
+    loss[tensor][layer][i]: the loss with that layer's tensor at widths[i] (made non-increasing
+    in i before use). Starts with every width at widths[0]; repeatedly applies the upgrade with
+    the largest loss reduction per added cost that keeps the cost within `target`, until no
+    upgrade fits. Raises CodecError when even the lowest widths exceed the target."""
+    layers = len(loss["key"])
+    mono = {
+        t: [[min(row[: i + 1]) for i in range(len(widths))] for row in loss[t]] for t in TENSORS
+    }
+    level = {t: [0] * layers for t in TENSORS}
+
+    def bits() -> Bits:
+        return [widths[i] for i in level["key"]], [widths[i] for i in level["value"]]
+
+    current = cost(*bits())
+    if current > target:
+        raise CodecError(
+            f"the lowest widths already cost {current:.4f} bits per value > target {target}"
+        )
+    while True:
+        best: tuple[float, float, str, int, int] | None = None
+        for t in TENSORS:
+            for layer in range(layers):
+                i = level[t][layer]
+                for j in range(i + 1, len(widths)):
+                    level[t][layer] = j
+                    c = cost(*bits())
+                    level[t][layer] = i
+                    if c > target + 1e-12:
+                        continue
+                    gain = mono[t][layer][i] - mono[t][layer][j]
+                    rate = gain / max(c - current, 1e-12)
+                    if best is None or (rate, -c) > (best[0], -best[1]):
+                        best = (rate, c, t, layer, j)
+        if best is None:
+            return bits()
+        _, current, t, layer, j = best
+        level[t][layer] = j
+
+
+# ---- measuring sensitivities with a model --------------------------------------------------
+
+
+def _roundtrip(keys: Tensor, values: Tensor, codec: CodecConfig, block_tokens: int) -> list[Tensor]:
+    """keys, values [L, H, T, D] through encode/decode in blocks, as a pool would store them."""
+    ks, vs = [], []
+    for start in range(0, keys.shape[2], block_tokens):
+        end = start + block_tokens
+        blob = encode(keys[:, :, start:end], values[:, :, start:end], codec, start_position=start)
+        block = decode(blob, dtype=keys.dtype)
+        assert block.keys is not None and block.values is not None
+        ks.append(block.keys)
+        vs.append(block.values)
+    return [torch.cat(ks, dim=2), torch.cat(vs, dim=2)]
+
+
+def _kl(ref_logp: Tensor, logits: Tensor) -> float:
+    """Mean over positions of KL(p_ref || p) in nats."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return float((ref_logp.exp() * (ref_logp - logp)).sum(-1).mean())
+
+
+@torch.inference_mode()
+def calibrate(
+    model: Any, token_ids: Sequence[int] | Tensor, *, target_bits: float = 2.5,
+    group_size: int = 128, sink_tokens: int = 1, pre_rope: bool = True,
+    hadamard_values: bool = True, widths: Sequence[int] = (2, 3, 4), prefix_tokens: int = 512,
+    continuation_tokens: int = 64, samples: int = 4, context_tokens: int = 1024,
+    block_tokens: int = 256, progress: Callable[[str], None] | None = None,
+) -> Profile:  # fmt: skip
+    """Measure per-layer sensitivities of `model` on `token_ids` and allocate widths for an
+    average of at most `target_bits` bits per value (see the module docstring).
+
+    `samples` windows at evenly spaced offsets of `token_ids`, run as one batch, each hold
+    `prefix_tokens` (whole blocks of `block_tokens`), the quantized prefix, then
+    `continuation_tokens`, the continuation the KL is averaged over."""
+    from transformers import DynamicCache
+
+    from kvpool.hf import codec_for, model_layout
+
+    widths = sorted(set(widths))
+    if not widths or any(w not in SUPPORTED_BITS for w in widths):
+        raise CodecError(f"widths {widths} must be from {SUPPORTED_BITS}")
+    if prefix_tokens <= 0 or prefix_tokens % block_tokens:
+        raise CodecError(f"prefix_tokens {prefix_tokens} must be whole blocks of {block_tokens}")
+    span = prefix_tokens + continuation_tokens
+    ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
+    if samples < 1 or len(ids) < samples * span:
+        raise CodecError(f"the sample has {len(ids)} tokens; {samples} x {span} are needed")
+    starts = [i * (len(ids) - span) // max(samples - 1, 1) for i in range(samples)]
+    ids = torch.stack([ids[s : s + span] for s in starts]).to(model.device)
+    layers, kv_heads, head_dim = model_layout(model)
+    say = progress or (lambda _msg: None)
+
+    def codec(key_bits: Any, value_bits: Any) -> CodecConfig:
+        return codec_for(
+            model, key_bits, value_bits, group_size, pre_rope=pre_rope,
+            hadamard_values=hadamard_values, sink_tokens=sink_tokens,
+        )  # fmt: skip
+
+    # KV as [layers, samples * kv_heads, T, head_dim]: the codec treats heads independently,
+    # so this quantizes every sample exactly as a pool storing it alone would.
+    out = model(ids[:, :prefix_tokens], use_cache=True)
+    exact = [
+        torch.stack([getattr(layer, name) for layer in out.past_key_values.layers]).flatten(1, 2)
+        for name in ("keys", "values")
+    ]
+    continuation = ids[:, prefix_tokens:]
+
+    def logits_with(kv: list[Tensor]) -> Tensor:
+        cache = DynamicCache(config=model.config)
+        for layer in range(layers):
+            k, v = (x[layer].unflatten(0, (samples, kv_heads)) for x in kv)
+            cache.update(k, v, layer)
+        return model(continuation, past_key_values=cache).logits.flatten(0, 1)
+
+    ref_logp = torch.log_softmax(logits_with(exact).float(), dim=-1)
+    quantized = {w: _roundtrip(exact[0], exact[1], codec(w, w), block_tokens) for w in widths}
+
+    def sq_error(t: int, layer: int, w: int) -> float:
+        return float((quantized[w][t][layer] - exact[t][layer]).float().pow(2).sum())
+
+    sensitivity: dict[str, list[list[float]]] = {t: [] for t in TENSORS}
+    low = widths[0]
+    for t, name in enumerate(TENSORS):
+        for layer in range(layers):
+            kv = [x.clone() if i == t else x for i, x in enumerate(exact)]
+            kv[t][layer] = quantized[low][t][layer]
+            kl = _kl(ref_logp, logits_with(kv))
+            base = max(sq_error(t, layer, low), 1e-30)
+            sensitivity[name].append([kl * sq_error(t, layer, w) / base for w in widths])
+            say(f"{name} layer {layer}: KL {kl:.5f} at {low} bits")
+
+    rope = codec(low, low).rope
+    profile = Profile(
+        model=str(getattr(model.config, "_name_or_path", "") or model.config.model_type),
+        layers=layers, kv_heads=kv_heads, head_dim=head_dim, group_size=group_size,
+        sink_tokens=sink_tokens, hadamard_values=codec(low, low).hadamard_values,
+        rope=asdict(rope) if rope else None, key_bits=[low] * layers, value_bits=[low] * layers,
+        target_bits=target_bits, achieved_bits=0.0, context_tokens=context_tokens,
+        block_tokens=block_tokens, widths=list(widths), sensitivity=sensitivity,
+    )  # fmt: skip
+    profile = retarget(profile, target_bits)
+    chosen = _roundtrip(exact[0], exact[1], profile_codec(profile), block_tokens)
+    profile.sample = {
+        "samples": samples, "prefix_tokens": prefix_tokens,
+        "continuation_tokens": continuation_tokens, "kl_profile": _kl(ref_logp, logits_with(chosen)),
+        f"kl_all_{low}_bit": _kl(ref_logp, logits_with(quantized[low])),
+        "kl_unit": "nats per token, mean over the continuation",
+    }  # fmt: skip
+    return profile
+
+
+def retarget(profile: Profile, target_bits: float) -> Profile:
+    """The same measurements, widths re-allocated for another target (no model needed)."""
+
+    def cost(key_bits: Sequence[int], value_bits: Sequence[int]) -> float:
+        trial = replace(profile, key_bits=list(key_bits), value_bits=list(value_bits))
+        codec = profile_codec(trial)
+        return bits_per_value(
+            codec, profile.kv_heads, profile.head_dim, profile.context_tokens, profile.block_tokens
+        )
+
+    key_bits, value_bits = allocate(profile.sensitivity, profile.widths, cost, target_bits)
+    return replace(
+        profile, key_bits=key_bits, value_bits=value_bits, target_bits=target_bits,
+        achieved_bits=round(cost(key_bits, value_bits), 6), sample=dict(profile.sample),
+    )  # fmt: skip
+
+
+def default_path(profile: Profile | None = None, **options: Any) -> Path:
+    """Where `kvpool calibrate` keeps a profile: .cache/profiles/MODEL-gG-sS-tTARGET.json
+    (under KVPOOL_CACHE_DIR when set); give a profile, or its model, group_size, sink_tokens
+    and target_bits."""
+    fields = asdict(profile) if profile else options
+    model = re.sub(r"[^A-Za-z0-9._-]+", "_", str(fields["model"]).split("/")[-1]).lower()
+    name = f"{model}-g{fields['group_size']}-s{fields['sink_tokens']}-t{fields['target_bits']:.4g}"
+    return Path(os.environ.get("KVPOOL_CACHE_DIR", ".cache")) / "profiles" / f"{name}.json"
+
+
+def default_sample(tokenizer: Any) -> list[int]:
+    """Token ids of calibration text that ships with Python: the reference manual's sections on
+    compound statements and on the standard types (pydoc_data), no download."""
+    from pydoc_data.topics import topics
+
+    return list(tokenizer(topics["compound"] + "\n\n" + topics["types"]).input_ids)
+
+
+def summary(profile: Profile) -> str:
+    """A few lines for a terminal: widths per layer, the budget and the measured KL."""
+    kl = {k: v for k, v in profile.sample.items() if k.startswith("kl_")}
+    return "\n".join(
+        [
+            f"model {profile.model}: {profile.layers} layers, target {profile.target_bits} bits "
+            f"per value, achieved {profile.achieved_bits:.4f} "
+            f"(x{16 / profile.achieved_bits:.2f} vs fp16, {profile.context_tokens}-token prefix)",
+            "key bits:   " + " ".join(map(str, profile.key_bits)),
+            "value bits: " + " ".join(map(str, profile.value_bits)),
+            "KL on the sample: "
+            + ", ".join(f"{k[3:]} {v:.4f}" for k, v in kl.items() if isinstance(v, float)),
+        ]
+    )

@@ -1,0 +1,152 @@
+"""Calibration: the greedy allocator, exact bit accounting, profiles as codecs, a real model."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from kvpool.calibrate import (
+    Profile,
+    allocate,
+    bits_per_value,
+    default_path,
+    profile_codec,
+    retarget,
+)
+from kvpool.client import namespace_for
+from kvpool.errors import CodecError
+from kvpool.kernels.codec import CodecConfig, encode
+from kvpool.kernels.transforms import RopeParams
+
+LAYERS, HEADS, DIM = 8, 3, 64
+WIDTHS = (2, 3, 4)
+ROPE = RopeParams(100000.0, 64)
+
+
+def cost(key_bits, value_bits) -> float:
+    codec = CodecConfig(tuple(key_bits), tuple(value_bits), 128, rope=ROPE, sink_tokens=1)
+    return bits_per_value(codec, HEADS, DIM, context_tokens=1024)
+
+
+def synthetic_loss() -> dict[str, list[list[float]]]:
+    """Key layer i costs (i+1)^2 at 2 bits; values are 10x less sensitive; each extra bit
+    divides the loss by about 5, as quantization error does."""
+    key = [[(i + 1) ** 2 * f for f in (1.0, 0.2, 0.04)] for i in range(LAYERS)]
+    value = [[0.1 * (LAYERS - i) * f for f in (1.0, 0.2, 0.04)] for i in range(LAYERS)]
+    return {"key": key, "value": value}
+
+
+def test_bits_per_value_is_exact_from_the_block_format() -> None:
+    codec = CodecConfig((2, 3, 4, 8), (2, 2, 3, 4), 128, rope=ROPE, sink_tokens=4)
+    g = torch.Generator().manual_seed(0)
+    nbytes = 0
+    for start in (0, 256):
+        k = torch.randn(4, HEADS, 256, DIM, generator=g)
+        nbytes += len(encode(k, k.clone(), codec, start_position=start))
+    want = nbytes * 8 / (2 * 4 * HEADS * 512 * DIM)
+    assert bits_per_value(codec, HEADS, DIM, context_tokens=512) == pytest.approx(want, abs=1e-12)
+
+
+@pytest.mark.parametrize("target", [2.5, 16 / 6, 3.0])
+def test_allocation_fills_the_budget_and_follows_sensitivity(target: float) -> None:
+    loss = synthetic_loss()
+    key_bits, value_bits = allocate(loss, WIDTHS, cost, target)
+    achieved = cost(key_bits, value_bits)
+    assert achieved <= target
+    # no single upgrade still fits: the budget is used up to the granularity of the format
+    for bits in (key_bits, value_bits):
+        for layer, b in enumerate(bits):
+            if b < WIDTHS[-1]:
+                up = list(bits)
+                up[layer] = WIDTHS[WIDTHS.index(b) + 1]
+                trial = (up, value_bits) if bits is key_bits else (key_bits, up)
+                assert cost(*trial) > target
+    # more sensitive keys never get fewer bits; the most sensitive got more than the least
+    assert key_bits == sorted(key_bits)
+    assert key_bits[-1] > key_bits[0]
+    assert sum(key_bits) >= sum(value_bits)
+
+
+def test_allocation_rejects_an_impossible_target() -> None:
+    with pytest.raises(CodecError):
+        allocate(synthetic_loss(), WIDTHS, cost, 2.0)
+
+
+def test_a_width_whose_measured_loss_is_higher_is_never_preferred() -> None:
+    loss = synthetic_loss()
+    loss["key"][LAYERS - 1] = [5.0, 6.0, 7.0]  # noisy: more bits measured worse, so no gain
+    key_bits, _ = allocate(loss, WIDTHS, cost, 2.5)
+    assert key_bits[LAYERS - 1] == 2 and max(key_bits) > 2
+
+
+def profile(**changes) -> Profile:
+    loss = synthetic_loss()
+    key_bits, value_bits = allocate(loss, WIDTHS, cost, 2.6)
+    p = Profile(
+        model="org/model", layers=LAYERS, kv_heads=HEADS, head_dim=DIM, group_size=128,
+        sink_tokens=1, hadamard_values=True, rope=dataclasses.asdict(ROPE), key_bits=key_bits,
+        value_bits=value_bits, target_bits=2.6, achieved_bits=cost(key_bits, value_bits),
+        context_tokens=1024, block_tokens=256, widths=list(WIDTHS), sensitivity=loss,
+    )  # fmt: skip
+    return dataclasses.replace(p, **changes)
+
+
+def test_profile_round_trips_to_a_per_layer_codec(tmp_path) -> None:
+    p = profile()
+    loaded = Profile.load(p.save(tmp_path / "p.json"))
+    assert loaded == p
+    codec = profile_codec(loaded)
+    assert codec.key_bits == tuple(p.key_bits) and codec.value_bits == tuple(p.value_bits)
+    assert codec.rope == ROPE and codec.hadamard_values and codec.sink_tokens == 1
+    assert ",".join(map(str, p.key_bits)) in codec.describe()
+    assert bits_per_value(codec, HEADS, DIM) == pytest.approx(p.achieved_bits)
+    no_rope = profile_codec(profile(rope=None))
+    assert no_rope.rope is None
+
+
+def test_a_different_profile_is_a_different_namespace() -> None:
+    a = profile()
+    b = retarget(a, 3.0)
+    assert b.key_bits != a.key_bits and b.achieved_bits <= 3.0
+    ids = {
+        namespace_for("org/model", LAYERS, HEADS, DIM, torch.float16, profile_codec(p)).id
+        for p in (a, b)
+    }
+    assert len(ids) == 2
+
+
+def test_default_path_names_model_options_and_target() -> None:
+    path = default_path(profile(target_bits=2.5))
+    assert path.parent.name == "profiles" and path.name == "model-g128-s1-t2.5.json"
+
+
+def test_calibrating_a_real_model() -> None:
+    pytest.importorskip("transformers")
+    from pydoc_data.topics import topics
+
+    from kvpool import calibrate as cal
+    from kvpool.models import load
+
+    try:
+        model, tokenizer = load()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    ids = tokenizer(topics["formatstrings"]).input_ids
+    p = cal.calibrate(
+        model, ids, target_bits=2.6, widths=(2, 3), samples=1, prefix_tokens=256,
+        continuation_tokens=16, context_tokens=256, block_tokens=256,
+    )  # fmt: skip
+    layers = model.config.num_hidden_layers
+    assert p.layers == layers and len(p.key_bits) == len(p.value_bits) == layers
+    assert p.achieved_bits <= 2.6
+    assert p.achieved_bits == pytest.approx(
+        bits_per_value(cal.profile_codec(p), p.kv_heads, p.head_dim, 256, 256)
+    )
+    low = {t: [row[0] for row in p.sensitivity[t]] for t in ("key", "value")}
+    assert all(x >= 0 for t in low for x in low[t])
+    most = max(range(layers), key=lambda i: low["key"][i])
+    least = min(range(layers), key=lambda i: low["key"][i])
+    assert p.key_bits[most] > p.key_bits[least]
+    assert p.sample["kl_profile"] < p.sample["kl_all_2_bit"]
