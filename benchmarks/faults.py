@@ -110,23 +110,6 @@ def client(index: int, endpoint: str, seconds: float, prompts: int, blocks: int,
     results.put(asdict(c))
 
 
-def wait_all_serving(tier: Any, timeout: float = 120.0) -> None:
-    import ray
-
-    from kvpool.services.tier import wait_serving
-
-    deadline = time.monotonic() + timeout
-    for handle in tier.shards.values():
-        while True:
-            try:
-                wait_serving(ray.get(handle.endpoint.remote(), timeout=30), timeout=30)
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
-
-
 def main(
     clients: int, seconds: float, shards: int, kill_every: float, prompts: int, blocks: int
 ) -> dict[str, Any]:
@@ -153,7 +136,7 @@ def main(
             tier.kill_shard(rng.choice(sorted(tier.shards)))
             kills += 1
         time.sleep(max(0.0, end - time.monotonic()))
-        wait_all_serving(tier)
+        tier.wait_serving()
         recovered.set()
         counts = [results.get(timeout=600) for _ in procs]
         for p in procs:

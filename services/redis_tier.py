@@ -36,7 +36,9 @@ class RedisTier:
         self.url, self.ttl_s, self.mode = url, ttl_s, mode
         self.client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
         self.written = self.dropped = self.errors = 0
-        self._queue: queue.Queue[tuple[bytes, bytes, bytes] | None] = queue.Queue(queue_blocks)
+        self._queue: queue.Queue[tuple[bytes, bytes, bytes, int, bytes] | None] = queue.Queue(
+            queue_blocks
+        )
         self._thread = threading.Thread(target=self._drain, name="redis-tier", daemon=True)
         self._thread.start()
 
@@ -48,16 +50,16 @@ class RedisTier:
         self, namespace_id: bytes, key: bytes, chain: bytes, position: int, data: bytes
     ) -> None:
         """Queue a block for writing; never blocks."""
-        value = _META.pack(chain, position) + data
         try:
-            self._queue.put_nowait((namespace_id, key, value))
+            self._queue.put_nowait((namespace_id, key, chain, position, data))
         except queue.Full:
             self.dropped += 1
 
     def _drain(self) -> None:
         while (item := self._queue.get()) is not None:
-            namespace_id, key, value = item
+            namespace_id, key, chain, position, data = item
             try:
+                value = _META.pack(chain, position) + data
                 self.client.set(self._key(namespace_id, key), value, ex=self.ttl_s)
                 self.written += 1
             except redis.RedisError as e:

@@ -255,11 +255,12 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"not a kvpool block: {e}") from None
             check_block(header, ns)
             try:
-                stored = self.store.put(info.namespace_id, key, chain, info.position, bytes(buf))
+                data = bytes(buf)
+                stored = self.store.put(info.namespace_id, key, chain, info.position, data)
             except BlockTooLargeError as e:
                 raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
             if stored and self.redis is not None and self.redis.mode == "all":
-                self.redis.offer(info.namespace_id, key, chain, info.position, bytes(buf))
+                self.redis.offer(info.namespace_id, key, chain, info.position, data)
             return pb.PutResponse(stored=stored)
 
         return await self._guard("Put", run(), context)

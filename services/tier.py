@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,7 @@ class Tier:
     shards: dict[str, Any] = field(default_factory=dict)
     started_ray: bool = False
     temp_dir: str | None = None  # Ray's session files, when this process started Ray
+    tls: bool = False  # the shards serve TLS only
 
     def topology(self) -> list[tuple[str, str, str]]:
         """[(shard id, gRPC address, metrics address)]"""
@@ -97,12 +99,27 @@ class Tier:
                 config.name, sid, config.budget_bytes, config.host, port, None, metrics,
                 config.redis_url, config.redis_ttl_s, config.redis_mode, config.security,
             )  # fmt: skip
-        for handle in handles.values():  # endpoint() answers once __init__ has started serving
-            address = ray.get(handle.endpoint.remote(), timeout=60)
-            if not config.security.tls:  # the health check from outside, where no cert is needed
-                wait_serving(address)
         self.shards.update(handles)
+        self.tls = config.security.tls
+        self.wait_serving(handles)
         return ids
+
+    def wait_serving(self, handles: dict[str, Any] | None = None, timeout: float = 120.0) -> None:
+        """Block until each shard (all this process created, by default) serves again, e.g.
+        after Ray restarted it: its endpoint() answers once its __init__ serves gRPC, and a
+        plaintext shard also passes the health check from outside."""
+        deadline = time.monotonic() + timeout
+        for handle in (self.shards if handles is None else handles).values():
+            while True:
+                try:
+                    address = ray.get(handle.endpoint.remote(), timeout=60)
+                    if not self.tls:  # with TLS the check from outside would need a cert
+                        wait_serving(address, timeout=30)
+                    break
+                except (ray.exceptions.RayError, grpc.FutureTimeoutError, grpc.RpcError):
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)  # restarting
 
     def kill_shard(self, shard_id: str, restart: bool = True) -> None:
         """Kill a shard's process (fault injection); Ray restarts it when `restart`."""

@@ -3,6 +3,7 @@ read-through on a memory miss, blocks that outlive a shard restart, tenants kept
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 
@@ -18,7 +19,7 @@ from kvpool.services.redis_server import free_port
 from kvpool.services.redis_tier import RedisTier
 from kvpool.services.server import ShardServer
 from kvpool.services.store import BlockStore
-from kvpool.services.tier import TierConfig, start_tier, wait_serving
+from kvpool.services.tier import TierConfig, start_tier
 
 CODEC = CodecConfig(2, 2, 64)
 B = 64
@@ -98,13 +99,6 @@ def test_deleting_removes_from_redis_too(shard) -> None:
         assert pool.lookup(toks) == 0
 
 
-def pid_of(handle) -> int | None:
-    try:
-        return ray.get(handle.pid.remote(), timeout=30)
-    except ray.exceptions.RayError:
-        return None
-
-
 def test_a_restarted_shard_serves_its_blocks_again_from_redis(ray_session, redis_server) -> None:
     redis.Redis(redis_server.host, redis_server.port).flushall()
     config = TierConfig(
@@ -125,9 +119,9 @@ def test_a_restarted_shard_serves_its_blocks_again_from_redis(ray_session, redis
             handle = tier.shards["shard-0"]
             pid = ray.get(handle.pid.remote())
             tier.kill_shard("shard-0")
-            while pid_of(handle) in (None, pid) and time.monotonic() < deadline:
-                time.sleep(0.2)  # until Ray has restarted it (it registers its new address)
-            wait_serving(tier.topology()[0][1])
+            while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+                time.sleep(0.1)
+            tier.wait_serving()  # Ray restarted it
             assert ray.get(handle.stats.remote())["blocks"] == 0  # restarted empty
             got = pool.get(toks)
             assert got is not None and got.tokens == 4 * B  # from Redis
@@ -144,3 +138,32 @@ def test_tenants_stay_apart_in_redis(shard) -> None:
         a.put(toks, kv(6 * B, seed=5))
         tier.flush()
         assert b.lookup(toks) == 0 and b.get(toks) is None
+
+
+def test_a_redis_that_is_down_leaves_the_memory_tier_working() -> None:
+    from kvpool.services.redis_server import free_port
+
+    tier = RedisTier(f"redis://127.0.0.1:{free_port()}/0", ttl_s=60, mode="all")  # nobody there
+    srv = ShardServer(BlockStore(16 << 20), "s-down", redis=tier)
+    srv.start()
+    try:
+        with KVPool(srv.address, NS, CODEC) as pool:
+            toks = tokens(3 * B, seed=6)
+            assert pool.put(toks, kv(3 * B, seed=6)) == 3  # memory took them
+            tier.flush()
+            assert tier.written == 0 and tier.errors >= 3  # each write-behind failed, counted
+            assert pool.lookup(toks) == 3 * B
+            got = pool.get(toks)
+            assert got is not None and got.tokens == 3 * B
+            missing = block_keys(NS, tokens(B, seed=98))[0]
+            assert pool.call(pool.tier.get(NS, missing)) is None  # read-through error: a miss
+            assert pool.stats.get_failures == 0
+    finally:
+        srv.stop()
+        tier.close()
+
+
+@pytest.mark.parametrize("kwargs", [{"mode": "some"}, {"ttl_s": 0}])
+def test_bad_redis_tier_settings_are_refused(kwargs) -> None:
+    with pytest.raises(ValueError):
+        RedisTier("redis://127.0.0.1:1/0", **kwargs)

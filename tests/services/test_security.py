@@ -209,3 +209,14 @@ def test_a_ray_tier_with_tls_and_tokens(ray_session, pki) -> None:
             assert plain.lookup(TOKENS) == 0  # plaintext: refused by the TLS endpoints, a miss
     finally:
         tier.shutdown()
+
+
+@pytest.mark.parametrize("content", ['["token-a"]', '{"token-a": 1}', '{"": "tenant"}'])
+def test_a_malformed_tokens_file_is_refused(pki, tmp_path, content) -> None:
+    bad = tmp_path / "tokens.json"
+    bad.write_text(content)
+    security = ServerSecurity(
+        str(pki / "server.crt"), str(pki / "server.key"), tokens_file=str(bad)
+    )
+    with pytest.raises(ValueError):
+        security.tenants()
