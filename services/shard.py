@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -80,9 +81,15 @@ class Directory:
 def fixed_mmap_threshold(threshold: int = 128 << 10) -> bool:
     """Have glibc serve every allocation over `threshold` bytes with its own mmap, returned to
     the OS when freed. By default glibc raises that threshold as large blocks are freed and then
-    carves multi-MiB blocks out of its heap, which fragments: measured over a 10-minute soak,
-    RSS drifted +1.3 MiB/min and sat 47 MiB over the budget; with the fixed threshold it stayed
-    flat at 15 MiB over (benchmarks/results/2026-11-22-memory-soak-cpu.log)."""
+    carves multi-MiB blocks out of its heap, which fragments: over a 10-minute soak RSS drifted
+    +1.3 MiB/min and sat 47 MiB over the budget; at 128 KiB it stayed flat at 15 MiB over.
+    The price is throughput: every 1 MiB chunk is then a fresh mmap (benchmarks/store.py, one
+    run each: get 262 MB/s at 128 KiB, 377 at 2 MiB, 478 with glibc's default). The
+    environment variable KVPOOL_MMAP_THRESHOLD overrides it (bytes; 0 keeps glibc's default);
+    see benchmarks/results/README.md."""
+    threshold = int(os.environ.get("KVPOOL_MMAP_THRESHOLD", threshold))  # 0: glibc's default
+    if threshold <= 0:
+        return False
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc
