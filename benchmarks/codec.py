@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from kvpool.blockformat import Layout, verify
 from kvpool.kernels.codec import CodecConfig, decode, encode
+from kvpool.proto.blockformat import Layout, verify
 
 SHAPE = (32, 8, 256, 128)
 

@@ -59,7 +59,7 @@ from redis.utils import HIREDIS_AVAILABLE
 
 from kvpool.client import namespace_for
 from kvpool.kernels.codec import CodecConfig, decode, encode
-from kvpool.keys import Namespace, block_keys
+from kvpool.proto.keys import Namespace, block_keys
 from kvpool.services.redis_server import RedisServer
 from kvpool.transport import ClientConfig, TierClient
 

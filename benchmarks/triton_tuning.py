@@ -11,9 +11,9 @@ import json
 import torch
 from triton.testing import do_bench
 
-from kvpool.blockformat import Layout
 from kvpool.kernels import triton_ops
 from kvpool.kernels.codec import CodecConfig, _header
+from kvpool.proto.blockformat import Layout
 
 SHAPE = (32, 8, 256, 128)
 

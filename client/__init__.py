@@ -6,7 +6,7 @@ messages). Importing `kvpool` itself is cheap and does not import torch: the cac
 handles opaque bytes.
 """
 
-from kvpool.errors import (
+from kvpool.proto.errors import (
     BlockFormatError,
     ChecksumError,
     CodecError,

@@ -42,10 +42,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kvpool.blockformat import SUPPORTED_BITS, Layout
-from kvpool.errors import CodecError
 from kvpool.kernels.codec import CodecConfig, _header, decode, encode
 from kvpool.kernels.transforms import RopeParams
+from kvpool.proto.blockformat import SUPPORTED_BITS, Layout
+from kvpool.proto.errors import CodecError
 
 TENSORS = ("key", "value")
 

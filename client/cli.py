@@ -115,8 +115,8 @@ def ingest(args: argparse.Namespace) -> None:
 
     from tqdm import tqdm
 
+    from kvpool.ingest import IngestConfig, read_documents, run_ingest
     from kvpool.models import SMOLLM2
-    from kvpool.services.ingest import IngestConfig, read_documents, run_ingest
     from kvpool.services.tier import init_ray
 
     logging.basicConfig(level=logging.WARNING)

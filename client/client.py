@@ -29,11 +29,11 @@ import torch
 from prometheus_client import CollectorRegistry
 from torch import Tensor
 
-from kvpool.blockformat import Layout
-from kvpool.errors import BlockFormatError, CodecError, NamespaceError, TierError
 from kvpool.kernels.codec import FORMAT_DTYPES, Block, CodecConfig, decode, encode, encode_latent
-from kvpool.keys import BlockHash, Namespace, block_keys
 from kvpool.metrics import client_metrics
+from kvpool.proto.blockformat import Layout
+from kvpool.proto.errors import BlockFormatError, CodecError, NamespaceError, TierError
+from kvpool.proto.keys import BlockHash, Namespace, block_keys
 from kvpool.transport import ClientConfig, TierClient
 
 log = logging.getLogger(__name__)

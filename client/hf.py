@@ -23,10 +23,10 @@ from torch import Tensor
 from transformers import DynamicCache
 
 from kvpool.client import KVPool, namespace_for
-from kvpool.errors import CodecError, NamespaceError
 from kvpool.kernels.codec import CodecConfig
 from kvpool.kernels.transforms import RopeParams
-from kvpool.keys import Namespace
+from kvpool.proto.errors import CodecError, NamespaceError
+from kvpool.proto.keys import Namespace
 
 
 def _text_config(model: Any) -> Any:

@@ -14,17 +14,17 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import grpc
 
-from kvpool.errors import TierError
-from kvpool.keys import Namespace
 from kvpool.proto import kvpool_pb2 as pb
 from kvpool.proto import kvpool_pb2_grpc as pb_grpc
+from kvpool.proto.errors import TierError
+from kvpool.proto.keys import Namespace
 from kvpool.proto.messages import namespace_to_proto
 from kvpool.ring import Ring
-from kvpool.services.security import channel_credentials
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -321,3 +321,20 @@ class TierClient:
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()
+
+
+def channel_credentials(
+    ca_file: str,
+    cert_file: str | None = None,
+    key_file: str | None = None,
+    token: str | None = None,
+) -> grpc.ChannelCredentials:
+    """Client credentials: trust `ca_file`; present a certificate for mutual TLS; send a token."""
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=Path(ca_file).read_bytes(),
+        private_key=Path(key_file).read_bytes() if key_file else None,
+        certificate_chain=Path(cert_file).read_bytes() if cert_file else None,
+    )
+    if token:
+        creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(token))
+    return creds

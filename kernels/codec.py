@@ -21,7 +21,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from kvpool.blockformat import (
+from kvpool.kernels import reference
+from kvpool.kernels.transforms import RopeParams, hadamard, redo_rope, undo_rope
+from kvpool.proto.blockformat import (
     SUPPORTED_BITS,
     SUPPORTED_GROUPS,
     BlockHeader,
@@ -31,9 +33,7 @@ from kvpool.blockformat import (
     seal,
     verify,
 )
-from kvpool.errors import CodecError
-from kvpool.kernels import reference
-from kvpool.kernels.transforms import RopeParams, hadamard, redo_rope, undo_rope
+from kvpool.proto.errors import CodecError
 
 Backend = Literal["auto", "triton", "cpu", "reference"]
 TORCH_DTYPES = {

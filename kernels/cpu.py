@@ -12,9 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import Tensor
 
-from kvpool.blockformat import BlockHeader, Section
-from kvpool.errors import NonFiniteError
 from kvpool.kernels import _cpu_codec
+from kvpool.proto.blockformat import BlockHeader, Section
+from kvpool.proto.errors import NonFiniteError
 
 DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}
 _POOL = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="kvcodec")

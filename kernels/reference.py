@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kvpool.blockformat import BlockHeader, Section, plane_widths
-from kvpool.errors import NonFiniteError
+from kvpool.proto.blockformat import BlockHeader, Section, plane_widths
+from kvpool.proto.errors import NonFiniteError
 
 SCALE_EPS = 2.0**-24  # the smallest positive fp16 (subnormal): a constant group gives s = eps
 

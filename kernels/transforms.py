@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kvpool.errors import CodecError
+from kvpool.proto.errors import CodecError
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ block costs two launches in the common uniform case. Each program handles one ti
   keys:   one (layer, head, group of G tokens): tile [G, D], groups along tokens (axis 0)
   values: one (layer, head, BLOCK_T tokens):   tile [BLOCK_T, D], groups of GV channels
 and writes packed codes, fp16 scales and fp16 minimums straight into the block's payload at the
-layer's section offsets (kvpool.blockformat).
+layer's section offsets (kvpool.proto.blockformat).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kvpool.blockformat import BlockHeader, Section
-from kvpool.errors import NonFiniteError
+from kvpool.proto.blockformat import BlockHeader, Section
+from kvpool.proto.errors import NonFiniteError
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _VALUE_ROWS = 16  # tokens per program for per-token groups

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from kvpool.blockformat import DType, Layout
-from kvpool.keys import Namespace
 from kvpool.proto import kvpool_pb2 as pb
+from kvpool.proto.blockformat import DType, Layout
+from kvpool.proto.keys import Namespace
 
 
 def namespace_to_proto(ns: Namespace) -> pb.Namespace:

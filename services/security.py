@@ -1,7 +1,7 @@
 """Transport security and tenant authentication for the shards' gRPC endpoints.
 
-Where it stands: at the edge of every shard (services/server.py) and in the client's channels
-(client/transport.py).
+Where it stands: at the edge of every shard (services/server.py); the client's side of TLS
+and tokens is in client/transport.py.
 - TLS with a server certificate; mutual TLS when a client CA is given (clients then present
   certificates signed by it).
 - Token authentication per tenant: a request carries `authorization: Bearer <token>` (sent by
@@ -81,20 +81,3 @@ def scoped(tenant: str | None, key: bytes) -> bytes:
     if tenant is None:
         return key
     return hashlib.sha256(b"kvpool tenant\x00" + tenant.encode() + b"\x00" + key).digest()
-
-
-def channel_credentials(
-    ca_file: str,
-    cert_file: str | None = None,
-    key_file: str | None = None,
-    token: str | None = None,
-) -> grpc.ChannelCredentials:
-    """Client credentials: trust `ca_file`; present a certificate for mutual TLS; send a token."""
-    creds = grpc.ssl_channel_credentials(
-        root_certificates=Path(ca_file).read_bytes(),
-        private_key=Path(key_file).read_bytes() if key_file else None,
-        certificate_chain=Path(cert_file).read_bytes() if cert_file else None,
-    )
-    if token:
-        creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(token))
-    return creds

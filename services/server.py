@@ -29,11 +29,11 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from kvpool.blockformat import FORMAT_VERSION, BlockHeader, Layout, verify
-from kvpool.errors import BlockFormatError, ChecksumError, UnsupportedVersionError
-from kvpool.keys import KEY_BYTES, Namespace
 from kvpool.proto import kvpool_pb2 as pb
 from kvpool.proto import kvpool_pb2_grpc as pb_grpc
+from kvpool.proto.blockformat import FORMAT_VERSION, BlockHeader, Layout, verify
+from kvpool.proto.errors import BlockFormatError, ChecksumError, UnsupportedVersionError
+from kvpool.proto.keys import KEY_BYTES, Namespace
 from kvpool.proto.messages import namespace_from_proto
 from kvpool.services.metrics import ShardMetrics
 from kvpool.services.redis_tier import RedisTier

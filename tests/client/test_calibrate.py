@@ -16,9 +16,9 @@ from kvpool.calibrate import (
     retarget,
 )
 from kvpool.client import namespace_for
-from kvpool.errors import CodecError
 from kvpool.kernels.codec import CodecConfig, encode
 from kvpool.kernels.transforms import RopeParams
+from kvpool.proto.errors import CodecError
 
 LAYERS, HEADS, DIM = 8, 3, 64
 WIDTHS = (2, 3, 4)

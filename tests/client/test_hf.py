@@ -12,10 +12,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kvpool.blockformat import DType
 from kvpool.client import KVPool
-from kvpool.errors import NamespaceError
 from kvpool.hf import CachedModel, codec_for, namespace_for_model, rope_params
+from kvpool.proto.blockformat import DType
+from kvpool.proto.errors import NamespaceError
 from kvpool.services.tier import Tier, TierConfig, start_tier
 
 TEXT = pydoc_data.topics.topics["typesseq"]  # real English prose from the Python manual

@@ -79,7 +79,7 @@ def test_triton_mixed_bits_profile_and_latent() -> None:
 
 
 def test_triton_rejects_non_finite_input() -> None:
-    from kvpool.errors import NonFiniteError
+    from kvpool.proto.errors import NonFiniteError
 
     k, v = kv(tokens=64, dim=64)
     v[1, 0, 5, 3] = float("nan")
@@ -90,7 +90,7 @@ def test_triton_rejects_non_finite_input() -> None:
 
 
 def test_forcing_triton_where_it_cannot_run_raises() -> None:
-    from kvpool.errors import CodecError
+    from kvpool.proto.errors import CodecError
 
     k, v = kv(tokens=64, dim=24)  # not a power of two
     with pytest.raises(CodecError):

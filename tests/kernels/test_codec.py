@@ -5,8 +5,10 @@ import struct
 import pytest
 import torch
 
-from kvpool.blockformat import BlockHeader, DType, Layout, parse_header, verify
-from kvpool.errors import (
+from kvpool.kernels.codec import CodecConfig, decode, encode, encode_latent
+from kvpool.kernels.transforms import RopeParams, hadamard, redo_rope, undo_rope
+from kvpool.proto.blockformat import BlockHeader, DType, Layout, parse_header, verify
+from kvpool.proto.errors import (
     BlockFormatError,
     ChecksumError,
     CodecError,
@@ -14,8 +16,6 @@ from kvpool.errors import (
     TruncatedBlockError,
     UnsupportedVersionError,
 )
-from kvpool.kernels.codec import CodecConfig, decode, encode, encode_latent
-from kvpool.kernels.transforms import RopeParams, hadamard, redo_rope, undo_rope
 from tests.kernels.helpers import error_bound, kv
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]

@@ -14,7 +14,7 @@ import torch
 
 from kvpool.client import KVPool, namespace_for
 from kvpool.kernels.codec import CodecConfig, encode
-from kvpool.keys import block_keys
+from kvpool.proto.keys import block_keys
 from kvpool.services.redis_server import free_port
 from kvpool.services.redis_tier import RedisTier
 from kvpool.services.server import ShardServer

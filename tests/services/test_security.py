@@ -19,9 +19,9 @@ from cryptography.x509.oid import NameOID
 
 from kvpool.client import KVPool, namespace_for
 from kvpool.kernels.codec import CodecConfig
-from kvpool.keys import block_keys
 from kvpool.proto import kvpool_pb2 as pb
 from kvpool.proto import kvpool_pb2_grpc as pb_grpc
+from kvpool.proto.keys import block_keys
 from kvpool.services.security import ServerSecurity, channel_credentials
 from kvpool.services.server import ShardServer
 from kvpool.services.store import BlockStore

@@ -13,9 +13,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvpool.client import namespace_for
 from kvpool.kernels.codec import CodecConfig, encode
-from kvpool.keys import Namespace, block_keys
 from kvpool.proto import kvpool_pb2 as pb
 from kvpool.proto import kvpool_pb2_grpc as pb_grpc
+from kvpool.proto.keys import Namespace, block_keys
 from kvpool.proto.messages import namespace_to_proto
 from kvpool.services.server import Limits, ShardServer
 from kvpool.services.store import BlockStore

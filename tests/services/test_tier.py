@@ -18,7 +18,7 @@ import torch
 
 from kvpool.client import AsyncKVPool, KVPool, namespace_for
 from kvpool.kernels.codec import CodecConfig, decode, encode
-from kvpool.keys import block_keys
+from kvpool.proto.keys import block_keys
 from kvpool.services.tier import Tier, TierConfig, start_tier
 from kvpool.transport import ClientConfig
 

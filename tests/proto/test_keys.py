@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from kvpool.blockformat import DType
-from kvpool.errors import NamespaceError, TokenError
-from kvpool.keys import Namespace, block_keys
+from kvpool.proto.blockformat import DType
+from kvpool.proto.errors import NamespaceError, TokenError
+from kvpool.proto.keys import Namespace, block_keys
 
 NS = Namespace(
     model="m", layers=2, kv_heads=2, head_dim=64, dtype=DType.FLOAT16, codec="c", block_tokens=16
@@ -64,7 +64,7 @@ def test_same_keys_whatever_the_container(container) -> None:
 
 def test_keys_identical_across_processes_with_different_hash_seeds() -> None:
     code = (
-        "from kvpool.keys import Namespace, block_keys; from kvpool.blockformat import DType;"
+        "from kvpool.proto.keys import Namespace, block_keys; from kvpool.proto.blockformat import DType;"
         "ns = Namespace(model='m', layers=2, kv_heads=2, head_dim=64, dtype=DType.FLOAT16,"
         " codec='c', block_tokens=16, salt=b'tenant');"
         f"print(','.join(k.hex() for k in block_keys(ns, {TOKENS!r})))"

@@ -26,7 +26,7 @@ import zlib
 from dataclasses import dataclass, field
 from enum import IntEnum
 
-from kvpool.errors import (
+from kvpool.proto.errors import (
     BlockFormatError,
     ChecksumError,
     TruncatedBlockError,

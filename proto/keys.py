@@ -22,8 +22,8 @@ from typing import Any, NewType
 
 import numpy as np
 
-from kvpool.blockformat import FORMAT_VERSION, DType, Layout
-from kvpool.errors import NamespaceError, TokenError
+from kvpool.proto.blockformat import FORMAT_VERSION, DType, Layout
+from kvpool.proto.errors import NamespaceError, TokenError
 
 BlockHash = NewType("BlockHash", bytes)
 KEY_BYTES = 32

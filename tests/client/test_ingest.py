@@ -15,9 +15,9 @@ import torch
 
 from kvpool.client import KVPool
 from kvpool.hf import CachedModel, codec_for, kv_from_cache, namespace_for_model
+from kvpool.ingest import IngestConfig, batches, read_documents, run_ingest
 from kvpool.kernels.codec import decode, encode
 from kvpool.models import SMOLLM2
-from kvpool.services.ingest import IngestConfig, batches, read_documents, run_ingest
 from kvpool.services.tier import Tier, TierConfig, start_tier
 
 DOCS = {name: pydoc_data.topics.topics[name][:2600] for name in ("debugger", "attribute-access")}
