@@ -428,7 +428,10 @@ class ShardServer:
         metrics_port: int | None = None,
         redis: RedisTier | None = None,
         security: ServerSecurity | None = None,
+        health_port: int | None = None,
     ) -> None:
+        """health_port: also serve grpc.health.v1 alone, in plaintext, on this port (0: any free
+        port), for probes that cannot speak TLS (Kubernetes gRPC probes); None: no such port."""
         self.store, self.shard_id, self.limits = store, shard_id, limits
         self.redis, self.security = redis, security or ServerSecurity()
         self.host, self.port = host, port
@@ -441,10 +444,17 @@ class ShardServer:
             target=self._loop.run_forever, name=f"grpc-{shard_id}", daemon=True
         )
         self._server: grpc.aio.Server | None = None
+        self.health_port = health_port
+        self._health_server: grpc.aio.Server | None = None
 
     @property
     def address(self) -> str:
         return f"{self.advertise_host}:{self.port}"
+
+    @property
+    def health_address(self) -> str:
+        """host:port of the plaintext health-only listener, or "" when there is none."""
+        return f"{self.advertise_host}:{self.health_port}" if self._health_server else ""
 
     @property
     def metrics_address(self) -> str:
@@ -479,6 +489,12 @@ class ShardServer:
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._server = server
+        if self.health_port is not None:  # its own listener: grpc.health.v1 and nothing else
+            health_only = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_only)
+            self.health_port = health_only.add_insecure_port(f"{self.host}:{self.health_port}")
+            await health_only.start()
+            self._health_server = health_only
         return port
 
     def start(self) -> str:
@@ -494,6 +510,9 @@ class ShardServer:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def stop(self, grace: float = 1.0) -> None:
+        if self._health_server is not None:
+            asyncio.run_coroutine_threadsafe(self._health_server.stop(0), self._loop).result(5)
+            self._health_server = None
         if self._server is not None:
             asyncio.run_coroutine_threadsafe(self._server.stop(grace), self._loop).result(
                 timeout=grace + 5
