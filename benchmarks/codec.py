@@ -116,7 +116,7 @@ def cpu_figures(repeat: int, peer: bool) -> dict[str, Any]:
 
 def cuda_figures(repeat: int) -> dict[str, Any]:
     from kvpool.kernels import triton_ops
-    from kvpool.kernels.codec import _header
+    from kvpool.kernels.codec import block_header
 
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
@@ -124,7 +124,7 @@ def cuda_figures(repeat: int) -> dict[str, Any]:
     v = torch.randn(SHAPE, generator=g, device=dev).half()
     fp16_bytes = 2 * k.numel() * 2
     cfg = CodecConfig(2, 2, 128)
-    header = _header(Layout.KV, k.dtype, *SHAPE, cfg, 0)
+    header = block_header(Layout.KV, k.dtype, SHAPE, cfg, 0)
     key_sections, value_sections = list(header.sections[0::2]), list(header.sections[1::2])
     payload = torch.zeros(header.payload_len, dtype=torch.uint8, device=dev)
     flag = torch.zeros(1, dtype=torch.int32, device=dev)

@@ -12,7 +12,7 @@ import torch
 from triton.testing import do_bench
 
 from kvpool.kernels import triton_ops
-from kvpool.kernels.codec import CodecConfig, _header
+from kvpool.kernels.codec import CodecConfig, block_header
 from kvpool.proto.blockformat import Layout
 
 SHAPE = (32, 8, 256, 128)
@@ -25,7 +25,7 @@ def main() -> None:
     t_copy = do_bench(lambda: y.copy_(x), rep=100)
     rows = []
     for group in (128, 64, 32):
-        header = _header(Layout.KV, x.dtype, *SHAPE, CodecConfig(2, 2, group), 0)
+        header = block_header(Layout.KV, x.dtype, SHAPE, CodecConfig(2, 2, group), 0)
         payload = torch.zeros(header.payload_len, dtype=torch.uint8, device=dev)
         flag = torch.zeros(1, dtype=torch.int32, device=dev)
         for kw in (4, 8, 16):

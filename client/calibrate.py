@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kvpool.kernels.codec import CodecConfig, _header, decode, encode
+from kvpool.kernels.codec import CodecConfig, block_header, decode, encode
 from kvpool.kernels.transforms import RopeParams
 from kvpool.proto.blockformat import SUPPORTED_BITS, Layout
 from kvpool.proto.errors import CodecError
@@ -118,10 +118,8 @@ def bits_per_value(
     blocks = max(1, context_tokens // block_tokens)
     nbytes = 0
     for i in range(blocks):
-        h = _header(
-            Layout.KV, torch.float16, layers, kv_heads, block_tokens, head_dim, codec,
-            i * block_tokens,
-        )  # fmt: skip
+        shape = (layers, kv_heads, block_tokens, head_dim)
+        h = block_header(Layout.KV, torch.float16, shape, codec, i * block_tokens)
         nbytes += h.header_len + h.payload_len
     return nbytes * 8 / (2 * layers * kv_heads * blocks * block_tokens * head_dim)
 

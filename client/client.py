@@ -5,11 +5,20 @@ Where it stands: the top of the data path, inside the worker process.
     put(tokens, kv):  block keys -> lookup (skip stored blocks) -> encode each new full block
                       on the KV's device -> stream to its owning shard(s)
     get(tokens):      block keys -> lookup (longest cached prefix) -> fetch blocks in parallel
-                      -> verify + decode on the worker's device -> concatenate along tokens
+                      -> check each is the block asked for -> decode on the worker's device
+                      -> concatenate along tokens
+
+Every block is bound to its namespace id, key and position (and, with the namespace's
+`mac_key`, carries the tenant's MAC). A fetched block is compared with the header the client
+itself would have written for that position before any decoding: a corrupt, misplaced,
+misshapen or forged block is a counted miss (`stats.rejected_blocks`, the
+`kvpool_client_rejected_blocks_total` metric), never an exception and never a tensor at the
+wrong place.
 
 The cache is best effort, like every serious KV cache connector: a put that fails is a dropped
-save and a get that fails is a miss. Neither raises because the tier is slow or down; the
-failure is logged and counted in `stats`. Bad input (wrong shapes, bad tokens) does raise.
+save and a get that fails is a miss. Neither raises because the tier is slow or down, and each
+call has a deadline (`ClientConfig.call_timeout_s`); the failure is logged and counted in
+`stats`. Bad input (wrong shapes, bad tokens) does raise.
 
 `AsyncKVPool` is for asyncio code; `KVPool` wraps it for synchronous code with an event loop
 in a background thread.
@@ -18,6 +27,7 @@ in a background thread.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
@@ -29,10 +39,27 @@ import torch
 from prometheus_client import CollectorRegistry
 from torch import Tensor
 
-from kvpool.kernels.codec import FORMAT_DTYPES, Block, CodecConfig, decode, encode, encode_latent
+from kvpool.kernels.codec import (
+    FORMAT_DTYPES,
+    Binding,
+    Block,
+    CodecConfig,
+    block_header,
+    decode,
+    encode,
+    encode_latent,
+)
 from kvpool.metrics import client_metrics
-from kvpool.proto.blockformat import Layout
-from kvpool.proto.errors import BlockFormatError, CodecError, NamespaceError, TierError
+from kvpool.proto.blockformat import BlockHeader, Layout
+from kvpool.proto.errors import (
+    BlockFormatError,
+    BlockMismatchError,
+    ChecksumError,
+    CodecError,
+    ForgedBlockError,
+    NamespaceError,
+    TierError,
+)
 from kvpool.proto.keys import BlockHash, Namespace, block_keys
 from kvpool.transport import ClientConfig, TierClient
 
@@ -67,7 +94,7 @@ class ClientStats:
     put_failures: int = 0
     get_failures: int = 0
     lookup_failures: int = 0
-    corrupt_blocks: int = 0
+    rejected_blocks: int = 0  # fetched, then refused: corrupt, misplaced, misshapen or forged
 
 
 @dataclass
@@ -99,14 +126,27 @@ class AsyncKVPool:
                 f"namespace codec {self.namespace.codec!r} is not this codec "
                 f"({self.codec.describe()!r}): build it with namespace_for()"
             )
+        if self.namespace.integrity and not self.namespace.mac_key:
+            raise NamespaceError("a namespace with integrity needs its mac_key to read and write")
         self.device = torch.device(self.device)
-        self.tier = TierClient(self.endpoints, self.config)
+        self.tier = TierClient(self.endpoints, self.config, on_failure=self._shard_failed)
         self.block_tokens = self.namespace.block_tokens
         self.metrics = client_metrics(self.registry)
 
     def _failures(self) -> int:
         s = self.stats
-        return s.lookup_failures + s.put_failures + s.get_failures + s.corrupt_blocks
+        return s.lookup_failures + s.put_failures + s.get_failures + s.rejected_blocks
+
+    def _failed(self, operation: str, error: Exception) -> None:
+        setattr(
+            self.stats, f"{operation}_failures", getattr(self.stats, f"{operation}_failures") + 1
+        )
+        self.metrics.failures.labels(operation).inc()
+        log.warning("kvpool %s failed (a miss or a dropped save): %s", operation, error)
+
+    def _shard_failed(self, operation: str, error: TierError) -> None:
+        """A shard's failure that a tier call absorbed (one shard of a lookup, one replica)."""
+        self._failed(operation, error)
 
     def _observe(self, operation: str, status: str, t0: float, failures_before: int) -> None:
         if self._failures() != failures_before:
@@ -123,24 +163,39 @@ class AsyncKVPool:
         self._observe("lookup", "ok", t0, failures)
         return n
 
+    async def _bounded(self, operation: str, call: Coroutine[Any, Any, T], default: T) -> T:
+        """`call` within the call deadline; past it, `default` (a miss, a dropped save)."""
+        try:
+            return await asyncio.wait_for(call, self.config.call_timeout_s)
+        except TimeoutError as e:
+            self._failed(operation, e)
+            return default
+
     async def put(self, tokens: Sequence[int] | Tensor, kv: KV) -> int:
         """Encode and store every full block of `tokens` not stored yet; returns how many new
         blocks the tier took. `kv` covers at least the full blocks of `tokens`."""
         keys = block_keys(self.namespace, tokens)
         tensors = self._check_kv(kv, len(keys) * self.block_tokens)
         t0, failures = time.perf_counter(), self._failures()
+        stored = await self._bounded("put", self._put(keys, tensors), 0)
+        self._observe("put", "ok", t0, failures)
+        return stored
+
+    async def _put(self, keys: list[BlockHash], tensors: list[Tensor]) -> int:
         start = await self._lookup(keys)
         stored = 0
         pending: list[asyncio.Task[bool]] = []
-        for i in range(start, len(keys)):
-            blob = await asyncio.to_thread(self._encode, tensors, i)
-            pending.append(asyncio.create_task(self._put_block(keys, i, blob)))
-            if len(pending) >= self.config.max_inflight:
-                stored += sum(await asyncio.gather(*pending))
-                pending.clear()
-        stored += sum(await asyncio.gather(*pending))
-        self._observe("put", "ok", t0, failures)
-        return stored
+        try:
+            for i in range(start, len(keys)):
+                blob = await asyncio.to_thread(self._encode, tensors, keys, i)
+                pending.append(asyncio.create_task(self._put_block(keys, i, blob)))
+                if len(pending) >= self.config.max_inflight:
+                    stored += sum(await asyncio.gather(*pending))
+                    pending.clear()
+            return stored + sum(await asyncio.gather(*pending))
+        finally:
+            for task in pending:
+                task.cancel()
 
     async def get(
         self, tokens: Sequence[int] | Tensor, dtype: torch.dtype | None = None,
@@ -154,7 +209,7 @@ class AsyncKVPool:
         lookup and fetch, the prefix ends before it."""
         keys = block_keys(self.namespace, tokens)
         t0, failures = time.perf_counter(), self._failures()
-        prefix = await self._get(keys, dtype, present)
+        prefix = await self._bounded("get", self._get(keys, dtype, present), None)
         self._observe("get", "miss" if prefix is None else "hit", t0, failures)
         if prefix is not None:
             self.metrics.hit_tokens.inc(prefix.tokens)
@@ -174,11 +229,11 @@ class AsyncKVPool:
             if blob is None:
                 return None, 0
             try:
-                block = await asyncio.to_thread(self._decode, blob, out_dtype)
+                block = await asyncio.to_thread(self._decode, blob, keys, i, out_dtype)
                 return block, len(blob)
-            except BlockFormatError as e:  # corrupted on the way: a miss, counted
-                self.stats.corrupt_blocks += 1
-                log.error("block %d of a prefix failed to decode: %s", i, e)
+            except (BlockFormatError, CodecError, RuntimeError) as e:  # a miss, counted
+                self._reject(e)
+                log.error("block %d of a prefix refused: %s", i, e)
                 return None, 0
 
         blocks: list[Block] = []
@@ -208,20 +263,27 @@ class AsyncKVPool:
         self.metrics.lookups.inc()
         limit = self.config.max_lookup_keys
         try:
-            return await self.tier.lookup(self.namespace, keys[:limit])
+            return await self._bounded("lookup", self.tier.lookup(self.namespace, keys[:limit]), 0)
         except TierError as e:
-            self.stats.lookup_failures += 1
-            self.metrics.failures.labels("lookup").inc()
-            log.warning("kvpool lookup failed, treating as a miss: %s", e)
+            self._failed("lookup", e)
             return 0
+
+    def _reject(self, error: Exception) -> None:
+        self.stats.rejected_blocks += 1
+        reason = "format"
+        if isinstance(error, ChecksumError):
+            reason = "checksum"
+        elif isinstance(error, BlockMismatchError):
+            reason = "mismatch"
+        elif isinstance(error, ForgedBlockError):
+            reason = "mac"
+        self.metrics.rejected_blocks.labels(reason).inc()
 
     async def _put_block(self, keys: list[BlockHash], i: int, blob: bytes) -> bool:
         try:
             stored = await self.tier.put(self.namespace, keys[i], keys[0], i, blob)
         except TierError as e:
-            self.stats.put_failures += 1
-            self.metrics.failures.labels("put").inc()
-            log.warning("kvpool put of block %d dropped: %s", i, e)
+            self._failed("put", e)
             return False
         if stored:
             self.stats.blocks_put += 1
@@ -235,9 +297,7 @@ class AsyncKVPool:
         try:
             blob = await self.tier.get(self.namespace, key)
         except TierError as e:
-            self.stats.get_failures += 1
-            self.metrics.failures.labels("get").inc()
-            log.warning("kvpool get failed, treating as a miss: %s", e)
+            self._failed("get", e)
             return None
         if blob is not None:
             self.stats.blocks_fetched += 1
@@ -273,24 +333,35 @@ class AsyncKVPool:
                 raise CodecError(f"KV dtype {t.dtype} is not the namespace's {ns.dtype.name}")
         return tensors
 
-    def _decode(self, blob: bytes, dtype: torch.dtype) -> Block:
+    def _binding(self, keys: list[BlockHash], i: int) -> Binding:
+        return Binding(self.namespace.id, keys[i], self.namespace.mac_key)
+
+    def expected_header(self, keys: list[BlockHash], i: int) -> BlockHeader:
+        """The header of block i of the prefix whose keys are `keys`, as this client writes it:
+        what a fetched block must have to be decoded."""
+        ns = self.namespace
+        heads = 1 if ns.layout == Layout.LATENT else ns.kv_heads
+        shape = (ns.layers, heads, self.block_tokens, ns.head_dim)
+        return block_header(
+            ns.layout, _torch_dtype(ns), shape, self.codec, i * self.block_tokens,
+            self._binding(keys, i),
+        )  # fmt: skip
+
+    def _decode(self, blob: bytes, keys: list[BlockHash], i: int, dtype: torch.dtype) -> Block:
+        expect = self.expected_header(keys, i)
         with self.metrics.decode_seconds.time():
-            block = decode(blob, self.device, dtype)
+            block = decode(blob, self.device, dtype, expect=expect, mac_key=self.namespace.mac_key)
         self.metrics.hit_blocks.inc()
         return block
 
-    def _encode(self, tensors: list[Tensor], i: int) -> bytes:
+    def _encode(self, tensors: list[Tensor], keys: list[BlockHash], i: int) -> bytes:
+        b, binding = self.block_tokens, self._binding(keys, i)
         with self.metrics.encode_seconds.time():
-            return self._encode_block(tensors, i)
-
-    def _encode_block(self, tensors: list[Tensor], i: int) -> bytes:
-        b = self.block_tokens
-        if self.namespace.layout == Layout.LATENT:
-            return encode_latent(
-                tensors[0][:, i * b : (i + 1) * b], self.codec, start_position=i * b
-            )
-        k, v = (t[:, :, i * b : (i + 1) * b] for t in tensors)
-        return encode(k, v, self.codec, start_position=i * b)
+            if self.namespace.layout == Layout.LATENT:
+                x = tensors[0][:, i * b : (i + 1) * b]
+                return encode_latent(x, self.codec, start_position=i * b, binding=binding)
+            k, v = (t[:, :, i * b : (i + 1) * b] for t in tensors)
+            return encode(k, v, self.codec, start_position=i * b, binding=binding)
 
 
 def _torch_dtype(ns: Namespace) -> torch.dtype:
@@ -300,7 +371,9 @@ def _torch_dtype(ns: Namespace) -> torch.dtype:
 class KVPool:
     """Synchronous client: the same calls as AsyncKVPool, from any thread.
 
-    Its event loop runs in a daemon thread; every call waits at most its deadline budget."""
+    Its event loop runs in a daemon thread. lookup, put and get end within their call deadline
+    (`ClientConfig.call_timeout_s`) as a miss or a dropped save; this wrapper waits a few
+    seconds more at most, then cancels the call and answers the same."""
 
     def __init__(self, endpoints: str | Sequence[str], namespace: Namespace, codec: CodecConfig,
                  device: torch.device | str = "cpu", config: ClientConfig | None = None,
@@ -317,6 +390,7 @@ class KVPool:
             )
 
         self._client = self._run(make())
+        self._wait_s = self._client.config.call_timeout_s + 5.0
 
     @property
     def stats(self) -> ClientStats:
@@ -337,17 +411,26 @@ class KVPool:
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
+    def _bounded(self, operation: str, coro: Coroutine[Any, Any, T], default: T) -> T:
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(timeout=self._wait_s)
+        except concurrent.futures.TimeoutError as e:
+            future.cancel()
+            self._loop.call_soon_threadsafe(self._client._failed, operation, e)
+            return default
+
     def lookup(self, tokens: Sequence[int] | Tensor) -> int:
-        return self._run(self._client.lookup(tokens))
+        return self._bounded("lookup", self._client.lookup(tokens), 0)
 
     def put(self, tokens: Sequence[int] | Tensor, kv: KV) -> int:
-        return self._run(self._client.put(tokens, kv))
+        return self._bounded("put", self._client.put(tokens, kv), 0)
 
     def get(
         self, tokens: Sequence[int] | Tensor, dtype: torch.dtype | None = None,
         present: int | None = None,
     ) -> CachedPrefix | None:  # fmt: skip
-        return self._run(self._client.get(tokens, dtype, present))
+        return self._bounded("get", self._client.get(tokens, dtype, present), None)
 
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run any coroutine (e.g. one of `tier`'s) on the client's loop."""

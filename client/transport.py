@@ -2,9 +2,12 @@
 
 Where it stands: between the KVPool client (client.py, which hashes and encodes) and the
 shards. It fetches the tier's topology from any known address, places keys on a consistent-
-hash ring, keeps one channel per shard, bounds the transfers in flight, and puts a deadline on
-every call. Errors surface as TierError with the gRPC status name; the KVPool client turns
-them into misses and dropped saves.
+hash ring, keeps one channel per shard (closing those of shards that left or moved), bounds
+the transfers in flight, and puts a deadline on every call. Errors surface as TierError with
+the gRPC status name; the KVPool client turns them into misses and dropped saves. A shard's
+failure that a call absorbs (a lookup that counts its keys as absent, a get that falls back to
+a replica) is reported to `on_failure`, so nothing is swallowed uncounted. Retries go by status
+code only: UNAVAILABLE sends a call once more to the shard's new address, if it moved.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class ClientConfig:
     timeout_s: float = 10.0  # deadline of every RPC
+    call_timeout_s: float = 30.0  # deadline of a whole lookup, put or get (then a miss / drop)
     max_inflight: int = 16  # block transfers in flight per client
     chunk_bytes: int = 1 << 20
     topology_ttl_s: float = 10.0  # refresh the topology at least this often
@@ -52,8 +56,10 @@ class TierClient:
     """Async, bytes-level access to a tier; create it inside the event loop that uses it."""
 
     def __init__(
-        self, endpoints: str | Sequence[str], config: ClientConfig = ClientConfig()
-    ) -> None:
+        self, endpoints: str | Sequence[str], config: ClientConfig = ClientConfig(),
+        on_failure: Callable[[str, TierError], None] | None = None,
+    ) -> None:  # fmt: skip
+        """on_failure(operation, error): told of each shard failure a call absorbed."""
         seeds = endpoints.split(",") if isinstance(endpoints, str) else list(endpoints)
         self.seeds = [s.strip() for s in seeds if s.strip()]
         if not self.seeds:
@@ -64,7 +70,8 @@ class TierClient:
         self._addresses: dict[str, str] = {}  # shard id -> host:port
         self._ring = Ring([])
         self._channels: dict[str, grpc.aio.Channel] = {}
-        self._registered: set[tuple[str, bytes]] = set()
+        self._closing: set[asyncio.Task[None]] = set()
+        self._on_failure = on_failure
         self._refreshed_at = 0.0
         self._refresh_lock = asyncio.Lock()
         self._inflight = asyncio.Semaphore(config.max_inflight)
@@ -117,13 +124,13 @@ class TierClient:
             return
         addresses = {s.shard_id: s.address for s in topo.shards}
         if addresses != self._addresses:
-            self._registered = {
-                (sid, ns)
-                for sid, ns in self._registered
-                if addresses.get(sid) == self._addresses.get(sid)
-            }
             self._addresses = addresses
             self._ring = Ring(list(addresses))
+            keep = {*addresses.values(), *self.seeds}
+            for address in [a for a in self._channels if a not in keep]:
+                task = asyncio.ensure_future(self._channels.pop(address).close(grace=1.0))
+                self._closing.add(task)  # closed in the background; in-flight calls finish
+                task.add_done_callback(self._closing.discard)
         self.replication = max(1, topo.replication)
         self.epoch = topo.epoch
 
@@ -139,38 +146,20 @@ class TierClient:
     def owners(self, key: bytes) -> list[str]:
         return self._ring.owners(key, self.replication)
 
-    async def _call(
-        self, shard_id: str, ns: Namespace, rpc: Callable[[pb_grpc.KVPoolStub], Awaitable[T]]
-    ) -> T:
-        """Run one RPC against a shard: register the namespace first if the shard does not know
-        it yet (or forgot it after a restart); map failures to TierError."""
+    async def _call(self, shard_id: str, rpc: Callable[[pb_grpc.KVPoolStub], Awaitable[T]]) -> T:
+        """Run one RPC against a shard and map failures to TierError. UNAVAILABLE: if the
+        topology now places the shard elsewhere (Ray restarted it on a new port), once more
+        there."""
         address = self._addresses[shard_id]
-        stub = self._stub(address)
         for attempt in (0, 1):
             try:
-                if (shard_id, ns.id) not in self._registered:
-                    await stub.RegisterNamespace(
-                        pb.RegisterNamespaceRequest(
-                            namespace_id=ns.id, namespace=namespace_to_proto(ns)
-                        ),
-                        timeout=self.config.timeout_s,
-                    )
-                    self._registered.add((shard_id, ns.id))
-                return await rpc(stub)
+                return await rpc(self._stub(address))
             except grpc.aio.AioRpcError as e:
                 code = e.code()
-                if (
-                    code == grpc.StatusCode.FAILED_PRECONDITION
-                    and "unknown namespace" in (e.details() or "")
-                    and attempt == 0
-                ):
-                    self._registered.discard((shard_id, ns.id))  # the shard restarted
-                    continue
                 if code == grpc.StatusCode.UNAVAILABLE and attempt == 0:
                     moved = await self._moved(shard_id, address)
-                    if moved is not None:  # restarted elsewhere (a new port): try it there
-                        address, stub = moved, self._stub(moved)
-                        self._registered.discard((shard_id, ns.id))
+                    if moved is not None:
+                        address = moved
                         continue
                 if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     self._refreshed_at = 0.0  # look again at the topology on the next call
@@ -178,6 +167,11 @@ class TierClient:
                     f"{shard_id} ({address}): {code.name}: {e.details()}", code.name
                 ) from None
         raise AssertionError("unreachable")
+
+    def _absorbed(self, operation: str, error: TierError) -> None:
+        log.warning("%s: %s", operation, error)
+        if self._on_failure is not None:
+            self._on_failure(operation, error)
 
     async def _moved(self, shard_id: str, address: str) -> str | None:
         """The shard's new address if the topology now places it elsewhere, else None."""
@@ -192,7 +186,8 @@ class TierClient:
 
     async def lookup(self, ns: Namespace, keys: Sequence[bytes]) -> int:
         """How many leading keys are present on the tier (on any of their owners). A shard
-        that cannot be reached counts as holding none of its keys."""
+        that cannot be reached counts as holding none of its keys (reported to on_failure);
+        raises TierError when no shard answered."""
         if len(keys) > self.config.max_lookup_keys:
             raise ValueError(f"at most {self.config.max_lookup_keys} keys per lookup")
         if not keys:
@@ -203,20 +198,25 @@ class TierClient:
             for sid in self.owners(key):
                 per_shard.setdefault(sid, []).append(i)
 
-        async def ask(sid: str, idx: list[int]) -> tuple[list[int], int]:
+        async def ask(sid: str, idx: list[int]) -> tuple[list[int], int | TierError]:
             req = pb.LookupRequest(namespace_id=ns.id, keys=[keys[i] for i in idx])
             try:
                 reply = await self._call(
-                    sid, ns, lambda s: s.Lookup(req, timeout=self.config.timeout_s)
+                    sid, lambda s: s.Lookup(req, timeout=self.config.timeout_s)
                 )
             except TierError as e:
-                log.warning("lookup: %s", e)
-                return idx, 0
+                return idx, e
             return idx, reply.present
 
+        replies = await asyncio.gather(*(ask(s, idx) for s, idx in per_shard.items()))
+        errors = [n for _, n in replies if isinstance(n, TierError)]
+        if len(errors) == len(replies):
+            raise errors[0]
+        for e in errors:
+            self._absorbed("lookup", e)
         present = [False] * len(keys)
-        for idx, n in await asyncio.gather(*(ask(s, idx) for s, idx in per_shard.items())):
-            for i in idx[:n]:
+        for idx, n in replies:
+            for i in idx[: 0 if isinstance(n, TierError) else n]:
                 present[i] = True
         return present.index(False) if False in present else len(keys)
 
@@ -227,8 +227,9 @@ class TierClient:
         Raises TierError when no owner took it."""
         await self._ensure_topology()
         info = pb.BlockInfo(
-            namespace_id=ns.id, key=key, chain=chain, position=position, size=len(data)
-        )
+            namespace_id=ns.id, key=key, chain=chain, position=position, size=len(data),
+            namespace=namespace_to_proto(ns),
+        )  # fmt: skip
         step = self.config.chunk_bytes
 
         async def messages() -> AsyncIterator[pb.PutRequest]:
@@ -240,7 +241,7 @@ class TierClient:
         async def put_one(sid: str) -> bool | TierError:
             try:
                 reply = await self._call(
-                    sid, ns, lambda s: s.Put(messages(), timeout=self.config.timeout_s)
+                    sid, lambda s: s.Put(messages(), timeout=self.config.timeout_s)
                 )
             except TierError as e:
                 return e
@@ -248,27 +249,33 @@ class TierClient:
 
         async with self._inflight:
             results = await asyncio.gather(*(put_one(sid) for sid in self.owners(key)))
-        if all(isinstance(r, TierError) for r in results):
-            raise results[0]  # type: ignore[misc]
+        errors = [r for r in results if isinstance(r, TierError)]
+        if len(errors) == len(results):
+            raise errors[0]
+        for e in errors:
+            self._absorbed("put", e)
         return any(r is True for r in results)
 
     async def get(self, ns: Namespace, key: bytes) -> bytes | None:
         """The block's bytes from the first owner that has it; None on a miss. Raises TierError
         when no owner answered."""
         await self._ensure_topology()
-        error: TierError | None = None
+        errors: list[TierError] = []
+        found: bytes | None = None
         async with self._inflight:
             for sid in self.owners(key):
                 try:
-                    data = await self._call(sid, ns, lambda s: self._fetch(s, ns, key))
+                    found = await self._call(sid, lambda s: self._fetch(s, ns, key))
                 except TierError as e:
-                    error = e
+                    errors.append(e)
                     continue
-                if data is not None:
-                    return data
-        if error is not None:
-            raise error
-        return None
+                if found is not None:
+                    break
+        if found is None and errors and len(errors) == len(self.owners(key)):
+            raise errors[0]
+        for e in errors:
+            self._absorbed("get", e)
+        return found
 
     async def _fetch(self, stub: pb_grpc.KVPoolStub, ns: Namespace, key: bytes) -> bytes | None:
         call = stub.Get(pb.GetRequest(namespace_id=ns.id, key=key), timeout=self.config.timeout_s)
@@ -298,9 +305,7 @@ class TierClient:
 
         async def delete_on(sid: str, ks: list[bytes]) -> int:
             req = pb.DeleteRequest(namespace_id=ns.id, keys=ks)
-            reply = await self._call(
-                sid, ns, lambda s: s.Delete(req, timeout=self.config.timeout_s)
-            )
+            reply = await self._call(sid, lambda s: s.Delete(req, timeout=self.config.timeout_s))
             return reply.deleted
 
         return sum(await asyncio.gather(*(delete_on(s, ks) for s, ks in per_shard.items())))
@@ -321,6 +326,7 @@ class TierClient:
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()
+        await asyncio.gather(*self._closing, return_exceptions=True)
 
 
 def channel_credentials(

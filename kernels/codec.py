@@ -26,6 +26,7 @@ from kvpool.kernels.transforms import RopeParams, hadamard, redo_rope, undo_rope
 from kvpool.proto.blockformat import (
     SUPPORTED_BITS,
     SUPPORTED_GROUPS,
+    UNBOUND,
     BlockHeader,
     DType,
     Flag,
@@ -33,7 +34,7 @@ from kvpool.proto.blockformat import (
     seal,
     verify,
 )
-from kvpool.proto.errors import CodecError
+from kvpool.proto.errors import BlockMismatchError, CodecError
 
 Backend = Literal["auto", "triton", "cpu", "reference"]
 TORCH_DTYPES = {
@@ -98,6 +99,16 @@ class CodecConfig:
         return expand(self.key_bits, "key_bits"), expand(self.value_bits, "value_bits")
 
 
+@dataclass(frozen=True)
+class Binding:
+    """Where a block belongs: its namespace id, its own block key, and the tenant's MAC secret
+    (b"": no MAC). Written into the block's header (and MAC) by `encode`."""
+
+    namespace_id: bytes = UNBOUND
+    key: bytes = UNBOUND
+    mac_key: bytes = b""
+
+
 @dataclass
 class Block:
     """A decoded block: keys and values [L, H, T, D], or latent [L, T, C]."""
@@ -117,10 +128,12 @@ def encode(
     config: CodecConfig = CodecConfig(),
     start_position: int = 0,
     backend: Backend = "auto",
+    binding: Binding = Binding(),
 ) -> bytes:
     """keys, values [layers, kv_heads, T, head_dim] (fp32/fp16/bf16, same shape) -> block bytes.
 
     start_position: the absolute position of the block's first token (RoPE, sink tokens).
+    binding: the namespace id and key the block is stored under, and the tenant's MAC secret.
     Raises CodecError for a bad shape, dtype or configuration, NonFiniteError for NaN/inf.
     """
     _check_tensor(keys, "keys", 4)
@@ -131,7 +144,9 @@ def encode(
             f"{values.dtype} must match in shape, dtype and device"
         )
     layers, heads, tokens, head_dim = keys.shape
-    header = _header(Layout.KV, keys.dtype, layers, heads, tokens, head_dim, config, start_position)
+    header = block_header(
+        Layout.KV, keys.dtype, (layers, heads, tokens, head_dim), config, start_position, binding
+    )
     sinks = header.sink_tokens
     sink_k, sink_v = keys[:, :, :sinks].half(), values[:, :, :sinks].half()
     if config.rope is not None:
@@ -139,12 +154,12 @@ def encode(
     if config.hadamard_values:
         values = hadamard(values)
     keys, values = _fill_sinks(keys, sinks), _fill_sinks(values, sinks)
-    return _encode_payload(header, [keys, values], [sink_k, sink_v], backend)
+    return _encode_payload(header, [keys, values], [sink_k, sink_v], backend, binding.mac_key)
 
 
 def encode_latent(
     latent: Tensor, config: CodecConfig = CodecConfig(), start_position: int = 0,
-    backend: Backend = "auto",
+    backend: Backend = "auto", binding: Binding = Binding(),
 ) -> bytes:  # fmt: skip
     """latent [layers, T, latent_dim] (MLA/CLLA-style caches; per-token groups) -> block bytes.
 
@@ -154,10 +169,13 @@ def encode_latent(
     if config.rope is not None or config.hadamard_values:
         raise CodecError("the latent layout takes no RoPE or Hadamard option")
     layers, tokens, dim = latent.shape
-    header = _header(Layout.LATENT, latent.dtype, layers, 1, tokens, dim, config, start_position)
+    header = block_header(
+        Layout.LATENT, latent.dtype, (layers, 1, tokens, dim), config, start_position, binding
+    )
     x = latent.unsqueeze(1)
     sink = x[:, :, : header.sink_tokens].half()
-    return _encode_payload(header, [_fill_sinks(x, header.sink_tokens)], [sink], backend)
+    fill = [_fill_sinks(x, header.sink_tokens)]
+    return _encode_payload(header, fill, [sink], backend, binding.mac_key)
 
 
 def decode(
@@ -165,13 +183,22 @@ def decode(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     backend: Backend = "auto",
+    expect: BlockHeader | None = None,
+    mac_key: bytes = b"",
 ) -> Block:
     """Block bytes -> Block with tensors on `device` in `dtype` (default: the encoded dtype).
 
+    expect: the header the block must have (see `block_header`): its shape, codec, position,
+    namespace id and key; anything else is refused before any decoding. mac_key: the tenant's
+    secret; the block must then carry a valid MAC.
+
     Raises BlockFormatError (or its subclasses TruncatedBlockError, UnsupportedVersionError,
-    ChecksumError) for a blob that is not an intact block of this format.
+    ChecksumError, BlockMismatchError, ForgedBlockError) for a blob that is not an intact block
+    of this format, or not the expected one.
     """
-    header = verify(blob)
+    header = verify(blob, mac_key)
+    if expect is not None and header != expect:
+        raise BlockMismatchError(f"got {_describe(header)}, expected {_describe(expect)}")
     device = torch.device(device)
     out_dtype = dtype or TORCH_DTYPES[header.dtype]
     if out_dtype not in FORMAT_DTYPES:
@@ -222,10 +249,13 @@ def _check_tensor(x: Tensor, name: str, ndim: int) -> None:
         raise CodecError(f"{name} dtype {x.dtype} not supported (float16, bfloat16, float32)")
 
 
-def _header(
-    layout: Layout, dtype: torch.dtype, layers: int, heads: int, tokens: int, head_dim: int,
-    config: CodecConfig, start_position: int,
+def block_header(
+    layout: Layout, dtype: torch.dtype, shape: tuple[int, int, int, int], config: CodecConfig,
+    start_position: int, binding: Binding = Binding(),
 ) -> BlockHeader:  # fmt: skip
+    """The header `encode` writes for a block of `shape` [layers, heads (1: latent), tokens,
+    head_dim] at `start_position`: what a reader expects of the block it asked for."""
+    layers, heads, tokens, head_dim = shape
     key_bits, value_bits = config.bits_per_layer(layers)
     if start_position < 0:
         raise CodecError(f"start_position must be >= 0, got {start_position}")
@@ -243,8 +273,10 @@ def _header(
     rope = config.rope
     if rope is not None and rope.rotary_dim > head_dim:
         raise CodecError(f"rotary_dim {rope.rotary_dim} exceeds head_dim {head_dim}")
-    flags = (Flag.PRE_ROPE_KEYS if rope else 0) | (
-        Flag.HADAMARD_VALUES if config.hadamard_values else 0
+    flags = (
+        (Flag.PRE_ROPE_KEYS if rope else 0)
+        | (Flag.HADAMARD_VALUES if config.hadamard_values else 0)
+        | (Flag.MAC if binding.mac_key else 0)
     )
     return BlockHeader(
         layout=layout, dtype=FORMAT_DTYPES[dtype], layers=layers, heads=heads, tokens=tokens,
@@ -252,7 +284,15 @@ def _header(
         value_bits=value_bits if layout == Layout.KV else (), flags=int(flags), sink_tokens=sinks,
         start_position=start_position, rope_theta=rope.theta if rope else 0.0,
         rope_scaling=rope.scaling if rope else 1.0, rotary_dim=rope.rotary_dim if rope else 0,
+        namespace_id=binding.namespace_id, key=binding.key,
     )  # fmt: skip
+
+
+def _describe(h: BlockHeader) -> str:
+    return (
+        f"(layers {h.layers}, heads {h.heads}, tokens {h.tokens}, head_dim {h.head_dim}, "
+        f"start {h.start_position}, namespace {h.namespace_id.hex()[:12]}, key {h.key.hex()[:12]})"
+    )
 
 
 def _fill_sinks(x: Tensor, sinks: int) -> Tensor:
@@ -265,8 +305,9 @@ def _fill_sinks(x: Tensor, sinks: int) -> Tensor:
 
 
 def _encode_payload(
-    header: BlockHeader, tensors: list[Tensor], sinks: list[Tensor], backend: Backend
-) -> bytes:
+    header: BlockHeader, tensors: list[Tensor], sinks: list[Tensor], backend: Backend,
+    mac_key: bytes,
+) -> bytes:  # fmt: skip
     device = tensors[0].device
     impl = _backend(backend, device, header.head_dim)
     payload = torch.zeros(header.payload_len, dtype=torch.uint8, device=device)
@@ -277,7 +318,7 @@ def _encode_payload(
     if header.sink_tokens:
         flat = torch.cat([s.contiguous().flatten() for s in sinks]).view(torch.uint8)
         payload[header.sinks_offset :] = flat
-    return seal(header, payload.cpu().numpy().data)
+    return seal(header, payload.cpu().numpy().data, mac_key or None)
 
 
 def _backend(name: Backend, device: torch.device, head_dim: int) -> ModuleType:

@@ -1,14 +1,22 @@
 """The stored block format: a self-describing header, then the packed payload.
 
-Where it stands: the codec (kvpool.kernels.codec) writes and reads blocks in this format; the
-cache tier checks a block's header and checksum with this module alone, without torch.
+Where it stands: the contract between writers, the tier and readers. The codec
+(kvpool.kernels.codec) writes and reads blocks in this format; the cache tier checks a block's
+header, binding and checksum with this module alone, without torch; the client checks that a
+fetched block is the one it asked for (`BlockHeader` equality) and, with a tenant secret, its MAC.
 
 Wire layout, all integers little-endian:
 
+    block    = header | payload | mac (32 bytes, only with the MAC flag)
     header   = FIXED (struct below) | key bits[layers] | value bits[layers] | crc32
     payload  = for each layer: the key section, then the value section (latent: one section)
                then, when sink tokens are kept, fp16 sinks [L, H, S, D] of keys, then values
     section  = packed codes | fp16 scales | fp16 minimums, each padded to 16 bytes
+
+A block is bound to where it belongs: its header names its namespace id, its own block key,
+its start position and token count. A block of the right shape stored under another key or
+position therefore fails the shard's check on Put and on Redis read-through, and the client's
+check before decoding.
 
 Packed codes: one row is the `head_dim` codes of one (head, token). A row is split into bit
 planes (2 bits: one 2-bit plane; 3 bits: a 2-bit plane of the low bits and a 1-bit plane of
@@ -16,11 +24,15 @@ the high bit; 4 bits: one 4-bit plane; 8 bits: one byte per code). A plane of wi
 m = 8 / w codes per byte, "planar": byte j of the plane holds codes j, j + n/m, j + 2n/m, ...
 (n = row length) at bit offsets 0, w, 2w, ...  Byte-addressed, so the format has no endianness.
 
-The crc32 covers the header up to the crc field and the whole payload.
+The crc32 covers the header up to the crc field, the whole payload and the MAC. The MAC is
+HMAC-SHA256 under the tenant's secret over the header up to the crc field and the payload
+(1.4 GB/s here with SHA extensions against 0.53 GB/s for keyed BLAKE2b).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -28,20 +40,26 @@ from enum import IntEnum
 
 from kvpool.proto.errors import (
     BlockFormatError,
+    BlockMismatchError,
     ChecksumError,
+    ForgedBlockError,
     TruncatedBlockError,
     UnsupportedVersionError,
 )
 
 MAGIC = b"KVPB"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+ID_BYTES = 32  # namespace ids and block keys
+MAC_BYTES = 32
+UNBOUND = bytes(ID_BYTES)  # the namespace id and key of a block encoded outside any namespace
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_GROUPS = (32, 64, 128)
 ALIGN = 16
 
 # magic, version, header_len, layout, dtype, flags, group, layers, heads, head_dim,
-# sink_tokens, rotary_dim, tokens, start_position, rope_theta, rope_scaling, payload_len
-_FIXED = struct.Struct("<4sHHBBBxHHHHHHIQddQ")
+# sink_tokens, rotary_dim, tokens, start_position, rope_theta, rope_scaling, payload_len,
+# namespace_id, key
+_FIXED = struct.Struct("<4sHHBBBxHHHHHHIQddQ32s32s")
 _CRC = struct.Struct("<I")
 
 
@@ -59,6 +77,7 @@ class DType(IntEnum):
 class Flag(IntEnum):
     PRE_ROPE_KEYS = 1  # keys were quantized with the rotary embedding undone
     HADAMARD_VALUES = 2  # values were quantized after an orthonormal Hadamard rotation
+    MAC = 4  # a tenant MAC follows the payload
 
 
 def plane_widths(bits: int) -> tuple[int, ...]:
@@ -101,6 +120,8 @@ class BlockHeader:
     rope_theta: float = 0.0
     rope_scaling: float = 1.0
     rotary_dim: int = 0
+    namespace_id: bytes = UNBOUND
+    key: bytes = UNBOUND
     version: int = FORMAT_VERSION
     sections: tuple[Section, ...] = field(init=False, repr=False, compare=False)
     sinks_offset: int = field(init=False, repr=False, compare=False)
@@ -148,6 +169,15 @@ class BlockHeader:
         return _FIXED.size + len(self.key_bits) + len(self.value_bits) + _CRC.size
 
     @property
+    def mac_len(self) -> int:
+        return MAC_BYTES if self.flags & Flag.MAC else 0
+
+    @property
+    def total_len(self) -> int:
+        """Bytes of the whole block: header, payload and MAC."""
+        return self.header_len + self.payload_len + self.mac_len
+
+    @property
     def elements(self) -> int:
         """Values the block stands for (keys and values, or latent)."""
         return self.layers * self.heads * self.tokens * self.head_dim * self.tensors_per_layer
@@ -180,7 +210,9 @@ class BlockHeader:
             raise BlockFormatError("sink tokens are only kept in a block starting at position 0")
         if self.start_position < 0:
             raise BlockFormatError("start_position must be >= 0")
-        if self.flags & ~(Flag.PRE_ROPE_KEYS | Flag.HADAMARD_VALUES):
+        if len(self.namespace_id) != ID_BYTES or len(self.key) != ID_BYTES:
+            raise BlockFormatError(f"namespace id and key must be {ID_BYTES} bytes")
+        if self.flags & ~(Flag.PRE_ROPE_KEYS | Flag.HADAMARD_VALUES | Flag.MAC):
             raise BlockFormatError(f"unknown option flags {self.flags:#x}")
         if self.flags & Flag.PRE_ROPE_KEYS:
             if self.layout == Layout.LATENT:
@@ -199,18 +231,31 @@ class BlockHeader:
             MAGIC, self.version, self.header_len, self.layout, self.dtype, self.flags,
             self.group_size, self.layers, self.heads, self.head_dim, self.sink_tokens,
             self.rotary_dim, self.tokens, self.start_position, self.rope_theta,
-            self.rope_scaling, self.payload_len,
+            self.rope_scaling, self.payload_len, self.namespace_id, self.key,
         )  # fmt: skip
         return fixed + bytes(self.key_bits) + bytes(self.value_bits)
 
 
-def seal(header: BlockHeader, payload: bytes | bytearray | memoryview) -> bytes:
-    """Join header and payload into a block, with the crc32 over both."""
+def block_mac(mac_key: bytes, head: bytes | memoryview, payload: bytes | memoryview) -> bytes:
+    """HMAC-SHA256 under the tenant's secret of the header (up to its crc) and the payload."""
+    mac = hmac.new(mac_key, head, hashlib.sha256)
+    mac.update(payload)
+    return mac.digest()
+
+
+def seal(
+    header: BlockHeader, payload: bytes | bytearray | memoryview, mac_key: bytes | None = None
+) -> bytes:
+    """Join header and payload into a block, with the crc32 over both (and the MAC): a header
+    with the MAC flag needs `mac_key`, one without refuses it."""
     if len(payload) != header.payload_len:
         raise BlockFormatError(f"payload is {len(payload)} bytes, header says {header.payload_len}")
+    if bool(mac_key) != header.has_flag(Flag.MAC):
+        raise BlockFormatError("a block carries a MAC exactly when a mac_key is given")
     head = header.pack()
-    crc = zlib.crc32(payload, zlib.crc32(head))
-    return b"".join((head, _CRC.pack(crc), payload))
+    mac = block_mac(mac_key, head, payload) if mac_key else b""
+    crc = zlib.crc32(mac, zlib.crc32(payload, zlib.crc32(head)))
+    return b"".join((head, _CRC.pack(crc), payload, mac))
 
 
 def parse_header(blob: bytes | bytearray | memoryview) -> BlockHeader:
@@ -218,7 +263,8 @@ def parse_header(blob: bytes | bytearray | memoryview) -> BlockHeader:
     if len(blob) < _FIXED.size:
         raise TruncatedBlockError(f"{len(blob)} bytes is shorter than a block header")
     (magic, version, header_len, layout, dtype, flags, group, layers, heads, head_dim, sinks,
-     rotary_dim, tokens, start, theta, scaling, payload_len) = _FIXED.unpack_from(blob)  # fmt: skip
+     rotary_dim, tokens, start, theta, scaling, payload_len, namespace_id, key,
+     ) = _FIXED.unpack_from(blob)  # fmt: skip
     if magic != MAGIC:
         raise BlockFormatError(f"not a kvpool block (magic {bytes(magic)!r})")
     if version != FORMAT_VERSION:
@@ -240,6 +286,7 @@ def parse_header(blob: bytes | bytearray | memoryview) -> BlockHeader:
         head_dim=head_dim, group_size=group, key_bits=tuple(bits[:layers]),
         value_bits=tuple(bits[layers:]), flags=flags, sink_tokens=sinks,
         start_position=start, rope_theta=theta, rope_scaling=scaling, rotary_dim=rotary_dim,
+        namespace_id=namespace_id, key=key,
     )  # fmt: skip
     if header.payload_len != payload_len:
         raise BlockFormatError(
@@ -248,13 +295,17 @@ def parse_header(blob: bytes | bytearray | memoryview) -> BlockHeader:
     return header
 
 
-def verify(blob: bytes | bytearray | memoryview) -> BlockHeader:
-    """Parse the header, check the length and the crc32; return the header.
+def verify(
+    blob: bytes | bytearray | memoryview, mac_key: bytes | None = None
+) -> BlockHeader:
+    """Parse the header, check the length and the crc32 (and, given the tenant's `mac_key`,
+    that the block carries a valid MAC); return the header.
 
-    Raises TruncatedBlockError, BlockFormatError, UnsupportedVersionError or ChecksumError.
+    Raises TruncatedBlockError, BlockFormatError, UnsupportedVersionError, ChecksumError or
+    ForgedBlockError.
     """
     header = parse_header(blob)
-    total = header.header_len + header.payload_len
+    total = header.total_len
     if len(blob) < total:
         raise TruncatedBlockError(f"block is {len(blob)} bytes, its header says {total}")
     if len(blob) > total:
@@ -265,4 +316,21 @@ def verify(blob: bytes | bytearray | memoryview) -> BlockHeader:
     crc = zlib.crc32(view[header.header_len :], zlib.crc32(view[:crc_at]))
     if crc != stored:
         raise ChecksumError(f"crc32 {crc:#010x} != stored {stored:#010x}")
+    if mac_key:
+        if not header.has_flag(Flag.MAC):
+            raise ForgedBlockError("the block carries no MAC; this namespace requires one")
+        payload_end = header.header_len + header.payload_len
+        want = block_mac(mac_key, view[:crc_at], view[header.header_len : payload_end])
+        if not hmac.compare_digest(want, view[payload_end:]):
+            raise ForgedBlockError("the block's MAC does not verify under the tenant's secret")
     return header
+
+
+def check_bound(header: BlockHeader, namespace_id: bytes, key: bytes, position: int) -> None:
+    """The tier's binding check: the header names this namespace id, key and start position."""
+    if header.namespace_id != namespace_id or header.key != key:
+        raise BlockMismatchError("the block is bound to another namespace or key")
+    if header.start_position != position * header.tokens:
+        raise BlockMismatchError(
+            f"the block starts at {header.start_position}, not at block {position}"
+        )

@@ -33,6 +33,14 @@ class ChecksumError(BlockFormatError):
     """The blob's checksum does not match its content: the bytes were corrupted."""
 
 
+class BlockMismatchError(BlockFormatError):
+    """An intact block that is not the one asked for: another namespace, key, position or shape."""
+
+
+class ForgedBlockError(BlockFormatError):
+    """A block without a valid MAC under the tenant's secret: not written by the tenant."""
+
+
 class NamespaceError(KVPoolError, ValueError):
     """A namespace that is incomplete or inconsistent (missing model id, bad sizes)."""
 

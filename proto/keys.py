@@ -30,6 +30,7 @@ KEY_BYTES = 32
 _ROOT_TAG = b"kvpool/v1 root\x00"
 _NAMESPACE_TAG = b"kvpool/v1 namespace\x00"
 _MAX_TOKEN = 2**32 - 1
+MAC_SCHEME = "hmac-sha256"
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,13 @@ class Namespace:
     """Everything that changes the bytes of a stored block; blocks of different namespaces
     never share a key. `codec` is the canonical codec description (see
     `kvpool.kernels.codec.CodecConfig.describe`). The tenant salt is kept out of `id` (which
-    the tier sees) and mixed only into the chain root (which it does not)."""
+    the tier sees) and mixed only into the chain root (which it does not).
+
+    mac_key: a tenant secret. When set, every block carries an HMAC-SHA256 under it that
+    readers verify, so a block written without the secret (another tenant, a compromised
+    shard, a poisoned Redis) is refused. `integrity` ("hmac-sha256" then) is public and part of
+    `id`, so blocks with and without a MAC never share keys; the key itself never leaves the
+    client. A namespace rebuilt from the wire has `integrity` but no key."""
 
     model: str
     layers: int
@@ -51,7 +58,9 @@ class Namespace:
     format_version: int = FORMAT_VERSION
     tp_rank: int = 0
     tp_size: int = 1
+    integrity: str = ""
     salt: bytes = field(default=b"", repr=False)
+    mac_key: bytes = field(default=b"", repr=False)
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -61,8 +70,12 @@ class Namespace:
                 raise NamespaceError(f"namespace {name} must be positive")
         if not 0 <= self.tp_rank < self.tp_size:
             raise NamespaceError(f"tp_rank {self.tp_rank} outside tp_size {self.tp_size}")
-        if not isinstance(self.salt, bytes):
-            raise NamespaceError("salt must be bytes")
+        if not isinstance(self.salt, bytes) or not isinstance(self.mac_key, bytes):
+            raise NamespaceError("salt and mac_key must be bytes")
+        if self.mac_key and not self.integrity:
+            object.__setattr__(self, "integrity", MAC_SCHEME)
+        if self.integrity not in ("", MAC_SCHEME):
+            raise NamespaceError(f"integrity must be '' or {MAC_SCHEME!r}, got {self.integrity!r}")
         object.__setattr__(self, "dtype", DType(self.dtype))
         object.__setattr__(self, "layout", Layout(self.layout))
 
@@ -70,6 +83,7 @@ class Namespace:
         """The namespace's public fields (everything but the salt), JSON-ready."""
         d = asdict(self)
         d.pop("salt")
+        d.pop("mac_key")
         d["dtype"], d["layout"] = int(self.dtype), int(self.layout)
         return d
 

@@ -24,51 +24,47 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19kvpool/proto/kvpool.proto\x12\tkvpool.v1\"\x83\x02\n\tNamespace\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12!\n\x06layout\x18\x03 \x01(\x0e\x32\x11.kvpool.v1.Layout\x12\x0e\n\x06layers\x18\x04 \x01(\r\x12\x10\n\x08kv_heads\x18\x05 \x01(\r\x12\x10\n\x08head_dim\x18\x06 \x01(\r\x12\x1f\n\x05\x64type\x18\x07 \x01(\x0e\x32\x10.kvpool.v1.DType\x12\x14\n\x0c\x62lock_tokens\x18\x08 \x01(\r\x12\r\n\x05\x63odec\x18\t \x01(\t\x12\x16\n\x0e\x66ormat_version\x18\n \x01(\r\x12\x0f\n\x07tp_rank\x18\x0b \x01(\r\x12\x0f\n\x07tp_size\x18\x0c \x01(\r\"Y\n\x18RegisterNamespaceRequest\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\x0c\x12\'\n\tnamespace\x18\x02 \x01(\x0b\x32\x14.kvpool.v1.Namespace\"\x1b\n\x19RegisterNamespaceResponse\"3\n\rLookupRequest\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\x0c\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\"!\n\x0eLookupResponse\x12\x0f\n\x07present\x18\x01 \x01(\r\"]\n\tBlockInfo\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\x0c\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\r\n\x05\x63hain\x18\x03 \x01(\x0c\x12\x10\n\x08position\x18\x04 \x01(\r\x12\x0c\n\x04size\x18\x05 \x01(\x04\"K\n\nPutRequest\x12$\n\x04info\x18\x01 \x01(\x0b\x32\x14.kvpool.v1.BlockInfoH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\x1d\n\x0bPutResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x08\"/\n\nGetRequest\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\x0c\x12\x0b\n\x03key\x18\x02 \x01(\x0c\"9\n\x0bGetResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\r\n\x05\x63hunk\x18\x03 \x01(\x0c\"3\n\rDeleteRequest\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\x0c\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\"\x0e\n\x0cStatsRequest\"\xd8\x01\n\rStatsResponse\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62locks\x18\x02 \x01(\x04\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x14\n\x0c\x62udget_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04hits\x18\x05 \x01(\x04\x12\x0e\n\x06misses\x18\x06 \x01(\x04\x12\x0c\n\x04puts\x18\x07 \x01(\x04\x12\x14\n\x0cput_existing\x18\x08 \x01(\x04\x12\x11\n\tevictions\x18\t \x01(\x04\x12\x19\n\x11\x63hecksum_failures\x18\n \x01(\x04\x12\x10\n\x08rejected\x18\x0b \x01(\x04\"\x11\n\x0fTopologyRequest\"C\n\x05Shard\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x17\n\x0fmetrics_address\x18\x03 \x01(\t\"X\n\x10TopologyResponse\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x13\n\x0breplication\x18\x02 \x01(\r\x12 \n\x06shards\x18\x03 \x03(\x0b\x32\x10.kvpool.v1.Shard*B\n\x06Layout\x12\x16\n\x12LAYOUT_UNSPECIFIED\x10\x00\x12\r\n\tLAYOUT_KV\x10\x01\x12\x11\n\rLAYOUT_LATENT\x10\x02*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT16\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT32\x10\x03\x32\xd7\x03\n\x06KVPool\x12^\n\x11RegisterNamespace\x12#.kvpool.v1.RegisterNamespaceRequest\x1a$.kvpool.v1.RegisterNamespaceResponse\x12=\n\x06Lookup\x12\x18.kvpool.v1.LookupRequest\x1a\x19.kvpool.v1.LookupResponse\x12\x36\n\x03Put\x12\x15.kvpool.v1.PutRequest\x1a\x16.kvpool.v1.PutResponse(\x01\x12\x36\n\x03Get\x12\x15.kvpool.v1.GetRequest\x1a\x16.kvpool.v1.GetResponse0\x01\x12=\n\x06\x44\x65lete\x12\x18.kvpool.v1.DeleteRequest\x1a\x19.kvpool.v1.DeleteResponse\x12:\n\x05Stats\x12\x17.kvpool.v1.StatsRequest\x1a\x18.kvpool.v1.StatsResponse\x12\x43\n\x08Topology\x12\x1a.kvpool.v1.TopologyRequest\x1a\x1b.kvpool.v1.TopologyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19kvpool/proto/kvpool.proto\x12\tkvpool.v1\"\x96\x02\n\tNamespace\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12!\n\x06layout\x18\x03 \x01(\x0e\x32\x11.kvpool.v1.Layout\x12\x0e\n\x06layers\x18\x04 \x01(\r\x12\x10\n\x08kv_heads\x18\x05 \x01(\r\x12\x10\n\x08head_dim\x18\x06 \x01(\r\x12\x1f\n\x05\x64type\x18\x07 \x01(\x0e\x32\x10.kvpool.v1.DType\x12\x14\n\x0c\x62lock_tokens\x18\x08 \x01(\r\x12\r\n\x05\x63odec\x18\t \x01(\t\x12\x16\n\x0e\x66ormat_version\x18\n \x01(\r\x12\x0f\n\x07tp_rank\x18\x0b \x01(\r\x12\x0f\n\x07tp_size\x18\x0c \x01(\r\x12\x11\n\tintegrity\x18\r \x01(\t\"3\n\rLookupRequest\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\x0c\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\"!\n\x0eLookupResponse\x12\x0f\n\x07present\x18\x01 \x01(\r\"\x86\x01\n\tBlockInfo\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\x0c\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\r\n\x05\x63hain\x18\x03 \x01(\x0c\x12\x10\n\x08position\x18\x04 \x01(\r\x12\x0c\n\x04size\x18\x05 \x01(\x04\x12\'\n\tnamespace\x18\x06 \x01(\x0b\x32\x14.kvpool.v1.Namespace\"K\n\nPutRequest\x12$\n\x04info\x18\x01 \x01(\x0b\x32\x14.kvpool.v1.BlockInfoH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\x1d\n\x0bPutResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x08\"/\n\nGetRequest\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\x0c\x12\x0b\n\x03key\x18\x02 \x01(\x0c\"9\n\x0bGetResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\r\n\x05\x63hunk\x18\x03 \x01(\x0c\"3\n\rDeleteRequest\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\x0c\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\"\x0e\n\x0cStatsRequest\"\xd8\x01\n\rStatsResponse\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62locks\x18\x02 \x01(\x04\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x14\n\x0c\x62udget_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04hits\x18\x05 \x01(\x04\x12\x0e\n\x06misses\x18\x06 \x01(\x04\x12\x0c\n\x04puts\x18\x07 \x01(\x04\x12\x14\n\x0cput_existing\x18\x08 \x01(\x04\x12\x11\n\tevictions\x18\t \x01(\x04\x12\x19\n\x11\x63hecksum_failures\x18\n \x01(\x04\x12\x10\n\x08rejected\x18\x0b \x01(\x04\"\x11\n\x0fTopologyRequest\"C\n\x05Shard\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x17\n\x0fmetrics_address\x18\x03 \x01(\t\"X\n\x10TopologyResponse\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x13\n\x0breplication\x18\x02 \x01(\r\x12 \n\x06shards\x18\x03 \x03(\x0b\x32\x10.kvpool.v1.Shard*B\n\x06Layout\x12\x16\n\x12LAYOUT_UNSPECIFIED\x10\x00\x12\r\n\tLAYOUT_KV\x10\x01\x12\x11\n\rLAYOUT_LATENT\x10\x02*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT16\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT32\x10\x03\x32\xf7\x02\n\x06KVPool\x12=\n\x06Lookup\x12\x18.kvpool.v1.LookupRequest\x1a\x19.kvpool.v1.LookupResponse\x12\x36\n\x03Put\x12\x15.kvpool.v1.PutRequest\x1a\x16.kvpool.v1.PutResponse(\x01\x12\x36\n\x03Get\x12\x15.kvpool.v1.GetRequest\x1a\x16.kvpool.v1.GetResponse0\x01\x12=\n\x06\x44\x65lete\x12\x18.kvpool.v1.DeleteRequest\x1a\x19.kvpool.v1.DeleteResponse\x12:\n\x05Stats\x12\x17.kvpool.v1.StatsRequest\x1a\x18.kvpool.v1.StatsResponse\x12\x43\n\x08Topology\x12\x1a.kvpool.v1.TopologyRequest\x1a\x1b.kvpool.v1.TopologyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvpool.proto.kvpool_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LAYOUT']._serialized_start=1322
-  _globals['_LAYOUT']._serialized_end=1388
-  _globals['_DTYPE']._serialized_start=1390
-  _globals['_DTYPE']._serialized_end=1478
+  _globals['_LAYOUT']._serialized_start=1263
+  _globals['_LAYOUT']._serialized_end=1329
+  _globals['_DTYPE']._serialized_start=1331
+  _globals['_DTYPE']._serialized_end=1419
   _globals['_NAMESPACE']._serialized_start=41
-  _globals['_NAMESPACE']._serialized_end=300
-  _globals['_REGISTERNAMESPACEREQUEST']._serialized_start=302
-  _globals['_REGISTERNAMESPACEREQUEST']._serialized_end=391
-  _globals['_REGISTERNAMESPACERESPONSE']._serialized_start=393
-  _globals['_REGISTERNAMESPACERESPONSE']._serialized_end=420
-  _globals['_LOOKUPREQUEST']._serialized_start=422
-  _globals['_LOOKUPREQUEST']._serialized_end=473
-  _globals['_LOOKUPRESPONSE']._serialized_start=475
-  _globals['_LOOKUPRESPONSE']._serialized_end=508
-  _globals['_BLOCKINFO']._serialized_start=510
-  _globals['_BLOCKINFO']._serialized_end=603
-  _globals['_PUTREQUEST']._serialized_start=605
-  _globals['_PUTREQUEST']._serialized_end=680
-  _globals['_PUTRESPONSE']._serialized_start=682
-  _globals['_PUTRESPONSE']._serialized_end=711
-  _globals['_GETREQUEST']._serialized_start=713
-  _globals['_GETREQUEST']._serialized_end=760
-  _globals['_GETRESPONSE']._serialized_start=762
-  _globals['_GETRESPONSE']._serialized_end=819
-  _globals['_DELETEREQUEST']._serialized_start=821
-  _globals['_DELETEREQUEST']._serialized_end=872
-  _globals['_DELETERESPONSE']._serialized_start=874
-  _globals['_DELETERESPONSE']._serialized_end=907
-  _globals['_STATSREQUEST']._serialized_start=909
-  _globals['_STATSREQUEST']._serialized_end=923
-  _globals['_STATSRESPONSE']._serialized_start=926
-  _globals['_STATSRESPONSE']._serialized_end=1142
-  _globals['_TOPOLOGYREQUEST']._serialized_start=1144
-  _globals['_TOPOLOGYREQUEST']._serialized_end=1161
-  _globals['_SHARD']._serialized_start=1163
-  _globals['_SHARD']._serialized_end=1230
-  _globals['_TOPOLOGYRESPONSE']._serialized_start=1232
-  _globals['_TOPOLOGYRESPONSE']._serialized_end=1320
-  _globals['_KVPOOL']._serialized_start=1481
-  _globals['_KVPOOL']._serialized_end=1952
+  _globals['_NAMESPACE']._serialized_end=319
+  _globals['_LOOKUPREQUEST']._serialized_start=321
+  _globals['_LOOKUPREQUEST']._serialized_end=372
+  _globals['_LOOKUPRESPONSE']._serialized_start=374
+  _globals['_LOOKUPRESPONSE']._serialized_end=407
+  _globals['_BLOCKINFO']._serialized_start=410
+  _globals['_BLOCKINFO']._serialized_end=544
+  _globals['_PUTREQUEST']._serialized_start=546
+  _globals['_PUTREQUEST']._serialized_end=621
+  _globals['_PUTRESPONSE']._serialized_start=623
+  _globals['_PUTRESPONSE']._serialized_end=652
+  _globals['_GETREQUEST']._serialized_start=654
+  _globals['_GETREQUEST']._serialized_end=701
+  _globals['_GETRESPONSE']._serialized_start=703
+  _globals['_GETRESPONSE']._serialized_end=760
+  _globals['_DELETEREQUEST']._serialized_start=762
+  _globals['_DELETEREQUEST']._serialized_end=813
+  _globals['_DELETERESPONSE']._serialized_start=815
+  _globals['_DELETERESPONSE']._serialized_end=848
+  _globals['_STATSREQUEST']._serialized_start=850
+  _globals['_STATSREQUEST']._serialized_end=864
+  _globals['_STATSRESPONSE']._serialized_start=867
+  _globals['_STATSRESPONSE']._serialized_end=1083
+  _globals['_TOPOLOGYREQUEST']._serialized_start=1085
+  _globals['_TOPOLOGYREQUEST']._serialized_end=1102
+  _globals['_SHARD']._serialized_start=1104
+  _globals['_SHARD']._serialized_end=1171
+  _globals['_TOPOLOGYRESPONSE']._serialized_start=1173
+  _globals['_TOPOLOGYRESPONSE']._serialized_end=1261
+  _globals['_KVPOOL']._serialized_start=1422
+  _globals['_KVPOOL']._serialized_end=1797
 # @@protoc_insertion_point(module_scope)

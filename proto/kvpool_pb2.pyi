@@ -28,7 +28,7 @@ DTYPE_BFLOAT16: DType
 DTYPE_FLOAT32: DType
 
 class Namespace(_message.Message):
-    __slots__ = ("model", "revision", "layout", "layers", "kv_heads", "head_dim", "dtype", "block_tokens", "codec", "format_version", "tp_rank", "tp_size")
+    __slots__ = ("model", "revision", "layout", "layers", "kv_heads", "head_dim", "dtype", "block_tokens", "codec", "format_version", "tp_rank", "tp_size", "integrity")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,7 @@ class Namespace(_message.Message):
     FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
     TP_RANK_FIELD_NUMBER: _ClassVar[int]
     TP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    INTEGRITY_FIELD_NUMBER: _ClassVar[int]
     model: str
     revision: str
     layout: Layout
@@ -53,19 +54,8 @@ class Namespace(_message.Message):
     format_version: int
     tp_rank: int
     tp_size: int
-    def __init__(self, model: _Optional[str] = ..., revision: _Optional[str] = ..., layout: _Optional[_Union[Layout, str]] = ..., layers: _Optional[int] = ..., kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., block_tokens: _Optional[int] = ..., codec: _Optional[str] = ..., format_version: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ...) -> None: ...
-
-class RegisterNamespaceRequest(_message.Message):
-    __slots__ = ("namespace_id", "namespace")
-    NAMESPACE_ID_FIELD_NUMBER: _ClassVar[int]
-    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
-    namespace_id: bytes
-    namespace: Namespace
-    def __init__(self, namespace_id: _Optional[bytes] = ..., namespace: _Optional[_Union[Namespace, _Mapping]] = ...) -> None: ...
-
-class RegisterNamespaceResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    integrity: str
+    def __init__(self, model: _Optional[str] = ..., revision: _Optional[str] = ..., layout: _Optional[_Union[Layout, str]] = ..., layers: _Optional[int] = ..., kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., block_tokens: _Optional[int] = ..., codec: _Optional[str] = ..., format_version: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., integrity: _Optional[str] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
     __slots__ = ("namespace_id", "keys")
@@ -82,18 +72,20 @@ class LookupResponse(_message.Message):
     def __init__(self, present: _Optional[int] = ...) -> None: ...
 
 class BlockInfo(_message.Message):
-    __slots__ = ("namespace_id", "key", "chain", "position", "size")
+    __slots__ = ("namespace_id", "key", "chain", "position", "size", "namespace")
     NAMESPACE_ID_FIELD_NUMBER: _ClassVar[int]
     KEY_FIELD_NUMBER: _ClassVar[int]
     CHAIN_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     namespace_id: bytes
     key: bytes
     chain: bytes
     position: int
     size: int
-    def __init__(self, namespace_id: _Optional[bytes] = ..., key: _Optional[bytes] = ..., chain: _Optional[bytes] = ..., position: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...
+    namespace: Namespace
+    def __init__(self, namespace_id: _Optional[bytes] = ..., key: _Optional[bytes] = ..., chain: _Optional[bytes] = ..., position: _Optional[int] = ..., size: _Optional[int] = ..., namespace: _Optional[_Union[Namespace, _Mapping]] = ...) -> None: ...
 
 class PutRequest(_message.Message):
     __slots__ = ("info", "chunk")

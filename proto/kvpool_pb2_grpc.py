@@ -34,11 +34,6 @@ class KVPoolStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.RegisterNamespace = channel.unary_unary(
-                '/kvpool.v1.KVPool/RegisterNamespace',
-                request_serializer=kvpool_dot_proto_dot_kvpool__pb2.RegisterNamespaceRequest.SerializeToString,
-                response_deserializer=kvpool_dot_proto_dot_kvpool__pb2.RegisterNamespaceResponse.FromString,
-                _registered_method=True)
         self.Lookup = channel.unary_unary(
                 '/kvpool.v1.KVPool/Lookup',
                 request_serializer=kvpool_dot_proto_dot_kvpool__pb2.LookupRequest.SerializeToString,
@@ -74,14 +69,6 @@ class KVPoolStub:
 class KVPoolServicer:
     """Missing associated documentation comment in .proto file."""
 
-    def RegisterNamespace(self, request, context):
-        """Declare a namespace on this shard (idempotent). Every other data call names a namespace
-        by its id; a shard that does not know it answers FAILED_PRECONDITION.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def Lookup(self, request, context):
         """How many of the given keys, in order, are present before the first missing one.
         """
@@ -90,7 +77,9 @@ class KVPoolServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Put(self, request_iterator, context):
-        """Store one block: the first message carries `info`, the rest carry `chunk`s in order.
+        """Store one block: the first message carries `info`, the rest carry `chunk`s in order. Uploads
+        are bounded per shard and per tenant (or peer) and must keep moving (RESOURCE_EXHAUSTED,
+        DEADLINE_EXCEEDED otherwise); nothing is stored unless the whole block arrives and checks.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -125,11 +114,6 @@ class KVPoolServicer:
 
 def add_KVPoolServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'RegisterNamespace': grpc.unary_unary_rpc_method_handler(
-                    servicer.RegisterNamespace,
-                    request_deserializer=kvpool_dot_proto_dot_kvpool__pb2.RegisterNamespaceRequest.FromString,
-                    response_serializer=kvpool_dot_proto_dot_kvpool__pb2.RegisterNamespaceResponse.SerializeToString,
-            ),
             'Lookup': grpc.unary_unary_rpc_method_handler(
                     servicer.Lookup,
                     request_deserializer=kvpool_dot_proto_dot_kvpool__pb2.LookupRequest.FromString,
@@ -170,33 +154,6 @@ def add_KVPoolServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class KVPool:
     """Missing associated documentation comment in .proto file."""
-
-    @staticmethod
-    def RegisterNamespace(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/kvpool.v1.KVPool/RegisterNamespace',
-            kvpool_dot_proto_dot_kvpool__pb2.RegisterNamespaceRequest.SerializeToString,
-            kvpool_dot_proto_dot_kvpool__pb2.RegisterNamespaceResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
 
     @staticmethod
     def Lookup(request,

@@ -12,7 +12,7 @@ def namespace_to_proto(ns: Namespace) -> pb.Namespace:
         model=ns.model, revision=ns.revision, layout=int(ns.layout), layers=ns.layers,
         kv_heads=ns.kv_heads, head_dim=ns.head_dim, dtype=int(ns.dtype),
         block_tokens=ns.block_tokens, codec=ns.codec, format_version=ns.format_version,
-        tp_rank=ns.tp_rank, tp_size=ns.tp_size,
+        tp_rank=ns.tp_rank, tp_size=ns.tp_size, integrity=ns.integrity,
     )  # fmt: skip
 
 
@@ -22,5 +22,5 @@ def namespace_from_proto(msg: pb.Namespace) -> Namespace:
         model=msg.model, revision=msg.revision, layout=Layout(msg.layout), layers=msg.layers,
         kv_heads=msg.kv_heads, head_dim=msg.head_dim, dtype=DType(msg.dtype),
         block_tokens=msg.block_tokens, codec=msg.codec, format_version=msg.format_version,
-        tp_rank=msg.tp_rank, tp_size=msg.tp_size,
+        tp_rank=msg.tp_rank, tp_size=msg.tp_size, integrity=msg.integrity,
     )  # fmt: skip

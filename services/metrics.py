@@ -28,7 +28,7 @@ class _StoreCollector(Collector):
         self.store = store
 
     def collect(self) -> Iterator[Metric]:
-        s = self.store.stats
+        s = self.store.snapshot()
         gauges = {
             "used_bytes": ("payload bytes of the blocks held", s.bytes),
             "capacity_bytes": ("byte budget of the shard", s.budget_bytes),
@@ -47,6 +47,10 @@ class _StoreCollector(Collector):
             "puts": ("blocks stored", s.puts),
             "redis_hits": ("blocks read through from the Redis tier", s.redis_hits),
             "redis_misses": ("memory misses the Redis tier did not hold either", s.redis_misses),
+            "mismatched_blocks": (
+                "intact blocks refused: not of their namespace, key or position",
+                s.mismatched_blocks,
+            ),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(f"kvpool_shard_{name}", doc, value=value)

@@ -6,8 +6,9 @@ and tokens is in client/transport.py.
   certificates signed by it).
 - Token authentication per tenant: a request carries `authorization: Bearer <token>` (sent by
   the client as gRPC call credentials, so only over TLS); the shard maps the token to its
-  tenant and answers UNAUTHENTICATED otherwise. Blocks are stored under keys scoped by tenant,
-  so a tenant can never read or overwrite another tenant's blocks, even knowing their keys.
+  tenant and answers UNAUTHENTICATED otherwise. Blocks are stored under keys scoped by tenant
+  and namespace (`store_key`), so a tenant can never read, overwrite or shadow another
+  tenant's blocks, even knowing their keys.
 """
 
 from __future__ import annotations
@@ -76,8 +77,13 @@ def tenant_of(
     return found
 
 
-def scoped(tenant: str | None, key: bytes) -> bytes:
-    """The key a block is stored under: the client's key, or one scoped to its tenant."""
-    if tenant is None:
-        return key
-    return hashlib.sha256(b"kvpool tenant\x00" + tenant.encode() + b"\x00" + key).digest()
+def store_key(tenant: str | None, namespace_id: bytes, key: bytes) -> bytes:
+    """The key a block (or a chain) is stored under: it commits to the caller's tenant (None
+    when authentication is off), the namespace id and the client's key, so two tenants or two
+    namespaces never meet in a shard's store or its Redis tier, even with the same keys."""
+    who = b"" if tenant is None else b"\x01" + tenant.encode()
+    h = hashlib.sha256(b"kvpool store\x00")
+    h.update(len(who).to_bytes(4, "little") + who)
+    h.update(namespace_id)
+    h.update(key)
+    return h.digest()

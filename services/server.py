@@ -1,17 +1,28 @@
 """The gRPC face of one shard: kvpool.v1.KVPool over a BlockStore.
 
 Where it stands: a shard actor (services/shard.py) runs `ShardServer` in its own thread and
-event loop; clients stream blocks to it directly. The servicer only translates between
-messages and the store, and maps every refusal to its status code:
+event loop; clients stream blocks to it directly. Three layers, outside in:
+
+- `Edge`, one server interceptor for every kvpool.v1 RPC: authenticates the caller (tenant
+  token), caps the concurrent streams of each tenant (or peer host when authentication is off),
+  maps refusals to status codes and observes per-RPC metrics.
+- `KVPoolServicer`: translates messages and calls the store; no shard state but the store.
+  Shards keep no per-namespace state: a Put carries its namespace and the block must match it.
+- `Uploads`: the byte budget of uploads in flight, per shard and per tenant or peer.
+
+Refusals and their codes:
 
     INVALID_ARGUMENT     malformed request: bad key length, missing header, truncated stream,
-                         bytes that are not a kvpool block
-    FAILED_PRECONDITION  unknown namespace, unsupported format version, block that does not
-                         match its namespace
-    RESOURCE_EXHAUSTED   block or key list over a limit
+                         bytes that are not a kvpool block, a namespace that is not its id
+    FAILED_PRECONDITION  unsupported format version, block that does not match its namespace,
+                         key or position
+    RESOURCE_EXHAUSTED   block or key list over a limit; upload budget or stream cap reached
+    DEADLINE_EXCEEDED    an upload that stalls (idle timeout) or takes too long
     DATA_LOSS            checksum mismatch (on upload, or of a stored block: then it is dropped)
+    UNAUTHENTICATED      authentication on and no valid tenant token
 
-A miss is not an error: Lookup counts present keys, Get answers found = false.
+A miss is not an error: Lookup counts present keys, Get answers found = false. Checksums and
+other work proportional to a block's size run off the event loop.
 """
 
 from __future__ import annotations
@@ -21,7 +32,9 @@ import contextlib
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -31,34 +44,56 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kvpool.proto import kvpool_pb2 as pb
 from kvpool.proto import kvpool_pb2_grpc as pb_grpc
-from kvpool.proto.blockformat import FORMAT_VERSION, BlockHeader, Layout, verify
-from kvpool.proto.errors import BlockFormatError, ChecksumError, UnsupportedVersionError
-from kvpool.proto.keys import KEY_BYTES, Namespace
+from kvpool.proto.blockformat import (
+    FORMAT_VERSION,
+    ID_BYTES,
+    BlockHeader,
+    Layout,
+    check_bound,
+    verify,
+)
+from kvpool.proto.errors import (
+    BlockFormatError,
+    BlockMismatchError,
+    ChecksumError,
+    UnsupportedVersionError,
+)
+from kvpool.proto.keys import Namespace
 from kvpool.proto.messages import namespace_from_proto
 from kvpool.services.metrics import ShardMetrics
 from kvpool.services.redis_tier import RedisTier
-from kvpool.services.security import ServerSecurity, scoped, tenant_of
-from kvpool.services.store import BlockStore, BlockTooLargeError
+from kvpool.services.security import ServerSecurity, store_key, tenant_of
+from kvpool.services.store import Blob, BlockStore, BlockTooLargeError
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "kvpool.v1.KVPool"
 CHUNK_BYTES = 1 << 20
+STREAMING = frozenset({"Put", "Get"})
 
 
 @dataclass(frozen=True)
 class Limits:
-    max_block_bytes: int = 256 << 20
+    max_block_bytes: int = 64 << 20
     max_keys: int = 4096  # per Lookup / Delete
     max_message_bytes: int = 4 << 20  # one chunk; gRPC enforces it
-    max_namespaces: int = 1024
+    upload_bytes: int = 128 << 20  # announced bytes of all uploads in flight on the shard
+    peer_upload_bytes: int = 64 << 20  # ... of one tenant (or peer host without authentication)
+    peer_streams: int = 32  # concurrent Put/Get streams of one tenant (or peer host)
+    admission_wait_s: float = 2.0  # how long an upload may wait for room in the budget
+    idle_timeout_s: float = 5.0  # longest wait for the next message of an upload
+    upload_timeout_s: float = 60.0  # longest a whole upload may take
 
 
-TopologyFn = Callable[[], Awaitable[pb.TopologyResponse]]
 T = TypeVar("T")
+TopologyFn = Callable[[], Awaitable[pb.TopologyResponse]]
+_CALLER: ContextVar[tuple[str | None, str]] = ContextVar("kvpool_caller")  # (tenant, peer key)
 
 
-class _Abort(Exception):
+class Refused(Exception):
+    """A request the shard refuses, with its status code (mapped by `Edge`)."""
+
     def __init__(self, code: grpc.StatusCode, detail: str) -> None:
+        super().__init__(detail)
         self.code, self.detail = code, detail
 
 
@@ -84,13 +119,13 @@ def _parse(message: Any) -> Callable[[bytes], Any]:
 
 def _well_formed(request: object) -> None:
     if request is MALFORMED:
-        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "the request does not parse as kvpool.v1")
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "the request does not parse as kvpool.v1")
 
 
-def _check_key(key: bytes, what: str = "key") -> None:
-    if len(key) != KEY_BYTES:
-        raise _Abort(
-            grpc.StatusCode.INVALID_ARGUMENT, f"{what} must be {KEY_BYTES} bytes, got {len(key)}"
+def _check_id(value: bytes, what: str) -> None:
+    if len(value) != ID_BYTES:
+        raise Refused(
+            grpc.StatusCode.INVALID_ARGUMENT, f"{what} must be {ID_BYTES} bytes, got {len(value)}"
         )
 
 
@@ -100,294 +135,277 @@ def check_block(header: BlockHeader, ns: Namespace) -> None:
     want = (ns.layout, ns.dtype, ns.layers, heads, ns.head_dim, ns.block_tokens)
     got = (header.layout, header.dtype, header.layers, header.heads, header.head_dim, header.tokens)
     if want != got:
-        raise _Abort(
+        raise Refused(
             grpc.StatusCode.FAILED_PRECONDITION,
             "block (layout, dtype, layers, heads, head_dim, tokens) "
             f"{tuple(int(x) for x in got)} does not match its namespace {tuple(int(x) for x in want)}",
         )
 
 
+def peer_host(peer: str) -> str:
+    """ "ipv4:10.0.0.7:51234" -> "ipv4:10.0.0.7" (one host, whatever its connections)."""
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        return f"{kind}:{rest.rsplit(':', 1)[0]}"
+    return peer
+
+
+# -- the upload budget --------------------------------------------------------------------------
+
+
+class Uploads:
+    """Bytes of uploads in flight, per shard and per tenant or peer. An upload reserves the
+    size it announces before a byte of it is buffered, waits a little for room, and is refused
+    with RESOURCE_EXHAUSTED if none comes; nothing is allocated for a refused upload."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.total = 0
+        self.by_peer: Counter[str] = Counter()
+        self._room = asyncio.Condition()
+
+    def _fits(self, peer: str, size: int) -> bool:
+        return (
+            self.total + size <= self.limits.upload_bytes
+            and self.by_peer[peer] + size <= self.limits.peer_upload_bytes
+        )
+
+    @contextlib.asynccontextmanager
+    async def reserve(self, peer: str, size: int) -> AsyncIterator[None]:
+        limits = self.limits
+        if size > min(limits.upload_bytes, limits.peer_upload_bytes):
+            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"upload of {size} bytes too large")
+        async with self._room:
+            try:
+                await asyncio.wait_for(
+                    self._room.wait_for(lambda: self._fits(peer, size)), limits.admission_wait_s
+                )
+            except TimeoutError:
+                raise Refused(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"upload budget full ({self.total} bytes in flight on the shard, "
+                    f"{self.by_peer[peer]} from this caller)",
+                ) from None
+            self.total += size
+            self.by_peer[peer] += size
+        try:
+            yield
+        finally:
+            async with self._room:
+                self.total -= size
+                self.by_peer[peer] -= size
+                if not self.by_peer[peer]:
+                    del self.by_peer[peer]
+                self._room.notify_all()
+
+
+async def receive(stream: AsyncIterator[pb.PutRequest], size: int, limits: Limits) -> bytearray:
+    """The chunks of an upload, joined as they arrive (one copy; memory follows the bytes
+    received, never the size announced). Refuses a stream that stalls, runs too long, sends
+    more or fewer bytes than announced, or sends anything but chunks."""
+    buf = bytearray()
+    deadline = time.monotonic() + limits.upload_timeout_s
+    it = aiter(stream)
+    while True:
+        wait = min(limits.idle_timeout_s, deadline - time.monotonic())
+        try:
+            msg = await asyncio.wait_for(anext(it, None), max(wait, 0.0))
+        except TimeoutError:
+            raise Refused(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"upload stalled at {len(buf)} of {size} bytes",
+            ) from None
+        if msg is None:
+            break
+        _well_formed(msg)
+        if msg.WhichOneof("part") != "chunk":
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "info sent twice in one Put")
+        if len(buf) + len(msg.chunk) > size:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"more than the announced {size} bytes")
+        buf += msg.chunk
+    if len(buf) != size:
+        raise Refused(
+            grpc.StatusCode.INVALID_ARGUMENT, f"truncated stream: {len(buf)} of {size} bytes"
+        )
+    return buf
+
+
+def verify_upload(data: Blob, info: pb.BlockInfo, ns: Namespace) -> None:
+    """An uploaded block is intact, of its namespace's shape, and bound to the namespace id,
+    key and position it is put under."""
+    try:
+        header = verify(data)
+        check_bound(header, info.namespace_id, info.key, info.position)
+    except ChecksumError as e:
+        raise Refused(grpc.StatusCode.DATA_LOSS, f"upload corrupted: {e}") from None
+    except (UnsupportedVersionError, BlockMismatchError) as e:
+        raise Refused(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
+    except BlockFormatError as e:
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"not a kvpool block: {e}") from None
+    check_block(header, ns)
+
+
+def namespace_of(info: pb.BlockInfo) -> Namespace:
+    """The namespace a Put names, checked against its id and this shard's format version."""
+    if not info.HasField("namespace"):
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "a Put names its namespace")
+    try:
+        ns = namespace_from_proto(info.namespace)
+    except ValueError as e:
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"bad namespace: {e}") from None
+    if ns.format_version != FORMAT_VERSION:
+        raise Refused(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"block format version {ns.format_version}; this shard stores version {FORMAT_VERSION}",
+        )
+    if ns.id != info.namespace_id:
+        raise Refused(
+            grpc.StatusCode.INVALID_ARGUMENT, "namespace_id is not the namespace's digest"
+        )
+    return ns
+
+
+# -- the servicer ---------------------------------------------------------------------------------
+
+
 class KVPoolServicer(pb_grpc.KVPoolServicer):
+    """Messages in, store calls, messages out. The caller's tenant comes from `Edge`."""
+
     def __init__(
         self, store: BlockStore, shard_id: str, topology: TopologyFn, limits: Limits = Limits(),
-        metrics: ShardMetrics | None = None, redis: RedisTier | None = None,
-        tokens: Mapping[str, str] | None = None,
+        redis: RedisTier | None = None,
     ) -> None:  # fmt: skip
-        self.store, self.shard_id, self.limits, self.metrics = store, shard_id, limits, metrics
-        self.redis, self.tokens = redis, tokens
+        self.store, self.shard_id, self.limits, self.redis = store, shard_id, limits, redis
+        self.uploads = Uploads(limits)
         self._topology = topology
-        self._namespaces: dict[bytes, Namespace] = {}
 
-    # -- helpers ----------------------------------------------------------------------------
-
-    def _namespace(self, namespace_id: bytes) -> Namespace:
-        ns = self._namespaces.get(namespace_id)
-        if ns is None:
-            _check_key(namespace_id, "namespace_id")
-            raise _Abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"unknown namespace {namespace_id.hex()[:16]}: call RegisterNamespace first",
-            )
-        return ns
-
-    def _tenant(self, context: grpc.aio.ServicerContext) -> str | None:
-        """The caller's tenant (None when authentication is off); UNAUTHENTICATED otherwise."""
-        if self.tokens is None:
-            return None
-        tenant = tenant_of(self.tokens, tuple(context.invocation_metadata() or ()))
-        if tenant is None:
-            raise _Abort(grpc.StatusCode.UNAUTHENTICATED, "a valid tenant token is required")
-        return tenant
-
-    async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
-        try:
-            self._tenant(context)
-        except _Abort as e:
-            await context.abort(e.code, e.detail)
-
-    def _check_keys(self, keys: list[bytes]) -> None:
+    def _keys(self, namespace_id: bytes, keys: list[bytes]) -> list[bytes]:
+        """The store keys of a request's keys, after checking their number and lengths."""
+        _check_id(namespace_id, "namespace_id")
         if len(keys) > self.limits.max_keys:
-            raise _Abort(
+            raise Refused(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{len(keys)} keys in one request; the limit is {self.limits.max_keys}",
             )
+        tenant, _ = _CALLER.get()
         for key in keys:
-            _check_key(key)
+            _check_id(key, "key")
+        return [store_key(tenant, namespace_id, k) for k in keys]
 
-    # -- RPCs -------------------------------------------------------------------------------
-
-    async def RegisterNamespace(
-        self, request: pb.RegisterNamespaceRequest, context: grpc.aio.ServicerContext
-    ) -> pb.RegisterNamespaceResponse:
-        async def run() -> pb.RegisterNamespaceResponse:
-            _well_formed(request)
-            self._tenant(context)
-            if not request.HasField("namespace"):
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "namespace missing")
-            try:
-                ns = namespace_from_proto(request.namespace)
-            except ValueError as e:
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad namespace: {e}") from None
-            if ns.format_version != FORMAT_VERSION:
-                raise _Abort(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"block format version {ns.format_version}; this shard stores version "
-                    f"{FORMAT_VERSION}",
-                )
-            if ns.id != request.namespace_id:
-                raise _Abort(
-                    grpc.StatusCode.INVALID_ARGUMENT, "namespace_id is not the namespace's digest"
-                )
-            if (
-                ns.id not in self._namespaces
-                and len(self._namespaces) >= self.limits.max_namespaces
-            ):
-                raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many namespaces")
-            self._namespaces[ns.id] = ns
-            return pb.RegisterNamespaceResponse()
-
-        return await self._guard("RegisterNamespace", run(), context)
-
-    async def Lookup(
-        self, request: pb.LookupRequest, context: grpc.aio.ServicerContext
-    ) -> pb.LookupResponse:
-        async def run() -> pb.LookupResponse:
-            _well_formed(request)
-            tenant = self._tenant(context)
-            self._namespace(request.namespace_id)
-            self._check_keys(list(request.keys))
-            keys = [scoped(tenant, k) for k in request.keys]
-            n = self.store.leading(request.namespace_id, keys)
-            if self.redis is not None and n < len(keys):
-                n += await asyncio.to_thread(self.redis.leading, request.namespace_id, keys[n:])
-            return pb.LookupResponse(present=n)
-
-        return await self._guard("Lookup", run(), context)
+    async def Lookup(self, request: pb.LookupRequest, context: Any) -> pb.LookupResponse:
+        _well_formed(request)
+        keys = self._keys(request.namespace_id, list(request.keys))
+        n = self.store.leading(keys)
+        if self.redis is not None and n < len(keys):
+            n += await asyncio.to_thread(self.redis.leading, keys[n:])
+        return pb.LookupResponse(present=n)
 
     async def Put(
-        self, request_iterator: AsyncIterator[pb.PutRequest], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[pb.PutRequest], context: Any
     ) -> pb.PutResponse:
-        async def run() -> pb.PutResponse:
-            tenant = self._tenant(context)
-            first = await anext(aiter(request_iterator), None)
-            if first is None or first is MALFORMED or first.WhichOneof("part") != "info":
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "a Put stream starts with info")
-            info = first.info
-            ns = self._namespace(info.namespace_id)
-            _check_key(info.key)
-            _check_key(info.chain, "chain")
-            if info.size > self.limits.max_block_bytes or info.size > self.store.budget_bytes:
-                raise _Abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"block of {info.size} bytes over the limit of "
-                    f"{min(self.limits.max_block_bytes, self.store.budget_bytes)}",
-                )
-            key, chain = scoped(tenant, info.key), scoped(tenant, info.chain)
-            if key in self.store:
-                self.store.stats.put_existing += 1
-                return pb.PutResponse(stored=False)  # immutable: no work, the rest is not read
-            buf = bytearray(info.size)
-            filled = 0
-            async for msg in request_iterator:
-                _well_formed(msg)
-                if msg.WhichOneof("part") != "chunk":
-                    raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "info sent twice in one Put")
-                end = filled + len(msg.chunk)
-                if end > info.size:
-                    raise _Abort(
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        f"more than the announced {info.size} bytes",
-                    )
-                buf[filled:end] = msg.chunk
-                filled = end
-            if filled != info.size:
-                raise _Abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"truncated stream: {filled} of {info.size} bytes",
-                )
-            try:
-                header = verify(buf)
-            except ChecksumError as e:
-                raise _Abort(grpc.StatusCode.DATA_LOSS, f"upload corrupted: {e}") from None
-            except UnsupportedVersionError as e:
-                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
-            except BlockFormatError as e:
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"not a kvpool block: {e}") from None
-            check_block(header, ns)
-            try:
-                data = bytes(buf)
-                stored = self.store.put(info.namespace_id, key, chain, info.position, data)
-            except BlockTooLargeError as e:
-                raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
-            if stored and self.redis is not None and self.redis.mode == "all":
-                self.redis.offer(info.namespace_id, key, chain, info.position, data)
-            return pb.PutResponse(stored=stored)
-
-        return await self._guard("Put", run(), context)
-
-    async def Get(
-        self, request: pb.GetRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.GetResponse]:
-        t0 = time.perf_counter()
+        first = await asyncio.wait_for(
+            anext(aiter(request_iterator), None), self.limits.idle_timeout_s
+        )
+        if first is None or first is MALFORMED or first.WhichOneof("part") != "info":
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "a Put stream starts with info")
+        info = first.info
+        ns = namespace_of(info)
+        [key, chain] = self._keys(info.namespace_id, [info.key, info.chain])
+        limit = min(self.limits.max_block_bytes, self.store.budget_bytes)
+        if info.size > limit:
+            raise Refused(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"block of {info.size} bytes over the limit of {limit}",
+            )
+        if key in self.store:
+            self.store.count(put_existing=1)
+            return pb.PutResponse(stored=False)  # immutable: no work, the rest is not read
+        async with self.uploads.reserve(_CALLER.get()[1], info.size):
+            data = await receive(request_iterator, info.size, self.limits)
+            await asyncio.to_thread(verify_upload, data, info, ns)
         try:
-            data = await self._read(request, self._tenant(context))
-        except _Abort as e:
-            self.store.stats.rejected += 1
-            self._observe("Get", e.code.name, t0)
-            await context.abort(e.code, e.detail)
+            stored = self.store.put(key, chain, info.position, data)
+        except BlockTooLargeError as e:
+            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+        if stored and self.redis is not None and self.redis.mode == "all":
+            self.redis.offer(key, chain, info.position, data)
+        return pb.PutResponse(stored=stored)
+
+    async def Get(self, request: pb.GetRequest, context: Any) -> AsyncIterator[pb.GetResponse]:
+        data = await self._read(request)
+        if data is None:
+            yield pb.GetResponse(found=False)
             return
-        code = "OK"
-        try:
-            if data is None:
-                yield pb.GetResponse(found=False)
-                return
-            view = memoryview(data)
-            yield pb.GetResponse(found=True, size=len(data), chunk=bytes(view[:CHUNK_BYTES]))
-            for off in range(CHUNK_BYTES, len(data), CHUNK_BYTES):
-                yield pb.GetResponse(chunk=bytes(view[off : off + CHUNK_BYTES]))
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        finally:
-            self._observe("Get", code, t0)
+        view = memoryview(data)
+        yield pb.GetResponse(found=True, size=len(data), chunk=bytes(view[:CHUNK_BYTES]))
+        for off in range(CHUNK_BYTES, len(data), CHUNK_BYTES):
+            yield pb.GetResponse(chunk=bytes(view[off : off + CHUNK_BYTES]))
 
-    async def _read(self, request: pb.GetRequest, tenant: str | None) -> bytes | None:
+    async def _read(self, request: pb.GetRequest) -> Blob | None:
         """The requested block, verified; None on a miss. A corrupt block is dropped."""
         _well_formed(request)
-        self._namespace(request.namespace_id)
-        _check_key(request.key)
-        key = scoped(tenant, request.key)
-        data = self.store.get(request.namespace_id, key)
+        [key] = self._keys(request.namespace_id, [request.key])
+        data = self.store.get(key)
         if data is None:
-            return await self._read_through(request.namespace_id, key)
+            return await self._read_through(request, key)
         try:
-            verify(data)
+            await asyncio.to_thread(verify, data)
         except BlockFormatError as e:
             self.store.drop_corrupt(key)
-            log.error(
-                "shard %s dropped corrupt block %s: %s", self.shard_id, request.key.hex()[:16], e
-            )
-            raise _Abort(grpc.StatusCode.DATA_LOSS, f"stored block corrupted: {e}") from None
+            log.error("shard %s dropped corrupt block %s: %s", self.shard_id, key.hex()[:16], e)
+            raise Refused(grpc.StatusCode.DATA_LOSS, f"stored block corrupted: {e}") from None
         return data
 
-    async def _read_through(self, namespace_id: bytes, key: bytes) -> bytes | None:
-        """A memory miss read from the Redis tier, verified and put back into memory."""
+    async def _read_through(self, request: pb.GetRequest, key: bytes) -> Blob | None:
+        """A memory miss read from the Redis tier, checked like an upload (intact, bound to
+        this namespace id, key and position) and put back into memory."""
         if self.redis is None:
             return None
-        found = await asyncio.to_thread(self.redis.get, namespace_id, key)
+        found = await asyncio.to_thread(self.redis.get, key)
         if found is None:
-            self.store.stats.redis_misses += 1
+            self.store.count(redis_misses=1)
             return None
         chain, position, data = found
+
+        def check() -> None:
+            check_bound(verify(data), request.namespace_id, request.key, position)
+
         try:
-            verify(data)
+            await asyncio.to_thread(check)
+        except BlockMismatchError as e:
+            self.store.count(mismatched_blocks=1, redis_misses=1)
+            log.error("shard %s: misplaced block in Redis %s: %s", self.shard_id, key.hex()[:16], e)
+            return None
         except BlockFormatError as e:
-            self.store.stats.checksum_failures += 1
+            self.store.count(checksum_failures=1, redis_misses=1)
             log.error("shard %s: corrupt block in Redis %s: %s", self.shard_id, key.hex()[:16], e)
             return None
-        self.store.stats.redis_hits += 1
+        self.store.count(redis_hits=1)
         with contextlib.suppress(BlockTooLargeError):
-            self.store.put(namespace_id, key, chain, position, data)
+            self.store.put(key, chain, position, data)
         return data
 
-    async def Delete(
-        self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext
-    ) -> pb.DeleteResponse:
-        async def run() -> pb.DeleteResponse:
-            _well_formed(request)
-            tenant = self._tenant(context)
-            self._namespace(request.namespace_id)
-            self._check_keys(list(request.keys))
-            keys = [scoped(tenant, k) for k in request.keys]
-            deleted = self.store.delete(request.namespace_id, keys)
-            if self.redis is not None:
-                deleted |= await asyncio.to_thread(self.redis.delete, request.namespace_id, keys)
-            return pb.DeleteResponse(deleted=len(deleted))
+    async def Delete(self, request: pb.DeleteRequest, context: Any) -> pb.DeleteResponse:
+        _well_formed(request)
+        keys = self._keys(request.namespace_id, list(request.keys))
+        deleted = self.store.delete(keys)
+        if self.redis is not None:
+            deleted |= await asyncio.to_thread(self.redis.delete, keys)
+        return pb.DeleteResponse(deleted=len(deleted))
 
-        return await self._guard("Delete", run(), context)
-
-    async def Stats(
-        self, request: pb.StatsRequest, context: grpc.aio.ServicerContext
-    ) -> pb.StatsResponse:
-        await self._authorize(context)
-        s = self.store.stats
+    async def Stats(self, request: pb.StatsRequest, context: Any) -> pb.StatsResponse:
+        s = self.store.snapshot()
         return pb.StatsResponse(
             shard_id=self.shard_id, blocks=s.blocks, bytes=s.bytes, budget_bytes=s.budget_bytes,
             hits=s.hits, misses=s.misses, puts=s.puts, put_existing=s.put_existing,
             evictions=s.evictions, checksum_failures=s.checksum_failures, rejected=s.rejected,
         )  # fmt: skip
 
-    async def Topology(
-        self, request: pb.TopologyRequest, context: grpc.aio.ServicerContext
-    ) -> pb.TopologyResponse:
-        await self._authorize(context)
+    async def Topology(self, request: pb.TopologyRequest, context: Any) -> pb.TopologyResponse:
         try:
             return await self._topology()
         except Exception as e:  # the control plane is briefly away (e.g. restarting)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"topology unavailable: {e}")
-            raise
-
-    async def _guard(self, method: str, call: Awaitable[T], context: grpc.aio.ServicerContext) -> T:
-        t0 = time.perf_counter()
-        code = "OK"
-        try:
-            return await call
-        except _Abort as e:
-            code = e.code.name
-            self.store.stats.rejected += 1
-            await context.abort(e.code, e.detail)
-            raise  # not reached: abort raises
-        except grpc.aio.AbortError:
-            raise
-        except Exception:
-            code = "INTERNAL"
-            raise
-        finally:
-            self._observe(method, code, t0)
-
-    def _observe(self, method: str, code: str, t0: float) -> None:
-        if self.metrics is not None:
-            self.metrics.observe(method, code, time.perf_counter() - t0)
+            raise Refused(grpc.StatusCode.UNAVAILABLE, f"topology unavailable: {e}") from None
 
 
 def _handlers(s: KVPoolServicer) -> grpc.GenericRpcHandler:
@@ -398,7 +416,6 @@ def _handlers(s: KVPoolServicer) -> grpc.GenericRpcHandler:
         grpc.stream_unary_rpc_method_handler,
     )
     handlers = {
-        "RegisterNamespace": u(s.RegisterNamespace, _parse(pb.RegisterNamespaceRequest), pb.RegisterNamespaceResponse.SerializeToString),
         "Lookup": u(s.Lookup, _parse(pb.LookupRequest), pb.LookupResponse.SerializeToString),
         "Put": su(s.Put, _parse(pb.PutRequest), pb.PutResponse.SerializeToString),
         "Get": us(s.Get, _parse(pb.GetRequest), pb.GetResponse.SerializeToString),
@@ -407,6 +424,126 @@ def _handlers(s: KVPoolServicer) -> grpc.GenericRpcHandler:
         "Topology": u(s.Topology, _parse(pb.TopologyRequest), pb.TopologyResponse.SerializeToString),
     }  # fmt: skip
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+
+# -- the edge -------------------------------------------------------------------------------------
+
+
+class Edge(grpc.aio.ServerInterceptor):
+    """Every kvpool.v1 RPC passes here: the caller's tenant from its token (UNAUTHENTICATED
+    without a valid one when `tokens` is set), a cap on the concurrent streams of each tenant
+    or peer host, `Refused` mapped to its status code, and one metrics observation per RPC.
+    Other services (grpc.health.v1) pass untouched."""
+
+    def __init__(
+        self, tokens: Mapping[str, str] | None, limits: Limits, store: BlockStore,
+        metrics: ShardMetrics | None,
+    ) -> None:  # fmt: skip
+        self.tokens, self.limits, self.store, self.metrics = tokens, limits, store, metrics
+        self.streams: Counter[str] = Counter()
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:  # fmt: skip
+        handler = await continuation(details)
+        prefix = f"/{SERVICE_NAME}/"
+        if handler is None or not details.method.startswith(prefix):
+            return handler
+        method = details.method[len(prefix) :]
+        metadata = tuple(details.invocation_metadata or ())
+        tenant = None if self.tokens is None else tenant_of(self.tokens, metadata)
+        serdes = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._stream(method, tenant, handler.unary_stream), **serdes
+            )
+        behavior = handler.unary_unary or handler.stream_unary
+        wrap = grpc.unary_unary_rpc_method_handler
+        if handler.stream_unary:
+            wrap = grpc.stream_unary_rpc_method_handler
+        return wrap(self._unary(method, tenant, behavior), **serdes)
+
+    @contextlib.contextmanager
+    def _admit(self, method: str, tenant: str | None, context: Any) -> Any:
+        """Authenticate, bind the caller for the servicer, and hold a stream slot."""
+        if self.tokens is not None and tenant is None:
+            raise Refused(grpc.StatusCode.UNAUTHENTICATED, "a valid tenant token is required")
+        peer = tenant if tenant is not None else peer_host(context.peer() or "")
+        token = _CALLER.set((tenant, peer))
+        streaming = method in STREAMING
+        if streaming:
+            if self.streams[peer] >= self.limits.peer_streams:
+                _CALLER.reset(token)
+                raise Refused(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{self.streams[peer]} streams open from this caller; "
+                    f"the limit is {self.limits.peer_streams}",
+                )
+            self.streams[peer] += 1
+        try:
+            yield
+        finally:
+            if streaming:
+                self.streams[peer] -= 1
+                if not self.streams[peer]:
+                    del self.streams[peer]
+            _CALLER.reset(token)
+
+    def _unary(self, method: str, tenant: str | None, behavior: Callable[..., Any]) -> Any:
+        async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            t0, code = time.perf_counter(), "OK"
+            try:
+                with self._admit(method, tenant, context):
+                    return await behavior(request, context)
+            except Refused as e:
+                code = e.code.name
+                await self._refuse(context, e)
+            except (TimeoutError, asyncio.TimeoutError):
+                code = "DEADLINE_EXCEEDED"
+                await self._refuse(context, Refused(grpc.StatusCode.DEADLINE_EXCEEDED, "stalled"))
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except Exception:
+                code = "INTERNAL"
+                raise
+            finally:
+                self._observe(method, code, t0)
+
+        return run
+
+    def _stream(self, method: str, tenant: str | None, behavior: Callable[..., Any]) -> Any:
+        async def run(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            t0, code = time.perf_counter(), "OK"
+            try:
+                with self._admit(method, tenant, context):
+                    async for reply in behavior(request, context):
+                        yield reply
+            except Refused as e:
+                code = e.code.name
+                await self._refuse(context, e)
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except Exception:
+                code = "INTERNAL"
+                raise
+            finally:
+                self._observe(method, code, t0)
+
+        return run
+
+    async def _refuse(self, context: grpc.aio.ServicerContext, e: Refused) -> None:
+        self.store.count(rejected=1)
+        await context.abort(e.code, e.detail)
+
+    def _observe(self, method: str, code: str, t0: float) -> None:
+        if self.metrics is not None:
+            self.metrics.observe(method, code, time.perf_counter() - t0)
 
 
 class ShardServer:
@@ -472,11 +609,11 @@ class ShardServer:
             ("grpc.max_send_message_length", self.limits.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        server = grpc.aio.server(options=opts)
+        edge = Edge(self.security.tenants(), self.limits, self.store, self.metrics)
+        server = grpc.aio.server(options=opts, interceptors=[edge])
         servicer = KVPoolServicer(
-            self.store, self.shard_id, self._topology, self.limits, self.metrics, self.redis,
-            self.security.tenants(),
-        )  # fmt: skip
+            self.store, self.shard_id, self._topology, self.limits, self.redis
+        )
         server.add_generic_rpc_handlers((_handlers(servicer),))
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -1,7 +1,9 @@
 """A shard's in-memory block store: immutable blobs under a byte budget.
 
 Where it stands: behind the gRPC servicer of one shard (services/server.py). It stores opaque
-bytes; it never imports torch or the kernels.
+bytes under store keys that already commit to (tenant, namespace, block key) (see
+`services.security.store_key`), so no tenant or namespace can claim, shadow or evict-by-
+collision another's blocks. It never imports torch or the kernels.
 
 Eviction knows prefixes and resists scans:
 - Blocks are grouped by chain (the key of block 0 of their prefix). Evicting block i of a
@@ -20,7 +22,9 @@ import bisect
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+Blob = bytes | bytearray  # a stored block; never mutated once stored
 
 
 class BlockTooLargeError(ValueError):
@@ -29,10 +33,9 @@ class BlockTooLargeError(ValueError):
 
 @dataclass
 class _Entry:
-    namespace_id: bytes
     chain: bytes
     position: int
-    data: bytes
+    data: Blob
 
 
 @dataclass
@@ -57,20 +60,22 @@ class StoreStats:
     rejected: int = 0
     redis_hits: int = 0
     redis_misses: int = 0
+    mismatched_blocks: int = 0
 
 
 class BlockStore:
-    """Blocks by key, at most `budget_bytes` of payload. Thread-safe."""
+    """Blocks by store key, at most `budget_bytes` of payload. Thread-safe: every method and
+    every counter change holds the lock."""
 
     def __init__(
         self,
         budget_bytes: int,
         probation_fraction: float = 0.1,
         ghost_chains: int = 4096,
-        on_evict: Callable[[bytes, bytes, bytes, int, bytes], None] | None = None,
+        on_evict: Callable[[bytes, bytes, int, Blob], None] | None = None,
     ) -> None:
-        """on_evict(namespace_id, key, chain, position, data): told of every evicted block
-        (the Redis tier's "evicted" mode); called with the store's lock held: must not block."""
+        """on_evict(key, chain, position, data): told of every evicted block (the Redis tier's
+        "evicted" mode); called with the store's lock held: must not block."""
         if budget_bytes <= 0:
             raise ValueError("budget_bytes must be positive")
         if not 0.0 < probation_fraction < 1.0:
@@ -90,20 +95,19 @@ class BlockStore:
 
     # -- reads ------------------------------------------------------------------------------
 
-    def leading(self, namespace_id: bytes, keys: list[bytes]) -> int:
+    def leading(self, keys: list[bytes]) -> int:
         """How many of `keys`, in order, are present before the first missing one."""
         with self._lock:
             for i, key in enumerate(keys):
-                entry = self._blocks.get(key)
-                if entry is None or entry.namespace_id != namespace_id:
+                if key not in self._blocks:
                     return i
             return len(keys)
 
-    def get(self, namespace_id: bytes, key: bytes) -> bytes | None:
+    def get(self, key: bytes) -> Blob | None:
         """The block's bytes, or None on a miss. A hit marks its chain as read."""
         with self._lock:
             entry = self._blocks.get(key)
-            if entry is None or entry.namespace_id != namespace_id:
+            if entry is None:
                 self.stats.misses += 1
                 return None
             self.stats.hits += 1
@@ -121,11 +125,20 @@ class BlockStore:
         with self._lock:
             return len(self._blocks)
 
+    def snapshot(self) -> StoreStats:
+        """A consistent copy of the counters."""
+        with self._lock:
+            return replace(self.stats)
+
+    def count(self, **deltas: int) -> None:
+        """Add to counters kept by the layers above (rejected requests, Redis hits...)."""
+        with self._lock:
+            for name, delta in deltas.items():
+                setattr(self.stats, name, getattr(self.stats, name) + delta)
+
     # -- writes -----------------------------------------------------------------------------
 
-    def put(
-        self, namespace_id: bytes, key: bytes, chain: bytes, position: int, data: bytes
-    ) -> bool:
+    def put(self, key: bytes, chain: bytes, position: int, data: Blob) -> bool:
         """Store a block; False (and no work) when the key is already present."""
         if len(data) > self.budget_bytes:
             raise BlockTooLargeError(
@@ -148,20 +161,19 @@ class BlockStore:
                 self._main.move_to_end(chain)
             bisect.insort(ch.blocks, (position, key))
             self._account(ch, len(data))
-            self._blocks[key] = _Entry(namespace_id, chain, position, data)
+            self._blocks[key] = _Entry(chain, position, data)
             self.stats.puts += 1
             while self.stats.bytes > self.budget_bytes:
                 self._evict_one()
             self.stats.blocks = len(self._blocks)
             return True
 
-    def delete(self, namespace_id: bytes, keys: list[bytes]) -> set[bytes]:
+    def delete(self, keys: list[bytes]) -> set[bytes]:
         """Remove the given blocks; returns the keys that were present."""
         with self._lock:
             deleted = set()
             for key in keys:
-                entry = self._blocks.get(key)
-                if entry is not None and entry.namespace_id == namespace_id:
+                if key in self._blocks:
                     self._remove(key, remember=False)
                     deleted.add(key)
             self.stats.blocks = len(self._blocks)
@@ -200,7 +212,7 @@ class BlockStore:
         self._remove(key, remember=from_probation)
         self.stats.evictions += 1
         if self._on_evict is not None:
-            self._on_evict(entry.namespace_id, key, entry.chain, entry.position, entry.data)
+            self._on_evict(key, entry.chain, entry.position, entry.data)
 
     def _remove(self, key: bytes, remember: bool) -> None:
         entry = self._blocks.pop(key)

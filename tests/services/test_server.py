@@ -1,5 +1,6 @@
 """A shard's gRPC server, without Ray: every malformed request gets its status code, and the
-server goes on answering the next request."""
+server goes on answering the next request. Shards keep no namespace state: a Put carries its
+namespace, and its block must be of that shape and bound to its namespace id, key and position."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvpool.client import namespace_for
-from kvpool.kernels.codec import CodecConfig, encode
+from kvpool.kernels.codec import Binding, CodecConfig, encode
 from kvpool.proto import kvpool_pb2 as pb
 from kvpool.proto import kvpool_pb2_grpc as pb_grpc
 from kvpool.proto.keys import Namespace, block_keys
 from kvpool.proto.messages import namespace_to_proto
+from kvpool.services.security import store_key
 from kvpool.services.server import Limits, ShardServer
 from kvpool.services.store import BlockStore
 
@@ -26,12 +28,16 @@ TOKENS = list(range(256))
 Code = grpc.StatusCode
 
 
-def block(ns: Namespace = NS, seed: int = 0, codec: CodecConfig = CODEC) -> bytes:
+def block(
+    ns: Namespace = NS, seed: int = 0, codec: CodecConfig = CODEC, key: bytes | None = None,
+    position: int = 0,
+) -> bytes:  # fmt: skip
+    """A block of `ns`'s shape bound to (ns, key, position); key None: the KEY of the tests."""
     g = torch.Generator().manual_seed(seed)
     shape = (ns.layers, ns.kv_heads, ns.block_tokens, ns.head_dim)
-    return encode(
-        torch.randn(shape, generator=g).half(), torch.randn(shape, generator=g).half(), codec
-    )
+    k, v = torch.randn(shape, generator=g).half(), torch.randn(shape, generator=g).half()
+    binding = Binding(ns.id, KEY if key is None else key)
+    return encode(k, v, codec, start_position=position * ns.block_tokens, binding=binding)
 
 
 @pytest.fixture(scope="module")
@@ -47,19 +53,18 @@ def server() -> Iterator[ShardServer]:
 @pytest.fixture(scope="module")
 def stub(server: ShardServer) -> Iterator[pb_grpc.KVPoolStub]:
     with grpc.insecure_channel(server.address) as channel:
-        s = pb_grpc.KVPoolStub(channel)
-        s.RegisterNamespace(
-            pb.RegisterNamespaceRequest(namespace_id=NS.id, namespace=namespace_to_proto(NS))
-        )
-        yield s
+        yield pb_grpc.KVPoolStub(channel)
 
 
 def put_msgs(
-    ns: Namespace, key: bytes, data: bytes, size: int | None = None, chunk: int = 1 << 20
-) -> list[pb.PutRequest]:
+    ns: Namespace, key: bytes, data: bytes, size: int | None = None, chunk: int = 1 << 20,
+    position: int = 0, namespace: pb.Namespace | None = None,
+) -> list[pb.PutRequest]:  # fmt: skip
     info = pb.BlockInfo(
-        namespace_id=ns.id, key=key, chain=key, position=0, size=len(data) if size is None else size
-    )
+        namespace_id=ns.id, key=key, chain=key, position=position,
+        size=len(data) if size is None else size,
+        namespace=namespace_to_proto(ns) if namespace is None else namespace,
+    )  # fmt: skip
     return [pb.PutRequest(info=info)] + [
         pb.PutRequest(chunk=data[i : i + chunk]) for i in range(0, len(data), chunk)
     ]
@@ -94,12 +99,9 @@ def test_round_trip_of_a_multi_chunk_block(stub, server) -> None:
     ns = namespace_for(
         "test/server-big", 8, 8, 128, torch.float16, CodecConfig(8, 8, 128), block_tokens=128
     )
-    stub.RegisterNamespace(
-        pb.RegisterNamespaceRequest(namespace_id=ns.id, namespace=namespace_to_proto(ns))
-    )
-    data = block(ns, codec=CodecConfig(8, 8, 128))
-    assert len(data) > 2 << 20  # three chunks or more each way
     key = block_keys(ns, range(128))[0]
+    data = block(ns, codec=CodecConfig(8, 8, 128), key=key)
+    assert len(data) > 2 << 20  # three chunks or more each way
     assert stub.Put(iter(put_msgs(ns, key, data)), timeout=10).stored
     assert not stub.Put(iter(put_msgs(ns, key, data)), timeout=10).stored  # immutable: a no-op
     assert get(stub, key, ns) == data
@@ -110,62 +112,42 @@ def test_round_trip_of_a_multi_chunk_block(stub, server) -> None:
 
 def test_lookup_counts_leading_present_keys(stub) -> None:
     keys = block_keys(NS, range(1000, 1000 + 3 * 128))
-    stub.Put(iter(put_msgs(NS, keys[0], block(seed=1))), timeout=10)
-    stub.Put(iter(put_msgs(NS, keys[2], block(seed=2))), timeout=10)
+    assert stub.Put(iter(put_msgs(NS, keys[0], block(seed=1, key=keys[0]))), timeout=10).stored
+    msgs = put_msgs(NS, keys[2], block(seed=2, key=keys[2], position=2), position=2)
+    assert stub.Put(iter(msgs), timeout=10).stored
     assert stub.Lookup(pb.LookupRequest(namespace_id=NS.id, keys=keys), timeout=10).present == 1
 
 
+def proto_with(**fields: object) -> pb.Namespace:
+    return pb.Namespace(**{**{f.name: v for f, v in namespace_to_proto(NS).ListFields()}, **fields})
+
+
 BAD_NAMESPACES = {
-    "missing": (pb.RegisterNamespaceRequest(namespace_id=NS.id), Code.INVALID_ARGUMENT),
-    "wrong id": (
-        pb.RegisterNamespaceRequest(namespace_id=b"x" * 32, namespace=namespace_to_proto(NS)),
-        Code.INVALID_ARGUMENT,
-    ),
-    "zero layers": (
-        pb.RegisterNamespaceRequest(
-            namespace_id=NS.id, namespace=pb.Namespace(model="m", dtype=1, layout=1)
-        ),
-        Code.INVALID_ARGUMENT,
-    ),
-    "future format": (
-        pb.RegisterNamespaceRequest(
-            namespace_id=NS.id,
-            namespace=pb.Namespace(
-                **{
-                    **{f.name: v for f, v in namespace_to_proto(NS).ListFields()},
-                    "format_version": 99,
-                }
-            ),
-        ),
-        Code.FAILED_PRECONDITION,
-    ),
+    "wrong id": (namespace_to_proto(NS), b"x" * 32, Code.INVALID_ARGUMENT),
+    "zero layers": (pb.Namespace(model="m", dtype=1, layout=1), NS.id, Code.INVALID_ARGUMENT),
+    "future format": (proto_with(format_version=99), NS.id, Code.FAILED_PRECONDITION),
+    "other shape": (proto_with(kv_heads=1), NS.id, Code.INVALID_ARGUMENT),  # not its id
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_NAMESPACES))
-def test_bad_namespace_registrations(stub, server, case) -> None:
-    request, code = BAD_NAMESPACES[case]
-    assert code_of(lambda: stub.RegisterNamespace(request, timeout=10)) == code
+def test_a_put_must_carry_its_namespace(stub, server, case) -> None:
+    namespace, namespace_id, code = BAD_NAMESPACES[case]
+    msgs = put_msgs(NS, KEY, block(), namespace=namespace)
+    msgs[0].info.namespace_id = namespace_id
+    assert code_of(lambda: stub.Put(iter(msgs), timeout=10)) == code
+    missing = put_msgs(NS, KEY, block())
+    missing[0].info.ClearField("namespace")
+    assert code_of(lambda: stub.Put(iter(missing), timeout=10)) == Code.INVALID_ARGUMENT
+    assert store_key(None, NS.id, KEY) not in server.store
     still_serving(stub, server)
 
 
-def test_unknown_namespace_is_a_failed_precondition(stub, server) -> None:
+def test_any_namespace_id_is_a_miss_not_an_error(stub, server) -> None:
     other = namespace_for("test/other", 2, 2, 64, torch.float16, CODEC, block_tokens=128)
     key = block_keys(other, TOKENS)[0]
-    assert (
-        code_of(
-            lambda: stub.Lookup(pb.LookupRequest(namespace_id=other.id, keys=[key]), timeout=10)
-        )
-        == Code.FAILED_PRECONDITION
-    )
-    assert (
-        code_of(lambda: list(stub.Get(pb.GetRequest(namespace_id=other.id, key=key), timeout=10)))
-        == Code.FAILED_PRECONDITION
-    )
-    assert (
-        code_of(lambda: stub.Put(iter(put_msgs(other, key, block())), timeout=10))
-        == Code.FAILED_PRECONDITION
-    )
+    assert stub.Lookup(pb.LookupRequest(namespace_id=other.id, keys=[key]), timeout=10).present == 0
+    assert get(stub, key, other) is None
     assert (
         code_of(
             lambda: stub.Lookup(pb.LookupRequest(namespace_id=b"short", keys=[key]), timeout=10)
@@ -176,6 +158,7 @@ def test_unknown_namespace_is_a_failed_precondition(stub, server) -> None:
 
 
 KEY = block_keys(NS, TOKENS)[1]
+STORED_KEY = store_key(None, NS.id, KEY)
 
 
 def corrupt(data: bytes, at: int) -> bytes:
@@ -200,17 +183,29 @@ BAD_PUTS = {
         Code.INVALID_ARGUMENT,
     ),
     "not a block": (lambda d: put_msgs(NS, KEY, b"\x00" * len(d)), Code.INVALID_ARGUMENT),
+    "bound to another key": (
+        lambda d: put_msgs(NS, KEY, block(key=block_keys(NS, TOKENS)[0])),
+        Code.FAILED_PRECONDITION,
+    ),
+    "bound to another namespace": (
+        lambda d: put_msgs(
+            NS, KEY, block(namespace_for("y", 2, 2, 64, torch.float16, CODEC, block_tokens=128))
+        ),
+        Code.FAILED_PRECONDITION,
+    ),
+    "put at another position": (
+        lambda d: put_msgs(NS, KEY, d, position=1),
+        Code.FAILED_PRECONDITION,
+    ),
     "cut-off block": (lambda d: put_msgs(NS, KEY, d[:-16]), Code.INVALID_ARGUMENT),
     "flipped byte": (lambda d: put_msgs(NS, KEY, corrupt(d, len(d) - 7)), Code.DATA_LOSS),
     "future format": (lambda d: put_msgs(NS, KEY, future_version(d)), Code.FAILED_PRECONDITION),
     "other shape": (
-        lambda d: put_msgs(
-            NS, KEY, block(namespace_for("x", 2, 1, 64, torch.float16, CODEC, block_tokens=128))
-        ),
+        lambda d: put_msgs(NS, KEY, block_of_shape(NS, kv_heads=1)),
         Code.FAILED_PRECONDITION,
     ),
     "over the block limit": (
-        lambda d: put_msgs(NS, KEY, b"", size=17 << 20),
+        lambda d: put_msgs(NS, KEY, b"", size=65 << 20),
         Code.RESOURCE_EXHAUSTED,
     ),
     "chunk over 4 MiB": (
@@ -220,14 +215,22 @@ BAD_PUTS = {
 }
 
 
+def block_of_shape(ns: Namespace, kv_heads: int) -> bytes:
+    """A crc-valid block bound to (ns, KEY, 0) but with another number of KV heads."""
+    g = torch.Generator().manual_seed(9)
+    shape = (ns.layers, kv_heads, ns.block_tokens, ns.head_dim)
+    k, v = torch.randn(shape, generator=g).half(), torch.randn(shape, generator=g).half()
+    return encode(k, v, CODEC, binding=Binding(ns.id, KEY))
+
+
 @pytest.mark.parametrize("case", list(BAD_PUTS))
 def test_bad_puts_get_their_status_and_store_nothing(stub, server, case) -> None:
     make, code = BAD_PUTS[case]
-    before = server.store.stats.rejected
+    before = server.store.snapshot().rejected
     assert code_of(lambda: stub.Put(iter(make(block())), timeout=10)) == code
-    assert KEY not in server.store
+    assert STORED_KEY not in server.store
     if code != Code.RESOURCE_EXHAUSTED or "block" in case:
-        assert server.store.stats.rejected == before + 1
+        assert server.store.snapshot().rejected == before + 1
     still_serving(stub, server)
 
 
@@ -240,7 +243,7 @@ def test_a_put_cancelled_midway_stores_nothing(stub, server) -> None:
         raise RuntimeError("client died")
 
     assert code_of(lambda: stub.Put(stream(), timeout=10)) in (Code.CANCELLED, Code.UNKNOWN)
-    assert KEY not in server.store
+    assert STORED_KEY not in server.store
     still_serving(stub, server)
 
 
@@ -264,13 +267,13 @@ def test_bad_keys_and_oversized_requests(stub, server, request_, code) -> None:
 
 def test_a_corrupted_stored_block_is_data_loss_then_a_miss(stub, server) -> None:
     key = hashlib.sha256(b"to corrupt").digest()
-    data = block(seed=4)
+    data = block(seed=4, key=key)
     assert stub.Put(iter(put_msgs(NS, key, data)), timeout=10).stored
-    entry = server.store._blocks[key]
+    entry = server.store._blocks[store_key(None, NS.id, key)]
     entry.data = corrupt(entry.data, 200)  # a bit flip in memory
     assert code_of(lambda: get(stub, key)) == Code.DATA_LOSS
     assert get(stub, key) is None
-    assert server.store.stats.checksum_failures == 1
+    assert server.store.snapshot().checksum_failures == 1
     still_serving(stub, server)
 
 
