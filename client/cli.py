@@ -1,7 +1,8 @@
 """The `kvpool` command line.
 
 kvpool serve     start the cache tier: local Ray (or join a cluster with --address), shard
-                 actors serving gRPC; prints the endpoint and runs until interrupted
+                 actors serving gRPC; prints the endpoint and runs until interrupted. Beyond
+                 loopback it needs TLS and tenant tokens, or an explicit --insecure
 kvpool demo      encode a Llama-3-8B-shaped KV block at several codec settings and report
                  encoded size, compression ratio, reconstruction error and throughput
 kvpool calibrate measure each layer's sensitivity to KV quantization on sample text and pick
@@ -34,17 +35,25 @@ def serve(args: argparse.Namespace) -> None:
     import logging
 
     from kvpool.services.security import ServerSecurity
-    from kvpool.services.tier import TierConfig, start_tier
+    from kvpool.services.tier import TierConfig, check_exposure, start_tier
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    security = ServerSecurity(args.tls_cert, args.tls_key, args.tls_client_ca, args.auth_tokens)
-    config = TierConfig(
-        shards=args.shards, budget_bytes=args.budget, host=args.host, port=args.port,
-        replication=args.replication, shard_cpus=args.shard_cpus, name=args.name,
-        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-        redis_url=args.redis, redis_ttl_s=args.redis_ttl, redis_mode=args.redis_mode,
-        security=security, per_node_ports=args.per_node_ports,
-    )  # fmt: skip
+    try:
+        security = ServerSecurity(args.tls_cert, args.tls_key, args.tls_client_ca, args.auth_tokens)
+        config = TierConfig(
+            shards=args.shards, budget_bytes=args.budget, host=args.host, port=args.port,
+            replication=args.replication, shard_cpus=args.shard_cpus, name=args.name,
+            metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+            redis_url=args.redis, redis_ttl_s=args.redis_ttl, redis_mode=args.redis_mode,
+            security=security, per_node_ports=args.per_node_ports, health_port=args.health_port,
+        )  # fmt: skip
+        check_exposure(config, insecure=args.insecure)  # before Ray starts
+    except ValueError as e:
+        raise SystemExit(f"kvpool serve: {e}") from None
+    if args.insecure and not security.tls:
+        logging.getLogger("kvpool").warning(
+            "--insecure: shards on %s accept any client, in plaintext", args.host
+        )
     tier = start_tier(config, address=args.address)
     print(f"endpoint: {tier.endpoint}", flush=True)
     print(
@@ -228,6 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help='JSON file {"token": "tenant"}: per-tenant token authentication (needs TLS)',
     )
+    p_serve.add_argument(
+        "--insecure", action="store_true",
+        help="allow a non-loopback --host without TLS and --auth-tokens (trusted networks only)",
+    )  # fmt: skip
+    p_serve.add_argument(
+        "--health-port", type=int, default=None,
+        help="first shard's plaintext port serving only grpc.health.v1, the next count up (with "
+        "--per-node-ports every shard binds it); for probes that cannot speak TLS (0: any free)",
+    )  # fmt: skip
     p_serve.add_argument("--shard-cpus", type=float, default=0.5, help="Ray CPUs per shard")
     p_serve.add_argument(
         "--address",

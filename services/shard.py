@@ -7,7 +7,10 @@ shards and their addresses; shards serve it to clients through the Topology RPC.
 
 Ray restarts a Shard that dies (max_restarts=-1): `__init__` runs again with the same id and
 port, the store starts empty (its blocks become misses), and it registers again. Shards
-re-register every few seconds, so a restarted Directory rebuilds its list by itself.
+re-register every few seconds (a heartbeat), so a restarted Directory rebuilds its list by
+itself, and the Directory leaves out of the topology any shard it has not heard from for
+`stale_after_s` (a shard Ray could not restart, a node gone): clients move its keys to the
+other shards. A shard that comes back registers again and is back in the topology.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -40,21 +44,38 @@ def shard_name(tier: str, shard_id: str) -> str:
     return f"kvpool-{tier}-{shard_id}"
 
 
-HEARTBEAT_S = 2.0
+HEARTBEAT_S = 2.0  # shards re-register this often (more often when stale_after_s is short)
+STALE_AFTER_S = 10.0  # a shard not heard from for this long leaves the topology
 TOPOLOGY_CACHE_S = 0.5
 
 
 class Directory:
-    """Which shards exist and where they listen. Epoch changes with every change of the set."""
+    """Which shards exist, where they listen, and when each last registered. The topology
+    holds the shards heard from within `stale_after_s`; its epoch changes whenever that
+    visible list changes (a shard joins, moves, goes stale, comes back, is removed)."""
 
-    def __init__(self, replication: int) -> None:
-        self.replication = replication
+    def __init__(
+        self,
+        replication: int,
+        stale_after_s: float = STALE_AFTER_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if stale_after_s <= 0:
+            raise ValueError("stale_after_s must be > 0")
+        self.replication, self.stale_after_s, self._clock = replication, stale_after_s, clock
         self._shards: dict[str, tuple[str, str]] = {}  # id -> (gRPC address, metrics address)
+        self._seen: dict[str, float] = {}  # id -> clock() at its last register
         self._next = 0
         self._epoch = time.time_ns()  # distinct across Directory restarts
+        self._visible: list[tuple[str, str, str]] = []  # what the epoch stands for
+
+    @property
+    def heartbeat_s(self) -> float:
+        """How often a shard should re-register: several beats fit in the stale time."""
+        return min(HEARTBEAT_S, self.stale_after_s / 4)
 
     def reserve_ids(self, n: int) -> list[str]:
-        """n fresh shard ids ("shard-<i>")."""
+        """n fresh shard ids ("shard-<i>"); ids of stale shards are never handed out again."""
         ids: list[str] = []
         while len(ids) < n:
             sid = f"shard-{self._next}"
@@ -63,19 +84,26 @@ class Directory:
                 ids.append(sid)
         return ids
 
-    def register(self, shard_id: str, address: str, metrics_address: str = "") -> None:
-        if self._shards.get(shard_id) != (address, metrics_address):
-            self._shards[shard_id] = (address, metrics_address)
-            self._epoch += 1
-            self._next = max(self._next, int(shard_id.rsplit("-", 1)[-1]) + 1)
+    def register(self, shard_id: str, address: str, metrics_address: str = "") -> float:
+        """A shard says where it listens (at start, then every heartbeat); returns the
+        heartbeat period it should keep."""
+        self._shards[shard_id] = (address, metrics_address)
+        self._seen[shard_id] = self._clock()
+        self._next = max(self._next, int(shard_id.rsplit("-", 1)[-1]) + 1)
+        return self.heartbeat_s
 
     def remove(self, shard_id: str) -> None:
-        if self._shards.pop(shard_id, None) is not None:
-            self._epoch += 1
+        self._shards.pop(shard_id, None)
+        self._seen.pop(shard_id, None)
 
     def topology(self) -> tuple[int, int, list[tuple[str, str, str]]]:
-        """(epoch, replication, [(shard_id, address, metrics_address)])."""
-        return self._epoch, self.replication, sorted((s, *a) for s, a in self._shards.items())
+        """(epoch, replication, [(shard_id, address, metrics_address)]) of the live shards."""
+        oldest = self._clock() - self.stale_after_s
+        visible = sorted((s, *a) for s, a in self._shards.items() if self._seen[s] >= oldest)
+        if visible != self._visible:
+            self._visible = visible
+            self._epoch += 1
+        return self._epoch, self.replication, visible
 
 
 def fixed_mmap_threshold(threshold: int = 128 << 10) -> bool:
@@ -98,7 +126,9 @@ def fixed_mmap_threshold(threshold: int = 128 << 10) -> bool:
 
 
 class Shard:
-    """One shard: a BlockStore behind a gRPC server on (host, port)."""
+    """One shard: a BlockStore behind a gRPC server on (host, port); with a health_port, also
+    a plaintext listener that serves only grpc.health.v1 (for Kubernetes probes, which cannot
+    speak TLS)."""
 
     def __init__(
         self,
@@ -113,6 +143,7 @@ class Shard:
         redis_ttl_s: int = 3600,
         redis_mode: Mode = "all",
         security: ServerSecurity | None = None,
+        health_port: int | None = None,
     ) -> None:
         logging.basicConfig(level=logging.INFO)
         fixed_mmap_threshold()
@@ -126,22 +157,23 @@ class Shard:
         self.server = ShardServer(
             BlockStore(budget_bytes, on_evict=spill), shard_id, topology=self._topology,
             host=host, port=port, advertise_host=advertise_host, limits=Limits(),
-            metrics_port=metrics_port, redis=redis, security=security,
+            metrics_port=metrics_port, redis=redis, security=security, health_port=health_port,
         )  # fmt: skip
         self.address = self.server.start()
         self.metrics_address = self.server.metrics_address
-        ray.get(self._directory.register.remote(shard_id, self.address, self.metrics_address))
-        threading.Thread(target=self._heartbeat, daemon=True).start()
+        self.health_address = self.server.health_address
+        ref: Any = self._directory.register.remote(shard_id, self.address, self.metrics_address)
+        threading.Thread(target=self._heartbeat, args=(ray.get(ref),), daemon=True).start()
 
-    def _heartbeat(self) -> None:
+    def _heartbeat(self, period: float) -> None:
         while True:
-            time.sleep(HEARTBEAT_S)
+            time.sleep(period)
             try:
                 directory = ray.get_actor(directory_name(self.tier), namespace=RAY_NAMESPACE)
                 ref: Any = directory.register.remote(
                     self.shard_id, self.address, self.metrics_address
                 )
-                ray.get(ref, timeout=10)
+                period = ray.get(ref, timeout=10)
             except Exception as e:  # the Directory is restarting: try again next beat
                 log.warning("shard %s could not re-register: %s", self.shard_id, e)
 
@@ -159,6 +191,10 @@ class Shard:
 
     def endpoint(self) -> str:
         return self.address
+
+    def health_endpoint(self) -> str:
+        """host:port of the plaintext health-only listener, or ""."""
+        return self.health_address
 
     def stats(self) -> dict[str, int]:
         return dict(vars(self.server.store.stats))

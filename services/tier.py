@@ -4,10 +4,14 @@ Where it stands: `kvpool serve` calls `start_tier`. On its embedded default it s
 Ray instance on this machine; given a Ray address it joins that cluster, and if a tier already
 runs there it adds shards to it. Shard actors are detached and named, so they outlive the
 process that created them; `Tier.shutdown` removes the ones it created.
+
+`check_exposure` is the safe default `kvpool serve` applies before anything starts: a tier that
+listens beyond loopback must have TLS and tenant tokens, unless the operator says --insecure.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -24,7 +28,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvpool.services.redis_tier import Mode
 from kvpool.services.security import ServerSecurity
-from kvpool.services.shard import RAY_NAMESPACE, Directory, Shard, directory_name, shard_name
+from kvpool.services.shard import (
+    RAY_NAMESPACE,
+    STALE_AFTER_S,
+    Directory,
+    Shard,
+    directory_name,
+    shard_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +57,58 @@ class TierConfig:
     redis_mode: Mode = "all"  # "all": every block also goes to Redis; "evicted": only evictions
     security: ServerSecurity = field(default_factory=ServerSecurity)  # TLS, mTLS, tenant tokens
     per_node_ports: bool = False  # every shard binds port / metrics_port (one shard per node)
+    # first shard's plaintext grpc.health.v1-only port (next ones count up); 0: any; None: off
+    health_port: int | None = None
+    stale_after_s: float = STALE_AFTER_S  # a shard silent this long leaves the topology
 
     def __post_init__(self) -> None:
         if self.shards < 0 or self.budget_bytes <= 0 or self.replication < 1:
             raise ValueError("shards >= 0, budget_bytes > 0 and replication >= 1 are required")
+        if self.stale_after_s <= 0:
+            raise ValueError("stale_after_s must be > 0")
+
+    def shard_ports(self, index: int) -> tuple[int, int | None, int | None]:
+        """(gRPC, /metrics, health) ports of shard `index`: each fixed port counts up by the
+        index, unless per_node_ports; 0 stays "any free port" and None stays "off"."""
+        step = 0 if self.per_node_ports else index
+
+        def nth(first: int | None) -> int | None:
+            return first + step if first else first
+
+        return nth(self.port) or 0, nth(self.metrics_port), nth(self.health_port)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` keeps a listener on this machine (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # another host name: it may resolve to anything
+        return False
+
+
+def check_exposure(config: TierConfig, insecure: bool = False) -> None:
+    """Refuse a tier that listens beyond loopback without TLS and tenant tokens: anyone who
+    reaches the port could otherwise read, fill or poison the cache. `insecure` is the explicit
+    opt-out (a trusted, isolated network). Raises ValueError saying what is missing."""
+    if insecure or is_loopback(config.host):
+        return
+    missing = [
+        flag
+        for flag, present in (
+            ("--tls-cert/--tls-key", config.security.tls),
+            ("--auth-tokens", config.security.tokens_file is not None),
+        )
+        if not present
+    ]
+    if missing:
+        raise ValueError(
+            f"refusing to serve on {config.host} without {' and '.join(missing)}: clients "
+            "beyond this machine could read and overwrite every block. Give TLS and tenant "
+            "tokens, bind a loopback address (--host 127.0.0.1), or pass --insecure on a "
+            "network you trust."
+        )
 
 
 @dataclass
@@ -88,16 +147,13 @@ class Tier:
         actor = ray.remote(Shard)
         handles = {}
         for sid in ids:
-            index = int(sid.rsplit("-", 1)[-1])
-            step = 0 if config.per_node_ports else index
-            port = config.port + step if config.port else 0
-            metrics = config.metrics_port + step if config.metrics_port else config.metrics_port
+            port, metrics, health = config.shard_ports(int(sid.rsplit("-", 1)[-1]))
             handles[sid] = actor.options(
                 name=shard_name(config.name, sid), namespace=RAY_NAMESPACE, lifetime="detached",
                 max_restarts=-1, max_task_retries=0, num_cpus=config.shard_cpus,
             ).remote(
                 config.name, sid, config.budget_bytes, config.host, port, None, metrics,
-                config.redis_url, config.redis_ttl_s, config.redis_mode, config.security,
+                config.redis_url, config.redis_ttl_s, config.redis_mode, config.security, health,
             )  # fmt: skip
         self.shards.update(handles)
         self.tls = config.security.tls
@@ -106,15 +162,17 @@ class Tier:
 
     def wait_serving(self, handles: dict[str, Any] | None = None, timeout: float = 120.0) -> None:
         """Block until each shard (all this process created, by default) serves again, e.g.
-        after Ray restarted it: its endpoint() answers once its __init__ serves gRPC, and a
-        plaintext shard also passes the health check from outside."""
+        after Ray restarted it: its endpoint() answers once its __init__ serves gRPC, and it
+        also passes the health check from outside, on its plaintext health port if it has one
+        (with TLS and no health port that check would need a certificate: skipped)."""
         deadline = time.monotonic() + timeout
         for handle in (self.shards if handles is None else handles).values():
             while True:
                 try:
                     address = ray.get(handle.endpoint.remote(), timeout=60)
-                    if not self.tls:  # with TLS the check from outside would need a cert
-                        wait_serving(address, timeout=30)
+                    health = ray.get(handle.health_endpoint.remote(), timeout=60)
+                    if health or not self.tls:
+                        wait_serving(health or address, timeout=30)
                     break
                 except (ray.exceptions.RayError, grpc.FutureTimeoutError, grpc.RpcError):
                     if time.monotonic() > deadline:
@@ -181,7 +239,7 @@ def start_tier(config: TierConfig, address: str | None = None) -> Tier:
     directory = ray.remote(Directory).options(
         name=directory_name(config.name), namespace=RAY_NAMESPACE, lifetime="detached", max_restarts=-1,
         get_if_exists=True, num_cpus=0,
-    ).remote(config.replication)  # fmt: skip
+    ).remote(config.replication, config.stale_after_s)  # fmt: skip
     tier = Tier(
         name=config.name, directory=directory, started_ray=started is not None, temp_dir=started
     )

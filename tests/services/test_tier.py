@@ -215,3 +215,151 @@ def test_replicated_blocks_survive_a_dead_shard(ray_session: None) -> None:
             assert got is not None and got.tokens == 4 * B
     finally:
         tier.shutdown()
+
+
+# -- membership with liveness ---------------------------------------------------------------
+
+
+def test_the_directory_drops_silent_shards_and_takes_them_back() -> None:
+    from kvpool.services.shard import Directory
+
+    now = [100.0]
+    d = Directory(replication=1, stale_after_s=10.0, clock=lambda: now[0])
+    assert d.heartbeat_s <= 10.0 / 4
+    d.register("shard-0", "a:1", "a:9")
+    d.register("shard-1", "b:1", "b:9")
+    e0, _, shards = d.topology()
+    assert [s for s, _, _ in shards] == ["shard-0", "shard-1"]
+    assert d.topology()[0] == e0, "no change, same epoch"
+    now[0] += 6.0
+    d.register("shard-0", "a:1", "a:9")  # a heartbeat: shard-1 stays silent
+    now[0] += 4.0  # shard-1 last seen exactly 10 s ago: still in
+    assert [s for s, _, _ in d.topology()[2]] == ["shard-0", "shard-1"]
+    assert d.topology()[0] == e0, "heartbeats do not change the epoch"
+    now[0] += 0.5
+    e1, _, shards = d.topology()
+    assert shards == [("shard-0", "a:1", "a:9")] and e1 != e0, "shard-1 went stale"
+    assert d.reserve_ids(1) == ["shard-2"], "a stale shard keeps its id"
+    d.register("shard-1", "b:2", "b:9")  # it comes back (at a new port)
+    e2, _, shards = d.topology()
+    assert shards == [("shard-0", "a:1", "a:9"), ("shard-1", "b:2", "b:9")]
+    assert e2 not in (e0, e1)
+    now[0] += 11.0  # everyone silent
+    e3, _, shards = d.topology()
+    assert shards == [] and e3 != e2
+    d.register("shard-0", "a:1", "a:9")
+    d.remove("shard-0")
+    assert d.topology()[2] == []
+    with pytest.raises(ValueError):
+        Directory(1, stale_after_s=0)
+
+
+def test_a_shard_that_stays_dead_leaves_the_topology(ray_session: None) -> None:
+    stale = 3.0
+    config = TierConfig(
+        shards=3, budget_bytes=16 << 20, shard_cpus=0.1, name="stale", stale_after_s=stale
+    )
+    tier = start_tier(config)
+    try:
+        with KVPool(tier.endpoint, NS, CODEC, config=FAST) as c:
+            toks = tokens(12 * B, seed=11)
+            assert c.put(toks, kv(12 * B, seed=11)) == 12
+            owners = {c.tier.owners(k)[0] for k in block_keys(NS, toks)}
+            victim = sorted(owners)[0]
+            epoch = c.tier.epoch
+            ray.kill(tier.shards.pop(victim), no_restart=True)  # gone for good, not removed
+            t0 = time.monotonic()
+            wait_for(lambda: victim not in {s for s, _, _ in tier.topology()}, timeout=20)
+            # stale after `stale` seconds, seen by the next topology call (polled every 0.2 s)
+            assert time.monotonic() - t0 < stale + 2.0
+            assert len(tier.topology()) == 2
+            wait_for(lambda: (c.call(c.tier.refresh(force=True)), c.tier.epoch != epoch)[1])
+            assert victim not in c.tier._addresses and len(c.tier._addresses) == 2
+            failures = c.stats.get_failures
+            more = tokens(12 * B, seed=12)
+            assert c.put(more, kv(12 * B, seed=12)) == 12, "its keys go to the other shards"
+            assert {c.tier.owners(k)[0] for k in block_keys(NS, more)} <= set(c.tier._addresses)
+            got = c.get(more)
+            assert got is not None and got.tokens == 12 * B
+            assert c.stats.get_failures == failures and c.stats.put_failures == 0
+            # blocks that lived on the dead shard are misses now, never errors
+            assert c.lookup(toks) < 12 * B
+    finally:
+        tier.shutdown()
+
+
+# -- safe defaults ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.3.2.1", "::1", "[::1]", "localhost"])
+def test_loopback_tiers_need_no_tls(host: str) -> None:
+    from kvpool.services.tier import check_exposure
+
+    check_exposure(TierConfig(host=host))
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "kvpool-0.example.com"])
+def test_exposed_tiers_need_tls_and_tokens_or_insecure(host: str) -> None:
+    from kvpool.services.security import ServerSecurity
+    from kvpool.services.tier import check_exposure
+
+    tls = ServerSecurity("s.crt", "s.key")
+    full = ServerSecurity("s.crt", "s.key", tokens_file="tokens.json")
+    with pytest.raises(ValueError, match=r"--tls-cert/--tls-key and --auth-tokens.*--insecure"):
+        check_exposure(TierConfig(host=host))
+    with pytest.raises(ValueError, match="without --auth-tokens"):
+        check_exposure(TierConfig(host=host, security=tls))  # TLS alone: anyone may write
+    check_exposure(TierConfig(host=host, security=full))
+    check_exposure(TierConfig(host=host), insecure=True)
+
+
+def test_kvpool_serve_refuses_an_exposed_plaintext_tier_before_starting_ray(tmp_path) -> None:
+    env = {**os.environ, "KVPOOL_RAY_TEMP_DIR": str(tmp_path / "ray")}
+    t0 = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-m", "kvpool.cli", "serve", "--host", "0.0.0.0", "--shards", "1"],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert out.returncode != 0
+    assert "refusing to serve on 0.0.0.0" in out.stderr and "--insecure" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "ray").exists(), "Ray must not start"
+    assert time.monotonic() - t0 < 30
+
+
+def test_shard_ports_count_up_unless_per_node() -> None:
+    config = TierConfig(port=50051, metrics_port=9400, health_port=8081)
+    assert config.shard_ports(0) == (50051, 9400, 8081)
+    assert config.shard_ports(2) == (50053, 9402, 8083)
+    per_node = TierConfig(port=50051, metrics_port=9400, health_port=8081, per_node_ports=True)
+    assert per_node.shard_ports(2) == (50051, 9400, 8081)
+    assert TierConfig(metrics_port=None).shard_ports(3) == (0, None, None)  # any, off, off
+    assert TierConfig(health_port=0).shard_ports(3)[2] == 0
+
+
+def test_shards_serve_health_alone_on_their_health_port(ray_session: None) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from kvpool.services.server import SERVICE_NAME
+
+    config = TierConfig(
+        shards=2, budget_bytes=16 << 20, shard_cpus=0.1, name="health", health_port=0
+    )
+    tier = start_tier(config)
+    try:
+        addresses = {s: a for s, a, _ in tier.topology()}
+        for sid, handle in tier.shards.items():
+            health = ray.get(handle.health_endpoint.remote())
+            assert health and health != addresses[sid]
+            with grpc.insecure_channel(health) as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                for service in ("", SERVICE_NAME):
+                    reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+                    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+                topology = channel.unary_unary(f"/{SERVICE_NAME}/Topology")
+                with pytest.raises(grpc.RpcError) as e:  # and nothing else
+                    topology(b"", timeout=10)
+                assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        tier.shutdown()
