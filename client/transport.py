@@ -266,15 +266,15 @@ class TierClient:
             for sid in self.owners(key):
                 try:
                     found = await self._call(sid, lambda s: self._fetch(s, ns, key))
-                except TierError as e:
-                    errors.append(e)
+                except TierError as error:
+                    errors.append(error)
                     continue
                 if found is not None:
                     break
         if found is None and errors and len(errors) == len(self.owners(key)):
             raise errors[0]
-        for e in errors:
-            self._absorbed("get", e)
+        for absorbed in errors:
+            self._absorbed("get", absorbed)
         return found
 
     async def _fetch(self, stub: pb_grpc.KVPoolStub, ns: Namespace, key: bytes) -> bytes | None:
