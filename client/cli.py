@@ -48,7 +48,10 @@ def serve(args: argparse.Namespace) -> None:
             security=security, per_node_ports=args.per_node_ports, health_port=args.health_port,
         )  # fmt: skip
         check_exposure(config, insecure=args.insecure)  # before Ray starts
-    except ValueError as e:
+        if args.address is None and security.tls:  # the shards run here: read their files now
+            security.credentials()
+            security.tenants()
+    except (OSError, ValueError) as e:
         raise SystemExit(f"kvpool serve: {e}") from None
     if args.insecure and not security.tls:
         logging.getLogger("kvpool").warning(

@@ -1,8 +1,10 @@
 """deploy/: the image, the KubeRay manifests, Prometheus and Grafana files parse and agree with
 each other and with the code. Image names and versions, ports, Services, probes; every `kvpool`
-command line, parsed by kvpool's own CLI parser; every metric and label name in the alert rules
-and the dashboard, checked against the metrics a real shard and a real client expose. No
-cluster, no Docker: fast."""
+command line, parsed by kvpool's own CLI parser; security by default (every exposed shard
+serves TLS with tenant tokens from mounted Secrets, or says --insecure, which only the opt-in
+overlay kuberay-insecure/ does; probes use the plaintext health port); every metric and label
+name in the alert rules and the dashboard, checked against the metrics a real shard and a real
+client expose. No cluster, no Docker: fast (`kubectl kustomize` is used where installed)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import io
 import json
 import re
 import shlex
+import shutil
+import subprocess
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 KUBERAY = DEPLOY / "kuberay"
+INSECURE = DEPLOY / "kuberay-insecure"  # the opt-in plaintext overlay of KUBERAY
 PROMETHEUS = DEPLOY / "prometheus"
 DOCKERFILE = DEPLOY / "Dockerfile"
 README = DEPLOY / "README.md"
@@ -226,14 +231,26 @@ def dockerfile_argv() -> list[str]:
     return parts.get("ENTRYPOINT", []) + parts.get("CMD", [])
 
 
+def insecure_job() -> Doc:
+    """The insecure overlay's Job patch (a partial Job: the containers it replaces)."""
+    (kust,) = load_docs(INSECURE / "kustomization.yaml")
+    paths = [p["path"] for p in kust["patches"] if "path" in p]
+    (job,) = [d for path in paths for d in load_docs(INSECURE / path) if d["kind"] == "Job"]
+    return job
+
+
 def all_kvpool_commands() -> list[tuple[str, list[str]]]:
-    """(where, arguments) of every kvpool invocation in deploy/: containers of the manifests,
-    the image's entrypoint and command, the README's shell blocks."""
+    """(where, arguments) of every kvpool invocation in deploy/: containers of the manifests
+    and of the insecure overlay's Job, the image's entrypoint and command, the README's shell
+    blocks."""
     found = []
     for where, _, pod in pod_templates():
         for c in containers(pod):
             argv = [str(a) for a in c.get("command", []) + c.get("args", [])]
             found += [(f"{where}/{c['name']}", a) for a in kvpool_argvs(argv)]
+    for c in insecure_job()["spec"]["template"]["spec"]["containers"]:
+        argv = [str(a) for a in c.get("command", []) + c.get("args", [])]
+        found += [(f"kuberay-insecure/{c['name']}", a) for a in kvpool_argvs(argv)]
     found += [("Dockerfile ENTRYPOINT+CMD", a) for a in kvpool_argvs(dockerfile_argv())]
     for line in readme_commands(README):
         found += [("README.md", a) for a in shell_kvpool_argvs(line)]
@@ -282,7 +299,11 @@ def parse_kvpool(argv: list[str]) -> argparse.Namespace:
 
 def serve_argv() -> list[str]:
     """The arguments of the one `kvpool serve` the manifests run (the shard Job)."""
-    found = [a for w, a in all_kvpool_commands() if a[:1] == ["serve"] and w != "README.md"]
+    found = [
+        a
+        for w, a in all_kvpool_commands()
+        if a[:1] == ["serve"] and w != "README.md" and not w.startswith("kuberay-insecure")
+    ]
     found = [a for a in found if option(a, "--address") is not None]
     assert len(found) == 1, f"expected one `kvpool serve --address ...` in the manifests: {found}"
     return found[0]
@@ -534,7 +555,7 @@ def test_dockerfile_exposes_the_ports_of_its_command() -> None:
     (argv,) = kvpool_argvs(dockerfile_argv())
     assert argv[0] == "serve" and option(argv, "--host") == "0.0.0.0"
     shards = int_option(argv, "--shards")
-    for flag in ("--port", "--metrics-port"):
+    for flag in ("--port", "--metrics-port", "--health-port"):
         first = int_option(argv, flag)
         assert set(range(first, first + shards)) <= exposed, f"{flag}: {exposed}"
 
@@ -619,16 +640,24 @@ def test_serve_runs_on_the_cluster_and_detaches() -> None:
 def test_shard_ports_are_the_pods_service_and_probe_ports() -> None:
     argv = serve_argv()
     grpc_port, metrics_port = int_option(argv, "--port"), int_option(argv, "--metrics-port")
+    health_port = int_option(argv, "--health-port")
+    assert len({grpc_port, metrics_port, health_port}) == 3
     if int_option(argv, "--shards") > 1:
         # shard i binds --port + i unless ports count per node; the pods declare one port
         assert "--per-node-ports" in argv, "with several shards every pod needs the same port"
     container = ray_container(worker_group("cache-shards"))
     ports = container_ports(container)
     assert ports.get("grpc") == grpc_port and ports.get("metrics") == metrics_port, ports
-    probe = container["readinessProbe"]["grpc"]
+    assert ports.get("health") == health_port, ports
     from kvpool.services.server import SERVICE_NAME
 
-    assert probe["port"] == grpc_port and probe.get("service", "") in ("", SERVICE_NAME)
+    # Kubernetes' gRPC probes speak plaintext only: they must ask the health-only listener,
+    # never the TLS port (where every probe would fail)
+    probes = [container[k]["grpc"] for k in PROBES if "grpc" in container.get(k, {})]
+    assert probes, "the cache-shards pods need a gRPC readiness probe"
+    for probe in probes:
+        assert ports[str(probe["port"])] == health_port, probe
+        assert probe.get("service", "") in ("", SERVICE_NAME)
     service = the("Service", "kvpool-shards")
     by_name = {p["name"]: p for p in service["spec"]["ports"]}
     assert by_name["grpc"]["port"] == grpc_port
@@ -651,11 +680,14 @@ def test_services_select_pods_that_declare_their_target_ports() -> None:
                 assert target in declared, f"{svc['metadata']['name']}: {where} lacks {target}"
 
 
+PROBES = ("readinessProbe", "livenessProbe", "startupProbe")
+
+
 def test_probes_use_declared_ports() -> None:
     checked = 0
     for where, _, pod in pod_templates():
         for c in containers(pod):
-            for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
+            for kind in PROBES:
                 for handler in ("grpc", "tcpSocket", "httpGet"):
                     port = c.get(kind, {}).get(handler, {}).get("port")
                     if port is not None:
@@ -729,14 +761,184 @@ def test_gcs_fault_tolerance_uses_the_redis_service_and_secret() -> None:
     redis = the("Deployment", host)["spec"]["template"]["spec"]["containers"][0]
     refs = [e["valueFrom"]["secretKeyRef"] for e in redis["env"] if "valueFrom" in e]
     assert ref in refs, "Redis and the GCS must share the password"
-    created = any(
-        f"create secret generic {ref['name']} --from-literal={ref['key']}=" in line
-        for line in readme_commands(README)
-    )
-    defined = any(
-        d["kind"] == "Secret" and d["metadata"]["name"] == ref["name"] for d in manifests()
-    )
-    assert created or defined, f"nothing creates the Secret {ref['name']}"
+    assert ref["key"] in secret_keys(ref["name"]), f"nothing creates the Secret {ref['name']}"
+
+
+# -- security by default ----------------------------------------------------------------------
+
+FILE_FLAGS = ("--tls-cert", "--tls-key", "--tls-client-ca", "--auth-tokens")
+
+
+def secret_keys(name: str) -> set[str]:
+    """The keys of the Secret `name`, as the README's `kubectl create secret` makes it or as a
+    manifest defines it; empty when nothing creates it."""
+    keys: set[str] = set()
+    for d in manifests():
+        if d["kind"] == "Secret" and d["metadata"]["name"] == name:
+            keys |= set(d.get("data", {})) | set(d.get("stringData", {}))
+    for line in readme_commands(README):
+        words = shlex.split(line)
+        if "secret" not in words or name not in words:
+            continue
+        kind = words[words.index("secret") + 1]
+        if words[words.index("secret") + 2] != name:
+            continue
+        if kind == "tls":
+            keys |= {"tls.crt", "tls.key"}
+        for w in words:
+            for flag in ("--from-literal=", "--from-file="):
+                if w.startswith(flag):
+                    spec = w.removeprefix(flag)
+                    keys.add(spec.split("=", 1)[0] if "=" in spec else Path(spec).name)
+    return keys
+
+
+def secret_volumes(pod: Doc) -> dict[str, Doc]:
+    """volume name -> its `secret:` source, for the pod's Secret volumes."""
+    return {v["name"]: v["secret"] for v in pod.get("volumes", []) if "secret" in v}
+
+
+def exposure_error(argv: list[str]) -> str | None:
+    """What kvpool's own check says of a `kvpool serve` command (None: it would serve)."""
+    from kvpool.services.security import ServerSecurity
+    from kvpool.services.tier import TierConfig, check_exposure
+
+    args = parse_kvpool(argv)
+    security = ServerSecurity(args.tls_cert, args.tls_key, args.tls_client_ca, args.auth_tokens)
+    try:
+        check_exposure(TierConfig(host=args.host, security=security), insecure=args.insecure)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.parametrize(
+    "where,argv",
+    [pytest.param(w, a, id=f"{w}") for w, a in all_kvpool_commands() if a[:1] == ["serve"]],
+)
+def test_every_serve_is_secure_or_says_insecure(where: str, argv: list[str]) -> None:
+    assert exposure_error(argv) is None, f"{where}: kvpool serve would refuse to start"
+    args = parse_kvpool(argv)
+    if not where.startswith(("kuberay-insecure", "README")):
+        assert not args.insecure, f"{where}: plaintext is an opt-in, not the default"
+        if args.host not in ("127.0.0.1", "localhost", "::1"):
+            assert args.tls_cert and args.tls_key and args.auth_tokens, where
+
+
+def test_the_exposure_check_is_real() -> None:
+    plain = ["serve", "--host", "0.0.0.0"]
+    assert exposure_error(plain) and exposure_error([*plain, "--tls-cert", "c", "--tls-key", "k"])
+    assert exposure_error([*plain, "--insecure"]) is None
+    assert exposure_error(["serve"]) is None  # loopback
+
+
+def test_the_default_manifests_and_image_are_secure() -> None:
+    argv, image = serve_argv(), kvpool_argvs(dockerfile_argv())[0]
+    for where, a in (("shards-job.yaml", argv), ("Dockerfile", image)):
+        assert "--insecure" not in a, where
+        for flag in ("--tls-cert", "--tls-key", "--auth-tokens"):
+            assert option(a, flag), f"{where}: {flag}"
+
+
+def test_shard_secrets_are_mounted_where_serve_reads_them() -> None:
+    """The shards read their files on the cache-shards pods (the Job only submits): each file
+    the Job names lies in a read-only Secret volume of those pods, under a key the Secret has."""
+    argv = serve_argv()
+    group = worker_group("cache-shards")
+    pod, container = group["template"]["spec"], ray_container(group)
+    volumes = secret_volumes(pod)
+    checked = 0
+    for flag in FILE_FLAGS:
+        path = option(argv, flag)
+        if path is None:
+            continue
+        mounts = [
+            m for m in container.get("volumeMounts", []) if path.startswith(m["mountPath"] + "/")
+        ]
+        assert len(mounts) == 1, f"{flag} {path}: not in exactly one volume mount"
+        (mount,) = mounts
+        assert mount.get("readOnly") and mount["name"] in volumes, f"{flag}: {mount}"
+        secret = volumes[mount["name"]]
+        rel = path.removeprefix(mount["mountPath"] + "/")
+        items = {i["path"]: i["key"] for i in secret.get("items", [])}
+        key = items.get(rel, rel) if items else rel
+        assert not secret.get("optional"), f"{flag}: a shard without its Secret must not start"
+        assert key in secret_keys(secret["secretName"]), (
+            f"{flag} {path}: nothing creates key {key!r} of the Secret {secret['secretName']}"
+        )
+        checked += 1
+    assert checked >= 3, "TLS certificate, key and tokens"
+    ids = pod.get("securityContext", {}).get("fsGroup")
+    modes = {s.get("defaultMode", 0o644) for s in volumes.values()}
+    assert all(m & 0o004 for m in modes) or ids == 1000, "the image's user (1000) reads them"
+
+
+def test_every_referenced_secret_is_created() -> None:
+    refs: set[str] = set()
+    for _, _, pod in pod_templates():
+        refs |= {s["secretName"] for s in secret_volumes(pod).values()}
+        for c in containers(pod):
+            for e in c.get("env", []):
+                if "secretKeyRef" in e.get("valueFrom", {}):
+                    refs.add(e["valueFrom"]["secretKeyRef"]["name"])
+    assert {"kvpool-shard-tls", "kvpool-tenant-tokens"} <= refs
+    for name in refs:
+        assert secret_keys(name), f"nothing creates the Secret {name}"
+
+
+def json_pointer(doc: Any, path: str) -> Any:
+    for part in path.strip("/").split("/"):
+        doc = doc[int(part)] if isinstance(doc, list) else doc[part]
+    return doc
+
+
+def test_the_insecure_overlay_is_the_base_without_security() -> None:
+    """kuberay-insecure: the base, with a Job that says --insecure instead of TLS and tokens,
+    and cache-shards pods without the Secret volumes (so the Secrets need not exist)."""
+    (kust,) = load_docs(INSECURE / "kustomization.yaml")
+    assert kust["resources"] == ["../kuberay"]
+    base = the("Job", "kvpool-shards")["spec"]["template"]["spec"]["containers"]
+    (container,) = insecure_job()["spec"]["template"]["spec"]["containers"]
+    (base_container,) = [c for c in base if c["name"] == container["name"]]
+    secure = list(base_container["command"])
+    for flag in FILE_FLAGS:
+        if flag in secure:
+            i = secure.index(flag)
+            del secure[i : i + 2]
+    plain = list(container["command"])
+    plain.remove("--insecure")
+    assert plain == secure, "the overlay's Job must be the base's, less TLS and tokens"
+    (ops,) = [yaml.safe_load(p["patch"]) for p in kust["patches"] if "patch" in p]
+    rc = raycluster()
+    removed = {op["path"]: json_pointer(rc, op["path"]) for op in ops if op["op"] == "remove"}
+    assert {op["op"] for op in ops} == {"remove"} and len(removed) == 2
+    group = next(path for path in removed if path.endswith("/spec/volumes"))
+    assert json_pointer(rc, group.split("/template/")[0])["groupName"] == "cache-shards"
+    assert all("secret" in v for v in removed[group]), "remove only the Secret volumes"
+    mounts = next(v for path, v in removed.items() if path.endswith("/volumeMounts"))
+    assert {m["name"] for m in mounts} <= {v["name"] for v in removed[group]}
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl kustomize not installed")
+def test_both_kustomizations_build() -> None:
+    def build(path: Path) -> list[Doc]:
+        out = subprocess.run(
+            ["kubectl", "kustomize", str(path)], capture_output=True, text=True, timeout=60
+        )
+        assert out.returncode == 0, out.stderr
+        return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+    for path, secure in ((KUBERAY, True), (INSECURE, False)):
+        docs = build(path)
+        (job,) = [d for d in docs if d["kind"] == "Job"]
+        (c,) = job["spec"]["template"]["spec"]["containers"]
+        (argv,) = kvpool_argvs(c["command"])
+        assert exposure_error(argv) is None and ("--insecure" in argv) != secure
+        (rc,) = [d for d in docs if d["kind"] == "RayCluster"]
+        groups = {g["groupName"]: g for g in rc["spec"]["workerGroupSpecs"]}
+        shard_pod = groups["cache-shards"]["template"]["spec"]
+        assert bool(secret_volumes(shard_pod)) == secure
+        assert groups["gpu-workers"]["template"]["spec"]["volumes"], "untouched"
 
 
 # -- Prometheus -----------------------------------------------------------------------------

@@ -313,16 +313,25 @@ def test_exposed_tiers_need_tls_and_tokens_or_insecure(host: str) -> None:
     check_exposure(TierConfig(host=host), insecure=True)
 
 
-def test_kvpool_serve_refuses_an_exposed_plaintext_tier_before_starting_ray(tmp_path) -> None:
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--host", "0.0.0.0"], "refusing to serve on 0.0.0.0 without --tls-cert/--tls-key and"),
+        (["--host", "10.0.0.7", "--tls-cert", "c", "--tls-key", "k"], "without --auth-tokens"),
+        (["--tls-cert", "nowhere.crt", "--tls-key", "nowhere.key"], "No such file"),
+    ],
+)
+def test_kvpool_serve_refuses_before_starting_ray(tmp_path, flags, message) -> None:
     env = {**os.environ, "KVPOOL_RAY_TEMP_DIR": str(tmp_path / "ray")}
     t0 = time.monotonic()
     out = subprocess.run(
-        [sys.executable, "-m", "kvpool.cli", "serve", "--host", "0.0.0.0", "--shards", "1"],
-        capture_output=True, text=True, timeout=60, env=env,
+        [sys.executable, "-m", "kvpool.cli", "serve", "--shards", "1", *flags],
+        capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path,
     )  # fmt: skip
     assert out.returncode != 0
-    assert "refusing to serve on 0.0.0.0" in out.stderr and "--insecure" in out.stderr
-    assert "Traceback" not in out.stderr
+    assert message in out.stderr and "Traceback" not in out.stderr, out.stderr
+    if "refusing" in message:
+        assert "--insecure" in out.stderr, "say how to opt out"
     assert not (tmp_path / "ray").exists(), "Ray must not start"
     assert time.monotonic() - t0 < 30
 
