@@ -163,7 +163,8 @@ class Shard:
         self.metrics_address = self.server.metrics_address
         self.health_address = self.server.health_address
         ref: Any = self._directory.register.remote(shard_id, self.address, self.metrics_address)
-        threading.Thread(target=self._heartbeat, args=(ray.get(ref),), daemon=True).start()
+        period = ray.get(ref) or HEARTBEAT_S  # the Directory says how often to beat
+        threading.Thread(target=self._heartbeat, args=(period,), daemon=True).start()
 
     def _heartbeat(self, period: float) -> None:
         while True:
@@ -173,7 +174,7 @@ class Shard:
                 ref: Any = directory.register.remote(
                     self.shard_id, self.address, self.metrics_address
                 )
-                period = ray.get(ref, timeout=10)
+                period = ray.get(ref, timeout=10) or HEARTBEAT_S
             except Exception as e:  # the Directory is restarting: try again next beat
                 log.warning("shard %s could not re-register: %s", self.shard_id, e)
 

@@ -191,8 +191,8 @@ class Tier:
     def shutdown(self) -> None:
         """Remove the shards this process created; stop Ray if this process started it."""
         for sid, handle in self.shards.items():
+            ray.kill(handle, no_restart=True)  # first, so that no heartbeat follows the remove
             ray.get(self.directory.remove.remote(sid))
-            ray.kill(handle, no_restart=True)
         self.shards.clear()
         if self.started_ray:
             ray.shutdown()

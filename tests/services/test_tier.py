@@ -255,7 +255,7 @@ def test_the_directory_drops_silent_shards_and_takes_them_back() -> None:
 
 
 def test_a_shard_that_stays_dead_leaves_the_topology(ray_session: None) -> None:
-    stale = 3.0
+    stale = 4.0  # shards beat every 1 s
     config = TierConfig(
         shards=3, budget_bytes=16 << 20, shard_cpus=0.1, name="stale", stale_after_s=stale
     )
@@ -346,21 +346,59 @@ def test_shard_ports_count_up_unless_per_node() -> None:
     assert TierConfig(health_port=0).shard_ports(3)[2] == 0
 
 
-def test_shards_serve_health_alone_on_their_health_port(ray_session: None) -> None:
+def self_signed(directory) -> tuple[str, str]:
+    """(certificate, key) files of a self-signed certificate for 127.0.0.1."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "shard")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(san, critical=False).sign(key, hashes.SHA256())
+    )  # fmt: skip
+    crt, pem = directory / "shard.crt", directory / "shard.key"
+    crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    pem.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ))  # fmt: skip
+    return str(crt), str(pem)
+
+
+def test_tls_shards_answer_probes_on_their_plaintext_health_port(ray_session, tmp_path) -> None:
+    """What a Kubernetes gRPC probe does: plaintext health checks, against shards that serve
+    kvpool.v1 over TLS only. The health port answers them, and serves nothing else."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from kvpool.services.security import ServerSecurity
     from kvpool.services.server import SERVICE_NAME
 
+    cert, key = self_signed(tmp_path)
     config = TierConfig(
-        shards=2, budget_bytes=16 << 20, shard_cpus=0.1, name="health", health_port=0
-    )
-    tier = start_tier(config)
+        shards=2, budget_bytes=16 << 20, shard_cpus=0.1, name="health", health_port=0,
+        security=ServerSecurity(cert, key),
+    )  # fmt: skip
+    tier = start_tier(config)  # its wait_serving checks each shard on its health port
     try:
         addresses = {s: a for s, a, _ in tier.topology()}
         for sid, handle in tier.shards.items():
             health = ray.get(handle.health_endpoint.remote())
             assert health and health != addresses[sid]
+            check = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+            # a plaintext probe of the TLS port fails
+            with grpc.insecure_channel(addresses[sid]) as tls_only, pytest.raises(grpc.RpcError):
+                health_pb2_grpc.HealthStub(tls_only).Check(check, timeout=2)
             with grpc.insecure_channel(health) as channel:
                 stub = health_pb2_grpc.HealthStub(channel)
                 for service in ("", SERVICE_NAME):
