@@ -18,6 +18,7 @@ import signal
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -148,10 +149,14 @@ def ingest(args: argparse.Namespace) -> None:
             "group_size": p.group_size, "sink_tokens": p.sink_tokens,
             "pre_rope": p.rope is not None, "hadamard_values": p.hadamard_values,
         }  # fmt: skip
+    from kvpool.transport import ClientConfig
+
+    read = lambda path: Path(path).read_bytes().strip() if path else b""  # noqa: E731
+    client = ClientConfig(tls_ca_file=args.tls_ca, token=read(args.token_file).decode() or None)
     config = IngestConfig(
         model=args.model or SMOLLM2, endpoint=args.endpoint, block_tokens=args.block_tokens,
         batch_tokens=args.batch_tokens, salt=args.salt.encode() if args.salt else b"",
-        **codec,
+        mac_key=read(args.mac_key_file), client=client, **codec,
     )  # fmt: skip
     init_ray(args.address)
     with tqdm(total=len(texts), unit="doc", desc="ingest") as bar:
@@ -278,6 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_ingest.add_argument("--block-tokens", type=int, default=256)
     p_ingest.add_argument("--batch-tokens", type=int, default=8192)
     p_ingest.add_argument("--salt", default=None, help="tenant salt")
+    p_ingest.add_argument("--tls-ca", default=None, help="CA certificate of a TLS tier (PEM)")
+    p_ingest.add_argument("--token-file", default=None, help="file holding the tenant's token")
+    p_ingest.add_argument(
+        "--mac-key-file", default=None, help="file holding the tenant's MAC secret"
+    )
     p_ingest.add_argument(
         "--profile", default=None, help="a per-layer bit profile from kvpool calibrate (JSON)"
     )

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ray
+
+from kvpool.transport import ClientConfig
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 
@@ -39,6 +41,8 @@ class IngestConfig:
     block_tokens: int = 256
     batch_tokens: int = 8192  # tokens per prefill batch (padding included)
     salt: bytes = b""
+    mac_key: bytes = b""  # the tenant's secret: blocks carry its MAC
+    client: ClientConfig = field(default_factory=ClientConfig)  # TLS and the tenant's token
 
 
 @dataclass
@@ -88,9 +92,10 @@ class IngestWorker:
             sink_tokens=config.sink_tokens,
         )  # fmt: skip
         namespace = namespace_for_model(
-            self.model, codec, block_tokens=config.block_tokens, salt=config.salt
-        )
-        self.pool = KVPool(config.endpoint, namespace, codec, device=self.device)
+            self.model, codec, block_tokens=config.block_tokens, salt=config.salt,
+            mac_key=config.mac_key,
+        )  # fmt: skip
+        self.pool = KVPool(config.endpoint, namespace, codec, self.device, config.client)
         self.config = config
 
     def namespace_id(self) -> bytes:
