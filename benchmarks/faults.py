@@ -9,8 +9,9 @@ prompt, get a random prompt, and compare every fetched block with what the codec
 block locally (`wrong_blocks` counts any difference). Meanwhile the main process kills a random
 shard every `--kill-every` seconds; Ray restarts it, empty, possibly on another port (clients
 find it through the topology). Client calls must never raise (`client_errors`): tier failures
-become misses and dropped saves (`failures_absorbed`). After the kill phase, once every shard
-serves again, each client puts and gets each of its prompts once more:
+become misses and dropped saves (`failures_absorbed`); a fetched block the client refuses before
+decoding (corrupt, misplaced, misshapen) is a miss too (`rejected_blocks`). After the kill
+phase, once every shard serves again, each client puts and gets each of its prompts once more:
 `hit_ratio_after_recovery` is the fraction of those blocks that come back.
 Prints a table, then one JSON object as its last line.
 """
@@ -39,6 +40,7 @@ class Counts:
     wrong_blocks: int = 0
     client_errors: int = 0
     failures_absorbed: int = 0
+    rejected_blocks: int = 0
     recovery_blocks: int = 0
     recovery_hits: int = 0
 
@@ -106,6 +108,7 @@ def client(index: int, endpoint: str, seconds: float, prompts: int, blocks: int,
             c.client_errors += 1
     s = pool.stats
     c.failures_absorbed = s.lookup_failures + s.put_failures + s.get_failures
+    c.rejected_blocks = s.rejected_blocks
     pool.close()
     results.put(asdict(c))
 

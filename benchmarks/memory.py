@@ -6,8 +6,9 @@
 One shard actor (`start_tier`, `--budget-mib`) takes 4.5 MiB blocks (a Llama-3-8B-shaped
 256-token block, 2-bit) from a client in this process. The shard process's resident memory
 (VmRSS from /proc) is sampled before any block (baseline), and after every put while twice the
-budget is written under fresh keys. overhead_mib = peak RSS - baseline - budget: what the
-shard holds beyond the blocks' bytes (Python objects, gRPC buffers, allocator slack). The soak
+budget is written under fresh keys (one encoded block, its header bound to each key: see
+store.bind). overhead_mib = peak RSS - baseline - budget: what the shard holds beyond the
+blocks' bytes (Python objects, gRPC buffers, allocator slack). The soak
 then puts and gets random blocks (half of them re-reads) for `--soak-seconds`, sampling RSS
 every 10 s; rss_slope_mib_per_min is a least-squares slope over the samples after the first
 minute (flat memory: close to 0). Prints a table, then one JSON object as its last line.
@@ -23,6 +24,7 @@ from typing import Any
 
 import ray
 import torch
+from store import bind  # benchmarks/, on sys.path as the script's folder
 
 from kvpool.client import namespace_for
 from kvpool.kernels.codec import CodecConfig, encode
@@ -62,7 +64,7 @@ def main(budget_mib: int, soak_seconds: float) -> dict[str, Any]:
         n = 2 * (budget_mib << 20) // len(blob)
         peak = 0.0
         for i in range(n):
-            await tier_client.put(NS, key(i), key(i), 0, blob)
+            await tier_client.put(NS, key(i), key(i), 0, bind(blob, NS, key(i), 0))
             peak = max(peak, rss_mib(pid))
         stats = ray.get(handle.stats.remote())
         result.update({
@@ -79,7 +81,7 @@ def main(budget_mib: int, soak_seconds: float) -> dict[str, Any]:
         fresh = n
         while time.monotonic() - start < soak_seconds:
             if rng.random() < 0.5:
-                await tier_client.put(NS, key(fresh), key(fresh), 0, blob)
+                await tier_client.put(NS, key(fresh), key(fresh), 0, bind(blob, NS, key(fresh), 0))
                 fresh += 1
             else:
                 hits += (

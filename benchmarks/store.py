@@ -9,7 +9,9 @@ on this machine over 127.0.0.1. For each client count, that many processes (spaw
 each phase together behind a barrier, every process on its own keys; a phase's MB/s is the
 bytes all processes moved over the wall time from the barrier's release to the last finish,
 MB = 1e6 bytes. Each round uses fresh keys and deletes them, untimed, once read back (after
-checking the bytes); the figures are the median over `--rounds` rounds.
+checking the bytes); the figures are the median over `--rounds` rounds. Every kvpool block is
+bound to its key and position, as the shards require: a few blocks are encoded once and their
+header re-sealed for each key (`bind`), untimed.
 
   kvpool put / get     the encoded bytes through TierClient (async gRPC; `--inflight` transfers
                        in flight per process); no encode or decode in the timed loop
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -58,7 +61,8 @@ import torch
 from redis.utils import HIREDIS_AVAILABLE
 
 from kvpool.client import namespace_for
-from kvpool.kernels.codec import CodecConfig, decode, encode
+from kvpool.kernels.codec import Binding, CodecConfig, decode, encode
+from kvpool.proto.blockformat import parse_header, seal
 from kvpool.proto.keys import Namespace, block_keys
 from kvpool.services.redis_server import RedisServer
 from kvpool.transport import ClientConfig, TierClient
@@ -100,6 +104,28 @@ def make_blocks() -> tuple[list[bytes], list[bytes]]:
         if seed < FP16_DISTINCT:
             fp16.append(k.numpy().tobytes() + v.numpy().tobytes())
     return encoded, fp16
+
+
+def bind(blob: bytes, ns: Namespace, key: bytes, position: int) -> bytes:
+    """The block `encode` writes for the same tensors when it is stored under `key` at block
+    `position` of `ns` (the shard refuses a block bound elsewhere). Without RoPE or sink tokens
+    the payload does not depend on where the block belongs: only the header changes, so one
+    encode serves every key (`check_bind` shows the bytes are those of a fresh encode)."""
+    header = parse_header(blob)
+    bound = dataclasses.replace(
+        header, namespace_id=ns.id, key=key, start_position=position * header.tokens
+    )
+    return seal(bound, memoryview(blob)[header.header_len :])
+
+
+def check_bind() -> None:
+    """`bind` of block 0 equals encoding its tensors with the binding, at another position."""
+    ns, key = namespace(), bytes(range(32))
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(SHAPE, generator=g).half(), torch.randn(SHAPE, generator=g).half()
+    direct = encode(k, v, CODEC, start_position=3 * BLOCK_TOKENS, binding=Binding(ns.id, key))
+    if bind(encode(k, v, CODEC), ns, key, 3) != direct:
+        raise RuntimeError("bind() does not reproduce encode() with a binding")
 
 
 def token_ids(seed: Sequence[int], blocks: int) -> np.ndarray:
@@ -144,9 +170,10 @@ def client_process(rank: int, spec: Spec, barrier: Barrier, results: Any) -> Non
         r = redis.Redis("127.0.0.1", spec.redis_port)
         r.ping()
         keys: list[bytes] = []
+        bound: list[bytes] = []  # this round's blocks, each bound to its key and position
 
         async def put_one(i: int, key: bytes) -> int:
-            if not await tier.put(ns, key, keys[0], i, encoded[i % len(encoded)]):
+            if not await tier.put(ns, key, keys[0], i, bound[i]):
                 raise RuntimeError("kvpool: block already present")
             return enc_size
 
@@ -184,10 +211,7 @@ def client_process(rank: int, spec: Spec, barrier: Barrier, results: Any) -> Non
                 raise RuntimeError("a store returned different bytes than it was given")
 
         def kvpool_done() -> None:
-            check(
-                loop.run_until_complete(tier.get(ns, keys[-1])),
-                encoded[(len(keys) - 1) % len(encoded)],
-            )
+            check(loop.run_until_complete(tier.get(ns, keys[-1])), bound[-1])
             loop.run_until_complete(tier.delete(ns, keys))
 
         def redis_done(prefix: bytes, count: int, blobs: list[bytes]) -> None:
@@ -212,7 +236,8 @@ def client_process(rank: int, spec: Spec, barrier: Barrier, results: Any) -> Non
         for round_ in range(spec.rounds):
             tokens = token_ids((spec.seed, spec.clients, rank, round_), spec.blocks)
             keys[:] = block_keys(ns, tokens)
-            loop.run_until_complete(tier.lookup(ns, keys))  # topology, channels, namespace
+            bound[:] = [bind(encoded[i % len(encoded)], ns, k, i) for i, k in enumerate(keys)]
+            loop.run_until_complete(tier.lookup(ns, keys))  # topology and channels
             for name in PHASES:
                 barrier.wait()
                 t0 = time.monotonic()
@@ -318,7 +343,11 @@ async def lookup_latency(endpoint: str, encoded: list[bytes], calls: int) -> dic
     keys = block_keys(ns, token_ids((1, os.getpid()), LOOKUP_BLOCKS))
     tier = TierClient(endpoint, ClientConfig(timeout_s=60.0))
     try:
-        await bounded(4, keys, lambda i, k: tier.put(ns, k, keys[0], i, encoded[i % len(encoded)]))
+        await bounded(
+            4,
+            keys,
+            lambda i, k: tier.put(ns, k, keys[0], i, bind(encoded[i % len(encoded)], ns, k, i)),
+        )
         times = []
         for i in range(calls + 20):
             t0 = time.perf_counter()
@@ -358,6 +387,7 @@ def hash_ns_per_token(repeat: int) -> dict[str, float]:
 def main(
     clients: list[int], blocks: int, fp16_blocks: int, inflight: int, rounds: int, lookups: int
 ) -> dict[str, Any]:
+    check_bind()
     encoded, fp16 = make_blocks()
     ratio = len(fp16[0]) / len(encoded[0])
     figures: dict[str, Any] = {

@@ -5,13 +5,32 @@ import struct
 import pytest
 import torch
 
-from kvpool.kernels.codec import CodecConfig, decode, encode, encode_latent
+from kvpool.kernels.codec import (
+    Binding,
+    CodecConfig,
+    block_header,
+    decode,
+    encode,
+    encode_latent,
+)
 from kvpool.kernels.transforms import RopeParams, hadamard, redo_rope, undo_rope
-from kvpool.proto.blockformat import BlockHeader, DType, Layout, parse_header, verify
+from kvpool.proto.blockformat import (
+    FORMAT_VERSION,
+    UNBOUND,
+    BlockHeader,
+    DType,
+    Flag,
+    Layout,
+    check_bound,
+    parse_header,
+    verify,
+)
 from kvpool.proto.errors import (
     BlockFormatError,
+    BlockMismatchError,
     ChecksumError,
     CodecError,
+    ForgedBlockError,
     NonFiniteError,
     TruncatedBlockError,
     UnsupportedVersionError,
@@ -147,6 +166,71 @@ def test_decode_to_another_dtype_and_device() -> None:
 def test_encoding_is_deterministic() -> None:
     k, v = kv(seed=11)
     assert encode(k, v) == encode(k.clone(), v.clone())
+
+
+# ---- binding and MAC (format version 2) ---------------------------------------------------
+
+NS_ID, KEY, OTHER = b"n" * 32, b"k" * 32, b"o" * 32
+
+
+def test_a_block_is_bound_to_its_namespace_key_and_position() -> None:
+    k, v = kv(tokens=64, dim=64)
+    cfg = CodecConfig(group_size=32)
+    blob = encode(k, v, cfg, start_position=128, binding=Binding(NS_ID, KEY))
+    header = verify(blob)
+    assert header.version == FORMAT_VERSION == 2
+    assert (header.namespace_id, header.key, header.start_position) == (NS_ID, KEY, 128)
+    check_bound(header, NS_ID, KEY, 2)  # block 2 of 64 tokens starts at 128
+    for namespace_id, key, position in ((OTHER, KEY, 2), (NS_ID, OTHER, 2), (NS_ID, KEY, 1)):
+        with pytest.raises(BlockMismatchError):
+            check_bound(header, namespace_id, key, position)
+    unbound = verify(encode(k, v, cfg))
+    assert unbound.namespace_id == unbound.key == UNBOUND
+    # the binding changes the header only, not the payload or its size
+    assert len(blob) == len(encode(k, v, cfg, start_position=128))
+    torch.testing.assert_close(decode(blob).keys, decode(encode(k, v, cfg, 128)).keys)
+
+
+def test_decode_refuses_a_block_other_than_the_one_expected() -> None:
+    k, v = kv(tokens=64, dim=64)
+    cfg = CodecConfig(group_size=32)
+    blob = encode(k, v, cfg, start_position=64, binding=Binding(NS_ID, KEY))
+    shape = (2, 2, 64, 64)
+    expect = block_header(Layout.KV, torch.float16, shape, cfg, 64, Binding(NS_ID, KEY))
+    assert decode(blob, expect=expect).keys is not None
+    others = [
+        block_header(Layout.KV, torch.float16, shape, cfg, 64, Binding(NS_ID, OTHER)),  # key
+        block_header(Layout.KV, torch.float16, shape, cfg, 64, Binding(OTHER, KEY)),  # namespace
+        block_header(Layout.KV, torch.float16, shape, cfg, 0, Binding(NS_ID, KEY)),  # position
+        block_header(
+            Layout.KV, torch.float16, shape, CodecConfig(4, 4, 32), 64, Binding(NS_ID, KEY)
+        ),
+        block_header(Layout.KV, torch.float32, shape, cfg, 64, Binding(NS_ID, KEY)),  # dtype
+    ]
+    for other in others:
+        with pytest.raises(BlockMismatchError):
+            decode(blob, expect=other)
+
+
+def test_a_mac_verifies_only_under_the_tenants_secret() -> None:
+    k, v = kv(tokens=64, dim=64)
+    cfg = CodecConfig(group_size=32)
+    secret = b"tenant secret"
+    blob = encode(k, v, cfg, binding=Binding(NS_ID, KEY, secret))
+    header = verify(blob)  # the tier checks crc and binding without the secret
+    assert header.has_flag(Flag.MAC) and len(blob) == header.total_len
+    assert header.total_len == header.header_len + header.payload_len + 32
+    assert verify(blob, secret) == header
+    plain = decode(blob, mac_key=secret)
+    torch.testing.assert_close(plain.keys, decode(encode(k, v, cfg)).keys)
+    with pytest.raises(ForgedBlockError):
+        verify(blob, b"another tenant")
+    with pytest.raises(ForgedBlockError):  # a block without a MAC, where one is required
+        decode(encode(k, v, cfg, binding=Binding(NS_ID, KEY)), mac_key=secret)
+    with pytest.raises(ChecksumError):  # a flipped MAC byte also breaks the crc
+        bad = bytearray(blob)
+        bad[-1] ^= 1
+        verify(bytes(bad), secret)
 
 
 # ---- bad blobs ---------------------------------------------------------------------------

@@ -13,7 +13,8 @@ import torch
 
 from kvpool.proto.blockformat import DType
 from kvpool.proto.errors import NamespaceError, TokenError
-from kvpool.proto.keys import Namespace, block_keys
+from kvpool.proto.keys import MAC_SCHEME, Namespace, block_keys
+from kvpool.proto.messages import namespace_from_proto, namespace_to_proto
 
 NS = Namespace(
     model="m", layers=2, kv_heads=2, head_dim=64, dtype=DType.FLOAT16, codec="c", block_tokens=16
@@ -93,6 +94,7 @@ def test_tenant_salt_and_every_namespace_field_change_all_keys() -> None:
         {"dtype": DType.BFLOAT16},
         {"codec": "c2"},
         {"tp_rank": 1, "tp_size": 2},
+        {"integrity": "hmac-sha256"},
     ]
     seen = {tuple(base)}
     for change in variants:
@@ -134,8 +136,25 @@ def test_short_and_empty_inputs_have_no_keys() -> None:
         {"block_tokens": -1},
         {"tp_rank": 2, "tp_size": 2},
         {"salt": "str"},
+        {"mac_key": "str"},
+        {"integrity": "md5"},
     ],
 )
 def test_bad_namespaces_are_refused(change) -> None:
     with pytest.raises(NamespaceError):
         Namespace(**{**NS.fields(), "dtype": NS.dtype, "layout": NS.layout, **change})
+
+
+def test_a_mac_key_makes_a_namespace_of_its_own_and_never_leaves_the_client() -> None:
+    fields = {**NS.fields(), "dtype": NS.dtype, "layout": NS.layout}
+    a = Namespace(**fields, mac_key=b"secret a")
+    b = Namespace(**fields, mac_key=b"secret b")
+    assert a.integrity == b.integrity == MAC_SCHEME
+    assert a.id == b.id != NS.id  # blocks with and without a MAC never share keys
+    assert not set(block_keys(a, TOKENS)) & set(block_keys(NS, TOKENS))
+    assert "mac_key" not in a.fields() and "salt" not in a.fields()
+    wire = namespace_to_proto(a)
+    assert wire.integrity == MAC_SCHEME and b"secret a" not in wire.SerializeToString()
+    back = namespace_from_proto(wire)
+    assert back.id == a.id and back.integrity == MAC_SCHEME and back.mac_key == b""
+    assert namespace_from_proto(namespace_to_proto(NS)).id == NS.id

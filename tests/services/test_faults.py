@@ -78,6 +78,7 @@ def test_random_shard_kills_under_load(ray_session) -> None:
             pools[0].put(data[p][0], data[p][1])
             hits += check(pools[0], p)
         assert errors[0] == 0 and wrong[0] == 0 and checked[0] > 0
+        assert all(pool.stats.rejected_blocks == 0 for pool in pools)  # no bad block reached
         assert hits == 3 * len(data)  # hits come back after the restarts
         assert (
             sum(

@@ -15,9 +15,11 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvpool.client import KVPool, namespace_for
-from kvpool.kernels.codec import CodecConfig
+from kvpool.kernels.codec import Binding, CodecConfig, encode
 from kvpool.proto import kvpool_pb2 as pb
 from kvpool.proto import kvpool_pb2_grpc as pb_grpc
+from kvpool.proto.keys import block_keys
+from kvpool.proto.messages import namespace_to_proto
 from kvpool.services.tier import Tier, TierConfig, start_tier
 
 CODEC = CodecConfig(2, 2, 64)
@@ -65,8 +67,22 @@ def test_shard_and_client_metrics_follow_a_workload(tier) -> None:
         assert pool.get([7] * 64) is None  # a miss
         sent, received = pool.stats.bytes_put, pool.stats.bytes_fetched
         address = tier.topology()[0][1]
-        with grpc.insecure_channel(address) as ch, pytest.raises(grpc.RpcError):
-            pb_grpc.KVPoolStub(ch).Lookup(pb.LookupRequest(namespace_id=b"x"), timeout=5)  # bad
+        with grpc.insecure_channel(address) as ch:
+            stub = pb_grpc.KVPoolStub(ch)
+            with pytest.raises(grpc.RpcError):
+                stub.Lookup(pb.LookupRequest(namespace_id=b"x"), timeout=5)  # bad
+            # a block bound to another key than the one it is put under: refused
+            key, elsewhere = block_keys(NS, [9] * 128)
+            block = encode(
+                kv[0][:, :, :64], kv[1][:, :, :64], CODEC, binding=Binding(NS.id, elsewhere)
+            )
+            info = pb.BlockInfo(
+                namespace_id=NS.id, key=key, chain=key, position=0, size=len(block),
+                namespace=namespace_to_proto(NS),
+            )  # fmt: skip
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Put(iter([pb.PutRequest(info=info), pb.PutRequest(chunk=block)]), timeout=5)
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     after = scrape(tier)
 
     def delta(name: str, **labels: str) -> float:
@@ -76,11 +92,14 @@ def test_shard_and_client_metrics_follow_a_workload(tier) -> None:
     assert delta("kvpool_shard_request_duration_seconds_count", method="Put", code="OK") == 4
     assert delta("kvpool_shard_requests_total", method="Get", code="OK") == 4
     assert delta("kvpool_shard_requests_total", method="Lookup", code="INVALID_ARGUMENT") == 1
+    assert delta("kvpool_shard_requests_total", method="Put", code="FAILED_PRECONDITION") == 1
     assert delta("kvpool_shard_blocks") == 4
     assert delta("kvpool_shard_used_bytes") == sent == received
     assert delta("kvpool_shard_puts_total") == 4 and delta("kvpool_shard_hits_total") == 4
     assert value(after, "kvpool_shard_capacity_bytes") == 2 * (32 << 20)
     assert value(after, "kvpool_shard_evictions_total") == 0
+    assert ("kvpool_shard_mismatched_blocks_total", ()) in after  # exported; no Redis here
+    assert value(after, "kvpool_shard_mismatched_blocks_total") == 0
 
     c = parse(generate_latest(registry).decode())
     assert value(c, "kvpool_client_sent_bytes_total") == sent
@@ -100,6 +119,8 @@ def test_shard_and_client_metrics_follow_a_workload(tier) -> None:
     assert value(c, "kvpool_client_encode_seconds_count") == 4
     assert value(c, "kvpool_client_decode_seconds_count") == 4
     assert value(c, "kvpool_client_failures_total", operation="get") == 0
+    assert pool.stats.rejected_blocks == 0
+    assert not [k for k in c if k[0] == "kvpool_client_rejected_blocks_total"]  # none refused
 
 
 def test_failures_turned_into_misses_are_counted() -> None:
@@ -134,7 +155,7 @@ def test_names_follow_the_conventions(tier) -> None:
             assert all(s.name.endswith(("_total", "_created")) for s in f.samples)
         assert not f.name.endswith(("_ms", "_milliseconds", "_kb", "_mb"))
         for s in f.samples:
-            assert set(s.labels) <= {"method", "code", "operation", "status", "le"}
+            assert set(s.labels) <= {"method", "code", "operation", "status", "reason", "le"}
 
 
 def test_the_tier_writes_a_prometheus_file_sd(tier, tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from kvpool.kernels.codec import CodecConfig, encode
 from kvpool.proto.keys import block_keys
 from kvpool.services.redis_server import free_port
 from kvpool.services.redis_tier import RedisTier
+from kvpool.services.security import store_key
 from kvpool.services.server import ShardServer
 from kvpool.services.store import BlockStore
 from kvpool.services.tier import TierConfig, start_tier
@@ -34,6 +35,11 @@ def kv(tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     shape = (2, 2, tokens, 64)
     return torch.randn(shape, generator=g).half(), torch.randn(shape, generator=g).half()
+
+
+def redis_key(key: bytes) -> bytes:
+    """Where the shard (no authentication) keeps a block of NS in Redis."""
+    return RedisTier.redis_key(store_key(None, NS.id, key))
 
 
 def tokens(n: int, seed: int) -> list[int]:
@@ -77,16 +83,39 @@ def test_a_corrupted_block_in_redis_is_a_miss(shard, redis_server) -> None:
         toks = tokens(5 * B, seed=2)
         pool.put(toks, kv(5 * B, seed=2))
         tier.flush()
-        in_redis = [k for k in block_keys(NS, toks) if r.exists(tier._key(NS.id, k))]
+        in_redis = [k for k in block_keys(NS, toks) if r.exists(redis_key(k))]
         key = in_redis[0]
-        raw = bytearray(r.get(tier._key(NS.id, key)))  # type: ignore[arg-type]
+        raw = bytearray(r.get(redis_key(key)))  # type: ignore[arg-type]
         raw[-5] ^= 0xFF
-        r.set(tier._key(NS.id, key), bytes(raw))
+        r.set(redis_key(key), bytes(raw))
         before = srv.store.stats.checksum_failures
         got = pool.get(toks)
         index = block_keys(NS, toks).index(key)
         assert got is None or got.tokens == index * B  # the prefix ends before the bad block
         assert srv.store.stats.checksum_failures == before + 1
+
+
+def test_an_intact_block_under_another_key_in_redis_is_a_miss(shard, redis_server) -> None:
+    """A block moved to another Redis key (a poisoned Redis, a copy gone wrong) is intact but
+    bound to its own key and position: the read-through refuses it and counts it."""
+    srv, tier = shard
+    r = redis.Redis(redis_server.host, redis_server.port)
+    with KVPool(srv.address, NS, CODEC) as pool:
+        toks = tokens(5 * B, seed=7)
+        assert pool.put(toks, kv(5 * B, seed=7)) == 5
+        tier.flush()
+        keys = block_keys(NS, toks)
+        in_redis = [k for k in keys if r.exists(redis_key(k))]
+        assert len(in_redis) == 2  # memory holds three blocks: two were spilled
+        r.set(redis_key(in_redis[1]), r.get(redis_key(in_redis[0])))  # type: ignore[arg-type]
+        before = srv.store.snapshot()
+        got = pool.get(toks)
+        index = keys.index(in_redis[1])
+        assert got is None or got.tokens == index * B  # the prefix ends before the moved block
+        after = srv.store.snapshot()
+        assert after.mismatched_blocks == before.mismatched_blocks + 1
+        assert after.checksum_failures == before.checksum_failures  # intact, only misplaced
+        assert store_key(None, NS.id, in_redis[1]) not in srv.store  # not put back into memory
 
 
 def test_deleting_removes_from_redis_too(shard) -> None:

@@ -22,10 +22,10 @@ from kvpool.kernels.codec import CodecConfig
 from kvpool.proto import kvpool_pb2 as pb
 from kvpool.proto import kvpool_pb2_grpc as pb_grpc
 from kvpool.proto.keys import block_keys
-from kvpool.services.security import ServerSecurity, channel_credentials
+from kvpool.services.security import ServerSecurity, store_key
 from kvpool.services.server import ShardServer
 from kvpool.services.store import BlockStore
-from kvpool.transport import ClientConfig
+from kvpool.transport import ClientConfig, channel_credentials
 
 CODEC = CodecConfig(2, 2, 64)
 B = 64
@@ -108,6 +108,9 @@ def test_tenants_are_isolated_even_knowing_the_keys(tls_server, pki) -> None:
          client(tls_server, pki, tls_ca_file=ca, token="token-b") as b:  # fmt: skip
         ka = kv(1)
         assert a.put(TOKENS, ka) == 2
+        keys = block_keys(NS, TOKENS)
+        assert all(store_key("tenant-a", NS.id, k) in tls_server.store for k in keys)
+        assert not any(store_key("tenant-b", NS.id, k) in tls_server.store for k in keys)
         assert b.lookup(TOKENS) == 0 and b.get(TOKENS) is None  # same namespace, same keys
         assert b.put(TOKENS, kv(2)) == 2  # b's own copy: a's blocks are not overwritten
         got_a, got_b = a.get(TOKENS), b.get(TOKENS)
@@ -119,7 +122,7 @@ def test_tenants_are_isolated_even_knowing_the_keys(tls_server, pki) -> None:
         )
         assert (got_a.keys.float() - ka[0].float()).abs().mean() < 0.5
         assert not torch.equal(got_a.keys, got_b.keys)
-        assert a.call(a.tier.delete(NS, block_keys(NS, TOKENS))) == 2  # a deletes only its own
+        assert a.call(a.tier.delete(NS, keys)) == 2  # a deletes only its own
         assert b.lookup(TOKENS) == 2 * B and a.lookup(TOKENS) == 0
 
 
