@@ -256,6 +256,8 @@ def block_header(
     """The header `encode` writes for a block of `shape` [layers, heads (1: latent), tokens,
     head_dim] at `start_position`: what a reader expects of the block it asked for."""
     layers, heads, tokens, head_dim = shape
+    if len(binding.namespace_id) != len(UNBOUND) or len(binding.key) != len(UNBOUND):
+        raise CodecError(f"a binding's namespace id and key are {len(UNBOUND)} bytes each")
     key_bits, value_bits = config.bits_per_layer(layers)
     if start_position < 0:
         raise CodecError(f"start_position must be >= 0, got {start_position}")

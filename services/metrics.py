@@ -48,7 +48,7 @@ class _StoreCollector(Collector):
             "redis_hits": ("blocks read through from the Redis tier", s.redis_hits),
             "redis_misses": ("memory misses the Redis tier did not hold either", s.redis_misses),
             "mismatched_blocks": (
-                "intact blocks refused: not of their namespace, key or position",
+                "intact blocks in Redis refused on read-through: not bound to their namespace, key or position",
                 s.mismatched_blocks,
             ),
         }

@@ -48,6 +48,7 @@ from kvpool.proto.blockformat import (
     FORMAT_VERSION,
     ID_BYTES,
     BlockHeader,
+    Flag,
     Layout,
     check_bound,
     verify,
@@ -130,7 +131,14 @@ def _check_id(value: bytes, what: str) -> None:
 
 
 def check_block(header: BlockHeader, ns: Namespace) -> None:
-    """A stored block must be of its namespace's shape: refuse anything else."""
+    """A stored block must be of its namespace's shape, and carry a MAC exactly when its
+    namespace says blocks do (the MAC itself only readers with the secret can check)."""
+    if header.has_flag(Flag.MAC) != bool(ns.integrity):
+        raise Refused(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"namespace integrity {ns.integrity or 'none'!r}, block MAC "
+            f"{'present' if header.has_flag(Flag.MAC) else 'absent'}",
+        )
     heads = 1 if ns.layout == Layout.LATENT else ns.kv_heads
     want = (ns.layout, ns.dtype, ns.layers, heads, ns.head_dim, ns.block_tokens)
     got = (header.layout, header.dtype, header.layers, header.heads, header.head_dim, header.tokens)

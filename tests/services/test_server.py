@@ -284,3 +284,34 @@ def test_stats_and_topology(stub, server) -> None:
     )
     topo = stub.Topology(pb.TopologyRequest(), timeout=10)
     assert [(s.shard_id, s.address) for s in topo.shards] == [("shard-test", server.address)]
+
+
+def test_a_block_carries_a_mac_exactly_when_its_namespace_says(stub, server) -> None:
+    """Nobody takes a MAC namespace's key first with a block that has no MAC (it would stand as
+    a permanent miss there: blocks are immutable), nor the other way round."""
+    mac_ns = namespace_for(
+        "test/server", 2, 2, 64, torch.float16, CODEC, block_tokens=128, mac_key=b"secret"
+    )
+    key = block_keys(mac_ns, TOKENS)[0]
+    g = torch.Generator().manual_seed(11)
+    shape = (2, 2, 128, 64)
+    k, v = torch.randn(shape, generator=g).half(), torch.randn(shape, generator=g).half()
+    plain = encode(k, v, CODEC, binding=Binding(mac_ns.id, key))
+    assert code_of(lambda: stub.Put(iter(put_msgs(mac_ns, key, plain)), timeout=10)) == (
+        Code.FAILED_PRECONDITION
+    )
+    signed = encode(k, v, CODEC, binding=Binding(mac_ns.id, key, b"secret"))
+    assert stub.Put(iter(put_msgs(mac_ns, key, signed)), timeout=10).stored
+    other_key = block_keys(NS, range(7000, 7128))[0]
+    signed_elsewhere = encode(k, v, CODEC, binding=Binding(NS.id, other_key, b"secret"))
+    msgs = put_msgs(NS, other_key, signed_elsewhere)
+    assert code_of(lambda: stub.Put(iter(msgs), timeout=10)) == Code.FAILED_PRECONDITION
+    still_serving(stub, server)
+
+
+def test_a_binding_of_the_wrong_length_is_a_codec_error() -> None:
+    from kvpool.proto.errors import CodecError
+
+    k = torch.zeros(2, 2, 128, 64).half()
+    with pytest.raises(CodecError):
+        encode(k, k, CODEC, binding=Binding(b"short", KEY))
