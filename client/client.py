@@ -13,7 +13,7 @@ Every block is bound to its namespace id, key and position (and, with the namesp
 itself would have written for that position before any decoding: a corrupt, misplaced,
 misshapen or forged block is a counted miss (`stats.rejected_blocks`, the
 `kvpool_client_rejected_blocks_total` metric), never an exception and never a tensor at the
-wrong place.
+wrong place; the client deletes it from the tier so that the next put heals the prefix.
 
 The cache is best effort, like every serious KV cache connector: a put that fails is a dropped
 save and a get that fails is a miss. Neither raises because the tier is slow or down, and each
@@ -234,6 +234,7 @@ class AsyncKVPool:
             except (BlockFormatError, CodecError, RuntimeError) as e:  # a miss, counted
                 self._reject(e)
                 log.error("block %d of a prefix refused: %s", i, e)
+                await self._evict(keys[i])
                 return None, 0
 
         blocks: list[Block] = []
@@ -267,6 +268,14 @@ class AsyncKVPool:
         except TierError as e:
             self._failed("lookup", e)
             return 0
+
+    async def _evict(self, key: BlockHash) -> None:
+        """Delete a block this client refused, so that the next put of its prefix stores the
+        real one (blocks are immutable: a bad block would otherwise stand as a permanent miss)."""
+        try:
+            await self.tier.delete(self.namespace, [key])
+        except TierError as e:
+            self._failed("get", e)
 
     def _reject(self, error: Exception) -> None:
         self.stats.rejected_blocks += 1

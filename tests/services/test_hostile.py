@@ -336,6 +336,12 @@ def test_forged_blocks_are_misses_with_a_mac_key(local, redis_server) -> None:
         assert reader.get(TOKENS) is None
         assert reader.stats.rejected_blocks >= 1
         assert reader._client.metrics.rejected_blocks.labels("mac")._value.get() >= 1
+        # the refused block was deleted: the tenant's own put now heals the prefix
+        k, v = kv(6)
+        assert reader.put(TOKENS, (k, v)) == 3
+        hit = reader.get(TOKENS)
+        assert hit is not None and hit.tokens == 3 * B and hit.keys is not None
+        torch.testing.assert_close(hit.keys, k[:, :, : hit.tokens], atol=0.05, rtol=0.02)
     # the tenant's own blocks, then a block without a MAC planted in Redis as the next block
     more = [*TOKENS, *range(5000, 5000 + B)]
     keys = block_keys(ns, more)
