@@ -12,7 +12,9 @@ find it through the topology). Client calls must never raise (`client_errors`): 
 become misses and dropped saves (`failures_absorbed`); a fetched block the client refuses before
 decoding (corrupt, misplaced, misshapen) is a miss too (`rejected_blocks`). After the kill
 phase, once every shard serves again, each client puts and gets each of its prompts once more:
-`hit_ratio_after_recovery` is the fraction of those blocks that come back.
+`hit_ratio_after_recovery` is the fraction of those blocks that come back, and
+`hit_ratio_after_heal` the same for a second pass (a block a client refused is deleted by it,
+so its next put stores the real one).
 
     python benchmarks/faults.py --hostile           # the same with a hostile process beside it
 
@@ -58,6 +60,7 @@ class Counts:
     rejected_blocks: int = 0
     recovery_blocks: int = 0
     recovery_hits: int = 0
+    healed_hits: int = 0
     forged_blocks_accepted: int = 0
 
 
@@ -124,6 +127,12 @@ def client(index: int, endpoint: str, seconds: float, prompts: int, blocks: int,
             pool.put(data[p][0], data[p][1])
             c.recovery_blocks += blocks
             c.recovery_hits += get_and_check(p)
+        except Exception:
+            c.client_errors += 1
+    for p in range(prompts):  # once more: blocks refused in the first pass were deleted
+        try:
+            pool.put(data[p][0], data[p][1])
+            c.healed_hits += get_and_check(p)
         except Exception:
             c.client_errors += 1
     s = pool.stats
@@ -222,6 +231,7 @@ def main(
     return {
         "clients": clients, "seconds": seconds, "shards": shards, "shard_kills": kills, **total,
         "hit_ratio_after_recovery": round(total["recovery_hits"] / max(1, total["recovery_blocks"]), 4),
+        "hit_ratio_after_heal": round(total["healed_hits"] / max(1, total["recovery_blocks"]), 4),
         "hostile": hostile, "hostile_requests": hostile_requests,
         "shard_rss_baseline_mib": round(sampler.baseline, 1),
         "shard_rss_growth_mib": round(growth, 1),
