@@ -295,9 +295,7 @@ def parse_header(blob: bytes | bytearray | memoryview) -> BlockHeader:
     return header
 
 
-def verify(
-    blob: bytes | bytearray | memoryview, mac_key: bytes | None = None
-) -> BlockHeader:
+def verify(blob: bytes | bytearray | memoryview, mac_key: bytes | None = None) -> BlockHeader:
     """Parse the header, check the length and the crc32 (and, given the tenant's `mac_key`,
     that the block carries a valid MAC); return the header.
 
