@@ -169,9 +169,10 @@ class TierClient:
         raise AssertionError("unreachable")
 
     def _absorbed(self, operation: str, error: TierError) -> None:
-        log.warning("%s: %s", operation, error)
         if self._on_failure is not None:
-            self._on_failure(operation, error)
+            self._on_failure(operation, error)  # counts and logs it
+        else:
+            log.warning("%s: %s", operation, error)
 
     async def _moved(self, shard_id: str, address: str) -> str | None:
         """The shard's new address if the topology now places it elsewhere, else None."""

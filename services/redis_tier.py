@@ -31,7 +31,7 @@ import struct
 import threading
 import time
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import redis
 
@@ -216,16 +216,19 @@ class RedisTier:
         """How many of `keys`, in order, Redis holds before the first it does not."""
         if not keys:
             return 0
-        rkeys = [self.redis_key(k) for k in keys]
         try:
-            pipe = self.client.pipeline(transaction=False)
-            for rkey in rkeys:
-                pipe.exists(rkey)
-            present = pipe.execute()
+            present = self._each("exists", [self.redis_key(k) for k in keys])
         except redis.RedisError as e:
             self._error("lookup", e)
             return 0
         return next((i for i, p in enumerate(present) if not p), len(keys))
+
+    def _each(self, command: str, rkeys: Sequence[bytes]) -> list[Any]:
+        """One `command` per Redis key, in one round trip (no transaction)."""
+        pipe = self.client.pipeline(transaction=False)
+        for rkey in rkeys:
+            getattr(pipe, command)(rkey)
+        return pipe.execute()
 
     # -- deletes ---------------------------------------------------------------------------
 
@@ -244,10 +247,7 @@ class RedisTier:
                     if self._pending.pop(rk, None) is not None
                 }
             try:
-                pipe = self.client.pipeline(transaction=False)
-                for rkey in rkeys:
-                    pipe.delete(rkey)
-                removed = pipe.execute()
+                removed = self._each("delete", rkeys)
             except redis.RedisError as e:
                 self._error("delete", e)
                 return cancelled

@@ -84,6 +84,13 @@ class Limits:
     idle_timeout_s: float = 5.0  # longest wait for the next message of an upload
     upload_timeout_s: float = 60.0  # longest a whole upload may take
 
+    def __post_init__(self) -> None:
+        if not self.max_block_bytes <= self.peer_upload_bytes <= self.upload_bytes:
+            raise ValueError(
+                "limits need max_block_bytes <= peer_upload_bytes <= upload_bytes, so that "
+                "every block a shard accepts fits the upload budgets"
+            )
+
 
 T = TypeVar("T")
 TopologyFn = Callable[[], Awaitable[pb.TopologyResponse]]
@@ -180,9 +187,7 @@ class Uploads:
 
     @contextlib.asynccontextmanager
     async def reserve(self, peer: str, size: int) -> AsyncIterator[None]:
-        limits = self.limits
-        if size > min(limits.upload_bytes, limits.peer_upload_bytes):
-            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"upload of {size} bytes too large")
+        limits = self.limits  # size <= max_block_bytes: it fits both budgets (see Limits)
         async with self._room:
             try:
                 await asyncio.wait_for(
@@ -501,47 +506,43 @@ class Edge(grpc.aio.ServerInterceptor):
                     del self.streams[peer]
             _CALLER.reset(token)
 
+    @contextlib.asynccontextmanager
+    async def _rpc(
+        self, method: str, tenant: str | None, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[None]:
+        """Around one RPC: admission, `Refused` (and a stalled upload) to its status code, and
+        one metrics observation with the code it ended with."""
+        t0, code = time.perf_counter(), "OK"
+        try:
+            with self._admit(method, tenant, context):
+                yield
+        except Refused as e:
+            code = e.code.name
+            await self._refuse(context, e)
+        except (TimeoutError, asyncio.TimeoutError):
+            code = "DEADLINE_EXCEEDED"
+            await self._refuse(context, Refused(grpc.StatusCode.DEADLINE_EXCEEDED, "stalled"))
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except Exception:
+            code = "INTERNAL"
+            raise
+        finally:
+            self._observe(method, code, t0)
+
     def _unary(self, method: str, tenant: str | None, behavior: Callable[..., Any]) -> Any:
         async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            t0, code = time.perf_counter(), "OK"
-            try:
-                with self._admit(method, tenant, context):
-                    return await behavior(request, context)
-            except Refused as e:
-                code = e.code.name
-                await self._refuse(context, e)
-            except (TimeoutError, asyncio.TimeoutError):
-                code = "DEADLINE_EXCEEDED"
-                await self._refuse(context, Refused(grpc.StatusCode.DEADLINE_EXCEEDED, "stalled"))
-            except asyncio.CancelledError:
-                code = "CANCELLED"
-                raise
-            except Exception:
-                code = "INTERNAL"
-                raise
-            finally:
-                self._observe(method, code, t0)
+            async with self._rpc(method, tenant, context):
+                return await behavior(request, context)
 
         return run
 
     def _stream(self, method: str, tenant: str | None, behavior: Callable[..., Any]) -> Any:
         async def run(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            t0, code = time.perf_counter(), "OK"
-            try:
-                with self._admit(method, tenant, context):
-                    async for reply in behavior(request, context):
-                        yield reply
-            except Refused as e:
-                code = e.code.name
-                await self._refuse(context, e)
-            except asyncio.CancelledError:
-                code = "CANCELLED"
-                raise
-            except Exception:
-                code = "INTERNAL"
-                raise
-            finally:
-                self._observe(method, code, t0)
+            async with self._rpc(method, tenant, context):
+                async for reply in behavior(request, context):
+                    yield reply
 
         return run
 

@@ -360,3 +360,26 @@ def test_forged_blocks_are_misses_with_a_mac_key(local, redis_server) -> None:
         torch.testing.assert_close(hit.keys, k[:, :, : 3 * B], atol=0.05, rtol=0.02)
         assert writer.stats.rejected_blocks == 1
     r.close()
+
+
+def test_a_tier_that_never_answers_is_a_miss_within_the_call_deadline() -> None:
+    """A peer that accepts connections and then says nothing: every call ends at its deadline
+    as a miss or a dropped save, counted, for the sync client too."""
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    address = f"127.0.0.1:{silent.getsockname()[1]}"
+    cfg = ClientConfig(timeout_s=30, call_timeout_s=0.5)
+    try:
+        with KVPool(address, NS, CODEC, config=cfg) as p:
+            t0 = time.monotonic()
+            assert p.get(TOKENS) is None
+            assert p.lookup(TOKENS) == 0
+            assert p.put(TOKENS, kv(8)) == 0
+            assert time.monotonic() - t0 < 10  # three calls, not three 30 s RPC deadlines
+            s = p.stats
+            assert s.lookup_failures + s.get_failures + s.put_failures >= 3
+    finally:
+        silent.close()

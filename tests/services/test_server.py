@@ -315,3 +315,10 @@ def test_a_binding_of_the_wrong_length_is_a_codec_error() -> None:
     k = torch.zeros(2, 2, 128, 64).half()
     with pytest.raises(CodecError):
         encode(k, k, CODEC, binding=Binding(b"short", KEY))
+
+
+def test_limits_keep_every_accepted_block_within_the_upload_budgets() -> None:
+    with pytest.raises(ValueError, match="max_block_bytes"):
+        Limits(max_block_bytes=64 << 20, peer_upload_bytes=32 << 20)
+    with pytest.raises(ValueError, match="upload_bytes"):
+        Limits(peer_upload_bytes=256 << 20, upload_bytes=128 << 20)
