@@ -171,23 +171,26 @@ class AsyncKVPool:
             self._failed(operation, e)
             return default
 
-    async def put(self, tokens: Sequence[int] | Tensor, kv: KV) -> int:
+    async def put(self, tokens: Sequence[int] | Tensor, kv: KV, first_block: int = 0) -> int:
         """Encode and store every full block of `tokens` not stored yet; returns how many new
-        blocks the tier took. `kv` covers at least the full blocks of `tokens`."""
+        blocks the tier took. `kv` covers at least the full blocks of `tokens`, starting at
+        block `first_block` (the blocks before it are not stored by this call)."""
         keys = block_keys(self.namespace, tokens)
-        tensors = self._check_kv(kv, len(keys) * self.block_tokens)
+        if not 0 <= first_block <= len(keys):
+            raise CodecError(f"first_block {first_block} outside the {len(keys)} full blocks")
+        tensors = self._check_kv(kv, (len(keys) - first_block) * self.block_tokens)
         t0, failures = time.perf_counter(), self._failures()
-        stored = await self._bounded("put", self._put(keys, tensors), 0)
+        stored = await self._bounded("put", self._put(keys, tensors, first_block), 0)
         self._observe("put", "ok", t0, failures)
         return stored
 
-    async def _put(self, keys: list[BlockHash], tensors: list[Tensor]) -> int:
-        start = await self._lookup(keys)
+    async def _put(self, keys: list[BlockHash], tensors: list[Tensor], first: int) -> int:
+        start = max(first, await self._lookup(keys))
         stored = 0
         pending: list[asyncio.Task[bool]] = []
         try:
             for i in range(start, len(keys)):
-                blob = await asyncio.to_thread(self._encode, tensors, keys, i)
+                blob = await asyncio.to_thread(self._encode, tensors, keys, i, first)
                 pending.append(asyncio.create_task(self._put_block(keys, i, blob)))
                 if len(pending) >= self.config.max_inflight:
                     stored += sum(await asyncio.gather(*pending))
@@ -363,13 +366,15 @@ class AsyncKVPool:
         self.metrics.hit_blocks.inc()
         return block
 
-    def _encode(self, tensors: list[Tensor], keys: list[BlockHash], i: int) -> bytes:
+    def _encode(self, tensors: list[Tensor], keys: list[BlockHash], i: int, first: int) -> bytes:
+        """Block i of the prefix, from tensors that start at block `first`."""
         b, binding = self.block_tokens, self._binding(keys, i)
+        lo, hi = (i - first) * b, (i - first + 1) * b
         with self.metrics.encode_seconds.time():
             if self.namespace.layout == Layout.LATENT:
-                x = tensors[0][:, i * b : (i + 1) * b]
+                x = tensors[0][:, lo:hi]
                 return encode_latent(x, self.codec, start_position=i * b, binding=binding)
-            k, v = (t[:, :, i * b : (i + 1) * b] for t in tensors)
+            k, v = (t[:, :, lo:hi] for t in tensors)
             return encode(k, v, self.codec, start_position=i * b, binding=binding)
 
 
@@ -432,8 +437,18 @@ class KVPool:
     def lookup(self, tokens: Sequence[int] | Tensor) -> int:
         return self._bounded("lookup", self._client.lookup(tokens), 0)
 
-    def put(self, tokens: Sequence[int] | Tensor, kv: KV) -> int:
-        return self._bounded("put", self._client.put(tokens, kv), 0)
+    def put(self, tokens: Sequence[int] | Tensor, kv: KV, first_block: int = 0) -> int:
+        return self._bounded("put", self._client.put(tokens, kv, first_block), 0)
+
+    def put_nowait(
+        self, tokens: Sequence[int] | Tensor, kv: KV, first_block: int = 0
+    ) -> concurrent.futures.Future[int]:
+        """Start a put on the client's loop and return at once; the future gives what `put`
+        returns (a put never raises for the tier: it ends as a dropped save). The caller must
+        not modify `kv` until the future is done."""
+        return asyncio.run_coroutine_threadsafe(
+            self._client.put(tokens, kv, first_block), self._loop
+        )
 
     def get(
         self, tokens: Sequence[int] | Tensor, dtype: torch.dtype | None = None,

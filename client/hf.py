@@ -30,12 +30,13 @@ from kvpool.proto.keys import Namespace
 
 
 def _text_config(model: Any) -> Any:
-    config = model.config
+    """The text part of a model's config; `model` may also be a config itself."""
+    config = getattr(model, "config", model)
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def model_layout(model: Any) -> tuple[int, int, int]:
-    """(layers, kv_heads, head_dim) of a decoder-only transformers model."""
+    """(layers, kv_heads, head_dim) of a decoder-only transformers model (or its config)."""
     c = _text_config(model)
     heads = c.num_attention_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
@@ -61,7 +62,7 @@ def codec_for(
     model: Any, key_bits: int | tuple[int, ...] = 2, value_bits: int | tuple[int, ...] = 2,
     group_size: int = 128, pre_rope: bool = True, hadamard_values: bool = True, sink_tokens: int = 4,
 ) -> CodecConfig:  # fmt: skip
-    """A codec for `model`: pre-RoPE keys with the model's own RoPE parameters when it has a
+    """A codec for `model` (or its config): pre-RoPE keys with the model's own RoPE parameters when it has a
     RoPE the codec can undo; values rotated when head_dim is a power of two."""
     _, _, head_dim = model_layout(model)
     rope = rope_params(model) if pre_rope else None
