@@ -221,5 +221,5 @@ class CachedModel:
 def _same_options(ns: Namespace) -> dict[str, Any]:
     return {
         "name": ns.model, "revision": ns.revision, "block_tokens": ns.block_tokens,
-        "tp_rank": ns.tp_rank, "tp_size": ns.tp_size, "salt": ns.salt,
+        "tp_rank": ns.tp_rank, "tp_size": ns.tp_size, "salt": ns.salt, "mac_key": ns.mac_key,
     }  # fmt: skip

