@@ -298,7 +298,10 @@ def probe_layout(layer: Any, cache: Tensor, heads: int, head_dim: int) -> PagedL
         k = marks[:n].view(heads, block_size, head_dim).transpose(0, 1).contiguous()
         v = marks[n:].view(heads, block_size, head_dim).transpose(0, 1).contiguous()
         scratch.fill_(2)
-        layer.impl.do_kv_cache_update(layer, k, v, scratch, slots)
+        try:
+            layer.impl.do_kv_cache_update(layer, k, v, scratch, slots)
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise LayoutError(f"kvpool connector: the backend cannot write a block: {e}") from e
         got = scratch.flatten().float().cpu()
         if not bool(((got == 0) | (got == 1) | (got == 2)).all()):
             raise LayoutError("kvpool connector: the backend transforms KV values (quantized?)")
@@ -310,9 +313,11 @@ def probe_layout(layer: Any, cache: Tensor, heads: int, head_dim: int) -> PagedL
         found |= (got == 1).long() << bit
     assert written is not None
     places = written.nonzero().flatten()
+    sources = found[places]
     index = torch.full((2 * n,), -1, dtype=torch.int64)
-    index[found[places]] = places
-    if len(places) != 2 * n or bool((index < 0).any()):
+    if len(places) == 2 * n and bool((sources < 2 * n).all()):
+        index[sources] = places
+    if bool((index < 0).any()):  # some value not written, written twice, or out of range
         raise LayoutError(
             f"kvpool connector: the backend's block layout is not a permutation of "
             f"{heads}x{block_size}x{head_dim} keys and values"

@@ -27,6 +27,7 @@ from typing import IO, Any
 
 import pytest
 import torch
+from torch import Tensor
 
 from kvpool.client import KVPool
 from kvpool.hf import CachedModel, codec_for, namespace_for_model
@@ -44,6 +45,118 @@ NEW_TOKENS = 16
 PROMPT = 700  # two full 256-token blocks and a tail
 # One passage of the Python manual per test, so that no test sees another's blocks.
 TOPICS = ("compound", "types", "string-methods", "debugger", "customization", "execmodel")
+
+
+# ---- the pieces, without an engine ---------------------------------------------------------
+
+
+def vllm_config(**kw: Any) -> Any:
+    """vLLM's engine config for SmolLM2 on this CPU (no engine started)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    args = {"served_model_name": SMOLLM2, "dtype": "float32", "max_model_len": 4096, **kw}
+    return EngineArgs(
+        model=str(smollm2_path().resolve()), enforce_eager=True, **args
+    ).create_engine_config()
+
+
+def cpu_backend(isa: str) -> Any:
+    """An attention layer as the connector sees it, with vLLM's real CPU backend and kernel."""
+    from types import SimpleNamespace
+
+    from vllm.config import set_current_vllm_config
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+
+    with set_current_vllm_config(vllm_config()):
+        impl = CPUAttentionBackendImpl(
+            num_heads=9, head_size=64, scale=0.125, num_kv_heads=3, alibi_slopes=None,
+            sliding_window=None, kv_cache_dtype="auto",
+        )  # fmt: skip
+    return SimpleNamespace(impl=impl, isa=isa, _k_scale_float=1.0, _v_scale_float=1.0)
+
+
+@pytest.mark.parametrize("isa", ["vec", "vec16"])
+def test_the_probed_layout_reads_what_the_cpu_kernel_writes(isa: str) -> None:
+    from kvpool.vllm import probe_layout
+
+    layer = cpu_backend(isa)
+    cache = torch.zeros(6, 3, 128, 128)
+    layout = probe_layout(layer, cache, heads=3, head_dim=64)
+    assert layout.affine is not None  # the fast strided path applies
+    # the kernel writes 256 random tokens into blocks 4 and 1; the layout reads them back
+    k, v = torch.randn(256, 3, 64), torch.randn(256, 3, 64)
+    slots = torch.cat([torch.arange(4 * 128, 5 * 128), torch.arange(128, 256)])
+    layer.impl.do_kv_cache_update(layer, k, v, cache, slots)
+    ids = torch.tensor([4, 1])
+    got_k, got_v = layout.gather(cache, ids)
+    assert torch.equal(got_k, k.transpose(0, 1)) and torch.equal(got_v, v.transpose(0, 1))
+    # and what the connector scatters is what the kernel would have written
+    again = torch.zeros_like(cache)
+    layout.scatter(again, ids, k.transpose(0, 1), v.transpose(0, 1))
+    assert torch.equal(again[ids], cache[ids])
+
+
+def test_layouts_the_connector_does_not_know_are_refused() -> None:
+    from types import SimpleNamespace
+
+    from kvpool.vllm import LayoutError, probe_layout
+
+    real = cpu_backend("vec")
+
+    def backend(after: Any) -> Any:
+        def write(layer: Any, k: Tensor, v: Tensor, cache: Tensor, slots: Tensor) -> None:
+            real.impl.do_kv_cache_update(real, k, v, cache, slots)
+            after(cache)
+
+        return SimpleNamespace(impl=SimpleNamespace(do_kv_cache_update=write))
+
+    cache = torch.zeros(4, 3, 128, 128)
+    with pytest.raises(LayoutError, match="transforms"):  # e.g. a quantized cache
+        probe_layout(backend(lambda c: c.mul_(0.5)), cache, 3, 64)
+    with pytest.raises(LayoutError, match="permutation"):  # a token not written
+        probe_layout(backend(lambda c: c[:, :, 5].fill_(2)), cache, 3, 64)
+    with pytest.raises(LayoutError, match="permutation"):  # blocks not of 3 x 64 heads x dims
+        probe_layout(real, torch.zeros(4, 3, 128, 100), 3, 64)
+    with pytest.raises(LayoutError, match="does not hold"):
+        probe_layout(real, torch.zeros(4, 5, 128, 100), 3, 64)
+    with pytest.raises(LayoutError, match="do_kv_cache_update"):
+        probe_layout(SimpleNamespace(), cache, 3, 64)
+
+
+def test_connector_settings_are_checked() -> None:
+    from kvpool.vllm import Settings
+
+    s = Settings.from_extra({"endpoint": "h:1", "key_bits": 8, "pre_rope": False, "salt": "t"})
+    assert (s.key_bits, s.pre_rope, s.salt, s.value_bits) == (8, False, "t", 2)
+    with pytest.raises(ValueError, match="endpoint"):
+        Settings.from_extra({"key_bits": 8})
+    with pytest.raises(ValueError, match=r"unknown .*'keybits'"):
+        Settings.from_extra({"endpoint": "h:1", "keybits": 8})
+    for bad in ({"block_tokens": "many"}, {"pre_rope": "yes"}, {"key_bits": True},
+                {"salt": ["a"]}, {"block_tokens": 0}):  # fmt: skip
+        with pytest.raises(ValueError):
+            Settings.from_extra({"endpoint": "h:1", **bad})
+
+
+def test_the_namespace_comes_from_vllms_config_and_matches_transformers(smollm2: Any) -> None:
+    from kvpool.vllm import LayoutError, Settings, namespace_for_vllm
+
+    model, _ = smollm2
+    config = vllm_config
+    settings = Settings.from_extra({"endpoint": "h:1", **EXACT})
+    ns, codec = namespace_for_vllm(config(), settings)
+    hf = namespace_for_model(model, codec_for(model, 8, 8, 32))
+    assert ns.id == hf.id and ns.root == hf.root and codec.describe() == hf.codec
+    assert (ns.layers, ns.kv_heads, ns.head_dim, ns.block_tokens) == (30, 3, 64, 256)
+    other, _ = namespace_for_vllm(config(served_model_name="another"), settings)
+    assert other.id != ns.id
+    with pytest.raises(LayoutError, match="kv_cache_dtype"):
+        namespace_for_vllm(config(kv_cache_dtype="fp8"), settings)
+    with pytest.raises(ValueError, match="multiple"):
+        namespace_for_vllm(config(), Settings.from_extra({"endpoint": "h:1", "block_tokens": 200}))
+
+
+# ---- real engines ------------------------------------------------------------------------------
 
 
 class Server:
