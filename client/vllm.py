@@ -98,7 +98,9 @@ class Settings:
     tls_ca: str = ""
     tls_server_name: str = ""
     rpc_timeout_s: float = 5.0
-    call_timeout_s: float = 10.0
+    call_timeout_s: float = 10.0  # a whole load or save
+    lookup_timeout_s: float = 1.0  # the scheduler waits this long at most per request
+    retry_after_s: float = 2.0  # after a failed lookup, skip lookups this long (doubling to 60 s)
     max_pending_save_mib: int = 1024  # saves in flight beyond this are dropped (counted)
 
     @classmethod
@@ -129,10 +131,11 @@ class Settings:
             raise ValueError("kvpool connector: block_tokens and max_pending_save_mib")
         return s
 
-    def client_config(self) -> ClientConfig:
+    def client_config(self, lookups_only: bool = False) -> ClientConfig:
         token = Path(self.token_file).read_text().strip() if self.token_file else None
+        call = self.lookup_timeout_s if lookups_only else self.call_timeout_s
         return ClientConfig(
-            timeout_s=self.rpc_timeout_s, call_timeout_s=self.call_timeout_s,
+            timeout_s=min(self.rpc_timeout_s, call), call_timeout_s=call,
             tls_ca_file=self.tls_ca or None, tls_server_name=self.tls_server_name or None,
             token=token,
         )  # fmt: skip
@@ -459,8 +462,10 @@ class KVPoolConnector(KVConnectorBase_V1):
         self.ratio = self.block_tokens // self.vllm_block
         self.pool = KVPool(
             self.settings.endpoint, self.namespace, self.codec,
-            config=self.settings.client_config(),
+            config=self.settings.client_config(lookups_only=role == KVConnectorRole.SCHEDULER),
         )  # fmt: skip
+        self._skip_lookups_until = 0.0  # after a failed lookup: the tier is not asked for a while
+        self._retry_after_s = self.settings.retry_after_s
         # scheduler side
         self._asked: dict[str, tuple[int, int]] = {}  # req -> (local hit, tier hit) tokens
         self._loads: dict[str, tuple[int, int]] = {}  # req -> tokens [start, end) to load
@@ -490,11 +495,29 @@ class KVPoolConnector(KVConnectorBase_V1):
         tokens = _shareable_tokens(request)
         if tokens is None:
             return 0, False
-        hit = self.pool.lookup(tokens)  # 0 when the tier is down (counted by the client)
+        hit = self._lookup(tokens)
         self._asked[request.request_id] = (num_computed_tokens, hit)
         # The last prompt token always runs (its logits start the generation).
         usable = min(hit, (len(tokens) - 1) // self.vllm_block * self.vllm_block)
         return max(0, usable - num_computed_tokens), False
+
+    def _lookup(self, tokens: list[int]) -> int:
+        """Tokens of `tokens` the tier holds; 0 when it is down. The scheduler thread waits on
+        this, so a tier that fails is not asked again for a while (2 s, doubling to 60 s):
+        meanwhile every request is a miss and computes its prefill, as without kvpool."""
+        now = time.monotonic()
+        if now < self._skip_lookups_until:
+            return 0
+        failures = self.pool.stats.lookup_failures
+        hit = self.pool.lookup(tokens)
+        if self.pool.stats.lookup_failures > failures:
+            self._skip_lookups_until = time.monotonic() + self._retry_after_s
+            log.warning("kvpool connector: tier lookup failed; not asking for %.0f s",
+                        self._retry_after_s)  # fmt: skip
+            self._retry_after_s = min(60.0, 2 * self._retry_after_s)
+        else:
+            self._retry_after_s = self.settings.retry_after_s
+        return hit
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int

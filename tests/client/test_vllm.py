@@ -156,6 +156,35 @@ def test_the_namespace_comes_from_vllms_config_and_matches_transformers(smollm2:
         namespace_for_vllm(config(), Settings.from_extra({"endpoint": "h:1", "block_tokens": 200}))
 
 
+def test_a_down_tier_costs_the_scheduler_one_bounded_lookup_then_none() -> None:
+    from types import SimpleNamespace
+
+    from vllm.config import KVTransferConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    from kvpool.vllm import KVPoolConnector
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    transfer = KVTransferConfig(
+        kv_connector="KVPoolConnector", kv_connector_module_path="kvpool.vllm",
+        kv_role="kv_both", kv_connector_extra_config={"endpoint": dead},
+    )  # fmt: skip
+    conn = KVPoolConnector(vllm_config(kv_transfer_config=transfer), KVConnectorRole.SCHEDULER)
+    try:
+        request = SimpleNamespace(request_id="r", prompt_token_ids=list(range(600)))
+        t0 = time.monotonic()
+        assert conn.get_num_new_matched_tokens(request, 0) == (0, False)  # type: ignore[arg-type]
+        assert time.monotonic() - t0 < 5 and conn.pool.stats.lookup_failures >= 1
+        lookups = conn.pool.stats.lookups
+        for _ in range(20):  # the next requests do not wait on the tier
+            assert conn.get_num_new_matched_tokens(request, 0) == (0, False)  # type: ignore[arg-type]
+        assert conn.pool.stats.lookups == lookups
+    finally:
+        conn.shutdown()
+
+
 # ---- real engines ------------------------------------------------------------------------------
 
 
