@@ -62,8 +62,8 @@ def codec_for(
     model: Any, key_bits: int | tuple[int, ...] = 2, value_bits: int | tuple[int, ...] = 2,
     group_size: int = 128, pre_rope: bool = True, hadamard_values: bool = True, sink_tokens: int = 4,
 ) -> CodecConfig:  # fmt: skip
-    """A codec for `model` (or its config): pre-RoPE keys with the model's own RoPE parameters when it has a
-    RoPE the codec can undo; values rotated when head_dim is a power of two."""
+    """A codec for `model` (or its config): pre-RoPE keys with the model's own RoPE parameters
+    when it has a RoPE the codec can undo; values rotated when head_dim is a power of two."""
     _, _, head_dim = model_layout(model)
     rope = rope_params(model) if pre_rope else None
     if pre_rope and rope is None:

@@ -127,8 +127,11 @@ class Settings:
                     f"kvpool connector: {name}={value!r} is not a {kind.__name__}"
                 ) from None
         s = cls(**values)
-        if s.block_tokens <= 0 or s.max_pending_save_mib < 0:
-            raise ValueError("kvpool connector: block_tokens and max_pending_save_mib")
+        for name in ("block_tokens", "rpc_timeout_s", "call_timeout_s", "lookup_timeout_s"):
+            if getattr(s, name) <= 0:
+                raise ValueError(f"kvpool connector: {name} must be positive")
+        if s.max_pending_save_mib < 0 or s.retry_after_s < 0:
+            raise ValueError("kvpool connector: max_pending_save_mib and retry_after_s are >= 0")
         return s
 
     def client_config(self, lookups_only: bool = False) -> ClientConfig:
@@ -179,12 +182,10 @@ def namespace_for_vllm(
             pre_rope=settings.pre_rope, hadamard_values=settings.hadamard_values,
             sink_tokens=settings.sink_tokens,
         )  # fmt: skip
-    name = settings.model_name or model.served_model_name or model.model
-    if isinstance(name, list):
-        name = name[0]
+    name = settings.model_name or str(model.served_model_name)  # vLLM: falls back to the path
     mac_key = Path(settings.mac_key_file).read_bytes().strip() if settings.mac_key_file else b""
     ns = namespace_for(
-        str(name), layers, heads, head_dim, model.dtype, codec,
+        name, layers, heads, head_dim, model.dtype, codec,
         revision=str(model.revision or ""), block_tokens=settings.block_tokens,
         tp_rank=tp_rank, tp_size=parallel.tensor_parallel_size,
         salt=settings.salt.encode(), mac_key=mac_key,
@@ -211,10 +212,13 @@ class PagedLayout:
     key_index: Tensor  # [H, block_size, D] int64
     value_index: Tensor
     affine: tuple[tuple[int, ...], tuple[int, ...]] | None = field(init=False)
+    flat: Tensor = field(init=False)  # both maps, keys first: the element-wise fallback
 
     def __post_init__(self) -> None:
         k, v = self._strides(self.key_index), self._strides(self.value_index)
         object.__setattr__(self, "affine", (k, v) if k is not None and v is not None else None)
+        flat = torch.cat([self.key_index.flatten(), self.value_index.flatten()])
+        object.__setattr__(self, "flat", flat)
 
     def _strides(self, index: Tensor) -> tuple[int, int, int, int] | None:
         """(offset, head stride, token stride, dim stride) when `index` is affine."""
@@ -238,10 +242,6 @@ class PagedLayout:
             cache.as_strided(shape, (per_block, *st[1:]), cache.storage_offset() + st[0])
             for st in self.affine
         )
-
-    @property
-    def flat(self) -> Tensor:
-        return torch.cat([self.key_index.flatten(), self.value_index.flatten()])
 
     def gather(self, cache: Tensor, block_ids: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values [H, n * block_size, D] of the blocks `block_ids` (in order)."""
@@ -355,6 +355,16 @@ class SaveSpec:
 
 
 @dataclass
+class _Staged:
+    """A save being gathered during one step: the KV copied out so far, layer by layer."""
+
+    keys: Tensor  # [L, H, tokens, D], on the CPU
+    values: Tensor
+    block_ids: Tensor  # the vLLM blocks, on the cache's device
+    layers: set[int] = field(default_factory=set)
+
+
+@dataclass
 class KVPoolMetadata(KVConnectorMetadata):
     loads: list[LoadSpec] = field(default_factory=list)
     saves: list[SaveSpec] = field(default_factory=list)
@@ -385,8 +395,12 @@ _COUNTERS = {
 }
 
 
+@dataclass
 class KVPoolStats(KVConnectorStats):
     """Counters of one interval, summed across workers; shipped to vLLM's stat loggers."""
+
+    def __post_init__(self) -> None:
+        self.data = {name: self.data.get(name, 0) for name in _COUNTERS}
 
     def reset(self) -> None:
         self.data = dict.fromkeys(_COUNTERS, 0)
@@ -474,15 +488,13 @@ class KVPoolConnector(KVConnectorBase_V1):
         self._caches: list[Tensor] = []
         self._layer_index: dict[str, int] = {}
         self._layout: PagedLayout | None = None
-        self._staging: dict[str, tuple[Tensor, Tensor, set[int]]] = {}
+        self._staging: dict[str, _Staged] = {}
         self._failed_reqs: set[str] = set()
         self._load_errors: set[int] = set()
         self._lock = threading.Lock()
         self._pending_bytes = 0
         self.totals = KVPoolStats()
-        self.totals.reset()
         self._interval = KVPoolStats()
-        self._interval.reset()
         self._client_seen = (0, 0)  # (bytes fetched, bytes put) already counted
         log.info("kvpool connector (%s): tier %s, namespace %s, codec %s", role.name,
                  self.settings.endpoint, self.namespace.id.hex()[:16], self.namespace.codec)  # fmt: skip
@@ -542,20 +554,19 @@ class KVPoolConnector(KVConnectorBase_V1):
             self._plan(meta, new.req_id, t, new.num_computed_tokens, scheduled[new.req_id])
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
-            tracked = self._reqs.get(req_id)
-            if tracked is None:
+            running = self._reqs.get(req_id)
+            if running is None:
                 continue
-            t = tracked
             self._asked.pop(req_id, None)
             ids = cached.new_block_ids[i]
             if req_id in cached.resumed_req_ids:
-                t.block_ids = list(ids[0]) if ids else []
+                running.block_ids = list(ids[0]) if ids else []
             elif ids:
-                t.block_ids.extend(ids[0])
+                running.block_ids.extend(ids[0])
             computed = cached.num_computed_tokens[i]
-            if computed < t.end:  # vLLM went back (a failed load, a preemption)
-                t.saved = min(t.saved, computed // self.block_tokens)
-            self._plan(meta, req_id, t, computed, scheduled.get(req_id, 0))
+            if computed < running.end:  # vLLM went back (a failed load, a preemption)
+                running.saved = min(running.saved, computed // self.block_tokens)
+            self._plan(meta, req_id, running, computed, scheduled.get(req_id, 0))
         return meta
 
     def _plan(self, meta: KVPoolMetadata, req_id: str, t: _Tracked, computed: int,
@@ -603,7 +614,7 @@ class KVPoolConnector(KVConnectorBase_V1):
         for name, c in zip(names, caches, strict=True):
             if c.shape != first.shape or c.dtype != first.dtype:
                 raise LayoutError(f"kvpool connector: layer {name} has another KV shape")
-        want = self.vllm_config.model_config.dtype
+        want = self._vllm_config.model_config.dtype
         if first.dtype != want:
             raise LayoutError(f"kvpool connector: KV cache dtype {first.dtype}, model {want}")
         num_blocks = self._kv_cache_config.num_blocks if self._kv_cache_config else None
@@ -615,7 +626,7 @@ class KVPoolConnector(KVConnectorBase_V1):
         from vllm.config import get_layers_from_vllm_config
         from vllm.model_executor.layers.attention.attention import Attention
 
-        layer = get_layers_from_vllm_config(self.vllm_config, Attention, [names[0]])[names[0]]
+        layer = get_layers_from_vllm_config(self._vllm_config, Attention, [names[0]])[names[0]]
         layout = probe_layout(layer, first, ns.kv_heads, ns.head_dim)
         if layout.block_size != self.vllm_block:
             raise LayoutError(
@@ -626,10 +637,6 @@ class KVPoolConnector(KVConnectorBase_V1):
         self._layer_index = {name: i for i, name in enumerate(names)}
         log.info("kvpool connector: %d layers of %s, layout checked", ns.layers,
                  tuple(first.shape))  # fmt: skip
-
-    @property
-    def vllm_config(self) -> VllmConfig:
-        return self._vllm_config
 
     # -- worker side: loading --------------------------------------------------------------
 
@@ -696,12 +703,12 @@ class KVPoolConnector(KVConnectorBase_V1):
             ns = self.namespace
             shape = (ns.layers, ns.kv_heads, len(spec.block_ids) * self.vllm_block, ns.head_dim)
             k = torch.empty(shape, dtype=cache.dtype, device="cpu")
-            staged = self._staging[spec.req_id] = (k, torch.empty_like(k), set())
-        ids = torch.tensor(spec.block_ids, device=cache.device)
-        keys, values = self._layout.gather(cache, ids)
-        staged[0][layer].copy_(keys)
-        staged[1][layer].copy_(values)
-        staged[2].add(layer)
+            ids = torch.tensor(spec.block_ids, device=cache.device)
+            staged = self._staging[spec.req_id] = _Staged(k, torch.empty_like(k), ids)
+        keys, values = self._layout.gather(cache, staged.block_ids)
+        staged.keys[layer].copy_(keys)
+        staged.values[layer].copy_(values)
+        staged.layers.add(layer)
 
     def wait_for_save(self) -> None:
         if not self.has_connector_metadata():
@@ -715,19 +722,21 @@ class KVPoolConnector(KVConnectorBase_V1):
                 continue
             for layer in range(self.namespace.layers):  # any layer the engine did not pass us
                 staged = self._staging.get(spec.req_id)
-                if staged is None or layer not in staged[2]:
+                if staged is None or layer not in staged.layers:
                     self._gather(spec, layer, self._caches[layer])
-            keys, values, _ = self._staging.pop(spec.req_id)
-            self._submit(spec, keys, values)
+            staged = self._staging.pop(spec.req_id)
+            self._submit(spec, staged.keys, staged.values)
         self._staging.clear()
 
     def _submit(self, spec: SaveSpec, keys: Tensor, values: Tensor) -> None:
         nbytes = 2 * keys.numel() * keys.element_size()
         with self._lock:
-            if self._pending_bytes + nbytes > self.settings.max_pending_save_mib << 20:
-                self._count(saves_dropped=1)
-                return
-            self._pending_bytes += nbytes
+            full = self._pending_bytes + nbytes > self.settings.max_pending_save_mib << 20
+            if not full:
+                self._pending_bytes += nbytes
+        if full:
+            self._count(saves_dropped=1)
+            return
         future = self.pool.put_nowait(spec.tokens, (keys, values), first_block=spec.first)
         self._count(tokens_saved=keys.shape[2])
 
@@ -758,18 +767,13 @@ class KVPoolConnector(KVConnectorBase_V1):
             if self._interval.is_empty():
                 return None
             out, self._interval = self._interval, KVPoolStats()
-            self._interval.reset()
         return out
 
     @classmethod
     def build_kv_connector_stats(
         cls, data: dict[str, Any] | None = None
     ) -> KVConnectorStats | None:
-        stats = KVPoolStats()
-        stats.reset()
-        if data:
-            stats.data.update({k: v for k, v in data.items() if k in _COUNTERS})
-        return stats
+        return KVPoolStats(data=dict(data or {}))
 
     @classmethod
     def build_prom_metrics(cls, vllm_config: Any, metric_types: Any, labelnames: list[str],

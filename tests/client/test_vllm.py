@@ -29,9 +29,11 @@ import pytest
 import torch
 from torch import Tensor
 
+from kvpool.calibrate import Profile
 from kvpool.client import KVPool
 from kvpool.hf import CachedModel, codec_for, namespace_for_model
 from kvpool.models import SMOLLM2, smollm2_path
+from kvpool.proto.errors import NamespaceError
 from kvpool.services.tier import Tier, TierConfig, start_tier
 from tests.vllm_engine import Engine, engine_env
 
@@ -121,6 +123,21 @@ def test_layouts_the_connector_does_not_know_are_refused() -> None:
         probe_layout(real, torch.zeros(4, 5, 128, 100), 3, 64)
     with pytest.raises(LayoutError, match="do_kv_cache_update"):
         probe_layout(SimpleNamespace(), cache, 3, 64)
+    with pytest.raises(LayoutError, match="shape"):  # not contiguous
+        probe_layout(real, cache.transpose(2, 3), 3, 64)
+
+    def refuses(layer: Any, k: Tensor, v: Tensor, cache: Tensor, slots: Tensor) -> None:
+        raise RuntimeError("unsupported block")
+
+    def only_ones(layer: Any, k: Tensor, v: Tensor, cache: Tensor, slots: Tensor) -> None:
+        real.impl.do_kv_cache_update(real, k, v, cache, slots)
+        cache[cache == 0] = 2  # a backend that skips zeros
+
+    for write, why in ((refuses, "cannot write"), (only_ones, "depend on the values")):
+        with pytest.raises(LayoutError, match=why):
+            probe_layout(
+                SimpleNamespace(impl=SimpleNamespace(do_kv_cache_update=write)), cache, 3, 64
+            )
 
 
 def test_connector_settings_are_checked() -> None:
@@ -133,7 +150,8 @@ def test_connector_settings_are_checked() -> None:
     with pytest.raises(ValueError, match=r"unknown .*'keybits'"):
         Settings.from_extra({"endpoint": "h:1", "keybits": 8})
     for bad in ({"block_tokens": "many"}, {"pre_rope": "yes"}, {"key_bits": True},
-                {"salt": ["a"]}, {"block_tokens": 0}):  # fmt: skip
+                {"salt": ["a"]}, {"block_tokens": 0}, {"lookup_timeout_s": 0},
+                {"max_pending_save_mib": -1}):  # fmt: skip
         with pytest.raises(ValueError):
             Settings.from_extra({"endpoint": "h:1", **bad})
 
@@ -154,35 +172,97 @@ def test_the_namespace_comes_from_vllms_config_and_matches_transformers(smollm2:
         namespace_for_vllm(config(kv_cache_dtype="fp8"), settings)
     with pytest.raises(ValueError, match="multiple"):
         namespace_for_vllm(config(), Settings.from_extra({"endpoint": "h:1", "block_tokens": 200}))
+    pipelined = config()
+    pipelined.parallel_config.pipeline_parallel_size = 2
+    with pytest.raises(LayoutError, match="pipeline"):
+        namespace_for_vllm(pipelined, settings)
+    with tempfile.TemporaryDirectory() as d:
+        path = Profile(
+            model="other", layers=24, kv_heads=4, head_dim=64, group_size=128, sink_tokens=0,
+            hadamard_values=False, rope=None, key_bits=[2] * 24, value_bits=[2] * 24,
+            target_bits=2.25, achieved_bits=2.25, context_tokens=512, block_tokens=256,
+            widths=[2], sensitivity={},
+        ).save(Path(d) / "p.json")  # fmt: skip
+        with pytest.raises(NamespaceError, match="24x4x64"):
+            namespace_for_vllm(
+                config(), Settings.from_extra({"endpoint": "h:1", "profile": str(path)})
+            )
 
 
-def test_a_down_tier_costs_the_scheduler_one_bounded_lookup_then_none() -> None:
-    from types import SimpleNamespace
+def dead_endpoint() -> str:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
 
+
+@contextlib.contextmanager
+def connector(kv_cache_config: Any = None, **extra: Any) -> Iterator[Any]:
+    """A scheduler-role connector on vLLM's config for SmolLM2, outside any engine."""
     from vllm.config import KVTransferConfig
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
     from kvpool.vllm import KVPoolConnector
 
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        dead = f"127.0.0.1:{s.getsockname()[1]}"
     transfer = KVTransferConfig(
         kv_connector="KVPoolConnector", kv_connector_module_path="kvpool.vllm",
-        kv_role="kv_both", kv_connector_extra_config={"endpoint": dead},
+        kv_role="kv_both", kv_connector_extra_config={"endpoint": dead_endpoint(), **extra},
     )  # fmt: skip
-    conn = KVPoolConnector(vllm_config(kv_transfer_config=transfer), KVConnectorRole.SCHEDULER)
+    config = vllm_config(kv_transfer_config=transfer)
+    conn = KVPoolConnector(config, KVConnectorRole.SCHEDULER, kv_cache_config)
     try:
+        yield conn
+    finally:
+        conn.shutdown()
+
+
+def test_a_down_tier_costs_the_scheduler_one_bounded_lookup_then_none() -> None:
+    from types import SimpleNamespace
+
+    with connector() as conn:
         request = SimpleNamespace(request_id="r", prompt_token_ids=list(range(600)))
         t0 = time.monotonic()
-        assert conn.get_num_new_matched_tokens(request, 0) == (0, False)  # type: ignore[arg-type]
+        assert conn.get_num_new_matched_tokens(request, 0) == (0, False)
         assert time.monotonic() - t0 < 5 and conn.pool.stats.lookup_failures >= 1
         lookups = conn.pool.stats.lookups
         for _ in range(20):  # the next requests do not wait on the tier
-            assert conn.get_num_new_matched_tokens(request, 0) == (0, False)  # type: ignore[arg-type]
+            assert conn.get_num_new_matched_tokens(request, 0) == (0, False)
         assert conn.pool.stats.lookups == lookups
-    finally:
-        conn.shutdown()
+
+
+def test_kv_caches_the_connector_cannot_use_are_refused() -> None:
+    from types import SimpleNamespace
+
+    from kvpool.vllm import LayoutError
+
+    def caches(n: int = 30, shape: tuple[int, ...] = (8, 3, 128, 128), **odd: Any) -> Any:
+        out = {f"model.layers.{i}.self_attn.attn": torch.zeros(shape) for i in range(n)}
+        for name, tensor in odd.items():
+            out[f"model.layers.{name}.self_attn.attn"] = tensor
+        return out
+
+    with connector() as conn:
+        with pytest.raises(LayoutError, match="one KV cache per layer"):
+            conn.register_kv_caches(caches(29))
+        with pytest.raises(LayoutError, match="another KV shape"):
+            conn.register_kv_caches(caches(**{"7": torch.zeros(8, 3, 128, 64)}))
+        with pytest.raises(LayoutError, match="dtype"):
+            conn.register_kv_caches({k: v.half() for k, v in caches().items()})
+    groups = SimpleNamespace(num_blocks=8, kv_cache_groups=[object()])
+    with connector(groups) as conn, pytest.raises(LayoutError, match="leading"):
+        conn.register_kv_caches(caches(shape=(2, 8, 3, 128, 64)))  # [K|V, blocks, ...]
+    hybrid = SimpleNamespace(num_blocks=8, kv_cache_groups=[object(), object()])
+    with pytest.raises(LayoutError, match="several KV cache groups"), connector(hybrid):
+        pass
+
+
+def test_saves_beyond_the_budget_are_dropped_and_counted() -> None:
+    from kvpool.vllm import SaveSpec
+
+    with connector(max_pending_save_mib=0) as conn:
+        kv = torch.zeros(30, 3, 256, 64)
+        conn._submit(SaveSpec("r", list(range(256)), [0, 1], 0), kv, kv)
+        assert conn.totals.data["saves_dropped"] == 1 and conn.totals.data["tokens_saved"] == 0
+        assert conn.pool.stats.lookups == 0  # nothing reached the client
 
 
 # ---- real engines ------------------------------------------------------------------------------
