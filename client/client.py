@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -66,6 +67,8 @@ from kvpool.transport import ClientConfig, TierClient
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 KV = tuple[Tensor, Tensor] | Tensor  # (keys, values) [L, H, T, D] each, or latent [L, T, C]
+# what a fetched block can fail with: a miss, counted, and the block is deleted from the tier
+REFUSALS = (BlockFormatError, CodecError, RuntimeError)
 
 
 def namespace_for(
@@ -143,6 +146,9 @@ class AsyncKVPool:
         )
         self.metrics.failures.labels(operation).inc()
         log.warning("kvpool %s failed (a miss or a dropped save): %s", operation, error)
+
+    async def _count_failure(self, operation: str, error: Exception) -> None:
+        self._failed(operation, error)  # on the loop, where the other counts are made
 
     def _shard_failed(self, operation: str, error: TierError) -> None:
         """A shard's failure that a tier call absorbed (one shard of a lookup, one replica)."""
@@ -234,10 +240,8 @@ class AsyncKVPool:
             try:
                 block = await asyncio.to_thread(self._decode, blob, keys, i, out_dtype)
                 return block, len(blob)
-            except (BlockFormatError, CodecError, RuntimeError) as e:  # a miss, counted
-                self._reject(e)
-                log.error("block %d of a prefix refused: %s", i, e)
-                await self._evict(keys[i])
+            except REFUSALS as e:  # a miss, counted
+                await self._refuse(keys, i, e)
                 return None, 0
 
         blocks: list[Block] = []
@@ -279,6 +283,12 @@ class AsyncKVPool:
             await self.tier.delete(self.namespace, [key])
         except TierError as e:
             self._failed("get", e)
+
+    async def _refuse(self, keys: list[BlockHash], i: int, error: Exception) -> None:
+        """Block i of a prefix failed verification: count it, log it, delete it."""
+        self._reject(error)
+        log.error("block %d of a prefix refused: %s", i, error)
+        await self._evict(keys[i])
 
     def _reject(self, error: Exception) -> None:
         self.stats.rejected_blocks += 1
@@ -359,10 +369,15 @@ class AsyncKVPool:
             self._binding(keys, i),
         )  # fmt: skip
 
-    def _decode(self, blob: bytes, keys: list[BlockHash], i: int, dtype: torch.dtype) -> Block:
+    def _decode(
+        self, blob: bytes, keys: list[BlockHash], i: int, dtype: torch.dtype,
+        out: tuple[Tensor, ...] | None = None,
+    ) -> Block:  # fmt: skip
         expect = self.expected_header(keys, i)
+        device = out[0].device if out else self.device
         with self.metrics.decode_seconds.time():
-            block = decode(blob, self.device, dtype, expect=expect, mac_key=self.namespace.mac_key)
+            block = decode(blob, device, dtype, expect=expect, mac_key=self.namespace.mac_key,
+                           out=out)  # fmt: skip
         self.metrics.hit_blocks.inc()
         return block
 
@@ -380,6 +395,18 @@ class AsyncKVPool:
 
 def _torch_dtype(ns: Namespace) -> torch.dtype:
     return {v: k for k, v in FORMAT_DTYPES.items()}[ns.dtype]
+
+
+def _check_block_out(ns: Namespace, out: tuple[Tensor, ...]) -> None:
+    """`out` must hold one block of this namespace (checked before anything is fetched)."""
+    shape = (ns.layers, ns.kv_heads, ns.block_tokens, ns.head_dim)
+    want = (
+        [(ns.layers, ns.block_tokens, ns.head_dim)] if ns.layout == Layout.LATENT else [shape] * 2
+    )
+    if not isinstance(out, tuple | list) or [getattr(x, "shape", None) for x in out] != want:
+        raise CodecError(f"out must be {len(want)} tensor(s) of shape {want[0]} for a block")
+    if any(x.dtype != out[0].dtype or not x.is_contiguous() for x in out):
+        raise CodecError("out tensors must be contiguous and of one dtype")
 
 
 class KVPool:
@@ -455,6 +482,56 @@ class KVPool:
         present: int | None = None,
     ) -> CachedPrefix | None:  # fmt: skip
         return self._bounded("get", self._client.get(tokens, dtype, present), None)
+
+    def get_blocks(
+        self, tokens: Sequence[int] | Tensor, present: int | None = None, first_block: int = 0,
+        out: tuple[Tensor, ...] | None = None,
+    ) -> Generator[Block, None, None]:  # fmt: skip
+        """Blocks `first_block`, `first_block` + 1, ... of the longest cached prefix of
+        `tokens`, for engines that copy each block into a cache of their own.
+
+        The client's loop fetches them all in parallel while the calling thread verifies and
+        decodes them one at a time, in order, into `out` when given ((keys, values)
+        [L, H, block_tokens, D] or (latent,) [L, block_tokens, C], contiguous, one dtype; see
+        `decode`): no allocation and no concatenation per block, and each Block yielded holds
+        `out`, valid until the next one is taken. The blocks end at the first one missing,
+        refused (counted and deleted, as in `get`) or not back within the call deadline."""
+        client, ns = self._client, self.namespace
+        if out is not None:
+            _check_block_out(ns, out)
+        keys = block_keys(ns, tokens)
+        t0, failures = time.perf_counter(), client._failures()
+        n = min(len(keys), (self.lookup(tokens) if present is None else present) // ns.block_tokens)
+        futures = [asyncio.run_coroutine_threadsafe(client._get_block(keys[i]), self._loop)
+                   for i in range(first_block, n)]  # fmt: skip
+        deadline = time.monotonic() + client.config.call_timeout_s
+        dtype = out[0].dtype if out else _torch_dtype(ns)
+        got = 0
+        try:
+            for i, future in zip(range(first_block, n), futures, strict=True):
+                try:
+                    blob = future.result(timeout=max(0.0, deadline - time.monotonic()))
+                except concurrent.futures.TimeoutError as e:
+                    self._run(client._count_failure("get", e))
+                    return
+                if blob is None:
+                    return
+                try:
+                    block = client._decode(blob, keys, i, dtype, out)
+                except REFUSALS as e:
+                    refused = asyncio.run_coroutine_threadsafe(
+                        client._refuse(keys, i, e), self._loop
+                    )
+                    with contextlib.suppress(concurrent.futures.TimeoutError):
+                        refused.result(timeout=max(0.0, deadline - time.monotonic()))
+                    return
+                got += 1
+                yield block
+        finally:
+            for future in futures:
+                future.cancel()
+            client._observe("get", "hit" if got else "miss", t0, failures)
+            client.metrics.hit_tokens.inc(got * ns.block_tokens)
 
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run any coroutine (e.g. one of `tier`'s) on the client's loop."""

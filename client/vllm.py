@@ -31,6 +31,7 @@ split kernel blocks, hybrid models) is refused with an error naming what differs
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -54,7 +55,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
 from kvpool.calibrate import Profile, profile_codec
 from kvpool.client import KVPool, namespace_for
 from kvpool.hf import codec_for
-from kvpool.kernels.codec import CodecConfig
+from kvpool.kernels.codec import CodecConfig, decode, encode
 from kvpool.proto.errors import KVPoolError, NamespaceError
 from kvpool.proto.keys import Namespace
 from kvpool.transport import ClientConfig
@@ -489,6 +490,8 @@ class KVPoolConnector(KVConnectorBase_V1):
         self._layer_index: dict[str, int] = {}
         self._layout: PagedLayout | None = None
         self._staging: dict[str, _Staged] = {}
+        self._scratch: tuple[Tensor, Tensor] | None = None  # one decoded block, reused by loads
+        self._device = torch.device("cpu")
         self._failed_reqs: set[str] = set()
         self._load_errors: set[int] = set()
         self._lock = threading.Lock()
@@ -633,10 +636,22 @@ class KVPoolConnector(KVConnectorBase_V1):
                 f"kvpool connector: kernel blocks of {layout.block_size} tokens, scheduler "
                 f"blocks of {self.vllm_block}"
             )
-        self._layout, self._caches = layout, caches
+        self._layout, self._caches, self._device = layout, caches, first.device
+        self._scratch = self._warm_up(first)
         self._layer_index = {name: i for i, name in enumerate(names)}
         log.info("kvpool connector: %d layers of %s, layout checked", ns.layers,
                  tuple(first.shape))  # fmt: skip
+
+    def _warm_up(self, cache: Tensor) -> tuple[Tensor, Tensor]:
+        """The scratch block loads decode into, allocated once and touched by one encode and
+        decode of a synthetic block, so that the first load finds its memory mapped and the
+        codec's threads started."""
+        ns = self.namespace
+        shape = (ns.layers, ns.kv_heads, self.block_tokens, ns.head_dim)
+        keys = torch.randn(shape, dtype=cache.dtype, device=cache.device)
+        values = torch.randn(shape, dtype=cache.dtype, device=cache.device)
+        decode(encode(keys, values, self.codec), cache.device, out=(keys, values))
+        return keys, values
 
     # -- worker side: loading --------------------------------------------------------------
 
@@ -648,23 +663,31 @@ class KVPoolConnector(KVConnectorBase_V1):
             self._load(spec)
 
     def _load(self, spec: LoadSpec) -> None:
-        assert self._layout is not None
+        """Tokens [start, end) of a request, block by block: each kvpool block is decoded into
+        the scratch block as it arrives and its part of the range scattered into the request's
+        vLLM blocks. The blocks before `start` (vLLM's own prefix cache hit) are not fetched."""
+        assert self._layout is not None and self._scratch is not None
         t0 = time.perf_counter()
-        prefix = self.pool.get(spec.tokens, present=len(spec.tokens))
-        got = prefix.tokens if prefix is not None else 0
-        ok_end = max(spec.start, min(got, spec.end))
-        if ok_end > spec.start and prefix is not None:
-            assert prefix.keys is not None and prefix.values is not None
-            bs = self.vllm_block
-            ids = torch.tensor(spec.block_ids[spec.start // bs : ok_end // bs])
-            ids = ids.to(self._caches[0].device)
-            for i, cache in enumerate(self._caches):
-                k = prefix.keys[i, :, spec.start : ok_end]
-                v = prefix.values[i, :, spec.start : ok_end]
-                self._layout.scatter(cache, ids, k, v)
+        bt, bs = self.block_tokens, self.vllm_block
+        ok_end = spec.start
+        blocks = self.pool.get_blocks(spec.tokens, present=len(spec.tokens),
+                                      first_block=spec.start // bt, out=self._scratch)  # fmt: skip
+        with contextlib.closing(blocks):
+            for block in blocks:
+                assert block.keys is not None and block.values is not None
+                first = block.header.start_position
+                lo, hi = max(first, spec.start), min(first + bt, spec.end)
+                ids = torch.tensor(spec.block_ids[lo // bs : hi // bs], device=self._device)
+                for cache, k, v in zip(self._caches, block.keys, block.values, strict=True):
+                    self._layout.scatter(cache, ids, k[:, lo - first : hi - first],
+                                         v[:, lo - first : hi - first])  # fmt: skip
+                ok_end = hi
+                if ok_end >= spec.end:
+                    break
+        if ok_end > spec.start:
             self._count(tokens_loaded=ok_end - spec.start, requests_loaded=1)
         if ok_end < spec.end:  # vLLM recomputes from the first block that did not load
-            failed = spec.block_ids[ok_end // self.vllm_block :]
+            failed = spec.block_ids[ok_end // bs :]
             self._load_errors.update(failed)
             self._failed_reqs.add(spec.req_id)
             self._count(load_failed_blocks=len(failed))

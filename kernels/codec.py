@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from kvpool.kernels import reference
-from kvpool.kernels.transforms import RopeParams, hadamard, redo_rope, undo_rope
+from kvpool.kernels.transforms import RopeParams, hadamard, hadamard_, redo_rope_, undo_rope
 from kvpool.proto.blockformat import (
     SUPPORTED_BITS,
     SUPPORTED_GROUPS,
@@ -185,22 +185,33 @@ def decode(
     backend: Backend = "auto",
     expect: BlockHeader | None = None,
     mac_key: bytes = b"",
+    out: tuple[Tensor, ...] | None = None,
 ) -> Block:
     """Block bytes -> Block with tensors on `device` in `dtype` (default: the encoded dtype).
 
     expect: the header the block must have (see `block_header`): its shape, codec, position,
     namespace id and key; anything else is refused before any decoding. mac_key: the tenant's
-    secret; the block must then carry a valid MAC.
+    secret; the block must then carry a valid MAC. out: tensors to decode into instead of new
+    ones, (keys, values) [L, H, T, D] or (latent,) [L, T, C], contiguous, on `device`, all of
+    one dtype (which then is the output dtype); the Block returned holds them.
 
     Raises BlockFormatError (or its subclasses TruncatedBlockError, UnsupportedVersionError,
     ChecksumError, BlockMismatchError, ForgedBlockError) for a blob that is not an intact block
-    of this format, or not the expected one.
+    of this format, or not the expected one; CodecError for an unusable `out`.
     """
     header = verify(blob, mac_key)
     if expect is not None and header != expect:
         raise BlockMismatchError(f"got {_describe(header)}, expected {_describe(expect)}")
     device = torch.device(device)
-    out_dtype = dtype or TORCH_DTYPES[header.dtype]
+    shape = (header.layers, header.heads, header.tokens, header.head_dim)
+    latent = header.layout == Layout.LATENT
+    if out is not None:
+        targets = _check_out(out, header, shape, device)
+        out_dtype = targets[0].dtype
+    else:
+        out_dtype = dtype or TORCH_DTYPES[header.dtype]
+        targets = [torch.empty(shape, dtype=out_dtype, device=device)
+                   for _ in range(header.tensors_per_layer)]  # fmt: skip
     if out_dtype not in FORMAT_DTYPES:
         raise CodecError(f"cannot decode to {out_dtype}; use float16, bfloat16 or float32")
     with warnings.catch_warnings():  # read-only bytes: the payload is only ever read
@@ -208,36 +219,51 @@ def decode(
         payload = torch.frombuffer(blob, dtype=torch.uint8, offset=header.header_len)
     payload = payload.to(device, non_blocking=True)
     impl = _backend(backend, device, header.head_dim)
-    transformed = header.flags != 0
-    work_dtype = torch.float32 if transformed else out_dtype
-    shape = (header.layers, header.heads, header.tokens, header.head_dim)
-    per_tensor = [
-        list(header.sections[i :: header.tensors_per_layer])
-        for i in range(header.tensors_per_layer)
-    ]
-    outs = []
-    for sections in per_tensor:
-        out = torch.empty(shape, dtype=work_dtype, device=device)
-        impl.decode_tensor(payload, sections, header, out)
-        outs.append(out)
+    # the transforms run in float32: decode into the targets themselves when they are float32
+    work_dtype = torch.float32 if header.flags != 0 else out_dtype
+    works = [t if t.dtype == work_dtype else torch.empty(shape, dtype=work_dtype, device=device)
+             for t in targets]  # fmt: skip
+    for i, work in enumerate(works):
+        impl.decode_tensor(payload, list(header.sections[i :: header.tensors_per_layer]),
+                           header, work)  # fmt: skip
     if header.has_flag(Flag.HADAMARD_VALUES):
-        outs[1] = hadamard(outs[1])
+        hadamard_(works[1])
     if header.has_flag(Flag.PRE_ROPE_KEYS):
         rope = RopeParams(header.rope_theta, header.rotary_dim, header.rope_scaling)
-        outs[0] = redo_rope(outs[0], rope, header.start_position)
+        redo_rope_(works[0], rope, header.start_position)
     if header.sink_tokens:
         n = header.layers * header.heads * header.sink_tokens * header.head_dim
-        for i, out in enumerate(outs):
+        for i, work in enumerate(works):
             start = header.sinks_offset + 2 * n * i
             sink = payload[start : start + 2 * n].view(torch.float16)
-            out[:, :, : header.sink_tokens] = sink.view(*shape[:2], header.sink_tokens, -1)
-    outs = [o.to(out_dtype) for o in outs]
-    if header.layout == Layout.LATENT:
-        return Block(header, latent=outs[0].squeeze(1))
-    return Block(header, keys=outs[0], values=outs[1])
+            work[:, :, : header.sink_tokens] = sink.view(*shape[:2], header.sink_tokens, -1)
+    for work, target in zip(works, targets, strict=True):
+        if work is not target:
+            target.copy_(work)
+    if latent:
+        return Block(header, latent=targets[0].squeeze(1) if out is None else out[0])
+    return Block(header, keys=targets[0], values=targets[1])
 
 
 # ---- internals ----------------------------------------------------------------------------
+
+
+def _check_out(
+    out: tuple[Tensor, ...], header: BlockHeader, shape: tuple[int, ...], device: torch.device
+) -> list[Tensor]:
+    """The decode targets in `out`, as [L, H, T, D] views, or CodecError."""
+    latent = header.layout == Layout.LATENT
+    want = [(shape[0], shape[2], shape[3])] if latent else [shape, shape]
+    if not isinstance(out, tuple | list) or len(out) != len(want):
+        raise CodecError(f"out must be {len(want)} tensor(s) for this block")
+    for x, size in zip(out, want, strict=True):
+        if not isinstance(x, Tensor) or tuple(x.shape) != size:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise CodecError(f"out tensor is {got}, the block needs {size}")
+        same_device = x.device.type == device.type and device.index in (None, x.device.index)
+        if not same_device or x.dtype != out[0].dtype or not x.is_contiguous():
+            raise CodecError(f"out tensors must be contiguous, on {device}, of one dtype")
+    return [x.unsqueeze(1) for x in out] if latent else list(out)
 
 
 def _check_tensor(x: Tensor, name: str, ndim: int) -> None:

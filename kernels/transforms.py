@@ -55,19 +55,23 @@ def _cos_sin(
     return cos.to(device), sin.to(device)
 
 
-def _rotate(k: Tensor, rope: RopeParams, start: int, sign: float) -> Tensor:
-    # k: [L, H, T, D] float32; rotates the first rotary_dim channels by sign * angle(position)
+def _rotated(k: Tensor, rope: RopeParams, start: int, sign: float) -> Tensor:
+    # k: [..., T, D] float32 -> its first rotary_dim channels rotated by sign * angle(position)
     r = rope.rotary_dim
     if r > k.shape[-1]:
         raise CodecError(f"rotary_dim {r} exceeds head_dim {k.shape[-1]}")
     cos, sin = _cos_sin(rope, start, k.shape[-2], k.device)
     x = k[..., :r]
     rotated = torch.cat((x[..., r // 2 :].neg(), x[..., : r // 2]), dim=-1)
-    result = torch.addcmul(x * cos, rotated, sin, value=sign)
-    if r == k.shape[-1]:
+    return torch.addcmul(x * cos, rotated, sin, value=sign)
+
+
+def _rotate(k: Tensor, rope: RopeParams, start: int, sign: float) -> Tensor:
+    result = _rotated(k, rope, start, sign)
+    if rope.rotary_dim == k.shape[-1]:
         return result
     out = k.clone()
-    out[..., :r] = result
+    out[..., : rope.rotary_dim] = result
     return out
 
 
@@ -91,7 +95,23 @@ def _hadamard_cpu(n: int) -> Tensor:
     return h / n**0.5
 
 
+def redo_rope_(keys: Tensor, rope: RopeParams, start: int) -> Tensor:
+    """`redo_rope` in place on float32 keys [L, H, T, D], one layer at a time (the temporaries
+    are one layer's size, not the block's)."""
+    for layer in keys:
+        layer[..., : rope.rotary_dim] = _rotated(layer, rope, start, 1.0)
+    return keys
+
+
 def hadamard(x: Tensor) -> Tensor:
     """x [..., D] -> x @ H_D (orthonormal, symmetric, its own inverse), in float32."""
     h = _hadamard_cpu(x.shape[-1]).to(x.device)
     return x.float() @ h
+
+
+def hadamard_(x: Tensor) -> Tensor:
+    """`hadamard` in place on float32 x [L, ...], one leading slice at a time."""
+    h = _hadamard_cpu(x.shape[-1]).to(x.device)
+    for part in x:
+        part.copy_(part @ h)
+    return x

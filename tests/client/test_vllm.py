@@ -46,7 +46,8 @@ EXACT = {"key_bits": 8, "value_bits": 8, "group_size": 32}  # near lossless
 NEW_TOKENS = 16
 PROMPT = 700  # two full 256-token blocks and a tail
 # One passage of the Python manual per test, so that no test sees another's blocks.
-TOPICS = ("compound", "types", "string-methods", "debugger", "customization", "execmodel")
+TOPICS = ("compound", "types", "string-methods", "debugger", "customization", "execmodel",
+          "typesmapping")  # fmt: skip
 
 
 # ---- the pieces, without an engine ---------------------------------------------------------
@@ -416,6 +417,26 @@ def test_a_second_engine_loads_what_the_first_stored_and_generates_the_same(
     assert cached.last_cached_tokens == LOADABLE
     assert gen[0, PROMPT:].tolist() == reference
     pool.close()
+
+
+def test_a_load_after_vllms_own_prefix_hit_fetches_only_the_rest(
+    smollm2: Any, tier: Tier, engines: dict[str, Any], mac_key_file: Path
+) -> None:
+    """Engine B's prefix cache holds the prompt's first vLLM block (128 tokens) from an
+    earlier request; kvpool loads [128, 512): the second half of its first block and all of
+    its second, fetching nothing else. Same tokens as the engine that computed it all."""
+    model, tok = smollm2
+    prompt = ids(tok, 6)
+    reference = engines["A"].generate(prompt)
+    pool = exact_pool(model, tier, mac_key_file.read_bytes().strip())
+    assert wait_stored(pool, prompt, LOADABLE) == LOADABLE
+    pool.close()
+    other = prompt[:200] + ids(tok, 0)[:100]  # shares one full vLLM block with the prompt
+    assert engines["B"].generate(other)["connector"]["tokens_loaded"] == 0
+    out = engines["B"].generate(prompt)
+    assert out["connector"]["tokens_loaded"] == LOADABLE - 128
+    assert out["connector"]["load_failed_blocks"] == 0
+    assert out["tokens"] == reference
 
 
 def test_the_engine_reports_its_counters_on_the_metrics_endpoint(

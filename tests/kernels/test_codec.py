@@ -163,6 +163,41 @@ def test_decode_to_another_dtype_and_device() -> None:
         decode(encode(k, v), dtype=torch.int8)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decoding_into_given_tensors_gives_the_same_block(dtype: torch.dtype) -> None:
+    """out=: the tensors are filled and returned, equal to a fresh decode, and reusable."""
+    k, v = kv(tokens=128, dim=64, dtype=torch.bfloat16)
+    cfg = CodecConfig(3, 2, 32, rope=RopeParams(10000.0, 32), hadamard_values=True, sink_tokens=2)
+    blobs = [encode(k, v, cfg, start_position=0), encode(v, k, cfg, start_position=128)]
+    out = (torch.full(k.shape, float("nan"), dtype=dtype), torch.zeros(k.shape, dtype=dtype))
+    for blob in blobs:
+        got = decode(blob, out=out)
+        want = decode(blob, dtype=dtype)
+        assert got.keys is out[0] and got.values is out[1]
+        assert torch.equal(out[0], want.keys) and torch.equal(out[1], want.values)  # type: ignore[arg-type]
+    latent = torch.randn(3, 64, 128, dtype=torch.float16)
+    blob = encode_latent(latent, CodecConfig(key_bits=4, group_size=32, sink_tokens=1))
+    target = torch.empty(3, 64, 128, dtype=dtype)
+    assert decode(blob, out=(target,)).latent is target
+    assert torch.equal(target, decode(blob, dtype=dtype).latent)  # type: ignore[arg-type]
+
+
+def test_unusable_decode_targets_raise_codec_error() -> None:
+    k, v = kv(tokens=128, dim=64)
+    blob = encode(k, v)
+    good = torch.empty(k.shape)
+    for out in [
+        (good,),  # one tensor for two
+        (good, torch.empty(k.shape[0], k.shape[1], 64, 64)),  # half the tokens
+        (good, torch.empty(k.shape, dtype=torch.float16)),  # mixed dtypes
+        (good, torch.empty(k.shape[::-1]).transpose(0, 3).transpose(1, 2)),  # not contiguous
+        (torch.empty(k.shape, dtype=torch.int32), torch.empty(k.shape, dtype=torch.int32)),
+        (good, None),
+    ]:
+        with pytest.raises(CodecError):
+            decode(blob, out=out)  # type: ignore[arg-type]
+
+
 def test_encoding_is_deterministic() -> None:
     k, v = kv(seed=11)
     assert encode(k, v) == encode(k.clone(), v.clone())

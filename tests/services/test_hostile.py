@@ -293,6 +293,11 @@ def test_misplaced_and_misshapen_blocks_in_memory_are_counted_misses(local) -> N
         assert p.stats.get_failures == 0
         rejected = p._client.metrics.rejected_blocks.labels("mismatch")._value.get()
         assert rejected >= 3
+        # block by block (vLLM's path): the blocks end before the refused one, counted
+        local.store.delete([sk[1]])
+        local.store.put(sk[1], sk[0], 1, local.store.get(sk[0]) or b"")
+        starts = [b.header.start_position for b in p.get_blocks(TOKENS, present=3 * B)]
+        assert starts == [0] and p.stats.rejected_blocks == 4
 
 
 def test_misplaced_and_misshapen_blocks_in_redis_are_misses(local, redis_server) -> None:
@@ -378,8 +383,9 @@ def test_a_tier_that_never_answers_is_a_miss_within_the_call_deadline() -> None:
             assert p.get(TOKENS) is None
             assert p.lookup(TOKENS) == 0
             assert p.put(TOKENS, kv(8)) == 0
-            assert time.monotonic() - t0 < 10  # three calls, not three 30 s RPC deadlines
+            assert list(p.get_blocks(TOKENS, present=3 * B)) == []
+            assert time.monotonic() - t0 < 12  # four calls, not four 30 s RPC deadlines
             s = p.stats
-            assert s.lookup_failures + s.get_failures + s.put_failures >= 3
+            assert s.lookup_failures + s.get_failures + s.put_failures >= 4
     finally:
         silent.close()

@@ -18,6 +18,7 @@ import torch
 
 from kvpool.client import AsyncKVPool, KVPool, namespace_for
 from kvpool.kernels.codec import CodecConfig, decode, encode
+from kvpool.proto.errors import CodecError
 from kvpool.proto.keys import block_keys
 from kvpool.services.tier import Tier, TierConfig, start_tier
 from kvpool.transport import ClientConfig
@@ -71,6 +72,31 @@ def test_tensors_round_trip_through_the_tier(client) -> None:
         assert torch.equal(got.values[:, :, i * B : (i + 1) * B], local.values)
     assert client.put(toks, (k, v)) == 0  # stored already: nothing is encoded or sent
     assert client.stats.put_failures == client.stats.get_failures == 0
+
+
+def test_blocks_one_at_a_time_into_one_buffer(client) -> None:
+    """get_blocks: the same blocks as get, decoded in turn into the caller's tensors; the
+    blocks before first_block are never fetched; a buffer of the wrong shape is refused first."""
+    toks = tokens(4 * B, seed=6)
+    client.put(toks, kv(4 * B, seed=6))
+    whole = client.get(toks)
+    assert whole is not None and whole.keys is not None and whole.values is not None
+    out = (torch.empty(NS.layers, NS.kv_heads, B, NS.head_dim, dtype=torch.float16),
+           torch.empty(NS.layers, NS.kv_heads, B, NS.head_dim, dtype=torch.float16))  # fmt: skip
+    fetched = client.stats.blocks_fetched
+    seen = []
+    for block in client.get_blocks(toks, present=4 * B, first_block=1, out=out):
+        assert block.keys is out[0] and block.values is out[1]
+        i = block.header.start_position // B
+        assert torch.equal(out[0], whole.keys[:, :, i * B : (i + 1) * B])
+        assert torch.equal(out[1], whole.values[:, :, i * B : (i + 1) * B])
+        seen.append(i)
+    assert seen == [1, 2, 3] and client.stats.blocks_fetched == fetched + 3
+    longer = toks + tokens(B, seed=7)  # no present: a lookup; allocating when no out is given
+    assert [b.header.start_position for b in client.get_blocks(longer)] == [0, B, 2 * B, 3 * B]
+    with pytest.raises(CodecError):
+        next(client.get_blocks(toks, out=(out[0][:, :, :8], out[1])))
+    assert client.stats.blocks_fetched == fetched + 7
 
 
 def test_partial_prefix_hits(client) -> None:
