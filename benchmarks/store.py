@@ -14,9 +14,13 @@ bound to its key and position, as the shards require: a few blocks are encoded o
 header re-sealed for each key (`bind`), untimed.
 
   kvpool put / get     the encoded bytes through TierClient (async gRPC; `--inflight` transfers
-                       in flight per process); no encode or decode in the timed loop
+                       in flight per process); no encode or decode in the timed loop. Clients
+                       and shards share this host, so gets go through the shards' shared-memory
+                       arenas (services/shared.py); puts go over gRPC
   kvpool logical get   get + CPU decode to fp16 (in a thread, so transfers overlap decodes);
                        MB/s of fp16 delivered
+  kvpool tcp put / get the same with the same-host path off (`same_host=False`): what a client on
+                       another host gets, measured over loopback TCP
   redis set / get      the same encoded bytes, redis-py with hiredis, one connection per
                        process, plain SET / GET one key at a time (no pipelining)
   redis fp16 set / get the fp16 block (keys then values) unencoded, as a store without a codec
@@ -27,6 +31,11 @@ header re-sealed for each key (`bind`), untimed.
                        over what it receives from Redis storing fp16
   logical_get_speedup  logical get MB/s / redis fp16 get MB/s: the same with this CPU's decode
                        included, as a CPU-only worker sees it
+
+copy_gbps: this machine's memory copy (the best of 20 copies of a 32 MiB fp16 tensor);
+get_fraction_of_copy: get MB/s over it. llama8b_tokens_per_s: the tokens of a Llama-3-8B-shaped
+2-bit prefix one client process receives per second (get MB/s of the smallest client count).
+*_vs_redis_same_bytes: kvpool over Redis on the same encoded bytes (tcp_: same-host path off).
 
 Also: the p50 / p99 latency of one TierClient.lookup of a 64-block prefix held by the tier
 (one process, after the throughput runs), and block_keys' cost per token over 64 blocks, given a
@@ -77,6 +86,8 @@ PHASES = (
     "put",
     "get",
     "logical_get",
+    "tcp_put",
+    "tcp_get",
     "redis_set",
     "redis_get",
     "redis_fp16_set",
@@ -166,19 +177,20 @@ def client_process(rank: int, spec: Spec, barrier: Barrier, results: Any) -> Non
         encoded, fp16 = make_blocks()
         enc_size, fp16_size = len(encoded[0]), len(fp16[0])
         loop = asyncio.new_event_loop()
-        tier = TierClient(spec.endpoint, ClientConfig(timeout_s=60.0))
+        tier = TierClient(spec.endpoint, ClientConfig(timeout_s=60.0))  # the same-host path
+        tcp = TierClient(spec.endpoint, ClientConfig(timeout_s=60.0, same_host=False))
         r = redis.Redis("127.0.0.1", spec.redis_port)
         r.ping()
         keys: list[bytes] = []
         bound: list[bytes] = []  # this round's blocks, each bound to its key and position
 
-        async def put_one(i: int, key: bytes) -> int:
-            if not await tier.put(ns, key, keys[0], i, bound[i]):
+        async def put_one(i: int, key: bytes, via: TierClient = tier) -> int:
+            if not await via.put(ns, key, keys[0], i, bound[i]):
                 raise RuntimeError("kvpool: block already present")
             return enc_size
 
-        async def get_one(i: int, key: bytes) -> int:
-            data = await tier.get(ns, key)
+        async def get_one(i: int, key: bytes, via: TierClient = tier) -> int:
+            data = await via.get(ns, key)
             if data is None or len(data) != enc_size:
                 raise RuntimeError("kvpool: missing or short block")
             return enc_size
@@ -210,9 +222,9 @@ def client_process(rank: int, spec: Spec, barrier: Barrier, results: Any) -> Non
             if got != want:
                 raise RuntimeError("a store returned different bytes than it was given")
 
-        def kvpool_done() -> None:
-            check(loop.run_until_complete(tier.get(ns, keys[-1])), bound[-1])
-            loop.run_until_complete(tier.delete(ns, keys))
+        def kvpool_done(via: TierClient) -> None:
+            check(loop.run_until_complete(via.get(ns, keys[-1])), bound[-1])
+            loop.run_until_complete(via.delete(ns, keys))
 
         def redis_done(prefix: bytes, count: int, blobs: list[bytes]) -> None:
             check(r.get(prefix + keys[count - 1]), blobs[(count - 1) % len(blobs)])
@@ -223,13 +235,16 @@ def client_process(rank: int, spec: Spec, barrier: Barrier, results: Any) -> Non
             "put": lambda: kvpool(put_one),
             "get": lambda: kvpool(get_one),
             "logical_get": lambda: kvpool(logical_one),
+            "tcp_put": lambda: kvpool(lambda i, k: put_one(i, k, tcp)),
+            "tcp_get": lambda: kvpool(lambda i, k: get_one(i, k, tcp)),
             "redis_set": lambda: redis_set(b"enc:", n, encoded),
             "redis_get": lambda: redis_get(b"enc:", n, enc_size),
             "redis_fp16_set": lambda: redis_set(b"fp16:", n16, fp16),
             "redis_fp16_get": lambda: redis_get(b"fp16:", n16, fp16_size),
         }
         after: dict[str, Callable[[], None]] = {
-            "logical_get": kvpool_done,
+            "logical_get": lambda: kvpool_done(tier),
+            "tcp_get": lambda: kvpool_done(tcp),
             "redis_get": lambda: redis_done(b"enc:", n, encoded),
             "redis_fp16_get": lambda: redis_done(b"fp16:", n16, fp16),
         }
@@ -237,7 +252,8 @@ def client_process(rank: int, spec: Spec, barrier: Barrier, results: Any) -> Non
             tokens = token_ids((spec.seed, spec.clients, rank, round_), spec.blocks)
             keys[:] = block_keys(ns, tokens)
             bound[:] = [bind(encoded[i % len(encoded)], ns, k, i) for i, k in enumerate(keys)]
-            loop.run_until_complete(tier.lookup(ns, keys))  # topology and channels
+            for client in (tier, tcp):  # topology and channels (arenas open on first get)
+                loop.run_until_complete(client.lookup(ns, keys))
             for name in PHASES:
                 barrier.wait()
                 t0 = time.monotonic()
@@ -246,6 +262,7 @@ def client_process(rank: int, spec: Spec, barrier: Barrier, results: Any) -> Non
                 if name in after:
                     after[name]()
         loop.run_until_complete(tier.close())
+        loop.run_until_complete(tcp.close())
         loop.close()
         r.close()
     except BaseException as e:
@@ -404,6 +421,8 @@ def main(
         "mb": "1e6 bytes",
     }
     figures.update(hash_ns_per_token(200))
+    copy = copy_gbps()
+    figures["copy_gbps"] = round(copy, 2)
     # a round's blocks fit in one shard's budget however the keys fall (each round deletes its own)
     budget_mib = max(256, int(max(clients) * blocks * len(encoded[0]) / 2**20 / 0.6))
     by_clients: dict[str, dict[str, float]] = {}
@@ -419,10 +438,30 @@ def main(
             row["logical_get_speedup"] = round(mbps["logical_get"] / mbps["redis_fp16_get"], 2)
             row["get_vs_redis_same_bytes"] = round(mbps["get"] / mbps["redis_get"], 2)
             row["put_vs_redis_same_bytes"] = round(mbps["put"] / mbps["redis_set"], 2)
+            row["tcp_get_vs_redis_same_bytes"] = round(mbps["tcp_get"] / mbps["redis_get"], 2)
+            row["tcp_put_vs_redis_same_bytes"] = round(mbps["tcp_put"] / mbps["redis_set"], 2)
+            row["get_fraction_of_copy"] = round(mbps["get"] / 1e3 / copy, 3)
             by_clients[str(n)] = row
         figures.update(asyncio.run(lookup_latency(tier.endpoint, encoded, lookups)))
     headline = by_clients[str(max(clients))]
+    one = by_clients[str(min(clients))]
+    tokens_per_byte = BLOCK_TOKENS / len(encoded[0])
+    figures["llama8b_tokens_per_s"] = round(one["get_mbps"] * 1e6 * tokens_per_byte)
+    figures["llama8b_tokens_per_s_clients"] = min(clients)
     return {**figures, "clients": max(clients), **headline, "by_clients": by_clients}
+
+
+def copy_gbps(repeat: int = 20) -> float:
+    """This machine's memory-copy bandwidth: the best of `repeat` copies of a 32 MiB tensor
+    (one fp16 block) into another, GB/s of bytes copied."""
+    src = torch.randn(SHAPE).half()
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return src.numel() * 2 / best / 1e9
 
 
 def print_table(result: dict[str, Any]) -> None:
@@ -430,6 +469,8 @@ def print_table(result: dict[str, Any]) -> None:
         ("put_mbps", "kv put"),
         ("get_mbps", "kv get"),
         ("logical_get_mbps", "kv get+dec"),
+        ("tcp_put_mbps", "tcp put"),
+        ("tcp_get_mbps", "tcp get"),
         ("redis_set_mbps", "redis set"),
         ("redis_get_mbps", "redis get"),
         ("redis_fp16_set_mbps", "r fp16 set"),

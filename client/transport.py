@@ -13,7 +13,11 @@ code only: UNAVAILABLE sends a call once more to the shard's new address, if it 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import mmap
+import os
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -46,6 +50,9 @@ class ClientConfig:
     tls_key_file: str | None = None
     tls_server_name: str | None = None  # when the certificate names another host
     token: str | None = None  # the tenant's token (needs TLS)
+    same_host: bool = True  # fetch through a shard's shared-memory arena when it is on this host
+    shared_slots: int = 4  # blocks in flight through one shard's arena
+    shared_slot_bytes: int = 8 << 20  # the largest block the arena takes (larger ones: TCP)
 
     def __post_init__(self) -> None:
         if self.token and not self.tls_ca_file:
@@ -75,6 +82,8 @@ class TierClient:
         self._refreshed_at = 0.0
         self._refresh_lock = asyncio.Lock()
         self._inflight = asyncio.Semaphore(config.max_inflight)
+        self._shared: dict[str, _Shared | float] = {}  # address -> arena, or when to try again
+        self._shared_lock = asyncio.Lock()
 
     # -- topology and channels -------------------------------------------------------------
 
@@ -127,6 +136,10 @@ class TierClient:
             self._addresses = addresses
             self._ring = Ring(list(addresses))
             keep = {*addresses.values(), *self.seeds}
+            for address in [a for a in self._shared if a not in keep]:
+                shared = self._shared.pop(address)  # its shard left or moved: so did the arena
+                if isinstance(shared, _Shared):
+                    shared.close()
             for address in [a for a in self._channels if a not in keep]:
                 task = asyncio.ensure_future(self._channels.pop(address).close(grace=1.0))
                 self._closing.add(task)  # closed in the background; in-flight calls finish
@@ -150,7 +163,9 @@ class TierClient:
         """Run one RPC against a shard and map failures to TierError. UNAVAILABLE: if the
         topology now places the shard elsewhere (Ray restarted it on a new port), once more
         there."""
-        address = self._addresses[shard_id]
+        address = self._addresses.get(shard_id)
+        if address is None:  # it left the topology while this call waited
+            raise TierError(f"{shard_id} is no longer in the tier", "UNAVAILABLE")
         for attempt in (0, 1):
             try:
                 return await rpc(self._stub(address))
@@ -266,7 +281,7 @@ class TierClient:
         async with self._inflight:
             for sid in self.owners(key):
                 try:
-                    found = await self._call(sid, lambda s: self._fetch(s, ns, key))
+                    found = await self._fetch_any(sid, ns, key)
                 except TierError as error:
                     errors.append(error)
                     continue
@@ -277,6 +292,64 @@ class TierClient:
         for absorbed in errors:
             self._absorbed("get", absorbed)
         return found
+
+    async def _fetch_any(self, sid: str, ns: Namespace, key: bytes) -> bytes | None:
+        """One owner's copy of a block: through its arena when it is on this host, else TCP."""
+        shared = await self._arena(sid)
+        if shared is not None:
+            try:
+                return await self._call(sid, lambda s: shared.fetch(s, ns, key, self.config))
+            except _TooLarge:
+                pass
+            except TierError as e:
+                if e.code != "FAILED_PRECONDITION":
+                    raise
+                self._drop_arena(shared)  # the shard closed the session: TCP, a new one later
+        return await self._call(sid, lambda s: self._fetch(s, ns, key))
+
+    async def _arena(self, sid: str) -> _Shared | None:
+        """The shard's arena for this client, opened on first use; None when the shard has no
+        same-host path reachable from here (then asked again after a minute)."""
+        if not self.config.same_host:
+            return None
+        address = self._addresses.get(sid)
+        if address is None:
+            return None
+        known = self._shared.get(address)
+        if isinstance(known, _Shared) or (known is not None and time.monotonic() < known):
+            return known if isinstance(known, _Shared) else None
+        async with self._shared_lock:
+            known = self._shared.get(address)
+            if isinstance(known, _Shared):
+                return known
+            c = self.config
+            request = pb.OpenSharedRequest(size=c.shared_slots * c.shared_slot_bytes)
+            try:
+                reply = await self._call(
+                    sid, lambda s: s.OpenShared(request, timeout=self.config.timeout_s)
+                )
+            except TierError as e:
+                self._no_arena(address, e)
+                return None
+            try:
+                shared = await asyncio.to_thread(_Shared.attach, address, reply, c)
+            except (OSError, ValueError) as e:
+                close = pb.CloseSharedRequest(session=reply.session)
+                with contextlib.suppress(TierError):
+                    await self._call(sid, lambda s: s.CloseShared(close, timeout=c.timeout_s))
+                self._no_arena(address, e)
+                return None
+            self._shared[address] = shared
+            return shared
+
+    def _no_arena(self, address: str, reason: Exception) -> None:
+        log.info("no same-host path to %s (%s): TCP", address, reason)
+        self._shared[address] = time.monotonic() + 60.0  # ask again in a minute
+
+    def _drop_arena(self, shared: _Shared) -> None:
+        if self._shared.get(shared.address) is shared:
+            del self._shared[shared.address]
+        shared.close()
 
     async def _fetch(self, stub: pb_grpc.KVPoolStub, ns: Namespace, key: bytes) -> bytes | None:
         call = stub.Get(pb.GetRequest(namespace_id=ns.id, key=key), timeout=self.config.timeout_s)
@@ -324,10 +397,82 @@ class TierClient:
         return [r for r in replies if isinstance(r, pb.StatsResponse)]
 
     async def close(self) -> None:
+        for address, shared in list(self._shared.items()):
+            channel = self._channels.get(address)
+            if isinstance(shared, _Shared) and channel is not None:
+                stub = pb_grpc.KVPoolStub(channel)
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    await stub.CloseShared(pb.CloseSharedRequest(session=shared.session),
+                                           timeout=1.0)  # fmt: skip
+            if isinstance(shared, _Shared):
+                self._drop_arena(shared)
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()
         await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+class _TooLarge(Exception):
+    """A block found but larger than an arena slot: fetch it over TCP."""
+
+
+class _Shared:
+    """This client's arena on one shard (see services/shared.py): a read-only mapping of the
+    memfd the shard handed over, cut into slots, one per block in flight."""
+
+    def __init__(self, address: str, session: bytes, view: mmap.mmap, config: ClientConfig) -> None:
+        self.address, self.session, self.view = address, session, view
+        self.slot_bytes = config.shared_slot_bytes
+        self._free: asyncio.Queue[int] = asyncio.Queue()
+        for i in range(config.shared_slots):
+            self._free.put_nowait(i * self.slot_bytes)
+
+    @classmethod
+    def attach(cls, address: str, reply: pb.OpenSharedResponse, config: ClientConfig) -> _Shared:
+        """Claim the arena with the ticket on the shard's Unix socket (blocking: run it in a
+        thread). OSError when the socket is not reachable from here."""
+        want = config.shared_slots * config.shared_slot_bytes
+        if reply.size != want or len(reply.session) != 16 or len(reply.ticket) != 32:
+            raise ValueError("the shard answered an arena unlike the one asked for")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(config.timeout_s)
+            sock.connect(reply.socket_path)
+            sock.sendall(reply.ticket)
+            msg, fds, _, _ = socket.recv_fds(sock, 1, 1)
+        if msg != b"\x01" or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise ValueError("the shard refused the ticket")
+        try:
+            if os.fstat(fds[0]).st_size != want:
+                raise ValueError("the arena's size is not the one announced")
+            view = mmap.mmap(fds[0], want, prot=mmap.PROT_READ)
+        finally:
+            os.close(fds[0])
+        return cls(address, reply.session, view, config)
+
+    async def fetch(
+        self, stub: pb_grpc.KVPoolStub, ns: Namespace, key: bytes, config: ClientConfig
+    ) -> bytes | None:
+        """The block's bytes through the arena, None on a miss; _TooLarge: use TCP."""
+        offset = await self._free.get()
+        try:
+            request = pb.GetSharedRequest(namespace_id=ns.id, key=key, session=self.session,
+                                          offset=offset, capacity=self.slot_bytes)  # fmt: skip
+            reply = await stub.GetShared(request, timeout=config.timeout_s)
+            if not reply.found:
+                return None
+            if not reply.fits:
+                raise _TooLarge
+            if reply.size > self.slot_bytes:
+                raise TierError("shard wrote past its slot", "DATA_LOSS")
+            return self.view[offset : offset + reply.size]  # the one copy on this side
+        finally:
+            self._free.put_nowait(offset)
+
+    def close(self) -> None:
+        with contextlib.suppress(BufferError):
+            self.view.close()
 
 
 def channel_credentials(

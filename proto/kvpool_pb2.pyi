@@ -186,3 +186,55 @@ class TopologyResponse(_message.Message):
     replication: int
     shards: _containers.RepeatedCompositeFieldContainer[Shard]
     def __init__(self, epoch: _Optional[int] = ..., replication: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[Shard, _Mapping]]] = ...) -> None: ...
+
+class OpenSharedRequest(_message.Message):
+    __slots__ = ("size",)
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    size: int
+    def __init__(self, size: _Optional[int] = ...) -> None: ...
+
+class OpenSharedResponse(_message.Message):
+    __slots__ = ("session", "ticket", "socket_path", "size")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    SOCKET_PATH_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    session: bytes
+    ticket: bytes
+    socket_path: str
+    size: int
+    def __init__(self, session: _Optional[bytes] = ..., ticket: _Optional[bytes] = ..., socket_path: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+
+class GetSharedRequest(_message.Message):
+    __slots__ = ("namespace_id", "key", "session", "offset", "capacity")
+    NAMESPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    namespace_id: bytes
+    key: bytes
+    session: bytes
+    offset: int
+    capacity: int
+    def __init__(self, namespace_id: _Optional[bytes] = ..., key: _Optional[bytes] = ..., session: _Optional[bytes] = ..., offset: _Optional[int] = ..., capacity: _Optional[int] = ...) -> None: ...
+
+class GetSharedResponse(_message.Message):
+    __slots__ = ("found", "size", "fits")
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    FITS_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    size: int
+    fits: bool
+    def __init__(self, found: _Optional[bool] = ..., size: _Optional[int] = ..., fits: _Optional[bool] = ...) -> None: ...
+
+class CloseSharedRequest(_message.Message):
+    __slots__ = ("session",)
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    session: bytes
+    def __init__(self, session: _Optional[bytes] = ...) -> None: ...
+
+class CloseSharedResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -64,6 +64,21 @@ class KVPoolStub:
                 request_serializer=kvpool_dot_proto_dot_kvpool__pb2.TopologyRequest.SerializeToString,
                 response_deserializer=kvpool_dot_proto_dot_kvpool__pb2.TopologyResponse.FromString,
                 _registered_method=True)
+        self.OpenShared = channel.unary_unary(
+                '/kvpool.v1.KVPool/OpenShared',
+                request_serializer=kvpool_dot_proto_dot_kvpool__pb2.OpenSharedRequest.SerializeToString,
+                response_deserializer=kvpool_dot_proto_dot_kvpool__pb2.OpenSharedResponse.FromString,
+                _registered_method=True)
+        self.GetShared = channel.unary_unary(
+                '/kvpool.v1.KVPool/GetShared',
+                request_serializer=kvpool_dot_proto_dot_kvpool__pb2.GetSharedRequest.SerializeToString,
+                response_deserializer=kvpool_dot_proto_dot_kvpool__pb2.GetSharedResponse.FromString,
+                _registered_method=True)
+        self.CloseShared = channel.unary_unary(
+                '/kvpool.v1.KVPool/CloseShared',
+                request_serializer=kvpool_dot_proto_dot_kvpool__pb2.CloseSharedRequest.SerializeToString,
+                response_deserializer=kvpool_dot_proto_dot_kvpool__pb2.CloseSharedResponse.FromString,
+                _registered_method=True)
 
 
 class KVPoolServicer:
@@ -111,6 +126,31 @@ class KVPoolServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenShared(self, request, context):
+        """The same-host path. OpenShared creates a shared-memory arena for the caller (bounded per
+        shard and per tenant) and answers a Unix socket path and a one-use ticket; the client
+        sends the ticket on that socket and receives the arena's file descriptor (a sealed-size
+        memfd, never named in any file system), valid only where the socket path reaches the
+        shard's host. GetShared copies one block into the caller's own arena, after the same
+        checks as Get: nothing reaches an arena that its tenant could not Get. A session unused
+        for a while is closed by the shard (FAILED_PRECONDITION on its next use: open another).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetShared(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseShared(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVPoolServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +183,21 @@ def add_KVPoolServicer_to_server(servicer, server):
                     servicer.Topology,
                     request_deserializer=kvpool_dot_proto_dot_kvpool__pb2.TopologyRequest.FromString,
                     response_serializer=kvpool_dot_proto_dot_kvpool__pb2.TopologyResponse.SerializeToString,
+            ),
+            'OpenShared': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenShared,
+                    request_deserializer=kvpool_dot_proto_dot_kvpool__pb2.OpenSharedRequest.FromString,
+                    response_serializer=kvpool_dot_proto_dot_kvpool__pb2.OpenSharedResponse.SerializeToString,
+            ),
+            'GetShared': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetShared,
+                    request_deserializer=kvpool_dot_proto_dot_kvpool__pb2.GetSharedRequest.FromString,
+                    response_serializer=kvpool_dot_proto_dot_kvpool__pb2.GetSharedResponse.SerializeToString,
+            ),
+            'CloseShared': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseShared,
+                    request_deserializer=kvpool_dot_proto_dot_kvpool__pb2.CloseSharedRequest.FromString,
+                    response_serializer=kvpool_dot_proto_dot_kvpool__pb2.CloseSharedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -307,6 +362,87 @@ class KVPool:
             '/kvpool.v1.KVPool/Topology',
             kvpool_dot_proto_dot_kvpool__pb2.TopologyRequest.SerializeToString,
             kvpool_dot_proto_dot_kvpool__pb2.TopologyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenShared(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvpool.v1.KVPool/OpenShared',
+            kvpool_dot_proto_dot_kvpool__pb2.OpenSharedRequest.SerializeToString,
+            kvpool_dot_proto_dot_kvpool__pb2.OpenSharedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetShared(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvpool.v1.KVPool/GetShared',
+            kvpool_dot_proto_dot_kvpool__pb2.GetSharedRequest.SerializeToString,
+            kvpool_dot_proto_dot_kvpool__pb2.GetSharedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseShared(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvpool.v1.KVPool/CloseShared',
+            kvpool_dot_proto_dot_kvpool__pb2.CloseSharedRequest.SerializeToString,
+            kvpool_dot_proto_dot_kvpool__pb2.CloseSharedResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -18,7 +18,7 @@ Refusals and their codes:
                          key or position
     RESOURCE_EXHAUSTED   block or key list over a limit; upload budget or stream cap reached
     DEADLINE_EXCEEDED    an upload that stalls (idle timeout) or takes too long
-    DATA_LOSS            checksum mismatch (on upload, or of a stored block: then it is dropped)
+    DATA_LOSS            checksum mismatch of an upload
     UNAUTHENTICATED      authentication on and no valid tenant token
 
 A miss is not an error: Lookup counts present keys, Get answers found = false. Checksums and
@@ -30,6 +30,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -64,6 +66,7 @@ from kvpool.proto.messages import namespace_from_proto
 from kvpool.services.metrics import ShardMetrics
 from kvpool.services.redis_tier import RedisTier
 from kvpool.services.security import ServerSecurity, store_key, tenant_of
+from kvpool.services.shared import Arena, ArenaRefused, Arenas
 from kvpool.services.store import Blob, BlockStore, BlockTooLargeError
 
 log = logging.getLogger(__name__)
@@ -83,6 +86,9 @@ class Limits:
     admission_wait_s: float = 2.0  # how long an upload may wait for room in the budget
     idle_timeout_s: float = 5.0  # longest wait for the next message of an upload
     upload_timeout_s: float = 60.0  # longest a whole upload may take
+    shared_bytes: int = 512 << 20  # same-host arenas of all callers (services/shared.py)
+    peer_shared_bytes: int = 256 << 20  # ... of one tenant (or peer host)
+    shared_idle_s: float = 120.0  # an arena unused this long may be closed to make room
 
     def __post_init__(self) -> None:
         if not self.max_block_bytes <= self.peer_upload_bytes <= self.upload_bytes:
@@ -90,6 +96,8 @@ class Limits:
                 "limits need max_block_bytes <= peer_upload_bytes <= upload_bytes, so that "
                 "every block a shard accepts fits the upload budgets"
             )
+        if self.peer_shared_bytes > self.shared_bytes:
+            raise ValueError("limits need peer_shared_bytes <= shared_bytes")
 
 
 T = TypeVar("T")
@@ -291,6 +299,7 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
         self.store, self.shard_id, self.limits, self.redis = store, shard_id, limits, redis
         self.uploads = Uploads(limits)
         self._topology = topology
+        self.arenas: Arenas | None = None  # the same-host path, when the server has one
 
     def _keys(self, namespace_id: bytes, keys: list[bytes]) -> list[bytes]:
         """The store keys of a request's keys, after checking their number and lengths."""
@@ -354,19 +363,64 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
         for off in range(CHUNK_BYTES, len(data), CHUNK_BYTES):
             yield pb.GetResponse(chunk=bytes(view[off : off + CHUNK_BYTES]))
 
+    async def OpenShared(
+        self, request: pb.OpenSharedRequest, context: Any
+    ) -> pb.OpenSharedResponse:
+        _well_formed(request)
+        if self.arenas is None:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, "no same-host path on this shard")
+        try:
+            arena = self.arenas.open(_CALLER.get(), request.size)
+        except ArenaRefused as e:
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED if e.full else grpc.StatusCode.OUT_OF_RANGE
+            raise Refused(code, str(e)) from None
+        assert arena.ticket is not None
+        return pb.OpenSharedResponse(session=arena.session, ticket=arena.ticket,
+                                     socket_path=self.arenas.path, size=arena.size)  # fmt: skip
+
+    async def GetShared(self, request: pb.GetSharedRequest, context: Any) -> pb.GetSharedResponse:
+        _well_formed(request)
+        if self.arenas is None:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, "no same-host path on this shard")
+        self._shared_session(request.session)  # refuse before reading anything
+        data = await self._read(pb.GetRequest(namespace_id=request.namespace_id, key=request.key))
+        if data is None:
+            return pb.GetSharedResponse(found=False)
+        arena = self._shared_session(request.session)  # again: _read awaited
+        end = request.offset + request.capacity
+        if end > arena.size:
+            raise Refused(grpc.StatusCode.OUT_OF_RANGE,
+                          f"bytes [{request.offset}, {end}) outside the {arena.size}-byte arena")  # fmt: skip
+        if len(data) > request.capacity:
+            return pb.GetSharedResponse(found=True, size=len(data), fits=False)
+        arena.view[request.offset : request.offset + len(data)] = data
+        return pb.GetSharedResponse(found=True, size=len(data), fits=True)
+
+    def _shared_session(self, session: bytes) -> Arena:
+        assert self.arenas is not None
+        try:
+            return self.arenas.session(session, _CALLER.get())
+        except ArenaRefused as e:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
+
+    async def CloseShared(
+        self, request: pb.CloseSharedRequest, context: Any
+    ) -> pb.CloseSharedResponse:
+        _well_formed(request)
+        if self.arenas is not None:
+            self.arenas.close(request.session, _CALLER.get())
+        return pb.CloseSharedResponse()
+
     async def _read(self, request: pb.GetRequest) -> Blob | None:
-        """The requested block, verified; None on a miss. A corrupt block is dropped."""
+        """The requested block; None on a miss. A block in memory was verified when it was
+        uploaded and is immutable; it is not checked again here (a crc of 4.5 MB costs more
+        than the whole same-host transfer): every reader verifies what it decodes, and deletes
+        a block that fails. Blocks read through from Redis are checked like uploads."""
         _well_formed(request)
         [key] = self._keys(request.namespace_id, [request.key])
         data = self.store.get(key)
         if data is None:
             return await self._read_through(request, key)
-        try:
-            await asyncio.to_thread(verify, data)
-        except BlockFormatError as e:
-            self.store.drop_corrupt(key)
-            log.error("shard %s dropped corrupt block %s: %s", self.shard_id, key.hex()[:16], e)
-            raise Refused(grpc.StatusCode.DATA_LOSS, f"stored block corrupted: {e}") from None
         return data
 
     async def _read_through(self, request: pb.GetRequest, key: bytes) -> Blob | None:
@@ -435,6 +489,9 @@ def _handlers(s: KVPoolServicer) -> grpc.GenericRpcHandler:
         "Delete": u(s.Delete, _parse(pb.DeleteRequest), pb.DeleteResponse.SerializeToString),
         "Stats": u(s.Stats, _parse(pb.StatsRequest), pb.StatsResponse.SerializeToString),
         "Topology": u(s.Topology, _parse(pb.TopologyRequest), pb.TopologyResponse.SerializeToString),
+        "OpenShared": u(s.OpenShared, _parse(pb.OpenSharedRequest), pb.OpenSharedResponse.SerializeToString),
+        "GetShared": u(s.GetShared, _parse(pb.GetSharedRequest), pb.GetSharedResponse.SerializeToString),
+        "CloseShared": u(s.CloseShared, _parse(pb.CloseSharedRequest), pb.CloseSharedResponse.SerializeToString),
     }  # fmt: skip
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
@@ -575,9 +632,12 @@ class ShardServer:
         redis: RedisTier | None = None,
         security: ServerSecurity | None = None,
         health_port: int | None = None,
+        shared_dir: str | None = tempfile.gettempdir(),
     ) -> None:
         """health_port: also serve grpc.health.v1 alone, in plaintext, on this port (0: any free
-        port), for probes that cannot speak TLS (Kubernetes gRPC probes); None: no such port."""
+        port), for probes that cannot speak TLS (Kubernetes gRPC probes); None: no such port.
+        shared_dir: where the same-host path's Unix socket goes (clients on this host must
+        reach it under the same path); None: no same-host path."""
         self.store, self.shard_id, self.limits = store, shard_id, limits
         self.redis, self.security = redis, security or ServerSecurity()
         self.host, self.port = host, port
@@ -592,6 +652,8 @@ class ShardServer:
         self._server: grpc.aio.Server | None = None
         self.health_port = health_port
         self._health_server: grpc.aio.Server | None = None
+        self.shared_dir = shared_dir
+        self.arenas: Arenas | None = None
 
     @property
     def address(self) -> str:
@@ -623,6 +685,12 @@ class ShardServer:
         servicer = KVPoolServicer(
             self.store, self.shard_id, self._topology, self.limits, self.redis
         )
+        if self.shared_dir is not None and hasattr(os, "memfd_create"):
+            lim = self.limits
+            self.arenas = servicer.arenas = Arenas(
+                self.shared_dir, self.shard_id, lim.shared_bytes, lim.peer_shared_bytes,
+                lim.shared_idle_s,
+            )  # fmt: skip
         server.add_generic_rpc_handlers((_handlers(servicer),))
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -666,3 +734,6 @@ class ShardServer:
             self._server = None
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
+        if self.arenas is not None:
+            self.arenas.stop()
+            self.arenas = None

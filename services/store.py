@@ -179,14 +179,6 @@ class BlockStore:
             self.stats.blocks = len(self._blocks)
             return deleted
 
-    def drop_corrupt(self, key: bytes) -> None:
-        """Remove a block whose checksum failed, and count it."""
-        with self._lock:
-            if key in self._blocks:
-                self._remove(key, remember=False)
-            self.stats.checksum_failures += 1
-            self.stats.blocks = len(self._blocks)
-
     # -- eviction ---------------------------------------------------------------------------
 
     def _account(self, ch: _Chain, delta: int) -> None:

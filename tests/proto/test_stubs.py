@@ -21,7 +21,8 @@ def test_the_service_has_every_rpc_of_the_protocol() -> None:
     service = pb.DESCRIPTOR.services_by_name["KVPool"]
     assert pb.DESCRIPTOR.package == "kvpool.v1"
     assert {m.name for m in service.methods} == {
-        "Lookup", "Put", "Get", "Delete", "Stats", "Topology",
+        "Lookup", "Put", "Get", "Delete", "Stats", "Topology", "OpenShared", "GetShared",
+        "CloseShared",
     }  # fmt: skip
     streaming = {m.name: (m.client_streaming, m.server_streaming) for m in service.methods}
     assert streaming["Put"] == (True, False) and streaming["Get"] == (False, True)

@@ -4,7 +4,6 @@ namespace, and its block must be of that shape and bound to its namespace id, ke
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 
 import grpc
@@ -12,7 +11,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from kvpool.client import namespace_for
+from kvpool.client import KVPool, namespace_for
 from kvpool.kernels.codec import Binding, CodecConfig, encode
 from kvpool.proto import kvpool_pb2 as pb
 from kvpool.proto import kvpool_pb2_grpc as pb_grpc
@@ -265,16 +264,25 @@ def test_bad_keys_and_oversized_requests(stub, server, request_, code) -> None:
     still_serving(stub, server)
 
 
-def test_a_corrupted_stored_block_is_data_loss_then_a_miss(stub, server) -> None:
-    key = hashlib.sha256(b"to corrupt").digest()
-    data = block(seed=4, key=key)
-    assert stub.Put(iter(put_msgs(NS, key, data)), timeout=10).stored
-    entry = server.store._blocks[store_key(None, NS.id, key)]
-    entry.data = corrupt(entry.data, 200)  # a bit flip in memory
-    assert code_of(lambda: get(stub, key)) == Code.DATA_LOSS
-    assert get(stub, key) is None
-    assert server.store.snapshot().checksum_failures == 1
-    still_serving(stub, server)
+def test_a_block_corrupted_in_shard_memory_is_refused_by_the_reader(server) -> None:
+    """Blocks are verified on upload and not again on every read (readers verify what they
+    decode): a bit flip in the shard's memory reaches the client, which refuses the block,
+    counts it and deletes it, so the prefix is a miss until it is stored again."""
+    tokens = list(range(5000, 5000 + 2 * NS.block_tokens))
+    g = torch.Generator().manual_seed(4)
+    shape = (NS.layers, NS.kv_heads, len(tokens), NS.head_dim)
+    kv = (torch.randn(shape, generator=g).half(), torch.randn(shape, generator=g).half())
+    with KVPool(server.address, NS, CODEC) as p:
+        assert p.put(tokens, kv) == 2
+        key = block_keys(NS, tokens)[1]
+        entry = server.store._blocks[store_key(None, NS.id, key)]
+        entry.data = corrupt(entry.data, 200)  # a bit flip in memory
+        got = p.get(tokens)
+        assert got is not None and got.tokens == NS.block_tokens  # block 1 refused
+        assert p.stats.rejected_blocks == 1
+        assert p.lookup(tokens) == NS.block_tokens  # ... and deleted
+        assert p.put(tokens, kv) == 1  # the next put heals the prefix
+        assert p.get(tokens).tokens == 2 * NS.block_tokens  # type: ignore[union-attr]
 
 
 def test_stats_and_topology(stub, server) -> None:

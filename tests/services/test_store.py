@@ -106,14 +106,6 @@ def test_a_block_larger_than_the_budget_is_refused() -> None:
     assert len(store) == 0 and store.stats.bytes == 0
 
 
-def test_corrupt_blocks_are_dropped_and_counted() -> None:
-    store = BlockStore(1000)
-    keys = put_chain(store, 0, 3)
-    store.drop_corrupt(keys[1])
-    assert keys[1] not in store and store.stats.checksum_failures == 1
-    assert store.leading(keys) == 1
-
-
 @settings(max_examples=60, deadline=None)
 @given(
     st.lists(

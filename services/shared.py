@@ -1,0 +1,210 @@
+"""The same-host path of a shard: shared-memory arenas, handed to clients by file descriptor.
+
+Where it stands: beside the gRPC servicer of one shard (services/server.py), which does every
+check; this module only owns the memory and the socket.
+
+    OpenShared (gRPC, authenticated) -> a memfd of the asked size, mapped by the shard, and a
+                                        one-use ticket and the Unix socket path, for the caller
+    ticket --> the Unix socket       -> the memfd's descriptor (SCM_RIGHTS); the ticket is spent
+    GetShared (gRPC, authenticated)  -> the servicer reads the block as for Get, then copies it
+                                        into the caller's arena at the offset the caller chose
+
+An arena never has a name in any file system: a process gets one only with a ticket, and a
+ticket only travels over the caller's own authenticated gRPC channel. Blocks are copied into an
+arena only for calls of the tenant (and peer) that opened it, so no process can read through
+this path what it could not Get. The memfd's size is sealed, so a client cannot shrink it under
+the shard's mapping. A socket path that does not reach the shard (another host, another mount
+namespace) simply fails to connect, and the client stays on TCP.
+
+Memory is bounded: arenas count against `Limits.shared_bytes` per shard and
+`Limits.peer_shared_bytes` per tenant (or peer host); sessions idle for `shared_idle_s` are
+closed to make room, and a ticket not claimed within `TICKET_S` expires.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import mmap
+import os
+import secrets
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+TICKET_BYTES = 32
+SESSION_BYTES = 16
+TICKET_S = 10.0  # a ticket not claimed by then is void
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+
+
+class ArenaRefused(Exception):
+    """A request the arenas cannot serve; `full` says it was for lack of room."""
+
+    def __init__(self, detail: str, full: bool = False) -> None:
+        super().__init__(detail)
+        self.full = full
+
+
+@dataclass(eq=False)
+class Arena:
+    session: bytes
+    owner: tuple[str | None, str]  # (tenant, peer key) of the caller that opened it
+    size: int
+    fd: int
+    view: mmap.mmap
+    ticket: bytes | None
+    opened: float
+    last_used: float = field(default_factory=time.monotonic)
+
+    def close(self) -> None:
+        with contextlib.suppress(BufferError, ValueError):
+            self.view.close()
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+class Arenas:
+    """The arenas of one shard, and the Unix socket that hands them over."""
+
+    def __init__(self, directory: str, shard_id: str, shared_bytes: int, peer_shared_bytes: int,
+                 idle_s: float) -> None:  # fmt: skip
+        self.shared_bytes, self.peer_shared_bytes, self.idle_s = (
+            shared_bytes, peer_shared_bytes, idle_s,
+        )  # fmt: skip
+        name = f"kvpool-{''.join(c if c.isalnum() else '-' for c in shard_id)}"
+        self.path = str(Path(directory) / f"{name}-{secrets.token_hex(6)}.sock")
+        self._sessions: dict[bytes, Arena] = {}
+        self._tickets: dict[bytes, Arena] = {}
+        self._lock = threading.Lock()
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(self.path)
+        os.chmod(self.path, 0o666)  # the ticket, not the file mode, admits a client
+        self._listener.listen(64)
+        self._listener.settimeout(0.5)
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name=f"arenas-{shard_id}", daemon=True)
+        self._thread.start()
+
+    # -- sessions (called from the servicer) -----------------------------------------------
+
+    def open(self, owner: tuple[str | None, str], size: int) -> Arena:
+        if not 0 < size <= self.peer_shared_bytes:
+            raise ArenaRefused(f"arena of {size} bytes; at most {self.peer_shared_bytes}")
+        with self._lock:
+            self._make_room(owner, size)
+            fd = os.memfd_create("kvpool-arena", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            try:
+                os.ftruncate(fd, size)
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+                view = mmap.mmap(fd, size)
+            except OSError:
+                os.close(fd)
+                raise
+            now = time.monotonic()
+            arena = Arena(secrets.token_bytes(SESSION_BYTES), owner, size, fd, view,
+                          secrets.token_bytes(TICKET_BYTES), now)  # fmt: skip
+            self._sessions[arena.session] = arena
+            assert arena.ticket is not None
+            self._tickets[arena.ticket] = arena
+            return arena
+
+    def _make_room(self, owner: tuple[str | None, str], size: int) -> None:
+        """Close idle sessions (the longest idle first) until `size` more bytes fit."""
+        now = time.monotonic()
+        for arena in sorted(self._sessions.values(), key=lambda a: a.last_used):
+            if self._fits(owner, size):
+                return
+            expired = arena.ticket is not None and now - arena.opened > TICKET_S
+            if expired or now - arena.last_used > self.idle_s:
+                self._drop(arena)
+        if not self._fits(owner, size):
+            raise ArenaRefused("no room for another arena on this shard", full=True)
+
+    def _fits(self, owner: tuple[str | None, str], size: int) -> bool:
+        total = sum(a.size for a in self._sessions.values())
+        mine = sum(a.size for a in self._sessions.values() if a.owner[1] == owner[1])
+        return total + size <= self.shared_bytes and mine + size <= self.peer_shared_bytes
+
+    def session(self, session: bytes, owner: tuple[str | None, str]) -> Arena:
+        """The caller's arena `session`; ArenaRefused when it is not (or no longer) theirs."""
+        with self._lock:
+            arena = self._sessions.get(session)
+            if arena is None or arena.owner != owner or arena.ticket is not None:
+                raise ArenaRefused("no such shared-memory session for this caller")
+            arena.last_used = time.monotonic()
+            return arena
+
+    def close(self, session: bytes, owner: tuple[str | None, str]) -> None:
+        with self._lock:
+            arena = self._sessions.get(session)
+            if arena is not None and arena.owner == owner:
+                self._drop(arena)
+
+    def _drop(self, arena: Arena) -> None:
+        self._sessions.pop(arena.session, None)
+        if arena.ticket is not None:
+            self._tickets.pop(arena.ticket, None)
+        arena.close()
+
+    def _claim(self, ticket: bytes) -> int | None:
+        """The descriptor for a valid ticket (then spent), or None."""
+        with self._lock:
+            arena = self._tickets.pop(ticket, None)
+            if arena is None:
+                return None
+            arena.ticket = None
+            if time.monotonic() - arena.opened > TICKET_S:
+                self._drop(arena)
+                return None
+            arena.last_used = time.monotonic()
+            return arena.fd
+
+    @property
+    def open_bytes(self) -> int:
+        with self._lock:
+            return sum(a.size for a in self._sessions.values())
+
+    # -- the socket ------------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return  # closed
+            with conn:
+                try:
+                    self._hand_over(conn)
+                except OSError as e:
+                    log.info("shared-memory handover failed: %s", e)
+
+    def _hand_over(self, conn: socket.socket) -> None:
+        conn.settimeout(1.0)  # one slow client holds the socket at most this long
+        ticket = b""
+        while len(ticket) < TICKET_BYTES:
+            part = conn.recv(TICKET_BYTES - len(ticket))
+            if not part:
+                return
+            ticket += part
+        fd = self._claim(ticket)
+        if fd is None:
+            conn.sendall(b"\x00")
+        else:
+            socket.send_fds(conn, [b"\x01"], [fd])
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._listener.close()
+        self._thread.join(timeout=5)
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        with self._lock:
+            for arena in list(self._sessions.values()):
+                self._drop(arena)

@@ -1,0 +1,203 @@
+"""The same-host path: blocks through a shard's shared-memory arena, and everything a client
+could try against it (spent or forged tickets, other tenants' sessions, offsets outside the
+arena, resizing the arena under the shard, arenas beyond the shard's limits)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from kvpool.client import KVPool, namespace_for
+from kvpool.kernels.codec import CodecConfig
+from kvpool.proto import kvpool_pb2 as pb
+from kvpool.proto import kvpool_pb2_grpc as pb_grpc
+from kvpool.proto.keys import block_keys
+from kvpool.services.security import ServerSecurity
+from kvpool.services.server import Limits, ShardServer
+from kvpool.services.store import BlockStore
+from kvpool.transport import ClientConfig, TierClient, channel_credentials
+from tests.services.test_security import kv, pki  # noqa: F401  (pki: a fixture)
+
+CODEC = CodecConfig(2, 2, 64)
+B = 64
+NS = namespace_for("test/shared", 2, 2, 64, torch.float16, CODEC, block_tokens=B)
+TOKENS = list(range(2 * B))
+Code = grpc.StatusCode
+LIMITS = Limits(shared_bytes=8 << 20, peer_shared_bytes=4 << 20)
+SMALL = ClientConfig(timeout_s=3.0, shared_slots=2, shared_slot_bytes=1 << 20)
+
+
+@pytest.fixture
+def server() -> Iterator[ShardServer]:
+    srv = ShardServer(BlockStore(16 << 20), "shared-test", limits=LIMITS)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def tier_get(
+    address: str, keys: list[bytes], config: ClientConfig
+) -> tuple[list[bytes | None], int]:
+    """The blocks of `keys` through a TierClient, and how many arena bytes it had open."""
+
+    async def run() -> tuple[list[bytes | None], int]:
+        tier = TierClient(address, config)
+        try:
+            got = [await tier.get(NS, k) for k in keys]
+            return got, sum(s.view.size() for s in tier._shared.values() if hasattr(s, "view"))
+        finally:
+            await tier.close()
+
+    return asyncio.run(run())
+
+
+def test_blocks_come_through_the_arena_equal_to_tcp(server) -> None:
+    with KVPool(server.address, NS, CODEC, config=ClientConfig(same_host=False)) as p:
+        assert p.put(TOKENS, kv(1)) == 2
+        tcp = p.get(TOKENS)
+    keys = block_keys(NS, TOKENS)
+    blobs, opened = tier_get(server.address, keys, ClientConfig(same_host=False))
+    assert opened == 0 and server.arenas is not None and server.arenas.open_bytes == 0
+    shared, opened = tier_get(server.address, keys, SMALL)
+    assert opened == 2 << 20 and shared == blobs and all(blobs)
+    assert server.arenas.open_bytes == 0  # closed with the client
+    # blocks larger than a slot come over TCP, the same bytes
+    tiny = ClientConfig(timeout_s=3.0, shared_slots=2, shared_slot_bytes=4096)
+    assert tier_get(server.address, keys, tiny)[0] == blobs
+    with KVPool(server.address, NS, CODEC, config=SMALL) as p:  # decoded: the same tensors
+        got = p.get(TOKENS)
+        assert got is not None and tcp is not None and torch.equal(got.keys, tcp.keys)  # type: ignore[arg-type]
+
+
+def open_arena(stub: pb_grpc.KVPoolStub, size: int = 1 << 20) -> pb.OpenSharedResponse:
+    return stub.OpenShared(pb.OpenSharedRequest(size=size), timeout=5)
+
+
+def claim(reply: pb.OpenSharedResponse, ticket: bytes | None = None) -> int | None:
+    """The arena's descriptor for a ticket, or None when the shard refuses it."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        sock.connect(reply.socket_path)
+        sock.sendall(reply.ticket if ticket is None else ticket)
+        msg, fds, _, _ = socket.recv_fds(sock, 1, 1)
+    return fds[0] if msg == b"\x01" and fds else None
+
+
+def code_of(fn) -> Code:
+    with pytest.raises(grpc.RpcError) as e:
+        fn()
+    return e.value.code()
+
+
+def test_tickets_are_spent_once_and_cannot_be_guessed(server) -> None:
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.KVPoolStub(channel)
+        reply = open_arena(stub)
+        assert claim(reply, os.urandom(32)) is None
+        assert claim(reply, reply.ticket[:31] + b"\x00") is None  # a near miss is a miss
+        fd = claim(reply)
+        assert fd is not None and os.fstat(fd).st_size == 1 << 20
+        assert claim(reply) is None  # spent
+        # the shard's mapping cannot be pulled from under it: the size is sealed
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, 4096)
+        assert os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:")  # no path to open
+        os.close(fd)
+
+
+def test_sessions_offsets_and_sizes_are_checked(server) -> None:
+    with KVPool(server.address, NS, CODEC, config=ClientConfig(same_host=False)) as p:
+        p.put(TOKENS, kv(2))
+    key = block_keys(NS, TOKENS)[0]
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.KVPoolStub(channel)
+        reply = open_arena(stub)
+
+        def get(session: bytes, offset: int = 0, capacity: int = 1 << 19) -> pb.GetSharedResponse:
+            req = pb.GetSharedRequest(namespace_id=NS.id, key=key, session=session,
+                                      offset=offset, capacity=capacity)  # fmt: skip
+            return stub.GetShared(req, timeout=5)
+
+        assert code_of(lambda: get(reply.session)) == Code.FAILED_PRECONDITION  # unclaimed
+        fd = claim(reply)
+        assert fd is not None
+        assert get(reply.session).fits
+        assert code_of(lambda: get(os.urandom(16))) == Code.FAILED_PRECONDITION
+        assert code_of(lambda: get(reply.session, offset=1 << 20)) == Code.OUT_OF_RANGE
+        assert code_of(lambda: get(reply.session, capacity=2 << 20)) == Code.OUT_OF_RANGE
+        assert code_of(lambda: get(reply.session, offset=2**63, capacity=2**63)) == (
+            Code.OUT_OF_RANGE
+        )
+        assert not get(reply.session, capacity=100).fits  # found, too large: nothing written
+        # arenas are bounded per caller and per shard
+        assert code_of(lambda: open_arena(stub, 0)) == Code.OUT_OF_RANGE
+        assert code_of(lambda: open_arena(stub, 5 << 20)) == Code.OUT_OF_RANGE
+        held = [open_arena(stub, 1 << 20) for _ in range(3)]  # 4 MiB: this peer's share
+        assert code_of(lambda: open_arena(stub, 1 << 20)) == Code.RESOURCE_EXHAUSTED
+        for r in [reply, *held]:
+            stub.CloseShared(pb.CloseSharedRequest(session=r.session), timeout=5)
+        assert server.arenas is not None and server.arenas.open_bytes == 0
+        assert code_of(lambda: get(reply.session)) == Code.FAILED_PRECONDITION  # closed
+        os.close(fd)
+
+
+def test_no_tenant_can_use_another_tenants_arena(pki: Path) -> None:  # noqa: F811
+    security = ServerSecurity(str(pki / "server.crt"), str(pki / "server.key"),
+                              tokens_file=str(pki / "tokens.json"))  # fmt: skip
+    srv = ShardServer(BlockStore(16 << 20), "shared-tls", security=security)
+    srv.start()
+    try:
+        ca = str(pki / "ca.crt")
+        a = ClientConfig(timeout_s=3.0, tls_ca_file=ca, token="token-a", shared_slots=2,
+                         shared_slot_bytes=1 << 20)  # fmt: skip
+        with KVPool(srv.address, NS, CODEC, config=a) as p:
+            p.put(TOKENS, kv(3))
+            assert p.get(TOKENS) is not None
+        key = block_keys(NS, TOKENS)[0]
+
+        def stub_of(token: str) -> tuple[grpc.Channel, pb_grpc.KVPoolStub]:
+            channel = grpc.secure_channel(srv.address, channel_credentials(ca, token=token))
+            return channel, pb_grpc.KVPoolStub(channel)
+
+        ca_channel, stub_a = stub_of("token-a")
+        cb_channel, stub_b = stub_of("token-b")
+        with ca_channel, cb_channel:
+            reply = open_arena(stub_a)
+            fd = claim(reply)
+            assert fd is not None
+            req = pb.GetSharedRequest(namespace_id=NS.id, key=key, session=reply.session,
+                                      capacity=1 << 20)  # fmt: skip
+            assert stub_a.GetShared(req, timeout=5).fits
+            # tenant B, knowing A's session and key, gets neither A's block nor A's arena
+            assert code_of(lambda: stub_b.GetShared(req, timeout=5)) == Code.FAILED_PRECONDITION
+            reply_b = open_arena(stub_b)
+            assert claim(reply_b) is not None
+            req_b = pb.GetSharedRequest(namespace_id=NS.id, key=key, session=reply_b.session,
+                                        capacity=1 << 20)  # fmt: skip
+            assert not stub_b.GetShared(req_b, timeout=5).found
+            os.close(fd)
+    finally:
+        srv.stop()
+
+
+def test_without_a_reachable_socket_the_client_stays_on_tcp(tmp_path: Path) -> None:
+    srv = ShardServer(BlockStore(16 << 20), "shared-elsewhere", shared_dir=str(tmp_path))
+    srv.start()
+    try:
+        with KVPool(srv.address, NS, CODEC, config=ClientConfig(same_host=False)) as p:
+            p.put(TOKENS, kv(4))
+        assert srv.arenas is not None
+        os.unlink(srv.arenas.path)  # as if the shard were on another host
+        keys = block_keys(NS, TOKENS)
+        got, opened = tier_get(srv.address, keys, SMALL)
+        assert opened == 0 and all(got)
+        assert srv.arenas.open_bytes == 0  # the arena it could not claim is closed again
+    finally:
+        srv.stop()
