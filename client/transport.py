@@ -18,6 +18,7 @@ import logging
 import mmap
 import os
 import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -215,6 +216,14 @@ class TierClient:
                 per_shard.setdefault(sid, []).append(i)
 
         async def ask(sid: str, idx: list[int]) -> tuple[list[int], int | TierError]:
+            shared = await self._arena(sid)
+            if shared is not None:  # the same-host socket; gRPC if it fails
+                try:
+                    async with asyncio.timeout(self.config.timeout_s):  # no task, unlike wait_for
+                        return idx, await shared.lookup(ns.id, [keys[i] for i in idx])
+                except (OSError, ValueError, TimeoutError, asyncio.IncompleteReadError) as e:
+                    log.info("same-host lookup on %s failed (%s): gRPC", shared.address, e)
+                    self._drop_arena(shared)
             req = pb.LookupRequest(namespace_id=ns.id, keys=[keys[i] for i in idx])
             try:
                 reply = await self._call(
@@ -333,6 +342,7 @@ class TierClient:
                 return None
             try:
                 shared = await asyncio.to_thread(_Shared.attach, address, reply, c)
+                await shared.connect()
             except (OSError, ValueError) as e:
                 close = pb.CloseSharedRequest(session=reply.session)
                 with contextlib.suppress(TierError):
@@ -412,6 +422,10 @@ class TierClient:
         await asyncio.gather(*self._closing, return_exceptions=True)
 
 
+LOOKUP_HEAD = struct.Struct("<c32sI")  # services/shared.py: b"L", namespace id, key count
+COUNT = struct.Struct("<I")
+
+
 class _TooLarge(Exception):
     """A block found but larger than an arena slot: fetch it over TCP."""
 
@@ -420,8 +434,13 @@ class _Shared:
     """This client's arena on one shard (see services/shared.py): a read-only mapping of the
     memfd the shard handed over, cut into slots, one per block in flight."""
 
-    def __init__(self, address: str, session: bytes, view: mmap.mmap, config: ClientConfig) -> None:
-        self.address, self.session, self.view = address, session, view
+    def __init__(self, address: str, session: bytes, view: mmap.mmap, config: ClientConfig,
+                 sock: socket.socket) -> None:  # fmt: skip
+        self.address, self.session, self.view, self._sock = address, session, view, sock
+        self._lookup_lock = asyncio.Lock()
+        self._broken = False
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
         self.slot_bytes = config.shared_slot_bytes
         self._free: asyncio.Queue[int] = asyncio.Queue()
         for i in range(config.shared_slots):
@@ -434,22 +453,48 @@ class _Shared:
         want = config.shared_slots * config.shared_slot_bytes
         if reply.size != want or len(reply.session) != 16 or len(reply.ticket) != 32:
             raise ValueError("the shard answered an arena unlike the one asked for")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
             sock.settimeout(config.timeout_s)
             sock.connect(reply.socket_path)
             sock.sendall(reply.ticket)
             msg, fds, _, _ = socket.recv_fds(sock, 1, 1)
-        if msg != b"\x01" or len(fds) != 1:
-            for fd in fds:
-                os.close(fd)
-            raise ValueError("the shard refused the ticket")
-        try:
-            if os.fstat(fds[0]).st_size != want:
-                raise ValueError("the arena's size is not the one announced")
-            view = mmap.mmap(fds[0], want, prot=mmap.PROT_READ)
-        finally:
-            os.close(fds[0])
-        return cls(address, reply.session, view, config)
+            if msg != b"\x01" or len(fds) != 1:
+                for fd in fds:
+                    os.close(fd)
+                raise ValueError("the shard refused the ticket")
+            try:
+                if os.fstat(fds[0]).st_size != want:
+                    raise ValueError("the arena's size is not the one announced")
+                view = mmap.mmap(fds[0], want, prot=mmap.PROT_READ)
+            finally:
+                os.close(fds[0])
+        except BaseException:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        return cls(address, reply.session, view, config, sock)
+
+    async def connect(self) -> None:
+        """Streams over the claiming connection, which now serves this client's lookups."""
+        self._reader, self._writer = await asyncio.open_unix_connection(sock=self._sock)
+
+    async def lookup(self, namespace_id: bytes, keys: Sequence[bytes]) -> int:
+        """How many leading `keys` the shard holds: a Unix socket round trip."""
+        reader, writer = self._reader, self._writer
+        if reader is None or writer is None or self._broken:
+            raise OSError("the lookup connection is not usable")
+        async with self._lookup_lock:
+            try:
+                writer.write(LOOKUP_HEAD.pack(b"L", namespace_id, len(keys)) + b"".join(keys))
+                await writer.drain()
+                (present,) = COUNT.unpack(await reader.readexactly(COUNT.size))
+            except BaseException:  # cancelled mid-request too: an answer may still be on its way
+                self._broken = True
+                raise
+        if present > len(keys):
+            raise ValueError(f"shard counted {present} of {len(keys)} keys")
+        return int(present)
 
     async def fetch(
         self, stub: pb_grpc.KVPoolStub, ns: Namespace, key: bytes, config: ClientConfig
@@ -471,6 +516,10 @@ class _Shared:
             self._free.put_nowait(offset)
 
     def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        else:
+            self._sock.close()
         with contextlib.suppress(BufferError):
             self.view.close()
 

@@ -138,10 +138,12 @@ class Settings:
     def client_config(self, lookups_only: bool = False) -> ClientConfig:
         token = Path(self.token_file).read_text().strip() if self.token_file else None
         call = self.lookup_timeout_s if lookups_only else self.call_timeout_s
+        # the scheduler only looks up: the smallest arena, for the same-host lookup socket
+        slots = {"shared_slots": 1, "shared_slot_bytes": 64 << 10} if lookups_only else {}
         return ClientConfig(
             timeout_s=min(self.rpc_timeout_s, call), call_timeout_s=call,
             tls_ca_file=self.tls_ca or None, tls_server_name=self.tls_server_name or None,
-            token=token,
+            token=token, **slots,
         )  # fmt: skip
 
 

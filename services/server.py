@@ -300,6 +300,7 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
         self.uploads = Uploads(limits)
         self._topology = topology
         self.arenas: Arenas | None = None  # the same-host path, when the server has one
+        self.metrics: ShardMetrics | None = None
 
     def _keys(self, namespace_id: bytes, keys: list[bytes]) -> list[bytes]:
         """The store keys of a request's keys, after checking their number and lengths."""
@@ -321,6 +322,19 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
         if self.redis is not None and n < len(keys):
             n += await asyncio.to_thread(self.redis.leading, keys[n:])
         return pb.LookupResponse(present=n)
+
+    async def lookup_local(self, owner: tuple[str | None, str], namespace_id: bytes,
+                           keys: list[bytes]) -> int:  # fmt: skip
+        """Lookup for the same-host path (services/shared.py): the answer Lookup gives
+        `owner`."""
+        t0 = time.perf_counter()
+        stored = [store_key(owner[0], namespace_id, k) for k in keys]
+        n = self.store.leading(stored)
+        if self.redis is not None and n < len(stored):
+            n += await asyncio.to_thread(self.redis.leading, stored[n:])
+        if self.metrics is not None:
+            self.metrics.observe("LookupShared", "OK", time.perf_counter() - t0)
+        return n
 
     async def Put(
         self, request_iterator: AsyncIterator[pb.PutRequest], context: Any
@@ -685,11 +699,12 @@ class ShardServer:
         servicer = KVPoolServicer(
             self.store, self.shard_id, self._topology, self.limits, self.redis
         )
+        servicer.metrics = self.metrics
         if self.shared_dir is not None and hasattr(os, "memfd_create"):
             lim = self.limits
             self.arenas = servicer.arenas = Arenas(
                 self.shared_dir, self.shard_id, lim.shared_bytes, lim.peer_shared_bytes,
-                lim.shared_idle_s,
+                lim.shared_idle_s, servicer.lookup_local, lim.max_keys, self._loop,
             )  # fmt: skip
         server.add_generic_rpc_handlers((_handlers(servicer),))
         health_servicer = health.aio.HealthServicer()

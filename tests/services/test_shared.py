@@ -76,6 +76,47 @@ def test_blocks_come_through_the_arena_equal_to_tcp(server) -> None:
         assert got is not None and tcp is not None and torch.equal(got.keys, tcp.keys)  # type: ignore[arg-type]
 
 
+def test_lookups_go_over_the_arenas_socket_with_the_same_answers(server) -> None:
+    keys = block_keys(NS, TOKENS)
+    with KVPool(server.address, NS, CODEC, config=ClientConfig(same_host=False)) as p:
+        p.put(TOKENS, kv(5))
+
+    def lookups(config: ClientConfig) -> tuple[list[int], float, float]:
+        calls = server.metrics.requests.labels
+
+        async def run() -> list[int]:
+            tier = TierClient(server.address, config)
+            try:
+                return [await tier.lookup(NS, ks) for ks in (keys, keys[:1], keys[1:], [])]
+            finally:
+                await tier.close()
+
+        before = calls("Lookup", "OK")._value.get(), calls("LookupShared", "OK")._value.get()
+        got = asyncio.run(run())
+        after = calls("Lookup", "OK")._value.get(), calls("LookupShared", "OK")._value.get()
+        return got, after[0] - before[0], after[1] - before[1]
+
+    assert lookups(ClientConfig(same_host=False)) == ([2, 1, 1, 0], 3, 0)
+    assert lookups(SMALL) == ([2, 1, 1, 0], 0, 3)
+
+
+def test_a_malformed_lookup_ends_the_connection_not_the_shard(server) -> None:
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.KVPoolStub(channel)
+        for junk in (b"X" + bytes(36), b"L" + bytes(32) + (1 << 30).to_bytes(4, "little")):
+            reply = open_arena(stub)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(5)
+                sock.connect(reply.socket_path)
+                sock.sendall(reply.ticket)
+                _, fds, _, _ = socket.recv_fds(sock, 1, 1)
+                os.close(fds[0])
+                sock.sendall(junk)
+                assert sock.recv(4) == b""  # closed, nothing allocated for 2^30 keys
+        reply = open_arena(stub)  # the shard goes on
+        assert claim(reply) is not None
+
+
 def open_arena(stub: pb_grpc.KVPoolStub, size: int = 1 << 20) -> pb.OpenSharedResponse:
     return stub.OpenShared(pb.OpenSharedRequest(size=size), timeout=5)
 
@@ -183,6 +224,19 @@ def test_no_tenant_can_use_another_tenants_arena(pki: Path) -> None:  # noqa: F8
                                         capacity=1 << 20)  # fmt: skip
             assert not stub_b.GetShared(req_b, timeout=5).found
             os.close(fd)
+        for token, present in (("token-a", 2), ("token-b", 0)):  # lookups: the tenant's own
+            config = ClientConfig(timeout_s=3.0, tls_ca_file=ca, token=token, shared_slots=1,
+                                  shared_slot_bytes=1 << 20)  # fmt: skip
+
+            async def look(config: ClientConfig = config) -> tuple[int, int]:
+                tier = TierClient(srv.address, config)
+                try:
+                    n = await tier.lookup(NS, block_keys(NS, TOKENS))
+                    return n, len([s for s in tier._shared.values() if hasattr(s, "view")])
+                finally:
+                    await tier.close()
+
+            assert asyncio.run(look()) == (present, 1)
     finally:
         srv.stop()
 
