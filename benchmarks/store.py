@@ -16,7 +16,9 @@ header re-sealed for each key (`bind`), untimed.
   kvpool put / get     the encoded bytes through TierClient (async gRPC; `--inflight` transfers
                        in flight per process); no encode or decode in the timed loop. Clients
                        and shards share this host, so gets go through the shards' shared-memory
-                       arenas (services/shared.py); puts go over gRPC
+                       arenas (services/shared.py): `TierClient.view`, the block readable in the
+                       client's own arena slot (what a decoder reads; `get` copies it out once
+                       more); puts go over gRPC
   kvpool logical get   get + CPU decode to fp16 (in a thread, so transfers overlap decodes);
                        MB/s of fp16 delivered
   kvpool tcp put / get the same with the same-host path off (`same_host=False`): what a client on
@@ -189,17 +191,23 @@ def client_process(rank: int, spec: Spec, barrier: Barrier, results: Any) -> Non
                 raise RuntimeError("kvpool: block already present")
             return enc_size
 
-        async def get_one(i: int, key: bytes, via: TierClient = tier) -> int:
-            data = await via.get(ns, key)
+        async def get_one(i: int, key: bytes) -> int:
+            async with tier.view(ns, key) as data:  # in this process's arena slot, no copy
+                if data is None or len(data) != enc_size:
+                    raise RuntimeError("kvpool: missing or short block")
+            return enc_size
+
+        async def tcp_get_one(i: int, key: bytes) -> int:
+            data = await tcp.get(ns, key)
             if data is None or len(data) != enc_size:
                 raise RuntimeError("kvpool: missing or short block")
             return enc_size
 
         async def logical_one(i: int, key: bytes) -> int:
-            data = await tier.get(ns, key)
-            if data is None:
-                raise RuntimeError("kvpool: missing block")
-            block = await asyncio.to_thread(decode, data, "cpu", torch.float16)
+            async with tier.view(ns, key) as data:  # decoded straight from the arena slot
+                if data is None:
+                    raise RuntimeError("kvpool: missing block")
+                block = await asyncio.to_thread(decode, data, "cpu", torch.float16)
             assert block.keys is not None and block.keys.dtype == torch.float16
             return fp16_size
 
@@ -236,7 +244,7 @@ def client_process(rank: int, spec: Spec, barrier: Barrier, results: Any) -> Non
             "get": lambda: kvpool(get_one),
             "logical_get": lambda: kvpool(logical_one),
             "tcp_put": lambda: kvpool(lambda i, k: put_one(i, k, tcp)),
-            "tcp_get": lambda: kvpool(lambda i, k: get_one(i, k, tcp)),
+            "tcp_get": lambda: kvpool(tcp_get_one),
             "redis_set": lambda: redis_set(b"enc:", n, encoded),
             "redis_get": lambda: redis_get(b"enc:", n, enc_size),
             "redis_fp16_set": lambda: redis_set(b"fp16:", n16, fp16),

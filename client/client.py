@@ -32,7 +32,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Coroutine, Generator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -234,15 +234,15 @@ class AsyncKVPool:
         out_dtype = dtype or _torch_dtype(self.namespace)
 
         async def fetch(i: int) -> tuple[Block | None, int]:
-            blob = await self._get_block(keys[i])
-            if blob is None:
-                return None, 0
-            try:
-                block = await asyncio.to_thread(self._decode, blob, keys, i, out_dtype)
-                return block, len(blob)
-            except REFUSALS as e:  # a miss, counted
-                await self._refuse(keys, i, e)
-                return None, 0
+            async with self._block_view(keys[i]) as blob:
+                if blob is None:
+                    return None, 0
+                try:
+                    block = await asyncio.to_thread(self._decode, blob, keys, i, out_dtype)
+                    return block, len(blob)
+                except REFUSALS as e:  # a miss, counted
+                    await self._refuse(keys, i, e)
+                    return None, 0
 
         blocks: list[Block] = []
         fetched = 0
@@ -321,11 +321,31 @@ class AsyncKVPool:
         except TierError as e:
             self._failed("get", e)
             return None
+        self._received(blob)
+        return blob
+
+    @contextlib.asynccontextmanager
+    async def _block_view(self, key: BlockHash) -> AsyncIterator[bytes | memoryview | None]:
+        """The block to decode inside the `async with`: straight from a same-host arena slot
+        (no copy) unless the namespace verifies a MAC, which must see bytes the shard can no
+        longer change (then a copy, as `_get_block`)."""
+        if self.namespace.mac_key:
+            yield await self._get_block(key)
+            return
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                blob = await stack.enter_async_context(self.tier.view(self.namespace, key))
+            except TierError as e:
+                self._failed("get", e)
+                blob = None
+            self._received(blob)
+            yield blob
+
+    def _received(self, blob: bytes | memoryview | None) -> None:
         if blob is not None:
             self.stats.blocks_fetched += 1
             self.stats.bytes_fetched += len(blob)
             self.metrics.received_bytes.inc(len(blob))
-        return blob
 
     def _check_kv(self, kv: KV, tokens: int) -> list[Tensor]:
         """The tensors of `kv`, checked against the namespace: shape, dtype, enough tokens."""
@@ -370,7 +390,7 @@ class AsyncKVPool:
         )  # fmt: skip
 
     def _decode(
-        self, blob: bytes, keys: list[BlockHash], i: int, dtype: torch.dtype,
+        self, blob: bytes | memoryview, keys: list[BlockHash], i: int, dtype: torch.dtype,
         out: tuple[Tensor, ...] | None = None,
     ) -> Block:  # fmt: skip
         expect = self.expected_header(keys, i)

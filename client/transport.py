@@ -284,37 +284,65 @@ class TierClient:
     async def get(self, ns: Namespace, key: bytes) -> bytes | None:
         """The block's bytes from the first owner that has it; None on a miss. Raises TierError
         when no owner answered."""
+        async with self.view(ns, key) as data:
+            return None if data is None else bytes(data)
+
+    @contextlib.asynccontextmanager
+    async def view(self, ns: Namespace, key: bytes) -> AsyncIterator[bytes | memoryview | None]:
+        """`get` without the copy out of a same-host arena: the block's bytes as a read-only
+        view of this client's arena slot, valid only inside the `async with` (the slot is
+        held until then; bytes when it came over TCP). A compromised shard could rewrite a
+        slot while it is read: readers that verify a MAC must copy first (`get`)."""
         await self._ensure_topology()
         errors: list[TierError] = []
-        found: bytes | None = None
         async with self._inflight:
             for sid in self.owners(key):
-                try:
-                    found = await self._fetch_any(sid, ns, key)
-                except TierError as error:
-                    errors.append(error)
-                    continue
-                if found is not None:
-                    break
-        if found is None and errors and len(errors) == len(self.owners(key)):
+                async with contextlib.AsyncExitStack() as stack:
+                    try:
+                        found = await stack.enter_async_context(self._fetch_any(sid, ns, key))
+                    except TierError as error:
+                        errors.append(error)
+                        continue
+                    if found is not None:
+                        for absorbed in errors:
+                            self._absorbed("get", absorbed)
+                        yield found  # outside the try: the caller's errors are its own
+                        return
+        if errors and len(errors) == len(self.owners(key)):
             raise errors[0]
         for absorbed in errors:
             self._absorbed("get", absorbed)
-        return found
+        yield None
 
-    async def _fetch_any(self, sid: str, ns: Namespace, key: bytes) -> bytes | None:
+    @contextlib.asynccontextmanager
+    async def _fetch_any(
+        self, sid: str, ns: Namespace, key: bytes
+    ) -> AsyncIterator[bytes | memoryview | None]:
         """One owner's copy of a block: through its arena when it is on this host, else TCP."""
         shared = await self._arena(sid)
         if shared is not None:
-            try:
-                return await self._call(sid, lambda s: shared.fetch(s, ns, key, self.config))
-            except _TooLarge:
-                pass
-            except TierError as e:
-                if e.code != "FAILED_PRECONDITION":
-                    raise
-                self._drop_arena(shared)  # the shard closed the session: TCP, a new one later
-        return await self._call(sid, lambda s: self._fetch(s, ns, key))
+            async with shared.slot() as offset:
+                try:
+                    size = await self._call(sid, lambda s: shared.fetch(s, ns, key, offset))
+                except _TooLarge:
+                    size = -1
+                except TierError as e:
+                    if e.code != "FAILED_PRECONDITION":
+                        raise
+                    self._drop_arena(shared)  # the shard closed the session: TCP, a new one later
+                    size = -1
+                if size is None:
+                    yield None
+                    return
+                if size >= 0:
+                    view = memoryview(shared.view)[offset : offset + size].toreadonly()
+                    try:
+                        yield view
+                    finally:
+                        with contextlib.suppress(BufferError):  # a reader still holds it
+                            view.release()
+                    return
+        yield await self._call(sid, lambda s: self._fetch(s, ns, key))
 
     async def _arena(self, sid: str) -> _Shared | None:
         """The shard's arena for this client, opened on first use; None when the shard has no
@@ -437,6 +465,7 @@ class _Shared:
     def __init__(self, address: str, session: bytes, view: mmap.mmap, config: ClientConfig,
                  sock: socket.socket) -> None:  # fmt: skip
         self.address, self.session, self.view, self._sock = address, session, view, sock
+        self.timeout_s = config.timeout_s
         self._lookup_lock = asyncio.Lock()
         self._broken = False
         self._reader: asyncio.StreamReader | None = None
@@ -496,24 +525,30 @@ class _Shared:
             raise ValueError(f"shard counted {present} of {len(keys)} keys")
         return int(present)
 
-    async def fetch(
-        self, stub: pb_grpc.KVPoolStub, ns: Namespace, key: bytes, config: ClientConfig
-    ) -> bytes | None:
-        """The block's bytes through the arena, None on a miss; _TooLarge: use TCP."""
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[int]:
+        """The offset of a free slot, held until the block is done with."""
         offset = await self._free.get()
         try:
-            request = pb.GetSharedRequest(namespace_id=ns.id, key=key, session=self.session,
-                                          offset=offset, capacity=self.slot_bytes)  # fmt: skip
-            reply = await stub.GetShared(request, timeout=config.timeout_s)
-            if not reply.found:
-                return None
-            if not reply.fits:
-                raise _TooLarge
-            if reply.size > self.slot_bytes:
-                raise TierError("shard wrote past its slot", "DATA_LOSS")
-            return self.view[offset : offset + reply.size]  # the one copy on this side
+            yield offset
         finally:
             self._free.put_nowait(offset)
+
+    async def fetch(
+        self, stub: pb_grpc.KVPoolStub, ns: Namespace, key: bytes, offset: int
+    ) -> int | None:
+        """Have the shard copy the block into the slot at `offset`: its size, None on a miss;
+        _TooLarge: use TCP."""
+        request = pb.GetSharedRequest(namespace_id=ns.id, key=key, session=self.session,
+                                      offset=offset, capacity=self.slot_bytes)  # fmt: skip
+        reply = await stub.GetShared(request, timeout=self.timeout_s)
+        if not reply.found:
+            return None
+        if not reply.fits:
+            raise _TooLarge
+        if reply.size > self.slot_bytes:
+            raise TierError("shard wrote past its slot", "DATA_LOSS")
+        return int(reply.size)
 
     def close(self) -> None:
         if self._writer is not None:

@@ -117,6 +117,31 @@ def test_a_malformed_lookup_ends_the_connection_not_the_shard(server) -> None:
         assert claim(reply) is not None
 
 
+def test_a_view_is_the_block_in_the_clients_own_slot(server) -> None:
+    """TierClient.view: the same bytes as get, read-only, straight from the arena; the slot
+    is held inside the `async with` only (one slot serves any number of views in turn)."""
+    with KVPool(server.address, NS, CODEC, config=ClientConfig(same_host=False)) as p:
+        p.put(TOKENS, kv(6))
+    keys = block_keys(NS, TOKENS)
+    one_slot = ClientConfig(timeout_s=3.0, shared_slots=1, shared_slot_bytes=1 << 20)
+
+    async def run() -> None:
+        tier = TierClient(server.address, one_slot)
+        try:
+            want = [await tier.get(NS, k) for k in keys]
+            for k, blob in zip(keys * 2, want * 2, strict=True):
+                async with tier.view(NS, k) as view:
+                    assert isinstance(view, memoryview) and view.readonly and view == blob
+                    with pytest.raises(TypeError):
+                        view[0] = 0  # type: ignore[index]
+            async with tier.view(NS, os.urandom(32)) as missing:
+                assert missing is None
+        finally:
+            await tier.close()
+
+    asyncio.run(run())
+
+
 def open_arena(stub: pb_grpc.KVPoolStub, size: int = 1 << 20) -> pb.OpenSharedResponse:
     return stub.OpenShared(pb.OpenSharedRequest(size=size), timeout=5)
 
