@@ -265,6 +265,14 @@ class TierClient:
 
         async def put_one(sid: str) -> bool | TierError:
             try:
+                shared = await self._arena(sid)
+                if shared is not None and len(data) <= shared.slot_bytes:
+                    try:
+                        return await self._call(sid, lambda s: shared.put(s, info, data))
+                    except TierError as e:
+                        if e.code != "FAILED_PRECONDITION":
+                            raise
+                        self._drop_arena(shared)  # the shard closed the session: TCP
                 reply = await self._call(
                     sid, lambda s: s.Put(messages(), timeout=self.config.timeout_s)
                 )
@@ -495,7 +503,7 @@ class _Shared:
             try:
                 if os.fstat(fds[0]).st_size != want:
                     raise ValueError("the arena's size is not the one announced")
-                view = mmap.mmap(fds[0], want, prot=mmap.PROT_READ)
+                view = mmap.mmap(fds[0], want)  # written by puts, read by gets
             finally:
                 os.close(fds[0])
         except BaseException:
@@ -533,6 +541,14 @@ class _Shared:
             yield offset
         finally:
             self._free.put_nowait(offset)
+
+    async def put(self, stub: pb_grpc.KVPoolStub, info: pb.BlockInfo, data: bytes) -> bool:
+        """Store a block through a slot: written there, then taken by the shard (PutShared)."""
+        async with self.slot() as offset:
+            self.view[offset : offset + len(data)] = data
+            request = pb.PutSharedRequest(info=info, session=self.session, offset=offset)
+            reply = await stub.PutShared(request, timeout=self.timeout_s)
+        return bool(reply.stored)
 
     async def fetch(
         self, stub: pb_grpc.KVPoolStub, ns: Namespace, key: bytes, offset: int

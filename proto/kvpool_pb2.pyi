@@ -229,6 +229,16 @@ class GetSharedResponse(_message.Message):
     fits: bool
     def __init__(self, found: _Optional[bool] = ..., size: _Optional[int] = ..., fits: _Optional[bool] = ...) -> None: ...
 
+class PutSharedRequest(_message.Message):
+    __slots__ = ("info", "session", "offset")
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    info: BlockInfo
+    session: bytes
+    offset: int
+    def __init__(self, info: _Optional[_Union[BlockInfo, _Mapping]] = ..., session: _Optional[bytes] = ..., offset: _Optional[int] = ...) -> None: ...
+
 class CloseSharedRequest(_message.Message):
     __slots__ = ("session",)
     SESSION_FIELD_NUMBER: _ClassVar[int]

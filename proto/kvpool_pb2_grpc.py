@@ -74,6 +74,11 @@ class KVPoolStub:
                 request_serializer=kvpool_dot_proto_dot_kvpool__pb2.GetSharedRequest.SerializeToString,
                 response_deserializer=kvpool_dot_proto_dot_kvpool__pb2.GetSharedResponse.FromString,
                 _registered_method=True)
+        self.PutShared = channel.unary_unary(
+                '/kvpool.v1.KVPool/PutShared',
+                request_serializer=kvpool_dot_proto_dot_kvpool__pb2.PutSharedRequest.SerializeToString,
+                response_deserializer=kvpool_dot_proto_dot_kvpool__pb2.PutResponse.FromString,
+                _registered_method=True)
         self.CloseShared = channel.unary_unary(
                 '/kvpool.v1.KVPool/CloseShared',
                 request_serializer=kvpool_dot_proto_dot_kvpool__pb2.CloseSharedRequest.SerializeToString,
@@ -145,6 +150,14 @@ class KVPoolServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutShared(self, request, context):
+        """Store a block the caller wrote into its own arena: the shard copies it out first (the
+        caller can still write there), then checks and stores it exactly as a Put.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CloseShared(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -193,6 +206,11 @@ def add_KVPoolServicer_to_server(servicer, server):
                     servicer.GetShared,
                     request_deserializer=kvpool_dot_proto_dot_kvpool__pb2.GetSharedRequest.FromString,
                     response_serializer=kvpool_dot_proto_dot_kvpool__pb2.GetSharedResponse.SerializeToString,
+            ),
+            'PutShared': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutShared,
+                    request_deserializer=kvpool_dot_proto_dot_kvpool__pb2.PutSharedRequest.FromString,
+                    response_serializer=kvpool_dot_proto_dot_kvpool__pb2.PutResponse.SerializeToString,
             ),
             'CloseShared': grpc.unary_unary_rpc_method_handler(
                     servicer.CloseShared,
@@ -416,6 +434,33 @@ class KVPool:
             '/kvpool.v1.KVPool/GetShared',
             kvpool_dot_proto_dot_kvpool__pb2.GetSharedRequest.SerializeToString,
             kvpool_dot_proto_dot_kvpool__pb2.GetSharedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutShared(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvpool.v1.KVPool/PutShared',
+            kvpool_dot_proto_dot_kvpool__pb2.PutSharedRequest.SerializeToString,
+            kvpool_dot_proto_dot_kvpool__pb2.PutResponse.FromString,
             options,
             channel_credentials,
             insecure,

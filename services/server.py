@@ -345,6 +345,17 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
         if first is None or first is MALFORMED or first.WhichOneof("part") != "info":
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "a Put stream starts with info")
         info = first.info
+        ns, key, chain = self._admit_put(info)
+        if key in self.store:
+            self.store.count(put_existing=1)
+            return pb.PutResponse(stored=False)  # immutable: no work, the rest is not read
+        async with self.uploads.reserve(_CALLER.get()[1], info.size):
+            data = await receive(request_iterator, info.size, self.limits)
+            await asyncio.to_thread(verify_upload, data, info, ns)
+        return self._store(info, key, chain, data)
+
+    def _admit_put(self, info: pb.BlockInfo) -> tuple[Namespace, bytes, bytes]:
+        """A put's namespace and store keys, after checking them and the announced size."""
         ns = namespace_of(info)
         [key, chain] = self._keys(info.namespace_id, [info.key, info.chain])
         limit = min(self.limits.max_block_bytes, self.store.budget_bytes)
@@ -353,12 +364,9 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"block of {info.size} bytes over the limit of {limit}",
             )
-        if key in self.store:
-            self.store.count(put_existing=1)
-            return pb.PutResponse(stored=False)  # immutable: no work, the rest is not read
-        async with self.uploads.reserve(_CALLER.get()[1], info.size):
-            data = await receive(request_iterator, info.size, self.limits)
-            await asyncio.to_thread(verify_upload, data, info, ns)
+        return ns, key, chain
+
+    def _store(self, info: pb.BlockInfo, key: bytes, chain: bytes, data: Blob) -> pb.PutResponse:
         try:
             stored = self.store.put(key, chain, info.position, data)
         except BlockTooLargeError as e:
@@ -409,6 +417,25 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
             return pb.GetSharedResponse(found=True, size=len(data), fits=False)
         arena.view[request.offset : request.offset + len(data)] = data
         return pb.GetSharedResponse(found=True, size=len(data), fits=True)
+
+    async def PutShared(self, request: pb.PutSharedRequest, context: Any) -> pb.PutResponse:
+        _well_formed(request)
+        if self.arenas is None:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, "no same-host path on this shard")
+        info = request.info
+        ns, key, chain = self._admit_put(info)
+        arena = self._shared_session(request.session)
+        end = request.offset + info.size
+        if end > arena.size:
+            raise Refused(grpc.StatusCode.OUT_OF_RANGE,
+                          f"bytes [{request.offset}, {end}) outside the {arena.size}-byte arena")  # fmt: skip
+        if key in self.store:
+            self.store.count(put_existing=1)
+            return pb.PutResponse(stored=False)
+        async with self.uploads.reserve(_CALLER.get()[1], info.size):
+            data = arena.view[request.offset : end]  # a copy: the caller can still write there
+            await asyncio.to_thread(verify_upload, data, info, ns)
+        return self._store(info, key, chain, data)
 
     def _shared_session(self, session: bytes) -> Arena:
         assert self.arenas is not None
@@ -505,6 +532,7 @@ def _handlers(s: KVPoolServicer) -> grpc.GenericRpcHandler:
         "Topology": u(s.Topology, _parse(pb.TopologyRequest), pb.TopologyResponse.SerializeToString),
         "OpenShared": u(s.OpenShared, _parse(pb.OpenSharedRequest), pb.OpenSharedResponse.SerializeToString),
         "GetShared": u(s.GetShared, _parse(pb.GetSharedRequest), pb.GetSharedResponse.SerializeToString),
+        "PutShared": u(s.PutShared, _parse(pb.PutSharedRequest), pb.PutResponse.SerializeToString),
         "CloseShared": u(s.CloseShared, _parse(pb.CloseSharedRequest), pb.CloseSharedResponse.SerializeToString),
     }  # fmt: skip
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)

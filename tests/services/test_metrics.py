@@ -88,10 +88,11 @@ def test_shard_and_client_metrics_follow_a_workload(tier) -> None:
     def delta(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
 
-    assert delta("kvpool_shard_requests_total", method="Put", code="OK") == 4
-    assert delta("kvpool_shard_request_duration_seconds_count", method="Put", code="OK") == 4
-    # the client is on the shards' host: its gets go through their arenas
+    # the client is on the shards' host: its puts and gets go through their arenas
+    assert delta("kvpool_shard_requests_total", method="PutShared", code="OK") == 4
+    assert delta("kvpool_shard_request_duration_seconds_count", method="PutShared", code="OK") == 4
     assert delta("kvpool_shard_requests_total", method="GetShared", code="OK") == 4
+    assert delta("kvpool_shard_requests_total", method="Put", code="OK") == 0
     assert delta("kvpool_shard_requests_total", method="Get", code="OK") == 0
     assert delta("kvpool_shard_requests_total", method="Lookup", code="INVALID_ARGUMENT") == 1
     assert delta("kvpool_shard_requests_total", method="Put", code="FAILED_PRECONDITION") == 1

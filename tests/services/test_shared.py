@@ -5,6 +5,7 @@ arena, resizing the arena under the shard, arenas beyond the shard's limits)."""
 from __future__ import annotations
 
 import asyncio
+import mmap
 import os
 import socket
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from kvpool.kernels.codec import CodecConfig
 from kvpool.proto import kvpool_pb2 as pb
 from kvpool.proto import kvpool_pb2_grpc as pb_grpc
 from kvpool.proto.keys import block_keys
+from kvpool.proto.messages import namespace_to_proto
 from kvpool.services.security import ServerSecurity
 from kvpool.services.server import Limits, ShardServer
 from kvpool.services.store import BlockStore
@@ -140,6 +142,50 @@ def test_a_view_is_the_block_in_the_clients_own_slot(server) -> None:
             await tier.close()
 
     asyncio.run(run())
+
+
+def test_puts_through_the_arena_are_checked_like_uploads(server) -> None:
+    """A put through the caller's slot stores the same bytes a TCP put would; what the shard
+    takes out of a slot is checked as an upload (a corrupt or misplaced block stores nothing),
+    and offsets outside the arena are refused."""
+    calls = server.metrics.requests.labels
+    before = calls("PutShared", "OK")._value.get()
+    tokens = list(range(7000, 7000 + 2 * B))
+    with KVPool(server.address, NS, CODEC, config=SMALL) as p:
+        assert p.put(tokens, kv(7)) == 2
+    assert calls("PutShared", "OK")._value.get() - before == 2
+    keys = block_keys(NS, tokens)
+    via_tcp, _ = tier_get(server.address, keys, ClientConfig(same_host=False))
+    with KVPool(server.address, NS, CODEC, config=ClientConfig(same_host=False)) as p:
+        p.call(p.tier.delete(NS, keys))
+        assert p.put(tokens, kv(7)) == 2  # the same tensors over TCP: the same bytes
+        assert tier_get(server.address, keys, ClientConfig(same_host=False))[0] == via_tcp
+        p.call(p.tier.delete(NS, keys))
+    good = via_tcp[0]
+    assert good is not None
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.KVPoolStub(channel)
+        reply = open_arena(stub)
+        fd = claim(reply)
+        assert fd is not None
+        view = mmap.mmap(fd, reply.size)
+        info = pb.BlockInfo(namespace_id=NS.id, key=keys[0], chain=keys[0], position=0,
+                            size=len(good), namespace=namespace_to_proto(NS))  # fmt: skip
+
+        def put(offset: int = 0) -> pb.PutResponse:
+            req = pb.PutSharedRequest(info=info, session=reply.session, offset=offset)
+            return stub.PutShared(req, timeout=5)
+
+        view[: len(good)] = good[:100] + bytes([good[100] ^ 1]) + good[101:]  # a flipped bit
+        assert code_of(put) == Code.DATA_LOSS
+        assert code_of(lambda: put(reply.size - 10)) == Code.OUT_OF_RANGE
+        view[: len(good)] = good
+        info.key = info.chain = keys[1]  # block 0's bytes under block 1's key
+        assert code_of(put) == Code.FAILED_PRECONDITION
+        info.key = info.chain = keys[0]
+        assert put().stored and not put().stored  # stored once; a second put is a no-op
+        view.close()
+        os.close(fd)
 
 
 def open_arena(stub: pb_grpc.KVPoolStub, size: int = 1 << 20) -> pb.OpenSharedResponse:
