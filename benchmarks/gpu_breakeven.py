@@ -1,0 +1,174 @@
+"""A kvpool hit against recomputing on a GPU: the prefill of a Llama-3-8B-shaped model against
+fetching the same prefix's 2-bit KV from a shard on the same machine and decoding it into GPU
+memory, in one run.
+
+    python benchmarks/gpu_breakeven.py                        # on a CUDA machine
+    python benchmarks/gpu_breakeven.py --tiny --device cpu    # a small smoke run anywhere
+
+Model: `LlamaForCausalLM` from a transformers config shaped like Llama-3-8B (32 layers, hidden
+4096, 32 heads, 8 KV heads, head_dim 128, MLP 14336, vocab 128256), random weights (nothing is
+downloaded), bf16, SDPA attention. Prompt: `--tokens` random ids (2,048).
+
+  prefill      one forward pass over the prompt with a KV cache (best of `--repeat`, after a
+               warm-up), the time a worker spends recomputing the prefix
+  kvpool get   `KVPool.get` of the prompt from a shard server in its own process on this host
+               (the same-host shared-memory path, or TCP with --tcp): fetch, verify and decode
+               every 256-token block on the device, concatenated into the prefix's tensors
+  kvpool blocks `KVPool.get_blocks` into one device block reused (what the vLLM connector does:
+               each block decoded and handed over, nothing concatenated)
+
+The shard server runs without Ray (`ShardServer` in a child process), as on a machine with no
+Ray. Codec: 2-bit keys and values, G = 128 (what store.py measures). Tokens/s of each and
+`hit_speedup` = prefill seconds / get seconds; the last line is one JSON object.
+key_relative_error checks that the keys came back (random weights give keys with none of the
+channel structure the codec relies on: it is not a quality figure; see fidelity.py for those).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from kvpool.client import KVPool, namespace_for
+from kvpool.kernels.codec import CodecConfig
+from kvpool.transport import ClientConfig
+
+LLAMA3_8B: dict[str, Any] = dict(
+    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+)  # fmt: skip
+TINY: dict[str, Any] = dict(
+    hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, vocab_size=1000, max_position_embeddings=4096, rope_theta=500000.0,
+)  # fmt: skip
+CODEC = CodecConfig(2, 2, 128)
+
+
+def shard(budget: int, ready: Any) -> None:
+    """A shard server without Ray, in this child process, until it is terminated."""
+    from kvpool.services.server import ShardServer
+    from kvpool.services.store import BlockStore
+
+    server = ShardServer(BlockStore(budget), "breakeven")
+    ready.put(server.start())
+    while True:
+        time.sleep(3600)
+
+
+def best_seconds(fn: Callable[[], Any], repeat: int, device: torch.device) -> float:
+    """The best of `repeat` timed calls, after one untimed warm-up."""
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def prefill(args: argparse.Namespace, device: torch.device) -> tuple[float, Any, list[int], Any]:
+    """(best prefill seconds, the config, the prompt, (keys, values) [L, H, T, D])."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**(TINY if args.tiny else LLAMA3_8B))
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with device:
+        model: Any = LlamaForCausalLM(config)
+        model = model.to(torch.bfloat16).eval()
+    prompt = torch.randint(config.vocab_size, (1, args.tokens), device=device)
+    with torch.inference_mode():
+        seconds = best_seconds(lambda: model(prompt, use_cache=True), args.repeat, device)
+        cache = model(prompt, use_cache=True).past_key_values
+    layers = [cache.layers[i] for i in range(config.num_hidden_layers)]
+    keys = torch.stack([layer.keys[0] for layer in layers])
+    values = torch.stack([layer.values[0] for layer in layers])
+    return seconds, config, prompt[0].tolist(), (keys, values)
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device)
+    dtype = torch.bfloat16
+    prefill_s, config, tokens, (keys, values) = prefill(args, device)
+    heads, head_dim = keys.shape[1], keys.shape[3]
+
+    ns = namespace_for("bench/llama-3-8b-shape-random", config.num_hidden_layers, heads,
+                       head_dim, dtype, CODEC)  # fmt: skip
+    ctx = mp.get_context("spawn")
+    ready = ctx.Queue()
+    budget = 2 * keys.numel() * keys.element_size() + (256 << 20)  # far more than 2-bit needs
+    server = ctx.Process(target=shard, args=(budget, ready), daemon=True)
+    server.start()
+    try:
+        address = ready.get(timeout=120)
+        client = ClientConfig(timeout_s=60.0, same_host=not args.tcp)
+        with KVPool(address, ns, CODEC, device=device, config=client) as pool:
+            stored = pool.put(tokens, (keys, values))
+            blocks = args.tokens // ns.block_tokens
+            if stored != blocks:
+                raise RuntimeError(f"stored {stored} of {blocks} blocks")
+            stored_bytes = pool.stats.bytes_put
+
+            def get() -> None:
+                hit = pool.get(tokens)
+                if hit is None or hit.tokens != blocks * ns.block_tokens:
+                    raise RuntimeError("kvpool: the prefix did not come back whole")
+
+            shape = (ns.layers, ns.kv_heads, ns.block_tokens, ns.head_dim)
+            scratch = (torch.empty(shape, dtype=dtype, device=device),
+                       torch.empty(shape, dtype=dtype, device=device))  # fmt: skip
+
+            def get_blocks() -> None:
+                got = sum(1 for _ in pool.get_blocks(tokens, present=len(tokens), out=scratch))
+                if got != blocks:
+                    raise RuntimeError(f"kvpool: {got} of {blocks} blocks")
+
+            get_s = best_seconds(get, args.repeat, device)
+            blocks_s = best_seconds(get_blocks, args.repeat, device)
+            hit = pool.get(tokens)
+            assert hit is not None and hit.keys is not None
+            err = hit.keys[:, :, : keys.shape[2]].float() - keys[:, :, : hit.tokens].float()
+            rel_err = float(err.norm() / keys[:, :, : hit.tokens].float().norm())
+    finally:
+        server.terminate()
+        server.join(timeout=10)
+    loaded = blocks * ns.block_tokens
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "model": "Llama-3-8B-shaped, random weights" if not args.tiny else "tiny Llama",
+        "dtype": "bfloat16", "prompt_tokens": args.tokens, "codec": CODEC.describe(),
+        "path": "tcp" if args.tcp else "same-host",
+        "prefill_s": round(prefill_s, 4),
+        "prefill_tokens_per_s": round(args.tokens / prefill_s),
+        "kvpool_get_s": round(get_s, 4),
+        "kvpool_get_tokens_per_s": round(loaded / get_s),
+        "kvpool_blocks_s": round(blocks_s, 4),
+        "kvpool_blocks_tokens_per_s": round(loaded / blocks_s),
+        "hit_speedup": round(prefill_s / get_s, 2),
+        "hit_speedup_blocks": round(prefill_s / blocks_s, 2),
+        "stored_bytes": stored_bytes, "fp16_bytes": 2 * keys.numel() * 2,
+        "key_relative_error": round(rel_err, 4),
+    }  # fmt: skip
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tokens", type=int, default=2048)
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--tiny", action="store_true", help="a 2-layer model: a smoke run")
+    p.add_argument("--tcp", action="store_true", help="the same-host path off")
+    result = main(p.parse_args())
+    for key, value in result.items():
+        print(f"{key:28s} {value}")
+    print(json.dumps(result))
