@@ -38,7 +38,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -64,10 +64,12 @@ from kvpool.proto.errors import (
 from kvpool.proto.keys import Namespace
 from kvpool.proto.messages import namespace_from_proto
 from kvpool.services.metrics import ShardMetrics
-from kvpool.services.redis_tier import RedisTier
 from kvpool.services.security import ServerSecurity, store_key, tenant_of
 from kvpool.services.shared import Arena, ArenaRefused, Arenas
 from kvpool.services.store import Blob, BlockStore, BlockTooLargeError
+
+if TYPE_CHECKING:  # redis-py is needed only where a Redis tier is configured
+    from kvpool.services.redis_tier import RedisTier
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "kvpool.v1.KVPool"
