@@ -84,6 +84,7 @@ def cpu_figures(repeat: int, peer: bool) -> dict[str, Any]:
 
     t_enc = best_seconds(lambda: encode(k, v, cfg), repeat)
     t_dec = best_seconds(lambda: decode(blob), repeat)
+    t_dec_out = best_seconds(lambda: decode(blob, out=(dst_k, dst_v)), repeat)
     t_copy = best_seconds(copy, repeat)
     t_crc = best_seconds(lambda: verify(blob), repeat)
     gbps = lambda t: round(fp16_bytes / t / 1e9, 3)  # noqa: E731
@@ -96,6 +97,7 @@ def cpu_figures(repeat: int, peer: bool) -> dict[str, Any]:
         "compression_ratio": round(fp16_bytes / len(blob), 3),
         "encode_gbps": gbps(t_enc),
         "decode_gbps": gbps(t_dec),
+        "decode_out_gbps": gbps(t_dec_out),  # into tensors the caller reuses (get_blocks, out=)
         "copy_gbps": gbps(t_copy),
         "checksum_gbps": gbps(t_crc),
         "torch_threads": torch.get_num_threads(),

@@ -129,28 +129,6 @@ INLINE void pack_row(const uint8_t *restrict c, int64_t n, int bits, uint8_t *re
     }
 }
 
-INLINE void unpack_row(const uint8_t *restrict p, int64_t n, int bits, uint8_t *restrict c) {
-    if (bits == 8) {
-        memcpy(c, p, (size_t)n);
-    } else if (bits == 4) {
-        int64_t q = n / 2;
-        for (int64_t j = 0; j < q; j++) {
-            c[j] = p[j] & 15;
-            c[q + j] = p[j] >> 4;
-        }
-    } else {
-        int64_t q = n / 4;
-        for (int k = 0; k < 4; k++)
-            for (int64_t j = 0; j < q; j++) c[k * q + j] = (p[j] >> (2 * k)) & 3;
-        if (bits == 3) {
-            int64_t e = n / 8;
-            const uint8_t *h = p + q;
-            for (int k = 0; k < 8; k++)
-                for (int64_t j = 0; j < e; j++) c[k * e + j] |= (uint8_t)(((h[j] >> k) & 1) << 2);
-        }
-    }
-}
-
 /* ---- quantize ----------------------------------------------------------------------------- */
 
 /* scale and minimum of a group, rounded through fp16 exactly as the reference does */
@@ -260,11 +238,6 @@ INLINE int encode_impl(const char *x, int dtype, int64_t H, int64_t T, int64_t D
 
 /* ---- dequantize --------------------------------------------------------------------------- */
 
-INLINE void dequant_row(const uint8_t *restrict c, const float *restrict s,
-                        const float *restrict m, int64_t n, float *restrict y) {
-    for (int64_t i = 0; i < n; i++) y[i] = (float)c[i] * s[i] + m[i];
-}
-
 INLINE void widen_params(const f16 *restrict ps, const f16 *restrict pm, int64_t n,
                          int64_t repeat, float *restrict s, float *restrict m) {
     for (int64_t g = 0; g < n; g++)
@@ -274,23 +247,62 @@ INLINE void widen_params(const f16 *restrict ps, const f16 *restrict pm, int64_t
         }
 }
 
+/* unpack and dequantize one row in a single pass: y[i] = code_i * s_i + m_i, where s and m are
+ * per element (scalar = 0) or one value for the whole row (scalar = 1: values whose group is
+ * the whole head_dim). Codes are read straight from the bit planes (see pack_row). */
+INLINE void decode_row(const uint8_t *restrict p, int64_t n, int bits, const float *restrict s,
+                       const float *restrict m, int scalar, float *restrict y) {
+    const float s0 = s[0], m0 = m[0];
+#define DQ(c, i) ((float)(c) * (scalar ? s0 : s[i]) + (scalar ? m0 : m[i]))
+    if (bits == 8) {
+        for (int64_t i = 0; i < n; i++) y[i] = DQ(p[i], i);
+    } else if (bits == 4) {
+        int64_t q = n / 2;
+        for (int64_t j = 0; j < q; j++) y[j] = DQ(p[j] & 15, j);
+        for (int64_t j = 0; j < q; j++) y[q + j] = DQ(p[j] >> 4, q + j);
+    } else if (bits == 2) {
+        int64_t q = n / 4;
+        for (int k = 0; k < 4; k++)
+            for (int64_t j = 0; j < q; j++) y[k * q + j] = DQ((p[j] >> (2 * k)) & 3, k * q + j);
+    } else { /* 3: code idx = kk * e + jj takes its low bits from the 2-bit plane, its high bit
+              * from bit kk of byte jj of the 1-bit plane */
+        int64_t q = n / 4, e = n / 8;
+        const uint8_t *h = p + q;
+        for (int kk = 0; kk < 8; kk++) {
+            const uint8_t *lo = p + (kk % 2) * e;
+            int shift = 2 * (kk / 2);
+            for (int64_t jj = 0; jj < e; jj++) {
+                int c = ((lo[jj] >> shift) & 3) | (((h[jj] >> kk) & 1) << 2);
+                y[kk * e + jj] = DQ(c, kk * e + jj);
+            }
+        }
+    }
+#undef DQ
+}
+
 INLINE void decode_impl(const uint8_t *codes, const f16 *scales, const f16 *mins, int64_t H,
                            int64_t T, int64_t D, int is_key, int64_t G, int bits, char *out,
                            int dtype) {
     const int64_t esize = dtype == DT_F32 ? 4 : 2, row_bytes = D * bits / 8;
+    const int whole_row = !is_key && G == D; /* one scale and minimum per row */
     float *buf = malloc(sizeof(float) * (size_t)(3 * D));
-    uint8_t *c = malloc((size_t)D);
-    float *s = buf, *m = s + D, *y = m + D;
+    float *s = buf, *m = s + D, *tmp = m + D;
     for (int64_t r = 0; r < H * T; r++) {
         if (is_key && r % G == 0)
             widen_params(scales + (r / G) * D, mins + (r / G) * D, D, 1, s, m);
-        else if (!is_key)
+        else if (whole_row) {
+            s[0] = (float)scales[r];
+            m[0] = (float)mins[r];
+        } else if (!is_key)
             widen_params(scales + r * (D / G), mins + r * (D / G), D / G, G, s, m);
-        unpack_row(codes + r * row_bytes, D, bits, c);
-        dequant_row(c, s, m, D, y);
-        store_row(y, dtype, D, out + r * D * esize);
+        /* float32 output is written in place; 16-bit output goes through one row of floats */
+        float *y = dtype == DT_F32 ? (float *)(out + r * D * esize) : tmp;
+        if (whole_row)
+            decode_row(codes + r * row_bytes, D, bits, s, m, 1, y);
+        else
+            decode_row(codes + r * row_bytes, D, bits, s, m, 0, y);
+        if (dtype != DT_F32) store_row(y, dtype, D, out + r * D * esize);
     }
-    free(c);
     free(buf);
 }
 

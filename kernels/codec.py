@@ -14,6 +14,7 @@ The per-section work runs on one of three interchangeable backends with identica
 from __future__ import annotations
 
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Literal
@@ -31,6 +32,8 @@ from kvpool.proto.blockformat import (
     DType,
     Flag,
     Layout,
+    check_length,
+    parse_header,
     seal,
     verify,
 )
@@ -43,6 +46,7 @@ TORCH_DTYPES = {
     DType.FLOAT32: torch.float32,
 }
 FORMAT_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
+_CHECKS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvblock-check")
 
 
 @dataclass(frozen=True)
@@ -199,9 +203,28 @@ def decode(
     ChecksumError, BlockMismatchError, ForgedBlockError) for a blob that is not an intact block
     of this format, or not the expected one; CodecError for an unusable `out`.
     """
-    header = verify(blob, mac_key)
+    header = parse_header(blob)
+    check_length(blob, header)
     if expect is not None and header != expect:
         raise BlockMismatchError(f"got {_describe(header)}, expected {_describe(expect)}")
+    # The checksum (and MAC) run beside the decoding, which reads only within the lengths just
+    # checked; nothing decoded is returned unless they pass.
+    checks = _CHECKS.submit(verify, blob, mac_key)
+    try:
+        block = _decode_payload(blob, header, device, dtype, backend, out)
+    except Exception:
+        if (error := checks.exception()) is not None:  # a bad block: say so, not what it broke
+            raise error from None
+        raise
+    if (error := checks.exception()) is not None:  # waits: the blob is read until then
+        raise error
+    return block
+
+
+def _decode_payload(
+    blob: bytes | bytearray | memoryview, header: BlockHeader, device: str | torch.device,
+    dtype: torch.dtype | None, backend: Backend, out: tuple[Tensor, ...] | None,
+) -> Block:  # fmt: skip
     device = torch.device(device)
     shape = (header.layers, header.heads, header.tokens, header.head_dim)
     latent = header.layout == Layout.LATENT

@@ -295,6 +295,15 @@ def parse_header(blob: bytes | bytearray | memoryview) -> BlockHeader:
     return header
 
 
+def check_length(blob: bytes | bytearray | memoryview, header: BlockHeader) -> None:
+    """The blob is exactly as long as its header says (TruncatedBlockError, BlockFormatError)."""
+    total = header.total_len
+    if len(blob) < total:
+        raise TruncatedBlockError(f"block is {len(blob)} bytes, its header says {total}")
+    if len(blob) > total:
+        raise BlockFormatError(f"block is {len(blob)} bytes, its header says {total}")
+
+
 def verify(blob: bytes | bytearray | memoryview, mac_key: bytes | None = None) -> BlockHeader:
     """Parse the header, check the length and the crc32 (and, given the tenant's `mac_key`,
     that the block carries a valid MAC); return the header.
@@ -303,11 +312,7 @@ def verify(blob: bytes | bytearray | memoryview, mac_key: bytes | None = None) -
     ForgedBlockError.
     """
     header = parse_header(blob)
-    total = header.total_len
-    if len(blob) < total:
-        raise TruncatedBlockError(f"block is {len(blob)} bytes, its header says {total}")
-    if len(blob) > total:
-        raise BlockFormatError(f"block is {len(blob)} bytes, its header says {total}")
+    check_length(blob, header)
     view = memoryview(blob)
     crc_at = header.header_len - _CRC.size
     (stored,) = _CRC.unpack_from(view, crc_at)
