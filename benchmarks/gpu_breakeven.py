@@ -137,8 +137,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             blocks_s = best_seconds(get_blocks, args.repeat, device)
             hit = pool.get(tokens)
             assert hit is not None and hit.keys is not None
-            err = hit.keys[:, :, : keys.shape[2]].float() - keys[:, :, : hit.tokens].float()
-            rel_err = float(err.norm() / keys[:, :, : hit.tokens].float().norm())
+            want = keys[:, :, : hit.tokens].float()
+            rel_err = float((hit.keys.float() - want).norm() / want.norm())
     finally:
         server.terminate()
         server.join(timeout=10)

@@ -46,6 +46,7 @@ from kvpool.kernels.codec import (
     Block,
     CodecConfig,
     block_header,
+    check_out,
     decode,
     encode,
     encode_latent,
@@ -417,18 +418,6 @@ def _torch_dtype(ns: Namespace) -> torch.dtype:
     return {v: k for k, v in FORMAT_DTYPES.items()}[ns.dtype]
 
 
-def _check_block_out(ns: Namespace, out: tuple[Tensor, ...]) -> None:
-    """`out` must hold one block of this namespace (checked before anything is fetched)."""
-    shape = (ns.layers, ns.kv_heads, ns.block_tokens, ns.head_dim)
-    want = (
-        [(ns.layers, ns.block_tokens, ns.head_dim)] if ns.layout == Layout.LATENT else [shape] * 2
-    )
-    if not isinstance(out, tuple | list) or [getattr(x, "shape", None) for x in out] != want:
-        raise CodecError(f"out must be {len(want)} tensor(s) of shape {want[0]} for a block")
-    if any(x.dtype != out[0].dtype or not x.is_contiguous() for x in out):
-        raise CodecError("out tensors must be contiguous and of one dtype")
-
-
 class KVPool:
     """Synchronous client: the same calls as AsyncKVPool, from any thread.
 
@@ -517,8 +506,9 @@ class KVPool:
         `out`, valid until the next one is taken. The blocks end at the first one missing,
         refused (counted and deleted, as in `get`) or not back within the call deadline."""
         client, ns = self._client, self.namespace
-        if out is not None:
-            _check_block_out(ns, out)
+        if out is not None:  # before anything is fetched: a bad buffer is the caller's error
+            shape = (ns.layers, ns.kv_heads, ns.block_tokens, ns.head_dim)
+            check_out(out, shape, ns.layout == Layout.LATENT)
         keys = block_keys(ns, tokens)
         t0, failures = time.perf_counter(), client._failures()
         n = min(len(keys), (self.lookup(tokens) if present is None else present) // ns.block_tokens)

@@ -18,7 +18,6 @@ import logging
 import mmap
 import os
 import socket
-import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -31,7 +30,13 @@ from kvpool.proto import kvpool_pb2 as pb
 from kvpool.proto import kvpool_pb2_grpc as pb_grpc
 from kvpool.proto.errors import TierError
 from kvpool.proto.keys import Namespace
-from kvpool.proto.messages import namespace_to_proto
+from kvpool.proto.messages import (
+    LOOKUP_COUNT,
+    LOOKUP_HEAD,
+    SESSION_BYTES,
+    TICKET_BYTES,
+    namespace_to_proto,
+)
 from kvpool.ring import Ring
 
 log = logging.getLogger(__name__)
@@ -270,9 +275,7 @@ class TierClient:
                     try:
                         return await self._call(sid, lambda s: shared.put(s, info, data))
                     except TierError as e:
-                        if e.code != "FAILED_PRECONDITION":
-                            raise
-                        self._drop_arena(shared)  # the shard closed the session: TCP
+                        self._session_gone(shared, e)
                 reply = await self._call(
                     sid, lambda s: s.Put(messages(), timeout=self.config.timeout_s)
                 )
@@ -333,16 +336,13 @@ class TierClient:
                 try:
                     size = await self._call(sid, lambda s: shared.fetch(s, ns, key, offset))
                 except _TooLarge:
-                    size = -1
+                    pass  # over TCP, below
                 except TierError as e:
-                    if e.code != "FAILED_PRECONDITION":
-                        raise
-                    self._drop_arena(shared)  # the shard closed the session: TCP, a new one later
-                    size = -1
-                if size is None:
-                    yield None
-                    return
-                if size >= 0:
+                    self._session_gone(shared, e)
+                else:
+                    if size is None:
+                        yield None
+                        return
                     view = memoryview(shared.view)[offset : offset + size].toreadonly()
                     try:
                         yield view
@@ -391,6 +391,13 @@ class TierClient:
     def _no_arena(self, address: str, reason: Exception) -> None:
         log.info("no same-host path to %s (%s): TCP", address, reason)
         self._shared[address] = time.monotonic() + 60.0  # ask again in a minute
+
+    def _session_gone(self, shared: _Shared, error: TierError) -> None:
+        """After a failed arena call: FAILED_PRECONDITION means the shard closed the session
+        (then TCP now, a new arena later); anything else is the call's own failure."""
+        if error.code != "FAILED_PRECONDITION":
+            raise error
+        self._drop_arena(shared)
 
     def _drop_arena(self, shared: _Shared) -> None:
         if self._shared.get(shared.address) is shared:
@@ -458,17 +465,14 @@ class TierClient:
         await asyncio.gather(*self._closing, return_exceptions=True)
 
 
-LOOKUP_HEAD = struct.Struct("<c32sI")  # services/shared.py: b"L", namespace id, key count
-COUNT = struct.Struct("<I")
-
-
 class _TooLarge(Exception):
     """A block found but larger than an arena slot: fetch it over TCP."""
 
 
 class _Shared:
-    """This client's arena on one shard (see services/shared.py): a read-only mapping of the
-    memfd the shard handed over, cut into slots, one per block in flight."""
+    """This client's arena on one shard (see services/shared.py): a mapping of the memfd the
+    shard handed over, cut into slots, one per block in flight (the shard writes gets into a
+    slot, the client writes puts), and the connection that claimed it, serving lookups."""
 
     def __init__(self, address: str, session: bytes, view: mmap.mmap, config: ClientConfig,
                  sock: socket.socket) -> None:  # fmt: skip
@@ -488,7 +492,11 @@ class _Shared:
         """Claim the arena with the ticket on the shard's Unix socket (blocking: run it in a
         thread). OSError when the socket is not reachable from here."""
         want = config.shared_slots * config.shared_slot_bytes
-        if reply.size != want or len(reply.session) != 16 or len(reply.ticket) != 32:
+        if (reply.size, len(reply.session), len(reply.ticket)) != (
+            want,
+            SESSION_BYTES,
+            TICKET_BYTES,
+        ):
             raise ValueError("the shard answered an arena unlike the one asked for")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -525,7 +533,7 @@ class _Shared:
             try:
                 writer.write(LOOKUP_HEAD.pack(b"L", namespace_id, len(keys)) + b"".join(keys))
                 await writer.drain()
-                (present,) = COUNT.unpack(await reader.readexactly(COUNT.size))
+                (present,) = LOOKUP_COUNT.unpack(await reader.readexactly(LOOKUP_COUNT.size))
             except BaseException:  # cancelled mid-request too: an answer may still be on its way
                 self._broken = True
                 raise

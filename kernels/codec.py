@@ -229,7 +229,7 @@ def _decode_payload(
     shape = (header.layers, header.heads, header.tokens, header.head_dim)
     latent = header.layout == Layout.LATENT
     if out is not None:
-        targets = _check_out(out, header, shape, device)
+        targets = check_out(out, shape, latent, device)
         out_dtype = targets[0].dtype
     else:
         out_dtype = dtype or TORCH_DTYPES[header.dtype]
@@ -271,11 +271,13 @@ def _decode_payload(
 # ---- internals ----------------------------------------------------------------------------
 
 
-def _check_out(
-    out: tuple[Tensor, ...], header: BlockHeader, shape: tuple[int, ...], device: torch.device
-) -> list[Tensor]:
-    """The decode targets in `out`, as [L, H, T, D] views, or CodecError."""
-    latent = header.layout == Layout.LATENT
+def check_out(
+    out: tuple[Tensor, ...], shape: tuple[int, int, int, int], latent: bool,
+    device: torch.device | None = None,
+) -> list[Tensor]:  # fmt: skip
+    """Tensors a block of `shape` [L, H, T, D] can be decoded into: (keys, values) of that
+    shape, or (latent,) [L, T, D]; contiguous, of one dtype the format decodes to, on `device`
+    when given. Returns them as [L, H, T, D] views; CodecError otherwise."""
     want = [(shape[0], shape[2], shape[3])] if latent else [shape, shape]
     if not isinstance(out, tuple | list) or len(out) != len(want):
         raise CodecError(f"out must be {len(want)} tensor(s) for this block")
@@ -283,9 +285,14 @@ def _check_out(
         if not isinstance(x, Tensor) or tuple(x.shape) != size:
             got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise CodecError(f"out tensor is {got}, the block needs {size}")
-        same_device = x.device.type == device.type and device.index in (None, x.device.index)
-        if not same_device or x.dtype != out[0].dtype or not x.is_contiguous():
-            raise CodecError(f"out tensors must be contiguous, on {device}, of one dtype")
+        if x.dtype != out[0].dtype or not x.is_contiguous():
+            raise CodecError("out tensors must be contiguous and of one dtype")
+        if device is not None and not (
+            x.device.type == device.type and device.index in (None, x.device.index)
+        ):
+            raise CodecError(f"out tensors must be on {device}")
+    if out[0].dtype not in FORMAT_DTYPES:
+        raise CodecError(f"cannot decode to {out[0].dtype}; use float16, bfloat16 or float32")
     return [x.unsqueeze(1) for x in out] if latent else list(out)
 
 

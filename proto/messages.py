@@ -1,6 +1,10 @@
-"""Conversions between kvpool's Python types and the kvpool.v1 messages (both directions)."""
+"""Conversions between kvpool's Python types and the kvpool.v1 messages (both directions), and
+the frames of the same-host Unix socket (services/shared.py serves it, client/transport.py uses
+it)."""
 
 from __future__ import annotations
+
+import struct
 
 from kvpool.proto import kvpool_pb2 as pb
 from kvpool.proto.blockformat import DType, Layout
@@ -24,3 +28,11 @@ def namespace_from_proto(msg: pb.Namespace) -> Namespace:
         block_tokens=msg.block_tokens, codec=msg.codec, format_version=msg.format_version,
         tp_rank=msg.tp_rank, tp_size=msg.tp_size, integrity=msg.integrity,
     )  # fmt: skip
+
+
+# -- the same-host socket (see OpenShared in kvpool.proto) -------------------------------------
+
+TICKET_BYTES = 32  # the one-use ticket a client sends first; the answer carries the arena's fd
+SESSION_BYTES = 16
+LOOKUP_HEAD = struct.Struct("<c32sI")  # then: b"L", namespace id, key count, the 32-byte keys
+LOOKUP_COUNT = struct.Struct("<I")  # the answer: leading keys present

@@ -320,20 +320,21 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
     async def Lookup(self, request: pb.LookupRequest, context: Any) -> pb.LookupResponse:
         _well_formed(request)
         keys = self._keys(request.namespace_id, list(request.keys))
+        return pb.LookupResponse(present=await self._leading(keys))
+
+    async def _leading(self, keys: list[bytes]) -> int:
+        """How many of these store keys, in order, memory (then Redis) holds."""
         n = self.store.leading(keys)
         if self.redis is not None and n < len(keys):
             n += await asyncio.to_thread(self.redis.leading, keys[n:])
-        return pb.LookupResponse(present=n)
+        return n
 
     async def lookup_local(self, owner: tuple[str | None, str], namespace_id: bytes,
                            keys: list[bytes]) -> int:  # fmt: skip
         """Lookup for the same-host path (services/shared.py): the answer Lookup gives
-        `owner`."""
+        `owner` (its socket frames already fix the key lengths and bound their count)."""
         t0 = time.perf_counter()
-        stored = [store_key(owner[0], namespace_id, k) for k in keys]
-        n = self.store.leading(stored)
-        if self.redis is not None and n < len(stored):
-            n += await asyncio.to_thread(self.redis.leading, stored[n:])
+        n = await self._leading([store_key(owner[0], namespace_id, k) for k in keys])
         if self.metrics is not None:
             self.metrics.observe("LookupShared", "OK", time.perf_counter() - t0)
         return n
@@ -404,17 +405,11 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
 
     async def GetShared(self, request: pb.GetSharedRequest, context: Any) -> pb.GetSharedResponse:
         _well_formed(request)
-        if self.arenas is None:
-            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, "no same-host path on this shard")
-        self._shared_session(request.session)  # refuse before reading anything
+        self._arena(request.session, request.offset, request.capacity)  # before reading
         data = await self._read(pb.GetRequest(namespace_id=request.namespace_id, key=request.key))
         if data is None:
             return pb.GetSharedResponse(found=False)
-        arena = self._shared_session(request.session)  # again: _read awaited
-        end = request.offset + request.capacity
-        if end > arena.size:
-            raise Refused(grpc.StatusCode.OUT_OF_RANGE,
-                          f"bytes [{request.offset}, {end}) outside the {arena.size}-byte arena")  # fmt: skip
+        arena = self._arena(request.session, request.offset, request.capacity)  # _read awaited
         if len(data) > request.capacity:
             return pb.GetSharedResponse(found=True, size=len(data), fits=False)
         arena.view[request.offset : request.offset + len(data)] = data
@@ -422,29 +417,30 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
 
     async def PutShared(self, request: pb.PutSharedRequest, context: Any) -> pb.PutResponse:
         _well_formed(request)
-        if self.arenas is None:
-            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, "no same-host path on this shard")
         info = request.info
+        arena = self._arena(request.session, request.offset, info.size)
         ns, key, chain = self._admit_put(info)
-        arena = self._shared_session(request.session)
-        end = request.offset + info.size
-        if end > arena.size:
-            raise Refused(grpc.StatusCode.OUT_OF_RANGE,
-                          f"bytes [{request.offset}, {end}) outside the {arena.size}-byte arena")  # fmt: skip
         if key in self.store:
             self.store.count(put_existing=1)
             return pb.PutResponse(stored=False)
         async with self.uploads.reserve(_CALLER.get()[1], info.size):
-            data = arena.view[request.offset : end]  # a copy: the caller can still write there
+            # a copy: the caller can still write there
+            data = arena.view[request.offset : request.offset + info.size]
             await asyncio.to_thread(verify_upload, data, info, ns)
         return self._store(info, key, chain, data)
 
-    def _shared_session(self, session: bytes) -> Arena:
-        assert self.arenas is not None
+    def _arena(self, session: bytes, offset: int, length: int) -> Arena:
+        """The caller's arena `session`, with bytes [offset, offset + length) inside it."""
+        if self.arenas is None:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, "no same-host path on this shard")
         try:
-            return self.arenas.session(session, _CALLER.get())
+            arena = self.arenas.session(session, _CALLER.get())
         except ArenaRefused as e:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
+        if offset + length > arena.size:
+            raise Refused(grpc.StatusCode.OUT_OF_RANGE,
+                          f"bytes [{offset}, {offset + length}) outside the {arena.size}-byte arena")  # fmt: skip
+        return arena
 
     async def CloseShared(
         self, request: pb.CloseSharedRequest, context: Any

@@ -38,19 +38,16 @@ import mmap
 import os
 import secrets
 import socket
-import struct
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvpool.proto.messages import LOOKUP_COUNT, LOOKUP_HEAD, SESSION_BYTES, TICKET_BYTES
+
 log = logging.getLogger(__name__)
-TICKET_BYTES = 32
-SESSION_BYTES = 16
 TICKET_S = 10.0  # a ticket not claimed by then is void
-LOOKUP_HEAD = struct.Struct("<c32sI")  # b"L", namespace id, key count
-COUNT = struct.Struct("<I")
 Owner = tuple[str | None, str]  # (tenant, peer key) of a caller
 LookupFn = Callable[[Owner, bytes, list[bytes]], Awaitable[int]]  # (owner, ns id, keys) -> present
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
@@ -79,7 +76,7 @@ class Arena:
     def close(self) -> None:
         if self.conn is not None:
             with contextlib.suppress(OSError):
-                self.conn.shutdown(socket.SHUT_RDWR)  # ends its lookup thread
+                self.conn.shutdown(socket.SHUT_RDWR)  # ends its lookups
         with contextlib.suppress(BufferError, ValueError):
             self.view.close()
         with contextlib.suppress(OSError):
@@ -242,7 +239,7 @@ class Arenas:
                     arena.last_used = time.monotonic()
                     keys = [body[i : i + 32] for i in range(0, len(body), 32)]
                     present = await self._lookup(arena.owner, namespace_id, keys)
-                    await loop.sock_sendall(conn, COUNT.pack(present))
+                    await loop.sock_sendall(conn, LOOKUP_COUNT.pack(present))
             except (OSError, TimeoutError, EOFError):
                 return
 

@@ -330,3 +330,5 @@ def test_limits_keep_every_accepted_block_within_the_upload_budgets() -> None:
         Limits(max_block_bytes=64 << 20, peer_upload_bytes=32 << 20)
     with pytest.raises(ValueError, match="upload_bytes"):
         Limits(peer_upload_bytes=256 << 20, upload_bytes=128 << 20)
+    with pytest.raises(ValueError, match="peer_shared_bytes"):
+        Limits(peer_shared_bytes=1 << 30, shared_bytes=512 << 20)

@@ -312,6 +312,28 @@ def test_no_tenant_can_use_another_tenants_arena(pki: Path) -> None:  # noqa: F8
         srv.stop()
 
 
+def test_a_shard_without_the_path_refuses_it_and_clients_use_tcp() -> None:
+    srv = ShardServer(BlockStore(16 << 20), "no-shared", shared_dir=None)
+    srv.start()
+    try:
+        assert srv.arenas is None
+        with KVPool(srv.address, NS, CODEC, config=SMALL) as p:  # tries, then stays on TCP
+            assert p.put(TOKENS, kv(8)) == 2 and p.get(TOKENS) is not None
+            assert p.lookup(TOKENS) == 2 * B
+        with grpc.insecure_channel(srv.address) as channel:
+            stub = pb_grpc.KVPoolStub(channel)
+            session = os.urandom(16)
+            for call in (
+                lambda: open_arena(stub),
+                lambda: stub.GetShared(pb.GetSharedRequest(session=session), timeout=5),
+                lambda: stub.PutShared(pb.PutSharedRequest(session=session), timeout=5),
+            ):
+                assert code_of(call) == Code.FAILED_PRECONDITION
+            stub.CloseShared(pb.CloseSharedRequest(session=session), timeout=5)  # a no-op
+    finally:
+        srv.stop()
+
+
 def test_without_a_reachable_socket_the_client_stays_on_tcp(tmp_path: Path) -> None:
     srv = ShardServer(BlockStore(16 << 20), "shared-elsewhere", shared_dir=str(tmp_path))
     srv.start()

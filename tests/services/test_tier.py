@@ -96,7 +96,11 @@ def test_blocks_one_at_a_time_into_one_buffer(client) -> None:
     assert [b.header.start_position for b in client.get_blocks(longer)] == [0, B, 2 * B, 3 * B]
     with pytest.raises(CodecError):
         next(client.get_blocks(toks, out=(out[0][:, :, :8], out[1])))
-    assert client.stats.blocks_fetched == fetched + 7
+    ints = tuple(torch.zeros(o.shape, dtype=torch.int32) for o in out)
+    with pytest.raises(CodecError):  # not a dtype blocks decode to: refused, not a "bad block"
+        next(client.get_blocks(toks, out=ints))
+    assert client.stats.blocks_fetched == fetched + 7 and client.stats.rejected_blocks == 0
+    assert client.lookup(toks) == 4 * B  # nothing was deleted
 
 
 def test_partial_prefix_hits(client) -> None:
