@@ -7,6 +7,7 @@ GIL, so a small thread pool spreads the layers of a block over the machine's cor
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -17,7 +18,15 @@ from kvpool.proto.blockformat import BlockHeader, Section
 from kvpool.proto.errors import NonFiniteError
 
 DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}
-_POOL = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="kvcodec")
+_WORKERS = max(1, os.cpu_count() or 1)
+_POOL = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="kvcodec")
+
+
+def _spread(fn: Callable[[int], object], layers: int) -> list[object]:
+    """fn(layer) for every layer, in one task per worker thread (each a contiguous run of
+    layers), so a block costs a few task hand-offs rather than one per layer."""
+    runs = [range(w * layers // _WORKERS, (w + 1) * layers // _WORKERS) for w in range(_WORKERS)]
+    return [r for rs in _POOL.map(lambda run: [fn(i) for i in run], runs) for r in rs]
 
 
 def encode_tensor(x: Tensor, sections: list[Section], header: BlockHeader, payload: Tensor) -> None:
@@ -44,7 +53,7 @@ def encode_tensor(x: Tensor, sections: list[Section], header: BlockHeader, paylo
             )
         )
 
-    if not all(_POOL.map(one, range(x.shape[0]))):
+    if not all(_spread(one, x.shape[0])):
         raise NonFiniteError("block holds NaN, inf or a magnitude beyond fp16 (65504)")
 
 
@@ -63,4 +72,4 @@ def decode_tensor(
             s.bits, out[layer].data_ptr(), code,
         )  # fmt: skip
 
-    list(_POOL.map(one, range(out.shape[0])))
+    _spread(one, out.shape[0])

@@ -34,9 +34,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
-import zlib
 from dataclasses import dataclass, field
 from enum import IntEnum
+
+try:  # zlib-ng: the same CRC-32, 10-15x faster than zlib's (it folds with carry-less multiplies)
+    from zlib_ng.zlib_ng import crc32
+except ImportError:  # e.g. where only the contract is installed: zlib gives the same values
+    from zlib import crc32
 
 from kvpool.proto.errors import (
     BlockFormatError,
@@ -254,7 +258,7 @@ def seal(
         raise BlockFormatError("a block carries a MAC exactly when a mac_key is given")
     head = header.pack()
     mac = block_mac(mac_key, head, payload) if mac_key else b""
-    crc = zlib.crc32(mac, zlib.crc32(payload, zlib.crc32(head)))
+    crc = crc32(mac, crc32(payload, crc32(head)))
     return b"".join((head, _CRC.pack(crc), payload, mac))
 
 
@@ -316,7 +320,7 @@ def verify(blob: bytes | bytearray | memoryview, mac_key: bytes | None = None) -
     view = memoryview(blob)
     crc_at = header.header_len - _CRC.size
     (stored,) = _CRC.unpack_from(view, crc_at)
-    crc = zlib.crc32(view[header.header_len :], zlib.crc32(view[:crc_at]))
+    crc = crc32(view[header.header_len :], crc32(view[:crc_at]))
     if crc != stored:
         raise ChecksumError(f"crc32 {crc:#010x} != stored {stored:#010x}")
     if mac_key:

@@ -292,6 +292,16 @@ def test_corrupted_byte_raises_checksum_error(blob: bytes) -> None:
             decode(bytes(bad))
 
 
+def test_checksum_is_zlibs_crc32(blob: bytes) -> None:
+    """The stored checksum is plain CRC-32 (zlib's), whichever library computed it: blocks
+    sealed where zlib-ng is installed verify where it is not, and the other way round."""
+    import zlib
+
+    crc_at = parse_header(blob).header_len - 4
+    stored = struct.unpack_from("<I", blob, crc_at)[0]
+    assert stored == zlib.crc32(blob[parse_header(blob).header_len :], zlib.crc32(blob[:crc_at]))
+
+
 def test_corrupted_header_field_raises(blob: bytes) -> None:
     bad = bytearray(blob)
     bad[len(blob) - parse_header(blob).payload_len - 5] ^= 1  # the last value-bits byte
