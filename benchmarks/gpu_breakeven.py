@@ -14,6 +14,8 @@ downloaded), bf16, SDPA attention. Prompt: `--tokens` random ids (2,048).
   kvpool get   `KVPool.get` of the prompt from a shard server in its own process on this host
                (the same-host shared-memory path, or TCP with --tcp): fetch, verify and decode
                every 256-token block on the device, concatenated into the prefix's tensors
+  kvpool out   `KVPool.get(out=)`: every block decoded straight into its slice of a device
+               cache the caller allocated once (no concatenation, no copy after the decode)
   kvpool blocks `KVPool.get_blocks` into one device block reused (what the vLLM connector does:
                each block decoded and handed over, nothing concatenated)
 
@@ -128,12 +130,22 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             scratch = (torch.empty(shape, dtype=dtype, device=device),
                        torch.empty(shape, dtype=dtype, device=device))  # fmt: skip
 
+            whole = (keys.shape[0], keys.shape[1], blocks * ns.block_tokens, keys.shape[3])
+            cache = (torch.empty(whole, dtype=dtype, device=device),
+                     torch.empty(whole, dtype=dtype, device=device))  # fmt: skip
+
+            def get_out() -> None:
+                hit = pool.get(tokens, out=cache)
+                if hit is None or hit.tokens != blocks * ns.block_tokens:
+                    raise RuntimeError("kvpool: the prefix did not come back whole")
+
             def get_blocks() -> None:
                 got = sum(1 for _ in pool.get_blocks(tokens, present=len(tokens), out=scratch))
                 if got != blocks:
                     raise RuntimeError(f"kvpool: {got} of {blocks} blocks")
 
             get_s = best_seconds(get, args.repeat, device)
+            out_s = best_seconds(get_out, args.repeat, device)
             blocks_s = best_seconds(get_blocks, args.repeat, device)
             hit = pool.get(tokens)
             assert hit is not None and hit.keys is not None
@@ -152,9 +164,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "prefill_tokens_per_s": round(args.tokens / prefill_s),
         "kvpool_get_s": round(get_s, 4),
         "kvpool_get_tokens_per_s": round(loaded / get_s),
+        "kvpool_out_s": round(out_s, 4),
+        "kvpool_out_tokens_per_s": round(loaded / out_s),
         "kvpool_blocks_s": round(blocks_s, 4),
         "kvpool_blocks_tokens_per_s": round(loaded / blocks_s),
         "hit_speedup": round(prefill_s / get_s, 2),
+        "hit_speedup_out": round(prefill_s / out_s, 2),
         "hit_speedup_blocks": round(prefill_s / blocks_s, 2),
         "stored_bytes": stored_bytes, "fp16_bytes": 2 * keys.numel() * 2,
         "key_relative_error": round(rel_err, 4),

@@ -209,37 +209,53 @@ class AsyncKVPool:
 
     async def get(
         self, tokens: Sequence[int] | Tensor, dtype: torch.dtype | None = None,
-        present: int | None = None,
+        present: int | None = None, out: tuple[Tensor, ...] | None = None,
     ) -> CachedPrefix | None:  # fmt: skip
         """The KV of the longest cached prefix of `tokens`, or None on a miss.
 
         Blocks are fetched in parallel and each is verified and decoded on the client's device
         (in the namespace's dtype unless `dtype` is given) as soon as it arrives. `present`: a
         token count a lookup just returned, to skip a second one. If a block vanishes between
-        lookup and fetch, the prefix ends before it."""
+        lookup and fetch, the prefix ends before it.
+
+        out: tensors to decode into, on their device and in their dtype, with no copy after
+        the decode: (keys, values) [L, H, T, D] or (latent,) [L, T, C], where T, a multiple of
+        the block size, caps the prefix fetched (for instance pinned host memory, or a CUDA
+        cache, or a slice of one along T; see `check_out`). The prefix returned holds views of
+        their first `tokens` tokens; what lies beyond is unspecified (as is all of `out` after
+        a call that timed out: decodes under way finish into it)."""
+        if out is not None:  # before anything is fetched: a bad buffer is the caller's error
+            self._check_out_prefix(out)
         keys = block_keys(self.namespace, tokens)
         t0, failures = time.perf_counter(), self._failures()
-        prefix = await self._bounded("get", self._get(keys, dtype, present), None)
+        prefix = await self._bounded("get", self._get(keys, dtype, present, out), None)
         self._observe("get", "miss" if prefix is None else "hit", t0, failures)
         if prefix is not None:
             self.metrics.hit_tokens.inc(prefix.tokens)
         return prefix
 
     async def _get(
-        self, keys: list[BlockHash], dtype: torch.dtype | None, present: int | None
-    ) -> CachedPrefix | None:
-        n = await self._lookup(keys) if present is None else present // self.block_tokens
-        n = min(n, len(keys))
+        self, keys: list[BlockHash], dtype: torch.dtype | None, present: int | None,
+        out: tuple[Tensor, ...] | None,
+    ) -> CachedPrefix | None:  # fmt: skip
+        bt = self.block_tokens
+        n = await self._lookup(keys) if present is None else present // bt
+        n = min(n, len(keys), out[0].shape[-2] // bt if out else len(keys))
         if n == 0:
             return None
-        out_dtype = dtype or _torch_dtype(self.namespace)
+        out_dtype = out[0].dtype if out else dtype or _torch_dtype(self.namespace)
+
+        def target(i: int) -> tuple[Tensor, ...] | None:  # block i's slice of `out`
+            return None if out is None else tuple(x[..., i * bt : (i + 1) * bt, :] for x in out)
 
         async def fetch(i: int) -> tuple[Block | None, int]:
             async with self._block_view(keys[i]) as blob:
                 if blob is None:
                     return None, 0
                 try:
-                    block = await asyncio.to_thread(self._decode, blob, keys, i, out_dtype)
+                    block = await asyncio.to_thread(
+                        self._decode, blob, keys, i, out_dtype, target(i)
+                    )
                     return block, len(blob)
                 except REFUSALS as e:  # a miss, counted
                     await self._refuse(keys, i, e)
@@ -254,8 +270,14 @@ class AsyncKVPool:
             fetched += size
         if not blocks:
             return None
-        prefix = CachedPrefix(tokens=len(blocks) * self.block_tokens, fetched_bytes=fetched)
-        if self.namespace.layout == Layout.LATENT:
+        prefix = CachedPrefix(tokens=len(blocks) * bt, fetched_bytes=fetched)
+        if out is not None:
+            views = [x[..., : prefix.tokens, :] for x in out]
+            if self.namespace.layout == Layout.LATENT:
+                prefix.latent = views[0]
+            else:
+                prefix.keys, prefix.values = views
+        elif self.namespace.layout == Layout.LATENT:
             prefix.latent = torch.cat([b.latent for b in blocks if b.latent is not None], dim=1)
         else:
             prefix.keys = torch.cat([b.keys for b in blocks if b.keys is not None], dim=2)
@@ -379,6 +401,17 @@ class AsyncKVPool:
     def _binding(self, keys: list[BlockHash], i: int) -> Binding:
         return Binding(self.namespace.id, keys[i], self.namespace.mac_key)
 
+    def _check_out_prefix(self, out: tuple[Tensor, ...]) -> None:
+        """`out` for get: like a block's (check_out), with any multiple of the block size in T."""
+        ns = self.namespace
+        if not isinstance(out, tuple | list) or not out or not isinstance(out[0], Tensor):
+            raise CodecError("out must be a tuple of tensors")
+        tokens = out[0].shape[-2] if out[0].dim() >= 2 else 0
+        if tokens <= 0 or tokens % self.block_tokens:
+            raise CodecError(f"out holds {tokens} tokens, not a multiple of {self.block_tokens}")
+        shape = (ns.layers, ns.kv_heads, tokens, ns.head_dim)
+        check_out(out, shape, ns.layout == Layout.LATENT)
+
     def expected_header(self, keys: list[BlockHash], i: int) -> BlockHeader:
         """The header of block i of the prefix whose keys are `keys`, as this client writes it:
         what a fetched block must have to be decoded."""
@@ -488,9 +521,11 @@ class KVPool:
 
     def get(
         self, tokens: Sequence[int] | Tensor, dtype: torch.dtype | None = None,
-        present: int | None = None,
+        present: int | None = None, out: tuple[Tensor, ...] | None = None,
     ) -> CachedPrefix | None:  # fmt: skip
-        return self._bounded("get", self._client.get(tokens, dtype, present), None)
+        if out is not None:  # raised here, not counted as a failed call
+            self._client._check_out_prefix(out)
+        return self._bounded("get", self._client.get(tokens, dtype, present, out), None)
 
     def get_blocks(
         self, tokens: Sequence[int] | Tensor, present: int | None = None, first_block: int = 0,

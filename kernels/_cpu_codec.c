@@ -3,7 +3,8 @@
  * Where it stands: kvpool.kernels.cpu calls these on CPU tensors; they must give the same codes
  * as kvpool.kernels.reference (the spec), bit for bit, and tests check that they do.
  *
- * A section is one layer's keys or values, x: [H, T, D] contiguous, float16/bfloat16/float32.
+ * A section is one layer's keys or values, x: [H, T, D] contiguous, float16/bfloat16/float32
+ * (decoded into [H, T, D] whose heads may be further apart: a slice of a longer sequence).
  *   keys   (is_key=1): groups of G tokens of one channel, scales/mins [H, T/G, D]
  *   values (is_key=0): groups of G channels of one token, scales/mins [H, T, D/G]
  * Codes are packed row by row (a row = D codes of one head and token) in bit planes, planar:
@@ -316,7 +317,7 @@ INLINE void decode_row(const uint8_t *restrict p, int64_t n, int bits, const flo
 
 INLINE void decode_impl(const uint8_t *codes, const f16 *scales, const f16 *mins, int64_t H,
                            int64_t T, int64_t D, int is_key, int64_t G, int bits, char *out,
-                           int dtype) {
+                           int64_t head_stride, int dtype) {
     const int64_t esize = dtype == DT_F32 ? 4 : 2, row_bytes = D * bits / 8;
     const int whole_row = !is_key && G == D; /* one scale and minimum per row */
     float *buf = malloc(sizeof(float) * (size_t)(3 * D));
@@ -329,13 +330,15 @@ INLINE void decode_impl(const uint8_t *codes, const f16 *scales, const f16 *mins
             m[0] = (float)mins[r];
         } else if (!is_key)
             widen_params(scales + r * (D / G), mins + r * (D / G), D / G, G, s, m);
+        /* row r is token r % T of head r / T; heads are head_stride elements apart */
+        char *row = out + ((r / T) * head_stride + (r % T) * D) * esize;
         /* float32 output is written in place; 16-bit output goes through one row of floats */
-        float *y = dtype == DT_F32 ? (float *)(out + r * D * esize) : tmp;
+        float *y = dtype == DT_F32 ? (float *)row : tmp;
         if (whole_row)
             decode_row(codes + r * row_bytes, D, bits, s, m, 1, y);
         else
             decode_row(codes + r * row_bytes, D, bits, s, m, 0, y);
-        if (dtype != DT_F32) store_row(y, dtype, D, out + r * D * esize);
+        if (dtype != DT_F32) store_row(y, dtype, D, row);
     }
     free(buf);
 }
@@ -354,11 +357,11 @@ static int encode_section(const char *x, int dtype, int64_t H, int64_t T, int64_
 MULTIVERSION
 static void decode_section(const uint8_t *codes, const f16 *scales, const f16 *mins, int64_t H,
                            int64_t T, int64_t D, int is_key, int64_t G, int bits, char *out,
-                           int dtype) {
+                           int64_t hs, int dtype) {
     switch (D) {
-    case 64: decode_impl(codes, scales, mins, H, T, 64, is_key, G, bits, out, dtype); break;
-    case 128: decode_impl(codes, scales, mins, H, T, 128, is_key, G, bits, out, dtype); break;
-    default: decode_impl(codes, scales, mins, H, T, D, is_key, G, bits, out, dtype);
+    case 64: decode_impl(codes, scales, mins, H, T, 64, is_key, G, bits, out, hs, dtype); break;
+    case 128: decode_impl(codes, scales, mins, H, T, 128, is_key, G, bits, out, hs, dtype); break;
+    default: decode_impl(codes, scales, mins, H, T, D, is_key, G, bits, out, hs, dtype);
     }
 }
 
@@ -393,14 +396,16 @@ static PyObject *py_encode(PyObject *self, PyObject *args) {
 static PyObject *py_decode(PyObject *self, PyObject *args) {
     unsigned long long codes, scales, mins, out;
     int dtype, is_key, bits;
-    long long H, T, D, G;
-    if (!PyArg_ParseTuple(args, "KKKLLLiLiKi", &codes, &scales, &mins, &H, &T, &D, &is_key, &G,
-                          &bits, &out, &dtype))
+    long long H, T, D, G, head_stride;
+    if (!PyArg_ParseTuple(args, "KKKLLLiLiKLi", &codes, &scales, &mins, &H, &T, &D, &is_key, &G,
+                          &bits, &out, &head_stride, &dtype))
         return NULL;
     if (!check_args(dtype, H, T, D, is_key, G, bits)) return NULL;
+    if (H > 1 && head_stride < T * D)
+        return PyErr_SetString(PyExc_ValueError, "heads would overlap: head_stride < T * D"), NULL;
     Py_BEGIN_ALLOW_THREADS
     decode_section((const uint8_t *)codes, (const f16 *)scales, (const f16 *)mins, H, T, D, is_key,
-                   G, bits, (char *)out, dtype);
+                   G, bits, (char *)out, head_stride, dtype);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -409,7 +414,7 @@ static PyMethodDef methods[] = {
     {"encode_section", py_encode, METH_VARARGS,
      "encode_section(x, dtype, H, T, D, is_key, G, bits, codes, scales, mins): quantize and pack; False if x holds NaN, inf or |x| > 65504"},
     {"decode_section", py_decode, METH_VARARGS,
-     "decode_section(codes, scales, mins, H, T, D, is_key, G, bits, out, dtype): unpack, dequantize"},
+     "decode_section(codes, scales, mins, H, T, D, is_key, G, bits, out, head_stride, dtype): unpack, dequantize into out's rows of D (heads head_stride elements apart)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -276,8 +276,9 @@ def check_out(
     device: torch.device | None = None,
 ) -> list[Tensor]:  # fmt: skip
     """Tensors a block of `shape` [L, H, T, D] can be decoded into: (keys, values) of that
-    shape, or (latent,) [L, T, D]; contiguous, of one dtype the format decodes to, on `device`
-    when given. Returns them as [L, H, T, D] views; CodecError otherwise."""
+    shape, or (latent,) [L, T, D]; of one dtype the format decodes to, on `device` when given;
+    contiguous or a slice of a contiguous tensor along T (each row of D contiguous, heads and
+    layers apart: `cache[:, :, a:b]`). Returns them as [L, H, T, D] views; CodecError otherwise."""
     want = [(shape[0], shape[2], shape[3])] if latent else [shape, shape]
     if not isinstance(out, tuple | list) or len(out) != len(want):
         raise CodecError(f"out must be {len(want)} tensor(s) for this block")
@@ -285,8 +286,8 @@ def check_out(
         if not isinstance(x, Tensor) or tuple(x.shape) != size:
             got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise CodecError(f"out tensor is {got}, the block needs {size}")
-        if x.dtype != out[0].dtype or not x.is_contiguous():
-            raise CodecError("out tensors must be contiguous and of one dtype")
+        if x.dtype != out[0].dtype or not _rows_apart(x):
+            raise CodecError("out tensors must be of one dtype, with rows of D contiguous, apart")
         if device is not None and not (
             x.device.type == device.type and device.index in (None, x.device.index)
         ):
@@ -294,6 +295,19 @@ def check_out(
     if out[0].dtype not in FORMAT_DTYPES:
         raise CodecError(f"cannot decode to {out[0].dtype}; use float16, bfloat16 or float32")
     return [x.unsqueeze(1) for x in out] if latent else list(out)
+
+
+def _rows_apart(x: Tensor) -> bool:
+    """x's last dim is contiguous, its rows follow one another along the token dim, and every
+    leading dim steps past the whole extent of the dims after it: no two elements share memory."""
+    if x.stride(-1) != 1 or (x.shape[-2] > 1 and x.stride(-2) != x.shape[-1]):
+        return False
+    extent = x.shape[-2] * x.shape[-1]
+    for dim in range(x.dim() - 3, -1, -1):
+        if x.shape[dim] > 1 and x.stride(dim) < extent:
+            return False
+        extent = max(extent, x.stride(dim) * x.shape[dim])
+    return True
 
 
 def _check_tensor(x: Tensor, name: str, ndim: int) -> None:

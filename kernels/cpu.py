@@ -60,7 +60,8 @@ def encode_tensor(x: Tensor, sections: list[Section], header: BlockHeader, paylo
 def decode_tensor(
     payload: Tensor, sections: list[Section], header: BlockHeader, out: Tensor
 ) -> None:
-    """Unpack and dequantize the payload's sections into out: [L, H, T, D] (contiguous, CPU)."""
+    """Unpack and dequantize the payload's sections into out: [L, H, T, D] (CPU; each head's
+    rows contiguous, see `check_out`)."""
     _, h, t, d = out.shape
     base, code = payload.data_ptr(), DTYPE_CODES[out.dtype]
 
@@ -69,7 +70,7 @@ def decode_tensor(
         group = header.group_size if s.is_key else header.value_group
         _cpu_codec.decode_section(
             base + s.codes, base + s.scales, base + s.mins, h, t, d, int(s.is_key), group,
-            s.bits, out[layer].data_ptr(), code,
+            s.bits, out[layer].data_ptr(), out.stride(1), code,
         )  # fmt: skip
 
     _spread(one, out.shape[0])

@@ -99,3 +99,16 @@ def test_forcing_triton_where_it_cannot_run_raises() -> None:
         )
     # auto falls back to a path that can run
     assert decode(encode(k, v, CodecConfig(group_size=32))).keys is not None
+
+
+def test_triton_decodes_into_a_slice_of_a_longer_cache() -> None:
+    """The kernels write through out's strides: a block decoded into cache[:, :, a:b]."""
+    k, v = kv(tokens=64, dim=64, seed=5)
+    ref = encode(k, v, CodecConfig(2, 2, 32), start_position=64, backend="reference")
+    cache = [torch.zeros(*k.shape[:2], 192, 64, device=TRITON_DEVICE) for _ in range(2)]
+    got = decode(ref, out=tuple(c[:, :, 64:128] for c in cache), backend="triton")
+    want = decode(ref, dtype=torch.float32, backend="reference")
+    assert got.keys is not None and want.keys is not None and want.values is not None
+    _close(cache[0][:, :, 64:128].cpu(), want.keys)
+    _close(cache[1][:, :, 64:128].cpu(), want.values)
+    assert not any(bool(c[:, :, :64].any() or c[:, :, 128:].any()) for c in cache)

@@ -182,6 +182,25 @@ def test_decoding_into_given_tensors_gives_the_same_block(dtype: torch.dtype) ->
     assert torch.equal(target, decode(blob, dtype=dtype).latent)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_decoding_into_a_slice_of_a_longer_cache(backend: str, dtype: torch.dtype) -> None:
+    """out= may be cache[:, :, a:b] of a longer sequence (heads apart by its length): each block
+    lands in its slice exactly as a fresh decode, and nothing outside the slice is written."""
+    k, v = kv(tokens=64, dim=64)
+    for cfg in (CodecConfig(2, 2, 32), CodecConfig(3, 2, 32, rope=RopeParams(10000.0, 64),
+                                                   hadamard_values=True, sink_tokens=1)):  # fmt: skip
+        cache = [torch.full((*k.shape[:2], 192, 64), 7.0, dtype=dtype) for _ in range(2)]
+        for i, start in enumerate((64, 0)):
+            blob = encode(k + i, v - i, cfg, start_position=start)
+            got = decode(blob, out=tuple(c[:, :, start : start + 64] for c in cache),
+                         backend=backend)  # type: ignore[arg-type]  # fmt: skip
+            want = decode(blob, dtype=dtype, backend=backend)  # type: ignore[arg-type]
+            assert torch.equal(got.keys, want.keys) and torch.equal(got.values, want.values)  # type: ignore[arg-type]
+            assert got.keys.data_ptr() == cache[0][:, :, start].data_ptr()  # type: ignore[union-attr]
+        assert all(bool((c[:, :, 128:] == 7.0).all()) for c in cache)
+
+
 def test_unusable_decode_targets_raise_codec_error() -> None:
     k, v = kv(tokens=128, dim=64)
     blob = encode(k, v)
@@ -191,6 +210,8 @@ def test_unusable_decode_targets_raise_codec_error() -> None:
         (good, torch.empty(k.shape[0], k.shape[1], 64, 64)),  # half the tokens
         (good, torch.empty(k.shape, dtype=torch.float16)),  # mixed dtypes
         (good, torch.empty(k.shape[::-1]).transpose(0, 3).transpose(1, 2)),  # not contiguous
+        (good, torch.empty(*k.shape[1:]).expand(k.shape)),  # every layer the same memory
+        (good, torch.empty(*k.shape[:3], 128)[..., :64]),  # rows of D not contiguous
         (torch.empty(k.shape, dtype=torch.int32), torch.empty(k.shape, dtype=torch.int32)),
         (good, None),
     ]:

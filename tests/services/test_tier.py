@@ -103,6 +103,35 @@ def test_blocks_one_at_a_time_into_one_buffer(client) -> None:
     assert client.lookup(toks) == 4 * B  # nothing was deleted
 
 
+def test_get_into_the_callers_cache(client) -> None:
+    """get(out=): the prefix is decoded into the caller's tensors (here fp32, a slice of a
+    longer cache), capped by their length; a buffer get cannot use is refused before any fetch."""
+    toks = tokens(4 * B, seed=8)
+    client.put(toks, kv(4 * B, seed=8))
+    whole = client.get(toks, dtype=torch.float32)
+    assert whole is not None and whole.keys is not None and whole.values is not None
+    cache = [torch.full((NS.layers, NS.kv_heads, 8 * B, NS.head_dim), -1.0) for _ in range(2)]
+    got = client.get(toks, out=tuple(c[:, :, B:] for c in cache))
+    assert got is not None and got.tokens == 4 * B and got.keys is not None
+    assert got.keys.data_ptr() == cache[0][:, :, B].data_ptr()
+    assert torch.equal(cache[0][:, :, B : 5 * B], whole.keys)
+    assert torch.equal(cache[1][:, :, B : 5 * B], whole.values)
+    assert bool((cache[0][:, :, :B] == -1).all())
+    fetched = client.stats.blocks_fetched
+    small = client.get(toks, out=tuple(c[:, :, : 2 * B] for c in cache))  # room for two blocks
+    assert small is not None and small.tokens == 2 * B
+    assert client.stats.blocks_fetched == fetched + 2
+    assert torch.equal(cache[1][:, :, : 2 * B], whole.values[:, :, : 2 * B])
+    for bad in (
+        tuple(c[:, :, : B + 8] for c in cache),  # not a whole number of blocks
+        tuple(c[:, :, : 2 * B].to(torch.int32) for c in cache),  # not a dtype blocks decode to
+        (cache[0][:, :, :B],),  # keys without values
+    ):
+        with pytest.raises(CodecError):
+            client.get(toks, out=bad)
+    assert client.stats.blocks_fetched == fetched + 2 and client.stats.rejected_blocks == 0
+
+
 def test_partial_prefix_hits(client) -> None:
     toks = tokens(3 * B, seed=2)
     client.put(toks, kv(3 * B, seed=2))
