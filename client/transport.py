@@ -25,14 +25,15 @@ from pathlib import Path
 from typing import TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 
 from kvpool.proto import kvpool_pb2 as pb
 from kvpool.proto import kvpool_pb2_grpc as pb_grpc
 from kvpool.proto.errors import TierError
 from kvpool.proto.keys import Namespace
 from kvpool.proto.messages import (
-    LOOKUP_COUNT,
-    LOOKUP_HEAD,
+    REPLY_HEAD,
+    REQUEST_HEAD,
     SESSION_BYTES,
     TICKET_BYTES,
     namespace_to_proto,
@@ -41,6 +42,11 @@ from kvpool.ring import Ring
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+M = TypeVar("M", bound=Message)
+_STATUS = {code.value[0]: code.name for code in grpc.StatusCode}
+_MAX_REPLY = 1 << 16  # the answers on the same-host socket are small messages
+# what a same-host socket request fails with when the socket itself is unusable: use gRPC / TCP
+_SOCKET_ERRORS = (OSError, ValueError, TimeoutError, asyncio.IncompleteReadError, DecodeError)
 
 
 @dataclass(frozen=True)
@@ -221,15 +227,18 @@ class TierClient:
                 per_shard.setdefault(sid, []).append(i)
 
         async def ask(sid: str, idx: list[int]) -> tuple[list[int], int | TierError]:
+            req = pb.LookupRequest(namespace_id=ns.id, keys=[keys[i] for i in idx])
             shared = await self._arena(sid)
             if shared is not None:  # the same-host socket; gRPC if it fails
                 try:
-                    async with asyncio.timeout(self.config.timeout_s):  # no task, unlike wait_for
-                        return idx, await shared.lookup(ns.id, [keys[i] for i in idx])
-                except (OSError, ValueError, TimeoutError, asyncio.IncompleteReadError) as e:
-                    log.info("same-host lookup on %s failed (%s): gRPC", shared.address, e)
-                    self._drop_arena(shared)
-            req = pb.LookupRequest(namespace_id=ns.id, keys=[keys[i] for i in idx])
+                    reply = await self._local(shared, b"L", req, pb.LookupResponse)
+                    if reply.present > len(idx):
+                        raise ValueError(f"shard counted {reply.present} of {len(idx)} keys")
+                    return idx, reply.present
+                except _SOCKET_ERRORS:
+                    pass
+                except TierError as e:
+                    return idx, e
             try:
                 reply = await self._call(
                     sid, lambda s: s.Lookup(req, timeout=self.config.timeout_s)
@@ -272,10 +281,11 @@ class TierClient:
             try:
                 shared = await self._arena(sid)
                 if shared is not None and len(data) <= shared.slot_bytes:
-                    try:
-                        return await self._call(sid, lambda s: shared.put(s, info, data))
-                    except TierError as e:
-                        self._session_gone(shared, e)
+                    async with shared.slot() as offset:  # the block written there, then taken
+                        request = pb.PutSharedRequest(info=info, offset=offset)
+                        with contextlib.suppress(*_SOCKET_ERRORS):  # else TCP
+                            shared.view[offset : offset + len(data)] = data  # closed: ValueError
+                            return (await self._local(shared, b"P", request, pb.PutResponse)).stored
                 reply = await self._call(
                     sid, lambda s: s.Put(messages(), timeout=self.config.timeout_s)
                 )
@@ -333,24 +343,36 @@ class TierClient:
         shared = await self._arena(sid)
         if shared is not None:
             async with shared.slot() as offset:
-                try:
-                    size = await self._call(sid, lambda s: shared.fetch(s, ns, key, offset))
-                except _TooLarge:
-                    pass  # over TCP, below
-                except TierError as e:
-                    self._session_gone(shared, e)
-                else:
-                    if size is None:
-                        yield None
-                        return
-                    view = memoryview(shared.view)[offset : offset + size].toreadonly()
+                served, view = await self._fetch_shared(shared, ns, key, offset)
+                if served:
                     try:
                         yield view
                     finally:
-                        with contextlib.suppress(BufferError):  # a reader still holds it
-                            view.release()
+                        if view is not None:
+                            with contextlib.suppress(BufferError):  # a reader still holds it
+                                view.release()
                     return
         yield await self._call(sid, lambda s: self._fetch(s, ns, key))
+
+    async def _fetch_shared(
+        self, shared: _Shared, ns: Namespace, key: bytes, offset: int
+    ) -> tuple[bool, memoryview | None]:
+        """Have the shard copy the block into the slot at `offset`: (True, a read-only view of
+        it), (True, None) on a miss, (False, None) when the arena cannot serve it (unusable, or
+        the block is larger than a slot): then TCP."""
+        request = pb.GetSharedRequest(namespace_id=ns.id, key=key, offset=offset,
+                                      capacity=shared.slot_bytes)  # fmt: skip
+        try:
+            reply = await self._local(shared, b"G", request, pb.GetSharedResponse)
+            if not reply.found:
+                return True, None
+            if not reply.fits:
+                return False, None
+            if reply.size > shared.slot_bytes:
+                raise TierError("shard wrote past its slot", "DATA_LOSS")
+            return True, memoryview(shared.view)[offset : offset + reply.size].toreadonly()
+        except _SOCKET_ERRORS:  # ValueError too: the arena was dropped meanwhile
+            return False, None
 
     async def _arena(self, sid: str) -> _Shared | None:
         """The shard's arena for this client, opened on first use; None when the shard has no
@@ -392,12 +414,25 @@ class TierClient:
         log.info("no same-host path to %s (%s): TCP", address, reason)
         self._shared[address] = time.monotonic() + 60.0  # ask again in a minute
 
-    def _session_gone(self, shared: _Shared, error: TierError) -> None:
-        """After a failed arena call: FAILED_PRECONDITION means the shard closed the session
-        (then TCP now, a new arena later); anything else is the call's own failure."""
-        if error.code != "FAILED_PRECONDITION":
-            raise error
-        self._drop_arena(shared)
+    async def _local(self, shared: _Shared, op: bytes, request: Message, reply: type[M]) -> M:
+        """One request on a shard's same-host socket, within the call timeout. Raises one of
+        _SOCKET_ERRORS when the socket is unusable (the arena is then dropped: the caller goes
+        over gRPC or TCP, and a new arena is opened on a later call; also when the shard says
+        the session is over), TierError when the shard refused the request."""
+        try:
+            async with asyncio.timeout(self.config.timeout_s):  # no task, unlike wait_for
+                status, body = await shared.request(op, request.SerializeToString())
+            if status == 0:
+                return reply.FromString(body)
+        except _SOCKET_ERRORS as e:
+            log.info("same-host request on %s failed (%s): gRPC", shared.address, e)
+            self._drop_arena(shared)
+            raise
+        code, detail = _STATUS.get(status, "UNKNOWN"), body.decode(errors="replace")
+        if code == "FAILED_PRECONDITION":  # the shard closed the session (idle, restarted)
+            self._drop_arena(shared)
+            raise ConnectionResetError(f"{shared.address}: {detail}")
+        raise TierError(f"{shared.address}: {code}: {detail}", code)
 
     def _drop_arena(self, shared: _Shared) -> None:
         if self._shared.get(shared.address) is shared:
@@ -465,20 +500,17 @@ class TierClient:
         await asyncio.gather(*self._closing, return_exceptions=True)
 
 
-class _TooLarge(Exception):
-    """A block found but larger than an arena slot: fetch it over TCP."""
-
-
 class _Shared:
     """This client's arena on one shard (see services/shared.py): a mapping of the memfd the
     shard handed over, cut into slots, one per block in flight (the shard writes gets into a
-    slot, the client writes puts), and the connection that claimed it, serving lookups."""
+    slot, the client writes puts), and the connection that claimed it, serving this client's
+    lookups, gets and puts."""
 
     def __init__(self, address: str, session: bytes, view: mmap.mmap, config: ClientConfig,
                  sock: socket.socket) -> None:  # fmt: skip
         self.address, self.session, self.view, self._sock = address, session, view, sock
         self.timeout_s = config.timeout_s
-        self._lookup_lock = asyncio.Lock()
+        self._lock = asyncio.Lock()
         self._broken = False
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -521,25 +553,28 @@ class _Shared:
         return cls(address, reply.session, view, config, sock)
 
     async def connect(self) -> None:
-        """Streams over the claiming connection, which now serves this client's lookups."""
+        """Streams over the claiming connection, which now serves this client's requests."""
         self._reader, self._writer = await asyncio.open_unix_connection(sock=self._sock)
 
-    async def lookup(self, namespace_id: bytes, keys: Sequence[bytes]) -> int:
-        """How many leading `keys` the shard holds: a Unix socket round trip."""
+    async def request(self, op: bytes, message: bytes) -> tuple[int, bytes]:
+        """One request on the claiming connection (frames: proto/messages.py): (0, the
+        response) or (a gRPC status code, its detail). One at a time; a request that fails or
+        is cancelled midway leaves the connection unusable (an answer may still be on its way,
+        and the shard may still write the slot it named: the arena is dropped)."""
         reader, writer = self._reader, self._writer
         if reader is None or writer is None or self._broken:
-            raise OSError("the lookup connection is not usable")
-        async with self._lookup_lock:
+            raise OSError("the same-host connection is not usable")
+        async with self._lock:
             try:
-                writer.write(LOOKUP_HEAD.pack(b"L", namespace_id, len(keys)) + b"".join(keys))
+                writer.write(REQUEST_HEAD.pack(op, len(message)) + message)
                 await writer.drain()
-                (present,) = LOOKUP_COUNT.unpack(await reader.readexactly(LOOKUP_COUNT.size))
-            except BaseException:  # cancelled mid-request too: an answer may still be on its way
+                status, length = REPLY_HEAD.unpack(await reader.readexactly(REPLY_HEAD.size))
+                if length > _MAX_REPLY:
+                    raise ValueError(f"a {length}-byte answer on the same-host socket")
+                return status, await reader.readexactly(length)
+            except BaseException:
                 self._broken = True
                 raise
-        if present > len(keys):
-            raise ValueError(f"shard counted {present} of {len(keys)} keys")
-        return int(present)
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[int]:
@@ -549,30 +584,6 @@ class _Shared:
             yield offset
         finally:
             self._free.put_nowait(offset)
-
-    async def put(self, stub: pb_grpc.KVPoolStub, info: pb.BlockInfo, data: bytes) -> bool:
-        """Store a block through a slot: written there, then taken by the shard (PutShared)."""
-        async with self.slot() as offset:
-            self.view[offset : offset + len(data)] = data
-            request = pb.PutSharedRequest(info=info, session=self.session, offset=offset)
-            reply = await stub.PutShared(request, timeout=self.timeout_s)
-        return bool(reply.stored)
-
-    async def fetch(
-        self, stub: pb_grpc.KVPoolStub, ns: Namespace, key: bytes, offset: int
-    ) -> int | None:
-        """Have the shard copy the block into the slot at `offset`: its size, None on a miss;
-        _TooLarge: use TCP."""
-        request = pb.GetSharedRequest(namespace_id=ns.id, key=key, session=self.session,
-                                      offset=offset, capacity=self.slot_bytes)  # fmt: skip
-        reply = await stub.GetShared(request, timeout=self.timeout_s)
-        if not reply.found:
-            return None
-        if not reply.fits:
-            raise _TooLarge
-        if reply.size > self.slot_bytes:
-            raise TierError("shard wrote past its slot", "DATA_LOSS")
-        return int(reply.size)
 
     def close(self) -> None:
         if self._writer is not None:

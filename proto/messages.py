@@ -34,5 +34,10 @@ def namespace_from_proto(msg: pb.Namespace) -> Namespace:
 
 TICKET_BYTES = 32  # the one-use ticket a client sends first; the answer carries the arena's fd
 SESSION_BYTES = 16
-LOOKUP_HEAD = struct.Struct("<c32sI")  # then: b"L", namespace id, key count, the 32-byte keys
-LOOKUP_COUNT = struct.Struct("<I")  # the answer: leading keys present
+# Then requests, each answered in turn: an op (b"L" LookupRequest, b"G" GetSharedRequest, b"P"
+# PutSharedRequest; their session is the connection's own arena) and the message's length, then
+# the message; the answer: 0 and the response's length, then the response (LookupResponse,
+# GetSharedResponse, PutResponse), or a gRPC status code and the length of its detail text.
+REQUEST_HEAD = struct.Struct("<cI")
+REPLY_HEAD = struct.Struct("<BI")
+REQUEST_BYTES = 4096  # the most any request needs besides its keys (34 bytes each, encoded)

@@ -65,7 +65,7 @@ from kvpool.proto.keys import Namespace
 from kvpool.proto.messages import namespace_from_proto
 from kvpool.services.metrics import ShardMetrics
 from kvpool.services.security import ServerSecurity, store_key, tenant_of
-from kvpool.services.shared import Arena, ArenaRefused, Arenas
+from kvpool.services.shared import Arena, ArenaRefused, Arenas, Owner
 from kvpool.services.store import Blob, BlockStore, BlockTooLargeError
 
 if TYPE_CHECKING:  # redis-py is needed only where a Redis tier is configured
@@ -104,7 +104,13 @@ class Limits:
 
 T = TypeVar("T")
 TopologyFn = Callable[[], Awaitable[pb.TopologyResponse]]
-_CALLER: ContextVar[tuple[str | None, str]] = ContextVar("kvpool_caller")  # (tenant, peer key)
+_CALLER: ContextVar[Owner] = ContextVar("kvpool_caller")  # (tenant, peer key)
+# the same-host socket's requests: op -> (the method they count as, their message)
+_LOCAL: dict[bytes, tuple[str, Any]] = {
+    b"L": ("LookupShared", pb.LookupRequest),
+    b"G": ("GetShared", pb.GetSharedRequest),
+    b"P": ("PutShared", pb.PutSharedRequest),
+}
 
 
 class Refused(Exception):
@@ -329,16 +335,6 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
             n += await asyncio.to_thread(self.redis.leading, keys[n:])
         return n
 
-    async def lookup_local(self, owner: tuple[str | None, str], namespace_id: bytes,
-                           keys: list[bytes]) -> int:  # fmt: skip
-        """Lookup for the same-host path (services/shared.py): the answer Lookup gives
-        `owner` (its socket frames already fix the key lengths and bound their count)."""
-        t0 = time.perf_counter()
-        n = await self._leading([store_key(owner[0], namespace_id, k) for k in keys])
-        if self.metrics is not None:
-            self.metrics.observe("LookupShared", "OK", time.perf_counter() - t0)
-        return n
-
     async def Put(
         self, request_iterator: AsyncIterator[pb.PutRequest], context: Any
     ) -> pb.PutResponse:
@@ -405,29 +401,85 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
 
     async def GetShared(self, request: pb.GetSharedRequest, context: Any) -> pb.GetSharedResponse:
         _well_formed(request)
-        self._arena(request.session, request.offset, request.capacity)  # before reading
-        data = await self._read(pb.GetRequest(namespace_id=request.namespace_id, key=request.key))
-        if data is None:
+        arena = self._arena(request.session, request.offset, request.capacity)  # before reading
+        size = await self._get_into(arena, request.offset, request.capacity,
+                                    request.namespace_id, request.key)  # fmt: skip
+        if size is None:
             return pb.GetSharedResponse(found=False)
-        arena = self._arena(request.session, request.offset, request.capacity)  # _read awaited
-        if len(data) > request.capacity:
-            return pb.GetSharedResponse(found=True, size=len(data), fits=False)
-        arena.view[request.offset : request.offset + len(data)] = data
-        return pb.GetSharedResponse(found=True, size=len(data), fits=True)
+        return pb.GetSharedResponse(found=True, size=size, fits=size <= request.capacity)
+
+    async def _get_into(
+        self, arena: Arena, offset: int, capacity: int, namespace_id: bytes, key: bytes
+    ) -> int | None:
+        """Read a block as Get does and copy it into `arena` at `offset` if it fits in
+        `capacity` (inside the arena: checked by the caller); its size, None on a miss."""
+        data = await self._read(pb.GetRequest(namespace_id=namespace_id, key=key))
+        if data is None:
+            return None
+        if len(data) <= capacity:
+            self._live(arena).view[offset : offset + len(data)] = data
+        return len(data)
 
     async def PutShared(self, request: pb.PutSharedRequest, context: Any) -> pb.PutResponse:
         _well_formed(request)
-        info = request.info
-        arena = self._arena(request.session, request.offset, info.size)
+        arena = self._arena(request.session, request.offset, request.info.size)
+        return await self._put_from(arena, request.offset, request.info)
+
+    async def _put_from(self, arena: Arena, offset: int, info: pb.BlockInfo) -> pb.PutResponse:
+        """Store the block the caller wrote into `arena` at `offset` (inside it: checked by the
+        caller), checked exactly as an upload."""
         ns, key, chain = self._admit_put(info)
         if key in self.store:
             self.store.count(put_existing=1)
             return pb.PutResponse(stored=False)
         async with self.uploads.reserve(_CALLER.get()[1], info.size):
             # a copy: the caller can still write there
-            data = arena.view[request.offset : request.offset + info.size]
+            data = self._live(arena).view[offset : offset + info.size]
             await asyncio.to_thread(verify_upload, data, info, ns)
         return self._store(info, key, chain, data)
+
+    def _live(self, arena: Arena) -> Arena:
+        """`arena`, unless it was closed (idle, or by its owner) while a request awaited."""
+        if arena.view.closed:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, "the shared-memory session ended")
+        return arena
+
+    async def local(self, owner: Owner, arena: Arena, op: bytes, body: bytes) -> tuple[int, bytes]:
+        """A request on the same-host socket (services/shared.py): a LookupRequest (op b"L"),
+        GetSharedRequest (b"G") or PutSharedRequest (b"P"), answered as its gRPC twin answers
+        `owner`, with the socket's own arena as the session. Returns (0, the response) or (a
+        gRPC status code, its detail); ValueError for an op or body that does not parse."""
+        kind = _LOCAL.get(op)
+        if kind is None:
+            raise ValueError(f"unknown op {op!r}")
+        method, message = kind
+        try:
+            request = message.FromString(body)
+        except DecodeError:
+            raise ValueError("the request does not parse") from None
+        t0, code = time.perf_counter(), "OK"
+        token = _CALLER.set(owner)
+        try:
+            if isinstance(request, pb.LookupRequest):
+                keys = self._keys(request.namespace_id, list(request.keys))
+                reply: Any = pb.LookupResponse(present=await self._leading(keys))
+            elif isinstance(request, pb.GetSharedRequest):
+                self._within(arena, request.offset, request.capacity)
+                size = await self._get_into(arena, request.offset, request.capacity,
+                                            request.namespace_id, request.key)  # fmt: skip
+                reply = pb.GetSharedResponse(found=size is not None, size=size or 0,
+                                             fits=size is not None and size <= request.capacity)  # fmt: skip
+            else:
+                self._within(arena, request.offset, request.info.size)
+                reply = await self._put_from(arena, request.offset, request.info)
+            return 0, reply.SerializeToString()
+        except Refused as e:
+            code = e.code.name
+            return e.code.value[0], e.detail.encode()
+        finally:
+            _CALLER.reset(token)
+            if self.metrics is not None:
+                self.metrics.observe(method, code, time.perf_counter() - t0)
 
     def _arena(self, session: bytes, offset: int, length: int) -> Arena:
         """The caller's arena `session`, with bytes [offset, offset + length) inside it."""
@@ -437,6 +489,10 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
             arena = self.arenas.session(session, _CALLER.get())
         except ArenaRefused as e:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
+        return self._within(arena, offset, length)
+
+    @staticmethod
+    def _within(arena: Arena, offset: int, length: int) -> Arena:
         if offset + length > arena.size:
             raise Refused(grpc.StatusCode.OUT_OF_RANGE,
                           f"bytes [{offset}, {offset + length}) outside the {arena.size}-byte arena")  # fmt: skip
@@ -730,7 +786,7 @@ class ShardServer:
             lim = self.limits
             self.arenas = servicer.arenas = Arenas(
                 self.shared_dir, self.shard_id, lim.shared_bytes, lim.peer_shared_bytes,
-                lim.shared_idle_s, servicer.lookup_local, lim.max_keys, self._loop,
+                lim.shared_idle_s, servicer.local, lim.max_keys, self._loop,
             )  # fmt: skip
         server.add_generic_rpc_handlers((_handlers(servicer),))
         health_servicer = health.aio.HealthServicer()

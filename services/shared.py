@@ -6,9 +6,11 @@ check; this module only owns the memory and the socket.
     OpenShared (gRPC, authenticated) -> a memfd of the asked size, mapped by the shard, and a
                                         one-use ticket and the Unix socket path, for the caller
     ticket --> the Unix socket       -> the memfd's descriptor (SCM_RIGHTS); the ticket is spent;
-                                        the connection stays open for the arena owner's lookups
-    GetShared (gRPC, authenticated)  -> the servicer reads the block as for Get, then copies it
+                                        the connection stays open for the arena owner's requests
+    GetShared (socket or gRPC)       -> the servicer reads the block as for Get, then copies it
                                         into the caller's arena at the offset the caller chose
+    PutShared (socket or gRPC)       -> the servicer copies a block out of the caller's arena,
+                                        then checks and stores it as a Put
 
 An arena never has a name in any file system: a process gets one only with a ticket, and a
 ticket only travels over the caller's own authenticated gRPC channel. Blocks are copied into an
@@ -17,11 +19,12 @@ this path what it could not Get. The memfd's size is sealed, so a client cannot 
 the shard's mapping. A socket path that does not reach the shard (another host, another mount
 namespace) simply fails to connect, and the client stays on TCP.
 
-Lookups on the claiming connection: b"L" + namespace id (32 bytes) + key count (uint32, little
-endian) + the keys (32 bytes each) -> the count of leading keys present (uint32), answered with
-the owner's tenant exactly as the gRPC Lookup would; anything malformed closes the connection.
-A lookup costs a Unix socket round trip (tens of microseconds) instead of a gRPC call (about
-0.6 ms here).
+Requests on the claiming connection: lookups, gets and puts, as the messages of Lookup,
+GetShared and PutShared in frames (proto/messages.py), answered in turn by the servicer exactly
+as over gRPC for the arena's owner; anything malformed closes the connection. A request costs a
+Unix socket round trip (tens of microseconds) instead of a gRPC call (about 0.6 ms here), which
+for a 4.5 MB block is as much as the copy itself. The gRPC twins stay for clients that cannot
+keep the socket.
 
 Memory is bounded: arenas count against `Limits.shared_bytes` per shard and
 `Limits.peer_shared_bytes` per tenant (or peer host); sessions idle for `shared_idle_s` are
@@ -44,12 +47,19 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvpool.proto.messages import LOOKUP_COUNT, LOOKUP_HEAD, SESSION_BYTES, TICKET_BYTES
+from kvpool.proto.messages import (
+    REPLY_HEAD,
+    REQUEST_BYTES,
+    REQUEST_HEAD,
+    SESSION_BYTES,
+    TICKET_BYTES,
+)
 
 log = logging.getLogger(__name__)
 TICKET_S = 10.0  # a ticket not claimed by then is void
 Owner = tuple[str | None, str]  # (tenant, peer key) of a caller
-LookupFn = Callable[[Owner, bytes, list[bytes]], Awaitable[int]]  # (owner, ns id, keys) -> present
+# (owner, arena, op, message) -> (0, response) or (status code, detail); ValueError: malformed
+Serve = Callable[[Owner, "Arena", bytes, bytes], Awaitable[tuple[int, bytes]]]
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
@@ -71,12 +81,12 @@ class Arena:
     ticket: bytes | None
     opened: float
     last_used: float = field(default_factory=time.monotonic)
-    conn: socket.socket | None = None  # the claiming connection, serving lookups
+    conn: socket.socket | None = None  # the claiming connection, serving requests
 
     def close(self) -> None:
         if self.conn is not None:
             with contextlib.suppress(OSError):
-                self.conn.shutdown(socket.SHUT_RDWR)  # ends its lookups
+                self.conn.shutdown(socket.SHUT_RDWR)  # ends its requests
         with contextlib.suppress(BufferError, ValueError):
             self.view.close()
         with contextlib.suppress(OSError):
@@ -87,14 +97,15 @@ class Arenas:
     """The arenas of one shard, and the Unix socket that hands them over."""
 
     def __init__(self, directory: str, shard_id: str, shared_bytes: int, peer_shared_bytes: int,
-                 idle_s: float, lookup: LookupFn, max_keys: int,
+                 idle_s: float, serve: Serve, max_keys: int,
                  loop: asyncio.AbstractEventLoop) -> None:  # fmt: skip
-        """lookup: answers the lookups of the socket, on `loop` (the shard's gRPC loop: a
-        lookup wakes that loop, not another thread that would wait for the GIL)."""
+        """serve: answers the requests of the socket, on `loop` (the shard's gRPC loop: a
+        request wakes that loop, not another thread that would wait for the GIL)."""
         self.shared_bytes, self.peer_shared_bytes, self.idle_s = (
             shared_bytes, peer_shared_bytes, idle_s,
         )  # fmt: skip
-        self._lookup, self.max_keys, self._loop = lookup, max_keys, loop
+        self._serve_one, self._loop = serve, loop
+        self.max_request = REQUEST_BYTES + 34 * max_keys
         name = f"kvpool-{''.join(c if c.isalnum() else '-' for c in shard_id)}"
         self.path = str(Path(directory) / f"{name}-{secrets.token_hex(6)}.sock")
         self._sessions: dict[bytes, Arena] = {}
@@ -208,7 +219,7 @@ class Arenas:
                 conn.close()
                 continue
             conn.setblocking(False)
-            asyncio.run_coroutine_threadsafe(self._lookups(conn, arena), self._loop)
+            asyncio.run_coroutine_threadsafe(self._requests(conn, arena), self._loop)
 
     def _hand_over(self, conn: socket.socket) -> Arena | None:
         conn.settimeout(1.0)  # one slow client holds the socket at most this long
@@ -222,25 +233,24 @@ class Arenas:
             socket.send_fds(conn, [b"\x01"], [arena.fd])
         return arena
 
-    async def _lookups(self, conn: socket.socket, arena: Arena) -> None:
-        """The owner's lookups on the connection that claimed `arena`, until either closes
-        or it stays idle past `idle_s`."""
+    async def _requests(self, conn: socket.socket, arena: Arena) -> None:
+        """The owner's requests on the connection that claimed `arena`, one at a time, until
+        either closes, one is malformed, or it stays idle past `idle_s`."""
         loop = asyncio.get_running_loop()
         with conn:
             try:
                 while True:
                     async with asyncio.timeout(self.idle_s):
-                        head = await _read(loop, conn, LOOKUP_HEAD.size)
-                    op, namespace_id, n = LOOKUP_HEAD.unpack(head)
-                    if op != b"L" or n > self.max_keys:
+                        head = await _read(loop, conn, REQUEST_HEAD.size)
+                    op, length = REQUEST_HEAD.unpack(head)
+                    if length > self.max_request:
                         return  # malformed: the client falls back to gRPC
                     async with asyncio.timeout(1.0):  # the rest of a request comes at once
-                        body = await _read(loop, conn, 32 * n)
+                        body = await _read(loop, conn, length)
                     arena.last_used = time.monotonic()
-                    keys = [body[i : i + 32] for i in range(0, len(body), 32)]
-                    present = await self._lookup(arena.owner, namespace_id, keys)
-                    await loop.sock_sendall(conn, LOOKUP_COUNT.pack(present))
-            except (OSError, TimeoutError, EOFError):
+                    status, reply = await self._serve_one(arena.owner, arena, op, body)
+                    await loop.sock_sendall(conn, REPLY_HEAD.pack(status, len(reply)) + reply)
+            except (OSError, TimeoutError, EOFError, ValueError):
                 return
 
     def stop(self) -> None:

@@ -5,6 +5,7 @@ arena, resizing the arena under the shard, arenas beyond the shard's limits)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import mmap
 import os
 import socket
@@ -20,7 +21,7 @@ from kvpool.kernels.codec import CodecConfig
 from kvpool.proto import kvpool_pb2 as pb
 from kvpool.proto import kvpool_pb2_grpc as pb_grpc
 from kvpool.proto.keys import block_keys
-from kvpool.proto.messages import namespace_to_proto
+from kvpool.proto.messages import REPLY_HEAD, REQUEST_HEAD, namespace_to_proto
 from kvpool.services.security import ServerSecurity
 from kvpool.services.server import Limits, ShardServer
 from kvpool.services.store import BlockStore
@@ -102,21 +103,71 @@ def test_lookups_go_over_the_arenas_socket_with_the_same_answers(server) -> None
     assert lookups(SMALL) == ([2, 1, 1, 0], 0, 3)
 
 
-def test_a_malformed_lookup_ends_the_connection_not_the_shard(server) -> None:
+def test_malformed_socket_requests_end_the_connection_not_the_shard(server) -> None:
+    frame = REQUEST_HEAD.pack
     with grpc.insecure_channel(server.address) as channel:
         stub = pb_grpc.KVPoolStub(channel)
-        for junk in (b"X" + bytes(36), b"L" + bytes(32) + (1 << 30).to_bytes(4, "little")):
-            reply = open_arena(stub)
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                sock.settimeout(5)
-                sock.connect(reply.socket_path)
-                sock.sendall(reply.ticket)
-                _, fds, _, _ = socket.recv_fds(sock, 1, 1)
-                os.close(fds[0])
+        for junk in (
+            frame(b"X", 3) + b"abc",  # no such op
+            frame(b"L", 1 << 30),  # a length over the bound: closed before anything is read
+            frame(b"G", 5) + b"\xff" * 5,  # not a GetSharedRequest
+        ):
+            with claimed(stub) as sock:
                 sock.sendall(junk)
-                assert sock.recv(4) == b""  # closed, nothing allocated for 2^30 keys
+                assert sock.recv(4) == b""  # closed, nothing allocated for 2^30 bytes
         reply = open_arena(stub)  # the shard goes on
         assert claim(reply) is not None
+
+
+def test_refused_socket_requests_get_their_status_and_the_connection_stays(server) -> None:
+    """Requests the servicer refuses are answered with the gRPC status their gRPC twins get
+    (too many keys, a slot outside the arena, a put of a size it cannot hold), and the next
+    request on the connection is served."""
+
+    def ask(sock: socket.socket, op: bytes, message: bytes) -> tuple[int, bytes]:
+        sock.sendall(REQUEST_HEAD.pack(op, len(message)) + message)
+        status, length = REPLY_HEAD.unpack(recv_exactly(sock, REPLY_HEAD.size))
+        return status, recv_exactly(sock, length)
+
+    too_many = pb.LookupRequest(namespace_id=NS.id, keys=[bytes(32)] * (LIMITS.max_keys + 1))
+    outside = pb.GetSharedRequest(namespace_id=NS.id, key=bytes(32), offset=1 << 20, capacity=1)
+    with (
+        grpc.insecure_channel(server.address) as channel,
+        claimed(pb_grpc.KVPoolStub(channel)) as sock,
+    ):
+        for op, message, code in (
+            (b"L", too_many, Code.RESOURCE_EXHAUSTED),
+            (b"G", outside, Code.OUT_OF_RANGE),
+            (b"P", pb.PutSharedRequest(info=pb.BlockInfo(size=1 << 21)), Code.OUT_OF_RANGE),
+            (b"L", pb.LookupRequest(namespace_id=b"short"), Code.INVALID_ARGUMENT),
+        ):
+            status, detail = ask(sock, op, message.SerializeToString())
+            assert status == code.value[0] and detail
+        status, body = ask(sock, b"L", pb.LookupRequest(namespace_id=NS.id,
+                                                        keys=[bytes(32)]).SerializeToString())  # fmt: skip
+        assert status == 0 and pb.LookupResponse.FromString(body).present == 0
+
+
+@contextlib.contextmanager
+def claimed(stub: pb_grpc.KVPoolStub) -> Iterator[socket.socket]:
+    """A connection that claimed a new arena (the descriptor closed at once)."""
+    reply = open_arena(stub)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        sock.connect(reply.socket_path)
+        sock.sendall(reply.ticket)
+        _, fds, _, _ = socket.recv_fds(sock, 1, 1)
+        os.close(fds[0])
+        yield sock
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        part = sock.recv(n - len(data))
+        assert part, "closed"
+        data += part
+    return data
 
 
 def test_a_view_is_the_block_in_the_clients_own_slot(server) -> None:
