@@ -34,13 +34,20 @@ class Ring:
         self.shard_ids = tuple(sorted(shard_ids))
         self._points = [p for p, _ in points]
         self._owners = [s for _, s in points]
+        self._walks: dict[tuple[int, int], list[str]] = {}  # (point, replicas) -> owners
 
     def owners(self, key: bytes, replicas: int = 1) -> list[str]:
         """The first `replicas` distinct shards clockwise from the key (fewer if the ring is small)."""
+        i = bisect.bisect_left(self._points, _point(key))
+        walk = self._walks.get((i, replicas))
+        if walk is None:  # at most one walk per point and replica count: the ring is fixed
+            walk = self._walks[i, replicas] = self._walk(i, replicas)
+        return list(walk)
+
+    def _walk(self, i: int, replicas: int) -> list[str]:
         if not self._points:
             return []
         want = min(replicas, len(self.shard_ids))
-        i = bisect.bisect_left(self._points, _point(key))
         found: list[str] = []
         for j in range(len(self._points)):
             sid = self._owners[(i + j) % len(self._points)]

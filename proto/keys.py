@@ -14,6 +14,7 @@ across processes, machines and Python hash seeds. Torch-free: the tier and tools
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Sequence
@@ -87,7 +88,7 @@ class Namespace:
         d["dtype"], d["layout"] = int(self.dtype), int(self.layout)
         return d
 
-    @property
+    @functools.cached_property  # the fields are frozen; the value is not a field (not compared)
     def id(self) -> bytes:
         """sha256 of the canonical JSON of the public fields: what the tier registers."""
         canon = json.dumps(self.fields(), sort_keys=True, separators=(",", ":"))
