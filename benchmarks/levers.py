@@ -1,0 +1,407 @@
+"""Levers: what each lever of a 2-bit KV codec costs in perplexity, measured one at a time.
+
+    python benchmarks/levers.py
+    python benchmarks/levers.py --windows 3
+
+Method: fake quantization in torch. The prefix KV is quantized and dequantized in fp32, with no
+block format, and the model scores the continuation from the result; only the two codec rows go
+through the real codec (`encode` then `decode`, 256-token blocks). That isolates one lever at a
+time: the ablation rows quantize the keys alone or the values alone at a fixed budget, the other
+tensor exact (fp32, as the model computed it).
+
+Model: SmolLM2-135M-Instruct (fp32, CPU; `kvpool.models.load`, no download). Development texts
+(read while trying levers, so no longer held out; benchmarks/fidelity.py scores other text), three
+kinds: prose (Isaac Newton's Opticks, the text shipped with the installed tvm_ffi package at
+`3rdparty/libbacktrace/Isaac.Newton-Opticks.txt`), reference docs (`pydoc_data.topics.topics`
+"execmodel", "import" and "exceptions") and code (the source of the stdlib's `inspect.py`). Per
+text `--windows` windows (default 2) of 1024 prefix + 513 tokens, evenly spaced (window i of n
+starts at (i + 1/2) / n of the room). The prefix is run once and its KV kept; each row scores
+tokens 1025..1536 (512 per window) with one forward of tokens 1024..1535 over the row's prefix
+KV. Reference: the prefix KV rounded to fp16. ppl_increase_pct = 100 * (exp(mean NLL - mean
+reference NLL) - 1), pooled over all texts' windows, and per text.
+
+Calibration reads a separate sample: `pydoc_data` topics "compound" + "types" and the stdlib's
+`argparse.py` source, up to 3 windows of 1024 tokens each (6144 tokens). From it, per layer and
+kv head: the PCA bases (eigenvectors of the covariance, by decreasing variance, and the mean) of
+the pre-RoPE keys and of the values; the query energy of each key component (E[q_i^2] of the
+pre-RoPE queries per channel, averaged over the kv head's query heads and over each rotary pair,
+carried into the PCA basis); the output energy of each value component (u^T W_o^T W_o u, W_o the
+o_proj columns of the kv head's query heads, averaged).
+
+Quantizers (the first token, the attention sink, is kept exact in every row and kept out of the
+groups' ranges): min/max uniform with an fp16 minimum and scale per group, or NF (Lloyd-Max
+levels of a Gaussian, an fp16 mean and std per group; NF rows keep 4- and 8-bit bands uniform).
+Keys per channel: groups of G tokens of one channel. PCA bands: the components in groups of G
+tokens, one width per chunk of 8 components from {0, 2, 3, 4, 8} per layer (shared by the kv
+heads, non-increasing along the components), chosen greedily for the most variance removed
+(weighted by query or output energy, or not) per bit within ~2.0 bits per value, parameters
+included; a width-0 component is replaced by its calibration mean. Values per token: groups of
+64 channels of one token, after no rotation, the Hadamard rotation or the PCA basis.
+
+Bits per value: code bits plus 2 fp16 parameters per group (2 + 32/128 = 2.25 for 2-bit keys
+per channel, 2 + 32/64 = 2.5 for 2-bit values per token); rows of both tensors average the two.
+Block headers and the fp16 sink token are not counted here (fidelity.py counts them).
+compression_ratio = 16 / bits_per_value. Prints a table, then one JSON object as its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import inspect
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kvpool.hf import cache_from_kv, kv_from_cache, rope_params
+from kvpool.kernels.codec import CodecConfig, decode, encode
+from kvpool.kernels.transforms import RopeParams, hadamard, redo_rope, undo_rope
+from kvpool.models import load
+
+PREFIX, CONTINUATION, BLOCK, SINKS = 1024, 512, 256, 1
+CALIBRATION_WINDOWS = 3  # per calibration text, of PREFIX tokens
+WIDTHS = (0, 2, 3, 4, 8)  # band widths
+NF = {
+    2: torch.tensor([-1.5104, -0.4528, 0.4528, 1.5104]),
+    3: torch.tensor([-2.1519, -1.3439, -0.7560, -0.2451, 0.2451, 0.7560, 1.3439, 2.1519]),
+}
+KV = tuple[Tensor, Tensor]
+
+
+def eval_texts() -> dict[str, str]:
+    from pydoc_data.topics import topics
+
+    spec = importlib.util.find_spec("tvm_ffi")
+    assert spec is not None and spec.origin is not None, "tvm_ffi ships the prose text"
+    opticks = Path(spec.origin).parent / "3rdparty/libbacktrace/Isaac.Newton-Opticks.txt"
+    return {
+        "prose": opticks.read_text(),
+        "docs": "\n\n".join(topics[t] for t in ("execmodel", "import", "exceptions")),
+        "code": Path(inspect.__file__).read_text(),
+    }
+
+
+def calibration_texts() -> list[str]:
+    from pydoc_data.topics import topics
+
+    return [topics["compound"] + "\n\n" + topics["types"], Path(argparse.__file__).read_text()]
+
+
+@dataclass
+class Window:
+    tokens: Tensor  # [1, PREFIX + CONTINUATION + 1]
+    keys: Tensor  # the prefix's KV [L, H, PREFIX, D], fp32
+    values: Tensor
+    reference_nll: float  # summed over the CONTINUATION scored tokens, fp16 prefix KV
+
+
+@dataclass
+class Calibration:
+    key_mean: Tensor  # [L, H, 1, D], pre-RoPE
+    key_basis: Tensor  # [L, H, D, D], columns by decreasing variance
+    key_var: Tensor  # [L, H, D]
+    key_weight: Tensor  # query energy per key component [L, H, D]
+    value_mean: Tensor
+    value_basis: Tensor
+    value_var: Tensor
+    value_weight: Tensor  # output energy per value component
+
+
+@dataclass
+class Row:
+    name: str
+    tensor: str  # "both", "keys" or "values"
+    bits: float
+    apply: Callable[[Tensor, Tensor], KV]
+
+
+@torch.inference_mode()
+def nll(model: Any, tokens: Tensor, keys: Tensor, values: Tensor) -> float:
+    cont = tokens[:, PREFIX : PREFIX + CONTINUATION]
+    logits = model(cont, past_key_values=cache_from_kv(model, keys, values)).logits[0]
+    target = tokens[0, PREFIX + 1 :]
+    return float(torch.nn.functional.cross_entropy(logits.float(), target, reduction="sum"))
+
+
+@torch.inference_mode()
+def windows(model: Any, tokenizer: Any, text: str, count: int) -> list[Window]:
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    span = PREFIX + CONTINUATION + 1
+    room = ids.shape[1] - span
+    out = []
+    for i in range(count):
+        s = round((i + 0.5) * room / count)
+        tokens = ids[:, s : s + span]
+        prefix = model(tokens[:, :PREFIX], use_cache=True).past_key_values
+        keys, values = kv_from_cache(prefix, PREFIX)
+        ref = nll(model, tokens, keys.half().float(), values.half().float())
+        out.append(Window(tokens, keys, values, ref))
+    return out
+
+
+def pca(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """x [L, H, T, D] -> mean [L, H, 1, D], basis [L, H, D, D], variances [L, H, D]."""
+    mean = x.mean(2, keepdim=True)
+    xc = x - mean
+    var, basis = torch.linalg.eigh(xc.transpose(-1, -2) @ xc / x.shape[2])
+    return mean, basis.flip(-1), var.flip(-1).clamp_min(0)
+
+
+@torch.inference_mode()
+def calibrate(model: Any, tokenizer: Any, rope: RopeParams) -> Calibration:
+    cfg = model.config
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    dim, per_kv = cfg.hidden_size // heads, heads // kv_heads
+    query = torch.zeros(cfg.num_hidden_layers, kv_heads, dim)
+
+    def hook(layer: int) -> Callable[..., None]:
+        def f(module: Any, inputs: Any, out: Tensor) -> None:
+            e = (out[0].reshape(-1, heads, dim).float() ** 2).mean(0)
+            query[layer] += e.reshape(kv_heads, per_kv, dim).mean(1)
+
+        return f
+
+    layers = model.model.layers
+    hooks = [m.self_attn.q_proj.register_forward_hook(hook(i)) for i, m in enumerate(layers)]
+    keys, values = [], []
+    try:
+        for text in calibration_texts():
+            ids = tokenizer(text, return_tensors="pt").input_ids
+            for s in range(0, min(ids.shape[1] - PREFIX, CALIBRATION_WINDOWS * PREFIX), PREFIX):
+                cache = model(ids[:, s : s + PREFIX], use_cache=True).past_key_values
+                k, v = kv_from_cache(cache, PREFIX)
+                keys.append(undo_rope(k, rope, 0))
+                values.append(v.float())
+    finally:
+        for h in hooks:
+            h.remove()
+    query /= len(keys)
+    half = dim // 2
+    pair = (query[..., :half] + query[..., half:]) / 2  # RoPE mixes channels i and i + D/2
+    query = torch.cat([pair, pair], -1)
+    output = torch.zeros(cfg.num_hidden_layers, kv_heads, dim, dim)  # W_o^T W_o per kv head
+    for i, m in enumerate(layers):
+        w = m.self_attn.o_proj.weight.detach().float()
+        for h in range(heads):
+            wh = w[:, h * dim : (h + 1) * dim]
+            output[i, h // per_kv] += wh.T @ wh / per_kv
+    km, kb, kv = pca(torch.cat(keys, 2))
+    vm, vb, vv = pca(torch.cat(values, 2))
+    kw = torch.einsum("lhij,lhi->lhj", kb**2, query)
+    vw = torch.einsum("lhij,lhik,lhkj->lhj", vb, output, vb)
+    return Calibration(km, kb, kv, kw, vm, vb, vv, vw)
+
+
+def band_widths(var: Tensor, budget: float, group: int, weight: Tensor | None = None) -> Tensor:
+    """[L, H, D] widths: per layer one width from WIDTHS per chunk of 8 components (shared by the
+    heads, non-increasing), each step the upgrade removing the most (weighted) variance per bit,
+    within `budget` bits per value including 2 fp16 parameters per group of a coded chunk."""
+    layers, heads, dim = var.shape
+    chunk = 8
+    v = (var if weight is None else var * weight).mean(1)  # [L, D]
+    out = torch.zeros(layers, heads, dim, dtype=torch.long)
+    for layer in range(layers):
+        w, spent = [0] * (dim // chunk), 0.0
+        while True:
+            best, pick, pick_cost = 0.0, -1, 0.0
+            for c in range(dim // chunk):
+                i = WIDTHS.index(w[c])
+                if i + 1 == len(WIDTHS) or (c > 0 and w[c - 1] <= w[c]):
+                    continue
+                new = WIDTHS[i + 1]
+                cost = chunk * (new - w[c]) + (chunk * 32 / group if w[c] == 0 else 0)
+                if spent + cost > budget * dim + 1e-9:
+                    continue
+                gain = float(v[layer, c * chunk : (c + 1) * chunk].sum())
+                gain *= 2.0 ** (-2 * w[c]) - 2.0 ** (-2 * new)
+                if gain / cost > best:
+                    best, pick, pick_cost = gain / cost, c, cost
+            if pick < 0:
+                break
+            w[pick] = WIDTHS[WIDTHS.index(w[pick]) + 1]
+            spent += pick_cost
+        out[layer] = torch.tensor(w).repeat_interleave(chunk)
+    return out
+
+
+def band_bits(widths: Tensor, group: int) -> float:
+    return float(widths.float().mean()) + 32 / group * float((widths > 0).float().mean())
+
+
+def quantize(x: Tensor, bits: int, group: int, dim: int, nf: bool = False) -> Tensor:
+    """x quantized and dequantized in groups of `group` along `dim`: min/max uniform (fp16
+    minimum and scale) or, with nf and bits <= 3, NF levels (fp16 mean and std)."""
+    x = x.transpose(dim, -1)
+    g = x.reshape(*x.shape[:-1], -1, group)
+    if nf and bits in NF:
+        mean = g.mean(-1, keepdim=True).half().float()
+        std = g.std(-1, keepdim=True).clamp_min(1e-6).half().float()
+        levels = NF[bits]
+        y = levels[((g - mean) / std).unsqueeze(-1).sub(levels).abs().argmin(-1)] * std + mean
+    else:
+        lo = g.amin(-1, keepdim=True).half().float()
+        top = 2**bits - 1
+        scale = ((g.amax(-1, keepdim=True) - lo) / top).clamp_min(2**-24).half().float()
+        y = torch.floor((g - lo) / scale + 0.5).clamp(0, top) * scale + lo
+    return y.reshape(x.shape).transpose(dim, -1)
+
+
+def fill_sinks(x: Tensor) -> Tensor:
+    """The sink rows replaced by the next token's, so they do not widen any group."""
+    x = x.clone()
+    x[:, :, :SINKS] = x[:, :, SINKS : 2 * SINKS]
+    return x
+
+
+def bands(x: Tensor, mean: Tensor, basis: Tensor, widths: Tensor, group: int, nf: bool) -> Tensor:
+    c = fill_sinks((x - mean) @ basis)
+    q = torch.zeros_like(c)
+    for b in widths.unique().tolist():
+        if b:
+            q = torch.where((widths == b).unsqueeze(2), quantize(c, b, group, 2, nf), q)
+    y = q @ basis.transpose(-1, -2) + mean
+    y[:, :, :SINKS] = x[:, :, :SINKS]
+    return y
+
+
+def keys_bands(
+    k: Tensor, cal: Calibration, rope: RopeParams, widths: Tensor, group: int, nf: bool = False
+) -> Tensor:
+    pre = undo_rope(k, rope, 0)
+    return redo_rope(bands(pre, cal.key_mean, cal.key_basis, widths, group, nf), rope, 0)
+
+
+def keys_channel(k: Tensor, rope: RopeParams, bits: int = 2, group: int = 128) -> Tensor:
+    pre = undo_rope(k, rope, 0)
+    q = quantize(fill_sinks(pre), bits, group, 2)
+    q[:, :, :SINKS] = pre[:, :, :SINKS]
+    return redo_rope(q, rope, 0)
+
+
+def values_token(
+    v: Tensor, cal: Calibration, rotation: str, nf: bool = False, bits: int = 2, group: int = 64
+) -> Tensor:
+    if rotation == "pca":
+        c = (v - cal.value_mean) @ cal.value_basis
+    else:
+        c = hadamard(v) if rotation == "hadamard" else v.float()
+    q = quantize(fill_sinks(c), bits, group, 3, nf)
+    if rotation == "pca":
+        y = q @ cal.value_basis.transpose(-1, -2) + cal.value_mean
+    else:
+        y = hadamard(q) if rotation == "hadamard" else q  # the Hadamard is its own inverse
+    y[:, :, :SINKS] = v[:, :, :SINKS]
+    return y
+
+
+def through_codec(k: Tensor, v: Tensor, cfg: CodecConfig) -> KV:
+    blocks = [
+        decode(encode(k[:, :, s : s + BLOCK].half(), v[:, :, s : s + BLOCK].half(), cfg, start_position=s),
+               dtype=torch.float32)
+        for s in range(0, k.shape[2], BLOCK)
+    ]  # fmt: skip
+    keys = torch.cat([b.keys for b in blocks if b.keys is not None], 2)
+    values = torch.cat([b.values for b in blocks if b.values is not None], 2)
+    return keys, values
+
+
+def rows(cal: Calibration, rope: RopeParams, dim: int) -> list[Row]:
+    def codec(key_bits: int) -> Row:
+        cfg = CodecConfig(key_bits, 2, 128, rope=rope, hadamard_values=True, sink_tokens=SINKS)
+        bits = (key_bits + 32 / 128 + 2 + 32 / min(128, dim)) / 2
+        name = f"K{key_bits} V2 codec (pre-RoPE, Hadamard, {SINKS} sink)"
+        return Row(name, "both", bits, lambda k, v: through_codec(k, v, cfg))
+
+    def key_bands(name: str, group: int, weighted: bool, nf: bool = False) -> Row:
+        w = band_widths(cal.key_var, 2.0, group, cal.key_weight if weighted else None)
+        apply = lambda k, v: (keys_bands(k, cal, rope, w, group, nf), v)  # noqa: E731
+        return Row(f"keys only: PCA bands ~2.0 bits, {name}", "keys", band_bits(w, group), apply)
+
+    def value_token(name: str, rotation: str, nf: bool = False) -> Row:
+        apply = lambda k, v: (k, values_token(v, cal, rotation, nf))  # noqa: E731
+        return Row(f"values only: per-token 2-bit G=64, {name}", "values", 2 + 32 / 64, apply)
+
+    vw = band_widths(cal.value_var, 2.0, 128, cal.value_weight)
+    kw = band_widths(cal.key_var, 2.0, 128, cal.key_weight)
+    return [
+        codec(2),
+        codec(3),
+        Row("keys only: per-channel 2-bit G=128, pre-RoPE, no PCA", "keys", 2 + 32 / 128,
+            lambda k, v: (keys_channel(k, rope), v)),
+        key_bands("unweighted, G=128", 128, weighted=False),
+        key_bands("query-weighted, G=128", 128, weighted=True),
+        key_bands("query-weighted, G=256", 256, weighted=True),
+        key_bands("query-weighted, NF levels, G=128", 128, weighted=True, nf=True),
+        value_token("no rotation", "none"),
+        value_token("Hadamard", "hadamard"),
+        value_token("PCA basis", "pca"),
+        value_token("Hadamard, NF levels", "hadamard", nf=True),
+        Row("values only: PCA bands ~2.0 bits, output-weighted, G=128", "values",
+            band_bits(vw, 128),
+            lambda k, v: (k, bands(v, cal.value_mean, cal.value_basis, vw, 128, False))),
+        Row("K PCA bands (weighted, ~2.0 bits incl. params) + V Hadamard per-token 2-bit",
+            "both", (band_bits(kw, 128) + 2 + 32 / 64) / 2,
+            lambda k, v: (keys_bands(k, cal, rope, kw, 128), values_token(v, cal, "hadamard"))),
+    ]  # fmt: skip
+
+
+def pct(delta_nll: float, tokens: int) -> float:
+    return round(100 * math.expm1(delta_nll / tokens), 2)
+
+
+def run(windows_per_text: int) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    model, tokenizer = load()
+    model.eval()
+    rope = rope_params(model)
+    assert rope is not None, "the levers are measured on pre-RoPE keys"
+    data = {n: windows(model, tokenizer, t, windows_per_text) for n, t in eval_texts().items()}
+    tokens = {n: CONTINUATION * len(ws) for n, ws in data.items()}
+    base = {n: round(math.exp(sum(w.reference_nll for w in ws) / tokens[n]), 4)
+            for n, ws in data.items()}  # fmt: skip
+    print(f"{model.config._name_or_path}: {windows_per_text} windows per text of {PREFIX} + "
+          f"{CONTINUATION} scored tokens; reference (fp16) ppl {base}", flush=True)  # fmt: skip
+    cal = calibrate(model, tokenizer, rope)
+    print(f"{'row':78s} {'bits/val':>8s} {'ratio':>6s} {'ppl +%':>7s}  by text", flush=True)
+    out = []
+    for row in rows(cal, rope, model.config.hidden_size // model.config.num_attention_heads):
+        delta = {}
+        for name, ws in data.items():
+            delta[name] = sum(nll(model, w.tokens, *row.apply(w.keys, w.values)) - w.reference_nll
+                              for w in ws)  # fmt: skip
+        by_text = {n: pct(d, tokens[n]) for n, d in delta.items()}
+        pooled = pct(sum(delta.values()), sum(tokens.values()))
+        print(f"{row.name:78s} {row.bits:8.3f} {16 / row.bits:6.2f} {pooled:7.2f}  "
+              + "  ".join(f"{n} {p:.2f}" for n, p in by_text.items()), flush=True)  # fmt: skip
+        out.append({
+            "name": row.name,
+            "tensor": row.tensor,
+            "bits_per_value": round(row.bits, 4),
+            "compression_ratio": round(16 / row.bits, 3),
+            "ppl_increase_pct": pooled,
+            "ppl_increase_pct_by_text": by_text,
+        })  # fmt: skip
+    return {
+        "model": model.config._name_or_path,
+        "texts": list(data),
+        "windows": windows_per_text,
+        "prefix_tokens": PREFIX,
+        "continuation_tokens": CONTINUATION,
+        "base_ppl": base,
+        "rows": out,
+        "torch_threads": torch.get_num_threads(),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--windows", type=int, default=2, help="windows per text, pooled (default 2)")
+    print(json.dumps(run(p.parse_args().windows)))
