@@ -127,7 +127,7 @@ def cuda_figures(repeat: int) -> dict[str, Any]:
     fp16_bytes = 2 * k.numel() * 2
     cfg = CodecConfig(2, 2, 128)
     header = block_header(Layout.KV, k.dtype, SHAPE, cfg, 0)
-    key_sections, value_sections = list(header.sections[0::2]), list(header.sections[1::2])
+    key_sections, value_sections = header.tensor_sections(0), header.tensor_sections(1)
     payload = torch.zeros(header.payload_len, dtype=torch.uint8, device=dev)
     flag = torch.zeros(1, dtype=torch.int32, device=dev)
     out_k, out_v = torch.empty_like(k), torch.empty_like(v)

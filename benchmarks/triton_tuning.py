@@ -31,7 +31,7 @@ def main() -> None:
         for kw in (4, 8, 16):
             for vw, vr in ((2, 8), (4, 16), (4, 32), (8, 32), (8, 64)):
                 triton_ops._KEY_WARPS, triton_ops._VALUE_WARPS, triton_ops._VALUE_ROWS = kw, vw, vr
-                ks, vs = list(header.sections[0::2]), list(header.sections[1::2])
+                ks, vs = header.tensor_sections(0), header.tensor_sections(1)
                 r = {"G": group, "key_warps": kw, "value_warps": vw, "value_rows": vr}
                 r["enc_k"] = t_copy / do_bench(
                     lambda: triton_ops.quantize_into(x, ks, header, payload, flag), rep=50

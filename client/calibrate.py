@@ -181,7 +181,7 @@ def _roundtrip(keys: Tensor, values: Tensor, codec: CodecConfig, block_tokens: i
     for start in range(0, keys.shape[2], block_tokens):
         end = start + block_tokens
         blob = encode(keys[:, :, start:end], values[:, :, start:end], codec, start_position=start)
-        block = decode(blob, dtype=keys.dtype)
+        block = decode(blob, dtype=keys.dtype, key_basis=codec.key_basis)
         assert block.keys is not None and block.values is not None
         ks.append(block.keys)
         vs.append(block.values)

@@ -431,7 +431,7 @@ class AsyncKVPool:
         device = out[0].device if out else self.device
         with self.metrics.decode_seconds.time():
             block = decode(blob, device, dtype, expect=expect, mac_key=self.namespace.mac_key,
-                           out=out)  # fmt: skip
+                           out=out, key_basis=self.codec.key_basis)  # fmt: skip
         self.metrics.hit_blocks.inc()
         return block
 

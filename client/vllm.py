@@ -652,7 +652,8 @@ class KVPoolConnector(KVConnectorBase_V1):
         shape = (ns.layers, ns.kv_heads, self.block_tokens, ns.head_dim)
         keys = torch.randn(shape, dtype=cache.dtype, device=cache.device)
         values = torch.randn(shape, dtype=cache.dtype, device=cache.device)
-        decode(encode(keys, values, self.codec), cache.device, out=(keys, values))
+        blob = encode(keys, values, self.codec)
+        decode(blob, cache.device, out=(keys, values), key_basis=self.codec.key_basis)
         return keys, values
 
     # -- worker side: loading --------------------------------------------------------------

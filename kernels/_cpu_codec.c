@@ -317,7 +317,7 @@ INLINE void decode_row(const uint8_t *restrict p, int64_t n, int bits, const flo
 
 INLINE void decode_impl(const uint8_t *codes, const f16 *scales, const f16 *mins, int64_t H,
                            int64_t T, int64_t D, int is_key, int64_t G, int bits, char *out,
-                           int64_t head_stride, int dtype) {
+                           int64_t head_stride, int64_t row_stride, int dtype) {
     const int64_t esize = dtype == DT_F32 ? 4 : 2, row_bytes = D * bits / 8;
     const int whole_row = !is_key && G == D; /* one scale and minimum per row */
     float *buf = malloc(sizeof(float) * (size_t)(3 * D));
@@ -330,8 +330,9 @@ INLINE void decode_impl(const uint8_t *codes, const f16 *scales, const f16 *mins
             m[0] = (float)mins[r];
         } else if (!is_key)
             widen_params(scales + r * (D / G), mins + r * (D / G), D / G, G, s, m);
-        /* row r is token r % T of head r / T; heads are head_stride elements apart */
-        char *row = out + ((r / T) * head_stride + (r % T) * D) * esize;
+        /* row r is token r % T of head r / T; heads and rows are head_stride / row_stride
+         * elements apart */
+        char *row = out + ((r / T) * head_stride + (r % T) * row_stride) * esize;
         /* float32 output is written in place; 16-bit output goes through one row of floats */
         float *y = dtype == DT_F32 ? (float *)row : tmp;
         if (whole_row)
@@ -357,11 +358,13 @@ static int encode_section(const char *x, int dtype, int64_t H, int64_t T, int64_
 MULTIVERSION
 static void decode_section(const uint8_t *codes, const f16 *scales, const f16 *mins, int64_t H,
                            int64_t T, int64_t D, int is_key, int64_t G, int bits, char *out,
-                           int64_t hs, int dtype) {
+                           int64_t hs, int64_t rs, int dtype) {
     switch (D) {
-    case 64: decode_impl(codes, scales, mins, H, T, 64, is_key, G, bits, out, hs, dtype); break;
-    case 128: decode_impl(codes, scales, mins, H, T, 128, is_key, G, bits, out, hs, dtype); break;
-    default: decode_impl(codes, scales, mins, H, T, D, is_key, G, bits, out, hs, dtype);
+    case 64: decode_impl(codes, scales, mins, H, T, 64, is_key, G, bits, out, hs, rs, dtype); break;
+    case 128:
+        decode_impl(codes, scales, mins, H, T, 128, is_key, G, bits, out, hs, rs, dtype);
+        break;
+    default: decode_impl(codes, scales, mins, H, T, D, is_key, G, bits, out, hs, rs, dtype);
     }
 }
 
@@ -396,16 +399,16 @@ static PyObject *py_encode(PyObject *self, PyObject *args) {
 static PyObject *py_decode(PyObject *self, PyObject *args) {
     unsigned long long codes, scales, mins, out;
     int dtype, is_key, bits;
-    long long H, T, D, G, head_stride;
-    if (!PyArg_ParseTuple(args, "KKKLLLiLiKLi", &codes, &scales, &mins, &H, &T, &D, &is_key, &G,
-                          &bits, &out, &head_stride, &dtype))
+    long long H, T, D, G, head_stride, row_stride;
+    if (!PyArg_ParseTuple(args, "KKKLLLiLiKLLi", &codes, &scales, &mins, &H, &T, &D, &is_key, &G,
+                          &bits, &out, &head_stride, &row_stride, &dtype))
         return NULL;
     if (!check_args(dtype, H, T, D, is_key, G, bits)) return NULL;
-    if (H > 1 && head_stride < T * D)
-        return PyErr_SetString(PyExc_ValueError, "heads would overlap: head_stride < T * D"), NULL;
+    if ((T > 1 && row_stride < D) || (H > 1 && head_stride < T * row_stride))
+        return PyErr_SetString(PyExc_ValueError, "rows or heads would overlap"), NULL;
     Py_BEGIN_ALLOW_THREADS
     decode_section((const uint8_t *)codes, (const f16 *)scales, (const f16 *)mins, H, T, D, is_key,
-                   G, bits, (char *)out, head_stride, dtype);
+                   G, bits, (char *)out, head_stride, row_stride, dtype);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -414,7 +417,7 @@ static PyMethodDef methods[] = {
     {"encode_section", py_encode, METH_VARARGS,
      "encode_section(x, dtype, H, T, D, is_key, G, bits, codes, scales, mins): quantize and pack; False if x holds NaN, inf or |x| > 65504"},
     {"decode_section", py_decode, METH_VARARGS,
-     "decode_section(codes, scales, mins, H, T, D, is_key, G, bits, out, head_stride, dtype): unpack, dequantize into out's rows of D (heads head_stride elements apart)"},
+     "decode_section(codes, scales, mins, H, T, D, is_key, G, bits, out, head_stride, row_stride, dtype): unpack, dequantize into out's rows of D (rows row_stride, heads head_stride elements apart)"},
     {NULL, NULL, 0, NULL},
 };
 

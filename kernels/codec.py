@@ -13,9 +13,14 @@ The per-section work runs on one of three interchangeable backends with identica
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import pickle
+import struct
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Literal
 
@@ -25,6 +30,8 @@ from torch import Tensor
 from kvpool.kernels import reference
 from kvpool.kernels.transforms import RopeParams, hadamard, hadamard_, redo_rope_, undo_rope
 from kvpool.proto.blockformat import (
+    BASIS_ID_BYTES,
+    CHUNK,
     SUPPORTED_BITS,
     SUPPORTED_GROUPS,
     UNBOUND,
@@ -49,6 +56,96 @@ FORMAT_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
 _CHECKS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvblock-check")
 
 
+@dataclass(frozen=True, eq=False)
+class KeyBasis:
+    """Transform coding of keys: per (layer, kv head) an orthonormal basis of the key space (of
+    pre-RoPE keys when the codec undoes RoPE) and the keys' mean, calibrated once per namespace
+    (`kvpool calibrate --basis`), and a width per 8 components, 0 for components not stored
+    (decoded as the mean). Blocks then hold the keys' components, a run of components at each
+    width (blockformat, KEY_BASIS). Equal bases have equal ids; `id` is in the block header and
+    in `CodecConfig.describe()`, hence in the namespace id.
+
+    mean [L, H, D] and rotation [L, H, D, D] (column j: component j), float32, on the CPU."""
+
+    mean: Tensor
+    rotation: Tensor
+    widths: tuple[int, ...]  # [L * D / 8]
+
+    def __post_init__(self) -> None:
+        if self.mean.dim() != 3 or self.rotation.shape != (*self.mean.shape, self.mean.shape[-1]):
+            raise CodecError("a key basis is mean [L, H, D] and rotation [L, H, D, D]")
+        layers, _, dim = self.mean.shape
+        if dim % CHUNK or len(self.widths) != layers * dim // CHUNK:
+            raise CodecError(f"a key basis has one width per {CHUNK} components of each layer")
+        if any(w not in (0, *SUPPORTED_BITS) for w in self.widths):
+            raise CodecError(f"key basis widths must be 0 or in {SUPPORTED_BITS}")
+        if self.mean.dtype != torch.float32 or self.rotation.dtype != torch.float32:
+            raise CodecError("a key basis is float32")
+        if not bool(torch.isfinite(self.rotation).all() and torch.isfinite(self.mean).all()):
+            raise CodecError("a key basis must be finite")
+        eye = torch.eye(dim).expand_as(self.rotation)
+        if float((self.rotation.transpose(-1, -2) @ self.rotation - eye).abs().max()) > 1e-3:
+            raise CodecError("a key basis rotation must be orthonormal")
+
+    @functools.cached_property
+    def id(self) -> bytes:
+        digest = hashlib.sha256(b"kvpool key basis 1")
+        digest.update(struct.pack("<3I", *self.mean.shape))
+        digest.update(self.mean.contiguous().numpy().tobytes())
+        digest.update(self.rotation.contiguous().numpy().tobytes())
+        digest.update(bytes(self.widths))
+        return digest.digest()[:BASIS_ID_BYTES]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, KeyBasis) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    @property
+    def bits_per_key(self) -> float:
+        """Code bits per key value (without the groups' scales and minimums)."""
+        return sum(self.widths) / len(self.widths)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"format": 1, "mean": self.mean, "rotation": self.rotation,
+                    "widths": list(self.widths)}, path)  # fmt: skip
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> KeyBasis:
+        """Raises CodecError for a file that is not a valid key basis."""
+        try:
+            data = torch.load(Path(path), map_location="cpu", weights_only=True)
+            if data.get("format") != 1:
+                raise CodecError(f"{path}: not a kvpool key basis (format {data.get('format')})")
+            return cls(data["mean"], data["rotation"], tuple(int(w) for w in data["widths"]))
+        except (OSError, KeyError, AttributeError, RuntimeError, pickle.UnpicklingError) as e:
+            raise CodecError(f"{path}: not a readable key basis ({e})") from None
+
+    def check(self, header: BlockHeader) -> None:
+        """This basis is the one a block was encoded with (BlockMismatchError otherwise)."""
+        if header.basis_id != self.id:
+            raise BlockMismatchError(
+                f"the block's key basis is {header.basis_id.hex()}, this reader holds {self.id.hex()}"
+            )
+
+    def to_components(self, keys: Tensor) -> Tensor:
+        """keys [L, H, T, D] -> their components, float32."""
+        mean, rot = self.mean.to(keys.device), self.rotation.to(keys.device)
+        return (keys.float() - mean[:, :, None]) @ rot
+
+    def from_components_(self, components: Tensor, out: Tensor) -> Tensor:
+        """components [L, H, T, D] float32 -> keys into `out` (any float dtype), layer by layer."""
+        mean, rot = self.mean.to(components.device), self.rotation.to(components.device)
+        for layer in range(components.shape[0]):
+            keys = torch.matmul(components[layer], rot[layer].transpose(-1, -2))
+            out[layer].copy_(keys.add_(mean[layer][:, None]))
+        return out
+
+
 @dataclass(frozen=True)
 class CodecConfig:
     """How blocks are quantized. Part of the namespace: readers and writers must agree.
@@ -57,7 +154,8 @@ class CodecConfig:
     profile), each from {2, 3, 4, 8}. group_size: G in {32, 64, 128} (values: clamped to
     head_dim). rope: when set, keys are quantized before the rotary embedding.
     hadamard_values: rotate values along head_dim before quantizing. sink_tokens: the first S
-    tokens of a sequence are kept in fp16 (in the block that starts at position 0).
+    tokens of a sequence are kept in fp16 (in the block that starts at position 0). key_basis:
+    store keys as components in a calibrated basis, at its widths (key_bits is then unused).
     """
 
     key_bits: int | tuple[int, ...] = 2
@@ -66,6 +164,7 @@ class CodecConfig:
     rope: RopeParams | None = None
     hadamard_values: bool = False
     sink_tokens: int = 0
+    key_basis: KeyBasis | None = None
 
     def __post_init__(self) -> None:
         if self.group_size not in SUPPORTED_GROUPS:
@@ -85,9 +184,11 @@ class CodecConfig:
 
         rope = self.rope
         rope_s = f"{rope.theta!r}/{rope.rotary_dim}/{rope.scaling!r}" if rope else "none"
+        basis = f" basis={self.key_basis.id.hex()}" if self.key_basis is not None else ""
+        k = "basis" if self.key_basis is not None else widths(self.key_bits)
         return (
-            f"kivi k={widths(self.key_bits)} v={widths(self.value_bits)} g={self.group_size} "
-            f"rope={rope_s} hadamard={int(self.hadamard_values)} sinks={self.sink_tokens}"
+            f"kivi k={k} v={widths(self.value_bits)} g={self.group_size} "
+            f"rope={rope_s} hadamard={int(self.hadamard_values)} sinks={self.sink_tokens}{basis}"
         )
 
     def bits_per_layer(self, layers: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -158,6 +259,8 @@ def encode(
     if config.hadamard_values:
         values = hadamard(values)
     keys, values = _fill_sinks(keys, sinks), _fill_sinks(values, sinks)
+    if config.key_basis is not None:
+        keys = config.key_basis.to_components(keys)
     return _encode_payload(header, [keys, values], [sink_k, sink_v], backend, binding.mac_key)
 
 
@@ -190,6 +293,7 @@ def decode(
     expect: BlockHeader | None = None,
     mac_key: bytes = b"",
     out: tuple[Tensor, ...] | None = None,
+    key_basis: KeyBasis | None = None,
 ) -> Block:
     """Block bytes -> Block with tensors on `device` in `dtype` (default: the encoded dtype).
 
@@ -197,7 +301,8 @@ def decode(
     namespace id and key; anything else is refused before any decoding. mac_key: the tenant's
     secret; the block must then carry a valid MAC. out: tensors to decode into instead of new
     ones, (keys, values) [L, H, T, D] or (latent,) [L, T, C], contiguous, on `device`, all of
-    one dtype (which then is the output dtype); the Block returned holds them.
+    one dtype (which then is the output dtype); the Block returned holds them. key_basis: the
+    namespace's, for blocks whose keys were stored in it (CodecError without it).
 
     Raises BlockFormatError (or its subclasses TruncatedBlockError, UnsupportedVersionError,
     ChecksumError, BlockMismatchError, ForgedBlockError) for a blob that is not an intact block
@@ -207,11 +312,15 @@ def decode(
     check_length(blob, header)
     if expect is not None and header != expect:
         raise BlockMismatchError(f"got {_describe(header)}, expected {_describe(expect)}")
+    if header.has_flag(Flag.KEY_BASIS):
+        if key_basis is None:
+            raise CodecError("this block's keys are in a key basis: pass the namespace's")
+        key_basis.check(header)
     # The checksum (and MAC) run beside the decoding, which reads only within the lengths just
     # checked; nothing decoded is returned unless they pass.
     checks = _CHECKS.submit(verify, blob, mac_key)
     try:
-        block = _decode_payload(blob, header, device, dtype, backend, out)
+        block = _decode_payload(blob, header, device, dtype, backend, out, key_basis)
     except Exception:
         if (error := checks.exception()) is not None:  # a bad block: say so, not what it broke
             raise error from None
@@ -224,6 +333,7 @@ def decode(
 def _decode_payload(
     blob: bytes | bytearray | memoryview, header: BlockHeader, device: str | torch.device,
     dtype: torch.dtype | None, backend: Backend, out: tuple[Tensor, ...] | None,
+    key_basis: KeyBasis | None,
 ) -> Block:  # fmt: skip
     device = torch.device(device)
     shape = (header.layers, header.heads, header.tokens, header.head_dim)
@@ -247,8 +357,12 @@ def _decode_payload(
     works = [t if t.dtype == work_dtype else torch.empty(shape, dtype=work_dtype, device=device)
              for t in targets]  # fmt: skip
     for i, work in enumerate(works):
-        impl.decode_tensor(payload, list(header.sections[i :: header.tensors_per_layer]),
-                           header, work)  # fmt: skip
+        if i == 0 and key_basis is not None and header.has_flag(Flag.KEY_BASIS):
+            components = torch.zeros(shape, dtype=torch.float32, device=device)  # 0: the mean
+            impl.decode_tensor(payload, header.tensor_sections(i), header, components)
+            key_basis.from_components_(components, work)
+        else:
+            impl.decode_tensor(payload, header.tensor_sections(i), header, work)
     if header.has_flag(Flag.HADAMARD_VALUES):
         hadamard_(works[1])
     if header.has_flag(Flag.PRE_ROPE_KEYS):
@@ -345,10 +459,19 @@ def block_header(
     rope = config.rope
     if rope is not None and rope.rotary_dim > head_dim:
         raise CodecError(f"rotary_dim {rope.rotary_dim} exceeds head_dim {head_dim}")
+    basis = config.key_basis
+    if basis is not None:
+        if layout != Layout.KV or basis.mean.shape != (layers, heads, head_dim):
+            raise CodecError(
+                f"the key basis is for keys {tuple(basis.mean.shape)} [layers, heads, head_dim], "
+                f"the block's are {(layers, heads, head_dim)}"
+            )
+        key_bits = basis.widths
     flags = (
         (Flag.PRE_ROPE_KEYS if rope else 0)
         | (Flag.HADAMARD_VALUES if config.hadamard_values else 0)
         | (Flag.MAC if binding.mac_key else 0)
+        | (Flag.KEY_BASIS if basis is not None else 0)
     )
     return BlockHeader(
         layout=layout, dtype=FORMAT_DTYPES[dtype], layers=layers, heads=heads, tokens=tokens,
@@ -357,6 +480,7 @@ def block_header(
         start_position=start_position, rope_theta=rope.theta if rope else 0.0,
         rope_scaling=rope.scaling if rope else 1.0, rotary_dim=rope.rotary_dim if rope else 0,
         namespace_id=binding.namespace_id, key=binding.key,
+        basis_id=basis.id if basis is not None else b"",
     )  # fmt: skip
 
 
@@ -384,9 +508,7 @@ def _encode_payload(
     impl = _backend(backend, device, header.head_dim)
     payload = torch.zeros(header.payload_len, dtype=torch.uint8, device=device)
     for i, x in enumerate(tensors):
-        impl.encode_tensor(
-            x.contiguous(), list(header.sections[i :: len(tensors)]), header, payload
-        )
+        impl.encode_tensor(x.contiguous(), header.tensor_sections(i), header, payload)
     if header.sink_tokens:
         flat = torch.cat([s.contiguous().flatten() for s in sinks]).view(torch.uint8)
         payload[header.sinks_offset :] = flat

@@ -22,10 +22,10 @@ _WORKERS = max(1, os.cpu_count() or 1)
 _POOL = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="kvcodec")
 
 
-def _spread(fn: Callable[[int], object], layers: int) -> list[object]:
-    """fn(layer) for every layer, in one task per worker thread (each a contiguous run of
-    layers), so a block costs a few task hand-offs rather than one per layer."""
-    runs = [range(w * layers // _WORKERS, (w + 1) * layers // _WORKERS) for w in range(_WORKERS)]
+def _spread(fn: Callable[[int], object], n: int) -> list[object]:
+    """fn(i) for i in range(n) (the sections of a tensor), in one task per worker thread (each
+    a contiguous run), so a block costs a few task hand-offs rather than one per section."""
+    runs = [range(w * n // _WORKERS, (w + 1) * n // _WORKERS) for w in range(_WORKERS)]
     return [r for rs in _POOL.map(lambda run: [fn(i) for i in run], runs) for r in rs]
 
 
@@ -34,26 +34,19 @@ def encode_tensor(x: Tensor, sections: list[Section], header: BlockHeader, paylo
     _, h, t, d = x.shape
     base, code = payload.data_ptr(), DTYPE_CODES[x.dtype]
 
-    def one(layer: int) -> bool:
-        s = sections[layer]
+    def one(i: int) -> bool:
+        s = sections[i]
         group = header.group_size if s.is_key else header.value_group
+        part = x[s.layer] if s.channels == d else x[s.layer, :, :, s.first : s.first + s.channels]
+        part = part.contiguous()  # a copy only for a run of key components (KEY_BASIS)
         return bool(
             _cpu_codec.encode_section(
-                x[layer].data_ptr(),
-                code,
-                h,
-                t,
-                d,
-                int(s.is_key),
-                group,
-                s.bits,
-                base + s.codes,
-                base + s.scales,
-                base + s.mins,
+                part.data_ptr(), code, h, t, s.channels, int(s.is_key), group, s.bits,
+                base + s.codes, base + s.scales, base + s.mins,
             )
-        )
+        )  # fmt: skip
 
-    if not all(_spread(one, x.shape[0])):
+    if not all(_spread(one, len(sections))):
         raise NonFiniteError("block holds NaN, inf or a magnitude beyond fp16 (65504)")
 
 
@@ -61,16 +54,17 @@ def decode_tensor(
     payload: Tensor, sections: list[Section], header: BlockHeader, out: Tensor
 ) -> None:
     """Unpack and dequantize the payload's sections into out: [L, H, T, D] (CPU; each head's
-    rows contiguous, see `check_out`)."""
-    _, h, t, d = out.shape
+    rows contiguous, see `check_out`; a section of some channels writes only those)."""
+    _, h, t, _ = out.shape
     base, code = payload.data_ptr(), DTYPE_CODES[out.dtype]
 
-    def one(layer: int) -> None:
-        s = sections[layer]
+    def one(i: int) -> None:
+        s = sections[i]
         group = header.group_size if s.is_key else header.value_group
         _cpu_codec.decode_section(
-            base + s.codes, base + s.scales, base + s.mins, h, t, d, int(s.is_key), group,
-            s.bits, out[layer].data_ptr(), out.stride(1), code,
+            base + s.codes, base + s.scales, base + s.mins, h, t, s.channels, int(s.is_key),
+            group, s.bits, out[s.layer, :, :, s.first:].data_ptr(), out.stride(1), out.stride(2),
+            code,
         )  # fmt: skip
 
-    _spread(one, out.shape[0])
+    _spread(one, len(sections))

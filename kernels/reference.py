@@ -98,9 +98,10 @@ def encode_tensor(x: Tensor, sections: list[Section], header: BlockHeader, paylo
     """Quantize and pack x: [L, H, T, D] into the payload's sections (the spec of the layout)."""
     if not bool(torch.isfinite(x).all()) or float(x.abs().max()) > 65504.0:
         raise NonFiniteError("block holds NaN, inf or a magnitude beyond fp16 (65504)")
-    for layer, s in enumerate(sections):
+    for s in sections:
         group = header.group_size if s.is_key else header.value_group
-        codes, scale, lo = quantize(x[layer], s.is_key, group, s.bits)
+        part = x[s.layer, :, :, s.first : s.first + s.channels]
+        codes, scale, lo = quantize(part.contiguous(), s.is_key, group, s.bits)
         packed = pack(codes, s.bits).flatten()
         payload[s.codes : s.codes + packed.numel()] = packed
         _params_view(payload, s.scales, s.n_params).copy_(scale.flatten())
@@ -111,12 +112,14 @@ def decode_tensor(
     payload: Tensor, sections: list[Section], header: BlockHeader, out: Tensor
 ) -> None:
     """Unpack and dequantize the payload's sections into out: [L, H, T, D]."""
-    _, h, t, d = out.shape
-    for layer, s in enumerate(sections):
+    _, h, t, _ = out.shape
+    for s in sections:
         group = header.group_size if s.is_key else header.value_group
+        d = s.channels
         n_bytes = h * t * d * s.bits // 8
         codes = unpack(payload[s.codes : s.codes + n_bytes].view(h, t, -1), s.bits, d)
         pshape = (h, t // group, d) if s.is_key else (h, t, d // group)
         scale = _params_view(payload, s.scales, s.n_params).view(pshape)
         lo = _params_view(payload, s.mins, s.n_params).view(pshape)
-        out[layer] = dequantize(codes, scale, lo, s.is_key, group, out.dtype)
+        part = dequantize(codes, scale, lo, s.is_key, group, out.dtype)
+        out[s.layer, :, :, s.first : s.first + d] = part

@@ -98,9 +98,10 @@ def _quantize(x, lo, hi, BITS: tl.constexpr):
 
 @triton.jit
 def _section(meta_ptr, slot):
-    # one row of the launch plan: (layer, codes offset, scales offset, mins offset)
-    row = meta_ptr + 4 * slot
-    return tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)
+    # one row of the launch plan: (layer, codes offset, scales offset, mins offset, first
+    # channel); the tensor's row pointers then start at that channel
+    row = meta_ptr + 5 * slot
+    return tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4)
 
 
 @triton.jit
@@ -123,10 +124,12 @@ def _encode_keys_kernel(
 ):  # fmt: skip
     pid, g = tl.program_id(0), tl.program_id(1)
     h = pid % H
-    layer, codes_off, scales_off, mins_off = _section(meta_ptr, pid // H)
+    layer, codes_off, scales_off, mins_off, first = _section(meta_ptr, pid // H)
     tok = g * G + tl.arange(0, G)
     ch = tl.arange(0, D)
-    x = tl.load(x_ptr + layer * stride_l + h * stride_h + tok[:, None] * stride_t + ch[None, :])
+    x = tl.load(
+        x_ptr + layer * stride_l + h * stride_h + tok[:, None] * stride_t + first + ch[None, :]
+    )
     x = x.to(tl.float32)
     tl.atomic_max(flag_ptr, _bad(x))
     QMAX: tl.constexpr = (1 << BITS) - 1
@@ -152,10 +155,12 @@ def _encode_values_kernel(
 ):  # fmt: skip
     pid, b = tl.program_id(0), tl.program_id(1)
     h = pid % H
-    layer, codes_off, scales_off, mins_off = _section(meta_ptr, pid // H)
+    layer, codes_off, scales_off, mins_off, first = _section(meta_ptr, pid // H)
     tok = b * BT + tl.arange(0, BT)
     ch = tl.arange(0, D)
-    x = tl.load(x_ptr + layer * stride_l + h * stride_h + tok[:, None] * stride_t + ch[None, :])
+    x = tl.load(
+        x_ptr + layer * stride_l + h * stride_h + tok[:, None] * stride_t + first + ch[None, :]
+    )
     x = x.to(tl.float32)
     tl.atomic_max(flag_ptr, _bad(x))
     QMAX: tl.constexpr = (1 << BITS) - 1
@@ -183,7 +188,7 @@ def _decode_kernel(
 ):  # fmt: skip
     pid, b = tl.program_id(0), tl.program_id(1)
     h = pid % H
-    layer, codes_off, scales_off, mins_off = _section(meta_ptr, pid // H)
+    layer, codes_off, scales_off, mins_off, first = _section(meta_ptr, pid // H)
     tok = b * BT + tl.arange(0, BT)
     ch = tl.arange(0, D)
     codes = _load_codes(in_ptr + codes_off, h * T + tok, BT, D, BITS).to(tl.float32)
@@ -201,7 +206,7 @@ def _decode_kernel(
         s = tl.load(sp + p).to(tl.float32)[:, :, None]
         m = tl.load(mp + p).to(tl.float32)[:, :, None]
         y = tl.reshape(tl.reshape(codes, (BT, NG, G)) * s + m, (BT, D))
-    dst = y_ptr + layer * stride_l + h * stride_h + tok[:, None] * stride_t + ch[None, :]
+    dst = y_ptr + layer * stride_l + h * stride_h + tok[:, None] * stride_t + first + ch[None, :]
     tl.store(dst, y.to(y_ptr.dtype.element_ty))
 
 
@@ -211,14 +216,16 @@ def _decode_kernel(
 @functools.lru_cache(maxsize=256)
 def _launch_plan(
     sections: tuple[Section, ...], device: torch.device
-) -> tuple[tuple[int, Tensor], ...]:
-    """(bits, meta) per bit width: meta = int64 [n, 4] rows (layer, codes, scales, mins)."""
-    by_bits: dict[int, list[list[int]]] = {}
-    for layer, s in enumerate(sections):
-        by_bits.setdefault(s.bits, []).append([layer, s.codes, s.scales, s.mins])
+) -> tuple[tuple[int, int, Tensor], ...]:
+    """(bits, channels, meta) per bit width and section width: meta = int64 [n, 5] rows
+    (layer, codes, scales, mins, first channel)."""
+    by_kind: dict[tuple[int, int], list[list[int]]] = {}
+    for s in sections:
+        row = [s.layer, s.codes, s.scales, s.mins, s.first]
+        by_kind.setdefault((s.bits, s.channels), []).append(row)
     return tuple(
-        (bits, torch.tensor(rows, dtype=torch.int64, device=device))
-        for bits, rows in by_bits.items()
+        (bits, channels, torch.tensor(rows, dtype=torch.int64, device=device))
+        for (bits, channels), rows in by_kind.items()
     )
 
 
@@ -235,9 +242,9 @@ def quantize_into(
     Asynchronous: nothing waits for the device.
     """
     _check(x, header)
-    _, h, t, d = x.shape
+    _, h, t, _ = x.shape
     is_key = sections[0].is_key
-    for bits, meta in _launch_plan(tuple(sections), payload.device):
+    for bits, d, meta in _launch_plan(tuple(sections), payload.device):
         n = meta.shape[0]
         if is_key:
             grid = (n * h, t // header.group_size)
@@ -266,11 +273,11 @@ def decode_tensor(
 ) -> None:
     """Unpack and dequantize the payload's sections into out: [L, H, T, D]. Asynchronous."""
     _check(out, header)
-    _, h, t, d = out.shape
+    _, h, t, _ = out.shape
     is_key = sections[0].is_key
     group = header.group_size if is_key else header.value_group
     rows = header.group_size if is_key else _VALUE_ROWS
-    for bits, meta in _launch_plan(tuple(sections), payload.device):
+    for bits, d, meta in _launch_plan(tuple(sections), payload.device):
         grid = (meta.shape[0] * h, t // rows)
         _decode_kernel[grid](
             payload, out, meta, h, t, out.stride(0), out.stride(1), out.stride(2),

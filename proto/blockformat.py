@@ -8,10 +8,17 @@ fetched block is the one it asked for (`BlockHeader` equality) and, with a tenan
 Wire layout, all integers little-endian:
 
     block    = header | payload | mac (32 bytes, only with the MAC flag)
-    header   = FIXED (struct below) | key bits[layers] | value bits[layers] | crc32
-    payload  = for each layer: the key section, then the value section (latent: one section)
+    header   = FIXED (struct below) | key bits[layers] | value bits[layers]
+               | (KEY_BASIS only) basis id (16 bytes) | crc32
+    payload  = for each layer: the key section(s), then the value section (latent: one section)
                then, when sink tokens are kept, fp16 sinks [L, H, S, D] of keys, then values
     section  = packed codes | fp16 scales | fp16 minimums, each padded to 16 bytes
+
+KEY_BASIS (transform coding of keys): keys are stored as their components in a calibrated
+orthonormal basis per (layer, head), named by the basis id; the reader must hold that basis.
+"key bits" then holds one width per 8 components of each layer ([layers * head_dim / 8], 0: not
+stored, decoded as the basis mean), and a layer's keys are several sections, one per run of
+equal nonzero widths, split into power-of-two runs of components (largest first), in order.
 
 A block is bound to where it belongs: its header names its namespace id, its own block key,
 its start position and token count. A block of the right shape stored under another key or
@@ -52,9 +59,11 @@ from kvpool.proto.errors import (
 )
 
 MAGIC = b"KVPB"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: KEY_BASIS
 ID_BYTES = 32  # namespace ids and block keys
 MAC_BYTES = 32
+BASIS_ID_BYTES = 16
+CHUNK = 8  # components per key width under KEY_BASIS
 UNBOUND = bytes(ID_BYTES)  # the namespace id and key of a block encoded outside any namespace
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_GROUPS = (32, 64, 128)
@@ -82,6 +91,7 @@ class Flag(IntEnum):
     PRE_ROPE_KEYS = 1  # keys were quantized with the rotary embedding undone
     HADAMARD_VALUES = 2  # values were quantized after an orthonormal Hadamard rotation
     MAC = 4  # a tenant MAC follows the payload
+    KEY_BASIS = 8  # keys stored as components in a calibrated basis, widths per 8 components
 
 
 def plane_widths(bits: int) -> tuple[int, ...]:
@@ -95,7 +105,9 @@ def _pad(n: int) -> int:
 
 @dataclass(frozen=True)
 class Section:
-    """Where one (layer, tensor) lives in the payload, in bytes from the payload start."""
+    """Where one (layer, tensor) lives in the payload, in bytes from the payload start: the
+    channels [first, first + channels) of that layer's tensor (all of head_dim, except for keys
+    under KEY_BASIS, where a section holds a run of components)."""
 
     codes: int
     scales: int
@@ -103,6 +115,9 @@ class Section:
     bits: int
     is_key: bool  # key sections group G tokens of a channel; others G channels of a token
     n_params: int  # scales (= minimums) in the section
+    layer: int = 0
+    first: int = 0
+    channels: int = 0
 
 
 @dataclass(frozen=True)
@@ -126,6 +141,7 @@ class BlockHeader:
     rotary_dim: int = 0
     namespace_id: bytes = UNBOUND
     key: bytes = UNBOUND
+    basis_id: bytes = b""  # KEY_BASIS only
     version: int = FORMAT_VERSION
     sections: tuple[Section, ...] = field(init=False, repr=False, compare=False)
     sinks_offset: int = field(init=False, repr=False, compare=False)
@@ -140,18 +156,47 @@ class BlockHeader:
             tensors = [(False, self.key_bits)]
         for layer in range(self.layers):
             for is_key, bits_per_layer in tensors:
-                bits = bits_per_layer[layer]
-                n_params = self.heads * self.tokens * self.head_dim // self.group_size
-                if not is_key:
-                    n_params = self.heads * self.tokens * self.head_dim // self.value_group
-                codes = offset
-                scales = codes + _pad(self.heads * self.tokens * self.head_dim * bits // 8)
-                mins = scales + _pad(2 * n_params)
-                offset = mins + _pad(2 * n_params)
-                sections.append(Section(codes, scales, mins, bits, is_key, n_params))
+                if is_key and self.has_flag(Flag.KEY_BASIS):
+                    runs = self._key_runs(layer)
+                else:
+                    runs = [(0, self.head_dim, bits_per_layer[layer])]
+                for first, channels, bits in runs:
+                    rows = self.heads * self.tokens
+                    group = self.group_size if is_key else self.value_group
+                    n_params = rows * channels // group
+                    codes = offset
+                    scales = codes + _pad(rows * channels * bits // 8)
+                    mins = scales + _pad(2 * n_params)
+                    offset = mins + _pad(2 * n_params)
+                    sections.append(Section(codes, scales, mins, bits, is_key, n_params,
+                                            layer, first, channels))  # fmt: skip
         object.__setattr__(self, "sections", tuple(sections))
         object.__setattr__(self, "sinks_offset", offset)
         object.__setattr__(self, "payload_len", offset + 2 * self.sink_elements)
+
+    def _key_runs(self, layer: int) -> list[tuple[int, int, int]]:
+        """(first component, count, bits) of a layer's key sections under KEY_BASIS."""
+        per = self.head_dim // CHUNK
+        widths = self.key_bits[layer * per : (layer + 1) * per]
+        runs: list[tuple[int, int, int]] = []
+        c = 0
+        while c < per:
+            end = c
+            while end < per and widths[end] == widths[c]:
+                end += 1
+            left, first = (end - c) * CHUNK, c * CHUNK
+            while widths[c] and left:  # power-of-two pieces, largest first
+                piece = 1 << (left.bit_length() - 1)
+                runs.append((first, piece, widths[c]))
+                first, left = first + piece, left - piece
+            c = end
+        return runs
+
+    def tensor_sections(self, tensor: int) -> list[Section]:
+        """The sections of keys (0), values (1) or the latent (0), in payload order."""
+        if self.layout == Layout.LATENT:
+            return list(self.sections)
+        return [s for s in self.sections if s.is_key == (tensor == 0)]
 
     @property
     def value_group(self) -> int:
@@ -170,7 +215,9 @@ class BlockHeader:
 
     @property
     def header_len(self) -> int:
-        return _FIXED.size + len(self.key_bits) + len(self.value_bits) + _CRC.size
+        return (
+            _FIXED.size + len(self.key_bits) + len(self.value_bits) + len(self.basis_id) + _CRC.size
+        )
 
     @property
     def mac_len(self) -> int:
@@ -203,11 +250,20 @@ class BlockHeader:
                 f"head_dim {self.head_dim} must be a multiple of 8 and of the group size"
             )
         want_value_bits = 0 if self.layout == Layout.LATENT else self.layers
-        if len(self.key_bits) != self.layers or len(self.value_bits) != want_value_bits:
+        basis = bool(self.flags & Flag.KEY_BASIS)
+        want_key_bits = self.layers * self.head_dim // CHUNK if basis else self.layers
+        if len(self.key_bits) != want_key_bits or len(self.value_bits) != want_value_bits:
             raise BlockFormatError("bits per layer do not match the number of layers")
-        for b in (*self.key_bits, *self.value_bits):
+        for b in self.value_bits:
             if b not in SUPPORTED_BITS:
                 raise BlockFormatError(f"bit width {b} not in {SUPPORTED_BITS}")
+        for b in self.key_bits:
+            if b not in SUPPORTED_BITS and not (basis and b == 0):
+                raise BlockFormatError(f"bit width {b} not in {SUPPORTED_BITS}")
+        if len(self.basis_id) != (BASIS_ID_BYTES if basis else 0):
+            raise BlockFormatError("a basis id comes with KEY_BASIS, and only with it")
+        if basis and self.layout != Layout.KV:
+            raise BlockFormatError("a key basis needs the KV layout")
         if not 0 <= self.sink_tokens < self.tokens:
             raise BlockFormatError(f"sink_tokens {self.sink_tokens} out of range")
         if self.sink_tokens and self.start_position != 0:
@@ -216,7 +272,7 @@ class BlockHeader:
             raise BlockFormatError("start_position must be >= 0")
         if len(self.namespace_id) != ID_BYTES or len(self.key) != ID_BYTES:
             raise BlockFormatError(f"namespace id and key must be {ID_BYTES} bytes")
-        if self.flags & ~(Flag.PRE_ROPE_KEYS | Flag.HADAMARD_VALUES | Flag.MAC):
+        if self.flags & ~(Flag.PRE_ROPE_KEYS | Flag.HADAMARD_VALUES | Flag.MAC | Flag.KEY_BASIS):
             raise BlockFormatError(f"unknown option flags {self.flags:#x}")
         if self.flags & Flag.PRE_ROPE_KEYS:
             if self.layout == Layout.LATENT:
@@ -237,7 +293,7 @@ class BlockHeader:
             self.rotary_dim, self.tokens, self.start_position, self.rope_theta,
             self.rope_scaling, self.payload_len, self.namespace_id, self.key,
         )  # fmt: skip
-        return fixed + bytes(self.key_bits) + bytes(self.value_bits)
+        return fixed + bytes(self.key_bits) + bytes(self.value_bits) + self.basis_id
 
 
 def block_mac(mac_key: bytes, head: bytes | memoryview, payload: bytes | memoryview) -> bytes:
@@ -280,17 +336,21 @@ def parse_header(blob: bytes | bytearray | memoryview) -> BlockHeader:
     except ValueError as e:
         raise BlockFormatError(str(e)) from None
     n_value_bits = 0 if layout == Layout.LATENT else layers
-    if header_len != _FIXED.size + layers + n_value_bits + _CRC.size:
+    basis = flags & Flag.KEY_BASIS
+    n_key_bits = layers * head_dim // CHUNK if basis else layers
+    id_len = BASIS_ID_BYTES if basis else 0
+    if header_len != _FIXED.size + n_key_bits + n_value_bits + id_len + _CRC.size:
         raise BlockFormatError(f"header length {header_len} does not match its layer count")
     if len(blob) < header_len:
         raise TruncatedBlockError(f"{len(blob)} bytes is shorter than the {header_len}-byte header")
-    bits = bytes(blob[_FIXED.size : header_len - _CRC.size])
+    bits = bytes(blob[_FIXED.size : header_len - _CRC.size - id_len])
     header = BlockHeader(
         layout=layout, dtype=dtype, layers=layers, heads=heads, tokens=tokens,
-        head_dim=head_dim, group_size=group, key_bits=tuple(bits[:layers]),
-        value_bits=tuple(bits[layers:]), flags=flags, sink_tokens=sinks,
+        head_dim=head_dim, group_size=group, key_bits=tuple(bits[:n_key_bits]),
+        value_bits=tuple(bits[n_key_bits:]), flags=flags, sink_tokens=sinks,
         start_position=start, rope_theta=theta, rope_scaling=scaling, rotary_dim=rotary_dim,
         namespace_id=namespace_id, key=key,
+        basis_id=bytes(blob[header_len - _CRC.size - id_len : header_len - _CRC.size]),
     )  # fmt: skip
     if header.payload_len != payload_len:
         raise BlockFormatError(
