@@ -10,13 +10,15 @@ neither the tests, the calibration nor any tuning read them (chosen before any f
   prose  the middle (30% to 70%) of Isaac Newton's Opticks (public domain; shipped as test data
          in the `apache-tvm-ffi` package that vLLM's CPU build installs); levers.py, where codec
          options are tried, reads other windows of it (at 25% and 75%)
-  docs   the Python reference's sections on format strings, string methods and the debugger
-         (`pydoc_data.topics`: "formatstrings", "string-methods", "debugger")
+  docs   the Python reference's sections on assignment statements, comparisons, calls and
+         string literals (`pydoc_data.topics`: "assignment", "comparisons", "calls", "strings")
   code   the source of the standard library's `tarfile` module
 
-Texts read elsewhere: by calibration, "compound" and "types" (and argparse.py in levers.py);
-while trying levers (benchmarks/levers.py), "execmodel", "import", "exceptions" and inspect.py;
-by an earlier version of this benchmark, "specialnames".
+Texts read elsewhere, none of them here: by calibration, "compound" and "types" (and for the
+key basis argparse.py); while trying levers (benchmarks/levers.py), "execmodel", "import",
+"exceptions", inspect.py and other windows of Opticks; by tests, "formatstrings", "debugger",
+"string-methods", "attribute-access", "typesseq", "typesmapping", "customization"; by an
+earlier version of this benchmark, "specialnames".
 
 `--windows` windows per text (default 2) of 1024 + 513 tokens at evenly spaced offsets; every
 pooled figure pools all windows of all texts.
@@ -47,8 +49,10 @@ Configs: KIVI-style baselines (per-channel keys, per-token values, no codec opti
 3-bit keys with every option (pre-RoPE keys, Hadamard-rotated values, 1 fp16 sink token);
 per-layer profiles calibrated on the calibration sample (`kvpool calibrate`, cached in
 .cache/profiles/; the 6x one is calibrated here first if missing) at 6x and at 2.5 bits per
-value; and the 6x profile with one option removed at a time, same widths (the ablation). Prints
-a table, then one JSON object as its last line.
+value; the 6x profile with one option removed at a time, same widths (the ablation); and codec
+v2: keys as components in a key basis (`kvpool calibrate --basis`, cached beside the profiles;
+calibrated here first if missing) at 2.0 and 1.75 bits per key value, values 2-bit per token
+after the Hadamard rotation, 1 sink. Prints a table, then one JSON object as its last line.
 """
 
 from __future__ import annotations
@@ -70,12 +74,13 @@ from torch import Tensor
 from kvpool import calibrate
 from kvpool.client import KVPool
 from kvpool.hf import cache_from_kv, codec_for, kv_from_cache, namespace_for_model
-from kvpool.kernels.codec import CodecConfig
+from kvpool.kernels.codec import CodecConfig, KeyBasis
 from kvpool.models import load
 
 PREFIX, CONTINUATION, GREEDY = 1024, 512, 64
 SIX_X = 16 / 6  # bits per value at a compression ratio of exactly 6
 AT = (6, 7, 10)  # the compression ratios best_at_* report
+V2_KEY_BITS = (2.0, 1.75)  # key bases: bits per key value, scales and minimums included
 
 
 def prose() -> str:
@@ -91,7 +96,7 @@ def prose() -> str:
 def docs() -> str:
     from pydoc_data.topics import topics
 
-    return "\n\n".join(topics[t] for t in ("formatstrings", "string-methods", "debugger"))
+    return "\n\n".join(topics[t] for t in ("assignment", "comparisons", "calls", "strings"))
 
 
 def code() -> str:
@@ -101,7 +106,7 @@ def code() -> str:
 TEXTS = {"prose": prose, "docs": docs, "code": code}
 TEXT_SOURCES = {
     "prose": "Newton, Opticks, 30-70% (tvm_ffi/3rdparty/libbacktrace/Isaac.Newton-Opticks.txt)",
-    "docs": "pydoc_data.topics: formatstrings, string-methods, debugger",
+    "docs": "pydoc_data.topics: assignment, comparisons, calls, strings",
     "code": "the standard library's tarfile.py",
 }
 
@@ -214,11 +219,26 @@ def load_profile(model: Any, tokenizer: Any, path: Path | None, sinks: int) -> c
     return profile
 
 
-def configs(model: Any, profile: calibrate.Profile) -> list[Row]:
+def load_basis(model: Any, tokenizer: Any, key_bits: float) -> KeyBasis:
+    """The key basis at `key_bits`: the cached default (`kvpool calibrate --basis`), else
+    calibrated now on the basis sample and cached."""
+    options = argparse.Namespace(group_size=128, key_bits=key_bits, no_pre_rope=False)
+    path = calibrate.basis_path(model.config._name_or_path, options)
+    if path.exists():
+        return KeyBasis.load(path)
+    t0 = time.perf_counter()
+    basis = calibrate.calibrate_basis(model, calibrate.basis_sample(tokenizer), key_bits=key_bits)
+    basis.save(path)
+    print(f"key basis: calibrated in {time.perf_counter() - t0:.0f} s, saved to {path}", flush=True)
+    return basis
+
+
+def configs(model: Any, tokenizer: Any, profile: calibrate.Profile) -> list[Row]:
     six = calibrate.profile_codec(profile)
     lower = calibrate.retarget(profile, 2.5)
     x, x_lower = 16 / profile.achieved_bits, 16 / lower.achieved_bits
     s = profile.sink_tokens
+    v2 = codec_for(model, 2, 2, sink_tokens=s)
     return [
         Row("fp16 (reference)", None),
         Row("KIVI 2-bit G=32", CodecConfig(2, 2, 32)),
@@ -231,6 +251,13 @@ def configs(model: Any, profile: calibrate.Profile) -> list[Row]:
         Row(f"  profile {x:.1f}x without pre-RoPE", replace(six, rope=None)),
         Row(f"  profile {x:.1f}x without Hadamard", replace(six, hadamard_values=False)),
         Row(f"  profile {x:.1f}x without sink", replace(six, sink_tokens=0)),
+        *(
+            Row(
+                f"v2: key basis {bits} bits, V2 Hadamard, {s} sink",
+                replace(v2, key_basis=load_basis(model, tokenizer, bits)),
+            )
+            for bits in V2_KEY_BITS
+        ),
     ]
 
 
@@ -240,7 +267,7 @@ def run(windows_count: int, profile_path: Path | None, sinks: int) -> dict[str, 
     t0 = time.perf_counter()
     model, tokenizer = load()
     profile = load_profile(model, tokenizer, profile_path, sinks)
-    rows = configs(model, profile)
+    rows = configs(model, tokenizer, profile)
     data = windows(model, tokenizer, windows_count)
     tier = start_tier(TierConfig(shards=2, budget_bytes=512 << 20))
     try:

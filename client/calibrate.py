@@ -42,9 +42,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kvpool.kernels.codec import CodecConfig, block_header, decode, encode
-from kvpool.kernels.transforms import RopeParams
-from kvpool.proto.blockformat import SUPPORTED_BITS, Layout
+from kvpool.kernels.codec import CodecConfig, KeyBasis, block_header, decode, encode
+from kvpool.kernels.transforms import RopeParams, undo_rope
+from kvpool.proto.blockformat import CHUNK, SUPPORTED_BITS, Layout
 from kvpool.proto.errors import CodecError
 
 TENSORS = ("key", "value")
@@ -310,6 +310,107 @@ def default_path(profile: Profile | None = None, **options: Any) -> Path:
     model = re.sub(r"[^A-Za-z0-9._-]+", "_", str(fields["model"]).split("/")[-1]).lower()
     name = f"{model}-g{fields['group_size']}-s{fields['sink_tokens']}-t{fields['target_bits']:.4g}"
     return Path(os.environ.get("KVPOOL_CACHE_DIR", ".cache")) / "profiles" / f"{name}.json"
+
+
+# ---- the key basis (codec v2: transform coding of keys) ---------------------------------------
+
+BASIS_WIDTHS = (0, 2, 3, 4, 8)
+
+
+def calibrate_basis(
+    model: Any, token_ids: Sequence[int] | Tensor, *, key_bits: float = 2.0,
+    group_size: int = 128, windows: int = 6, window_tokens: int = 1024, pre_rope: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> KeyBasis:  # fmt: skip
+    """A key basis for `model` from sample text: per (layer, kv head), the principal components
+    of its (pre-RoPE) keys over up to `windows` windows of `window_tokens` tokens of the sample
+    (each window's first token, the attention sink, left out), and widths for about `key_bits`
+    bits per key value, the groups' fp16 scales and minimums included (see `allocate_bands`)."""
+    from kvpool.hf import rope_params
+
+    rope = rope_params(model) if pre_rope else None
+    if pre_rope and rope is None:
+        raise CodecError("this model's RoPE cannot be undone exactly: use pre_rope=False")
+    ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
+    count = min(windows, len(ids) // window_tokens)
+    if count < 1:
+        raise CodecError(f"the sample has {len(ids)} tokens; at least {window_tokens} are needed")
+    say = progress or (lambda _msg: None)
+    total: Tensor | None = None
+    outer: Tensor | None = None
+    n = 0
+    for w in range(count):
+        say(f"keys of window {w + 1}/{count}")
+        chunk = ids[w * window_tokens : (w + 1) * window_tokens].to(model.device)
+        with torch.inference_mode():
+            cache = model(chunk[None], use_cache=True).past_key_values
+        keys = torch.stack([layer.keys[0] for layer in cache.layers]).float().cpu()
+        if rope is not None:
+            keys = undo_rope(keys, rope, 0)
+        keys = keys[:, :, 1:].double()  # [L, H, T, D], without the sink
+        total = keys.sum(2) if total is None else total + keys.sum(2)
+        part = keys.transpose(-1, -2) @ keys
+        outer = part if outer is None else outer + part
+        n += keys.shape[2]
+    assert total is not None and outer is not None
+    mean = total / n
+    covariance = outer / n - mean[..., :, None] * mean[..., None, :]
+    variance, rotation = torch.linalg.eigh(covariance)  # ascending
+    variance, rotation = variance.flip(-1).clamp_min(0), rotation.flip(-1)
+    widths = allocate_bands(variance.mean(1), key_bits, group_size)
+    say(f"basis: {sum(widths) / len(widths):.3f} code bits per key value")
+    return KeyBasis(mean.float(), rotation.float().contiguous(), widths)
+
+
+def allocate_bands(variance: Tensor, key_bits: float, group_size: int) -> tuple[int, ...]:
+    """Widths per 8 components for components of `variance` [L, D] (sorted, largest first):
+    every layer starts with none stored; repeatedly raise the width (0 -> 2 -> 3 -> 4 -> 8) of
+    the chunk that removes the most estimated error per bit (variance * 4^-width summed over
+    its components; a chunk never wider than the one before it), while each layer's bits per
+    key value, with 32 / G bits of fp16 scale and minimum per stored component, stay within
+    `key_bits`. Reverse water-filling in steps the block format can store."""
+    layers, dim = variance.shape
+    chunks = variance.reshape(layers, dim // CHUNK, CHUNK).sum(-1).tolist()
+    budget, params = key_bits * dim, 32 / group_size
+    widths: list[int] = []
+    for layer in range(layers):
+        w = [0] * (dim // CHUNK)
+        spent = 0.0
+        while True:
+            best, pick, pick_cost = 0.0, -1, 0.0
+            for c, energy in enumerate(chunks[layer]):
+                i = BASIS_WIDTHS.index(w[c])
+                if i + 1 == len(BASIS_WIDTHS) or (c > 0 and w[c - 1] <= w[c]):
+                    continue
+                new = BASIS_WIDTHS[i + 1]
+                cost = CHUNK * (new - w[c] + (params if w[c] == 0 else 0))
+                gain = energy * (4.0 ** -w[c] - 4.0**-new) / cost
+                if spent + cost <= budget + 1e-9 and gain > best:
+                    best, pick, pick_cost = gain, c, cost
+            if pick < 0:
+                break
+            w[pick] = BASIS_WIDTHS[BASIS_WIDTHS.index(w[pick]) + 1]
+            spent += pick_cost
+        widths += w
+    return tuple(widths)
+
+
+def basis_path(model: str, options: Any) -> Path:
+    """Where `kvpool calibrate --basis` keeps a key basis: .cache/profiles/MODEL-basis-gG-kBITS.pt
+    (under KVPOOL_CACHE_DIR when set)."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", model.split("/")[-1]).lower()
+    rope = "-postrope" if getattr(options, "no_pre_rope", False) else ""
+    file = f"{name}-basis-g{options.group_size}-k{options.key_bits:.4g}{rope}.pt"
+    return Path(os.environ.get("KVPOOL_CACHE_DIR", ".cache")) / "profiles" / file
+
+
+def basis_sample(tokenizer: Any) -> list[int]:
+    """Token ids for `calibrate_basis`: the profile's sample (`default_sample`) and code, the
+    standard library's argparse.py source."""
+    import argparse
+
+    code = Path(argparse.__file__).read_text()
+    return default_sample(tokenizer) + list(tokenizer(code).input_ids)
 
 
 def default_sample(tokenizer: Any) -> list[int]:

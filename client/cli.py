@@ -6,7 +6,9 @@ kvpool serve     start the cache tier: local Ray (or join a cluster with --addre
 kvpool demo      encode a Llama-3-8B-shaped KV block at several codec settings and report
                  encoded size, compression ratio, reconstruction error and throughput
 kvpool calibrate measure each layer's sensitivity to KV quantization on sample text and pick
-                 per-layer key and value bits for a target average; writes a profile JSON
+                 per-layer key and value bits for a target average; writes a profile JSON.
+                 With --basis (codec v2): the principal components of the model's keys and a
+                 width per 8 components; writes a key basis
 """
 
 from __future__ import annotations
@@ -168,19 +170,38 @@ def calibrate(args: argparse.Namespace) -> None:
     """Calibrate a per-layer bit profile and write it (see kvpool.calibrate)."""
     from pathlib import Path
 
+    from tqdm import tqdm
+
     from kvpool import calibrate as cal
     from kvpool.models import SMOLLM2, load
 
     model, tokenizer = load(args.model or SMOLLM2)
+    t0 = time.perf_counter()
+    if args.basis:  # codec v2: a key basis (transform coding of keys)
+        if args.text:
+            sample = list(tokenizer(Path(args.text).read_text()).input_ids)
+        else:
+            sample = cal.basis_sample(tokenizer)
+        with tqdm(total=args.samples + 1, desc="key basis", unit="step") as bar:
+            basis = cal.calibrate_basis(
+                model, sample, key_bits=args.key_bits, group_size=args.group_size,
+                windows=args.samples, pre_rope=not args.no_pre_rope,
+                progress=lambda msg: (bar.set_postfix_str(msg), bar.update(1)),
+            )  # fmt: skip
+        path = basis.save(args.out or cal.basis_path(model.config._name_or_path, args))
+        print(f"key basis {basis.id.hex()}: {basis.bits_per_key:.3f} code bits per key value")
+        print(f"calibrated in {time.perf_counter() - t0:.0f} s; basis written to {path}")
+        return
     if args.text:
         sample = list(tokenizer(Path(args.text).read_text()).input_ids)
     else:
         sample = cal.default_sample(tokenizer)
-    t0 = time.perf_counter()
-    profile = cal.calibrate(
-        model, sample, target_bits=args.target_bits, group_size=args.group_size,
-        sink_tokens=args.sink_tokens, pre_rope=not args.no_pre_rope, samples=args.samples,
-    )  # fmt: skip
+    with tqdm(desc="profile", unit="step") as bar:
+        profile = cal.calibrate(
+            model, sample, target_bits=args.target_bits, group_size=args.group_size,
+            sink_tokens=args.sink_tokens, pre_rope=not args.no_pre_rope, samples=args.samples,
+            progress=lambda msg: (bar.set_postfix_str(msg), bar.update(1)),
+        )  # fmt: skip
     path = profile.save(args.out or cal.default_path(profile))
     print(cal.summary(profile))
     print(f"calibrated in {time.perf_counter() - t0:.0f} s; profile written to {path}")
@@ -310,6 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--text", default=None, help="sample text file (default: Python's own reference manual)"
     )
     p_cal.add_argument("--samples", type=int, default=4, help="sample windows (default 4)")
+    p_cal.add_argument(
+        "--basis", action="store_true",
+        help="codec v2: calibrate a key basis (transform coding of keys) instead of a profile",
+    )  # fmt: skip
+    p_cal.add_argument(
+        "--key-bits", type=float, default=2.0,
+        help="--basis: bits per key value, scales and minimums included (2.0)",
+    )  # fmt: skip
     p_cal.add_argument("--out", default=None, help="profile file (default .cache/profiles/...)")
     return parser
 

@@ -150,3 +150,79 @@ def test_calibrating_a_real_model() -> None:
     least = min(range(layers), key=lambda i: low["key"][i])
     assert p.key_bits[most] > p.key_bits[least]
     assert p.sample["kl_profile"] < p.sample["kl_all_2_bit"]
+
+
+def test_bands_follow_the_variance_within_the_budget() -> None:
+    from kvpool.calibrate import allocate_bands
+
+    dim = 64
+    falling = torch.logspace(2, -4, dim)  # a layer whose components matter less and less
+    variance = torch.stack([falling, falling * 100, torch.zeros(dim)])
+    widths = allocate_bands(variance, key_bits=2.0, group_size=128)
+    assert len(widths) == 3 * dim // 8
+    for layer in range(3):
+        w = widths[layer * 8 : (layer + 1) * 8]
+        assert list(w) == sorted(w, reverse=True)  # wider first, where the variance is
+        bits = (sum(w) * 8 + 8 * sum(1 for x in w if x) * 32 / 128) / dim
+        assert bits <= 2.0
+    assert widths[16:] == (0,) * 8  # nothing spent on a layer with nothing to store
+    assert max(widths[:8]) > 2 and min(widths[:8]) == 0  # unequal widths: water-filling
+
+
+def test_a_key_basis_from_a_real_model_beats_per_channel_2_bit() -> None:
+    """calibrate_basis on one text: the basis fits the model; keys of another text stored in it
+    at 2.0 bits per value come back closer than per-channel 2-bit pre-RoPE keys (2.25 bits)."""
+    pytest.importorskip("transformers")
+    from pydoc_data.topics import topics
+
+    from kvpool import calibrate as cal
+    from kvpool.hf import codec_for, kv_from_cache, model_layout
+    from kvpool.kernels.codec import decode
+
+    try:
+        model, tokenizer = load_model()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    basis = cal.calibrate_basis(
+        model, tokenizer(topics["compound"]).input_ids, key_bits=2.0, windows=2,
+        window_tokens=512,
+    )  # fmt: skip
+    layers, heads, dim = model_layout(model)
+    assert basis.mean.shape == (layers, heads, dim) and basis.bits_per_key < 2.0
+    ids = torch.tensor(tokenizer(topics["types"]).input_ids[:256])[None]
+    with torch.inference_mode():
+        keys, values = kv_from_cache(model(ids, use_cache=True).past_key_values, 256)
+    plain = codec_for(model, 2, 2, sink_tokens=1)
+    v2 = dataclasses.replace(plain, key_basis=basis)
+    errors = []
+    for codec in (plain, v2):
+        got = decode(encode(keys, values, codec), key_basis=codec.key_basis).keys
+        assert got is not None
+        errors.append(float((got - keys)[:, :, 1:].norm() / keys[:, :, 1:].norm()))
+    assert errors[1] < 0.8 * errors[0], errors
+
+
+def load_model():  # type: ignore[no-untyped-def]
+    from kvpool.models import load
+
+    return load()
+
+
+def test_the_cli_writes_a_key_basis(tmp_path, capsys) -> None:
+    pytest.importorskip("transformers")
+    from pydoc_data.topics import topics
+
+    from kvpool.cli import main
+    from kvpool.kernels.codec import KeyBasis
+
+    try:
+        load_model()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    text = tmp_path / "sample.txt"
+    text.write_text(topics["compound"])
+    out = tmp_path / "basis.pt"
+    main(["calibrate", "--basis", "--key-bits", "1.5", "--samples", "1", "--text", str(text),
+          "--out", str(out)])  # fmt: skip
+    basis = KeyBasis.load(out)
+    assert basis.id.hex() in capsys.readouterr().out and basis.bits_per_key < 1.5
