@@ -5,21 +5,28 @@
 
 Block: keys and values [32 layers, 8 kv heads, 256 tokens, 128 head_dim] fp16; 2-bit keys and
 values, G = 128, options off. GB/s are of fp16 data (keys + values) per second, so a codec and a
-copy of the same tensors compare directly. Prints a table, then one JSON object as its last line.
+copy of the same tensors compare directly. Also, end to end: the same codec with every option
+(pre-RoPE keys, Hadamard values: *_options) and codec v2 (keys as components in a key basis at
+~2 bits per value, same options: *_v2; a random basis, for speed only). Prints a table, then one
+JSON object as its last line.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
 
-from kvpool.kernels.codec import CodecConfig, decode, encode
+from kvpool.calibrate import allocate_bands
+from kvpool.kernels.codec import CodecConfig, KeyBasis, decode, encode
+from kvpool.kernels.transforms import RopeParams
 from kvpool.proto.blockformat import Layout, verify
 
 SHAPE = (32, 8, 256, 128)
@@ -69,6 +76,18 @@ def quanto_peer(
     return enc, dec
 
 
+def synthetic_basis() -> KeyBasis:
+    """A random orthonormal basis per (layer, head) with widths for ~2 bits per key value, as
+    `kvpool calibrate --basis` allocates them for components of falling variance (speed only:
+    random keys have no structure for a basis to find)."""
+    layers, heads, _, dim = SHAPE
+    g = torch.Generator().manual_seed(1)
+    q, _ = torch.linalg.qr(torch.randn(layers, heads, dim, dim, generator=g))
+    variance = torch.logspace(1, -3, dim).expand(layers, dim)
+    widths = allocate_bands(variance, key_bits=2.0, group_size=128)
+    return KeyBasis(torch.zeros(layers, heads, dim), q.contiguous(), widths)
+
+
 def cpu_figures(repeat: int, peer: bool) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     k = torch.randn(SHAPE, generator=g).half()
@@ -102,6 +121,16 @@ def cpu_figures(repeat: int, peer: bool) -> dict[str, Any]:
         "checksum_gbps": gbps(t_crc),
         "torch_threads": torch.get_num_threads(),
     }
+    # v1 with every option (pre-RoPE keys, Hadamard values, what serving uses) against codec v2
+    # (keys as components in a key basis at ~2 bits per value, the same options)
+    options = CodecConfig(2, 2, 128, rope=RopeParams(500000.0, SHAPE[3]), hadamard_values=True)
+    v2 = replace(options, key_basis=synthetic_basis())
+    for name, cfg_n in (("options", options), ("v2", v2)):
+        blob_n = encode(k, v, cfg_n)
+        t_e = best_seconds(functools.partial(encode, k, v, cfg_n), repeat)
+        t_d = best_seconds(functools.partial(decode, blob_n, key_basis=cfg_n.key_basis), repeat)
+        figures[f"encode_gbps_{name}"], figures[f"decode_gbps_{name}"] = gbps(t_e), gbps(t_d)
+        figures[f"compression_ratio_{name}"] = round(fp16_bytes / len(blob_n), 3)
     if peer:
         peer_enc, peer_dec = quanto_peer(k, v, 2, 128)
         t_peer_enc = best_seconds(peer_enc, max(3, repeat // 3))

@@ -132,16 +132,28 @@ class KeyBasis:
                 f"the block's key basis is {header.basis_id.hex()}, this reader holds {self.id.hex()}"
             )
 
+    @functools.cached_property
+    def extent(self) -> tuple[int, ...]:
+        """Per layer, the components up to the last one stored: the rest are never computed."""
+        per = self.mean.shape[-1] // CHUNK
+        rows = [self.widths[i * per : (i + 1) * per] for i in range(self.mean.shape[0])]
+        return tuple(CHUNK * max((c + 1 for c, w in enumerate(r) if w), default=0) for r in rows)
+
     def to_components(self, keys: Tensor) -> Tensor:
-        """keys [L, H, T, D] -> their components, float32."""
+        """keys [L, H, T, D] -> their components (those past `extent` left 0), float32."""
         mean, rot = self.mean.to(keys.device), self.rotation.to(keys.device)
-        return (keys.float() - mean[:, :, None]) @ rot
+        out = torch.zeros(keys.shape, dtype=torch.float32, device=keys.device)
+        for layer, n in enumerate(self.extent):
+            centred = keys[layer].float() - mean[layer][:, None]
+            torch.matmul(centred, rot[layer][:, :, :n], out=out[layer, :, :, :n])
+        return out
 
     def from_components_(self, components: Tensor, out: Tensor) -> Tensor:
         """components [L, H, T, D] float32 -> keys into `out` (any float dtype), layer by layer."""
         mean, rot = self.mean.to(components.device), self.rotation.to(components.device)
-        for layer in range(components.shape[0]):
-            keys = torch.matmul(components[layer], rot[layer].transpose(-1, -2))
+        for layer, n in enumerate(self.extent):
+            part = components[layer, :, :, :n]
+            keys = torch.matmul(part, rot[layer][:, :, :n].transpose(-1, -2))
             out[layer].copy_(keys.add_(mean[layer][:, None]))
         return out
 
