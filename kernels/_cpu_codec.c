@@ -315,9 +315,63 @@ INLINE void decode_row(const uint8_t *restrict p, int64_t n, int bits, const flo
 #undef DQ
 }
 
+/* ---- the codec's transforms, fused into the row loop ---------------------------------------- */
+
+/* the 8-point Hadamard matrix, Sylvester order: H8[j][i] = (-1)^popcount(i & j) */
+static const float H8[8][8] = {
+    {1, 1, 1, 1, 1, 1, 1, 1},     {1, -1, 1, -1, 1, -1, 1, -1}, {1, 1, -1, -1, 1, 1, -1, -1},
+    {1, -1, -1, 1, 1, -1, -1, 1}, {1, 1, 1, 1, -1, -1, -1, -1}, {1, -1, 1, -1, -1, 1, -1, 1},
+    {1, 1, -1, -1, -1, -1, 1, 1}, {1, -1, -1, 1, -1, 1, 1, -1},
+};
+
+/* y <- H_D y / sqrt(D) (Sylvester order, orthonormal, its own inverse), D a power of two. The
+ * butterflies over the low three index bits are an 8 x 8 product per 8 values (vectorizes);
+ * the higher ones add and subtract whole runs of 8 or more. */
+INLINE void hadamard_row(float *restrict y, int64_t D) {
+    int64_t h = 1;
+    if (D % 8 == 0) {
+        for (int64_t g = 0; g < D; g += 8) {
+            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            for (int j = 0; j < 8; j++)
+                for (int i = 0; i < 8; i++) acc[i] += H8[j][i] * y[g + j];
+            for (int i = 0; i < 8; i++) y[g + i] = acc[i];
+        }
+        h = 8;
+    }
+    for (; h < D; h *= 2)
+        for (int64_t i = 0; i < D; i += 2 * h)
+            for (int64_t j = i; j < i + h; j++) {
+                float a = y[j], b = y[j + h];
+                y[j] = a + b;
+                y[j + h] = a - b;
+            }
+    const float norm = 1.0f / sqrtf((float)D);
+    for (int64_t i = 0; i < D; i++) y[i] *= norm;
+}
+
+/* RoPE on the first `rotary` channels of one row: y * cos + rotate_half(y) * sin * sign, with
+ * cos/sin the row's [rotary] angles (each half repeated, as transforms.py builds them) */
+INLINE void rope_row(float *restrict y, const float *restrict cos, const float *restrict sin,
+                     int64_t rotary, float sign) {
+    const int64_t half = rotary / 2;
+    for (int64_t i = 0; i < half; i++) {
+        float a = y[i], b = y[i + half];
+        y[i] = a * cos[i] - b * sin[i] * sign;
+        y[i + half] = b * cos[i + half] + a * sin[i + half] * sign;
+    }
+}
+
+typedef struct {
+    int hadamard;      /* undo (= apply) the Hadamard rotation of each row */
+    const float *cos;  /* redo RoPE: [T, rotary] tables, or NULL */
+    const float *sin;
+    int64_t rotary;
+} Transforms;
+
 INLINE void decode_impl(const uint8_t *codes, const f16 *scales, const f16 *mins, int64_t H,
                            int64_t T, int64_t D, int is_key, int64_t G, int bits, char *out,
-                           int64_t head_stride, int64_t row_stride, int dtype) {
+                           int64_t head_stride, int64_t row_stride, int dtype,
+                           const Transforms *tf) {
     const int64_t esize = dtype == DT_F32 ? 4 : 2, row_bytes = D * bits / 8;
     const int whole_row = !is_key && G == D; /* one scale and minimum per row */
     float *buf = malloc(sizeof(float) * (size_t)(3 * D));
@@ -339,6 +393,11 @@ INLINE void decode_impl(const uint8_t *codes, const f16 *scales, const f16 *mins
             decode_row(codes + r * row_bytes, D, bits, s, m, 1, y);
         else
             decode_row(codes + r * row_bytes, D, bits, s, m, 0, y);
+        if (tf->hadamard) hadamard_row(y, D);
+        if (tf->cos) {
+            const int64_t t = r % T;
+            rope_row(y, tf->cos + t * tf->rotary, tf->sin + t * tf->rotary, tf->rotary, 1.0f);
+        }
         if (dtype != DT_F32) store_row(y, dtype, D, row);
     }
     free(buf);
@@ -358,13 +417,15 @@ static int encode_section(const char *x, int dtype, int64_t H, int64_t T, int64_
 MULTIVERSION
 static void decode_section(const uint8_t *codes, const f16 *scales, const f16 *mins, int64_t H,
                            int64_t T, int64_t D, int is_key, int64_t G, int bits, char *out,
-                           int64_t hs, int64_t rs, int dtype) {
+                           int64_t hs, int64_t rs, int dtype, const Transforms *tf) {
     switch (D) {
-    case 64: decode_impl(codes, scales, mins, H, T, 64, is_key, G, bits, out, hs, rs, dtype); break;
-    case 128:
-        decode_impl(codes, scales, mins, H, T, 128, is_key, G, bits, out, hs, rs, dtype);
+    case 64:
+        decode_impl(codes, scales, mins, H, T, 64, is_key, G, bits, out, hs, rs, dtype, tf);
         break;
-    default: decode_impl(codes, scales, mins, H, T, D, is_key, G, bits, out, hs, rs, dtype);
+    case 128:
+        decode_impl(codes, scales, mins, H, T, 128, is_key, G, bits, out, hs, rs, dtype, tf);
+        break;
+    default: decode_impl(codes, scales, mins, H, T, D, is_key, G, bits, out, hs, rs, dtype, tf);
     }
 }
 
@@ -399,16 +460,25 @@ static PyObject *py_encode(PyObject *self, PyObject *args) {
 static PyObject *py_decode(PyObject *self, PyObject *args) {
     unsigned long long codes, scales, mins, out;
     int dtype, is_key, bits;
-    long long H, T, D, G, head_stride, row_stride;
-    if (!PyArg_ParseTuple(args, "KKKLLLiLiKLLi", &codes, &scales, &mins, &H, &T, &D, &is_key, &G,
-                          &bits, &out, &head_stride, &row_stride, &dtype))
+    long long H, T, D, G, head_stride, row_stride, rotary = 0;
+    int hadamard = 0;
+    unsigned long long cos = 0, sin = 0;
+    if (!PyArg_ParseTuple(args, "KKKLLLiLiKLLi|iKKL", &codes, &scales, &mins, &H, &T, &D, &is_key,
+                          &G, &bits, &out, &head_stride, &row_stride, &dtype, &hadamard, &cos,
+                          &sin, &rotary))
         return NULL;
     if (!check_args(dtype, H, T, D, is_key, G, bits)) return NULL;
+    if (hadamard && (D & (D - 1)))
+        return PyErr_SetString(PyExc_ValueError, "the Hadamard rotation needs a power-of-two D"),
+               NULL;
+    if (cos && (!sin || rotary <= 0 || rotary > D || rotary % 2))
+        return PyErr_SetString(PyExc_ValueError, "bad RoPE tables"), NULL;
+    const Transforms tf = {hadamard, cos ? (const float *)cos : NULL, (const float *)sin, rotary};
     if ((T > 1 && row_stride < D) || (H > 1 && head_stride < T * row_stride))
         return PyErr_SetString(PyExc_ValueError, "rows or heads would overlap"), NULL;
     Py_BEGIN_ALLOW_THREADS
     decode_section((const uint8_t *)codes, (const f16 *)scales, (const f16 *)mins, H, T, D, is_key,
-                   G, bits, (char *)out, head_stride, row_stride, dtype);
+                   G, bits, (char *)out, head_stride, row_stride, dtype, &tf);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -417,7 +487,7 @@ static PyMethodDef methods[] = {
     {"encode_section", py_encode, METH_VARARGS,
      "encode_section(x, dtype, H, T, D, is_key, G, bits, codes, scales, mins): quantize and pack; False if x holds NaN, inf or |x| > 65504"},
     {"decode_section", py_decode, METH_VARARGS,
-     "decode_section(codes, scales, mins, H, T, D, is_key, G, bits, out, head_stride, row_stride, dtype): unpack, dequantize into out's rows of D (rows row_stride, heads head_stride elements apart)"},
+     "decode_section(codes, scales, mins, H, T, D, is_key, G, bits, out, head_stride, row_stride, dtype[, hadamard, cos, sin, rotary]): unpack, dequantize into out's rows of D (rows row_stride, heads head_stride elements apart), then undo the Hadamard rotation and redo RoPE (float32 [T, rotary] cos/sin tables) per row"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -28,7 +28,14 @@ import torch
 from torch import Tensor
 
 from kvpool.kernels import reference
-from kvpool.kernels.transforms import RopeParams, hadamard, hadamard_, redo_rope_, undo_rope
+from kvpool.kernels.transforms import (
+    RopeParams,
+    _cos_sin,
+    hadamard,
+    hadamard_,
+    redo_rope_,
+    undo_rope,
+)
 from kvpool.proto.blockformat import (
     BASIS_ID_BYTES,
     CHUNK,
@@ -364,21 +371,36 @@ def _decode_payload(
         payload = torch.frombuffer(blob, dtype=torch.uint8, offset=header.header_len)
     payload = payload.to(device, non_blocking=True)
     impl = _backend(backend, device, header.head_dim)
-    # the transforms run in float32: decode into the targets themselves when they are float32
-    work_dtype = torch.float32 if header.flags != 0 else out_dtype
-    works = [t if t.dtype == work_dtype else torch.empty(shape, dtype=work_dtype, device=device)
-             for t in targets]  # fmt: skip
-    for i, work in enumerate(works):
-        if i == 0 and key_basis is not None and header.has_flag(Flag.KEY_BASIS):
-            components = torch.zeros(shape, dtype=torch.float32, device=device)  # 0: the mean
-            impl.decode_tensor(payload, header.tensor_sections(i), header, components)
-            key_basis.from_components_(components, work)
-        else:
-            impl.decode_tensor(payload, header.tensor_sections(i), header, work)
-    if header.has_flag(Flag.HADAMARD_VALUES):
-        hadamard_(works[1])
+    basis = key_basis is not None and header.has_flag(Flag.KEY_BASIS)
+    rope = None
     if header.has_flag(Flag.PRE_ROPE_KEYS):
         rope = RopeParams(header.rope_theta, header.rotary_dim, header.rope_scaling)
+    hadamard_values = header.has_flag(Flag.HADAMARD_VALUES)
+    # the C loop undoes the Hadamard rotation and redoes RoPE row by row as it decodes; other
+    # backends (and keys in a basis, rotated back first) leave them to torch, in float32
+    fused = getattr(impl, "FUSES_TRANSFORMS", False)
+    in_torch = [basis or (rope is not None and not fused), hadamard_values and not fused]
+    works = [
+        t if t.dtype == torch.float32 or not in_torch[i]
+        else torch.empty(shape, dtype=torch.float32, device=device)
+        for i, t in enumerate(targets)
+    ]  # fmt: skip
+    for i, work in enumerate(works):
+        sections = header.tensor_sections(i)
+        if i == 0 and basis:
+            assert key_basis is not None
+            components = torch.zeros(shape, dtype=torch.float32, device=device)  # 0: the mean
+            impl.decode_tensor(payload, sections, header, components)
+            key_basis.from_components_(components, work)
+        elif fused and not latent:
+            tables = _cos_sin(rope, header.start_position, header.tokens, device) if rope else None
+            impl.decode_tensor(payload, sections, header, work, hadamard=i == 1 and hadamard_values,
+                               rope=tables if i == 0 else None)  # fmt: skip
+        else:
+            impl.decode_tensor(payload, sections, header, work)
+    if hadamard_values and in_torch[1]:
+        hadamard_(works[1])
+    if rope is not None and in_torch[0]:
         redo_rope_(works[0], rope, header.start_position)
     if header.sink_tokens:
         n = header.layers * header.heads * header.sink_tokens * header.head_dim

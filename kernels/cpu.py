@@ -50,13 +50,25 @@ def encode_tensor(x: Tensor, sections: list[Section], header: BlockHeader, paylo
         raise NonFiniteError("block holds NaN, inf or a magnitude beyond fp16 (65504)")
 
 
+FUSES_TRANSFORMS = True  # decode_tensor undoes the Hadamard rotation and redoes RoPE itself
+
+
 def decode_tensor(
-    payload: Tensor, sections: list[Section], header: BlockHeader, out: Tensor
-) -> None:
+    payload: Tensor, sections: list[Section], header: BlockHeader, out: Tensor,
+    hadamard: bool = False, rope: tuple[Tensor, Tensor] | None = None,
+) -> None:  # fmt: skip
     """Unpack and dequantize the payload's sections into out: [L, H, T, D] (CPU; each head's
-    rows contiguous, see `check_out`; a section of some channels writes only those)."""
+    rows contiguous, see `check_out`; a section of some channels writes only those); then, row
+    by row, undo the values' Hadamard rotation, or redo RoPE with rope = (cos, sin) float32
+    [T, rotary_dim] (transforms.py's tables)."""
     _, h, t, _ = out.shape
     base, code = payload.data_ptr(), DTYPE_CODES[out.dtype]
+    cos, sin = (x.contiguous() for x in rope) if rope else (None, None)
+    tables = (
+        (cos.data_ptr(), sin.data_ptr(), cos.shape[1])
+        if cos is not None and sin is not None
+        else (0, 0, 0)
+    )
 
     def one(i: int) -> None:
         s = sections[i]
@@ -64,7 +76,7 @@ def decode_tensor(
         _cpu_codec.decode_section(
             base + s.codes, base + s.scales, base + s.mins, h, t, s.channels, int(s.is_key),
             group, s.bits, out[s.layer, :, :, s.first:].data_ptr(), out.stride(1), out.stride(2),
-            code,
+            code, int(hadamard), *tables,
         )  # fmt: skip
 
     _spread(one, len(sections))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kvpool.kernels.codec import CodecConfig, decode, encode, encode_latent
+from kvpool.kernels.transforms import RopeParams
 from tests.kernels.helpers import kv
 
 CUDA = torch.cuda.is_available()
@@ -112,3 +113,21 @@ def test_triton_decodes_into_a_slice_of_a_longer_cache() -> None:
     _close(cache[0][:, :, 64:128].cpu(), want.keys)
     _close(cache[1][:, :, 64:128].cpu(), want.values)
     assert not any(bool(c[:, :, :64].any() or c[:, :, 128:].any()) for c in cache)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_c_loop_fuses_the_transforms_within_rounding(dtype: torch.dtype) -> None:
+    """The C loop undoes the Hadamard rotation and redoes RoPE row by row as it decodes (a fast
+    Walsh-Hadamard transform, tabled angles); torch does both after the reference decode."""
+    k, v = kv(layers=3, tokens=128, dim=128, dtype=dtype, seed=9)
+    for start in (0, 128 * 5):
+        cfg = CodecConfig(3, 2, 64, rope=RopeParams(500000.0, 96), hadamard_values=True,
+                          sink_tokens=2)  # fmt: skip
+        blob = encode(k, v, cfg, start_position=start, backend="reference")
+        for out_dtype in (dtype, torch.float32):
+            a = decode(blob, dtype=out_dtype, backend="reference")
+            b = decode(blob, dtype=out_dtype, backend="cpu")
+            assert a.keys is not None and b.keys is not None
+            assert a.values is not None and b.values is not None
+            _close(a.keys, b.keys)
+            _close(a.values, b.values)

@@ -62,7 +62,7 @@ def test_backends_write_the_same_blocks_and_decode_alike(dtype: torch.dtype) -> 
     c = decode(ref, device=TRITON_DEVICE, backend="triton", key_basis=basis)
     for x, y, z in ((a.keys, b.keys, c.keys), (a.values, b.values, c.values)):
         assert x is not None and y is not None and z is not None
-        assert torch.equal(x, y)
+        _close(x, y)  # the C loop undoes the Hadamard rotation itself, in another order
         _close(x, z.cpu())
     assert torch.equal(a.keys[:, :, :1], k[:, :, :1].half().to(dtype))  # type: ignore[index]
 
