@@ -132,6 +132,24 @@ def test_get_into_the_callers_cache(client) -> None:
     assert client.stats.blocks_fetched == fetched + 2 and client.stats.rejected_blocks == 0
 
 
+def test_codec_v2_blocks_round_trip_with_the_namespaces_basis(tier: Tier) -> None:
+    """A namespace whose keys are stored in a key basis: the client encodes and decodes with it
+    (the shard stores the format-3 blocks like any others)."""
+    from tests.kernels.test_basis import random_basis
+
+    codec = CodecConfig(value_bits=2, group_size=64, key_basis=random_basis())
+    ns = namespace_for("test/tier-v2", 2, 2, 64, torch.float16, codec, block_tokens=B)
+    toks = tokens(2 * B, seed=9)
+    k, v = kv(2 * B, seed=9)
+    with KVPool(tier.endpoint, ns, codec, config=FAST) as pool:
+        assert pool.put(toks, (k, v)) == 2
+        got = pool.get(toks)
+    assert got is not None and got.keys is not None and got.tokens == 2 * B
+    local = decode(encode(k[:, :, :B], v[:, :, :B], codec), key_basis=codec.key_basis)
+    assert torch.equal(got.keys[:, :, :B], local.keys)
+    assert pool.stats.get_failures == 0
+
+
 def test_partial_prefix_hits(client) -> None:
     toks = tokens(3 * B, seed=2)
     client.put(toks, kv(3 * B, seed=2))
