@@ -55,7 +55,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
 from kvpool.calibrate import Profile, profile_codec
 from kvpool.client import KVPool, namespace_for
 from kvpool.hf import codec_for
-from kvpool.kernels.codec import CodecConfig, decode, encode
+from kvpool.kernels.codec import CodecConfig, KeyBasis, decode, encode
 from kvpool.proto.errors import KVPoolError, NamespaceError
 from kvpool.proto.keys import Namespace
 from kvpool.transport import ClientConfig
@@ -93,6 +93,7 @@ class Settings:
     pre_rope: bool = True  # quantize keys before RoPE (undone and redone exactly)
     hadamard_values: bool = True
     profile: str = ""  # a `kvpool calibrate` profile (JSON path); replaces the bit options
+    key_basis: str = ""  # a `kvpool calibrate --basis` file (codec v2): keys stored in it
     salt: str = ""  # the tenant's salt (keys of different salts never meet)
     mac_key_file: str = ""  # the tenant's MAC secret: blocks are signed and verified
     token_file: str = ""  # the tenant's token (needs tls_ca)
@@ -185,6 +186,14 @@ def namespace_for_vllm(
             pre_rope=settings.pre_rope, hadamard_values=settings.hadamard_values,
             sink_tokens=settings.sink_tokens,
         )  # fmt: skip
+    if settings.key_basis:  # codec v2: keys as components in the calibrated basis
+        basis = KeyBasis.load(settings.key_basis)
+        if tuple(basis.mean.shape) != (layers, heads, head_dim):
+            raise NamespaceError(
+                f"key basis {settings.key_basis} is for a {'x'.join(map(str, basis.mean.shape))} "
+                f"KV, this model's (per tensor-parallel rank) is {layers}x{heads}x{head_dim}"
+            )
+        codec = dataclasses.replace(codec, key_basis=basis)
     name = settings.model_name or str(model.served_model_name)  # vLLM: falls back to the path
     mac_key = Path(settings.mac_key_file).read_bytes().strip() if settings.mac_key_file else b""
     ns = namespace_for(

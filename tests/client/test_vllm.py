@@ -32,6 +32,7 @@ from torch import Tensor
 from kvpool.calibrate import Profile
 from kvpool.client import KVPool
 from kvpool.hf import CachedModel, codec_for, namespace_for_model
+from kvpool.kernels.codec import KeyBasis
 from kvpool.models import SMOLLM2, smollm2_path
 from kvpool.proto.errors import NamespaceError
 from kvpool.services.tier import Tier, TierConfig, start_tier
@@ -188,6 +189,19 @@ def test_the_namespace_comes_from_vllms_config_and_matches_transformers(smollm2:
             namespace_for_vllm(
                 config(), Settings.from_extra({"endpoint": "h:1", "profile": str(path)})
             )
+        # codec v2: a key basis of this model's shape joins the codec, one of another's is refused
+        rotation = torch.eye(64).expand(30, 3, 64, 64).contiguous()
+        fits = KeyBasis(torch.zeros(30, 3, 64), rotation, (2,) * (30 * 8)).save(Path(d) / "k.pt")
+        v2, v2_codec = namespace_for_vllm(
+            config(), Settings.from_extra({"endpoint": "h:1", "key_basis": str(fits)})
+        )
+        assert v2_codec.key_basis is not None and v2_codec.key_basis.id.hex() in v2.codec
+        assert v2.id != ns.id
+        other = KeyBasis(torch.zeros(30, 2, 64), rotation[:, :2], (2,) * (30 * 8))
+        with pytest.raises(NamespaceError, match="30x2x64"):
+            namespace_for_vllm(config(), Settings.from_extra(
+                {"endpoint": "h:1", "key_basis": str(other.save(Path(d) / "o.pt"))}
+            ))  # fmt: skip
 
 
 def dead_endpoint() -> str:
