@@ -509,7 +509,6 @@ class _Shared:
     def __init__(self, address: str, session: bytes, view: mmap.mmap, config: ClientConfig,
                  sock: socket.socket) -> None:  # fmt: skip
         self.address, self.session, self.view, self._sock = address, session, view, sock
-        self.timeout_s = config.timeout_s
         self._lock = asyncio.Lock()
         self._broken = False
         self._reader: asyncio.StreamReader | None = None

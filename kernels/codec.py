@@ -30,10 +30,10 @@ from torch import Tensor
 from kvpool.kernels import reference
 from kvpool.kernels.transforms import (
     RopeParams,
-    _cos_sin,
     hadamard,
     hadamard_,
     redo_rope_,
+    rope_tables,
     undo_rope,
 )
 from kvpool.proto.blockformat import (
@@ -371,7 +371,7 @@ def _decode_payload(
         payload = torch.frombuffer(blob, dtype=torch.uint8, offset=header.header_len)
     payload = payload.to(device, non_blocking=True)
     impl = _backend(backend, device, header.head_dim)
-    basis = key_basis is not None and header.has_flag(Flag.KEY_BASIS)
+    basis = header.has_flag(Flag.KEY_BASIS)  # then decode() made sure key_basis is its basis
     rope = None
     if header.has_flag(Flag.PRE_ROPE_KEYS):
         rope = RopeParams(header.rope_theta, header.rotary_dim, header.rope_scaling)
@@ -385,6 +385,7 @@ def _decode_payload(
         else torch.empty(shape, dtype=torch.float32, device=device)
         for i, t in enumerate(targets)
     ]  # fmt: skip
+    tables = rope_tables(rope, header.start_position, header.tokens, device) if rope else None
     for i, work in enumerate(works):
         sections = header.tensor_sections(i)
         if i == 0 and basis:
@@ -392,8 +393,7 @@ def _decode_payload(
             components = torch.zeros(shape, dtype=torch.float32, device=device)  # 0: the mean
             impl.decode_tensor(payload, sections, header, components)
             key_basis.from_components_(components, work)
-        elif fused and not latent:
-            tables = _cos_sin(rope, header.start_position, header.tokens, device) if rope else None
+        elif fused:
             impl.decode_tensor(payload, sections, header, work, hadamard=i == 1 and hadamard_values,
                                rope=tables if i == 0 else None)  # fmt: skip
         else:

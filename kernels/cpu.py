@@ -63,12 +63,10 @@ def decode_tensor(
     [T, rotary_dim] (transforms.py's tables)."""
     _, h, t, _ = out.shape
     base, code = payload.data_ptr(), DTYPE_CODES[out.dtype]
-    cos, sin = (x.contiguous() for x in rope) if rope else (None, None)
-    tables = (
-        (cos.data_ptr(), sin.data_ptr(), cos.shape[1])
-        if cos is not None and sin is not None
-        else (0, 0, 0)
-    )
+    tables = (0, 0, 0)  # no RoPE
+    if rope is not None:
+        cos, sin = (x.contiguous() for x in rope)  # alive until the sections are decoded
+        tables = (cos.data_ptr(), sin.data_ptr(), cos.shape[1])
 
     def one(i: int) -> None:
         s = sections[i]

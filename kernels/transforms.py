@@ -48,9 +48,10 @@ def _cos_sin_cpu(rope: RopeParams, start: int, tokens: int) -> tuple[Tensor, Ten
     return angles.cos().float(), angles.sin().float()
 
 
-def _cos_sin(
+def rope_tables(
     rope: RopeParams, start: int, tokens: int, device: torch.device
 ) -> tuple[Tensor, Tensor]:
+    """cos, sin float32 [tokens, rotary_dim] of positions start.. (each half repeated)."""
     cos, sin = _cos_sin_cpu(rope, start, tokens)  # blocks repeat the same positions: cached
     return cos.to(device), sin.to(device)
 
@@ -60,7 +61,7 @@ def _rotated(k: Tensor, rope: RopeParams, start: int, sign: float) -> Tensor:
     r = rope.rotary_dim
     if r > k.shape[-1]:
         raise CodecError(f"rotary_dim {r} exceeds head_dim {k.shape[-1]}")
-    cos, sin = _cos_sin(rope, start, k.shape[-2], k.device)
+    cos, sin = rope_tables(rope, start, k.shape[-2], k.device)
     x = k[..., :r]
     rotated = torch.cat((x[..., r // 2 :].neg(), x[..., : r // 2]), dim=-1)
     return torch.addcmul(x * cos, rotated, sin, value=sign)

@@ -325,6 +325,9 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
 
     async def Lookup(self, request: pb.LookupRequest, context: Any) -> pb.LookupResponse:
         _well_formed(request)
+        return await self._lookup(request)
+
+    async def _lookup(self, request: pb.LookupRequest) -> pb.LookupResponse:
         keys = self._keys(request.namespace_id, list(request.keys))
         return pb.LookupResponse(present=await self._leading(keys))
 
@@ -401,33 +404,29 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
 
     async def GetShared(self, request: pb.GetSharedRequest, context: Any) -> pb.GetSharedResponse:
         _well_formed(request)
-        arena = self._arena(request.session, request.offset, request.capacity)  # before reading
-        size = await self._get_into(arena, request.offset, request.capacity,
-                                    request.namespace_id, request.key)  # fmt: skip
-        if size is None:
-            return pb.GetSharedResponse(found=False)
-        return pb.GetSharedResponse(found=True, size=size, fits=size <= request.capacity)
+        return await self._get_shared(self._session(request.session), request)
 
-    async def _get_into(
-        self, arena: Arena, offset: int, capacity: int, namespace_id: bytes, key: bytes
-    ) -> int | None:
-        """Read a block as Get does and copy it into `arena` at `offset` if it fits in
-        `capacity` (inside the arena: checked by the caller); its size, None on a miss."""
-        data = await self._read(pb.GetRequest(namespace_id=namespace_id, key=key))
+    async def _get_shared(self, arena: Arena, request: pb.GetSharedRequest) -> pb.GetSharedResponse:
+        """Read a block as Get does and copy it into the caller's `arena` at the request's
+        offset when it fits in its capacity (that span is checked before anything is read)."""
+        self._within(arena, request.offset, request.capacity)
+        data = await self._read(pb.GetRequest(namespace_id=request.namespace_id, key=request.key))
         if data is None:
-            return None
-        if len(data) <= capacity:
-            self._live(arena).view[offset : offset + len(data)] = data
-        return len(data)
+            return pb.GetSharedResponse(found=False)
+        fits = len(data) <= request.capacity
+        if fits:
+            self._live(arena).view[request.offset : request.offset + len(data)] = data
+        return pb.GetSharedResponse(found=True, size=len(data), fits=fits)
 
     async def PutShared(self, request: pb.PutSharedRequest, context: Any) -> pb.PutResponse:
         _well_formed(request)
-        arena = self._arena(request.session, request.offset, request.info.size)
-        return await self._put_from(arena, request.offset, request.info)
+        return await self._put_shared(self._session(request.session), request)
 
-    async def _put_from(self, arena: Arena, offset: int, info: pb.BlockInfo) -> pb.PutResponse:
-        """Store the block the caller wrote into `arena` at `offset` (inside it: checked by the
-        caller), checked exactly as an upload."""
+    async def _put_shared(self, arena: Arena, request: pb.PutSharedRequest) -> pb.PutResponse:
+        """Store the block the caller wrote into its `arena` at the request's offset, checked
+        exactly as an upload."""
+        info, offset = request.info, request.offset
+        self._within(arena, offset, info.size)
         ns, key, chain = self._admit_put(info)
         if key in self.store:
             self.store.count(put_existing=1)
@@ -461,17 +460,11 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
         token = _CALLER.set(owner)
         try:
             if isinstance(request, pb.LookupRequest):
-                keys = self._keys(request.namespace_id, list(request.keys))
-                reply: Any = pb.LookupResponse(present=await self._leading(keys))
+                reply: Any = await self._lookup(request)
             elif isinstance(request, pb.GetSharedRequest):
-                self._within(arena, request.offset, request.capacity)
-                size = await self._get_into(arena, request.offset, request.capacity,
-                                            request.namespace_id, request.key)  # fmt: skip
-                reply = pb.GetSharedResponse(found=size is not None, size=size or 0,
-                                             fits=size is not None and size <= request.capacity)  # fmt: skip
+                reply = await self._get_shared(arena, request)
             else:
-                self._within(arena, request.offset, request.info.size)
-                reply = await self._put_from(arena, request.offset, request.info)
+                reply = await self._put_shared(arena, request)
             return 0, reply.SerializeToString()
         except Refused as e:
             code = e.code.name
@@ -481,22 +474,20 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
             if self.metrics is not None:
                 self.metrics.observe(method, code, time.perf_counter() - t0)
 
-    def _arena(self, session: bytes, offset: int, length: int) -> Arena:
-        """The caller's arena `session`, with bytes [offset, offset + length) inside it."""
+    def _session(self, session: bytes) -> Arena:
+        """The caller's arena `session` (FAILED_PRECONDITION when it is not, or no longer, theirs)."""
         if self.arenas is None:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION, "no same-host path on this shard")
         try:
-            arena = self.arenas.session(session, _CALLER.get())
+            return self.arenas.session(session, _CALLER.get())
         except ArenaRefused as e:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
-        return self._within(arena, offset, length)
 
     @staticmethod
-    def _within(arena: Arena, offset: int, length: int) -> Arena:
+    def _within(arena: Arena, offset: int, length: int) -> None:
         if offset + length > arena.size:
             raise Refused(grpc.StatusCode.OUT_OF_RANGE,
                           f"bytes [{offset}, {offset + length}) outside the {arena.size}-byte arena")  # fmt: skip
-        return arena
 
     async def CloseShared(
         self, request: pb.CloseSharedRequest, context: Any
