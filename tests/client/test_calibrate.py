@@ -189,6 +189,8 @@ def test_a_key_basis_from_a_real_model_beats_per_channel_2_bit() -> None:
     )  # fmt: skip
     layers, heads, dim = model_layout(model)
     assert basis.mean.shape == (layers, heads, dim) and basis.bits_per_key < 2.0
+    with pytest.raises(CodecError, match="at least 512"):  # not one window of sample
+        cal.calibrate_basis(model, list(range(100)), window_tokens=512)
     ids = torch.tensor(tokenizer(topics["types"]).input_ids[:256])[None]
     with torch.inference_mode():
         keys, values = kv_from_cache(model(ids, use_cache=True).past_key_values, 256)

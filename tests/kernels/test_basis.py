@@ -113,3 +113,70 @@ def test_bad_bases_are_refused(tmp_path: Path) -> None:
     (tmp_path / "junk.pt").write_bytes(b"not a basis")
     with pytest.raises(CodecError):
         KeyBasis.load(tmp_path / "junk.pt")
+
+
+def test_headers_with_a_basis_are_checked() -> None:
+    """KEY_BASIS needs its id, key widths per 8 components (0 allowed only there), the KV
+    layout; a basis id without the flag is refused."""
+    from dataclasses import replace
+
+    from kvpool.proto.blockformat import Layout
+
+    basis = random_basis()
+    k, v = kv(layers=LAYERS, heads=HEADS, tokens=64, dim=DIM)
+    header = parse_header(encode(k, v, config(basis)))
+    for bad in (
+        dict(basis_id=b""),  # the flag without the id
+        dict(basis_id=b"x" * 8),  # an id of the wrong length
+        dict(key_bits=header.key_bits[:-1]),  # not a width per 8 components
+        dict(flags=header.flags & ~Flag.KEY_BASIS),  # an id (and width 0) without the flag
+        dict(key_bits=(5,) * len(header.key_bits)),  # not a width
+        dict(layout=Layout.LATENT, value_bits=()),  # a basis for a latent block
+    ):
+        with pytest.raises(BlockFormatError):
+            replace(header, **bad)
+
+
+def test_bases_that_are_not_float32_finite_or_this_format_are_refused(tmp_path: Path) -> None:
+    good = random_basis()
+    with pytest.raises(CodecError):
+        KeyBasis(good.mean.double(), good.rotation.double(), WIDTHS)
+    nan = good.mean.clone()
+    nan[0, 0, 0] = float("nan")
+    with pytest.raises(CodecError):
+        KeyBasis(nan, good.rotation, WIDTHS)
+    path = tmp_path / "future.pt"
+    torch.save({"format": 2, "mean": good.mean, "rotation": good.rotation,
+                "widths": list(WIDTHS)}, path)  # fmt: skip
+    with pytest.raises(CodecError, match="format 2"):
+        KeyBasis.load(path)
+
+
+def test_the_c_loop_refuses_strides_and_transforms_it_cannot_apply() -> None:
+    """Rows or heads that would overlap, a Hadamard rotation of a non-power-of-two row, RoPE
+    tables without their sine or wider than a row: ValueError, nothing written."""
+    from kvpool.kernels import _cpu_codec
+
+    codes = torch.zeros(2 * 16 * 24 // 4, dtype=torch.uint8)
+    params = torch.ones(2 * 16, dtype=torch.float16)
+    out = torch.full((2, 16, 64), 7.0)
+    cos = torch.ones(16, 24)
+
+    def call(d: int, head_stride: int, row_stride: int, *extra: int) -> None:
+        _cpu_codec.decode_section(
+            codes.data_ptr(), params.data_ptr(), params.data_ptr(), 2, 16, d, 0, d, 2,
+            out.data_ptr(), head_stride, row_stride, 3, *extra,
+        )  # fmt: skip
+
+    for bad in (
+        (24, 16 * 64, 16),  # rows overlap
+        (24, 8 * 64, 64),  # heads overlap
+        (24, 16 * 64, 64, 1),  # a Hadamard rotation of 24 values
+        (24, 16 * 64, 64, 0, cos.data_ptr(), 0, 24),  # cosines without sines
+        (24, 16 * 64, 64, 0, cos.data_ptr(), cos.data_ptr(), 32),  # rotary beyond the row
+    ):
+        with pytest.raises(ValueError):
+            call(*bad)
+    assert bool((out == 7.0).all())
+    call(24, 16 * 64, 64, 0, cos.data_ptr(), cos.data_ptr(), 24)  # the same, well formed
+    assert not bool((out[..., :24] == 7.0).any()) and bool((out[..., 24:] == 7.0).all())

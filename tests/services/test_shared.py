@@ -79,6 +79,56 @@ def test_blocks_come_through_the_arena_equal_to_tcp(server) -> None:
         assert got is not None and tcp is not None and torch.equal(got.keys, tcp.keys)  # type: ignore[arg-type]
 
 
+def test_when_the_shard_ends_a_session_the_client_goes_on_over_tcp_then_reopens(server) -> None:
+    """The shard closes the client's arena (idle, restarted): the next get comes over TCP, the
+    same bytes, and a later one through a new arena."""
+    keys = block_keys(NS, TOKENS)
+    with KVPool(server.address, NS, CODEC, config=SMALL) as p:
+        p.put(TOKENS, kv(2))
+    calls = server.metrics.requests.labels
+
+    async def run() -> list[bytes | None]:
+        tier = TierClient(server.address, SMALL)
+        try:
+            first = await tier.get(NS, keys[0])
+            assert server.arenas is not None and server.arenas.open_bytes > 0
+            with server.arenas._lock:  # what the idle reclaim does
+                for arena in list(server.arenas._sessions.values()):
+                    server.arenas._drop(arena)
+            shared = calls("GetShared", "OK")._value.get()
+            again = await tier.get(NS, keys[0])  # the socket is gone: TCP
+            assert calls("GetShared", "OK")._value.get() == shared
+            later = await tier.get(NS, keys[0])  # a new arena
+            assert calls("GetShared", "OK")._value.get() == shared + 1
+            return [first, again, later]
+        finally:
+            await tier.close()
+
+    first, again, later = asyncio.run(run())
+    assert first is not None and first == again == later
+
+
+def test_an_arena_closed_while_a_request_waits_is_not_written(server) -> None:
+    """A session closed (idle, by its owner) between a request's checks and its copy: the
+    request is refused FAILED_PRECONDITION, nothing is read from or written to the arena."""
+    with KVPool(server.address, NS, CODEC, config=ClientConfig(same_host=False)) as p:
+        p.put(TOKENS, kv(3))
+    [key, _] = block_keys(NS, TOKENS)
+    assert server.arenas is not None
+    owner = (None, "127.0.0.1")
+    arena = server.arenas.open(owner, 1 << 20)
+    arena.close()  # what a reclaim does to an arena a request already holds
+    serve = server.arenas._serve_one
+    get = pb.GetSharedRequest(namespace_id=NS.id, key=key, capacity=1 << 20)
+    status, detail = server.submit(serve(owner, arena, b"G", get.SerializeToString()))
+    assert status == Code.FAILED_PRECONDITION.value[0] and b"ended" in detail
+    info = pb.BlockInfo(namespace_id=NS.id, key=bytes(32), chain=bytes(32), position=0,
+                        size=1024, namespace=namespace_to_proto(NS))  # fmt: skip
+    put = pb.PutSharedRequest(info=info, offset=0)
+    status, _ = server.submit(serve(owner, arena, b"P", put.SerializeToString()))
+    assert status == Code.FAILED_PRECONDITION.value[0]
+
+
 def test_lookups_go_over_the_arenas_socket_with_the_same_answers(server) -> None:
     keys = block_keys(NS, TOKENS)
     with KVPool(server.address, NS, CODEC, config=ClientConfig(same_host=False)) as p:
