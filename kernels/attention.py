@@ -1,0 +1,272 @@
+"""Attention straight from packed KV: decode steps that read the codec's 2/3/4-bit codes in place.
+
+Where it stands: kvpool.client.packed keeps a layer's prefix packed, exactly as the codec wrote
+it into blocks (sections concatenated along tokens), and calls `packed_attention` for each decode
+step; the fp16/fp32 window of recent tokens and the exact sink tokens are attended in torch and
+merged by log-sum-exp. Nothing is expanded to a full-precision cache.
+
+    q [B, Hq, Q, D] --scores over packed keys (dequantized per row, RoPE redone per position)--
+        softmax over the packed tokens (lse kept) --p . V over packed values-- (Hadamard undone once)
+        --> (o [B, Hq, Q, D], lse [B, Hq, Q]) --merge with the exact window--> attention output
+
+For one layer (`PackedKV`), B sequences of H kv heads and T packed tokens (T a multiple of G):
+  key_codes    uint8 [B, H, T', D * kb / 8]  rows packed in bit planes (blockformat), T' >= T
+  key_scales   fp16  [B, H, T' / G, D]       per-channel groups of G tokens (KIVI keys)
+  key_mins     fp16  [B, H, T' / G, D]
+  value_codes  uint8 [B, H, T', D * vb / 8]
+  value_scales fp16  [B, H, T', D / Gv]      per-token groups of Gv channels (KIVI values)
+  value_mins   fp16  [B, H, T', D / Gv]
+  positions    int32 [B, H, T'] or None      each row's position (None: the row index), used to
+                                             redo RoPE on pre-RoPE keys (MiniKV selection keeps
+                                             different tokens per head)
+Only the first T rows count (T' is the buffers' capacity). GQA: Hq = R * H, query head
+h * R + r reads kv head h. Queries come pre-multiplied by the softmax scale.
+
+Three interchangeable backends give the same result within float tolerance: "reference"
+(dequantize, then attend: the spec, below), "cpu" (the C loop, _cpu_codec.c) and "triton"
+(CUDA, triton_attention.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from kvpool.kernels import reference
+from kvpool.kernels.transforms import RopeParams, hadamard, rope_tables
+from kvpool.proto.blockformat import SUPPORTED_BITS
+from kvpool.proto.errors import CodecError
+
+
+@dataclass(frozen=True)
+class PackedKV:
+    """One layer's packed keys and values (shapes in the module docstring)."""
+
+    key_codes: Tensor
+    key_scales: Tensor
+    key_mins: Tensor
+    value_codes: Tensor
+    value_scales: Tensor
+    value_mins: Tensor
+    key_bits: int
+    value_bits: int
+    group: int  # G: tokens per key group
+    value_group: int  # Gv: channels per value group
+    tokens: int  # T: rows in use
+    head_dim: int
+    rope: RopeParams | None = None  # keys are pre-RoPE: redo it at each row's position
+    hadamard_values: bool = False  # values were rotated: rotate the output back
+    positions: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        b, h, cap = self.key_codes.shape[:3]
+        d, g, gv = self.head_dim, self.group, self.value_group
+        if self.key_bits not in SUPPORTED_BITS or self.value_bits not in SUPPORTED_BITS:
+            raise CodecError(f"bit widths must be in {SUPPORTED_BITS}")
+        if d % 8 or g <= 0 or gv <= 0 or d % gv or cap % g or self.tokens % g:
+            raise CodecError("packed KV needs head_dim % 8 == 0, Gv | D and T, T' multiples of G")
+        if not 0 <= self.tokens <= cap:
+            raise CodecError(f"{self.tokens} tokens in a packed buffer of {cap}")
+        want = {
+            "key_codes": ((b, h, cap, d * self.key_bits // 8), torch.uint8),
+            "key_scales": ((b, h, cap // g, d), torch.float16),
+            "key_mins": ((b, h, cap // g, d), torch.float16),
+            "value_codes": ((b, h, cap, d * self.value_bits // 8), torch.uint8),
+            "value_scales": ((b, h, cap, d // gv), torch.float16),
+            "value_mins": ((b, h, cap, d // gv), torch.float16),
+        }
+        if self.positions is not None:
+            want["positions"] = ((b, h, cap), torch.int32)
+        for name, (shape, dtype) in want.items():
+            x = getattr(self, name)
+            if tuple(x.shape) != shape or x.dtype != dtype or x.device != self.key_codes.device:
+                raise CodecError(f"{name} is {tuple(x.shape)} {x.dtype}, expected {shape} {dtype}")
+            if not x.is_contiguous():
+                raise CodecError(f"{name} must be contiguous")
+        if self.hadamard_values and d & (d - 1):
+            raise CodecError("hadamard_values needs a power-of-two head_dim")
+        if self.rope is not None and self.rope.rotary_dim > d:
+            raise CodecError(f"rotary_dim {self.rope.rotary_dim} exceeds head_dim {d}")
+
+    @property
+    def batch(self) -> int:
+        return int(self.key_codes.shape[0])
+
+    @property
+    def heads(self) -> int:
+        return int(self.key_codes.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the T rows in use (codes, group parameters, positions)."""
+        b, h, t, d = self.batch, self.heads, self.tokens, self.head_dim
+        codes = b * h * t * d * (self.key_bits + self.value_bits) // 8
+        params = 2 * 2 * b * h * (t // self.group * d + t * (d // self.value_group))
+        return codes + params + (4 * b * h * t if self.positions is not None else 0)
+
+
+def rope_at(rope: RopeParams, positions: Tensor) -> tuple[Tensor, Tensor]:
+    """cos, sin float32 [..., rotary_dim] at integer `positions` [...]. Tables are built for a
+    power-of-two span of positions, so a growing sequence reuses a few of them."""
+    span = 1024
+    top = int(positions.max()) + 1 if positions.numel() else 1
+    while span < top:
+        span *= 2
+    cos, sin = rope_tables(rope, 0, span, positions.device)
+    return cos[positions.long()], sin[positions.long()]
+
+
+def row_positions(kv: PackedKV) -> Tensor:
+    """Each used row's position, int32 [B, H, T]."""
+    if kv.positions is not None:
+        return kv.positions[:, :, : kv.tokens]
+    rows = torch.arange(kv.tokens, dtype=torch.int32, device=kv.key_codes.device)
+    return rows.expand(kv.batch, kv.heads, kv.tokens)
+
+
+def dequantize(kv: PackedKV) -> tuple[Tensor, Tensor]:
+    """The packed rows as the model would hold them: keys (RoPE redone) and values (Hadamard
+    undone), float32 [B, H, T, D]. The spec the fused paths are held to."""
+    t, d, g, gv = kv.tokens, kv.head_dim, kv.group, kv.value_group
+    codes = reference.unpack(kv.key_codes[:, :, :t], kv.key_bits, d).float()
+    scale = kv.key_scales[:, :, : t // g].float().repeat_interleave(g, dim=2)
+    keys = codes * scale + kv.key_mins[:, :, : t // g].float().repeat_interleave(g, dim=2)
+    if kv.rope is not None:
+        r = kv.rope.rotary_dim
+        cos, sin = rope_at(kv.rope, row_positions(kv))
+        x = keys[..., :r]
+        half = torch.cat((x[..., r // 2 :].neg(), x[..., : r // 2]), dim=-1)
+        keys = torch.cat((x * cos + half * sin, keys[..., r:]), dim=-1)
+    codes = reference.unpack(kv.value_codes[:, :, :t], kv.value_bits, d).float()
+    scale = kv.value_scales[:, :, :t].float().repeat_interleave(gv, dim=3)
+    values = codes * scale + kv.value_mins[:, :, :t].float().repeat_interleave(gv, dim=3)
+    if kv.hadamard_values:
+        values = hadamard(values)
+    return keys, values
+
+
+def check_query(q: Tensor, kv: PackedKV) -> int:
+    """R, the query heads per kv head, after checking q [B, Hq, Q, D] against kv."""
+    if q.dim() != 4 or q.shape[0] != kv.batch or q.shape[-1] != kv.head_dim:
+        raise CodecError(f"q is {tuple(q.shape)}, expected [{kv.batch}, Hq, Q, {kv.head_dim}]")
+    if q.shape[1] % kv.heads or q.device != kv.key_codes.device:
+        raise CodecError(f"q's {q.shape[1]} heads are not a multiple of {kv.heads} kv heads")
+    return int(q.shape[1]) // kv.heads
+
+
+def attention_reference(q: Tensor, kv: PackedKV, skip: int = 0) -> tuple[Tensor, Tensor]:
+    """Attention of q [B, Hq, Q, D] (pre-scaled) over the packed rows skip..T-1: its output
+    o [B, Hq, Q, D] and log-sum-exp lse [B, Hq, Q], float32 (lse -inf, o 0 if no row counts)."""
+    r = check_query(q, kv)
+    keys, values = dequantize(kv)
+    keys, values = keys[:, :, skip:], values[:, :, skip:]
+    scores = q.float() @ keys.repeat_interleave(r, dim=1).transpose(-1, -2)
+    return _softmax_output(scores, values.repeat_interleave(r, dim=1))
+
+
+def _softmax_output(scores: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+    lse = torch.logsumexp(scores, dim=-1)
+    p = torch.exp(scores - lse.clamp_min(torch.finfo(torch.float32).min).unsqueeze(-1))
+    return p @ values, lse
+
+
+def exact_attention(
+    q: Tensor, keys: Tensor, values: Tensor, causal: int = 0
+) -> tuple[Tensor, Tensor]:
+    """(o, lse) of q [B, Hq, Q, D] (pre-scaled) over exact keys/values [B, H, N, D]; causal > 0:
+    the last `causal` rows are the queries' own tokens, each sees those up to itself."""
+    r = q.shape[1] // keys.shape[1]
+    k = keys.float().repeat_interleave(r, dim=1)
+    scores = q.float() @ k.transpose(-1, -2)
+    n, nq = keys.shape[2], q.shape[2]
+    if causal:
+        rows = torch.arange(nq, device=q.device)[:, None] + (n - nq)
+        scores = scores.masked_fill(torch.arange(n, device=q.device)[None, :] > rows, float("-inf"))
+    return _softmax_output(scores, values.float().repeat_interleave(r, dim=1))
+
+
+def merge(parts: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """Attention over the union of disjoint sets of rows from each set's (o, lse)."""
+    lse = torch.stack([p[1] for p in parts])  # [n, B, Hq, Q]
+    weights = torch.softmax(lse, dim=0).nan_to_num(0.0)
+    return sum((w.unsqueeze(-1) * o for w, (o, _) in zip(weights, parts, strict=True)),
+               torch.zeros_like(parts[0][0]))  # fmt: skip
+
+
+def packed_attention(
+    q: Tensor, kv: PackedKV, skip: int = 0, backend: str = "auto"
+) -> tuple[Tensor, Tensor]:
+    """(o, lse) of q [B, Hq, Q, D] (pre-scaled, any float dtype) over packed rows skip..T-1, on
+    the fastest backend for q's device: Triton on CUDA, the C loop on the CPU."""
+    check_query(q, kv)
+    if not 0 <= skip <= kv.tokens:
+        raise CodecError(f"skip {skip} outside 0..{kv.tokens}")
+    if backend == "reference":
+        return attention_reference(q, kv, skip)
+    if backend == "triton" or (backend == "auto" and q.device.type == "cuda"):
+        from kvpool.kernels import triton_attention
+
+        return triton_attention.packed_attention(q, kv, skip)
+    if backend in ("auto", "cpu") and q.device.type == "cpu":
+        from kvpool.kernels import cpu
+
+        return cpu.packed_attention(q, kv, skip)
+    raise CodecError(f"backend {backend!r} cannot run on device {q.device}")
+
+
+def window_scores_reference(q: Tensor, keys: Tensor) -> Tensor:
+    """MiniKV/SnapKV's selection score: the attention each key receives from the last W queries
+    of the prompt, summed over those queries and over the query heads of its kv head.
+
+    q [B, Hq, W, D] (pre-scaled; the prompt's last W tokens) and keys [B, H, N, D] (exact, the
+    whole prompt, N >= W; query i sits at position N - W + i and sees keys up to it, causal)
+    -> scores float32 [B, H, N]."""
+    r = q.shape[1] // keys.shape[1]
+    scores = q.float() @ keys.float().repeat_interleave(r, dim=1).transpose(-1, -2)
+    n, w = keys.shape[2], q.shape[2]
+    rows = torch.arange(w, device=q.device)[:, None] + (n - w)
+    scores = scores.masked_fill(torch.arange(n, device=q.device)[None, :] > rows, float("-inf"))
+    p = torch.softmax(scores, dim=-1)  # [B, Hq, W, N]
+    return p.sum(dim=2).view(q.shape[0], keys.shape[1], r, n).sum(dim=2)
+
+
+def window_scores(q: Tensor, keys: Tensor, block: int = 1024) -> Tensor:
+    """`window_scores_reference` without the [W, N] matrix of every head at once: two passes
+    over key blocks (the log-sum-exp of each query row, then each key's share), as a
+    flash-attention loop would; Triton on CUDA, blockwise torch elsewhere."""
+    if (
+        q.dim() != 4
+        or keys.dim() != 4
+        or q.shape[-1] != keys.shape[-1]
+        or q.shape[1] % keys.shape[1]
+    ):
+        raise CodecError(f"q {tuple(q.shape)} and keys {tuple(keys.shape)} do not match")
+    if q.shape[2] > keys.shape[2]:
+        raise CodecError("the query window is longer than the prompt")
+    if q.device.type == "cuda":
+        from kvpool.kernels import triton_attention
+
+        return triton_attention.window_scores(q, keys)
+    b, hq, w, _ = q.shape
+    h, n = keys.shape[1], keys.shape[2]
+    r = hq // h
+    qf = q.float().view(b, h, r * w, -1)
+    pos = (torch.arange(w, device=q.device) + (n - w)).repeat(r)  # [R * W]: each row's position
+    lse = torch.full((b, h, r * w), float("-inf"), device=q.device)
+    for lo in range(0, n, block):  # pass 1: log-sum-exp of each query row
+        s = _window_block(qf, keys, pos, lo, block)
+        lse = torch.logaddexp(lse, torch.logsumexp(s, dim=-1))
+    out = torch.empty(b, h, n, device=q.device)
+    for lo in range(0, n, block):  # pass 2: what each key receives
+        s = _window_block(qf, keys, pos, lo, block)
+        out[:, :, lo : lo + block] = torch.exp(s - lse.unsqueeze(-1)).sum(dim=2)
+    return out
+
+
+def _window_block(qf: Tensor, keys: Tensor, pos: Tensor, lo: int, block: int) -> Tensor:
+    k = keys[:, :, lo : lo + block].float()
+    s = qf @ k.transpose(-1, -2)  # [B, H, R * W, block]
+    cols = torch.arange(lo, lo + k.shape[2], device=qf.device)
+    return s.masked_fill(cols[None, :] > pos[:, None], float("-inf"))
