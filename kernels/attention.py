@@ -36,7 +36,7 @@ from torch import Tensor
 
 from kvpool.kernels import reference
 from kvpool.kernels.transforms import RopeParams, hadamard, rope_tables
-from kvpool.proto.blockformat import SUPPORTED_BITS
+from kvpool.proto.blockformat import SUPPORTED_BITS, BlockHeader, Flag, Layout
 from kvpool.proto.errors import CodecError
 
 
@@ -107,14 +107,59 @@ class PackedKV:
         return codes + params + (4 * b * h * t if self.positions is not None else 0)
 
 
-def rope_at(rope: RopeParams, positions: Tensor) -> tuple[Tensor, Tensor]:
-    """cos, sin float32 [..., rotary_dim] at integer `positions` [...]. Tables are built for a
-    power-of-two span of positions, so a growing sequence reuses a few of them."""
+def block_layer(header: BlockHeader, payload: Tensor, layer: int) -> PackedKV:
+    """One layer of a verified block as PackedKV (B = 1, views into `payload`, the uint8 bytes
+    after the header): the sections are already in this layout. Its sink rows hold filler
+    codes; the exact sinks are `block_sinks`."""
+    if header.layout != Layout.KV or header.has_flag(Flag.KEY_BASIS):
+        raise CodecError("attention over packed rows needs KIVI-layout keys (no key basis)")
+    k, v = header.tensor_sections(0)[layer], header.tensor_sections(1)[layer]
+    h, t, d = header.heads, header.tokens, header.head_dim
+
+    def part(offset: int, n: int, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
+        size = n * torch.tensor([], dtype=dtype).element_size()
+        return payload[offset : offset + size].view(dtype).view(1, *shape)
+
+    g, gv = header.group_size, header.value_group
+    rope = None
+    if header.has_flag(Flag.PRE_ROPE_KEYS):
+        rope = RopeParams(header.rope_theta, header.rotary_dim, header.rope_scaling)
+    return PackedKV(
+        key_codes=part(k.codes, h * t * d * k.bits // 8, torch.uint8, (h, t, d * k.bits // 8)),
+        key_scales=part(k.scales, k.n_params, torch.float16, (h, t // g, d)),
+        key_mins=part(k.mins, k.n_params, torch.float16, (h, t // g, d)),
+        value_codes=part(v.codes, h * t * d * v.bits // 8, torch.uint8, (h, t, d * v.bits // 8)),
+        value_scales=part(v.scales, v.n_params, torch.float16, (h, t, d // gv)),
+        value_mins=part(v.mins, v.n_params, torch.float16, (h, t, d // gv)),
+        key_bits=k.bits, value_bits=v.bits, group=g, value_group=gv, tokens=t, head_dim=d,
+        rope=rope, hadamard_values=header.has_flag(Flag.HADAMARD_VALUES),
+    )  # fmt: skip
+
+
+def block_sinks(header: BlockHeader, payload: Tensor) -> tuple[Tensor, Tensor]:
+    """The block's exact sink tokens, keys and values fp16 [L, H, S, D] (S may be 0)."""
+    shape = (header.layers, header.heads, header.sink_tokens, header.head_dim)
+    n = shape[0] * shape[1] * shape[2] * shape[3]
+    start = header.sinks_offset
+    keys = payload[start : start + 2 * n].view(torch.float16).view(shape)
+    return keys, payload[start + 2 * n : start + 4 * n].view(torch.float16).view(shape)
+
+
+def rope_span(
+    rope: RopeParams, top: int, device: torch.device | None = None
+) -> tuple[Tensor, Tensor]:
+    """cos, sin float32 [S, rotary_dim] of positions 0..S-1, S >= top a power of two (at least
+    1024): a growing sequence reuses a few tables."""
     span = 1024
-    top = int(positions.max()) + 1 if positions.numel() else 1
     while span < top:
         span *= 2
-    cos, sin = rope_tables(rope, 0, span, positions.device)
+    return rope_tables(rope, 0, span, device or torch.device("cpu"))
+
+
+def rope_at(rope: RopeParams, positions: Tensor) -> tuple[Tensor, Tensor]:
+    """cos, sin float32 [..., rotary_dim] at integer `positions` [...]."""
+    top = int(positions.max()) + 1 if positions.numel() else 1
+    cos, sin = rope_span(rope, top, positions.device)
     return cos[positions.long()], sin[positions.long()]
 
 

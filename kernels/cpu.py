@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 
 from kvpool.kernels import _cpu_codec
+from kvpool.kernels.attention import PackedKV, rope_span
+from kvpool.kernels.transforms import hadamard
 from kvpool.proto.blockformat import BlockHeader, Section
 from kvpool.proto.errors import NonFiniteError
 
@@ -78,3 +80,46 @@ def decode_tensor(
         )  # fmt: skip
 
     _spread(one, len(sections))
+
+
+def packed_attention(q: Tensor, kv: PackedKV, skip: int = 0) -> tuple[Tensor, Tensor]:
+    """`attention.attention_reference` on the CPU without expanding the cache: the C loop
+    scores q [B, Hq, Q, D] against each packed key row (dequantized and RoPE'd in scratch),
+    torch takes the softmax over the scores, and the C loop sums p . V over the packed value
+    rows; the rows are split among the worker threads."""
+    b, hq, nq, d = q.shape
+    t, heads, rq = kv.tokens, kv.batch * kv.heads, hq // kv.heads * nq
+    if t == skip:
+        return q.new_zeros(q.shape, dtype=torch.float32), torch.full(
+            (b, hq, nq), float("-inf"), dtype=torch.float32
+        )
+    qf = q.float().contiguous()
+    scores = torch.empty(b, hq, nq, t)
+    extra: tuple[int, ...] = ()
+    tables: tuple[Tensor, ...] = ()
+    if kv.rope is not None:
+        top = t if kv.positions is None else int(kv.positions[:, :, :t].max()) + 1
+        tables = rope_span(kv.rope, top)
+        pos = 0 if kv.positions is None else kv.positions.data_ptr()
+        extra = (tables[0].data_ptr(), tables[1].data_ptr(), kv.rope.rotary_dim, pos)
+    cap = kv.key_codes.shape[2]
+    keys = (kv.key_codes, kv.key_scales, kv.key_mins, cap, t, d, kv.group, kv.key_bits)
+    values = (kv.value_codes, kv.value_scales, kv.value_mins, cap, t, d, kv.value_group,
+              kv.value_bits)  # fmt: skip
+    ranges = [(w * heads * t // _WORKERS, (w + 1) * heads * t // _WORKERS) for w in range(_WORKERS)]
+
+    def args(parts: tuple, x: Tensor, r0: int, r1: int, out: Tensor) -> tuple:
+        ptrs = (parts[0].data_ptr(), parts[1].data_ptr(), parts[2].data_ptr())
+        return (*ptrs, *parts[3:], x.data_ptr(), rq, r0, r1, out.data_ptr())
+
+    list(_POOL.map(lambda rr: _cpu_codec.attend_scores(*args(keys, qf, *rr, scores), *extra),
+                   ranges))  # fmt: skip
+    if skip:
+        scores[..., :skip] = float("-inf")
+    lse = torch.logsumexp(scores, dim=-1)
+    p = torch.exp(scores.sub_(lse.unsqueeze(-1)))
+    acc = torch.zeros(_WORKERS, b, hq, nq, d)
+    list(_POOL.map(lambda w: _cpu_codec.attend_values(*args(values, p, *ranges[w], acc[w])),
+                   range(_WORKERS)))  # fmt: skip
+    o = acc.sum(dim=0)
+    return (hadamard(o) if kv.hadamard_values else o), lse
