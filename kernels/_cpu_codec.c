@@ -431,91 +431,119 @@ static void decode_section(const uint8_t *codes, const f16 *scales, const f16 *m
 
 /* ---- attention over packed rows (kernels/attention.py) ------------------------------------ */
 
-/* Both loops walk rows r0..r1 of heads laid end to end (row r: head r / T, token r % T; a head's
- * rows are `hs` rows apart in the code and parameter buffers, whose capacity may exceed T).
- * Each row is dequantized into registers-sized scratch, never stored. */
+/* Both loops walk tokens t0..t1 of every head (`heads` of them: batch x kv heads), token by
+ * token so that a token's RoPE angles are read once for all heads; a head's rows are `hs` rows
+ * apart in the code and parameter buffers (their capacity may exceed the T tokens in use). Each
+ * row is dequantized into a scratch row, never stored. */
 typedef struct {
     const uint8_t *codes;
     const f16 *scales, *mins;
-    int64_t hs, T, D, G, bits; /* hs: rows per head in the buffers; G: the group size */
+    int64_t heads, hs, T, D, G, bits; /* G: the group size */
 } Packed;
 
-INLINE float dot8(const float *restrict a, const float *restrict b, int64_t n) {
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}; /* 8 lanes: vectorizes without -ffast-math */
-    for (int64_t i = 0; i < n; i += 8)
-        for (int j = 0; j < 8; j++) acc[j] += a[i + j] * b[i + j];
-    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+/* out[j * stride] = q[j] . y (j < nq, each of n values, n a multiple of 16) in 16 lanes per
+ * query row: short chains of dependent additions, and it vectorizes without -ffast-math */
+INLINE void dots(const float *restrict q, int64_t nq, const float *restrict y, int64_t n,
+                 float *restrict out, int64_t stride) {
+    for (int64_t j = 0; j < nq; j++) {
+        const float *a = q + j * n;
+        float acc[16];
+        for (int l = 0; l < 16; l++) acc[l] = a[l] * y[l];
+        for (int64_t i = 16; i < n; i += 16)
+            for (int l = 0; l < 16; l++) acc[l] += a[i + l] * y[i + l];
+        for (int l = 0; l < 8; l++) acc[l] += acc[l + 8];
+        for (int l = 0; l < 4; l++) acc[l] += acc[l + 4];
+        out[j * stride] = (acc[0] + acc[2]) + (acc[1] + acc[3]);
+    }
 }
 
-/* scores[(h * R + i) * QT + q * T + t] = q_rows[(h * R + i) * Q + q] . key(h, t) for i < R,
- * q < Q: keys per-channel (groups of G tokens), RoPE redone at each row's position */
-INLINE void scores_impl(const Packed *k, const float *q, int64_t RQ, int64_t r0, int64_t r1,
-                        const float *cos, const float *sin, int64_t rotary, const int32_t *pos,
-                        float *out) {
-    const int64_t D = k->D, T = k->T, row_bytes = D * k->bits / 8;
-    float *buf = malloc(sizeof(float) * (size_t)(3 * D));
-    float *s = buf, *m = s + D, *y = m + D;
-    int64_t loaded = -1;
-    for (int64_t r = r0; r < r1; r++) {
-        const int64_t h = r / T, t = r % T, row = h * k->hs + t, g = row / k->G;
-        if (g != loaded) {
-            widen_params(k->scales + g * D, k->mins + g * D, D, 1, s, m);
-            loaded = g;
+/* scores[(h * RQ + j) * T + t] = q[h * RQ + j] . key(h, t) for the RQ query rows of kv head h:
+ * keys per channel (groups of G tokens), RoPE redone at each row's position (pos: int32 per
+ * row, laid out like the codes; NULL: the token index) */
+INLINE void scores_impl(const Packed *k, const int64_t D, const int bits, const float *q,
+                        int64_t RQ, int64_t t0, int64_t t1, const float *cos, const float *sin,
+                        int64_t rotary, const int32_t *pos, float *out) {
+    const int64_t T = k->T, G = k->G, row_bytes = D * bits / 8, heads = k->heads;
+    float *buf = malloc(sizeof(float) * (size_t)(2 * heads * D + D));
+    float *s = buf, *m = s + heads * D, *y = m + heads * D; /* each head's group parameters */
+    for (int64_t t = t0, next = t0; t < t1; t++) {
+        if (t == next) { /* a new group of G tokens (or the first token) */
+            for (int64_t h = 0; h < heads; h++) {
+                const int64_t g = (h * k->hs + t) / G;
+                widen_params(k->scales + g * D, k->mins + g * D, D, 1, s + h * D, m + h * D);
+            }
+            next = (t / G + 1) * G;
         }
-        decode_row(k->codes + row * row_bytes, D, (int)k->bits, s, m, 0, y);
-        if (cos) {
-            const int64_t p = pos ? pos[row] : t;
-            rope_row(y, cos + p * rotary, sin + p * rotary, rotary, 1.0f);
+        for (int64_t h = 0; h < heads; h++) {
+            const int64_t row = h * k->hs + t;
+            decode_row(k->codes + row * row_bytes, D, bits, s + h * D, m + h * D, 0, y);
+            if (cos) {
+                const int64_t p = pos ? pos[row] : t;
+                rope_row(y, cos + p * rotary, sin + p * rotary, rotary, 1.0f);
+            }
+            dots(q + h * RQ * D, RQ, y, D, out + h * RQ * T + t, T);
         }
-        const float *qh = q + h * RQ * D;
-        float *o = out + h * RQ * T + t;
-        for (int64_t j = 0; j < RQ; j++) o[j * T] = dot8(qh + j * D, y, D);
     }
     free(buf);
 }
 
-/* acc[(h * R + i) * Q + q][:] += p[(h * R + i) * Q + q][t] * value(h, t), for rows r0..r1:
- * values per-token (groups of G channels) */
-INLINE void values_impl(const Packed *v, const float *p, int64_t RQ, int64_t r0, int64_t r1,
-                        float *acc) {
-    const int64_t D = v->D, T = v->T, G = v->G, row_bytes = D * v->bits / 8;
+/* acc[(h * RQ + j) * D + :] += p[(h * RQ + j) * T + t] * value(h, t), tokens t0..t1: values per
+ * token (groups of G channels) */
+INLINE void values_impl(const Packed *v, const int64_t D, const int bits, const float *p,
+                        int64_t RQ, int64_t t0, int64_t t1, float *acc) {
+    const int64_t T = v->T, G = v->G, row_bytes = D * bits / 8;
     float *buf = malloc(sizeof(float) * (size_t)(3 * D));
     float *s = buf, *m = s + D, *y = m + D;
-    for (int64_t r = r0; r < r1; r++) {
-        const int64_t h = r / T, t = r % T, row = h * v->hs + t;
-        const float *ph = p + h * RQ * T + t;
-        float *a = acc + h * RQ * D;
-        int any = 0;
-        for (int64_t j = 0; j < RQ; j++) any |= ph[j * T] != 0.0f;
-        if (!any) continue; /* skipped rows and underflowed weights add nothing */
-        if (G == D) {
-            s[0] = (float)v->scales[row];
-            m[0] = (float)v->mins[row];
-            decode_row(v->codes + row * row_bytes, D, (int)v->bits, s, m, 1, y);
-        } else {
-            widen_params(v->scales + row * (D / G), v->mins + row * (D / G), D / G, G, s, m);
-            decode_row(v->codes + row * row_bytes, D, (int)v->bits, s, m, 0, y);
+    for (int64_t t = t0; t < t1; t++)
+        for (int64_t h = 0; h < v->heads; h++) {
+            const int64_t row = h * v->hs + t;
+            const float *ph = p + h * RQ * T + t;
+            float *a = acc + h * RQ * D;
+            int any = 0;
+            for (int64_t j = 0; j < RQ; j++) any |= ph[j * T] != 0.0f;
+            if (!any) continue; /* skipped rows and underflowed weights add nothing */
+            if (G == D) {
+                s[0] = (float)v->scales[row];
+                m[0] = (float)v->mins[row];
+                decode_row(v->codes + row * row_bytes, D, bits, s, m, 1, y);
+            } else {
+                widen_params(v->scales + row * (D / G), v->mins + row * (D / G), D / G, G, s, m);
+                decode_row(v->codes + row * row_bytes, D, bits, s, m, 0, y);
+            }
+            for (int64_t j = 0; j < RQ; j++) {
+                const float w = ph[j * T];
+                float *aj = a + j * D;
+                for (int64_t i = 0; i < D; i++) aj[i] += w * y[i];
+            }
         }
-        for (int64_t j = 0; j < RQ; j++) {
-            const float w = ph[j * T];
-            float *aj = a + j * D;
-            for (int64_t i = 0; i < D; i++) aj[i] += w * y[i];
-        }
-    }
     free(buf);
 }
+
+/* the common head dims and every bit width as compile-time constants, so rows vectorize */
+#define BY_SHAPE(impl, x, ...)                                                                  \
+    switch ((x)->D * 16 + (x)->bits) {                                                          \
+    case 64 * 16 + 2: impl(x, 64, 2, __VA_ARGS__); break;                                       \
+    case 64 * 16 + 3: impl(x, 64, 3, __VA_ARGS__); break;                                       \
+    case 64 * 16 + 4: impl(x, 64, 4, __VA_ARGS__); break;                                       \
+    case 64 * 16 + 8: impl(x, 64, 8, __VA_ARGS__); break;                                       \
+    case 128 * 16 + 2: impl(x, 128, 2, __VA_ARGS__); break;                                     \
+    case 128 * 16 + 3: impl(x, 128, 3, __VA_ARGS__); break;                                     \
+    case 128 * 16 + 4: impl(x, 128, 4, __VA_ARGS__); break;                                     \
+    case 128 * 16 + 8: impl(x, 128, 8, __VA_ARGS__); break;                                     \
+    default: impl(x, (x)->D, (int)(x)->bits, __VA_ARGS__);                                      \
+    }
 
 MULTIVERSION
-static void attend_scores(const Packed *k, const float *q, int64_t RQ, int64_t r0, int64_t r1,
+static void attend_scores(const Packed *k, const float *q, int64_t RQ, int64_t t0, int64_t t1,
                           const float *cos, const float *sin, int64_t rotary, const int32_t *pos,
                           float *out) {
-    scores_impl(k, q, RQ, r0, r1, cos, sin, rotary, pos, out);
+    BY_SHAPE(scores_impl, k, q, RQ, t0, t1, cos, sin, rotary, pos, out)
 }
 
 MULTIVERSION
-static void attend_values(const Packed *v, const float *p, int64_t RQ, int64_t r0, int64_t r1,
+static void attend_values(const Packed *v, const float *p, int64_t RQ, int64_t t0, int64_t t1,
                           float *acc) {
-    values_impl(v, p, RQ, r0, r1, acc);
+    BY_SHAPE(values_impl, v, p, RQ, t0, t1, acc)
 }
 
 /* ---- Python bindings ---------------------------------------------------------------------- */
@@ -572,30 +600,32 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-static int parse_packed(PyObject *args, Packed *k, long long *RQ, long long *r0, long long *r1,
+static int parse_packed(PyObject *args, Packed *k, long long *RQ, long long *t0, long long *t1,
                         unsigned long long *x, unsigned long long *out) {
     unsigned long long codes, scales, mins;
-    long long hs, T, D, G, bits;
-    if (!PyArg_ParseTuple(args, "KKKLLLLLKLLLK", &codes, &scales, &mins, &hs, &T, &D, &G, &bits, x,
-                          RQ, r0, r1, out))
+    long long heads, hs, T, D, G, bits;
+    if (!PyArg_ParseTuple(args, "KKKLLLLLLKLLLK", &codes, &scales, &mins, &heads, &hs, &T, &D, &G,
+                          &bits, x, RQ, t0, t1, out))
         return 0;
     if (bits != 2 && bits != 3 && bits != 4 && bits != 8)
         return PyErr_SetString(PyExc_ValueError, "bits must be 2, 3, 4 or 8"), 0;
-    if (T <= 0 || hs < T || D <= 0 || D % 8 || G <= 0 || *RQ <= 0 || *r0 < 0 || *r1 < *r0)
-        return PyErr_SetString(PyExc_ValueError, "bad packed shape or row range"), 0;
-    *k = (Packed){(const uint8_t *)codes, (const f16 *)scales, (const f16 *)mins, hs, T, D, G, bits};
+    if (heads <= 0 || T <= 0 || hs < T || D <= 0 || D % 16 || G <= 0 || *RQ <= 0 || *t0 < 0 ||
+        *t1 < *t0 || *t1 > T)
+        return PyErr_SetString(PyExc_ValueError, "bad packed shape or token range"), 0;
+    *k = (Packed){(const uint8_t *)codes, (const f16 *)scales, (const f16 *)mins, heads, hs, T, D,
+                  G, bits};
     return 1;
 }
 
-/* attend_scores(codes, scales, mins, hs, T, D, G, bits, q, RQ, r0, r1, out[, cos, sin, rotary,
+/* attend_scores(codes, scales, mins, heads, hs, T, D, G, bits, q, RQ, t0, t1, out[, cos, sin, rotary,
  * positions]) */
 static PyObject *py_attend_scores(PyObject *self, PyObject *args) {
     Packed k;
-    long long RQ, r0, r1, rotary = 0;
+    long long RQ, t0, t1, rotary = 0;
     unsigned long long q, out, cos = 0, sin = 0, pos = 0;
-    PyObject *head = PyTuple_GetSlice(args, 0, 13), *tail = PyTuple_GetSlice(args, 13, 17);
+    PyObject *head = PyTuple_GetSlice(args, 0, 14), *tail = PyTuple_GetSlice(args, 14, 18);
     if (!head || !tail) return Py_XDECREF(head), Py_XDECREF(tail), NULL;
-    int ok = parse_packed(head, &k, &RQ, &r0, &r1, &q, &out) &&
+    int ok = parse_packed(head, &k, &RQ, &t0, &t1, &q, &out) &&
              PyArg_ParseTuple(tail, "|KKLK", &cos, &sin, &rotary, &pos);
     Py_DECREF(head);
     Py_DECREF(tail);
@@ -605,21 +635,21 @@ static PyObject *py_attend_scores(PyObject *self, PyObject *args) {
     if (cos && (!sin || rotary <= 0 || rotary > k.D || rotary % 2))
         return PyErr_SetString(PyExc_ValueError, "bad RoPE tables"), NULL;
     Py_BEGIN_ALLOW_THREADS
-    attend_scores(&k, (const float *)q, RQ, r0, r1, cos ? (const float *)cos : NULL,
+    attend_scores(&k, (const float *)q, RQ, t0, t1, cos ? (const float *)cos : NULL,
                   (const float *)sin, rotary, pos ? (const int32_t *)pos : NULL, (float *)out);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
-/* attend_values(codes, scales, mins, hs, T, D, G, bits, p, RQ, r0, r1, acc) */
+/* attend_values(codes, scales, mins, heads, hs, T, D, G, bits, p, RQ, t0, t1, acc) */
 static PyObject *py_attend_values(PyObject *self, PyObject *args) {
     Packed v;
-    long long RQ, r0, r1;
+    long long RQ, t0, t1;
     unsigned long long p, acc;
-    if (!parse_packed(args, &v, &RQ, &r0, &r1, &p, &acc)) return NULL;
+    if (!parse_packed(args, &v, &RQ, &t0, &t1, &p, &acc)) return NULL;
     if (v.D % v.G) return PyErr_SetString(PyExc_ValueError, "values: G must divide D"), NULL;
     Py_BEGIN_ALLOW_THREADS
-    attend_values(&v, (const float *)p, RQ, r0, r1, (float *)acc);
+    attend_values(&v, (const float *)p, RQ, t0, t1, (float *)acc);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -630,9 +660,9 @@ static PyMethodDef methods[] = {
     {"decode_section", py_decode, METH_VARARGS,
      "decode_section(codes, scales, mins, H, T, D, is_key, G, bits, out, head_stride, row_stride, dtype[, hadamard, cos, sin, rotary]): unpack, dequantize into out's rows of D (rows row_stride, heads head_stride elements apart), then undo the Hadamard rotation and redo RoPE (float32 [T, rotary] cos/sin tables) per row"},
     {"attend_scores", py_attend_scores, METH_VARARGS,
-     "attend_scores(codes, scales, mins, hs, T, D, G, bits, q, RQ, r0, r1, out[, cos, sin, rotary, positions]): float32 scores of RQ query rows per kv head against packed keys, rows r0..r1 of heads of T rows (hs apart), RoPE redone at each row's position"},
+     "attend_scores(codes, scales, mins, heads, hs, T, D, G, bits, q, RQ, t0, t1, out[, cos, sin, rotary, positions]): float32 scores of RQ query rows per kv head against packed keys, tokens t0..t1 of heads of T rows (hs apart), RoPE redone at each row's position"},
     {"attend_values", py_attend_values, METH_VARARGS,
-     "attend_values(codes, scales, mins, hs, T, D, G, bits, p, RQ, r0, r1, acc): acc += p . values over packed rows r0..r1"},
+     "attend_values(codes, scales, mins, heads, hs, T, D, G, bits, p, RQ, t0, t1, acc): acc += p . values over packed tokens t0..t1"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -254,7 +254,7 @@ def packed_attention(
         from kvpool.kernels import triton_attention
 
         return triton_attention.packed_attention(q, kv, skip)
-    if backend in ("auto", "cpu") and q.device.type == "cpu":
+    if backend in ("auto", "cpu") and q.device.type == "cpu" and kv.head_dim % 16 == 0:
         from kvpool.kernels import cpu
 
         return cpu.packed_attention(q, kv, skip)

@@ -7,7 +7,8 @@ GIL, so a small thread pool spreads the layers of a block over the machine's cor
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -82,7 +83,17 @@ def decode_tensor(
     _spread(one, len(sections))
 
 
-def packed_attention(q: Tensor, kv: PackedKV, skip: int = 0) -> tuple[Tensor, Tensor]:
+def _run(fn: Callable[[Any], object], items: Sequence[Any]) -> None:
+    """fn(item) for each item, on the worker threads when there are several."""
+    if len(items) == 1:
+        fn(items[0])
+    else:
+        list(_POOL.map(fn, items))
+
+
+def packed_attention(
+    q: Tensor, kv: PackedKV, skip: int = 0, workers: int = _WORKERS
+) -> tuple[Tensor, Tensor]:
     """`attention.attention_reference` on the CPU without expanding the cache: the C loop
     scores q [B, Hq, Q, D] against each packed key row (dequantized and RoPE'd in scratch),
     torch takes the softmax over the scores, and the C loop sums p . V over the packed value
@@ -103,23 +114,21 @@ def packed_attention(q: Tensor, kv: PackedKV, skip: int = 0) -> tuple[Tensor, Te
         pos = 0 if kv.positions is None else kv.positions.data_ptr()
         extra = (tables[0].data_ptr(), tables[1].data_ptr(), kv.rope.rotary_dim, pos)
     cap = kv.key_codes.shape[2]
-    keys = (kv.key_codes, kv.key_scales, kv.key_mins, cap, t, d, kv.group, kv.key_bits)
-    values = (kv.value_codes, kv.value_scales, kv.value_mins, cap, t, d, kv.value_group,
+    keys = (kv.key_codes, kv.key_scales, kv.key_mins, heads, cap, t, d, kv.group, kv.key_bits)
+    values = (kv.value_codes, kv.value_scales, kv.value_mins, heads, cap, t, d, kv.value_group,
               kv.value_bits)  # fmt: skip
-    ranges = [(w * heads * t // _WORKERS, (w + 1) * heads * t // _WORKERS) for w in range(_WORKERS)]
+    ranges = [(w * t // workers, (w + 1) * t // workers) for w in range(workers)]
 
     def args(parts: tuple, x: Tensor, r0: int, r1: int, out: Tensor) -> tuple:
         ptrs = (parts[0].data_ptr(), parts[1].data_ptr(), parts[2].data_ptr())
         return (*ptrs, *parts[3:], x.data_ptr(), rq, r0, r1, out.data_ptr())
 
-    list(_POOL.map(lambda rr: _cpu_codec.attend_scores(*args(keys, qf, *rr, scores), *extra),
-                   ranges))  # fmt: skip
+    _run(lambda rr: _cpu_codec.attend_scores(*args(keys, qf, *rr, scores), *extra), ranges)
     if skip:
         scores[..., :skip] = float("-inf")
     lse = torch.logsumexp(scores, dim=-1)
     p = torch.exp(scores.sub_(lse.unsqueeze(-1)))
-    acc = torch.zeros(_WORKERS, b, hq, nq, d)
-    list(_POOL.map(lambda w: _cpu_codec.attend_values(*args(values, p, *ranges[w], acc[w])),
-                   range(_WORKERS)))  # fmt: skip
+    acc = torch.zeros(workers, b, hq, nq, d)
+    _run(lambda w: _cpu_codec.attend_values(*args(values, p, *ranges[w], acc[w])), range(workers))
     o = acc.sum(dim=0)
     return (hadamard(o) if kv.hadamard_values else o), lse
