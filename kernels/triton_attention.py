@@ -51,7 +51,8 @@ DOTS = ("fma", "ieee", "tf32", "tf32x3")
 _FMA_ROWS = 8  # "auto": broadcast products up to this many query rows per kv head, else tl.dot
 _FMA_ELEMENTS = 16384  # an "fma" tile's product [rows, BT, D] stays within this many elements
 _MAX_TILE = 64  # packed rows per tile
-_MIN_SPLIT_ROWS = 256  # a split covers at least this many rows (its partial costs a write)
+_SPLIT_ROWS_PER_QUERY_ROW = 16  # a split covers at least 16 * BLOCK_M (>= 128) packed rows:
+# its partial (BLOCK_M x D fp32) stays small next to the rows it reads
 _WARPS = 4
 _WINDOW_ROWS = 32  # window_scores: query rows and keys per block
 _WINDOW_KEYS = 64
@@ -189,7 +190,9 @@ def _attend_kernel(
             c, s = _rope_cos_sin(posf, freq_ptr, BT, D, HALF)
             if DOT == "fma":
                 kc, ksn = k * c, k * s
-                scores = tl.sum(q[:, None, :] * kc[None, :, :] + qr[:, None, :] * ksn[None, :, :], 2)
+                scores = tl.sum(
+                    q[:, None, :] * kc[None, :, :] + qr[:, None, :] * ksn[None, :, :], 2
+                )
             else:
                 scores = _mm_t(q, k * c, DOT) + _mm_t(qr, k * s, DOT)
         else:
@@ -355,7 +358,9 @@ def _check_device(device: torch.device, head_dim: int) -> None:
             f"not on {device}"
         )
     if head_dim < 16 or head_dim & (head_dim - 1):
-        raise CodecError(f"the Triton attention kernels need a power-of-two head_dim >= 16, got {head_dim}")
+        raise CodecError(
+            f"the Triton attention kernels need a power-of-two head_dim >= 16, got {head_dim}"
+        )
 
 
 def _check_dot(dot: str) -> None:
@@ -413,6 +418,9 @@ def packed_attention(
     b, hq, nq, d = q.shape
     h, t = kv.heads, kv.tokens
     rows = r * nq
+    if b * hq * nq == 0:  # nothing to launch
+        empty = torch.zeros(b, hq, nq, d, dtype=torch.float32, device=q.device)
+        return empty, torch.full((b, hq, nq), float("-inf"), device=q.device)
     dot = dot or ("fma" if rows <= _FMA_ROWS else "ieee")
     _check_dot(dot)
     if dot == "fma":
@@ -425,7 +433,8 @@ def packed_attention(
     tiles = max(0, -(-t // bt) - skip // bt)
     if splits is None:
         want = -(-_programs(q.device) // (b * h))
-        splits = min(want, max(1, -(-tiles * bt // _MIN_SPLIT_ROWS)))
+        least = max(128, _SPLIT_ROWS_PER_QUERY_ROW * block_m)
+        splits = min(want, max(1, -(-tiles * bt // least)))
     if splits < 1:
         raise CodecError(f"splits must be positive, got {splits}")
     per_split = max(1, -(-tiles // splits))
@@ -484,7 +493,7 @@ def window_scores(q: Tensor, keys: Tensor, *, dot: str = "ieee") -> Tensor:
     r = hq // h
     lse = torch.empty(b, hq, w, dtype=torch.float32, device=q.device)
     out = torch.empty(b, h, n, dtype=torch.float32, device=q.device)
-    if w == 0 or n == 0:
+    if b * w * n == 0:
         return out.zero_()
     bm = min(_WINDOW_ROWS, max(16, _pow2(w)))
     strides = (*q.stride(), *keys.stride())
