@@ -457,13 +457,13 @@ INLINE void dots(const float *restrict q, int64_t nq, const float *restrict y, i
     }
 }
 
-/* scores[(h * RQ + j) * T + t] = q[h * RQ + j] . key(h, t) for the RQ query rows of kv head h:
+/* out[(h * RQ + j) * stride + t - t0] = q[h * RQ + j] . key(h, t) for the RQ query rows of kv head h:
  * keys per channel (groups of G tokens), RoPE redone at each row's position (pos: int32 per
  * row, laid out like the codes; NULL: the token index) */
 INLINE void scores_impl(const Packed *k, const int64_t D, const int bits, const float *q,
                         int64_t RQ, int64_t t0, int64_t t1, const float *cos, const float *sin,
-                        int64_t rotary, const int32_t *pos, float *out) {
-    const int64_t T = k->T, G = k->G, row_bytes = D * bits / 8, heads = k->heads;
+                        int64_t rotary, const int32_t *pos, float *out, int64_t stride) {
+    const int64_t G = k->G, row_bytes = D * bits / 8, heads = k->heads;
     float *buf = malloc(sizeof(float) * (size_t)(2 * heads * D + D));
     float *s = buf, *m = s + heads * D, *y = m + heads * D; /* each head's group parameters */
     for (int64_t t = t0, next = t0; t < t1; t++) {
@@ -481,26 +481,26 @@ INLINE void scores_impl(const Packed *k, const int64_t D, const int bits, const 
                 const int64_t p = pos ? pos[row] : t;
                 rope_row(y, cos + p * rotary, sin + p * rotary, rotary, 1.0f);
             }
-            dots(q + h * RQ * D, RQ, y, D, out + h * RQ * T + t, T);
+            dots(q + h * RQ * D, RQ, y, D, out + h * RQ * stride + (t - t0), stride);
         }
     }
     free(buf);
 }
 
-/* acc[(h * RQ + j) * D + :] += p[(h * RQ + j) * T + t] * value(h, t), tokens t0..t1: values per
- * token (groups of G channels) */
+/* acc[(h * RQ + j) * D + :] += p[(h * RQ + j) * stride + t - t0] * value(h, t), tokens t0..t1:
+ * values per token (groups of G channels) */
 INLINE void values_impl(const Packed *v, const int64_t D, const int bits, const float *p,
-                        int64_t RQ, int64_t t0, int64_t t1, float *acc) {
-    const int64_t T = v->T, G = v->G, row_bytes = D * bits / 8;
+                        int64_t stride, int64_t RQ, int64_t t0, int64_t t1, float *acc) {
+    const int64_t G = v->G, row_bytes = D * bits / 8;
     float *buf = malloc(sizeof(float) * (size_t)(3 * D));
     float *s = buf, *m = s + D, *y = m + D;
     for (int64_t t = t0; t < t1; t++)
         for (int64_t h = 0; h < v->heads; h++) {
             const int64_t row = h * v->hs + t;
-            const float *ph = p + h * RQ * T + t;
+            const float *ph = p + h * RQ * stride + (t - t0);
             float *a = acc + h * RQ * D;
             int any = 0;
-            for (int64_t j = 0; j < RQ; j++) any |= ph[j * T] != 0.0f;
+            for (int64_t j = 0; j < RQ; j++) any |= ph[j * stride] != 0.0f;
             if (!any) continue; /* skipped rows and underflowed weights add nothing */
             if (G == D) {
                 s[0] = (float)v->scales[row];
@@ -511,7 +511,7 @@ INLINE void values_impl(const Packed *v, const int64_t D, const int bits, const 
                 decode_row(v->codes + row * row_bytes, D, bits, s, m, 0, y);
             }
             for (int64_t j = 0; j < RQ; j++) {
-                const float w = ph[j * T];
+                const float w = ph[j * stride];
                 float *aj = a + j * D;
                 for (int64_t i = 0; i < D; i++) aj[i] += w * y[i];
             }
@@ -533,17 +533,70 @@ INLINE void values_impl(const Packed *v, const int64_t D, const int bits, const 
     default: impl(x, (x)->D, (int)(x)->bits, __VA_ARGS__);                                      \
     }
 
-MULTIVERSION
-static void attend_scores(const Packed *k, const float *q, int64_t RQ, int64_t t0, int64_t t1,
-                          const float *cos, const float *sin, int64_t rotary, const int32_t *pos,
-                          float *out) {
-    BY_SHAPE(scores_impl, k, q, RQ, t0, t1, cos, sin, rotary, pos, out)
+/* exp(x) for x <= 0, 0 below -87: Cody-Waite reduction to r in [-ln2/2, ln2/2] and Cephes'
+ * degree-6 polynomial for e^r (within 2 ulp); plain arithmetic, so the loops vectorize */
+INLINE float exp_nonpositive(float x) {
+    const int tiny = x < -87.0f;
+    x = tiny ? -87.0f : x;
+    const float n = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const uint32_t e = (uint32_t)((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &e, 4);
+    return tiny ? 0.0f : p * scale;
+}
+
+/* Attention of RQ query rows per kv head over packed tokens t0..t1 (rows before `skip` left
+ * out): the scores, their maximum m and the sum l of exp(score - m) per query row, and
+ * acc = sum_t exp(score_t - m) * value_t (unnormalized; Hadamard-rotated back when asked).
+ * A caller merges ranges (and exact rows) by log-sum-exp: lse = m + log(l), o = acc / l. */
+INLINE void attend_impl(const Packed *k, const Packed *v, const float *q, int64_t RQ,
+                        int64_t t0, int64_t t1, int64_t skip, const float *cos, const float *sin,
+                        int64_t rotary, const int32_t *pos, int hadamard, float *acc, float *mx,
+                        float *sum) {
+    const int64_t rows = k->heads * RQ, n = t1 - t0, D = k->D;
+    memset(acc, 0, sizeof(float) * (size_t)(rows * D));
+    const int64_t first = skip > t0 ? (skip < t1 ? skip : t1) : t0; /* first counted token */
+    if (first == t1) {
+        for (int64_t j = 0; j < rows; j++) mx[j] = -INFINITY, sum[j] = 0.0f;
+        return;
+    }
+    float *sc = malloc(sizeof(float) * (size_t)(rows * n));
+    BY_SHAPE(scores_impl, k, q, RQ, first, t1, cos, sin, rotary, pos, sc, n)
+    const int64_t m = t1 - first; /* scores of tokens first..t1 sit at sc[j * n + 0..m) */
+    for (int64_t j = 0; j < rows; j++) {
+        float *row = sc + j * n, hi = row[0];
+        for (int64_t i = 1; i < m; i++) hi = row[i] > hi ? row[i] : hi;
+        for (int64_t i = 0; i < m; i++) row[i] = exp_nonpositive(row[i] - hi);
+        float lanes[16] = {0};
+        int64_t i = 0;
+        for (; i + 16 <= m; i += 16)
+            for (int l = 0; l < 16; l++) lanes[l] += row[i + l];
+        for (; i < m; i++) lanes[0] += row[i];
+        float total = 0.0f;
+        for (int l = 0; l < 16; l++) total += lanes[l];
+        mx[j] = hi;
+        sum[j] = total;
+    }
+    BY_SHAPE(values_impl, v, sc, n, RQ, first, t1, acc)
+    if (hadamard)
+        for (int64_t j = 0; j < rows; j++) hadamard_row(acc + j * D, D);
+    free(sc);
 }
 
 MULTIVERSION
-static void attend_values(const Packed *v, const float *p, int64_t RQ, int64_t t0, int64_t t1,
-                          float *acc) {
-    BY_SHAPE(values_impl, v, p, RQ, t0, t1, acc)
+static void attend(const Packed *k, const Packed *v, const float *q, int64_t RQ, int64_t t0,
+                   int64_t t1, int64_t skip, const float *cos, const float *sin, int64_t rotary,
+                   const int32_t *pos, int hadamard, float *acc, float *mx, float *sum) {
+    attend_impl(k, v, q, RQ, t0, t1, skip, cos, sin, rotary, pos, hadamard, acc, mx, sum);
 }
 
 /* ---- Python bindings ---------------------------------------------------------------------- */
@@ -600,56 +653,48 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-static int parse_packed(PyObject *args, Packed *k, long long *RQ, long long *t0, long long *t1,
-                        unsigned long long *x, unsigned long long *out) {
+static int packed_arg(PyObject *t, Packed *x) {
     unsigned long long codes, scales, mins;
     long long heads, hs, T, D, G, bits;
-    if (!PyArg_ParseTuple(args, "KKKLLLLLLKLLLK", &codes, &scales, &mins, &heads, &hs, &T, &D, &G,
-                          &bits, x, RQ, t0, t1, out))
+    if (!PyArg_ParseTuple(t, "KKKLLLLLL", &codes, &scales, &mins, &heads, &hs, &T, &D, &G, &bits))
         return 0;
     if (bits != 2 && bits != 3 && bits != 4 && bits != 8)
         return PyErr_SetString(PyExc_ValueError, "bits must be 2, 3, 4 or 8"), 0;
-    if (heads <= 0 || T <= 0 || hs < T || D <= 0 || D % 16 || G <= 0 || *RQ <= 0 || *t0 < 0 ||
-        *t1 < *t0 || *t1 > T)
-        return PyErr_SetString(PyExc_ValueError, "bad packed shape or token range"), 0;
-    *k = (Packed){(const uint8_t *)codes, (const f16 *)scales, (const f16 *)mins, heads, hs, T, D,
+    if (heads <= 0 || T <= 0 || hs < T || D <= 0 || D % 16 || D > 256 || G <= 0)
+        return PyErr_SetString(PyExc_ValueError, "bad packed shape"), 0;
+    *x = (Packed){(const uint8_t *)codes, (const f16 *)scales, (const f16 *)mins, heads, hs, T, D,
                   G, bits};
     return 1;
 }
 
-/* attend_scores(codes, scales, mins, heads, hs, T, D, G, bits, q, RQ, t0, t1, out[, cos, sin, rotary,
- * positions]) */
-static PyObject *py_attend_scores(PyObject *self, PyObject *args) {
-    Packed k;
-    long long RQ, t0, t1, rotary = 0;
-    unsigned long long q, out, cos = 0, sin = 0, pos = 0;
-    PyObject *head = PyTuple_GetSlice(args, 0, 14), *tail = PyTuple_GetSlice(args, 14, 18);
-    if (!head || !tail) return Py_XDECREF(head), Py_XDECREF(tail), NULL;
-    int ok = parse_packed(head, &k, &RQ, &t0, &t1, &q, &out) &&
-             PyArg_ParseTuple(tail, "|KKLK", &cos, &sin, &rotary, &pos);
-    Py_DECREF(head);
-    Py_DECREF(tail);
-    if (!ok) return NULL;
-    if (k.G > k.hs || k.hs % k.G || k.T % k.G)
-        return PyErr_SetString(PyExc_ValueError, "keys: T and the buffer rows must be multiples of G"), NULL;
+/* attend((codes, scales, mins, heads, hs, T, D, G, bits) of keys, the same of values, q, RQ, t0,
+ * t1, skip, hadamard, acc, max, sum[, cos, sin, rotary, positions]) */
+static PyObject *py_attend(PyObject *self, PyObject *args) {
+    PyObject *kt, *vt;
+    Packed k, v;
+    unsigned long long q, acc, mx, sum, cos = 0, sin = 0, pos = 0;
+    long long RQ, t0, t1, skip, rotary = 0;
+    int hadamard;
+    if (!PyArg_ParseTuple(args, "O!O!KLLLLiKKK|KKLK", &PyTuple_Type, &kt, &PyTuple_Type, &vt, &q,
+                          &RQ, &t0, &t1, &skip, &hadamard, &acc, &mx, &sum, &cos, &sin, &rotary,
+                          &pos))
+        return NULL;
+    if (!packed_arg(kt, &k) || !packed_arg(vt, &v)) return NULL;
+    if (k.heads != v.heads || k.hs != v.hs || k.T != v.T || k.D != v.D || RQ <= 0)
+        return PyErr_SetString(PyExc_ValueError, "keys and values do not match"), NULL;
+    if (k.hs % k.G || k.T % k.G || k.D % v.G)
+        return PyErr_SetString(PyExc_ValueError, "keys group tokens by G, values channels"), NULL;
+    if (t0 < 0 || t1 < t0 || t1 > k.T || t1 == t0 || skip < 0)
+        return PyErr_SetString(PyExc_ValueError, "bad token range"), NULL;
     if (cos && (!sin || rotary <= 0 || rotary > k.D || rotary % 2))
         return PyErr_SetString(PyExc_ValueError, "bad RoPE tables"), NULL;
+    if (hadamard && (k.D & (k.D - 1)))
+        return PyErr_SetString(PyExc_ValueError, "the Hadamard rotation needs a power-of-two D"),
+               NULL;
     Py_BEGIN_ALLOW_THREADS
-    attend_scores(&k, (const float *)q, RQ, t0, t1, cos ? (const float *)cos : NULL,
-                  (const float *)sin, rotary, pos ? (const int32_t *)pos : NULL, (float *)out);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
-}
-
-/* attend_values(codes, scales, mins, heads, hs, T, D, G, bits, p, RQ, t0, t1, acc) */
-static PyObject *py_attend_values(PyObject *self, PyObject *args) {
-    Packed v;
-    long long RQ, t0, t1;
-    unsigned long long p, acc;
-    if (!parse_packed(args, &v, &RQ, &t0, &t1, &p, &acc)) return NULL;
-    if (v.D % v.G) return PyErr_SetString(PyExc_ValueError, "values: G must divide D"), NULL;
-    Py_BEGIN_ALLOW_THREADS
-    attend_values(&v, (const float *)p, RQ, t0, t1, (float *)acc);
+    attend(&k, &v, (const float *)q, RQ, t0, t1, skip, cos ? (const float *)cos : NULL,
+           (const float *)sin, rotary, pos ? (const int32_t *)pos : NULL, hadamard, (float *)acc,
+           (float *)mx, (float *)sum);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -659,10 +704,8 @@ static PyMethodDef methods[] = {
      "encode_section(x, dtype, H, T, D, is_key, G, bits, codes, scales, mins): quantize and pack; False if x holds NaN, inf or |x| > 65504"},
     {"decode_section", py_decode, METH_VARARGS,
      "decode_section(codes, scales, mins, H, T, D, is_key, G, bits, out, head_stride, row_stride, dtype[, hadamard, cos, sin, rotary]): unpack, dequantize into out's rows of D (rows row_stride, heads head_stride elements apart), then undo the Hadamard rotation and redo RoPE (float32 [T, rotary] cos/sin tables) per row"},
-    {"attend_scores", py_attend_scores, METH_VARARGS,
-     "attend_scores(codes, scales, mins, heads, hs, T, D, G, bits, q, RQ, t0, t1, out[, cos, sin, rotary, positions]): float32 scores of RQ query rows per kv head against packed keys, tokens t0..t1 of heads of T rows (hs apart), RoPE redone at each row's position"},
-    {"attend_values", py_attend_values, METH_VARARGS,
-     "attend_values(codes, scales, mins, heads, hs, T, D, G, bits, p, RQ, t0, t1, acc): acc += p . values over packed tokens t0..t1"},
+    {"attend", py_attend, METH_VARARGS,
+     "attend(keys, values, q, RQ, t0, t1, skip, hadamard, acc, max, sum[, cos, sin, rotary, positions]): float32 attention of RQ query rows per kv head over packed tokens t0..t1 (from skip on): unnormalized acc, max and sum of exp per query row"},
     {NULL, NULL, 0, NULL},
 };
 

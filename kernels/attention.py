@@ -221,15 +221,17 @@ def exact_attention(
     q: Tensor, keys: Tensor, values: Tensor, causal: int = 0
 ) -> tuple[Tensor, Tensor]:
     """(o, lse) of q [B, Hq, Q, D] (pre-scaled) over exact keys/values [B, H, N, D]; causal > 0:
-    the last `causal` rows are the queries' own tokens, each sees those up to itself."""
-    r = q.shape[1] // keys.shape[1]
-    k = keys.float().repeat_interleave(r, dim=1)
-    scores = q.float() @ k.transpose(-1, -2)
-    n, nq = keys.shape[2], q.shape[2]
+    the last `causal` rows are the queries' own tokens, each sees those up to itself. The R
+    query heads of a kv head are one [R * Q, D] matrix against its keys: nothing repeated."""
+    b, hq, nq, d = q.shape
+    h, n = keys.shape[1], keys.shape[2]
+    qf = q.float().reshape(b, h, hq // h * nq, d)
+    scores = qf @ keys.float().transpose(-1, -2)  # [B, H, R * Q, N]
     if causal:
-        rows = torch.arange(nq, device=q.device)[:, None] + (n - nq)
+        rows = (torch.arange(hq // h * nq, device=q.device) % nq + (n - nq))[:, None]
         scores = scores.masked_fill(torch.arange(n, device=q.device)[None, :] > rows, float("-inf"))
-    return _softmax_output(scores, values.float().repeat_interleave(r, dim=1))
+    o, lse = _softmax_output(scores, values.float())
+    return o.view(b, hq, nq, d), lse.view(b, hq, nq)
 
 
 def merge(parts: list[tuple[Tensor, Tensor]]) -> Tensor:

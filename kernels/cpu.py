@@ -6,9 +6,9 @@ GIL, so a small thread pool spreads the layers of a block over the machine's cor
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -16,7 +16,6 @@ from torch import Tensor
 
 from kvpool.kernels import _cpu_codec
 from kvpool.kernels.attention import PackedKV, rope_span
-from kvpool.kernels.transforms import hadamard
 from kvpool.proto.blockformat import BlockHeader, Section
 from kvpool.proto.errors import NonFiniteError
 
@@ -83,52 +82,50 @@ def decode_tensor(
     _spread(one, len(sections))
 
 
-def _run(fn: Callable[[Any], object], items: Sequence[Any]) -> None:
-    """fn(item) for each item, on the worker threads when there are several."""
-    if len(items) == 1:
-        fn(items[0])
-    else:
-        list(_POOL.map(fn, items))
-
-
 def packed_attention(
-    q: Tensor, kv: PackedKV, skip: int = 0, workers: int = _WORKERS
+    q: Tensor, kv: PackedKV, skip: int = 0, workers: int = 1
 ) -> tuple[Tensor, Tensor]:
     """`attention.attention_reference` on the CPU without expanding the cache: the C loop
-    scores q [B, Hq, Q, D] against each packed key row (dequantized and RoPE'd in scratch),
-    torch takes the softmax over the scores, and the C loop sums p . V over the packed value
-    rows; the rows are split among the worker threads."""
+    dequantizes each packed key row in scratch (RoPE redone at its position), scores the
+    queries against it, takes exp(score - max) and sums p . V over the packed value rows, with
+    the Hadamard rotation undone once at the end. `workers` > 1 splits the tokens among the
+    worker threads, merged by log-sum-exp (it pays only where the cores are not SMT siblings)."""
     b, hq, nq, d = q.shape
     t, heads, rq = kv.tokens, kv.batch * kv.heads, hq // kv.heads * nq
     if t == skip:
-        return q.new_zeros(q.shape, dtype=torch.float32), torch.full(
-            (b, hq, nq), float("-inf"), dtype=torch.float32
-        )
+        o = torch.zeros(q.shape, dtype=torch.float32)
+        return o, torch.full((b, hq, nq), float("-inf"))
     qf = q.float().contiguous()
-    scores = torch.empty(b, hq, nq, t)
     extra: tuple[int, ...] = ()
-    tables: tuple[Tensor, ...] = ()
     if kv.rope is not None:
         top = t if kv.positions is None else int(kv.positions[:, :, :t].max()) + 1
-        tables = rope_span(kv.rope, top)
+        tables = rope_span(kv.rope, top)  # cached: alive after this call
         pos = 0 if kv.positions is None else kv.positions.data_ptr()
         extra = (tables[0].data_ptr(), tables[1].data_ptr(), kv.rope.rotary_dim, pos)
     cap = kv.key_codes.shape[2]
-    keys = (kv.key_codes, kv.key_scales, kv.key_mins, heads, cap, t, d, kv.group, kv.key_bits)
-    values = (kv.value_codes, kv.value_scales, kv.value_mins, heads, cap, t, d, kv.value_group,
-              kv.value_bits)  # fmt: skip
-    ranges = [(w * t // workers, (w + 1) * t // workers) for w in range(workers)]
+    keys = (kv.key_codes.data_ptr(), kv.key_scales.data_ptr(), kv.key_mins.data_ptr(), heads,
+            cap, t, d, kv.group, kv.key_bits)  # fmt: skip
+    values = (kv.value_codes.data_ptr(), kv.value_scales.data_ptr(), kv.value_mins.data_ptr(),
+              heads, cap, t, d, kv.value_group, kv.value_bits)  # fmt: skip
+    bounds = sorted({skip + (t - skip) * w // workers for w in range(workers)} | {t})
+    ranges = list(itertools.pairwise(bounds))
+    acc = torch.empty(len(ranges), b, hq, nq, d)
+    mx = torch.empty(len(ranges), b, hq, nq)
+    total = torch.empty(len(ranges), b, hq, nq)
 
-    def args(parts: tuple, x: Tensor, r0: int, r1: int, out: Tensor) -> tuple:
-        ptrs = (parts[0].data_ptr(), parts[1].data_ptr(), parts[2].data_ptr())
-        return (*ptrs, *parts[3:], x.data_ptr(), rq, r0, r1, out.data_ptr())
+    def one(i: int) -> None:
+        lo, hi = ranges[i]
+        _cpu_codec.attend(keys, values, qf.data_ptr(), rq, lo, hi, skip,
+                          int(kv.hadamard_values), acc[i].data_ptr(), mx[i].data_ptr(),
+                          total[i].data_ptr(), *extra)  # fmt: skip
 
-    _run(lambda rr: _cpu_codec.attend_scores(*args(keys, qf, *rr, scores), *extra), ranges)
-    if skip:
-        scores[..., :skip] = float("-inf")
-    lse = torch.logsumexp(scores, dim=-1)
-    p = torch.exp(scores.sub_(lse.unsqueeze(-1)))
-    acc = torch.zeros(workers, b, hq, nq, d)
-    _run(lambda w: _cpu_codec.attend_values(*args(values, p, *ranges[w], acc[w])), range(workers))
-    o = acc.sum(dim=0)
-    return (hadamard(o) if kv.hadamard_values else o), lse
+    if len(ranges) == 1:
+        one(0)
+    else:
+        list(_POOL.map(one, range(len(ranges))))
+    lse = mx + total.log()
+    o = acc / total.unsqueeze(-1)
+    if len(ranges) == 1:
+        return o[0], lse[0]
+    weights = torch.softmax(lse, dim=0).nan_to_num(0.0)
+    return (weights.unsqueeze(-1) * o.nan_to_num(0.0)).sum(0), torch.logsumexp(lse, dim=0)

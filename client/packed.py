@@ -1,0 +1,414 @@
+"""A transformers cache that keeps the prompt's KV packed, and attends to it without expanding it.
+
+Where it stands: inside an inference worker, in place of a DynamicCache. Blocks fetched from the
+tier go in as they came (their sections, already in the attention kernels' layout); tokens the
+model computes go to a full-precision window and are folded into packed rows, G at a time, once
+more than `window` recent tokens are held.
+
+    fetched blocks --verify--> sections per layer (no decoding) ----------------+
+    model's new K/V --> exact window (the last `window`..`window + G` tokens) --fold (encode)--+
+                                                                                  v
+    decode step: q --packed_attention (C loop / Triton)--> (o, lse) --merge-- exact window, sinks
+    prefill (Q > 16 queries): the packed rows are dequantized for that call and SDPA runs
+
+MiniKV's request-private selection (`Selection`): after a prefill the cache keeps, per layer
+and kv head, the tokens that received most attention from the prompt's last queries plus the
+recent window (budgets shrinking with depth), and quantizes only those. What it keeps depends
+on the question, so these rows are never stored in the shared tier.
+
+Batch 1 (one sequence), like CachedModel. Call `use_packed_attention(model)` once: it registers
+the attention function that recognises this cache's layers (and runs SDPA for anything else).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from kvpool.kernels.attention import (
+    PackedKV,
+    block_layer,
+    block_sinks,
+    dequantize,
+    exact_attention,
+    merge,
+    packed_attention,
+    rope_at,
+    window_scores,
+)
+from kvpool.kernels.codec import CodecConfig, encode
+from kvpool.kernels.transforms import RopeParams
+from kvpool.proto.blockformat import BlockHeader, parse_header
+from kvpool.proto.errors import CodecError
+
+ATTENTION = "kvpool_packed"
+FUSED_QUERIES = 16  # up to this many query tokens attend through the packed kernels
+
+
+def use_packed_attention(model: Any) -> None:
+    """Make `model` attend through `packed_attention` when its cache is a PackedCache (and
+    through PyTorch SDPA, as before, with any other cache)."""
+    AttentionInterface.register(ATTENTION, _attention)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+    model.set_attn_implementation(ATTENTION)
+
+
+def _attention(
+    module: Any, query: Tensor, key: Any, value: Any, attention_mask: Tensor | None,
+    scaling: float | None = None, dropout: float = 0.0, **kwargs: Any,
+) -> tuple[Tensor, None]:  # fmt: skip
+    if isinstance(key, PackedLayer):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return key.attend(query, scale), None
+    return sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+    )
+
+
+@dataclass(frozen=True)
+class Selection:
+    """MiniKV-style layer-discriminative selection, applied once after a prefill.
+
+    keep: the fraction of the prompt's tokens kept on average over layers; pyramid: how much
+    the budget leans to the first layers (layer l of L keeps keep * (1 + pyramid * (1 - 2l /
+    (L - 1))) of the tokens); queries: the prompt's last tokens whose attention scores the
+    rest (SnapKV's observation window)."""
+
+    keep: float = 0.5
+    pyramid: float = 0.5
+    queries: int = 32
+
+    def __post_init__(self) -> None:
+        if not 0 < self.keep <= 1 or not 0 <= self.pyramid < 1 or self.queries <= 0:
+            raise ValueError("keep in (0, 1], pyramid in [0, 1), queries > 0")
+
+    def budget(self, layer: int, layers: int) -> float:
+        tilt = 1 - 2 * layer / (layers - 1) if layers > 1 else 0.0
+        return min(1.0, self.keep * (1 + self.pyramid * tilt))
+
+
+class PackedLayer(CacheLayerMixin):
+    """One layer: packed rows (growing buffers, `PackedKV` layout), the exact sink tokens, and
+    an exact window of the most recent tokens [1, H, n, D] in the model's dtype."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, codec: CodecConfig, layer: int, layers: int, window: int,
+                 selection: Selection | None = None) -> None:  # fmt: skip
+        super().__init__()
+        key_bits, value_bits = codec.bits_per_layer(layers)
+        self.codec = replace(codec, key_bits=key_bits[layer], value_bits=value_bits[layer])
+        self.layer, self.layers, self.window, self.selection = layer, layers, window, selection
+        self.packed: PackedKV | None = None  # capacity may exceed packed.tokens
+        self.sinks: tuple[Tensor, Tensor] | None = None  # exact [1, H, S, D]
+        self.seen = 0  # positions so far: the next token's position
+        self.selected = False
+
+    # ---- CacheLayerMixin ----------------------------------------------------------------
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        empty = key_states[:, :, :0]
+        self.keys, self.values = empty, value_states[:, :, :0]
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> Any:
+        """Appends the new tokens to the exact window; returns this layer twice, which the
+        registered attention function recognises (see `attend`)."""
+        if key_states.shape[0] != 1:
+            raise ValueError("a PackedCache holds one sequence (batch 1)")
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        assert self.keys is not None and self.values is not None
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.seen += key_states.shape[-2]
+        return self, self
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.packed, self.sinks, self.seen, self.selected = None, None, 0, False
+        self.is_initialized = False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("a PackedCache holds one sequence: no beam search")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("a PackedCache holds one sequence")
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        raise NotImplementedError("a PackedCache holds one sequence")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a PackedCache cannot drop packed tokens")
+
+    # ---- attention ----------------------------------------------------------------------
+
+    def attend(self, query: Tensor, scale: float) -> Tensor:
+        """Attention of query [1, Hq, Q, D] (the newest Q tokens, already in the window) over
+        everything this layer holds -> [1, Q, Hq, D] as transformers' attention functions
+        return it. Then the window is folded (or, after a prefill, selected) into packed rows."""
+        assert self.keys is not None and self.values is not None
+        nq = query.shape[2]
+        if nq > FUSED_QUERIES or self.packed is None:
+            out = self._attend_expanded(query, scale)
+        else:
+            q = query.float() * scale
+            keys, values = self.keys, self.values
+            if self.sinks is not None:  # a few rows: one exact pass with the window
+                keys = torch.cat((self.sinks[0].to(keys.dtype), keys), dim=2)
+                values = torch.cat((self.sinks[1].to(values.dtype), values), dim=2)
+            out = merge([packed_attention(q, self.packed, skip=self._sink_rows()),
+                         exact_attention(q, keys, values, causal=nq)])  # fmt: skip
+        if self.selection is not None and not self.selected and nq > 1:
+            self._select(query, scale)
+        self._fold()
+        return out.to(query.dtype).transpose(1, 2).contiguous()
+
+    def _attend_expanded(self, query: Tensor, scale: float) -> Tensor:
+        """SDPA over the packed rows dequantized for this call, the sinks and the window."""
+        assert self.keys is not None and self.values is not None
+        keys, values = [self.keys], [self.values]
+        if self.packed is not None:
+            pk, pv = dequantize(self.packed)
+            s = self._sink_rows()
+            keys.insert(0, pk[:, :, s:].to(self.dtype))
+            values.insert(0, pv[:, :, s:].to(self.dtype))
+        if self.sinks is not None:
+            keys.insert(0, self.sinks[0].to(self.dtype))
+            values.insert(0, self.sinks[1].to(self.dtype))
+        k, v = torch.cat(keys, dim=2), torch.cat(values, dim=2)
+        nq, n = query.shape[2], k.shape[2]
+        mask = None
+        if n > nq:  # every cached row is visible; the new rows causally
+            cols = torch.arange(n, device=query.device)
+            mask = cols[None, :] <= torch.arange(nq, device=query.device)[:, None] + (n - nq)
+        return F.scaled_dot_product_attention(
+            query, k, v, attn_mask=mask, is_causal=mask is None and nq > 1, scale=scale,
+            enable_gqa=True,
+        )  # fmt: skip
+
+    def _sink_rows(self) -> int:
+        """Leading packed rows that hold filler codes: the sinks, kept exactly elsewhere."""
+        return 0 if self.sinks is None or self.selected else self.sinks[0].shape[2]
+
+    # ---- packing ------------------------------------------------------------------------
+
+    def _fold(self) -> None:
+        """Pack the window's oldest G tokens while it holds more than window + G."""
+        assert self.keys is not None and self.values is not None
+        g = self.codec.group_size
+        while self.keys.shape[2] >= self.window + g:
+            start = self.seen - self.keys.shape[2]
+            k, v = self.keys[0, :, :g], self.values[0, :, :g]
+            codec = self.codec if self.packed is None else replace(self.codec, sink_tokens=0)
+            if start != (self.packed.tokens if self.packed else 0) and not self.selected:
+                raise CodecError("packed rows and window out of step")
+            blob = encode(k[None], v[None], codec, start_position=start)
+            header = parse_header(blob)
+            payload = torch.frombuffer(bytearray(blob), dtype=torch.uint8)[header.header_len :]
+            self.add_block(header, payload, start, layer=0)
+            self.keys, self.values = self.keys[:, :, g:], self.values[:, :, g:]
+
+    def add_block(
+        self, header: BlockHeader, payload: Tensor, position: int, layer: int | None = None
+    ) -> None:
+        """Append the rows of a verified block's `layer` (default: this layer's index; a block
+        just folded holds this layer alone) after the packed rows."""
+        layer = self.layer if layer is None else layer
+        chunk = block_layer(header, payload, layer)
+        if header.sink_tokens:
+            if self.packed is not None and self.packed.tokens:
+                raise CodecError("a block with sink tokens must come first")
+            k, v = block_sinks(header, payload)
+            self.sinks = (k[layer][None].clone(), v[layer][None].clone())
+        positions = None
+        if self.packed is not None and self.packed.positions is not None:
+            rows = torch.arange(position, position + chunk.tokens, dtype=torch.int32)
+            positions = rows.expand(1, chunk.heads, chunk.tokens)
+        self._append(chunk, positions)
+
+    def _append(self, chunk: PackedKV, positions: Tensor | None) -> None:
+        """Copy chunk's rows after the packed rows, growing the buffers by a quarter."""
+        old = self.packed
+        t0 = old.tokens if old is not None else 0
+        t1 = t0 + chunk.tokens
+        if old is None or t1 > old.key_codes.shape[2]:
+            cap = max(t1, t0 + t0 // 4)
+            cap = -(-cap // chunk.group) * chunk.group
+            old = _grown(chunk if old is None else old, cap, chunk.key_codes.device)
+        for name, lo, hi in _rows(t0, t1, chunk.group):
+            getattr(old, name)[:, :, lo:hi] = getattr(chunk, name)[:, :, : hi - lo]
+        if old.positions is not None:
+            assert positions is not None
+            old.positions[:, :, t0:t1] = positions
+        self.packed = replace(old, tokens=t1)
+
+    def _select(self, query: Tensor, scale: float) -> None:
+        """MiniKV: keep this layer's heavy hitters among the exact prompt rows, plus sinks and
+        the recent window; pack the kept rows with each row's position."""
+        assert self.selection is not None and self.keys is not None and self.values is not None
+        self.selected = True
+        if self.packed is not None:  # only rows this request computed are selected
+            return
+        sel, g = self.selection, self.codec.group_size
+        n = self.keys.shape[2]
+        sinks = self.codec.sink_tokens
+        recent = min(n - sinks, self.window)
+        pool = n - sinks - recent  # candidates: between the sinks and the recent window
+        budget = int(sel.budget(self.layer, self.layers) * n) - sinks - recent
+        keep = max(0, min(pool, budget)) // g * g
+        if keep == 0 or pool == 0:
+            self.selected = False
+            return
+        w = min(sel.queries, query.shape[2])
+        scores = window_scores(query[:, :, -w:].float() * scale, self.keys)[0]  # [H, n]
+        cand = scores[:, sinks : sinks + pool]
+        idx = cand.topk(keep, dim=-1).indices.sort(dim=-1).values + sinks  # [H, keep]
+        h, d = self.keys.shape[1], self.keys.shape[3]
+        k = self.keys[0].gather(1, idx[..., None].expand(h, keep, d))
+        v = self.values[0].gather(1, idx[..., None].expand(h, keep, d))
+        codec = replace(self.codec, sink_tokens=0, rope=None)
+        if self.codec.rope is not None:  # pre-RoPE at each kept row's own position
+            k = _undo_rope_at(k, self.codec.rope, idx)
+        blob = encode(k[None], v[None], codec, start_position=sinks)
+        header = parse_header(blob)
+        payload = torch.frombuffer(bytearray(blob), dtype=torch.uint8)[header.header_len :]
+        chunk = replace(block_layer(header, payload, 0), rope=self.codec.rope)
+        if sinks:
+            self.sinks = (self.keys[:, :, :sinks].half(), self.values[:, :, :sinks].half())
+        self.packed = None
+        self._append_positions(chunk, idx.to(torch.int32)[None])
+        self.keys, self.values = self.keys[:, :, n - recent :], self.values[:, :, n - recent :]
+
+    def _append_positions(self, chunk: PackedKV, positions: Tensor) -> None:
+        cap = chunk.tokens + self.window + self.codec.group_size
+        cap = -(-cap // chunk.group) * chunk.group
+        base = _grown(chunk, cap, chunk.key_codes.device, with_positions=True)
+        self.packed = replace(base, tokens=0)
+        self._append(chunk, positions)
+
+    # ---- accounting ---------------------------------------------------------------------
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held for this layer's tokens: packed rows in use, sinks and the window."""
+        total = self.packed.nbytes if self.packed is not None else 0
+        for t in (*(self.sinks or ()), self.keys, self.values):
+            if t is not None:
+                total += t.numel() * t.element_size()
+        return total
+
+    @property
+    def allocated(self) -> int:
+        """Bytes of this layer's buffers, spare capacity included."""
+        total = self.nbytes - (self.packed.nbytes if self.packed is not None else 0)
+        if self.packed is not None:
+            p = self.packed
+            tensors = [p.key_codes, p.key_scales, p.key_mins, p.value_codes, p.value_scales,
+                       p.value_mins, p.positions]  # fmt: skip
+            total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return total
+
+
+def _rows(t0: int, t1: int, g: int) -> list[tuple[str, int, int]]:
+    """(buffer, first, end) of the tokens [t0, t1) in each PackedKV buffer."""
+    return [
+        ("key_codes", t0, t1), ("key_scales", t0 // g, t1 // g), ("key_mins", t0 // g, t1 // g),
+        ("value_codes", t0, t1), ("value_scales", t0, t1), ("value_mins", t0, t1),
+    ]  # fmt: skip
+
+
+def _grown(kv: PackedKV, cap: int, device: torch.device, with_positions: bool = False) -> PackedKV:
+    """A PackedKV like kv with buffers of `cap` rows, holding kv's rows."""
+    g = kv.group
+
+    def buf(x: Tensor, rows: int) -> Tensor:
+        out = torch.empty(*x.shape[:2], rows, *x.shape[3:], dtype=x.dtype, device=device)
+        n = min(rows, x.shape[2])
+        out[:, :, :n] = x[:, :, :n]
+        return out
+
+    positions = kv.positions
+    if positions is not None or with_positions:
+        positions = torch.zeros(kv.batch, kv.heads, cap, dtype=torch.int32, device=device)
+        if kv.positions is not None:
+            positions[:, :, : kv.tokens] = kv.positions[:, :, : kv.tokens]
+    return replace(
+        kv,
+        key_codes=buf(kv.key_codes, cap), key_scales=buf(kv.key_scales, cap // g),
+        key_mins=buf(kv.key_mins, cap // g), value_codes=buf(kv.value_codes, cap),
+        value_scales=buf(kv.value_scales, cap), value_mins=buf(kv.value_mins, cap),
+        positions=positions,
+    )  # fmt: skip
+
+
+def _undo_rope_at(keys: Tensor, rope: RopeParams, positions: Tensor) -> Tensor:
+    """keys [H, n, D] at `positions` [H, n] -> pre-RoPE keys (float32)."""
+    cos, sin = rope_at(rope, positions)
+    r = rope.rotary_dim
+    x = keys[..., :r].float()
+    half = torch.cat((x[..., r // 2 :].neg(), x[..., : r // 2]), dim=-1)
+    return torch.cat((x * cos - half * sin, keys[..., r:].float()), dim=-1)
+
+
+class PackedCache(Cache):
+    """A cache for `model` (batch 1) whose prompt KV stays packed with `codec` (its KIVI
+    layout: no key basis): `window` recent tokens stay exact, older ones are packed G at a time.
+    `selection`: MiniKV's request-private selection after the first prefill."""
+
+    def __init__(self, model: Any, codec: CodecConfig, window: int = 128,
+                 selection: Selection | None = None) -> None:  # fmt: skip
+        if codec.key_basis is not None:
+            raise CodecError("the packed cache attends to KIVI-layout keys: no key basis")
+        if window < 0:
+            raise ValueError("window must be >= 0")
+        from kvpool.hf import model_layout
+
+        layers, _, _ = model_layout(model)
+        self.codec = codec
+        super().__init__(layers=[PackedLayer(codec, i, layers, window, selection)
+                                 for i in range(layers)])  # fmt: skip
+
+    def add_blocks(self, blocks: Iterable[tuple[BlockHeader, Tensor]]) -> int:
+        """Append verified blocks of the prompt's prefix, in order, from position 0 (see
+        `KVPool.get_payloads`); returns the tokens added."""
+        added = 0
+        for header, payload in blocks:
+            position = self.get_seq_length()
+            if header.start_position != position:
+                raise CodecError(f"block at {header.start_position}, the cache is at {position}")
+            for layer in self.layers:
+                assert isinstance(layer, PackedLayer)
+                layer.add_block(header, payload, position)
+                layer.seen += header.tokens
+            added += header.tokens
+        return added
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held for the cached tokens (packed rows in use, sinks, exact windows)."""
+        return sum(layer.nbytes for layer in self.layers if isinstance(layer, PackedLayer))
+
+    @property
+    def allocated(self) -> int:
+        return sum(layer.allocated for layer in self.layers if isinstance(layer, PackedLayer))
