@@ -32,7 +32,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Coroutine, Generator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -50,6 +50,7 @@ from kvpool.kernels.codec import (
     decode,
     encode,
     encode_latent,
+    verified_payload,
 )
 from kvpool.metrics import client_metrics
 from kvpool.proto.blockformat import BlockHeader, Layout
@@ -67,6 +68,7 @@ from kvpool.transport import ClientConfig, TierClient
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+R = TypeVar("R")
 KV = tuple[Tensor, Tensor] | Tensor  # (keys, values) [L, H, T, D] each, or latent [L, T, C]
 # what a fetched block can fail with: a miss, counted, and the block is deleted from the tier
 REFUSALS = (BlockFormatError, CodecError, RuntimeError)
@@ -435,6 +437,15 @@ class AsyncKVPool:
         self.metrics.hit_blocks.inc()
         return block
 
+    def _verified(
+        self, blob: bytes | memoryview, keys: list[BlockHash], i: int
+    ) -> tuple[BlockHeader, Tensor]:
+        expect = self.expected_header(keys, i)
+        with self.metrics.decode_seconds.time():
+            found = verified_payload(blob, expect, self.namespace.mac_key, self.codec.key_basis)
+        self.metrics.hit_blocks.inc()
+        return found
+
     def _encode(self, tensors: list[Tensor], keys: list[BlockHash], i: int, first: int) -> bytes:
         """Block i of the prefix, from tensors that start at block `first`."""
         b, binding = self.block_tokens, self._binding(keys, i)
@@ -544,13 +555,39 @@ class KVPool:
         if out is not None:  # before anything is fetched: a bad buffer is the caller's error
             shape = (ns.layers, ns.kv_heads, ns.block_tokens, ns.head_dim)
             check_out(out, shape, ns.layout == Layout.LATENT)
+        dtype = out[0].dtype if out else _torch_dtype(ns)
+
+        def read(blob: bytes | memoryview, keys: list[BlockHash], i: int) -> Block:
+            return client._decode(blob, keys, i, dtype, out)
+
+        return self._blocks(tokens, present, first_block, read)
+
+    def get_payloads(
+        self, tokens: Sequence[int] | Tensor, present: int | None = None, first_block: int = 0
+    ) -> Generator[tuple[BlockHeader, Tensor], None, None]:
+        """Like `get_blocks`, but each block is only verified, not decoded: its header and
+        payload (uint8), whose sections a PackedCache attends to as they are."""
+        client = self._client
+
+        def read(
+            blob: bytes | memoryview, keys: list[BlockHash], i: int
+        ) -> tuple[BlockHeader, Tensor]:
+            return client._verified(blob, keys, i)
+
+        return self._blocks(tokens, present, first_block, read)
+
+    def _blocks(
+        self, tokens: Sequence[int] | Tensor, present: int | None, first_block: int,
+        read: Callable[[bytes | memoryview, list[BlockHash], int], R],
+    ) -> Generator[R, None, None]:  # fmt: skip
+        """The loop behind get_blocks and get_payloads: fetch in parallel, read in order."""
+        client, ns = self._client, self.namespace
         keys = block_keys(ns, tokens)
         t0, failures = time.perf_counter(), client._failures()
         n = min(len(keys), (self.lookup(tokens) if present is None else present) // ns.block_tokens)
         futures = [asyncio.run_coroutine_threadsafe(client._get_block(keys[i]), self._loop)
                    for i in range(first_block, n)]  # fmt: skip
         deadline = time.monotonic() + client.config.call_timeout_s
-        dtype = out[0].dtype if out else _torch_dtype(ns)
         got = 0
         try:
             for i, future in zip(range(first_block, n), futures, strict=True):
@@ -562,7 +599,7 @@ class KVPool:
                 if blob is None:
                     return
                 try:
-                    block = client._decode(blob, keys, i, dtype, out)
+                    item = read(blob, keys, i)
                 except REFUSALS as e:
                     refused = asyncio.run_coroutine_threadsafe(
                         client._refuse(keys, i, e), self._loop
@@ -571,7 +608,7 @@ class KVPool:
                         refused.result(timeout=max(0.0, deadline - time.monotonic()))
                     return
                 got += 1
-                yield block
+                yield item
         finally:
             for future in futures:
                 future.cancel()

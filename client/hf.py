@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache
+from transformers import Cache, DynamicCache
 
 from kvpool.client import KVPool, namespace_for
 from kvpool.kernels.codec import CodecConfig
@@ -143,7 +143,10 @@ class CachedModel:
     logits, cache = cached.prefill(input_ids)            # the same for a forward loop
     """
 
-    def __init__(self, model: Any, pool: KVPool, cost: CostModel | None = None) -> None:
+    def __init__(
+        self, model: Any, pool: KVPool, cost: CostModel | None = None, packed: bool = False,
+        window: int = 128,
+    ) -> None:  # fmt: skip
         expected = namespace_for_model(model, pool.codec, **_same_options(pool.namespace))
         if expected.id != pool.namespace.id:
             raise NamespaceError(
@@ -155,18 +158,30 @@ class CachedModel:
         self.last_cached_tokens = 0  # tokens the last fetch put into the cache
         self.last_fetched_bytes = 0
         self._tier_tokens = 0  # leading tokens of the last prompt the tier held
+        self.packed, self.window = packed, window
+        if packed:  # attention over packed rows: kvpool.packed (no key basis)
+            from kvpool.packed import use_packed_attention
 
-    def fetch(self, input_ids: Tensor) -> DynamicCache:
+            if pool.codec.key_basis is not None:
+                raise CodecError("a packed cache needs a codec without a key basis")
+            use_packed_attention(model)
+
+    def fetch(self, input_ids: Tensor) -> Cache:
         """A cache holding the longest cached prefix of `input_ids` [1, T] that is worth
-        fetching, cut to at most T-1 tokens: the last token always runs, to give logits."""
+        fetching, cut to at most T-1 tokens: the last token always runs, to give logits. With
+        `packed`, a PackedCache of the whole blocks below T (as they came: nothing decoded)."""
         tokens = self._tokens(input_ids)
         self.last_cached_tokens = self.last_fetched_bytes = 0
         n = self._tier_tokens = self.pool.lookup(tokens)
         use = min(n, len(tokens) - 1)
+        if self.packed:
+            use -= use % self.pool.namespace.block_tokens
         blocks = -(-use // self.pool.namespace.block_tokens)
         if use <= 0 or not self.cost.worth_fetching(use, blocks * self._block_bytes()):
-            return DynamicCache(config=self.model.config)
+            return self._empty(len(tokens))
         t0 = time.perf_counter()
+        if self.packed:
+            return self._fetch_packed(tokens, use, t0)
         hit = self.pool.get(tokens[:n], dtype=self.model.dtype, present=n)
         if hit is None or hit.keys is None or hit.values is None:
             return DynamicCache(config=self.model.config)
@@ -175,6 +190,28 @@ class CachedModel:
         self.last_cached_tokens, self.last_fetched_bytes = use, hit.fetched_bytes
         return cache_from_kv(self.model, hit.keys[:, :, :use], hit.values[:, :, :use])
 
+    def _empty(self, prompt: int) -> Cache:
+        if not self.packed:
+            return DynamicCache(config=self.model.config)
+        from kvpool.packed import PackedCache
+
+        cache = PackedCache(self.model, self.pool.codec, self.window)
+        cache.start_recording(prompt)
+        return cache
+
+    def _fetch_packed(self, tokens: list[int], use: int, t0: float) -> Cache:
+        from kvpool.packed import PackedCache
+
+        cache = PackedCache(self.model, self.pool.codec, self.window)
+        payloads = list(self.pool.get_payloads(tokens[:use], present=use))
+        cached = cache.add_blocks(payloads)
+        fetched = sum(header.header_len + payload.numel() for header, payload in payloads)
+        if cached:
+            self.cost.saw_fetch(fetched, time.perf_counter() - t0)
+        self.last_cached_tokens, self.last_fetched_bytes = cached, fetched
+        cache.start_recording(len(tokens) - cached)
+        return cache
+
     def store(self, input_ids: Tensor, cache: Any) -> int:
         """Store the full blocks of the prompt `input_ids` [1, T] held in `cache` that the
         tier did not hold when `fetch` looked."""
@@ -182,10 +219,17 @@ class CachedModel:
         full = len(tokens) - len(tokens) % self.pool.namespace.block_tokens
         if full == 0 or full <= self._tier_tokens:
             return 0
+        if hasattr(cache, "take_recorded"):  # a PackedCache: its new tokens, recorded exactly
+            recorded, first = cache.take_recorded(), self.last_cached_tokens
+            if recorded is None or first + recorded[0].shape[2] < full:
+                return 0
+            kv = (recorded[0][:, :, : full - first], recorded[1][:, :, : full - first])
+            bt = self.pool.namespace.block_tokens
+            return self.pool.put(tokens[:full], kv, first_block=first // bt)
         return self.pool.put(tokens[:full], kv_from_cache(cache, full))
 
     @torch.inference_mode()
-    def prefill(self, input_ids: Tensor) -> tuple[Tensor, DynamicCache]:
+    def prefill(self, input_ids: Tensor) -> tuple[Tensor, Cache]:
         """(logits of the last position [1, vocab], the cache of the whole prompt)."""
         cache = self.fetch(input_ids)
         start = cache.get_seq_length()

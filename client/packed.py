@@ -113,6 +113,8 @@ class PackedLayer(CacheLayerMixin):
         self.sinks: tuple[Tensor, Tensor] | None = None  # exact [1, H, S, D]
         self.seen = 0  # positions so far: the next token's position
         self.selected = False
+        self.record = 0  # tokens still to copy into `recorded` (exact, for storing blocks)
+        self.recorded: list[tuple[Tensor, Tensor]] = []
 
     # ---- CacheLayerMixin ----------------------------------------------------------------
 
@@ -133,6 +135,10 @@ class PackedLayer(CacheLayerMixin):
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         self.seen += key_states.shape[-2]
+        if self.record > 0:
+            n = min(self.record, key_states.shape[-2])
+            self.recorded.append((key_states[0, :, :n].clone(), value_states[0, :, :n].clone()))
+            self.record -= n
         return self, self
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -403,6 +409,26 @@ class PackedCache(Cache):
                 layer.seen += header.tokens
             added += header.tokens
         return added
+
+    def start_recording(self, tokens: int) -> None:
+        """Keep an exact copy of the next `tokens` tokens each layer is given (a prompt's new
+        blocks, to be stored in the tier: packed rows are never re-encoded)."""
+        for layer in self.layers:
+            assert isinstance(layer, PackedLayer)
+            layer.record, layer.recorded = tokens, []
+
+    def take_recorded(self) -> tuple[Tensor, Tensor] | None:
+        """(keys, values) [L, H, n, D] recorded since `start_recording`, and stop recording."""
+        parts = []
+        for layer in self.layers:
+            assert isinstance(layer, PackedLayer)
+            parts.append(layer.recorded)
+            layer.record, layer.recorded = 0, []
+        if not parts or not parts[0]:
+            return None
+        keys = torch.stack([torch.cat([k for k, _ in p], dim=1) for p in parts])
+        values = torch.stack([torch.cat([v for _, v in p], dim=1) for p in parts])
+        return keys, values
 
     @property
     def nbytes(self) -> int:

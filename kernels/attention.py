@@ -69,7 +69,7 @@ class PackedKV:
             raise CodecError("packed KV needs head_dim % 8 == 0, Gv | D and T, T' multiples of G")
         if not 0 <= self.tokens <= cap:
             raise CodecError(f"{self.tokens} tokens in a packed buffer of {cap}")
-        want = {
+        want: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
             "key_codes": ((b, h, cap, d * self.key_bits // 8), torch.uint8),
             "key_scales": ((b, h, cap // g, d), torch.float16),
             "key_mins": ((b, h, cap // g, d), torch.float16),

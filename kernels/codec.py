@@ -349,6 +349,27 @@ def decode(
     return block
 
 
+def verified_payload(
+    blob: bytes | bytearray | memoryview, expect: BlockHeader | None = None, mac_key: bytes = b"",
+    key_basis: KeyBasis | None = None,
+) -> tuple[BlockHeader, Tensor]:  # fmt: skip
+    """A block's header and its payload, uint8 (a copy: the blob may be a view into a shared
+    arena), after every check `decode` makes (header, `expect`, key basis, checksum and MAC),
+    for readers that use the sections as they are (kvpool.packed). Raises as `decode` does."""
+    header = parse_header(blob)
+    check_length(blob, header)
+    if expect is not None and header != expect:
+        raise BlockMismatchError(f"got {_describe(header)}, expected {_describe(expect)}")
+    if header.has_flag(Flag.KEY_BASIS):
+        if key_basis is None:
+            raise CodecError("this block's keys are in a key basis: pass the namespace's")
+        key_basis.check(header)
+    verify(blob, mac_key)
+    start = header.header_len
+    payload = bytearray(memoryview(blob)[start : start + header.payload_len])
+    return header, torch.frombuffer(payload, dtype=torch.uint8)
+
+
 def _decode_payload(
     blob: bytes | bytearray | memoryview, header: BlockHeader, device: str | torch.device,
     dtype: torch.dtype | None, backend: Backend, out: tuple[Tensor, ...] | None,

@@ -1,0 +1,225 @@
+"""Attention over packed KV on the CPU: a block's sections viewed in place equal what decode
+gives, the C loop equals dequantize-then-attend, exact pieces merge to the whole, window scores
+match their reference, and bad arguments are refused."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kvpool.kernels import _cpu_codec, cpu
+from kvpool.kernels.attention import (
+    PackedKV,
+    attention_reference,
+    block_layer,
+    block_sinks,
+    dequantize,
+    exact_attention,
+    merge,
+    packed_attention,
+    window_scores,
+    window_scores_reference,
+)
+from kvpool.kernels.codec import CodecConfig, KeyBasis, decode, encode
+from kvpool.kernels.transforms import RopeParams
+from kvpool.proto.blockformat import parse_header
+from kvpool.proto.errors import CodecError
+from tests.kernels.helpers import kv as random_kv
+
+ROPE = RopeParams(10000.0, 64)
+CONFIGS = [
+    CodecConfig(),
+    CodecConfig(key_bits=3, value_bits=4, rope=ROPE, hadamard_values=True, sink_tokens=4),
+    CodecConfig(key_bits=(8, 2), value_bits=(2, 3), group_size=64, rope=RopeParams(500.0, 32)),
+]
+
+
+def payload_of(blob: bytes) -> tuple:
+    header = parse_header(blob)
+    return header, torch.frombuffer(bytearray(blob), dtype=torch.uint8)[header.header_len :]
+
+
+def packed(config: CodecConfig, tokens: int = 256, seed: int = 0, layer: int = 1):
+    k, v = random_kv(layers=2, heads=3, tokens=tokens, dim=64, dtype=torch.float32, seed=seed)
+    blob = encode(k, v, config)
+    header, payload = payload_of(blob)
+    return blob, header, payload, block_layer(header, payload, layer)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["2bit", "k3v4-rope-hadamard-sinks", "profile"])
+def test_a_blocks_sections_in_place_dequantize_to_what_decode_gives(config) -> None:
+    blob, header, payload, _ = packed(config)
+    block = decode(blob)
+    s = header.sink_tokens
+    for layer in range(2):
+        keys, values = dequantize(block_layer(header, payload, layer))
+        torch.testing.assert_close(keys[0, :, s:], block.keys[layer, :, s:], atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            values[0, :, s:], block.values[layer, :, s:], atol=2e-5, rtol=1e-5
+        )
+    sink_k, sink_v = block_sinks(header, payload)
+    assert sink_k.shape == (2, 3, s, 64)
+    if s:
+        torch.testing.assert_close(sink_k.float(), block.keys[:, :, :s])
+        torch.testing.assert_close(sink_v.float(), block.values[:, :, :s])
+
+
+def grown(kv: PackedKV, cap: int, positions: torch.Tensor | None = None) -> PackedKV:
+    """kv's rows in buffers of `cap` rows (the packed cache's spare capacity), filled with junk."""
+
+    def buf(x: torch.Tensor, rows: int) -> torch.Tensor:
+        out = torch.randint(0, 255, (*x.shape[:2], rows, *x.shape[3:]), dtype=torch.uint8)
+        out = out.view(x.dtype) if x.dtype == torch.uint8 else (out.float() / 255).to(x.dtype)
+        out[:, :, : x.shape[2]] = x
+        return out
+
+    g = kv.group
+    pos = None
+    if positions is not None:
+        pos = torch.full((kv.batch, kv.heads, cap), 10**6, dtype=torch.int32)
+        pos[:, :, : kv.tokens] = positions
+    return replace(
+        kv, key_codes=buf(kv.key_codes, cap), key_scales=buf(kv.key_scales, cap // g),
+        key_mins=buf(kv.key_mins, cap // g), value_codes=buf(kv.value_codes, cap),
+        value_scales=buf(kv.value_scales, cap), value_mins=buf(kv.value_mins, cap),
+        positions=pos,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["2bit", "k3v4-rope-hadamard-sinks", "profile"])
+@pytest.mark.parametrize("layer", [0, 1])
+@pytest.mark.parametrize(("r", "nq", "skip"), [(3, 1, 0), (1, 2, 4), (3, 4, 130)])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_c_loop_equals_dequantize_then_attend(config, layer, r, nq, skip, workers) -> None:
+    *_, kv = packed(config, layer=layer)
+    q = torch.randn(1, 3 * r, nq, 64, generator=torch.Generator().manual_seed(1)) * 0.3
+    want_o, want_lse = attention_reference(q, kv, skip)
+    got_o, got_lse = cpu.packed_attention(q, kv, skip, workers=workers)
+    torch.testing.assert_close(got_o, want_o, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(got_lse, want_lse, atol=2e-5, rtol=1e-5)
+    # against attention over the decoded block, by a route that shares nothing with the above
+    # (past the sinks, whose packed rows hold filler codes)
+    block = decode(encode(*random_kv(2, 3, 256, 64, torch.float32, 0), config))
+    s = max(skip, config.sink_tokens)
+    keys, values = block.keys[layer, None, :, s:], block.values[layer, None, :, s:]
+    sdpa = F.scaled_dot_product_attention(q, keys, values, scale=1.0, enable_gqa=True)
+    torch.testing.assert_close(cpu.packed_attention(q, kv, s)[0], sdpa, atol=5e-5, rtol=1e-4)
+
+
+def test_spare_capacity_and_per_head_positions() -> None:
+    *_, kv = packed(CONFIGS[1])
+    perm = torch.stack([torch.randperm(5000, generator=torch.Generator().manual_seed(h))[:256]
+                        for h in range(3)]).to(torch.int32)[None]  # fmt: skip
+    wide = grown(replace(kv, positions=perm.contiguous()), 512, perm)
+    q = torch.randn(1, 9, 2, 64) * 0.3
+    want = attention_reference(q, wide, 4)
+    got = cpu.packed_attention(q, wide, 4)
+    torch.testing.assert_close(got[0], want[0], atol=2e-5, rtol=1e-4)
+    # the positions matter: at the row index the scores differ
+    plain = attention_reference(q, grown(kv, 512), 4)
+    assert (plain[0] - got[0]).abs().max() > 1e-3
+
+
+def test_a_block_of_batch_two_and_no_counting_rows() -> None:
+    *_, kv = packed(CONFIGS[0])
+    two = replace(kv, **{f: torch.cat([getattr(kv, f)] * 2) for f in (
+        "key_codes", "key_scales", "key_mins", "value_codes", "value_scales", "value_mins")})  # fmt: skip
+    q = torch.randn(2, 6, 1, 64)
+    torch.testing.assert_close(
+        packed_attention(q, two), attention_reference(q, two), atol=2e-5, rtol=1e-4
+    )
+    o, lse = packed_attention(q, two, skip=256)
+    assert bool((o == 0).all()) and bool(torch.isinf(lse).all())
+
+
+def test_exact_pieces_merge_into_the_whole() -> None:
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 6, 3, 32, generator=g)
+    k, v = torch.randn(1, 2, 40, 32, generator=g), torch.randn(1, 2, 40, 32, generator=g)
+    whole = exact_attention(q, k, v, causal=3)
+    mask = torch.ones(3, 40, dtype=torch.bool).tril(37)
+    torch.testing.assert_close(
+        whole[0], F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=True)
+    )  # fmt: skip
+    parts = [
+        exact_attention(q, k[:, :, :25], v[:, :, :25]),
+        exact_attention(q, k[:, :, 25:], v[:, :, 25:], causal=3),
+    ]
+    torch.testing.assert_close(merge(parts), whole[0], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("hq", "h", "w", "n", "block"), [(3, 1, 8, 100, 32), (6, 2, 16, 300, 64), (4, 2, 20, 20, 7)]
+)
+def test_window_scores_blockwise_equal_the_reference(hq, h, w, n, block) -> None:
+    g = torch.Generator().manual_seed(hq)
+    q = torch.randn(2, hq, w, 32, generator=g) * 0.5
+    keys = torch.randn(2, h, n, 32, generator=g)
+    want = window_scores_reference(q, keys)
+    torch.testing.assert_close(window_scores(q, keys, block=block), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(want.sum(-1), torch.full(want.shape[:2], float(hq // h * w)))
+    assert float(want[..., 0].min()) > 0  # the first key is seen by every window query
+    with pytest.raises(CodecError, match="longer than the prompt"):
+        window_scores(torch.randn(1, hq, n + 1, 32), keys[:1])
+
+
+def test_bad_arguments_are_refused() -> None:
+    *_, kv = packed(CONFIGS[0])
+    with pytest.raises(CodecError, match="key_codes"):
+        replace(kv, key_codes=kv.key_codes[:, :, :, :8].contiguous())
+    with pytest.raises(CodecError, match="multiples of G"):
+        replace(kv, tokens=100)
+    with pytest.raises(CodecError, match="tokens in a packed buffer"):
+        replace(kv, tokens=384)
+    with pytest.raises(CodecError, match="heads"):
+        packed_attention(torch.randn(1, 4, 1, 64), kv)
+    with pytest.raises(CodecError, match="skip"):
+        packed_attention(torch.randn(1, 3, 1, 64), kv, skip=300)
+    basis = KeyBasis(
+        torch.zeros(2, 3, 64), torch.eye(64).expand(2, 3, 64, 64).contiguous(), (2,) * 16
+    )
+    k, v = random_kv(2, 3, 128, 64, torch.float32)
+    h2, p2 = payload_of(encode(k, v, CodecConfig(key_basis=basis)))
+    with pytest.raises(CodecError, match="key basis"):
+        block_layer(h2, p2, 0)
+    keys = (
+        kv.key_codes.data_ptr(),
+        kv.key_scales.data_ptr(),
+        kv.key_mins.data_ptr(),
+        3,
+        256,
+        256,
+        64,
+        128,
+        2,
+    )
+    vals = (
+        kv.value_codes.data_ptr(),
+        kv.value_scales.data_ptr(),
+        kv.value_mins.data_ptr(),
+        3,
+        256,
+        256,
+        64,
+        64,
+        2,
+    )
+    out = torch.empty(9, 64), torch.empty(9), torch.empty(9)
+    q = torch.randn(9, 64)
+    args = (q.data_ptr(), 3, 0, 256, 0, 0, *(x.data_ptr() for x in out))
+    _cpu_codec.attend(keys, vals, *args)  # valid
+    assert bool(torch.isfinite(out[0]).all())
+    for bad_keys, bad_vals, bad_args, msg in [
+        ((*keys[:8], 5), vals, args, "bits"),
+        ((*keys[:6], 40, *keys[7:]), vals, args, "packed shape"),
+        (keys, (*vals[:3], 2, *vals[4:]), args, "do not match"),
+        (keys, vals, (*args[:3], 300, *args[4:]), "token range"),
+        (keys, vals, (*args[:2], 10, 10, *args[4:]), "token range"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            _cpu_codec.attend(bad_keys, bad_vals, *bad_args)
+    with pytest.raises(ValueError, match="RoPE"):
+        _cpu_codec.attend(keys, vals, *args, 1, 0, 64, 0)
