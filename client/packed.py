@@ -226,7 +226,8 @@ class PackedLayer(CacheLayerMixin):
         while self.keys.shape[2] >= self.window + g:
             start = self.seen - self.keys.shape[2]
             k, v = self.keys[0, :, :g], self.values[0, :, :g]
-            codec = self.codec if self.packed is None else replace(self.codec, sink_tokens=0)
+            first = self.packed is None and not self.selected  # the sinks are packed with it
+            codec = self.codec if first else replace(self.codec, sink_tokens=0)
             if start != (self.packed.tokens if self.packed else 0) and not self.selected:
                 raise CodecError("packed rows and window out of step")
             blob = encode(k[None], v[None], codec, start_position=start)
@@ -247,11 +248,13 @@ class PackedLayer(CacheLayerMixin):
                 raise CodecError("a block with sink tokens must come first")
             k, v = block_sinks(header, payload)
             self.sinks = (k[layer][None].clone(), v[layer][None].clone())
-        positions = None
-        if self.packed is not None and self.packed.positions is not None:
-            rows = torch.arange(position, position + chunk.tokens, dtype=torch.int32)
-            positions = rows.expand(1, chunk.heads, chunk.tokens)
-        self._append(chunk, positions)
+        if not self.selected:
+            return self._append(chunk, None)
+        rows = torch.arange(position, position + chunk.tokens, dtype=torch.int32)
+        positions = rows.expand(1, chunk.heads, chunk.tokens)
+        if self.packed is None:  # a selection that kept no rows before these
+            return self._append_positions(chunk, positions)
+        return self._append(chunk, positions)
 
     def _append(self, chunk: PackedKV, positions: Tensor | None) -> None:
         """Copy chunk's rows after the packed rows, growing the buffers by a quarter."""
@@ -281,10 +284,15 @@ class PackedLayer(CacheLayerMixin):
         sinks = self.codec.sink_tokens
         recent = min(n - sinks, self.window)
         pool = n - sinks - recent  # candidates: between the sinks and the recent window
-        budget = int(sel.budget(self.layer, self.layers) * n) - sinks - recent
-        keep = max(0, min(pool, budget)) // g * g
-        if keep == 0 or pool == 0:
-            self.selected = False
+        budget = sel.budget(self.layer, self.layers) * n - sinks - recent
+        keep = min(pool // g, max(0, round(budget / g))) * g  # whole groups of G tokens
+        if pool <= 0:
+            self.selected = False  # nothing to choose from (yet)
+            return
+        if sinks:
+            self.sinks = (self.keys[:, :, :sinks].half(), self.values[:, :, :sinks].half())
+        if keep == 0:  # this layer keeps only its sinks and the recent window
+            self.keys, self.values = self.keys[:, :, n - recent :], self.values[:, :, n - recent :]
             return
         w = min(sel.queries, query.shape[2])
         scores = window_scores(query[:, :, -w:].float() * scale, self.keys)[0]  # [H, n]
@@ -300,13 +308,11 @@ class PackedLayer(CacheLayerMixin):
         header = parse_header(blob)
         payload = torch.frombuffer(bytearray(blob), dtype=torch.uint8)[header.header_len :]
         chunk = replace(block_layer(header, payload, 0), rope=self.codec.rope)
-        if sinks:
-            self.sinks = (self.keys[:, :, :sinks].half(), self.values[:, :, :sinks].half())
-        self.packed = None
         self._append_positions(chunk, idx.to(torch.int32)[None])
         self.keys, self.values = self.keys[:, :, n - recent :], self.values[:, :, n - recent :]
 
     def _append_positions(self, chunk: PackedKV, positions: Tensor) -> None:
+        """Start the packed rows with chunk, at these positions (selected rows)."""
         cap = chunk.tokens + self.window + self.codec.group_size
         cap = -(-cap // chunk.group) * chunk.group
         base = _grown(chunk, cap, chunk.key_codes.device, with_positions=True)

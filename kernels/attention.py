@@ -299,7 +299,7 @@ def window_scores(q: Tensor, keys: Tensor, block: int = 1024) -> Tensor:
     b, hq, w, _ = q.shape
     h, n = keys.shape[1], keys.shape[2]
     r = hq // h
-    qf = q.float().view(b, h, r * w, -1)
+    qf = q.float().reshape(b, h, r * w, -1)
     pos = (torch.arange(w, device=q.device) + (n - w)).repeat(r)  # [R * W]: each row's position
     lse = torch.full((b, h, r * w), float("-inf"), device=q.device)
     for lo in range(0, n, block):  # pass 1: log-sum-exp of each query row
