@@ -39,8 +39,6 @@ from kvpool.kernels.attention import (
     block_layer,
     block_sinks,
     dequantize,
-    exact_attention,
-    merge,
     packed_attention,
     rope_at,
     window_scores,
@@ -179,12 +177,10 @@ class PackedLayer(CacheLayerMixin):
             out = self._attend_expanded(query, scale)
         else:
             q = query.float() * scale
-            keys, values = self.keys, self.values
-            if self.sinks is not None:  # a few rows: one exact pass with the window
-                keys = torch.cat((self.sinks[0].to(keys.dtype), keys), dim=2)
-                values = torch.cat((self.sinks[1].to(values.dtype), values), dim=2)
-            out = merge([packed_attention(q, self.packed, skip=self._sink_rows()),
-                         exact_attention(q, keys, values, causal=nq)])  # fmt: skip
+            exact = [(self.keys, self.values, nq)]
+            if self.sinks is not None:
+                exact.insert(0, (*self.sinks, 0))
+            out, _ = packed_attention(q, self.packed, self._sink_rows(), exact)
         if self.selection is not None and not self.selected and nq > 1:
             self._select(query, scale)
         self._fold()

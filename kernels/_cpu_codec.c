@@ -558,45 +558,119 @@ INLINE float exp_nonpositive(float x) {
  * out): the scores, their maximum m and the sum l of exp(score - m) per query row, and
  * acc = sum_t exp(score_t - m) * value_t (unnormalized; Hadamard-rotated back when asked).
  * A caller merges ranges (and exact rows) by log-sum-exp: lse = m + log(l), o = acc / l. */
-INLINE void attend_impl(const Packed *k, const Packed *v, const float *q, int64_t RQ,
-                        int64_t t0, int64_t t1, int64_t skip, const float *cos, const float *sin,
-                        int64_t rotary, const int32_t *pos, int hadamard, float *acc, float *mx,
-                        float *sum) {
-    const int64_t rows = k->heads * RQ, n = t1 - t0, D = k->D;
-    memset(acc, 0, sizeof(float) * (size_t)(rows * D));
-    const int64_t first = skip > t0 ? (skip < t1 ? skip : t1) : t0; /* first counted token */
-    if (first == t1) {
-        for (int64_t j = 0; j < rows; j++) mx[j] = -INFINITY, sum[j] = 0.0f;
-        return;
+/* Exact rows beside the packed ones (the sinks, the recent window): keys and values of one
+ * dtype, rows of D, a head's n rows `hs` elements apart; the last `causal` rows are the query
+ * tokens' own, and query q (of Q) sees those up to its own. */
+typedef struct {
+    const char *k, *v;
+    int dtype;
+    int64_t n, hs, causal;
+} Exact;
+
+/* softmax pieces of scores sc[0..m) in place: sc <- exp(sc - max), returns the sum; the max in
+ * *hi. Entries at -INFINITY (masked) come out 0. */
+INLINE float softmax_pieces(float *restrict sc, int64_t m, float *hi) {
+    float top = -INFINITY;
+    for (int64_t i = 0; i < m; i++) top = sc[i] > top ? sc[i] : top;
+    for (int64_t i = 0; i < m; i++) sc[i] = exp_nonpositive(sc[i] - top);
+    float lanes[16] = {0};
+    int64_t i = 0;
+    for (; i + 16 <= m; i += 16)
+        for (int l = 0; l < 16; l++) lanes[l] += sc[i + l];
+    for (; i < m; i++) lanes[0] += sc[i];
+    float total = 0.0f;
+    for (int l = 0; l < 16; l++) total += lanes[l];
+    *hi = top;
+    return total;
+}
+
+/* the (acc, max, sum) of the exact rows of segments ex[0..nex), for every query row */
+INLINE void exact_impl(const Exact *ex, int nex, int64_t heads, int64_t D, const float *q,
+                       int64_t RQ, int64_t Q, float *acc, float *mx, float *sum) {
+    int64_t n = 0;
+    for (int e = 0; e < nex; e++) n += ex[e].n;
+    float *sc = malloc(sizeof(float) * (size_t)(RQ * n + D));
+    float *y = sc + RQ * n;
+    memset(acc, 0, sizeof(float) * (size_t)(heads * RQ * D));
+    for (int64_t h = 0; h < heads; h++) {
+        const float *qh = q + h * RQ * D;
+        int64_t at = 0;
+        for (int e = 0; e < nex; e++) { /* scores of this head's exact rows, masked */
+            const int64_t esize = ex[e].dtype == DT_F32 ? 4 : 2;
+            for (int64_t r = 0; r < ex[e].n; r++) {
+                load_row(ex[e].k + (h * ex[e].hs + r * D) * esize, ex[e].dtype, D, y);
+                dots(qh, RQ, y, D, sc + at + r, n);
+                for (int64_t j = 0; j < RQ; j++) {
+                    const int64_t own = ex[e].n - ex[e].causal + j % Q; /* last row it sees */
+                    if (ex[e].causal && r > own) sc[j * n + at + r] = -INFINITY;
+                }
+            }
+            at += ex[e].n;
+        }
+        for (int64_t j = 0; j < RQ; j++)
+            sum[h * RQ + j] = softmax_pieces(sc + j * n, n, mx + h * RQ + j);
+        at = 0;
+        for (int e = 0; e < nex; e++) {
+            const int64_t esize = ex[e].dtype == DT_F32 ? 4 : 2;
+            for (int64_t r = 0; r < ex[e].n; r++) {
+                load_row(ex[e].v + (h * ex[e].hs + r * D) * esize, ex[e].dtype, D, y);
+                for (int64_t j = 0; j < RQ; j++) {
+                    const float w = sc[j * n + at + r];
+                    float *a = acc + (h * RQ + j) * D;
+                    for (int64_t i = 0; i < D; i++) a[i] += w * y[i];
+                }
+            }
+            at += ex[e].n;
+        }
     }
-    float *sc = malloc(sizeof(float) * (size_t)(rows * n));
-    BY_SHAPE(scores_impl, k, q, RQ, first, t1, cos, sin, rotary, pos, sc, n)
-    const int64_t m = t1 - first; /* scores of tokens first..t1 sit at sc[j * n + 0..m) */
-    for (int64_t j = 0; j < rows; j++) {
-        float *row = sc + j * n, hi = row[0];
-        for (int64_t i = 1; i < m; i++) hi = row[i] > hi ? row[i] : hi;
-        for (int64_t i = 0; i < m; i++) row[i] = exp_nonpositive(row[i] - hi);
-        float lanes[16] = {0};
-        int64_t i = 0;
-        for (; i + 16 <= m; i += 16)
-            for (int l = 0; l < 16; l++) lanes[l] += row[i + l];
-        for (; i < m; i++) lanes[0] += row[i];
-        float total = 0.0f;
-        for (int l = 0; l < 16; l++) total += lanes[l];
-        mx[j] = hi;
-        sum[j] = total;
-    }
-    BY_SHAPE(values_impl, v, sc, n, RQ, first, t1, acc)
-    if (hadamard)
-        for (int64_t j = 0; j < rows; j++) hadamard_row(acc + j * D, D);
     free(sc);
 }
 
+/* Attention of RQ query rows per kv head (RQ = R x Q: R query heads, Q tokens) over packed
+ * tokens t0..t1 (rows before `skip` left out) and the exact rows of ex[0..nex): the maximum m
+ * of the scores and the sum l of exp(score - m) per query row, and acc = sum exp(score - m) *
+ * value (unnormalized; the packed values' Hadamard rotation undone). A caller merges ranges by
+ * log-sum-exp: lse = m + log(l), o = acc / l. */
+INLINE void attend_impl(const Packed *k, const Packed *v, const float *q, int64_t RQ, int64_t Q,
+                        int64_t t0, int64_t t1, int64_t skip, const float *cos, const float *sin,
+                        int64_t rotary, const int32_t *pos, int hadamard, const Exact *ex,
+                        int nex, float *acc, float *mx, float *sum) {
+    const int64_t rows = k->heads * RQ, n = t1 - t0, D = k->D;
+    memset(acc, 0, sizeof(float) * (size_t)(rows * D));
+    const int64_t first = skip > t0 ? (skip < t1 ? skip : t1) : t0; /* first counted token */
+    for (int64_t j = 0; j < rows; j++) mx[j] = -INFINITY, sum[j] = 0.0f;
+    if (first < t1) {
+        float *sc = malloc(sizeof(float) * (size_t)(rows * n));
+        BY_SHAPE(scores_impl, k, q, RQ, first, t1, cos, sin, rotary, pos, sc, n)
+        for (int64_t j = 0; j < rows; j++) sum[j] = softmax_pieces(sc + j * n, t1 - first, mx + j);
+        BY_SHAPE(values_impl, v, sc, n, RQ, first, t1, acc)
+        if (hadamard)
+            for (int64_t j = 0; j < rows; j++) hadamard_row(acc + j * D, D);
+        free(sc);
+    }
+    if (nex == 0) return;
+    float *acc2 = malloc(sizeof(float) * (size_t)(rows * (D + 2)));
+    float *mx2 = acc2 + rows * D, *sum2 = mx2 + rows;
+    exact_impl(ex, nex, k->heads, D, q, RQ, Q, acc2, mx2, sum2);
+    for (int64_t j = 0; j < rows; j++) { /* merge the two by their maxima */
+        const float top = mx[j] > mx2[j] ? mx[j] : mx2[j];
+        if (top == -INFINITY) continue;
+        const float a = mx[j] == -INFINITY ? 0.0f : expf(mx[j] - top);
+        const float b = mx2[j] == -INFINITY ? 0.0f : expf(mx2[j] - top);
+        for (int64_t i = 0; i < D; i++) acc[j * D + i] = a * acc[j * D + i] + b * acc2[j * D + i];
+        sum[j] = a * sum[j] + b * sum2[j];
+        mx[j] = top;
+    }
+    free(acc2);
+}
+
 MULTIVERSION
-static void attend(const Packed *k, const Packed *v, const float *q, int64_t RQ, int64_t t0,
-                   int64_t t1, int64_t skip, const float *cos, const float *sin, int64_t rotary,
-                   const int32_t *pos, int hadamard, float *acc, float *mx, float *sum) {
-    attend_impl(k, v, q, RQ, t0, t1, skip, cos, sin, rotary, pos, hadamard, acc, mx, sum);
+static void attend(const Packed *k, const Packed *v, const float *q, int64_t RQ, int64_t Q,
+                   int64_t t0, int64_t t1, int64_t skip, const float *cos, const float *sin,
+                   int64_t rotary, const int32_t *pos, int hadamard, const Exact *ex, int nex,
+                   float *acc, float *mx, float *sum) {
+    attend_impl(k, v, q, RQ, Q, t0, t1, skip, cos, sin, rotary, pos, hadamard, ex, nex, acc, mx,
+                sum);
 }
 
 /* ---- Python bindings ---------------------------------------------------------------------- */
@@ -667,34 +741,51 @@ static int packed_arg(PyObject *t, Packed *x) {
     return 1;
 }
 
-/* attend((codes, scales, mins, heads, hs, T, D, G, bits) of keys, the same of values, q, RQ, t0,
- * t1, skip, hadamard, acc, max, sum[, cos, sin, rotary, positions]) */
+/* attend((codes, scales, mins, heads, hs, T, D, G, bits) of keys, the same of values, q, RQ, Q,
+ * t0, t1, skip, hadamard, acc, max, sum, exact, cos, sin, rotary, positions); exact: a tuple of
+ * (keys, values, dtype, n, head_stride, causal) segments; cos = 0: no RoPE */
 static PyObject *py_attend(PyObject *self, PyObject *args) {
-    PyObject *kt, *vt;
+    PyObject *kt, *vt, *et;
     Packed k, v;
-    unsigned long long q, acc, mx, sum, cos = 0, sin = 0, pos = 0;
-    long long RQ, t0, t1, skip, rotary = 0;
+    unsigned long long q, acc, mx, sum, cos, sin, pos;
+    long long RQ, Q, t0, t1, skip, rotary;
     int hadamard;
-    if (!PyArg_ParseTuple(args, "O!O!KLLLLiKKK|KKLK", &PyTuple_Type, &kt, &PyTuple_Type, &vt, &q,
-                          &RQ, &t0, &t1, &skip, &hadamard, &acc, &mx, &sum, &cos, &sin, &rotary,
-                          &pos))
+    if (!PyArg_ParseTuple(args, "O!O!KLLLLLiKKKO!KKLK", &PyTuple_Type, &kt, &PyTuple_Type, &vt,
+                          &q, &RQ, &Q, &t0, &t1, &skip, &hadamard, &acc, &mx, &sum, &PyTuple_Type,
+                          &et, &cos, &sin, &rotary, &pos))
         return NULL;
     if (!packed_arg(kt, &k) || !packed_arg(vt, &v)) return NULL;
-    if (k.heads != v.heads || k.hs != v.hs || k.T != v.T || k.D != v.D || RQ <= 0)
-        return PyErr_SetString(PyExc_ValueError, "keys and values do not match"), NULL;
+    if (k.heads != v.heads || k.hs != v.hs || k.T != v.T || k.D != v.D || RQ <= 0 || Q <= 0 ||
+        RQ % Q)
+        return PyErr_SetString(PyExc_ValueError, "keys, values and queries do not match"), NULL;
     if (k.hs % k.G || k.T % k.G || k.D % v.G)
         return PyErr_SetString(PyExc_ValueError, "keys group tokens by G, values channels"), NULL;
-    if (t0 < 0 || t1 < t0 || t1 > k.T || t1 == t0 || skip < 0)
+    if (t0 < 0 || t1 < t0 || t1 > k.T || skip < 0)
         return PyErr_SetString(PyExc_ValueError, "bad token range"), NULL;
     if (cos && (!sin || rotary <= 0 || rotary > k.D || rotary % 2))
         return PyErr_SetString(PyExc_ValueError, "bad RoPE tables"), NULL;
     if (hadamard && (k.D & (k.D - 1)))
         return PyErr_SetString(PyExc_ValueError, "the Hadamard rotation needs a power-of-two D"),
                NULL;
+    Exact ex[2];
+    const Py_ssize_t nex = PyTuple_GET_SIZE(et);
+    if (nex > 2) return PyErr_SetString(PyExc_ValueError, "at most 2 exact segments"), NULL;
+    for (Py_ssize_t e = 0; e < nex; e++) {
+        unsigned long long ek, ev;
+        long long n, hs, causal;
+        int dtype;
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(et, e), "KKiLLL", &ek, &ev, &dtype, &n, &hs,
+                              &causal))
+            return NULL;
+        if (dtype < DT_F16 || dtype > DT_F32 || n <= 0 || hs < n * k.D || causal < 0 ||
+            causal > n || causal > Q)
+            return PyErr_SetString(PyExc_ValueError, "bad exact segment"), NULL;
+        ex[e] = (Exact){(const char *)ek, (const char *)ev, dtype, n, hs, causal};
+    }
     Py_BEGIN_ALLOW_THREADS
-    attend(&k, &v, (const float *)q, RQ, t0, t1, skip, cos ? (const float *)cos : NULL,
-           (const float *)sin, rotary, pos ? (const int32_t *)pos : NULL, hadamard, (float *)acc,
-           (float *)mx, (float *)sum);
+    attend(&k, &v, (const float *)q, RQ, Q, t0, t1, skip, cos ? (const float *)cos : NULL,
+           (const float *)sin, rotary, pos ? (const int32_t *)pos : NULL, hadamard, ex, (int)nex,
+           (float *)acc, (float *)mx, (float *)sum);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -705,7 +796,7 @@ static PyMethodDef methods[] = {
     {"decode_section", py_decode, METH_VARARGS,
      "decode_section(codes, scales, mins, H, T, D, is_key, G, bits, out, head_stride, row_stride, dtype[, hadamard, cos, sin, rotary]): unpack, dequantize into out's rows of D (rows row_stride, heads head_stride elements apart), then undo the Hadamard rotation and redo RoPE (float32 [T, rotary] cos/sin tables) per row"},
     {"attend", py_attend, METH_VARARGS,
-     "attend(keys, values, q, RQ, t0, t1, skip, hadamard, acc, max, sum[, cos, sin, rotary, positions]): float32 attention of RQ query rows per kv head over packed tokens t0..t1 (from skip on): unnormalized acc, max and sum of exp per query row"},
+     "attend(keys, values, q, RQ, Q, t0, t1, skip, hadamard, acc, max, sum, exact, cos, sin, rotary, positions): float32 attention of RQ = R x Q query rows per kv head over packed tokens t0..t1 (from skip on) and exact row segments: unnormalized acc, max and sum of exp per query row"},
     {NULL, NULL, 0, NULL},
 };
 

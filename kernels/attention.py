@@ -29,6 +29,7 @@ Three interchangeable backends give the same result within float tolerance: "ref
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -243,24 +244,39 @@ def merge(parts: list[tuple[Tensor, Tensor]]) -> Tensor:
 
 
 def packed_attention(
-    q: Tensor, kv: PackedKV, skip: int = 0, backend: str = "auto"
-) -> tuple[Tensor, Tensor]:
-    """(o, lse) of q [B, Hq, Q, D] (pre-scaled, any float dtype) over packed rows skip..T-1, on
-    the fastest backend for q's device: Triton on CUDA, the C loop on the CPU."""
+    q: Tensor, kv: PackedKV, skip: int = 0, exact: Sequence[tuple[Tensor, Tensor, int]] = (),
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """(o, lse) of q [B, Hq, Q, D] (pre-scaled, any float dtype) over packed rows skip..T-1 and
+    the exact segments (keys, values [B, H, n, D], causal: `exact_attention`), on the fastest
+    backend for q's device: Triton on CUDA, the C loop on the CPU (one call for all of it)."""
     check_query(q, kv)
     if not 0 <= skip <= kv.tokens:
         raise CodecError(f"skip {skip} outside 0..{kv.tokens}")
-    if backend == "reference":
-        return attention_reference(q, kv, skip)
-    if backend == "triton" or (backend == "auto" and q.device.type == "cuda"):
-        from kvpool.kernels import triton_attention
-
-        return triton_attention.packed_attention(q, kv, skip)
+    for keys, values, causal in exact:
+        if (
+            keys.shape != values.shape
+            or keys.shape[:2] != (kv.batch, kv.heads)
+            or not 0 <= causal <= min(q.shape[2], keys.shape[2])
+        ):
+            raise CodecError(f"an exact segment of {tuple(keys.shape)} does not fit this layer")
     if backend in ("auto", "cpu") and q.device.type == "cpu" and kv.head_dim % 16 == 0:
         from kvpool.kernels import cpu
 
-        return cpu.packed_attention(q, kv, skip)
-    raise CodecError(f"backend {backend!r} cannot run on device {q.device}")
+        return cpu.packed_attention(q, kv, skip, exact)
+    if backend == "reference":
+        part = attention_reference(q, kv, skip)
+    elif backend == "triton" or (backend == "auto" and q.device.type == "cuda"):
+        from kvpool.kernels import triton_attention
+
+        part = triton_attention.packed_attention(q, kv, skip)
+    else:
+        raise CodecError(f"backend {backend!r} cannot run on device {q.device}")
+    if not exact:
+        return part
+    parts = [part, *(exact_attention(q, k, v, c) for k, v, c in exact)]
+    lse = torch.logsumexp(torch.stack([p[1] for p in parts]), dim=0)
+    return merge(parts), lse
 
 
 def window_scores_reference(q: Tensor, keys: Tensor) -> Tensor:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -83,49 +83,62 @@ def decode_tensor(
 
 
 def packed_attention(
-    q: Tensor, kv: PackedKV, skip: int = 0, workers: int = 1
-) -> tuple[Tensor, Tensor]:
-    """`attention.attention_reference` on the CPU without expanding the cache: the C loop
-    dequantizes each packed key row in scratch (RoPE redone at its position), scores the
-    queries against it, takes exp(score - max) and sums p . V over the packed value rows, with
-    the Hadamard rotation undone once at the end. `workers` > 1 splits the tokens among the
-    worker threads, merged by log-sum-exp (it pays only where the cores are not SMT siblings)."""
+    q: Tensor, kv: PackedKV, skip: int = 0, exact: Sequence[tuple[Tensor, Tensor, int]] = (),
+    workers: int = 1,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """`attention.packed_attention` on the CPU, in one C call: each packed key row is
+    dequantized in scratch (RoPE redone at its position) and scored, exp(score - max) taken,
+    p . V summed over the packed value rows (the Hadamard rotation undone once), and the exact
+    segments (keys, values [B, H, n, D], causal) attended in the same pass. `workers` > 1
+    splits the packed tokens among the worker threads, merged by log-sum-exp (it pays only
+    where the cores are not SMT siblings)."""
     b, hq, nq, d = q.shape
     t, heads, rq = kv.tokens, kv.batch * kv.heads, hq // kv.heads * nq
-    if t == skip:
-        o = torch.zeros(q.shape, dtype=torch.float32)
-        return o, torch.full((b, hq, nq), float("-inf"))
     qf = q.float().contiguous()
-    extra: tuple[int, ...] = ()
-    if kv.rope is not None:
+    tables: tuple[int, ...] = (0, 0, 0, 0)
+    if kv.rope is not None and t > skip:
         top = t if kv.positions is None else int(kv.positions[:, :, :t].max()) + 1
-        tables = rope_span(kv.rope, top)  # cached: alive after this call
+        cos, sin = rope_span(kv.rope, top)  # cached: alive after this call
         pos = 0 if kv.positions is None else kv.positions.data_ptr()
-        extra = (tables[0].data_ptr(), tables[1].data_ptr(), kv.rope.rotary_dim, pos)
-    cap = kv.key_codes.shape[2]
-    keys = (kv.key_codes.data_ptr(), kv.key_scales.data_ptr(), kv.key_mins.data_ptr(), heads,
-            cap, t, d, kv.group, kv.key_bits)  # fmt: skip
-    values = (kv.value_codes.data_ptr(), kv.value_scales.data_ptr(), kv.value_mins.data_ptr(),
-              heads, cap, t, d, kv.value_group, kv.value_bits)  # fmt: skip
+        tables = (cos.data_ptr(), sin.data_ptr(), kv.rope.rotary_dim, pos)
+    segments, alive = [], []
+    for keys, values, causal in (e for e in exact if e[0].shape[2] > 0):
+        k, v = (x if _heads_apart(x) else x.contiguous() for x in (keys, values))
+        if k.stride(1) != v.stride(1) or k.dtype != v.dtype or k.shape != v.shape:
+            k, v = k.contiguous(), v.contiguous()
+        alive += [k, v]
+        segments.append((k.data_ptr(), v.data_ptr(), DTYPE_CODES[k.dtype], k.shape[2],
+                         k.stride(1), causal))  # fmt: skip
+    cap = max(kv.key_codes.shape[2], 1)
+    keys_arg = (kv.key_codes.data_ptr(), kv.key_scales.data_ptr(), kv.key_mins.data_ptr(), heads,
+                cap, max(t, kv.group), d, kv.group, kv.key_bits)  # fmt: skip
+    values_arg = (kv.value_codes.data_ptr(), kv.value_scales.data_ptr(), kv.value_mins.data_ptr(),
+                  heads, cap, max(t, kv.group), d, kv.value_group, kv.value_bits)  # fmt: skip
     bounds = sorted({skip + (t - skip) * w // workers for w in range(workers)} | {t})
-    ranges = list(itertools.pairwise(bounds))
+    ranges = list(itertools.pairwise(bounds)) or [(t, t)]
     acc = torch.empty(len(ranges), b, hq, nq, d)
     mx = torch.empty(len(ranges), b, hq, nq)
     total = torch.empty(len(ranges), b, hq, nq)
 
     def one(i: int) -> None:
         lo, hi = ranges[i]
-        _cpu_codec.attend(keys, values, qf.data_ptr(), rq, lo, hi, skip,
+        _cpu_codec.attend(keys_arg, values_arg, qf.data_ptr(), rq, nq, lo, hi, skip,
                           int(kv.hadamard_values), acc[i].data_ptr(), mx[i].data_ptr(),
-                          total[i].data_ptr(), *extra)  # fmt: skip
+                          total[i].data_ptr(), tuple(segments) if i == 0 else (), *tables)  # fmt: skip
 
     if len(ranges) == 1:
         one(0)
     else:
         list(_POOL.map(one, range(len(ranges))))
     lse = mx + total.log()
-    o = acc / total.unsqueeze(-1)
+    o = (acc / total.unsqueeze(-1)).nan_to_num_(0.0)  # no counted row: 0
     if len(ranges) == 1:
         return o[0], lse[0]
     weights = torch.softmax(lse, dim=0).nan_to_num(0.0)
-    return (weights.unsqueeze(-1) * o.nan_to_num(0.0)).sum(0), torch.logsumexp(lse, dim=0)
+    return (weights.unsqueeze(-1) * o).sum(0), torch.logsumexp(lse, dim=0)
+
+
+def _heads_apart(x: Tensor) -> bool:
+    """[B, H, n, D] with rows of D contiguous, one head's rows in a run, heads evenly apart."""
+    b, h, _, d = x.shape
+    return x.stride(3) == 1 and x.stride(2) == d and (b == 1 or x.stride(0) == h * x.stride(1))

@@ -209,17 +209,55 @@ def test_bad_arguments_are_refused() -> None:
     )
     out = torch.empty(9, 64), torch.empty(9), torch.empty(9)
     q = torch.randn(9, 64)
-    args = (q.data_ptr(), 3, 0, 256, 0, 0, *(x.data_ptr() for x in out))
-    _cpu_codec.attend(keys, vals, *args)  # valid
+    # q, RQ, Q, t0, t1, skip, hadamard, acc, max, sum, exact segments, cos, sin, rotary, positions
+    head = (q.data_ptr(), 3, 1, 0, 256, 0, 0, *(x.data_ptr() for x in out))
+    window = torch.randn(3, 8, 64)
+    segment = (window.data_ptr(), window.data_ptr(), 3, 8, 8 * 64, 1)
+    _cpu_codec.attend(keys, vals, *head, (segment,), 0, 0, 0, 0)  # valid
     assert bool(torch.isfinite(out[0]).all())
-    for bad_keys, bad_vals, bad_args, msg in [
-        ((*keys[:8], 5), vals, args, "bits"),
-        ((*keys[:6], 40, *keys[7:]), vals, args, "packed shape"),
-        (keys, (*vals[:3], 2, *vals[4:]), args, "do not match"),
-        (keys, vals, (*args[:3], 300, *args[4:]), "token range"),
-        (keys, vals, (*args[:2], 10, 10, *args[4:]), "token range"),
+    for bad_keys, bad_vals, bad_head, tail, msg in [
+        ((*keys[:8], 5), vals, head, ((), 0, 0, 0, 0), "bits"),
+        ((*keys[:6], 40, *keys[7:]), vals, head, ((), 0, 0, 0, 0), "packed shape"),
+        (keys, (*vals[:3], 2, *vals[4:]), head, ((), 0, 0, 0, 0), "do not match"),
+        (keys, vals, (*head[:2], 2, *head[3:]), ((), 0, 0, 0, 0), "do not match"),  # RQ % Q
+        (keys, vals, (*head[:4], 300, *head[5:]), ((), 0, 0, 0, 0), "token range"),
+        (keys, vals, (*head[:3], 10, 5, *head[5:]), ((), 0, 0, 0, 0), "token range"),
+        (keys, vals, head, ((), 1, 0, 64, 0), "RoPE"),
+        (keys, vals, head, ((segment,) * 3, 0, 0, 0, 0), "at most 2"),
+        (keys, vals, head, (((*segment[:4], 64, 1),), 0, 0, 0, 0), "exact segment"),  # overlap
+        (keys, vals, head, (((*segment[:5], 2),), 0, 0, 0, 0), "exact segment"),  # causal > Q
+        (keys, vals, head, (((*segment[:2], 7, *segment[3:]),), 0, 0, 0, 0), "exact segment"),
     ]:
         with pytest.raises(ValueError, match=msg):
-            _cpu_codec.attend(bad_keys, bad_vals, *bad_args)
-    with pytest.raises(ValueError, match="RoPE"):
-        _cpu_codec.attend(keys, vals, *args, 1, 0, 64, 0)
+            _cpu_codec.attend(bad_keys, bad_vals, *bad_head, *tail)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("nq", "workers"), [(1, 1), (3, 1), (2, 2)])
+def test_exact_segments_join_the_packed_rows_in_one_softmax(dtype, nq, workers) -> None:
+    *_, kv = packed(CONFIGS[1])
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 9, nq, 64, generator=g) * 0.3
+    sinks = [torch.randn(1, 3, 4, 64, generator=g).to(dtype) for _ in range(2)]
+    window = [
+        torch.randn(1, 3, 40, 64, generator=g).to(dtype)[:, :, 7:] for _ in range(2)
+    ]  # a slice
+    exact = [(*sinks, 0), (*window, nq)]
+    parts = [
+        attention_reference(q, kv, 4),
+        exact_attention(q, *sinks),
+        exact_attention(q, *window, causal=nq),
+    ]
+    want = merge(parts)
+    got, lse = cpu.packed_attention(q, kv, 4, exact, workers=workers)
+    torch.testing.assert_close(got, want, atol=3e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        lse, torch.logsumexp(torch.stack([p[1] for p in parts]), 0), atol=3e-5, rtol=1e-5
+    )
+    ref, _ = packed_attention(q, kv, 4, exact, backend="reference")
+    torch.testing.assert_close(got, ref, atol=3e-5, rtol=1e-4)
+    # nothing packed counts: the exact rows alone
+    only, _ = cpu.packed_attention(q, kv, 256, exact)
+    torch.testing.assert_close(only, merge(parts[1:]), atol=3e-5, rtol=1e-4)
+    with pytest.raises(CodecError, match="does not fit"):
+        packed_attention(q, kv, 4, [(torch.randn(1, 2, 5, 64), torch.randn(1, 2, 5, 64), 0)])
