@@ -102,8 +102,9 @@ class PackedLayer(CacheLayerMixin):
     is_compileable = False
 
     def __init__(self, codec: CodecConfig, layer: int, layers: int, window: int,
-                 selection: Selection | None = None) -> None:  # fmt: skip
+                 selection: Selection | None = None, device: torch.device | None = None) -> None:  # fmt: skip
         super().__init__()
+        self.home = device or torch.device("cpu")  # where the packed rows live
         key_bits, value_bits = codec.bits_per_layer(layers)
         self.codec = replace(codec, key_bits=key_bits[layer], value_bits=value_bits[layer])
         self.layer, self.layers, self.window, self.selection = layer, layers, window, selection
@@ -243,7 +244,10 @@ class PackedLayer(CacheLayerMixin):
             if self.packed is not None and self.packed.tokens:
                 raise CodecError("a block with sink tokens must come first")
             k, v = block_sinks(header, payload)
-            self.sinks = (k[layer][None].clone(), v[layer][None].clone())
+            self.sinks = (
+                k[layer][None].to(self.home, copy=True),
+                v[layer][None].to(self.home, copy=True),
+            )
         if not self.selected:
             return self._append(chunk, None)
         rows = torch.arange(position, position + chunk.tokens, dtype=torch.int32)
@@ -260,12 +264,12 @@ class PackedLayer(CacheLayerMixin):
         if old is None or t1 > old.key_codes.shape[2]:
             cap = max(t1, t0 + t0 // 4)
             cap = -(-cap // chunk.group) * chunk.group
-            old = _grown(chunk if old is None else old, cap, chunk.key_codes.device)
+            old = _grown(chunk if old is None else old, cap, self.home)
         for name, lo, hi in _rows(t0, t1, chunk.group):
             getattr(old, name)[:, :, lo:hi] = getattr(chunk, name)[:, :, : hi - lo]
         if old.positions is not None:
             assert positions is not None
-            old.positions[:, :, t0:t1] = positions
+            old.positions[:, :, t0:t1] = positions.to(self.home)
         self.packed = replace(old, tokens=t1)
 
     def _select(self, query: Tensor, scale: float) -> None:
@@ -311,7 +315,7 @@ class PackedLayer(CacheLayerMixin):
         """Start the packed rows with chunk, at these positions (selected rows)."""
         cap = chunk.tokens + self.window + self.codec.group_size
         cap = -(-cap // chunk.group) * chunk.group
-        base = _grown(chunk, cap, chunk.key_codes.device, with_positions=True)
+        base = _grown(chunk, cap, self.home, with_positions=True)
         self.packed = replace(base, tokens=0)
         self._append(chunk, positions)
 
@@ -394,7 +398,8 @@ class PackedCache(Cache):
 
         layers, _, _ = model_layout(model)
         self.codec = codec
-        super().__init__(layers=[PackedLayer(codec, i, layers, window, selection)
+        device = getattr(model, "device", None)
+        super().__init__(layers=[PackedLayer(codec, i, layers, window, selection, device)
                                  for i in range(layers)])  # fmt: skip
 
     def add_blocks(self, blocks: Iterable[tuple[BlockHeader, Tensor]]) -> int:

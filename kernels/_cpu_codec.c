@@ -15,6 +15,7 @@
  * multi-versioning: AVX-512 / AVX2+F16C clones where the CPU has them, portable code otherwise.
  * Compiled without -ffast-math: division and rounding are IEEE, as in the torch reference.
  */
+#pragma GCC diagnostic ignored "-Wpsabi" /* vector helpers are always inlined: no ABI at stake */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
@@ -457,22 +458,92 @@ INLINE void dots(const float *restrict q, int64_t nq, const float *restrict y, i
     }
 }
 
+/* Sixteen tokens at once, one per vector lane: the packed rows of a tile are turned into byte
+ * columns (byte b of each of the 16 rows), a channel's codes are a shift and a mask of one
+ * column, and scores accumulate lane-wise, with no sum across lanes. RoPE is folded in per
+ * channel pair (a, b = a + D/2): q . rope(k) = ka (qa cos + qb sin) + kb (qb cos - qa sin), with
+ * the angles of the 16 positions read from transposed tables cosT/sinT [D/2][span]. */
+typedef float vf16 __attribute__((vector_size(64)));
+typedef int32_t vi16 __attribute__((vector_size(64)));
+typedef uint8_t vu8x16 __attribute__((vector_size(16)));
+#define TILE 16
+#define TILE_RQ 16 /* query rows per kv head the tile path keeps in registers */
+
+INLINE vf16 tile_channel(const uint8_t (*col)[TILE], const int64_t D, const int bits, int64_t i) {
+    const int w0 = bits == 3 ? 2 : bits;
+    const int64_t P0 = D * w0 / 8; /* bytes of the low plane */
+    vu8x16 b;
+    memcpy(&b, col[i % P0], TILE);
+    vi16 c = __builtin_convertvector(b, vi16);
+    c = (c >> (int)((i / P0) * w0)) & ((1 << w0) - 1);
+    if (bits == 3) { /* the high bit from the 1-bit plane after it */
+        const int64_t P1 = D / 8;
+        memcpy(&b, col[P0 + i % P1], TILE);
+        vi16 h = __builtin_convertvector(b, vi16);
+        c |= ((h >> (int)(i / P1)) & 1) << 2;
+    }
+    return __builtin_convertvector(c, vf16);
+}
+
+INLINE void scores_tile(const uint8_t *rows, const int64_t D, const int bits, const float *s,
+                        const float *m, const float *q, int64_t RQ, const float *cosT,
+                        const float *sinT, int64_t span, int64_t t, float *out, int64_t stride) {
+    const int64_t row_bytes = D * bits / 8;
+    uint8_t col[128][TILE];
+    for (int64_t l = 0; l < TILE; l++)
+        for (int64_t b = 0; b < row_bytes; b++) col[b][l] = rows[l * row_bytes + b];
+    vf16 acc[TILE_RQ];
+    for (int64_t j = 0; j < RQ; j++) acc[j] = (vf16){0};
+    if (cosT) {
+        const int64_t half = D / 2;
+        for (int64_t a = 0; a < half; a++) {
+            const vf16 ka = tile_channel(col, D, bits, a) * s[a] + m[a];
+            const vf16 kb = tile_channel(col, D, bits, a + half) * s[a + half] + m[a + half];
+            vf16 c, sn;
+            memcpy(&c, cosT + a * span + t, sizeof c);
+            memcpy(&sn, sinT + a * span + t, sizeof sn);
+            for (int64_t j = 0; j < RQ; j++) {
+                const float qa = q[j * D + a], qb = q[j * D + a + half];
+                acc[j] += ka * (c * qa + sn * qb) + kb * (c * qb - sn * qa);
+            }
+        }
+    } else {
+        for (int64_t i = 0; i < D; i++) {
+            const vf16 k = tile_channel(col, D, bits, i) * s[i] + m[i];
+            for (int64_t j = 0; j < RQ; j++) acc[j] += k * q[j * D + i];
+        }
+    }
+    for (int64_t j = 0; j < RQ; j++) memcpy(out + j * stride, &acc[j], sizeof acc[j]);
+}
+
 /* out[(h * RQ + j) * stride + t - t0] = q[h * RQ + j] . key(h, t) for the RQ query rows of kv head h:
  * keys per channel (groups of G tokens), RoPE redone at each row's position (pos: int32 per
  * row, laid out like the codes; NULL: the token index) */
 INLINE void scores_impl(const Packed *k, const int64_t D, const int bits, const float *q,
                         int64_t RQ, int64_t t0, int64_t t1, const float *cos, const float *sin,
-                        int64_t rotary, const int32_t *pos, float *out, int64_t stride) {
+                        int64_t rotary, const int32_t *pos, const float *cosT, const float *sinT,
+                        int64_t span, float *out, int64_t stride) {
     const int64_t G = k->G, row_bytes = D * bits / 8, heads = k->heads;
+    /* the tile path: positions are the token indices, RoPE (if any) on all of head_dim */
+    const int tiles = !pos && RQ <= TILE_RQ && row_bytes <= 128 && D % 16 == 0 &&
+                      (!cos || (cosT && rotary == D));
     float *buf = malloc(sizeof(float) * (size_t)(2 * heads * D + D));
     float *s = buf, *m = s + heads * D, *y = m + heads * D; /* each head's group parameters */
-    for (int64_t t = t0, next = t0; t < t1; t++) {
-        if (t == next) { /* a new group of G tokens (or the first token) */
+    for (int64_t t = t0, next = t0; t < t1;) {
+        if (t >= next) { /* a new group of G tokens (or the first token) */
             for (int64_t h = 0; h < heads; h++) {
                 const int64_t g = (h * k->hs + t) / G;
                 widen_params(k->scales + g * D, k->mins + g * D, D, 1, s + h * D, m + h * D);
             }
             next = (t / G + 1) * G;
+        }
+        if (tiles && t + TILE <= t1 && t + TILE <= next) {
+            for (int64_t h = 0; h < heads; h++)
+                scores_tile(k->codes + (h * k->hs + t) * row_bytes, D, bits, s + h * D,
+                            m + h * D, q + h * RQ * D, RQ, cos ? cosT : NULL, sinT, span, t,
+                            out + h * RQ * stride + (t - t0), stride);
+            t += TILE;
+            continue;
         }
         for (int64_t h = 0; h < heads; h++) {
             const int64_t row = h * k->hs + t;
@@ -483,6 +554,7 @@ INLINE void scores_impl(const Packed *k, const int64_t D, const int bits, const 
             }
             dots(q + h * RQ * D, RQ, y, D, out + h * RQ * stride + (t - t0), stride);
         }
+        t++;
     }
     free(buf);
 }
@@ -633,15 +705,16 @@ INLINE void exact_impl(const Exact *ex, int nex, int64_t heads, int64_t D, const
  * log-sum-exp: lse = m + log(l), o = acc / l. */
 INLINE void attend_impl(const Packed *k, const Packed *v, const float *q, int64_t RQ, int64_t Q,
                         int64_t t0, int64_t t1, int64_t skip, const float *cos, const float *sin,
-                        int64_t rotary, const int32_t *pos, int hadamard, const Exact *ex,
-                        int nex, float *acc, float *mx, float *sum) {
+                        int64_t rotary, const int32_t *pos, const float *cosT, const float *sinT,
+                        int64_t span, int hadamard, const Exact *ex, int nex, float *acc,
+                        float *mx, float *sum) {
     const int64_t rows = k->heads * RQ, n = t1 - t0, D = k->D;
     memset(acc, 0, sizeof(float) * (size_t)(rows * D));
     const int64_t first = skip > t0 ? (skip < t1 ? skip : t1) : t0; /* first counted token */
     for (int64_t j = 0; j < rows; j++) mx[j] = -INFINITY, sum[j] = 0.0f;
     if (first < t1) {
         float *sc = malloc(sizeof(float) * (size_t)(rows * n));
-        BY_SHAPE(scores_impl, k, q, RQ, first, t1, cos, sin, rotary, pos, sc, n)
+        BY_SHAPE(scores_impl, k, q, RQ, first, t1, cos, sin, rotary, pos, cosT, sinT, span, sc, n)
         for (int64_t j = 0; j < rows; j++) sum[j] = softmax_pieces(sc + j * n, t1 - first, mx + j);
         BY_SHAPE(values_impl, v, sc, n, RQ, first, t1, acc)
         if (hadamard)
@@ -667,10 +740,11 @@ INLINE void attend_impl(const Packed *k, const Packed *v, const float *q, int64_
 MULTIVERSION
 static void attend(const Packed *k, const Packed *v, const float *q, int64_t RQ, int64_t Q,
                    int64_t t0, int64_t t1, int64_t skip, const float *cos, const float *sin,
-                   int64_t rotary, const int32_t *pos, int hadamard, const Exact *ex, int nex,
-                   float *acc, float *mx, float *sum) {
-    attend_impl(k, v, q, RQ, Q, t0, t1, skip, cos, sin, rotary, pos, hadamard, ex, nex, acc, mx,
-                sum);
+                   int64_t rotary, const int32_t *pos, const float *cosT, const float *sinT,
+                   int64_t span, int hadamard, const Exact *ex, int nex, float *acc, float *mx,
+                   float *sum) {
+    attend_impl(k, v, q, RQ, Q, t0, t1, skip, cos, sin, rotary, pos, cosT, sinT, span, hadamard,
+                ex, nex, acc, mx, sum);
 }
 
 /* ---- Python bindings ---------------------------------------------------------------------- */
@@ -742,17 +816,18 @@ static int packed_arg(PyObject *t, Packed *x) {
 }
 
 /* attend((codes, scales, mins, heads, hs, T, D, G, bits) of keys, the same of values, q, RQ, Q,
- * t0, t1, skip, hadamard, acc, max, sum, exact, cos, sin, rotary, positions); exact: a tuple of
- * (keys, values, dtype, n, head_stride, causal) segments; cos = 0: no RoPE */
+ * t0, t1, skip, hadamard, acc, max, sum, exact, cos, sin, rotary, positions[, cosT, sinT,
+ * span]); exact: a tuple of (keys, values, dtype, n, head_stride, causal) segments; cos = 0: no
+ * RoPE; cosT/sinT: the tables' first halves transposed, [D/2][span], for the 16-token tiles */
 static PyObject *py_attend(PyObject *self, PyObject *args) {
     PyObject *kt, *vt, *et;
     Packed k, v;
-    unsigned long long q, acc, mx, sum, cos, sin, pos;
-    long long RQ, Q, t0, t1, skip, rotary;
+    unsigned long long q, acc, mx, sum, cos, sin, pos, cosT = 0, sinT = 0;
+    long long RQ, Q, t0, t1, skip, rotary, span = 0;
     int hadamard;
-    if (!PyArg_ParseTuple(args, "O!O!KLLLLLiKKKO!KKLK", &PyTuple_Type, &kt, &PyTuple_Type, &vt,
-                          &q, &RQ, &Q, &t0, &t1, &skip, &hadamard, &acc, &mx, &sum, &PyTuple_Type,
-                          &et, &cos, &sin, &rotary, &pos))
+    if (!PyArg_ParseTuple(args, "O!O!KLLLLLiKKKO!KKLK|KKL", &PyTuple_Type, &kt, &PyTuple_Type,
+                          &vt, &q, &RQ, &Q, &t0, &t1, &skip, &hadamard, &acc, &mx, &sum,
+                          &PyTuple_Type, &et, &cos, &sin, &rotary, &pos, &cosT, &sinT, &span))
         return NULL;
     if (!packed_arg(kt, &k) || !packed_arg(vt, &v)) return NULL;
     if (k.heads != v.heads || k.hs != v.hs || k.T != v.T || k.D != v.D || RQ <= 0 || Q <= 0 ||
@@ -764,6 +839,8 @@ static PyObject *py_attend(PyObject *self, PyObject *args) {
         return PyErr_SetString(PyExc_ValueError, "bad token range"), NULL;
     if (cos && (!sin || rotary <= 0 || rotary > k.D || rotary % 2))
         return PyErr_SetString(PyExc_ValueError, "bad RoPE tables"), NULL;
+    if (cosT && (!cos || !sinT || rotary != k.D || span < t1 || pos))
+        return PyErr_SetString(PyExc_ValueError, "bad transposed RoPE tables"), NULL;
     if (hadamard && (k.D & (k.D - 1)))
         return PyErr_SetString(PyExc_ValueError, "the Hadamard rotation needs a power-of-two D"),
                NULL;
@@ -784,7 +861,8 @@ static PyObject *py_attend(PyObject *self, PyObject *args) {
     }
     Py_BEGIN_ALLOW_THREADS
     attend(&k, &v, (const float *)q, RQ, Q, t0, t1, skip, cos ? (const float *)cos : NULL,
-           (const float *)sin, rotary, pos ? (const int32_t *)pos : NULL, hadamard, ex, (int)nex,
+           (const float *)sin, rotary, pos ? (const int32_t *)pos : NULL,
+           cosT ? (const float *)cosT : NULL, (const float *)sinT, span, hadamard, ex, (int)nex,
            (float *)acc, (float *)mx, (float *)sum);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
@@ -796,7 +874,7 @@ static PyMethodDef methods[] = {
     {"decode_section", py_decode, METH_VARARGS,
      "decode_section(codes, scales, mins, H, T, D, is_key, G, bits, out, head_stride, row_stride, dtype[, hadamard, cos, sin, rotary]): unpack, dequantize into out's rows of D (rows row_stride, heads head_stride elements apart), then undo the Hadamard rotation and redo RoPE (float32 [T, rotary] cos/sin tables) per row"},
     {"attend", py_attend, METH_VARARGS,
-     "attend(keys, values, q, RQ, Q, t0, t1, skip, hadamard, acc, max, sum, exact, cos, sin, rotary, positions): float32 attention of RQ = R x Q query rows per kv head over packed tokens t0..t1 (from skip on) and exact row segments: unnormalized acc, max and sum of exp per query row"},
+     "attend(keys, values, q, RQ, Q, t0, t1, skip, hadamard, acc, max, sum, exact, cos, sin, rotary, positions[, cosT, sinT, span]): float32 attention of RQ = R x Q query rows per kv head over packed tokens t0..t1 (from skip on) and exact row segments: unnormalized acc, max and sum of exp per query row"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -29,6 +29,7 @@ Three interchangeable backends give the same result within float tolerance: "ref
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -155,6 +156,15 @@ def rope_span(
     while span < top:
         span *= 2
     return rope_tables(rope, 0, span, device or torch.device("cpu"))
+
+
+@functools.lru_cache(maxsize=16)
+def rope_span_t(rope: RopeParams, span: int) -> tuple[Tensor, Tensor]:
+    """`rope_span`'s CPU tables for `span` positions (a power of two), first halves transposed:
+    cos, sin float32 [rotary_dim / 2, span], for the C loop's tiles of 16 positions."""
+    cos, sin = rope_tables(rope, 0, span, torch.device("cpu"))
+    half = rope.rotary_dim // 2
+    return cos[:, :half].t().contiguous(), sin[:, :half].t().contiguous()
 
 
 def rope_at(rope: RopeParams, positions: Tensor) -> tuple[Tensor, Tensor]:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from kvpool.kernels import _cpu_codec
-from kvpool.kernels.attention import PackedKV, rope_span
+from kvpool.kernels.attention import PackedKV, rope_span, rope_span_t
 from kvpool.proto.blockformat import BlockHeader, Section
 from kvpool.proto.errors import NonFiniteError
 
@@ -101,6 +101,9 @@ def packed_attention(
         cos, sin = rope_span(kv.rope, top)  # cached: alive after this call
         pos = 0 if kv.positions is None else kv.positions.data_ptr()
         tables = (cos.data_ptr(), sin.data_ptr(), kv.rope.rotary_dim, pos)
+        if kv.positions is None and kv.rope.rotary_dim == d:  # 16 positions at a time
+            cos_t, sin_t = rope_span_t(kv.rope, cos.shape[0])
+            tables += (cos_t.data_ptr(), sin_t.data_ptr(), cos.shape[0])
     segments, alive = [], []
     for keys, values, causal in (e for e in exact if e[0].shape[2] > 0):
         k, v = (x if _heads_apart(x) else x.contiguous() for x in (keys, values))

@@ -1,7 +1,7 @@
 """The CUDA decode path over packed KV: fused Triton kernels that attend straight from the codes.
 
 Where it stands: kvpool.kernels.attention dispatches here (`packed_attention(..., backend=
-"triton")`, or "auto" on CUDA, and `window_scores` on CUDA); kvpool.client.packed calls those for
+"triton")`, or "auto" on CUDA, and `window_scores` on CUDA); kvpool.packed calls those for
 each decode step over a layer's packed prefix and merges the result with the exact window by
 log-sum-exp. Tests run the kernels under TRITON_INTERPRET=1 on the CPU against the torch spec
 (`attention_reference`, `window_scores_reference`).

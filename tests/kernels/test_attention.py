@@ -91,7 +91,7 @@ def grown(kv: PackedKV, cap: int, positions: torch.Tensor | None = None) -> Pack
 
 @pytest.mark.parametrize("config", CONFIGS, ids=["2bit", "k3v4-rope-hadamard-sinks", "profile"])
 @pytest.mark.parametrize("layer", [0, 1])
-@pytest.mark.parametrize(("r", "nq", "skip"), [(3, 1, 0), (1, 2, 4), (3, 4, 130)])
+@pytest.mark.parametrize(("r", "nq", "skip"), [(3, 1, 0), (1, 2, 4), (3, 4, 130), (3, 8, 17)])
 @pytest.mark.parametrize("workers", [1, 2])
 def test_the_c_loop_equals_dequantize_then_attend(config, layer, r, nq, skip, workers) -> None:
     *_, kv = packed(config, layer=layer)
@@ -223,6 +223,7 @@ def test_bad_arguments_are_refused() -> None:
         (keys, vals, (*head[:4], 300, *head[5:]), ((), 0, 0, 0, 0), "token range"),
         (keys, vals, (*head[:3], 10, 5, *head[5:]), ((), 0, 0, 0, 0), "token range"),
         (keys, vals, head, ((), 1, 0, 64, 0), "RoPE"),
+        (keys, vals, head, ((), 1, 1, 64, 0, 1, 1, 10), "transposed"),  # span < t1
         (keys, vals, head, ((segment,) * 3, 0, 0, 0, 0), "at most 2"),
         (keys, vals, head, (((*segment[:4], 64, 1),), 0, 0, 0, 0), "exact segment"),  # overlap
         (keys, vals, head, (((*segment[:5], 2),), 0, 0, 0, 0), "exact segment"),  # causal > Q
