@@ -460,27 +460,22 @@ INLINE void dots(const float *restrict q, int64_t nq, const float *restrict y, i
 
 /* Sixteen tokens at once, one per vector lane: the packed rows of a tile are turned into byte
  * columns (byte b of each of the 16 rows), a channel's codes are a shift and a mask of one
- * column, and scores accumulate lane-wise, with no sum across lanes. RoPE is folded in per
- * channel pair (a, b = a + D/2): q . rope(k) = ka (qa cos + qb sin) + kb (qb cos - qa sin), with
- * the angles of the 16 positions read from transposed tables cosT/sinT [D/2][span]. */
+ * column, and scores accumulate lane-wise, with no sum across lanes. RoPE is redone per channel
+ * pair (a, b = a + D/2) on 16 positions at once, their angles read from transposed tables
+ * cosT/sinT [D/2][span]. */
 typedef float vf16 __attribute__((vector_size(64)));
 typedef int32_t vi16 __attribute__((vector_size(64)));
 typedef uint8_t vu8x16 __attribute__((vector_size(16)));
 #define TILE 16
 #define TILE_RQ 16 /* query rows per kv head the tile path keeps in registers */
 
-INLINE vf16 tile_channel(const uint8_t (*col)[TILE], const int64_t D, const int bits, int64_t i) {
+INLINE vf16 tile_channel(const vi16 *col, const int64_t D, const int bits, int64_t i) {
     const int w0 = bits == 3 ? 2 : bits;
     const int64_t P0 = D * w0 / 8; /* bytes of the low plane */
-    vu8x16 b;
-    memcpy(&b, col[i % P0], TILE);
-    vi16 c = __builtin_convertvector(b, vi16);
-    c = (c >> (int)((i / P0) * w0)) & ((1 << w0) - 1);
+    vi16 c = (col[i % P0] >> (int)((i / P0) * w0)) & ((1 << w0) - 1);
     if (bits == 3) { /* the high bit from the 1-bit plane after it */
         const int64_t P1 = D / 8;
-        memcpy(&b, col[P0 + i % P1], TILE);
-        vi16 h = __builtin_convertvector(b, vi16);
-        c |= ((h >> (int)(i / P1)) & 1) << 2;
+        c |= ((col[P0 + i % P1] >> (int)(i / P1)) & 1) << 2;
     }
     return __builtin_convertvector(c, vf16);
 }
@@ -489,9 +484,15 @@ INLINE void scores_tile(const uint8_t *rows, const int64_t D, const int bits, co
                         const float *m, const float *q, int64_t RQ, const float *cosT,
                         const float *sinT, int64_t span, int64_t t, float *out, int64_t stride) {
     const int64_t row_bytes = D * bits / 8;
-    uint8_t col[128][TILE];
+    uint8_t bytes[128][TILE];
+    vi16 col[128]; /* byte b of the 16 rows, widened once */
     for (int64_t l = 0; l < TILE; l++)
-        for (int64_t b = 0; b < row_bytes; b++) col[b][l] = rows[l * row_bytes + b];
+        for (int64_t b = 0; b < row_bytes; b++) bytes[b][l] = rows[l * row_bytes + b];
+    for (int64_t b = 0; b < row_bytes; b++) {
+        vu8x16 x;
+        memcpy(&x, bytes[b], TILE);
+        col[b] = __builtin_convertvector(x, vi16);
+    }
     vf16 acc[TILE_RQ];
     for (int64_t j = 0; j < RQ; j++) acc[j] = (vf16){0};
     if (cosT) {
@@ -502,10 +503,8 @@ INLINE void scores_tile(const uint8_t *rows, const int64_t D, const int bits, co
             vf16 c, sn;
             memcpy(&c, cosT + a * span + t, sizeof c);
             memcpy(&sn, sinT + a * span + t, sizeof sn);
-            for (int64_t j = 0; j < RQ; j++) {
-                const float qa = q[j * D + a], qb = q[j * D + a + half];
-                acc[j] += ka * (c * qa + sn * qb) + kb * (c * qb - sn * qa);
-            }
+            const vf16 ra = ka * c - kb * sn, rb = kb * c + ka * sn; /* the keys, rotated */
+            for (int64_t j = 0; j < RQ; j++) acc[j] += ra * q[j * D + a] + rb * q[j * D + a + half];
         }
     } else {
         for (int64_t i = 0; i < D; i++) {
