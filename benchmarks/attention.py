@@ -4,8 +4,10 @@
     python benchmarks/attention.py --context 1024 --continuation 128 --steps 8   # a quick look
 
 Model: SmolLM2-135M-Instruct, fp32 (kvpool.models.load). Text: the source of the standard
-library's difflib.py (code and English docstrings), tokens [0, context + continuation); no
-calibration, tuning or test reads it. Codec: kvpool.hf.codec_for(model, key_bits, value_bits):
+library's configparser.py (code and English docstrings), tokens [0, context + continuation);
+no calibration, tuning or test reads it. The exact window's default (256 tokens) was chosen on
+difflib.py, the development text (`--text difflib`; benchmarks/results/). Codec:
+kvpool.hf.codec_for(model, key_bits, value_bits):
 KIVI layout, G = 128, pre-RoPE keys, Hadamard values, 4 sink tokens; default 3-bit keys and
 2-bit values. The context is stored as 256-token blocks (encode, as a worker's put does).
 
@@ -18,7 +20,7 @@ as generation would (perplexity of the next token, on its true history):
                run in one forward (exact; the figure the packed cache is held to)
   packed       kvpool.packed.PackedCache of the same blocks as they came (nothing decoded);
                each step attends through the packed kernel, the continuation's own tokens fold
-               into packed rows once more than `window` (128) are held
+               into packed rows once more than `window` + 128 are held (`window` stay exact)
   selective    PackedCache(selection=Selection(keep)) after a prefill of the context: MiniKV's
                request-private selection (heavy hitters by the last 32 queries' attention,
                budgets shrinking with depth) of `keep` (0.5) of the tokens, then packed
@@ -35,6 +37,7 @@ noise falls on all three alike. Prints a table; the last line is one JSON object
 from __future__ import annotations
 
 import argparse
+import configparser
 import difflib
 import inspect
 import json
@@ -71,10 +74,13 @@ def peak_rss_mb(reset: bool = False) -> float:
     return peak / 1024
 
 
-def tokens(tokenizer: Any, n: int) -> torch.Tensor:
-    ids = tokenizer(inspect.getsource(difflib)).input_ids
+TEXTS = {"configparser": configparser, "difflib": difflib}
+
+
+def tokens(tokenizer: Any, n: int, text: str) -> torch.Tensor:
+    ids = tokenizer(inspect.getsource(TEXTS[text])).input_ids
     if len(ids) < n:
-        raise SystemExit(f"difflib.py has {len(ids)} tokens, fewer than {n}")
+        raise SystemExit(f"{text}.py has {len(ids)} tokens, fewer than {n}")
     return torch.tensor([ids[:n]])
 
 
@@ -110,7 +116,7 @@ def nll(logits: torch.Tensor, ids: torch.Tensor, start: int) -> float:
 
 def build(args: argparse.Namespace, model: Any, tok: Any, kind: str) -> tuple[Any, torch.Tensor]:
     """The cache of `kind` holding the context, and the token ids."""
-    ids = tokens(tok, args.context + args.continuation)
+    ids = tokens(tok, args.context + args.continuation, args.text)
     codec = codec_for(model, key_bits=args.key_bits, value_bits=args.value_bits)
     with torch.inference_mode():
         if kind in ("dynamic", "selective"):
@@ -176,7 +182,7 @@ def timing(args: argparse.Namespace) -> dict[str, Any]:
 def write_blocks(args: argparse.Namespace, folder: str) -> None:
     """The context's blocks, as a worker's put would encode them."""
     model, tok = load()
-    ids = tokens(tok, args.context)
+    ids = tokens(tok, args.context, args.text)
     codec = codec_for(model, key_bits=args.key_bits, value_bits=args.value_bits)
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
@@ -192,7 +198,7 @@ def run_child(args: argparse.Namespace, kind: str, folder: str) -> dict[str, Any
     argv = [sys.executable, __file__, "--child", kind, "--blocks", folder, "--context",
             str(args.context), "--continuation", str(args.continuation), "--steps",
             str(args.steps), "--key-bits", str(args.key_bits), "--value-bits",
-            str(args.value_bits), "--keep", str(args.keep), "--window", str(args.window)]  # fmt: skip
+            str(args.value_bits), "--keep", str(args.keep), "--window", str(args.window), "--text", args.text]  # fmt: skip
     done = subprocess.run(argv, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -205,7 +211,13 @@ def main() -> None:
     p.add_argument("--key-bits", type=int, default=3)
     p.add_argument("--value-bits", type=int, default=2)
     p.add_argument("--keep", type=float, default=0.5, help="selection: tokens kept")
-    p.add_argument("--window", type=int, default=128, help="exact recent tokens")
+    p.add_argument("--window", type=int, default=256, help="exact recent tokens")
+    p.add_argument(
+        "--text",
+        default="configparser",
+        choices=["configparser", "difflib"],
+        help="difflib: the development text the window was chosen on",
+    )
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--blocks", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -228,7 +240,7 @@ def main() -> None:
     def pct(kind: str) -> float:
         return (math.exp(runs[kind]["nll"] - base) - 1) * 100
 
-    print(f"SmolLM2-135M-Instruct, fp32; context {args.context} tokens of difflib.py, "
+    print(f"SmolLM2-135M-Instruct, fp32; context {args.context} tokens of {args.text}.py, "
           f"{args.continuation} scored; codec K{args.key_bits}V{args.value_bits} G=128, pre-RoPE, "
           f"Hadamard, 4 sinks; window {args.window}; selection keeps {args.keep}")  # fmt: skip
     print(f"{'cache':<10} {'bytes':>12} {'ratio':>7} {'ppl':>8} {'ppl +%':>7} {'rows/layer':>10} "
@@ -242,7 +254,8 @@ def main() -> None:
               f"{'' if rows is None else f'{rows:.0f}':>10} {r['peak_rss_mb']:>11.0f} "
               f"{'' if step is None else f'{step:.1f}':>8}")  # fmt: skip
     result = {
-        "model": "HuggingFaceTB/SmolLM2-135M-Instruct", "context_tokens": args.context,
+        "model": "HuggingFaceTB/SmolLM2-135M-Instruct", "text": f"{args.text}.py",
+        "context_tokens": args.context,
         "continuation_tokens": args.continuation,
         "codec": f"K{args.key_bits}V{args.value_bits} G=128 pre-RoPE Hadamard 4 sinks",
         "window": args.window, "keep": args.keep, "base_ppl": math.exp(base),

@@ -25,6 +25,7 @@ from transformers import Cache, DynamicCache
 from kvpool.client import KVPool, namespace_for
 from kvpool.kernels.codec import CodecConfig
 from kvpool.kernels.transforms import RopeParams
+from kvpool.packed import WINDOW
 from kvpool.proto.errors import CodecError, NamespaceError
 from kvpool.proto.keys import Namespace
 
@@ -145,7 +146,7 @@ class CachedModel:
 
     def __init__(
         self, model: Any, pool: KVPool, cost: CostModel | None = None, packed: bool = False,
-        window: int = 128,
+        window: int = WINDOW,
     ) -> None:  # fmt: skip
         expected = namespace_for_model(model, pool.codec, **_same_options(pool.namespace))
         if expected.id != pool.namespace.id:

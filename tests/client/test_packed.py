@@ -142,7 +142,8 @@ def test_two_bit_packing_costs_what_store_and_decode_costs(model, smollm2) -> No
 def test_the_packed_cache_is_several_times_smaller(model, smollm2) -> None:
     _, tok = smollm2
     ids = ids_of(tok, 1024)
-    packed, dynamic = PackedCache(model, codec_for(model)), DynamicCache(config=model.config)
+    packed = PackedCache(model, codec_for(model), window=128)
+    dynamic = DynamicCache(config=model.config)
     with torch.inference_mode():
         model(ids, past_key_values=packed)
         model(ids, past_key_values=dynamic)
@@ -155,7 +156,8 @@ def test_selection_keeps_a_pyramid_of_heavy_hitters(model, smollm2) -> None:
     _, tok = smollm2
     ids = ids_of(tok, 900)
     selection = Selection(keep=0.5, pyramid=0.5, queries=32)
-    packed = PackedCache(model, codec_for(model, key_bits=3, value_bits=2), selection=selection)
+    codec = codec_for(model, key_bits=3, value_bits=2)
+    packed = PackedCache(model, codec, window=128, selection=selection)
     logits = step_logits(model, ids, packed, 800)
     kept = []
     for layer in layers_of(packed):
