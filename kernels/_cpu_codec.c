@@ -562,31 +562,41 @@ INLINE void scores_impl(const Packed *k, const int64_t D, const int bits, const 
  * values per token (groups of G channels) */
 INLINE void values_impl(const Packed *v, const int64_t D, const int bits, const float *p,
                         int64_t stride, int64_t RQ, int64_t t0, int64_t t1, float *acc) {
+    /* a head's rows in tiles of 16: dequantized once into C, then each query row's accumulator
+     * (D floats, in registers) takes the tile's rows in turn */
     const int64_t G = v->G, row_bytes = D * bits / 8;
-    float *buf = malloc(sizeof(float) * (size_t)(3 * D));
-    float *s = buf, *m = s + D, *y = m + D;
-    for (int64_t t = t0; t < t1; t++)
-        for (int64_t h = 0; h < v->heads; h++) {
-            const int64_t row = h * v->hs + t;
-            const float *ph = p + h * RQ * stride + (t - t0);
-            float *a = acc + h * RQ * D;
-            int any = 0;
-            for (int64_t j = 0; j < RQ; j++) any |= ph[j * stride] != 0.0f;
-            if (!any) continue; /* skipped rows and underflowed weights add nothing */
-            if (G == D) {
-                s[0] = (float)v->scales[row];
-                m[0] = (float)v->mins[row];
-                decode_row(v->codes + row * row_bytes, D, bits, s, m, 1, y);
-            } else {
-                widen_params(v->scales + row * (D / G), v->mins + row * (D / G), D / G, G, s, m);
-                decode_row(v->codes + row * row_bytes, D, bits, s, m, 0, y);
+    const int whole = G == D;
+    float *buf = malloc(sizeof(float) * (size_t)(TILE * D + 2 * D + TILE * RQ));
+    float *C = buf, *s = C + TILE * D, *m = s + D, *w = m + D;
+    for (int64_t h = 0; h < v->heads; h++) {
+        const float *ph = p + h * RQ * stride;
+        float *a = acc + h * RQ * D;
+        for (int64_t t = t0; t < t1; t += TILE) {
+            const int64_t n = t1 - t < TILE ? t1 - t : TILE;
+            for (int64_t l = 0; l < n; l++) {
+                const int64_t row = h * v->hs + t + l;
+                const uint8_t *codes = v->codes + row * row_bytes;
+                if (whole) {
+                    const float sc = (float)v->scales[row], mn = (float)v->mins[row];
+                    decode_row(codes, D, bits, &sc, &mn, 1, C + l * D);
+                } else {
+                    widen_params(v->scales + row * (D / G), v->mins + row * (D / G), D / G, G, s,
+                                 m);
+                    decode_row(codes, D, bits, s, m, 0, C + l * D);
+                }
+                for (int64_t j = 0; j < RQ; j++) w[j * TILE + l] = ph[j * stride + (t + l - t0)];
             }
             for (int64_t j = 0; j < RQ; j++) {
-                const float w = ph[j * stride];
-                float *aj = a + j * D;
-                for (int64_t i = 0; i < D; i++) aj[i] += w * y[i];
+                float aj[256];
+                for (int64_t i = 0; i < D; i++) aj[i] = a[j * D + i];
+                for (int64_t l = 0; l < n; l++) {
+                    const float wl = w[j * TILE + l];
+                    for (int64_t i = 0; i < D; i++) aj[i] += wl * C[l * D + i];
+                }
+                for (int64_t i = 0; i < D; i++) a[j * D + i] = aj[i];
             }
         }
+    }
     free(buf);
 }
 
