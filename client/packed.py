@@ -39,6 +39,7 @@ from kvpool.kernels.attention import (
     block_layer,
     block_sinks,
     dequantize,
+    merge,
     packed_attention,
     rope_at,
     window_scores,
@@ -54,6 +55,11 @@ FUSED_QUERIES = 16  # up to this many query tokens attend through the packed ker
 # 64 / 128 / 256 / 640 cost +12.1 / +9.2 / +6.9 / +6.8% perplexity against +6.8% for the same
 # blocks decoded: this small model leans on its last few hundred tokens.
 WINDOW = 256
+# Key and value widths of the tokens decode steps add, once they leave the window (None: the
+# codec's). On the same difflib.py run (window 256), the continuation folded at K3V2 / K4V4 /
+# K8V8 cost +6.94 / +6.85 / +6.81% against +6.81% for the blocks decoded, for 35.2 / 35.6 /
+# 36.3 MB: generated tokens are few next to a long prompt, and the model leans on them.
+FOLD_BITS: tuple[int, int] | None = (4, 4)
 
 
 def use_packed_attention(model: Any) -> None:
@@ -106,13 +112,19 @@ class PackedLayer(CacheLayerMixin):
     is_compileable = False
 
     def __init__(self, codec: CodecConfig, layer: int, layers: int, window: int,
-                 selection: Selection | None = None, device: torch.device | None = None) -> None:  # fmt: skip
+                 selection: Selection | None = None, device: torch.device | None = None,
+                 fold_bits: tuple[int, int] | None = None) -> None:  # fmt: skip
         super().__init__()
         self.home = device or torch.device("cpu")  # where the packed rows live
         key_bits, value_bits = codec.bits_per_layer(layers)
         self.codec = replace(codec, key_bits=key_bits[layer], value_bits=value_bits[layer])
         self.layer, self.layers, self.window, self.selection = layer, layers, window, selection
+        self.fold_codec = None  # decode steps' tokens, folded at their own widths
+        if fold_bits is not None:
+            self.fold_codec = replace(self.codec, key_bits=fold_bits[0], value_bits=fold_bits[1],
+                                      sink_tokens=0)  # fmt: skip
         self.packed: PackedKV | None = None  # capacity may exceed packed.tokens
+        self.recent: PackedKV | None = None  # rows folded by decode steps (fold_codec), positioned
         self.sinks: tuple[Tensor, Tensor] | None = None  # exact [1, H, S, D]
         self.seen = 0  # positions so far: the next token's position
         self.selected = False
@@ -155,7 +167,7 @@ class PackedLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.keys = self.values = None
-        self.packed, self.sinks, self.seen, self.selected = None, None, 0, False
+        self.packed, self.recent, self.sinks, self.seen, self.selected = None, None, None, 0, False
         self.is_initialized = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -185,21 +197,23 @@ class PackedLayer(CacheLayerMixin):
             exact = [(self.keys, self.values, nq)]
             if self.sinks is not None:
                 exact.insert(0, (*self.sinks, 0))
-            out, _ = packed_attention(q, self.packed, self._sink_rows(), exact)
+            out, lse = packed_attention(q, self.packed, self._sink_rows(), exact)
+            if self.recent is not None:
+                out = merge([(out, lse), packed_attention(q, self.recent)])
         if self.selection is not None and not self.selected and nq > 1:
             self._select(query, scale)
-        self._fold()
+        self._fold(decoding=nq <= FUSED_QUERIES)
         return out.to(query.dtype).transpose(1, 2).contiguous()
 
     def _attend_expanded(self, query: Tensor, scale: float) -> Tensor:
         """SDPA over the packed rows dequantized for this call, the sinks and the window."""
         assert self.keys is not None and self.values is not None
         keys, values = [self.keys], [self.values]
-        if self.packed is not None:
-            pk, pv = dequantize(self.packed)
-            s = self._sink_rows()
-            keys.insert(0, pk[:, :, s:].to(self.dtype))
-            values.insert(0, pv[:, :, s:].to(self.dtype))
+        for part, s in ((self.recent, 0), (self.packed, self._sink_rows())):
+            if part is not None:  # cached rows in any order: only the window's are masked
+                pk, pv = dequantize(part)
+                keys.insert(0, pk[:, :, s:].to(self.dtype))
+                values.insert(0, pv[:, :, s:].to(self.dtype))
         if self.sinks is not None:
             keys.insert(0, self.sinks[0].to(self.dtype))
             values.insert(0, self.sinks[1].to(self.dtype))
@@ -220,21 +234,30 @@ class PackedLayer(CacheLayerMixin):
 
     # ---- packing ------------------------------------------------------------------------
 
-    def _fold(self) -> None:
-        """Pack the window's oldest G tokens while it holds more than window + G."""
+    def _fold(self, decoding: bool = False) -> None:
+        """Pack the window's oldest G tokens while it holds more than window + G: at the
+        codec's widths, or after a prefill's rows, at `fold_codec`'s, into `recent`."""
         assert self.keys is not None and self.values is not None
         g = self.codec.group_size
         while self.keys.shape[2] >= self.window + g:
             start = self.seen - self.keys.shape[2]
             k, v = self.keys[0, :, :g], self.values[0, :, :g]
-            first = self.packed is None and not self.selected  # the sinks are packed with it
-            codec = self.codec if first else replace(self.codec, sink_tokens=0)
-            if start != (self.packed.tokens if self.packed else 0) and not self.selected:
-                raise CodecError("packed rows and window out of step")
-            blob = encode(k[None], v[None], codec, start_position=start)
-            header = parse_header(blob)
-            payload = torch.frombuffer(bytearray(blob), dtype=torch.uint8)[header.header_len :]
-            self.add_block(header, payload, start, layer=0)
+            if self.fold_codec is not None and (self.recent is not None or (
+                    decoding and self.packed is not None)):  # fmt: skip
+                chunk = _packed_rows(
+                    encode(k[None], v[None], self.fold_codec, start_position=start)
+                )
+                rows = torch.arange(start, start + g, dtype=torch.int32).expand(1, chunk.heads, g)
+                self.recent = _extended(self.recent, chunk, rows, self.home, 4 * g)
+            else:
+                first = self.packed is None and not self.selected  # the sinks go with it
+                codec = self.codec if first else replace(self.codec, sink_tokens=0)
+                if start != (self.packed.tokens if self.packed else 0) and not self.selected:
+                    raise CodecError("packed rows and window out of step")
+                blob = encode(k[None], v[None], codec, start_position=start)
+                header = parse_header(blob)
+                payload = torch.frombuffer(bytearray(blob), dtype=torch.uint8)[header.header_len :]
+                self.add_block(header, payload, start, layer=0)
             self.keys, self.values = self.keys[:, :, g:], self.values[:, :, g:]
 
     def add_block(
@@ -256,25 +279,10 @@ class PackedLayer(CacheLayerMixin):
             return self._append(chunk, None)
         rows = torch.arange(position, position + chunk.tokens, dtype=torch.int32)
         positions = rows.expand(1, chunk.heads, chunk.tokens)
-        if self.packed is None:  # a selection that kept no rows before these
-            return self._append_positions(chunk, positions)
         return self._append(chunk, positions)
 
     def _append(self, chunk: PackedKV, positions: Tensor | None) -> None:
-        """Copy chunk's rows after the packed rows, growing the buffers by a quarter."""
-        old = self.packed
-        t0 = old.tokens if old is not None else 0
-        t1 = t0 + chunk.tokens
-        if old is None or t1 > old.key_codes.shape[2]:
-            cap = max(t1, t0 + t0 // 4)
-            cap = -(-cap // chunk.group) * chunk.group
-            old = _grown(chunk if old is None else old, cap, self.home)
-        for name, lo, hi in _rows(t0, t1, chunk.group):
-            getattr(old, name)[:, :, lo:hi] = getattr(chunk, name)[:, :, : hi - lo]
-        if old.positions is not None:
-            assert positions is not None
-            old.positions[:, :, t0:t1] = positions.to(self.home)
-        self.packed = replace(old, tokens=t1)
+        self.packed = _extended(self.packed, chunk, positions, self.home, 0)
 
     def _select(self, query: Tensor, scale: float) -> None:
         """MiniKV: keep this layer's heavy hitters among the exact prompt rows, plus sinks and
@@ -312,23 +320,16 @@ class PackedLayer(CacheLayerMixin):
         header = parse_header(blob)
         payload = torch.frombuffer(bytearray(blob), dtype=torch.uint8)[header.header_len :]
         chunk = replace(block_layer(header, payload, 0), rope=self.codec.rope)
-        self._append_positions(chunk, idx.to(torch.int32)[None])
+        spare = self.window + self.codec.group_size
+        self.packed = _extended(None, chunk, idx.to(torch.int32)[None], self.home, spare)
         self.keys, self.values = self.keys[:, :, n - recent :], self.values[:, :, n - recent :]
-
-    def _append_positions(self, chunk: PackedKV, positions: Tensor) -> None:
-        """Start the packed rows with chunk, at these positions (selected rows)."""
-        cap = chunk.tokens + self.window + self.codec.group_size
-        cap = -(-cap // chunk.group) * chunk.group
-        base = _grown(chunk, cap, self.home, with_positions=True)
-        self.packed = replace(base, tokens=0)
-        self._append(chunk, positions)
 
     # ---- accounting ---------------------------------------------------------------------
 
     @property
     def nbytes(self) -> int:
         """Bytes held for this layer's tokens: packed rows in use, sinks and the window."""
-        total = self.packed.nbytes if self.packed is not None else 0
+        total = sum(p.nbytes for p in (self.packed, self.recent) if p is not None)
         for t in (*(self.sinks or ()), self.keys, self.values):
             if t is not None:
                 total += t.numel() * t.element_size()
@@ -337,13 +338,43 @@ class PackedLayer(CacheLayerMixin):
     @property
     def allocated(self) -> int:
         """Bytes of this layer's buffers, spare capacity included."""
-        total = self.nbytes - (self.packed.nbytes if self.packed is not None else 0)
-        if self.packed is not None:
-            p = self.packed
-            tensors = [p.key_codes, p.key_scales, p.key_mins, p.value_codes, p.value_scales,
-                       p.value_mins, p.positions]  # fmt: skip
-            total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        total = self.nbytes
+        for p in (self.packed, self.recent):
+            if p is not None:
+                tensors = [p.key_codes, p.key_scales, p.key_mins, p.value_codes, p.value_scales,
+                           p.value_mins, p.positions]  # fmt: skip
+                total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
+                total -= p.nbytes
         return total
+
+
+def _packed_rows(blob: bytes) -> PackedKV:
+    """The one layer of a block just encoded, as PackedKV (views into a copy of its payload)."""
+    header = parse_header(blob)
+    payload = torch.frombuffer(bytearray(blob), dtype=torch.uint8)[header.header_len :]
+    return block_layer(header, payload, 0)
+
+
+def _extended(
+    base: PackedKV | None, chunk: PackedKV, positions: Tensor | None, home: torch.device,
+    spare: int,
+) -> PackedKV:  # fmt: skip
+    """base's rows followed by chunk's, in base's buffers when they have room, else in new ones
+    a quarter larger (or `spare` rows larger, for a first chunk); positions kept when given."""
+    if base is None:
+        cap = -(-(chunk.tokens + spare) // chunk.group) * chunk.group
+        base = replace(_grown(chunk, cap, home, with_positions=positions is not None), tokens=0)
+    t0 = base.tokens
+    t1 = t0 + chunk.tokens
+    if t1 > base.key_codes.shape[2]:
+        cap = -(-max(t1, t0 + t0 // 4) // chunk.group) * chunk.group
+        base = _grown(base, cap, home)
+    for name, lo, hi in _rows(t0, t1, chunk.group):
+        getattr(base, name)[:, :, lo:hi] = getattr(chunk, name)[:, :, : hi - lo]
+    if base.positions is not None:
+        assert positions is not None
+        base.positions[:, :, t0:t1] = positions.to(home)
+    return replace(base, tokens=t1)
 
 
 def _rows(t0: int, t1: int, g: int) -> list[tuple[str, int, int]]:
@@ -393,7 +424,8 @@ class PackedCache(Cache):
     `selection`: MiniKV's request-private selection after the first prefill."""
 
     def __init__(self, model: Any, codec: CodecConfig, window: int = WINDOW,
-                 selection: Selection | None = None) -> None:  # fmt: skip
+                 selection: Selection | None = None,
+                 fold_bits: tuple[int, int] | None = FOLD_BITS) -> None:  # fmt: skip
         if codec.key_basis is not None:
             raise CodecError("the packed cache attends to KIVI-layout keys: no key basis")
         if window < 0:
@@ -403,7 +435,7 @@ class PackedCache(Cache):
         layers, _, _ = model_layout(model)
         self.codec = codec
         device = getattr(model, "device", None)
-        super().__init__(layers=[PackedLayer(codec, i, layers, window, selection, device)
+        super().__init__(layers=[PackedLayer(codec, i, layers, window, selection, device, fold_bits)
                                  for i in range(layers)])  # fmt: skip
 
     def add_blocks(self, blocks: Iterable[tuple[BlockHeader, Tensor]]) -> int:

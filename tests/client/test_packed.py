@@ -96,7 +96,8 @@ def test_the_window_folds_g_tokens_at_a_time_and_stays_faithful(model, smollm2) 
     got = step_logits(model, ids, packed, 400)
     for layer in layers_of(packed):
         assert layer.packed is not None and layer.packed.tokens % 128 == 0
-        assert layer.packed.tokens + layer.keys.shape[2] == 560
+        recent = layer.recent.tokens if layer.recent is not None else 0  # folded by decode steps
+        assert layer.packed.tokens + recent + layer.keys.shape[2] == 560
         assert 128 <= layer.keys.shape[2] < 256
         assert layer.sinks is not None and layer.sinks[0].shape[2] == 4
     want = step_logits(model, ids, DynamicCache(config=model.config), 400)
@@ -130,13 +131,27 @@ def test_two_bit_packing_costs_what_store_and_decode_costs(model, smollm2) -> No
                                torch.cat([b.values for b in blocks], 2))  # fmt: skip
         store_logits = model(ids[:, 512:], past_key_values=stored).logits[0]
         base = model(ids).logits[0, 512:]
-        packed = PackedCache(model, codec, window=16)
-        assert packed.add_blocks([_payload(b) for b in blobs]) == 512
-        steps = [model(ids[:, i : i + 1], past_key_values=packed).logits for i in range(512, 768)]
-    assert layers_of(packed)[0].packed.tokens == 640  # one fold of the continuation's own
-    base_ppl, store_ppl, packed_ppl = ppl(base), ppl(store_logits), ppl(torch.cat(steps, 1)[0])
+        runs = {}
+        for fold_bits in (None, (8, 8)):  # decode steps' tokens at the codec's widths, or 8-bit
+            packed = PackedCache(model, codec, window=16, fold_bits=fold_bits)
+            assert packed.add_blocks([_payload(b) for b in blobs]) == 512
+            steps = [
+                model(ids[:, i : i + 1], past_key_values=packed).logits for i in range(512, 768)
+            ]
+            runs[fold_bits] = ppl(torch.cat(steps, 1)[0])
+            layer = layers_of(packed)[0]
+            if fold_bits is None:  # one fold of the continuation's own, after the blocks' rows
+                assert layer.packed.tokens == 640 and layer.recent is None
+            else:  # the same fold, apart, at its own widths and positions
+                assert layer.packed.tokens == 512 and layer.recent is not None
+                assert layer.recent.tokens == 128 and layer.recent.key_bits == 8
+                assert torch.equal(
+                    layer.recent.positions[0, 0, :128], torch.arange(512, 640, dtype=torch.int32)
+                )
+    base_ppl, store_ppl = ppl(base), ppl(store_logits)
     assert store_ppl > base_ppl * 1.01  # the codec is lossy: the comparison means something
-    assert abs(packed_ppl - store_ppl) / base_ppl < 0.005, (base_ppl, store_ppl, packed_ppl)
+    for packed_ppl in runs.values():
+        assert abs(packed_ppl - store_ppl) / base_ppl < 0.005, (base_ppl, store_ppl, runs)
 
 
 def test_the_packed_cache_is_several_times_smaller(model, smollm2) -> None:
