@@ -228,9 +228,9 @@ def main() -> None:
     p.add_argument("--fold-bits", default="4,4", help='widths of generated tokens, or "codec"')
     p.add_argument(
         "--text",
-        default="configparser",
-        choices=["configparser", "difflib"],
-        help="difflib: the development text the window was chosen on",
+        default="smtplib",
+        choices=list(TEXTS),
+        help="difflib: the development text the window and fold widths were chosen on",
     )
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--blocks", help=argparse.SUPPRESS)

@@ -128,6 +128,7 @@ class PackedLayer(CacheLayerMixin):
         self.sinks: tuple[Tensor, Tensor] | None = None  # exact [1, H, S, D]
         self.seen = 0  # positions so far: the next token's position
         self.selected = False
+        self._buffers: tuple[Tensor, Tensor] | None = None  # the window's storage
         self.record = 0  # tokens still to copy into `recorded` (exact, for storing blocks)
         self.recorded: list[tuple[Tensor, Tensor]] = []
 
@@ -147,8 +148,7 @@ class PackedLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         assert self.keys is not None and self.values is not None
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
+        self._push(key_states, value_states)
         self.seen += key_states.shape[-2]
         if self.record > 0:
             n = min(self.record, key_states.shape[-2])
@@ -166,7 +166,7 @@ class PackedLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.keys = self.values = None
+        self.keys = self.values = self._buffers = None
         self.packed, self.recent, self.sinks, self.seen, self.selected = None, None, None, 0, False
         self.is_initialized = False
 
@@ -228,6 +228,39 @@ class PackedLayer(CacheLayerMixin):
             enable_gqa=True,
         )  # fmt: skip
 
+    def _push(self, keys: Tensor, values: Tensor) -> None:
+        """Append rows to the exact window: buffers with room for window + 2G rows, so that a
+        decode step writes its row and copies nothing else."""
+        assert self.keys is not None and self.values is not None
+        n, q = self.keys.shape[2], keys.shape[2]
+        if self._buffers is None or n + q > self._buffers[0].shape[2]:
+            cap = max(n + q, self.window + 2 * self.codec.group_size)
+            shape = (1, keys.shape[1], cap, keys.shape[3])
+            new = tuple(torch.empty(shape, dtype=keys.dtype, device=keys.device) for _ in "kv")
+            new[0][:, :, :n], new[1][:, :, :n] = self.keys, self.values
+            self._buffers = (new[0], new[1])
+        k, v = self._buffers
+        k[:, :, n : n + q], v[:, :, n : n + q] = keys, values
+        self.keys, self.values = k[:, :, : n + q], v[:, :, : n + q]
+
+    def _drop(self, rows: int) -> None:
+        """Forget the window's first `rows` rows (packed, or selected away); a buffer a prefill
+        made large is given back."""
+        assert self.keys is not None and self.values is not None and self._buffers is not None
+        n = self.keys.shape[2]
+        rest = n - rows
+        small = self.window + 2 * self.codec.group_size
+        if self._buffers[0].shape[2] > 2 * small:
+            shape = (*self.keys.shape[:2], max(small, rest), self.keys.shape[3])
+            new = tuple(torch.empty(shape, dtype=self.dtype, device=self.keys.device) for _ in "kv")
+            self._buffers = (new[0], new[1])
+        k, v = self._buffers
+        k[:, :, :rest], v[:, :, :rest] = (
+            self.keys[:, :, rows:].clone(),
+            self.values[:, :, rows:].clone(),
+        )
+        self.keys, self.values = k[:, :, :rest], v[:, :, :rest]
+
     def _sink_rows(self) -> int:
         """Leading packed rows that hold filler codes: the sinks, kept exactly elsewhere."""
         return 0 if self.sinks is None or self.selected else self.sinks[0].shape[2]
@@ -258,7 +291,7 @@ class PackedLayer(CacheLayerMixin):
                 header = parse_header(blob)
                 payload = torch.frombuffer(bytearray(blob), dtype=torch.uint8)[header.header_len :]
                 self.add_block(header, payload, start, layer=0)
-            self.keys, self.values = self.keys[:, :, g:], self.values[:, :, g:]
+            self._drop(g)
 
     def add_block(
         self, header: BlockHeader, payload: Tensor, position: int, layer: int | None = None
@@ -304,8 +337,7 @@ class PackedLayer(CacheLayerMixin):
         if sinks:
             self.sinks = (self.keys[:, :, :sinks].half(), self.values[:, :, :sinks].half())
         if keep == 0:  # this layer keeps only its sinks and the recent window
-            self.keys, self.values = self.keys[:, :, n - recent :], self.values[:, :, n - recent :]
-            return
+            return self._drop(n - recent)
         w = min(sel.queries, query.shape[2])
         scores = window_scores(query[:, :, -w:].float() * scale, self.keys)[0]  # [H, n]
         cand = scores[:, sinks : sinks + pool]
@@ -322,7 +354,7 @@ class PackedLayer(CacheLayerMixin):
         chunk = replace(block_layer(header, payload, 0), rope=self.codec.rope)
         spare = self.window + self.codec.group_size
         self.packed = _extended(None, chunk, idx.to(torch.int32)[None], self.home, spare)
-        self.keys, self.values = self.keys[:, :, n - recent :], self.values[:, :, n - recent :]
+        self._drop(n - recent)
 
     # ---- accounting ---------------------------------------------------------------------
 
