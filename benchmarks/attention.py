@@ -32,8 +32,8 @@ parameters, sinks and the exact window of recent tokens; dynamic: keys and value
 fp16 would halve them, reported as memory_ratio_vs_fp16). peak_rss_mb is the process's
 resident high-water mark from just after the model is loaded and run once (model_rss_mb) to
 the end. Decode-step times come from one more process that
-steps the dynamic, packed and selective caches in turn (`--steps` each, medians), so machine
-noise falls on all three alike. Prints a table; the last line is one JSON object.
+steps the dynamic, packed and selective caches in turn, in an order rotated from step to step
+(`--steps` each, medians), so machine noise falls on all three alike. Prints a table; the last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -181,9 +181,11 @@ def timing(args: argparse.Namespace) -> dict[str, Any]:
     use_packed_attention(model)
     caches = {kind: build(args, model, tok, kind) for kind in ("dynamic", "packed", "selective")}
     times: dict[str, list[float]] = {kind: [] for kind in caches}
+    kinds = list(caches)
     with torch.inference_mode():
         for i in range(args.steps + 2):
-            for kind, (cache, ids) in caches.items():
+            for kind in kinds[i % 3 :] + kinds[: i % 3]:  # the order rotates from step to step
+                cache, ids = caches[kind]
                 t0 = time.perf_counter()
                 model(ids[:, args.context + i : args.context + i + 1], past_key_values=cache)
                 if i >= 2:  # two warm-up steps

@@ -193,7 +193,7 @@ class PackedLayer(CacheLayerMixin):
         if nq > FUSED_QUERIES or self.packed is None:
             out = self._attend_expanded(query, scale)
         else:
-            q = query.float() * scale
+            q = query * scale if query.dtype == torch.float32 else query.float() * scale
             exact = [(self.keys, self.values, nq)]
             if self.sinks is not None:
                 exact.insert(0, (*self.sinks, 0))

@@ -826,17 +826,19 @@ static int packed_arg(PyObject *t, Packed *x) {
 
 /* attend((codes, scales, mins, heads, hs, T, D, G, bits) of keys, the same of values, q, RQ, Q,
  * t0, t1, skip, hadamard, acc, max, sum, exact, cos, sin, rotary, positions[, cosT, sinT,
- * span]); exact: a tuple of (keys, values, dtype, n, head_stride, causal) segments; cos = 0: no
- * RoPE; cosT/sinT: the tables' first halves transposed, [D/2][span], for the 16-token tiles */
+ * span, finish]); exact: a tuple of (keys, values, dtype, n, head_stride, causal) segments;
+ * cos = 0: no RoPE; cosT/sinT: the tables' first halves transposed, [D/2][span], for the
+ * 16-token tiles; finish: turn the partial into o (in acc) and lse (in max) */
 static PyObject *py_attend(PyObject *self, PyObject *args) {
     PyObject *kt, *vt, *et;
     Packed k, v;
     unsigned long long q, acc, mx, sum, cos, sin, pos, cosT = 0, sinT = 0;
     long long RQ, Q, t0, t1, skip, rotary, span = 0;
-    int hadamard;
-    if (!PyArg_ParseTuple(args, "O!O!KLLLLLiKKKO!KKLK|KKL", &PyTuple_Type, &kt, &PyTuple_Type,
+    int hadamard, finish = 0;
+    if (!PyArg_ParseTuple(args, "O!O!KLLLLLiKKKO!KKLK|KKLp", &PyTuple_Type, &kt, &PyTuple_Type,
                           &vt, &q, &RQ, &Q, &t0, &t1, &skip, &hadamard, &acc, &mx, &sum,
-                          &PyTuple_Type, &et, &cos, &sin, &rotary, &pos, &cosT, &sinT, &span))
+                          &PyTuple_Type, &et, &cos, &sin, &rotary, &pos, &cosT, &sinT, &span,
+                          &finish))
         return NULL;
     if (!packed_arg(kt, &k) || !packed_arg(vt, &v)) return NULL;
     if (k.heads != v.heads || k.hs != v.hs || k.T != v.T || k.D != v.D || RQ <= 0 || Q <= 0 ||
@@ -873,6 +875,14 @@ static PyObject *py_attend(PyObject *self, PyObject *args) {
            (const float *)sin, rotary, pos ? (const int32_t *)pos : NULL,
            cosT ? (const float *)cosT : NULL, (const float *)sinT, span, hadamard, ex, (int)nex,
            (float *)acc, (float *)mx, (float *)sum);
+    if (finish) { /* the whole attention: acc <- o = acc / sum, max <- lse = max + log(sum) */
+        float *a = (float *)acc, *m = (float *)mx, *l = (float *)sum;
+        for (int64_t j = 0; j < k.heads * RQ; j++) {
+            const float inv = l[j] > 0.0f ? 1.0f / l[j] : 0.0f;
+            for (int64_t i = 0; i < k.D; i++) a[j * k.D + i] *= inv;
+            m[j] = l[j] > 0.0f ? m[j] + logf(l[j]) : -INFINITY;
+        }
+    }
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -883,7 +893,7 @@ static PyMethodDef methods[] = {
     {"decode_section", py_decode, METH_VARARGS,
      "decode_section(codes, scales, mins, H, T, D, is_key, G, bits, out, head_stride, row_stride, dtype[, hadamard, cos, sin, rotary]): unpack, dequantize into out's rows of D (rows row_stride, heads head_stride elements apart), then undo the Hadamard rotation and redo RoPE (float32 [T, rotary] cos/sin tables) per row"},
     {"attend", py_attend, METH_VARARGS,
-     "attend(keys, values, q, RQ, Q, t0, t1, skip, hadamard, acc, max, sum, exact, cos, sin, rotary, positions[, cosT, sinT, span]): float32 attention of RQ = R x Q query rows per kv head over packed tokens t0..t1 (from skip on) and exact row segments: unnormalized acc, max and sum of exp per query row"},
+     "attend(keys, values, q, RQ, Q, t0, t1, skip, hadamard, acc, max, sum, exact, cos, sin, rotary, positions[, cosT, sinT, span, finish]): float32 attention of RQ = R x Q query rows per kv head over packed tokens t0..t1 (from skip on) and exact row segments: unnormalized acc, max and sum of exp per query row"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -119,6 +119,12 @@ def packed_attention(
                   heads, cap, max(t, kv.group), d, kv.value_group, kv.value_bits)  # fmt: skip
     bounds = sorted({skip + (t - skip) * w // workers for w in range(workers)} | {t})
     ranges = list(itertools.pairwise(bounds)) or [(t, t)]
+    if len(ranges) == 1:  # the C loop finishes the softmax itself: o and lse
+        o, lse, total = torch.empty(b, hq, nq, d), torch.empty(b, hq, nq), torch.empty(b, hq, nq)
+        _cpu_codec.attend(keys_arg, values_arg, qf.data_ptr(), rq, nq, ranges[0][0], t, skip,
+                          int(kv.hadamard_values), o.data_ptr(), lse.data_ptr(),
+                          total.data_ptr(), tuple(segments), *tables[:4], *_tile_tables(tables), 1)  # fmt: skip
+        return o, lse
     acc = torch.empty(len(ranges), b, hq, nq, d)
     mx = torch.empty(len(ranges), b, hq, nq)
     total = torch.empty(len(ranges), b, hq, nq)
@@ -129,16 +135,17 @@ def packed_attention(
                           int(kv.hadamard_values), acc[i].data_ptr(), mx[i].data_ptr(),
                           total[i].data_ptr(), tuple(segments) if i == 0 else (), *tables)  # fmt: skip
 
-    if len(ranges) == 1:
-        one(0)
-    else:
-        list(_POOL.map(one, range(len(ranges))))
+    list(_POOL.map(one, range(len(ranges))))
     lse = mx + total.log()
     o = (acc / total.unsqueeze(-1)).nan_to_num_(0.0)  # no counted row: 0
-    if len(ranges) == 1:
-        return o[0], lse[0]
     weights = torch.softmax(lse, dim=0).nan_to_num(0.0)
     return (weights.unsqueeze(-1) * o).sum(0), torch.logsumexp(lse, dim=0)
+
+
+def _tile_tables(tables: tuple[int, ...]) -> tuple[int, ...]:
+    """The transposed RoPE tables' arguments, or zeros (the tiles then go without RoPE or
+    take the row loop)."""
+    return tables[4:] if len(tables) > 4 else (0, 0, 0)
 
 
 def _heads_apart(x: Tensor) -> bool:
