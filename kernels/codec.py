@@ -327,14 +327,7 @@ def decode(
     ChecksumError, BlockMismatchError, ForgedBlockError) for a blob that is not an intact block
     of this format, or not the expected one; CodecError for an unusable `out`.
     """
-    header = parse_header(blob)
-    check_length(blob, header)
-    if expect is not None and header != expect:
-        raise BlockMismatchError(f"got {_describe(header)}, expected {_describe(expect)}")
-    if header.has_flag(Flag.KEY_BASIS):
-        if key_basis is None:
-            raise CodecError("this block's keys are in a key basis: pass the namespace's")
-        key_basis.check(header)
+    header = _checked_header(blob, expect, key_basis)
     # The checksum (and MAC) run beside the decoding, which reads only within the lengths just
     # checked; nothing decoded is returned unless they pass.
     checks = _CHECKS.submit(verify, blob, mac_key)
@@ -349,13 +342,10 @@ def decode(
     return block
 
 
-def verified_payload(
-    blob: bytes | bytearray | memoryview, expect: BlockHeader | None = None, mac_key: bytes = b"",
-    key_basis: KeyBasis | None = None,
-) -> tuple[BlockHeader, Tensor]:  # fmt: skip
-    """A block's header and its payload, uint8 (a copy: the blob may be a view into a shared
-    arena), after every check `decode` makes (header, `expect`, key basis, checksum and MAC),
-    for readers that use the sections as they are (kvpool.packed). Raises as `decode` does."""
+def _checked_header(
+    blob: bytes | bytearray | memoryview, expect: BlockHeader | None, key_basis: KeyBasis | None
+) -> BlockHeader:
+    """The blob's header, once it is shown to be `expect` and readable with `key_basis`."""
     header = parse_header(blob)
     check_length(blob, header)
     if expect is not None and header != expect:
@@ -364,6 +354,17 @@ def verified_payload(
         if key_basis is None:
             raise CodecError("this block's keys are in a key basis: pass the namespace's")
         key_basis.check(header)
+    return header
+
+
+def verified_payload(
+    blob: bytes | bytearray | memoryview, expect: BlockHeader | None = None, mac_key: bytes = b"",
+    key_basis: KeyBasis | None = None,
+) -> tuple[BlockHeader, Tensor]:  # fmt: skip
+    """A block's header and its payload, uint8 (a copy: the blob may be a view into a shared
+    arena), after every check `decode` makes (header, `expect`, key basis, checksum and MAC),
+    for readers that use the sections as they are (kvpool.packed). Raises as `decode` does."""
+    header = _checked_header(blob, expect, key_basis)
     verify(blob, mac_key)
     start = header.header_len
     payload = bytearray(memoryview(blob)[start : start + header.payload_len])

@@ -262,3 +262,24 @@ def test_exact_segments_join_the_packed_rows_in_one_softmax(dtype, nq, workers) 
     torch.testing.assert_close(only, merge(parts[1:]), atol=3e-5, rtol=1e-4)
     with pytest.raises(CodecError, match="does not fit"):
         packed_attention(q, kv, 4, [(torch.randn(1, 2, 5, 64), torch.randn(1, 2, 5, 64), 0)])
+
+
+def test_verified_payload_checks_what_decode_checks() -> None:
+    from kvpool.kernels.codec import block_header, verified_payload
+    from kvpool.proto.blockformat import Layout
+    from kvpool.proto.errors import BlockMismatchError, ChecksumError
+
+    k, v = random_kv(2, 3, 128, 64, torch.float32)
+    blob = encode(k, v, CONFIGS[0])
+    header, payload = verified_payload(blob)
+    assert (
+        payload.numel() == header.payload_len
+        and bytes(payload.numpy()) == blob[header.header_len :]
+    )
+    bad = bytearray(blob)
+    bad[-1] ^= 1
+    with pytest.raises(ChecksumError):
+        verified_payload(bytes(bad))
+    other = block_header(Layout.KV, torch.float32, (2, 3, 128, 64), CONFIGS[0], 128)
+    with pytest.raises(BlockMismatchError):
+        verified_payload(blob, expect=other)
