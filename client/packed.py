@@ -44,9 +44,9 @@ from kvpool.kernels.attention import (
     rope_at,
     window_scores,
 )
-from kvpool.kernels.codec import CodecConfig, encode
-from kvpool.kernels.transforms import RopeParams
-from kvpool.proto.blockformat import BlockHeader, parse_header
+from kvpool.kernels.codec import CodecConfig, encode, verified_payload
+from kvpool.kernels.transforms import RopeParams, rotated
+from kvpool.proto.blockformat import BlockHeader
 from kvpool.proto.errors import CodecError
 
 ATTENTION = "kvpool_packed"
@@ -277,9 +277,8 @@ class PackedLayer(CacheLayerMixin):
             k, v = self.keys[0, :, :g], self.values[0, :, :g]
             if self.fold_codec is not None and (self.recent is not None or (
                     decoding and self.packed is not None)):  # fmt: skip
-                chunk = _packed_rows(
-                    encode(k[None], v[None], self.fold_codec, start_position=start)
-                )
+                blob = encode(k[None], v[None], self.fold_codec, start_position=start)
+                chunk = block_layer(*verified_payload(blob), 0)
                 rows = torch.arange(start, start + g, dtype=torch.int32).expand(1, chunk.heads, g)
                 self.recent = _extended(self.recent, chunk, rows, self.home, 4 * g)
             else:
@@ -288,8 +287,7 @@ class PackedLayer(CacheLayerMixin):
                 if start != (self.packed.tokens if self.packed else 0) and not self.selected:
                     raise CodecError("packed rows and window out of step")
                 blob = encode(k[None], v[None], codec, start_position=start)
-                header = parse_header(blob)
-                payload = torch.frombuffer(bytearray(blob), dtype=torch.uint8)[header.header_len :]
+                header, payload = verified_payload(blob)
                 self.add_block(header, payload, start, layer=0)
             self._drop(g)
 
@@ -349,9 +347,7 @@ class PackedLayer(CacheLayerMixin):
         if self.codec.rope is not None:  # pre-RoPE at each kept row's own position
             k = _undo_rope_at(k, self.codec.rope, idx)
         blob = encode(k[None], v[None], codec, start_position=sinks)
-        header = parse_header(blob)
-        payload = torch.frombuffer(bytearray(blob), dtype=torch.uint8)[header.header_len :]
-        chunk = replace(block_layer(header, payload, 0), rope=self.codec.rope)
+        chunk = replace(block_layer(*verified_payload(blob), 0), rope=self.codec.rope)
         spare = self.window + self.codec.group_size
         self.packed = _extended(None, chunk, idx.to(torch.int32)[None], self.home, spare)
         self._drop(n - recent)
@@ -378,13 +374,6 @@ class PackedLayer(CacheLayerMixin):
                 total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
                 total -= p.nbytes
         return total
-
-
-def _packed_rows(blob: bytes) -> PackedKV:
-    """The one layer of a block just encoded, as PackedKV (views into a copy of its payload)."""
-    header = parse_header(blob)
-    payload = torch.frombuffer(bytearray(blob), dtype=torch.uint8)[header.header_len :]
-    return block_layer(header, payload, 0)
 
 
 def _extended(
@@ -443,11 +432,9 @@ def _grown(kv: PackedKV, cap: int, device: torch.device, with_positions: bool = 
 
 def _undo_rope_at(keys: Tensor, rope: RopeParams, positions: Tensor) -> Tensor:
     """keys [H, n, D] at `positions` [H, n] -> pre-RoPE keys (float32)."""
-    cos, sin = rope_at(rope, positions)
-    r = rope.rotary_dim
-    x = keys[..., :r].float()
-    half = torch.cat((x[..., r // 2 :].neg(), x[..., : r // 2]), dim=-1)
-    return torch.cat((x * cos - half * sin, keys[..., r:].float()), dim=-1)
+    k = keys.float()
+    turned = rotated(k, *rope_at(rope, positions), -1.0)
+    return torch.cat((turned, k[..., rope.rotary_dim :]), dim=-1)
 
 
 class PackedCache(Cache):
@@ -465,7 +452,6 @@ class PackedCache(Cache):
         from kvpool.hf import model_layout
 
         layers, _, _ = model_layout(model)
-        self.codec = codec
         device = getattr(model, "device", None)
         super().__init__(layers=[PackedLayer(codec, i, layers, window, selection, device, fold_bits)
                                  for i in range(layers)])  # fmt: skip

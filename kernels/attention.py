@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from kvpool.kernels import reference
-from kvpool.kernels.transforms import RopeParams, hadamard, rope_tables
+from kvpool.kernels.transforms import RopeParams, hadamard, rope_tables, rotated
 from kvpool.proto.blockformat import SUPPORTED_BITS, BlockHeader, Flag, Layout
 from kvpool.proto.errors import CodecError
 
@@ -190,11 +190,8 @@ def dequantize(kv: PackedKV) -> tuple[Tensor, Tensor]:
     scale = kv.key_scales[:, :, : t // g].float().repeat_interleave(g, dim=2)
     keys = codes * scale + kv.key_mins[:, :, : t // g].float().repeat_interleave(g, dim=2)
     if kv.rope is not None:
-        r = kv.rope.rotary_dim
-        cos, sin = rope_at(kv.rope, row_positions(kv))
-        x = keys[..., :r]
-        half = torch.cat((x[..., r // 2 :].neg(), x[..., : r // 2]), dim=-1)
-        keys = torch.cat((x * cos + half * sin, keys[..., r:]), dim=-1)
+        turned = rotated(keys, *rope_at(kv.rope, row_positions(kv)), 1.0)
+        keys = torch.cat((turned, keys[..., kv.rope.rotary_dim :]), dim=-1)
     codes = reference.unpack(kv.value_codes[:, :, :t], kv.value_bits, d).float()
     scale = kv.value_scales[:, :, :t].float().repeat_interleave(gv, dim=3)
     values = codes * scale + kv.value_mins[:, :, :t].float().repeat_interleave(gv, dim=3)

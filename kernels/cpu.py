@@ -95,15 +95,15 @@ def packed_attention(
     b, hq, nq, d = q.shape
     t, heads, rq = kv.tokens, kv.batch * kv.heads, hq // kv.heads * nq
     qf = q.float().contiguous()
-    tables: tuple[int, ...] = (0, 0, 0, 0)
+    tables = [0] * 7  # cos, sin, rotary, positions, then the tiles' cosT, sinT, span (0: none)
     if kv.rope is not None and t > skip:
         top = t if kv.positions is None else int(kv.positions[:, :, :t].max()) + 1
         cos, sin = rope_span(kv.rope, top)  # cached: alive after this call
         pos = 0 if kv.positions is None else kv.positions.data_ptr()
-        tables = (cos.data_ptr(), sin.data_ptr(), kv.rope.rotary_dim, pos)
+        tables[:4] = cos.data_ptr(), sin.data_ptr(), kv.rope.rotary_dim, pos
         if kv.positions is None and kv.rope.rotary_dim == d:  # 16 positions at a time
             cos_t, sin_t = rope_span_t(kv.rope, cos.shape[0])
-            tables += (cos_t.data_ptr(), sin_t.data_ptr(), cos.shape[0])
+            tables[4:] = cos_t.data_ptr(), sin_t.data_ptr(), cos.shape[0]
     segments, alive = [], []
     for keys, values, causal in (e for e in exact if e[0].shape[2] > 0):
         k, v = (x if _heads_apart(x) else x.contiguous() for x in (keys, values))
@@ -123,7 +123,7 @@ def packed_attention(
         o, lse, total = torch.empty(b, hq, nq, d), torch.empty(b, hq, nq), torch.empty(b, hq, nq)
         _cpu_codec.attend(keys_arg, values_arg, qf.data_ptr(), rq, nq, ranges[0][0], t, skip,
                           int(kv.hadamard_values), o.data_ptr(), lse.data_ptr(),
-                          total.data_ptr(), tuple(segments), *tables[:4], *_tile_tables(tables), 1)  # fmt: skip
+                          total.data_ptr(), tuple(segments), *tables, 1)  # fmt: skip
         return o, lse
     acc = torch.empty(len(ranges), b, hq, nq, d)
     mx = torch.empty(len(ranges), b, hq, nq)
@@ -140,12 +140,6 @@ def packed_attention(
     o = (acc / total.unsqueeze(-1)).nan_to_num_(0.0)  # no counted row: 0
     weights = torch.softmax(lse, dim=0).nan_to_num(0.0)
     return (weights.unsqueeze(-1) * o).sum(0), torch.logsumexp(lse, dim=0)
-
-
-def _tile_tables(tables: tuple[int, ...]) -> tuple[int, ...]:
-    """The transposed RoPE tables' arguments, or zeros (the tiles then go without RoPE or
-    take the row loop)."""
-    return tables[4:] if len(tables) > 4 else (0, 0, 0)
 
 
 def _heads_apart(x: Tensor) -> bool:

@@ -56,15 +56,23 @@ def rope_tables(
     return cos.to(device), sin.to(device)
 
 
-def _rotated(k: Tensor, rope: RopeParams, start: int, sign: float) -> Tensor:
-    # k: [..., T, D] float32 -> its first rotary_dim channels rotated by sign * angle(position)
-    r = rope.rotary_dim
+def rotated(k: Tensor, cos: Tensor, sin: Tensor, sign: float) -> Tensor:
+    """k [..., D] float32 -> its first rotary_dim channels ("rotate half" style) turned by
+    sign * the angles whose cos/sin [..., rotary_dim] are given (broadcast against k's rows)."""
+    r = cos.shape[-1]
     if r > k.shape[-1]:
         raise CodecError(f"rotary_dim {r} exceeds head_dim {k.shape[-1]}")
-    cos, sin = rope_tables(rope, start, k.shape[-2], k.device)
     x = k[..., :r]
-    rotated = torch.cat((x[..., r // 2 :].neg(), x[..., : r // 2]), dim=-1)
-    return torch.addcmul(x * cos, rotated, sin, value=sign)
+    turned = torch.cat((x[..., r // 2 :].neg(), x[..., : r // 2]), dim=-1)
+    return torch.addcmul(x * cos, turned, sin, value=sign)
+
+
+def _rotated(k: Tensor, rope: RopeParams, start: int, sign: float) -> Tensor:
+    # k: [..., T, D] float32 -> its first rotary_dim channels rotated by sign * angle(position)
+    if rope.rotary_dim > k.shape[-1]:
+        raise CodecError(f"rotary_dim {rope.rotary_dim} exceeds head_dim {k.shape[-1]}")
+    cos, sin = rope_tables(rope, start, k.shape[-2], k.device)
+    return rotated(k, cos, sin, sign)
 
 
 def _rotate(k: Tensor, rope: RopeParams, start: int, sign: float) -> Tensor:
