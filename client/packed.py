@@ -284,8 +284,7 @@ class PackedLayer(CacheLayerMixin):
             else:
                 first = self.packed is None and not self.selected  # the sinks go with it
                 codec = self.codec if first else replace(self.codec, sink_tokens=0)
-                if start != (self.packed.tokens if self.packed else 0) and not self.selected:
-                    raise CodecError("packed rows and window out of step")
+                assert self.selected or start == (self.packed.tokens if self.packed else 0)
                 blob = encode(k[None], v[None], codec, start_position=start)
                 header, payload = verified_payload(blob)
                 self.add_block(header, payload, start, layer=0)

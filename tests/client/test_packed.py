@@ -208,6 +208,17 @@ def test_refusals(model, smollm2) -> None:
     with pytest.raises(ValueError, match="batch 1"):  # beams are a batch
         model.generate(ids_of(tok, 16), past_key_values=PackedCache(model, codec_for(model)),
                        max_new_tokens=2, num_beams=2, do_sample=False)  # fmt: skip
+    with pytest.raises(ValueError, match="window"):
+        PackedCache(model, codec_for(model), window=-1)
+    for bad in ({"keep": 0.0}, {"keep": 1.5}, {"pyramid": 1.0}, {"queries": 0}):
+        with pytest.raises(ValueError, match="keep in"):
+            Selection(**bad)
+    k, v = torch.randn(30, 3, 128, 64), torch.randn(30, 3, 128, 64)
+    first = encode(k, v, codec_for(model))  # sinks: the block at position 0
+    cache = PackedCache(model, codec_for(model))
+    cache.add_blocks([_payload(first)])
+    with pytest.raises(CodecError, match="must come first"):  # a second block with sinks
+        layers_of(cache)[0].add_block(*_payload(first), 128)
     with pytest.raises(CodecError, match="block at"):
         blob = encode(*[torch.randn(30, 3, 128, 64)] * 2, codec_for(model), start_position=128)
         PackedCache(model, codec_for(model)).add_blocks([_payload(blob)])
@@ -222,6 +233,14 @@ def tier(ray_session: None) -> Iterator[Tier]:
 
 def test_a_cached_model_fetches_blocks_packed_and_stores_new_ones(model, smollm2, tier) -> None:
     _, tok = smollm2
+    basis = KeyBasis(
+        torch.zeros(30, 3, 64), torch.eye(64).expand(30, 3, 64, 64).contiguous(), (2,) * 240
+    )
+    with_basis = CodecConfig(key_basis=basis)
+    pool = KVPool(tier.endpoint, namespace_for_model(model, with_basis, name="basis"), with_basis)
+    with pytest.raises(CodecError, match="without a key basis"):
+        CachedModel(model, pool, packed=True)
+    pool.close()
     codec = codec_for(model, 8, 8)
     pool = KVPool(tier.endpoint, namespace_for_model(model, codec, name="packed-test"), codec)
     ids = ids_of(tok, 600)  # two blocks of 256 and a tail

@@ -162,6 +162,8 @@ def test_window_scores_blockwise_equal_the_reference(hq, h, w, n, block) -> None
     torch.testing.assert_close(window_scores(q, keys, block=block), want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(want.sum(-1), torch.full(want.shape[:2], float(hq // h * w)))
     assert float(want[..., 0].min()) > 0  # the first key is seen by every window query
+    with pytest.raises(CodecError, match="do not match"):
+        window_scores(q, torch.randn(2, 5, n, 32))  # hq is not a multiple of 5 kv heads
     with pytest.raises(CodecError, match="longer than the prompt"):
         window_scores(torch.randn(1, hq, n + 1, 32), keys[:1])
 
@@ -178,6 +180,8 @@ def test_bad_arguments_are_refused() -> None:
         packed_attention(torch.randn(1, 4, 1, 64), kv)
     with pytest.raises(CodecError, match="skip"):
         packed_attention(torch.randn(1, 3, 1, 64), kv, skip=300)
+    with pytest.raises(CodecError, match="cannot run"):
+        packed_attention(torch.randn(1, 3, 1, 64), kv, backend="cuda-only")
     basis = KeyBasis(
         torch.zeros(2, 3, 64), torch.eye(64).expand(2, 3, 64, 64).contiguous(), (2,) * 16
     )
