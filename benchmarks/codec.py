@@ -7,8 +7,10 @@ Block: keys and values [32 layers, 8 kv heads, 256 tokens, 128 head_dim] fp16; 2
 values, G = 128, options off. GB/s are of fp16 data (keys + values) per second, so a codec and a
 copy of the same tensors compare directly. Also, end to end: the same codec with every option
 (pre-RoPE keys, Hadamard values: *_options) and codec v2 (keys as components in a key basis at
-~2 bits per value, same options: *_v2; a random basis, for speed only). Prints a table, then one
-JSON object as its last line.
+~2 bits per value, same options: *_v2; a random basis, for speed only), and v2 with inter-layer
+prediction (*_v2_predicted: random maps of the real shapes, [2HD + 1, HD] and [3HD + 1, HD] per
+layer; each layer's keys and values then cost two [256, 2048..3072] x [.., 1024] products to
+rebuild, in both directions). Prints a table, then one JSON object as its last line.
 """
 
 from __future__ import annotations
@@ -88,6 +90,18 @@ def synthetic_basis() -> KeyBasis:
     return KeyBasis(torch.zeros(layers, heads, dim), q.contiguous(), widths)
 
 
+def synthetic_predicting_basis() -> KeyBasis:
+    """`synthetic_basis` with random inter-layer prediction maps of the real shapes (speed only)."""
+    basis = synthetic_basis()
+    layers, heads, _, dim = SHAPE
+    g = torch.Generator().manual_seed(2)
+    width = heads * dim
+    maps = [
+        torch.randn(layers - 1, n * width + 1, width, generator=g) / (n * width) for n in (2, 3)
+    ]
+    return KeyBasis(basis.mean, basis.rotation, basis.widths, *maps)
+
+
 def cpu_figures(repeat: int, peer: bool) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     k = torch.randn(SHAPE, generator=g).half()
@@ -125,10 +139,12 @@ def cpu_figures(repeat: int, peer: bool) -> dict[str, Any]:
     # (keys as components in a key basis at ~2 bits per value, the same options)
     options = CodecConfig(2, 2, 128, rope=RopeParams(500000.0, SHAPE[3]), hadamard_values=True)
     v2 = replace(options, key_basis=synthetic_basis())
-    for name, cfg_n in (("options", options), ("v2", v2)):
+    predicted = replace(options, key_basis=synthetic_predicting_basis())
+    for name, cfg_n in (("options", options), ("v2", v2), ("v2_predicted", predicted)):
         blob_n = encode(k, v, cfg_n)
-        t_e = best_seconds(functools.partial(encode, k, v, cfg_n), repeat)
-        t_d = best_seconds(functools.partial(decode, blob_n, key_basis=cfg_n.key_basis), repeat)
+        n = repeat if name != "v2_predicted" else max(2, repeat // 5)  # seconds per call
+        t_e = best_seconds(functools.partial(encode, k, v, cfg_n), n)
+        t_d = best_seconds(functools.partial(decode, blob_n, key_basis=cfg_n.key_basis), n)
         figures[f"encode_gbps_{name}"], figures[f"decode_gbps_{name}"] = gbps(t_e), gbps(t_d)
         figures[f"compression_ratio_{name}"] = round(fp16_bytes / len(blob_n), 3)
     if peer:

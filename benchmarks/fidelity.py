@@ -52,7 +52,10 @@ per-layer profiles calibrated on the calibration sample (`kvpool calibrate`, cac
 value; the 6x profile with one option removed at a time, same widths (the ablation); and codec
 v2: keys as components in a key basis (`kvpool calibrate --basis`, cached beside the profiles;
 calibrated here first if missing) at 2.0 and 1.75 bits per key value, values 2-bit per token
-after the Hadamard rotation, 1 sink. Prints a table, then one JSON object as its last line.
+after the Hadamard rotation, 1 sink; and the same with inter-layer prediction (`kvpool
+calibrate --basis --predict`: each layer's KV predicted from the layer before as the reader
+rebuilds it, blocks holding the residuals; the maps are per namespace, like the basis, and not
+in the blocks). Prints a table, then one JSON object as its last line.
 """
 
 from __future__ import annotations
@@ -219,15 +222,17 @@ def load_profile(model: Any, tokenizer: Any, path: Path | None, sinks: int) -> c
     return profile
 
 
-def load_basis(model: Any, tokenizer: Any, key_bits: float) -> KeyBasis:
-    """The key basis at `key_bits`: the cached default (`kvpool calibrate --basis`), else
-    calibrated now on the basis sample and cached."""
-    options = argparse.Namespace(group_size=128, key_bits=key_bits, no_pre_rope=False)
+def load_basis(model: Any, tokenizer: Any, key_bits: float, predict: bool = False) -> KeyBasis:
+    """The key basis at `key_bits` (with inter-layer prediction maps when `predict`): the cached
+    default (`kvpool calibrate --basis [--predict]`), else calibrated now on the basis sample
+    and cached."""
+    options = argparse.Namespace(group_size=128, key_bits=key_bits, predict=predict)
     path = calibrate.basis_path(model.config._name_or_path, options)
     if path.exists():
         return KeyBasis.load(path)
     t0 = time.perf_counter()
-    basis = calibrate.calibrate_basis(model, calibrate.basis_sample(tokenizer), key_bits=key_bits)
+    sample = calibrate.basis_sample(tokenizer)
+    basis = calibrate.calibrate_basis(model, sample, key_bits=key_bits, predict=predict)
     basis.save(path)
     print(f"key basis: calibrated in {time.perf_counter() - t0:.0f} s, saved to {path}", flush=True)
     return basis
@@ -255,6 +260,13 @@ def configs(model: Any, tokenizer: Any, profile: calibrate.Profile) -> list[Row]
             Row(
                 f"v2: key basis {bits} bits, V2 Hadamard, {s} sink",
                 replace(v2, key_basis=load_basis(model, tokenizer, bits)),
+            )
+            for bits in V2_KEY_BITS
+        ),
+        *(
+            Row(
+                f"v2: predicted layers, key basis {bits} bits, V2 Hadamard, {s} sink",
+                replace(v2, key_basis=load_basis(model, tokenizer, bits, predict=True)),
             )
             for bits in V2_KEY_BITS
         ),

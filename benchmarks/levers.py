@@ -2,6 +2,7 @@
 
     python benchmarks/levers.py
     python benchmarks/levers.py --windows 3
+    python benchmarks/levers.py --only prediction codec   # the rows whose names hold these
 
 Method: fake quantization in torch. The prefix KV is quantized and dequantized in fp32, with no
 block format, and the model scores the continuation from the result; only the two codec rows go
@@ -37,6 +38,20 @@ heads, non-increasing along the components), chosen greedily for the most varian
 (weighted by query or output energy, or not) per bit within ~2.0 bits per value, parameters
 included; a width-0 component is replaced by its calibration mean. Values per token: groups of
 64 channels of one token, after no rotation, the Hadamard rotation or the PCA basis.
+
+Inter-layer prediction (AQUA-KV's lever; see `Predictor`): each layer's keys and values are
+predicted by linear maps from the layer before as the decoder already has it (closed loop, so
+only the residual's quantization error remains), and only the residual is coded: the key
+residual in its own PCA basis per head at query-weighted band widths (~2.0 bits), the value
+residual Hadamard-rotated at 2 bits per token. The maps are fitted by least squares on the
+calibration sample, through the same loop. Their parameters ((2HD + 1) HD + (3HD + 1) HD floats
+per layer, 13 MB for SmolLM2) are per namespace, like a key basis, and not counted in the bits.
+The "values only" prediction row predicts from the keys as the codec decodes them but gives the
+model the exact keys.
+
+KL: the mean over scored tokens of KL(reference || row) of the next-token distributions, in
+millinats: always >= 0 and much steadier across windows than the perplexity change, so it is
+the figure to rank levers by.
 
 Bits per value: code bits plus 2 fp16 parameters per group (2 + 32/128 = 2.25 for 2-bit keys
 per channel, 2 + 32/64 = 2.5 for 2-bit values per token); rows of both tensors average the two.
@@ -100,6 +115,7 @@ class Window:
     keys: Tensor  # the prefix's KV [L, H, PREFIX, D], fp32
     values: Tensor
     reference_nll: float  # summed over the CONTINUATION scored tokens, fp16 prefix KV
+    reference_logp: Tensor  # [CONTINUATION, vocab], fp16 prefix KV
 
 
 @dataclass
@@ -112,6 +128,9 @@ class Calibration:
     value_basis: Tensor
     value_var: Tensor
     value_weight: Tensor  # output energy per value component
+    query: Tensor  # query energy per pre-RoPE key channel [L, H, D], RoPE pairs shared
+    keys: Tensor  # the calibration sample's pre-RoPE keys and values [L, H, T, D], no sinks
+    values: Tensor
 
 
 @dataclass
@@ -123,11 +142,20 @@ class Row:
 
 
 @torch.inference_mode()
-def nll(model: Any, tokens: Tensor, keys: Tensor, values: Tensor) -> float:
+def logp(model: Any, tokens: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+    """Log-probabilities [CONTINUATION, vocab] of the tokens after each continuation token."""
     cont = tokens[:, PREFIX : PREFIX + CONTINUATION]
     logits = model(cont, past_key_values=cache_from_kv(model, keys, values)).logits[0]
-    target = tokens[0, PREFIX + 1 :]
-    return float(torch.nn.functional.cross_entropy(logits.float(), target, reduction="sum"))
+    return torch.log_softmax(logits.float(), -1)
+
+
+def score(model: Any, w: Window, keys: Tensor, values: Tensor) -> tuple[float, float]:
+    """(NLL minus the reference's, KL(reference || this)), each summed over the scored tokens."""
+    lp = logp(model, w.tokens, keys, values)
+    target = w.tokens[0, PREFIX + 1 :, None]
+    nll = -float(lp.gather(1, target).sum())
+    kl = float((w.reference_logp.exp() * (w.reference_logp - lp)).sum())
+    return nll - w.reference_nll, kl
 
 
 @torch.inference_mode()
@@ -141,8 +169,9 @@ def windows(model: Any, tokenizer: Any, text: str, count: int) -> list[Window]:
         tokens = ids[:, s : s + span]
         prefix = model(tokens[:, :PREFIX], use_cache=True).past_key_values
         keys, values = kv_from_cache(prefix, PREFIX)
-        ref = nll(model, tokens, keys.half().float(), values.half().float())
-        out.append(Window(tokens, keys, values, ref))
+        ref = logp(model, tokens, keys.half().float(), values.half().float())
+        nll = -float(ref.gather(1, tokens[0, PREFIX + 1 :, None]).sum())
+        out.append(Window(tokens, keys, values, nll, ref))
     return out
 
 
@@ -196,7 +225,12 @@ def calibrate(model: Any, tokenizer: Any, rope: RopeParams) -> Calibration:
     vm, vb, vv = pca(torch.cat(values, 2))
     kw = torch.einsum("lhij,lhi->lhj", kb**2, query)
     vw = torch.einsum("lhij,lhik,lhkj->lhj", vb, output, vb)
-    return Calibration(km, kb, kv, kw, vm, vb, vv, vw)
+    sample_k = torch.cat([k[:, :, SINKS:] for k in keys], 2)
+    sample_v = torch.cat([v[:, :, SINKS:] for v in values], 2)
+    t = sample_k.shape[2] // 128 * 128  # whole groups
+    return Calibration(
+        km, kb, kv, kw, vm, vb, vv, vw, query, sample_k[:, :, :t], sample_v[:, :, :t]
+    )
 
 
 def band_widths(var: Tensor, budget: float, group: int, weight: Tensor | None = None) -> Tensor:
@@ -312,6 +346,119 @@ def through_codec(k: Tensor, v: Tensor, cfg: CodecConfig) -> KV:
     return keys, values
 
 
+# ---- inter-layer prediction (AQUA-KV's lever) -------------------------------------------------
+
+
+def flat(x: Tensor) -> Tensor:
+    """[H, T, D] -> [T, H * D]"""
+    return x.transpose(0, 1).reshape(x.shape[1], -1)
+
+
+def fit(x: Tensor, y: Tensor) -> Tensor:
+    """Least squares of y [T, m] on x [T, n] and a constant, with a small ridge: [n + 1, m]."""
+    x1 = torch.cat([x, torch.ones(x.shape[0], 1)], 1).double()
+    gram = x1.T @ x1
+    ridge = 1e-3 * float(gram.diagonal().mean()) * torch.eye(gram.shape[0], dtype=torch.float64)
+    return torch.linalg.solve(gram + ridge, x1.T @ y.double()).float()
+
+
+def predict(a: Tensor, x: Tensor, heads: int) -> Tensor:
+    """x [T, n] through a map [n + 1, H * D] -> [H, T, D]"""
+    y = x @ a[:-1] + a[-1]
+    return y.reshape(y.shape[0], heads, -1).transpose(0, 1)
+
+
+@dataclass
+class Predictor:
+    """Inter-layer prediction, closed loop (the maps read the layer before as the decoder has it):
+    keys_l ~ [K^_l-1, V^_l-1] (layer 0, or every layer when keys are not predicted: the
+    calibration mean), the key residual coded in its own PCA basis per head at query-weighted
+    band widths (~2.0 bits); values_l ~ [K^_l, K^_l-1, V^_l-1], the value residual Hadamard-
+    rotated at 2 bits per token (G=64). Fitted on the calibration sample by the same loop."""
+
+    key_maps: list[Tensor] | None  # per layer l >= 1: [2HD + 1, HD]; None: keys not predicted
+    value_maps: list[Tensor]  # per layer l >= 1: [3HD + 1, HD]
+    key_mean: Tensor  # [L, H, 1, D]
+    bases: Tensor  # [L, H, D, D], the key residual's components by decreasing variance
+    widths: Tensor  # [L, H, D]
+
+    @property
+    def key_bits(self) -> float:
+        return band_bits(self.widths, 128)
+
+
+def predicted(keys: Tensor, values: Tensor, p: Predictor) -> KV:
+    """Pre-RoPE keys and values [L, H, T, D] (sink rows filled) -> as decoded."""
+    (k, v), _ = _loop(keys, values, p, None, False)
+    return k, v
+
+
+def fit_predictor(cal: Calibration, predict_keys: bool) -> Predictor:
+    _, p = _loop(cal.keys, cal.values, None, cal, predict_keys)
+    return p
+
+
+def _loop(
+    keys: Tensor, values: Tensor, p: Predictor | None, cal: Calibration | None, predict_keys: bool
+) -> tuple[KV, Predictor]:
+    layers, heads = keys.shape[:2]
+    kh, vh = torch.empty_like(keys), torch.empty_like(values)
+    key_maps: list[Tensor] = []
+    value_maps: list[Tensor] = []
+    bases, widths = [], []
+    key_mean = keys.mean(2, keepdim=True) if p is None else p.key_mean
+    if p is not None:
+        predict_keys = p.key_maps is not None
+    for layer in range(layers):
+        before = None if layer == 0 else torch.cat([flat(kh[layer - 1]), flat(vh[layer - 1])], 1)
+        if predict_keys and before is not None:
+            if p is None:
+                key_maps.append(fit(before, flat(keys[layer])))
+            maps = key_maps if p is None else p.key_maps
+            assert maps is not None
+            pk = predict(maps[layer - 1], before, heads)
+        else:
+            pk = key_mean[layer].expand_as(keys[layer])
+        residual = keys[layer] - pk
+        if p is None:
+            assert cal is not None
+            var, basis = torch.linalg.eigh(
+                residual.transpose(-1, -2) @ residual / residual.shape[1]
+            )
+            var, basis = var.flip(-1).clamp_min(0), basis.flip(-1)
+            weight = torch.einsum("hij,hi->hj", basis**2, cal.query[layer])
+            w = band_widths(var[None], 2.0, 128, weight[None])[0]
+            bases.append(basis)
+            widths.append(w)
+        else:
+            basis, w = p.bases[layer], p.widths[layer]
+        comp = residual @ basis
+        coded = torch.zeros_like(comp)
+        for b in w.unique().tolist():
+            if b:
+                coded = torch.where((w == b).unsqueeze(1), quantize(comp, b, 128, 1), coded)
+        kh[layer] = pk + coded @ basis.transpose(-1, -2)
+        if before is None:
+            pv = torch.zeros_like(values[layer])
+        else:
+            x = torch.cat([flat(kh[layer]), before], 1)
+            if p is None:
+                value_maps.append(fit(x, flat(values[layer])))
+            pv = predict((value_maps if p is None else p.value_maps)[layer - 1], x, heads)
+        vh[layer] = pv + hadamard(quantize(hadamard(values[layer] - pv), 2, 64, 2))
+    if p is None:
+        p = Predictor(key_maps if predict_keys else None, value_maps, key_mean,
+                      torch.stack(bases), torch.stack(widths))  # fmt: skip
+    return (kh, vh), p
+
+
+def through_prediction(k: Tensor, v: Tensor, p: Predictor, rope: RopeParams) -> KV:
+    pre = undo_rope(k, rope, 0)
+    kh, vh = predicted(fill_sinks(pre), fill_sinks(v.float()), p)
+    kh[:, :, :SINKS], vh[:, :, :SINKS] = pre[:, :, :SINKS], v[:, :, :SINKS]
+    return redo_rope(kh, rope, 0), vh
+
+
 def rows(cal: Calibration, rope: RopeParams, dim: int) -> list[Row]:
     def codec(key_bits: int) -> Row:
         cfg = CodecConfig(key_bits, 2, 128, rope=rope, hadamard_values=True, sink_tokens=SINKS)
@@ -330,6 +477,8 @@ def rows(cal: Calibration, rope: RopeParams, dim: int) -> list[Row]:
 
     vw = band_widths(cal.value_var, 2.0, 128, cal.value_weight)
     kw = band_widths(cal.key_var, 2.0, 128, cal.key_weight)
+    both, values_only = fit_predictor(cal, predict_keys=True), fit_predictor(cal, False)
+    prediction = "inter-layer prediction"
     return [
         codec(2),
         codec(3),
@@ -349,6 +498,15 @@ def rows(cal: Calibration, rope: RopeParams, dim: int) -> list[Row]:
         Row("K PCA bands (weighted, ~2.0 bits incl. params) + V Hadamard per-token 2-bit",
             "both", (band_bits(kw, 128) + 2 + 32 / 64) / 2,
             lambda k, v: (keys_bands(k, cal, rope, kw, 128), values_token(v, cal, "hadamard"))),
+        Row(f"keys only: {prediction} + residual PCA bands ~2.0 bits (weighted)", "keys",
+            both.key_bits, lambda k, v: (through_prediction(k, v, both, rope)[0], v)),
+        Row(f"values only: {prediction}, residual Hadamard per-token 2-bit G=64", "values",
+            2 + 32 / 64, lambda k, v: (k, through_prediction(k, v, both, rope)[1])),
+        Row(f"K PCA bands (weighted, ~2.0 bits) + V {prediction}", "both",
+            (values_only.key_bits + 2 + 32 / 64) / 2,
+            lambda k, v: through_prediction(k, v, values_only, rope)),
+        Row(f"K and V {prediction} (K residual bands ~2.0 bits, V residual 2-bit)", "both",
+            (both.key_bits + 2 + 32 / 64) / 2, lambda k, v: through_prediction(k, v, both, rope)),
     ]  # fmt: skip
 
 
@@ -356,7 +514,7 @@ def pct(delta_nll: float, tokens: int) -> float:
     return round(100 * math.expm1(delta_nll / tokens), 2)
 
 
-def run(windows_per_text: int) -> dict[str, Any]:
+def run(windows_per_text: int, only: list[str]) -> dict[str, Any]:
     t0 = time.perf_counter()
     model, tokenizer = load()
     model.eval()
@@ -369,22 +527,28 @@ def run(windows_per_text: int) -> dict[str, Any]:
     print(f"{model.config._name_or_path}: {windows_per_text} windows per text of {PREFIX} + "
           f"{CONTINUATION} scored tokens; reference (fp16) ppl {base}", flush=True)  # fmt: skip
     cal = calibrate(model, tokenizer, rope)
-    print(f"{'row':78s} {'bits/val':>8s} {'ratio':>6s} {'ppl +%':>7s}  by text", flush=True)
+    print(f"{'row':78s} {'bits/val':>8s} {'ratio':>6s} {'KL mnat':>7s} {'ppl +%':>7s}  by text",
+          flush=True)  # fmt: skip
     out = []
     for row in rows(cal, rope, model.config.hidden_size // model.config.num_attention_heads):
-        delta = {}
+        if only and not any(o in row.name for o in only):
+            continue
+        delta, kl = {}, 0.0
         for name, ws in data.items():
-            delta[name] = sum(nll(model, w.tokens, *row.apply(w.keys, w.values)) - w.reference_nll
-                              for w in ws)  # fmt: skip
+            scores = [score(model, w, *row.apply(w.keys, w.values)) for w in ws]
+            delta[name] = sum(d for d, _ in scores)
+            kl += sum(k for _, k in scores)
         by_text = {n: pct(d, tokens[n]) for n, d in delta.items()}
         pooled = pct(sum(delta.values()), sum(tokens.values()))
-        print(f"{row.name:78s} {row.bits:8.3f} {16 / row.bits:6.2f} {pooled:7.2f}  "
+        kl_mnats = round(1000 * kl / sum(tokens.values()), 2)
+        print(f"{row.name:78s} {row.bits:8.3f} {16 / row.bits:6.2f} {kl_mnats:7.2f} {pooled:7.2f}  "
               + "  ".join(f"{n} {p:.2f}" for n, p in by_text.items()), flush=True)  # fmt: skip
         out.append({
             "name": row.name,
             "tensor": row.tensor,
             "bits_per_value": round(row.bits, 4),
             "compression_ratio": round(16 / row.bits, 3),
+            "kl_mnats": kl_mnats,
             "ppl_increase_pct": pooled,
             "ppl_increase_pct_by_text": by_text,
         })  # fmt: skip
@@ -404,4 +568,6 @@ def run(windows_per_text: int) -> dict[str, Any]:
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--windows", type=int, default=2, help="windows per text, pooled (default 2)")
-    print(json.dumps(run(p.parse_args().windows)))
+    p.add_argument("--only", nargs="*", default=[], help="rows whose name holds any of these")
+    a = p.parse_args()
+    print(json.dumps(run(a.windows, a.only)))

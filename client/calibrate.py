@@ -43,7 +43,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kvpool.kernels.codec import CodecConfig, KeyBasis, block_header, decode, encode
+from kvpool.kernels.codec import (
+    CodecConfig,
+    KeyBasis,
+    as_rows,
+    block_header,
+    decode,
+    encode,
+    mapped,
+)
 from kvpool.kernels.transforms import RopeParams, undo_rope
 from kvpool.proto.blockformat import CHUNK, SUPPORTED_BITS, Layout
 from kvpool.proto.errors import CodecError
@@ -321,7 +329,8 @@ BASIS_WIDTHS = (0, 2, 3, 4, 8)
 def calibrate_basis(
     model: Any, token_ids: Sequence[int] | Tensor, *, key_bits: float = 2.0,
     group_size: int = 128, windows: int = 6, window_tokens: int = 1024, pre_rope: bool = True,
-    query_weighted: bool = True, progress: Callable[[str], None] | None = None,
+    query_weighted: bool = True, predict: bool = False, value_bits: int = 2,
+    progress: Callable[[str], None] | None = None,
 ) -> KeyBasis:  # fmt: skip
     """A key basis for `model` from sample text: per (layer, kv head), the principal components
     of its (pre-RoPE) keys over up to `windows` windows of `window_tokens` tokens of the sample
@@ -331,7 +340,12 @@ def calibrate_basis(
     query_weighted: a component's error is weighed by the energy the model's queries put on it
     (E[(q . u)^2] for component u, from the same windows), since a key's error reaches the
     model only through q . k; otherwise by its variance alone. Measured on development text
-    (benchmarks/levers.py), weighing cut the keys' share of the KL by about a third at 2.0 bits."""
+    (benchmarks/levers.py), weighing cut the keys' share of the KL by about a third at 2.0 bits.
+
+    predict: also fit inter-layer prediction maps (see KeyBasis), in the closed loop the codec
+    runs: layer by layer over the sample, least squares from the layer before as rebuilt from
+    its codes, the basis and widths of what the keys' prediction misses, and the values'
+    residual quantized as blocks will be (Hadamard-rotated, `value_bits` per token)."""
     from kvpool.hf import rope_params
 
     rope = rope_params(model) if pre_rope else None
@@ -345,6 +359,7 @@ def calibrate_basis(
     total: Tensor | None = None
     outer: Tensor | None = None
     queries = _QueryEnergy(model) if query_weighted else None
+    kept: list[tuple[Tensor, Tensor]] = []  # predict: whole groups of each window's keys, values
     n = 0
     for w in range(count):
         say(f"keys of window {w + 1}/{count}")
@@ -354,11 +369,23 @@ def calibrate_basis(
         keys = torch.stack([layer.keys[0] for layer in cache.layers]).float().cpu()
         if rope is not None:
             keys = undo_rope(keys, rope, 0)
+        if predict:
+            values = torch.stack([layer.values[0] for layer in cache.layers]).float().cpu()
+            whole = (keys.shape[2] - 1) // group_size * group_size
+            kept.append((keys[:, :, 1 : 1 + whole], values[:, :, 1 : 1 + whole]))
+            continue
         keys = keys[:, :, 1:].double()  # [L, H, T, D], without the sink
         total = keys.sum(2) if total is None else total + keys.sum(2)
         part = keys.transpose(-1, -2) @ keys
         outer = part if outer is None else outer + part
         n += keys.shape[2]
+    if predict:
+        if not kept[0][0].shape[2]:
+            raise CodecError(f"windows of {window_tokens} tokens hold no group of {group_size}")
+        say("prediction maps, layer by layer")
+        weights = queries.energy(rope) if queries is not None else None
+        keys, values = (torch.cat(parts, 2) for parts in zip(*kept, strict=True))
+        return _fit_predicted(keys, values, weights, key_bits, group_size, value_bits)
     assert total is not None and outer is not None
     mean = total / n
     covariance = outer / n - mean[..., :, None] * mean[..., None, :]
@@ -370,6 +397,82 @@ def calibrate_basis(
     widths = allocate_bands(energy.mean(1).float(), key_bits, group_size)
     say(f"basis: {sum(widths) / len(widths):.3f} code bits per key value")
     return KeyBasis(mean.float(), rotation.float().contiguous(), widths)
+
+
+def _fit_predicted(
+    keys: Tensor, values: Tensor, query: Tensor | None, key_bits: float, group_size: int,
+    value_bits: int,
+) -> KeyBasis:  # fmt: skip
+    """The closed-loop fit of a predicting KeyBasis on pre-RoPE keys and values [L, H, N, D]
+    (N in whole groups): for each layer, the key prediction (layer 0: the mean; then least
+    squares on the layer before as rebuilt), the residual's basis and widths, the residual
+    coded and decoded with the codec's own quantizer, then the same for the values."""
+    from kvpool.kernels import reference
+    from kvpool.kernels.transforms import hadamard
+
+    layers, heads, _, dim = keys.shape
+    empty = torch.zeros(layers, heads, dim)
+    mean = empty.clone()
+    mean[0] = keys[0].mean(1)
+    rotations = torch.zeros(layers, heads, dim, dim)
+    widths: list[int] = []
+    key_maps: list[Tensor] = []
+    value_maps: list[Tensor] = []
+    rebuilt_k, rebuilt_v = torch.empty_like(keys), torch.empty_like(values)
+    value_group = min(group_size, dim)
+    for layer in range(layers):
+        before = [rebuilt_k[layer - 1], rebuilt_v[layer - 1]] if layer else []
+        if layer:
+            key_maps.append(_least_squares(before, keys[layer]))
+            pk = mapped(key_maps[-1], before)
+        else:
+            pk = mean[0][:, None].expand_as(keys[0])
+        residual = (keys[layer] - pk).double()
+        covariance = residual.transpose(-1, -2) @ residual / residual.shape[1]
+        variance, rotation = torch.linalg.eigh(covariance)
+        variance, rotation = variance.flip(-1).clamp_min(0), rotation.flip(-1)
+        energy = variance
+        if query is not None:
+            energy = variance * torch.einsum("hij,hi->hj", rotation**2, query[layer])
+        w = allocate_bands(energy.mean(0, keepdim=True).float(), key_bits, group_size)
+        widths += w
+        rotations[layer] = rotation.float()
+        components = residual.float() @ rotations[layer]
+        coded = torch.zeros_like(components)
+        for c, bits in enumerate(w):
+            if bits:
+                part = components[:, :, c * CHUNK : (c + 1) * CHUNK].contiguous()
+                q = reference.quantize(part, True, group_size, bits)
+                coded[:, :, c * CHUNK : (c + 1) * CHUNK] = reference.dequantize(
+                    *q, True, group_size, torch.float32
+                )
+        rebuilt_k[layer] = pk + coded @ rotations[layer].transpose(-1, -2)
+        if layer:
+            value_maps.append(_least_squares([rebuilt_k[layer], *before], values[layer]))
+            pv = mapped(value_maps[-1], [rebuilt_k[layer], *before])
+        else:
+            pv = torch.zeros_like(values[0])
+        r = hadamard(values[layer] - pv).contiguous()
+        q = reference.quantize(r, False, value_group, value_bits)
+        rebuilt_v[layer] = pv + hadamard(
+            reference.dequantize(*q, False, value_group, torch.float32)
+        )
+    return KeyBasis(
+        mean,
+        rotations.contiguous(),
+        tuple(widths),
+        torch.stack(key_maps).contiguous(),
+        torch.stack(value_maps).contiguous(),
+    )
+
+
+def _least_squares(inputs: list[Tensor], target: Tensor) -> Tensor:
+    """The map [rows + 1, H * D] (last row: bias) that best takes `inputs` to `target` [H, N, D],
+    with a small ridge (1e-3 of the mean diagonal) that keeps it well-conditioned."""
+    x = torch.cat([as_rows(inputs), torch.ones(target.shape[1], 1)], 1).double()
+    gram = x.T @ x
+    ridge = 1e-3 * float(gram.diagonal().mean()) * torch.eye(gram.shape[0], dtype=torch.float64)
+    return torch.linalg.solve(gram + ridge, x.T @ as_rows([target]).double()).float()
 
 
 class _QueryEnergy:
@@ -457,12 +560,14 @@ def allocate_bands(variance: Tensor, key_bits: float, group_size: int) -> tuple[
 
 def basis_path(model: str, options: Any) -> Path:
     """Where `kvpool calibrate --basis` keeps a key basis:
-    .cache/profiles/MODEL-basis-gG-kBITS[-postrope][-qw].pt (under KVPOOL_CACHE_DIR when set;
-    -qw: widths allocated by query-weighted error, the default)."""
+    .cache/profiles/MODEL-basis-gG-kBITS[-postrope][-qw][-pred].pt (under KVPOOL_CACHE_DIR when
+    set; -qw: widths allocated by query-weighted error, the default; -pred: with inter-layer
+    prediction maps)."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", model.split("/")[-1]).lower()
     rope = "-postrope" if getattr(options, "no_pre_rope", False) else ""
     weights = "" if getattr(options, "no_query_weights", False) else "-qw"
-    file = f"{name}-basis-g{options.group_size}-k{options.key_bits:.4g}{rope}{weights}.pt"
+    predict = "-pred" if getattr(options, "predict", False) else ""
+    file = f"{name}-basis-g{options.group_size}-k{options.key_bits:.4g}{rope}{weights}{predict}.pt"
     return Path(os.environ.get("KVPOOL_CACHE_DIR", ".cache")) / "profiles" / file
 
 

@@ -186,7 +186,7 @@ def calibrate(args: argparse.Namespace) -> None:
             basis = cal.calibrate_basis(
                 model, sample, key_bits=args.key_bits, group_size=args.group_size,
                 windows=args.samples, pre_rope=not args.no_pre_rope,
-                query_weighted=not args.no_query_weights,
+                query_weighted=not args.no_query_weights, predict=args.predict,
                 progress=lambda msg: (bar.set_postfix_str(msg), bar.update(1)),
             )  # fmt: skip
         path = basis.save(args.out or cal.basis_path(model.config._name_or_path, args))
@@ -343,6 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_cal.add_argument(
         "--no-query-weights", action="store_true",
         help="--basis: allocate widths by key variance alone, not weighed by the queries' energy",
+    )  # fmt: skip
+    p_cal.add_argument(
+        "--predict", action="store_true",
+        help="--basis: also fit maps that predict each layer's KV from the layer before "
+        "(blocks then hold only what the prediction misses)",
     )  # fmt: skip
     p_cal.add_argument("--out", default=None, help="profile file (default .cache/profiles/...)")
     return parser

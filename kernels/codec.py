@@ -72,11 +72,21 @@ class KeyBasis:
     width (blockformat, KEY_BASIS). Equal bases have equal ids; `id` is in the block header and
     in `CodecConfig.describe()`, hence in the namespace id.
 
-    mean [L, H, D] and rotation [L, H, D, D] (column j: component j), float32, on the CPU."""
+    mean [L, H, D] and rotation [L, H, D, D] (column j: component j), float32, on the CPU.
+
+    Inter-layer prediction (AQUA-KV's idea; `kvpool calibrate --basis --predict`): with
+    key_maps [L - 1, 2HD + 1, HD] and value_maps [L - 1, 3HD + 1, HD] (float32; the last row a
+    bias), layer l >= 1's keys are predicted as [K_l-1, V_l-1, 1] @ key_maps[l - 1] and its
+    values as [K_l, K_l-1, V_l-1, 1] @ value_maps[l - 1] (rows [T, H * D], heads side by side,
+    pre-RoPE keys), from the layers as the reader reconstructs them; layer 0's keys as `mean`,
+    its values as 0. The basis then codes the key residual, and blocks hold residuals
+    (blockformat, PREDICTED)."""
 
     mean: Tensor
     rotation: Tensor
     widths: tuple[int, ...]  # [L * D / 8]
+    key_maps: Tensor | None = None
+    value_maps: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.mean.dim() != 3 or self.rotation.shape != (*self.mean.shape, self.mean.shape[-1]):
@@ -93,6 +103,22 @@ class KeyBasis:
         eye = torch.eye(dim).expand_as(self.rotation)
         if float((self.rotation.transpose(-1, -2) @ self.rotation - eye).abs().max()) > 1e-3:
             raise CodecError("a key basis rotation must be orthonormal")
+        if (self.key_maps is None) != (self.value_maps is None):
+            raise CodecError("a predicting key basis has both key_maps and value_maps")
+        if self.key_maps is not None and self.value_maps is not None:
+            width = self.mean.shape[1] * dim
+            want = ((layers - 1, 2 * width + 1, width), (layers - 1, 3 * width + 1, width))
+            got = (tuple(self.key_maps.shape), tuple(self.value_maps.shape))
+            if layers < 2 or got != want:
+                raise CodecError(f"prediction maps must be {want} for this basis, got {got}")
+            maps = (self.key_maps, self.value_maps)
+            if any(m.dtype != torch.float32 or not bool(torch.isfinite(m).all()) for m in maps):
+                raise CodecError("prediction maps must be finite float32")
+
+    @property
+    def predicted(self) -> bool:
+        """Whether blocks in this basis hold residuals of an inter-layer prediction."""
+        return self.key_maps is not None
 
     @functools.cached_property
     def id(self) -> bytes:
@@ -101,6 +127,10 @@ class KeyBasis:
         digest.update(self.mean.contiguous().numpy().tobytes())
         digest.update(self.rotation.contiguous().numpy().tobytes())
         digest.update(bytes(self.widths))
+        if self.key_maps is not None and self.value_maps is not None:
+            digest.update(b"prediction maps")
+            digest.update(self.key_maps.contiguous().numpy().tobytes())
+            digest.update(self.value_maps.contiguous().numpy().tobytes())
         return digest.digest()[:BASIS_ID_BYTES]
 
     def __eq__(self, other: object) -> bool:
@@ -118,7 +148,8 @@ class KeyBasis:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"format": 1, "mean": self.mean, "rotation": self.rotation,
-                    "widths": list(self.widths)}, path)  # fmt: skip
+                    "widths": list(self.widths), "key_maps": self.key_maps,
+                    "value_maps": self.value_maps}, path)  # fmt: skip
         return path
 
     @classmethod
@@ -128,7 +159,9 @@ class KeyBasis:
             data = torch.load(Path(path), map_location="cpu", weights_only=True)
             if data.get("format") != 1:
                 raise CodecError(f"{path}: not a kvpool key basis (format {data.get('format')})")
-            return cls(data["mean"], data["rotation"], tuple(int(w) for w in data["widths"]))
+            widths = tuple(int(w) for w in data["widths"])
+            maps = data.get("key_maps"), data.get("value_maps")
+            return cls(data["mean"], data["rotation"], widths, *maps)
         except (OSError, KeyError, AttributeError, RuntimeError, pickle.UnpicklingError) as e:
             raise CodecError(f"{path}: not a readable key basis ({e})") from None
 
@@ -163,6 +196,41 @@ class KeyBasis:
             keys = torch.matmul(part, rot[layer][:, :, :n].transpose(-1, -2))
             out[layer].copy_(keys.add_(mean[layer][:, None]))
         return out
+
+    def predict_keys(self, layer: int, keys_before: Tensor, values_before: Tensor) -> Tensor:
+        """Layer `layer`'s predicted pre-RoPE keys [H, T, D] from layer - 1's keys and values
+        [H, T, D] (as reconstructed); layer 0's: the mean."""
+        if layer == 0:
+            return self.mean[0].to(keys_before.device)[:, None].expand_as(keys_before)
+        assert self.key_maps is not None
+        return mapped(self.key_maps[layer - 1], [keys_before, values_before])
+
+    def predict_values(
+        self, layer: int, keys: Tensor, keys_before: Tensor, values_before: Tensor
+    ) -> Tensor:
+        """Layer `layer`'s predicted values [H, T, D] from its keys and layer - 1's (layer 0: 0)."""
+        if layer == 0:
+            return torch.zeros_like(keys)
+        assert self.value_maps is not None
+        return mapped(self.value_maps[layer - 1], [keys, keys_before, values_before])
+
+    def rotation_of(self, layer: int, device: torch.device) -> Tensor:
+        """Layer `layer`'s stored components' columns [H, D, n] (n: `extent`)."""
+        return self.rotation[layer, :, :, : self.extent[layer]].to(device)
+
+
+def as_rows(inputs: list[Tensor]) -> Tensor:
+    """[H, T, D] tensors -> rows [T, sum of H * D]: per token, each tensor's heads side by side."""
+    return torch.cat([x.transpose(0, 1).reshape(x.shape[1], -1) for x in inputs], 1)
+
+
+def mapped(m: Tensor, inputs: list[Tensor]) -> Tensor:
+    """`as_rows(inputs)` through a prediction map m [rows + 1, H * D] (last row: bias) -> the
+    predicted [H, T, D]."""
+    heads, tokens, _ = inputs[0].shape
+    m = m.to(inputs[0].device)
+    y = torch.addmm(m[-1], as_rows(inputs), m[:-1])
+    return y.view(tokens, heads, -1).transpose(0, 1)
 
 
 @dataclass(frozen=True)
@@ -275,11 +343,16 @@ def encode(
     sink_k, sink_v = keys[:, :, :sinks].half(), values[:, :, :sinks].half()
     if config.rope is not None:
         keys = undo_rope(keys, config.rope, start_position)
-    if config.hadamard_values:
+    basis = config.key_basis
+    predicted = basis is not None and basis.predicted
+    if config.hadamard_values and not predicted:  # predicted: the loop rotates the residual
         values = hadamard(values)
     keys, values = _fill_sinks(keys, sinks), _fill_sinks(values, sinks)
-    if config.key_basis is not None:
-        keys = config.key_basis.to_components(keys)
+    if basis is not None and predicted:
+        return _encode_predicted(header, basis, keys, values, [sink_k, sink_v], backend,
+                                 binding.mac_key)  # fmt: skip
+    if basis is not None:
+        keys = basis.to_components(keys)
     return _encode_payload(header, [keys, values], [sink_k, sink_v], backend, binding.mac_key)
 
 
@@ -408,7 +481,19 @@ def _decode_payload(
         for i, t in enumerate(targets)
     ]  # fmt: skip
     tables = rope_tables(rope, header.start_position, header.tokens, device) if rope else None
-    for i, work in enumerate(works):
+    predicted = header.has_flag(Flag.PREDICTED)
+    if predicted:  # both tensors rebuilt in torch: the loop needs the value residual rotated back
+        assert key_basis is not None
+        if not key_basis.predicted:
+            raise CodecError("this block's layers are predicted: its basis must hold the maps")
+        works = [t if t.dtype == torch.float32 else torch.empty(shape, device=device)
+                 for t in targets]  # fmt: skip
+        coded = [torch.zeros(shape, dtype=torch.float32, device=device) for _ in range(2)]
+        for i in range(2):
+            impl.decode_tensor(payload, header.tensor_sections(i), header, coded[i])
+        _rebuild_predicted(key_basis, coded[0], coded[1], hadamard_values, works[0], works[1])
+        in_torch = [rope is not None, False]
+    for i, work in enumerate(works if not predicted else []):
         sections = header.tensor_sections(i)
         if i == 0 and basis:
             assert key_basis is not None
@@ -528,6 +613,7 @@ def block_header(
         | (Flag.HADAMARD_VALUES if config.hadamard_values else 0)
         | (Flag.MAC if binding.mac_key else 0)
         | (Flag.KEY_BASIS if basis is not None else 0)
+        | (Flag.PREDICTED if basis is not None and basis.predicted else 0)
     )
     return BlockHeader(
         layout=layout, dtype=FORMAT_DTYPES[dtype], layers=layers, heads=heads, tokens=tokens,
@@ -569,6 +655,59 @@ def _encode_payload(
         flat = torch.cat([s.contiguous().flatten() for s in sinks]).view(torch.uint8)
         payload[header.sinks_offset :] = flat
     return seal(header, payload.cpu().numpy().data, mac_key or None)
+
+
+def _encode_predicted(
+    header: BlockHeader, basis: KeyBasis, keys: Tensor, values: Tensor, sinks: list[Tensor],
+    backend: Backend, mac_key: bytes,
+) -> bytes:  # fmt: skip
+    """The closed loop: layer by layer, predict from the layer before as a reader will have
+    rebuilt it, quantize the residual into the payload, and rebuild the layer from the codes."""
+    device = keys.device
+    impl = _backend(backend, device, header.head_dim)
+    payload = torch.zeros(header.payload_len, dtype=torch.uint8, device=device)
+    rotate = header.has_flag(Flag.HADAMARD_VALUES)
+    residual = [torch.zeros(keys.shape, dtype=torch.float32, device=device) for _ in range(2)]
+    coded = [torch.zeros(keys.shape, dtype=torch.float32, device=device) for _ in range(2)]
+    rebuilt_k, rebuilt_v = torch.empty_like(coded[0]), torch.empty_like(coded[1])
+    for layer in range(header.layers):
+        before = (rebuilt_k[layer - 1], rebuilt_v[layer - 1]) if layer else (keys[0], keys[0])
+        rot = basis.rotation_of(layer, device)
+        n = rot.shape[-1]
+        pk = basis.predict_keys(layer, *before)
+        residual[0][layer, :, :, :n] = (keys[layer].float() - pk) @ rot
+        sections = [s for s in header.tensor_sections(0) if s.layer == layer]
+        if sections:
+            impl.encode_tensor(residual[0], sections, header, payload)
+            impl.decode_tensor(payload, sections, header, coded[0])
+        rebuilt_k[layer] = pk + coded[0][layer, :, :, :n] @ rot.transpose(-1, -2)
+        pv = basis.predict_values(layer, rebuilt_k[layer], *before)
+        r = values[layer].float() - pv
+        residual[1][layer] = hadamard(r) if rotate else r
+        sections = [s for s in header.tensor_sections(1) if s.layer == layer]
+        impl.encode_tensor(residual[1], sections, header, payload)
+        impl.decode_tensor(payload, sections, header, coded[1])
+        r = coded[1][layer]
+        rebuilt_v[layer] = pv + (hadamard(r) if rotate else r)
+    if header.sink_tokens:
+        flat = torch.cat([s.contiguous().flatten() for s in sinks]).view(torch.uint8)
+        payload[header.sinks_offset :] = flat
+    return seal(header, payload.cpu().numpy().data, mac_key or None)
+
+
+def _rebuild_predicted(basis: KeyBasis, components: Tensor, residual: Tensor, rotate: bool,
+                       keys: Tensor, values: Tensor) -> None:  # fmt: skip
+    """The reader's half of the loop: decoded key components and value residuals [L, H, T, D]
+    (float32) -> pre-RoPE keys and values into `keys` and `values` (float32), layer by layer."""
+    for layer in range(components.shape[0]):
+        before = (keys[layer - 1], values[layer - 1]) if layer else (keys[0], keys[0])
+        rot = basis.rotation_of(layer, components.device)
+        pk = basis.predict_keys(layer, *before)
+        keys[layer] = pk + components[layer, :, :, : rot.shape[-1]] @ rot.transpose(-1, -2)
+        r = residual[layer]
+        values[layer] = basis.predict_values(layer, keys[layer], *before) + (
+            hadamard(r) if rotate else r
+        )
 
 
 def _backend(name: Backend, device: torch.device, head_dim: int) -> ModuleType:

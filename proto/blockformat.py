@@ -20,6 +20,11 @@ orthonormal basis per (layer, head), named by the basis id; the reader must hold
 stored, decoded as the basis mean), and a layer's keys are several sections, one per run of
 equal nonzero widths, split into power-of-two runs of components (largest first), in order.
 
+PREDICTED (with KEY_BASIS; the basis then also holds linear maps between layers): layer l's
+keys and values are predicted from layer l - 1 as the reader reconstructs it, and the sections
+hold only what the prediction missed: the key residual's components in the basis, the value
+residual (Hadamard-rotated under HADAMARD_VALUES). A reader rebuilds the layers in order.
+
 A block is bound to where it belongs: its header names its namespace id, its own block key,
 its start position and token count. A block of the right shape stored under another key or
 position therefore fails the shard's check on Put and on Redis read-through, and the client's
@@ -59,7 +64,7 @@ from kvpool.proto.errors import (
 )
 
 MAGIC = b"KVPB"
-FORMAT_VERSION = 3  # 3: KEY_BASIS
+FORMAT_VERSION = 4  # 3: KEY_BASIS; 4: PREDICTED
 ID_BYTES = 32  # namespace ids and block keys
 MAC_BYTES = 32
 BASIS_ID_BYTES = 16
@@ -92,6 +97,7 @@ class Flag(IntEnum):
     HADAMARD_VALUES = 2  # values were quantized after an orthonormal Hadamard rotation
     MAC = 4  # a tenant MAC follows the payload
     KEY_BASIS = 8  # keys stored as components in a calibrated basis, widths per 8 components
+    PREDICTED = 16  # layers predicted from the layer before; sections hold residuals (KEY_BASIS)
 
 
 def plane_widths(bits: int) -> tuple[int, ...]:
@@ -272,8 +278,12 @@ class BlockHeader:
             raise BlockFormatError("start_position must be >= 0")
         if len(self.namespace_id) != ID_BYTES or len(self.key) != ID_BYTES:
             raise BlockFormatError(f"namespace id and key must be {ID_BYTES} bytes")
-        if self.flags & ~(Flag.PRE_ROPE_KEYS | Flag.HADAMARD_VALUES | Flag.MAC | Flag.KEY_BASIS):
+        if self.flags & ~(
+            Flag.PRE_ROPE_KEYS | Flag.HADAMARD_VALUES | Flag.MAC | Flag.KEY_BASIS | Flag.PREDICTED
+        ):
             raise BlockFormatError(f"unknown option flags {self.flags:#x}")
+        if self.flags & Flag.PREDICTED and not basis:
+            raise BlockFormatError("PREDICTED blocks keep their keys in a basis (KEY_BASIS)")
         if self.flags & Flag.PRE_ROPE_KEYS:
             if self.layout == Layout.LATENT:
                 raise BlockFormatError("pre-RoPE keys need the KV layout")

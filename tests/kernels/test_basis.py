@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import Tensor
 
 from kvpool.kernels.codec import CodecConfig, KeyBasis, decode, encode
 from kvpool.kernels.transforms import RopeParams
@@ -180,3 +181,112 @@ def test_the_c_loop_refuses_strides_and_transforms_it_cannot_apply() -> None:
     assert bool((out == 7.0).all())
     call(24, 16 * 64, 64, 0, cos.data_ptr(), cos.data_ptr(), 24)  # the same, well formed
     assert not bool((out[..., :24] == 7.0).any()) and bool((out[..., 24:] == 7.0).all())
+
+
+# ---- inter-layer prediction (block flag PREDICTED) ----------------------------------------------
+
+
+def predicting_basis(seed: int = 0, widths: tuple[int, ...] = WIDTHS) -> KeyBasis:
+    """A random basis with random prediction maps (gain about 1/2 per layer)."""
+    g = torch.Generator().manual_seed(seed)
+    plain = random_basis(widths, seed)
+    width = HEADS * DIM
+    key_maps = torch.randn(LAYERS - 1, 2 * width + 1, width, generator=g) / (2 * width) ** 0.5 / 2
+    value_maps = torch.randn(LAYERS - 1, 3 * width + 1, width, generator=g) / (3 * width) ** 0.5 / 2
+    mean = plain.mean.clone()
+    mean[1:] = 0  # layers after the first are predicted, their mean is in the maps' bias
+    return KeyBasis(mean, plain.rotation, widths, key_maps, value_maps)
+
+
+def predictable_kv(basis: KeyBasis, noise: float, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """KV whose layer 1 is the basis's prediction from layer 0 plus `noise` (pre-RoPE keys)."""
+    k, v = kv(layers=LAYERS, heads=HEADS, tokens=64, dim=DIM, dtype=torch.float32, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    k[1] = basis.predict_keys(1, k[0], v[0]) + noise * torch.randn(k[1].shape, generator=g)
+    v[1] = basis.predict_values(1, k[1], k[0], v[0]) + noise * torch.randn(v[1].shape, generator=g)
+    return k, v
+
+
+def test_predicted_layers_store_only_what_the_prediction_misses() -> None:
+    """Layer 1 is layer 0 through the maps plus a little noise: coded as residuals, it comes
+    back several times closer than the same basis without the maps codes it; layer 0, coded
+    against its mean, as close as before. The header says PREDICTED and names the basis."""
+    basis = predicting_basis(widths=(8,) * 8 + (3,) * 8)
+    plain = KeyBasis(random_basis().mean, basis.rotation, basis.widths)
+    k, v = predictable_kv(basis, noise=0.05)
+    blob = encode(k, v, config(basis))
+    header = parse_header(blob)
+    assert header.has_flag(Flag.PREDICTED) and header.basis_id == basis.id
+    got, ref = decode(blob, key_basis=basis), decode(encode(k, v, config(plain)), key_basis=plain)
+    assert got.keys is not None and got.values is not None
+    assert ref.keys is not None and ref.values is not None
+    for ours, theirs, x in ((got.keys, ref.keys, k), (got.values, ref.values, v)):
+        assert float((ours[1] - x[1]).abs().max()) < 0.25 * float((theirs[1] - x[1]).abs().max())
+    assert float((got.keys[0] - k[0]).abs().max()) < 0.01 * float(k[0].abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_predicted_blocks_are_the_same_on_every_backend(dtype: torch.dtype) -> None:
+    """The closed loop rebuilds each layer from its codes: the reference and the C loop write
+    the same bytes, and every backend decodes them alike, sinks exact."""
+    basis = predicting_basis(seed=2)
+    k, v = predictable_kv(basis, noise=0.3, seed=4)
+    k, v = k.to(dtype), v.to(dtype)
+    cfg = config(basis, rope=RopeParams(10000.0, DIM), hadamard_values=True, sink_tokens=1)
+    ref = encode(k, v, cfg, backend="reference")
+    assert encode(k, v, cfg, backend="cpu") == ref
+    got = encode(k.to(TRITON_DEVICE), v.to(TRITON_DEVICE), cfg, backend="triton")
+    differ = sum(a != b for a, b in zip(got, ref, strict=True))
+    assert len(got) == len(ref) and differ < 0.01 * len(ref)
+    a = decode(ref, backend="reference", key_basis=basis)
+    b = decode(ref, backend="cpu", key_basis=basis)
+    c = decode(ref, device=TRITON_DEVICE, backend="triton", key_basis=basis)
+    for x, y, z in ((a.keys, b.keys, c.keys), (a.values, b.values, c.values)):
+        assert x is not None and y is not None and z is not None
+        _close(x, y)
+        _close(x, z.cpu())
+    assert a.keys is not None and a.values is not None
+    assert torch.equal(a.keys[:, :, :1], k[:, :, :1].half().to(dtype))
+    assert torch.equal(a.values[:, :, :1], v[:, :, :1].half().to(dtype))
+    assert float((a.values - v).abs().max()) < 0.5 * float(v.abs().max())
+
+
+def test_predicted_blocks_need_their_maps() -> None:
+    """Without a basis, or with the same rotation and widths but no maps (another id):
+    refused; a PREDICTED header without KEY_BASIS is refused; maps of the wrong shape, dtype
+    or with NaN make no basis; saved and loaded, the maps and the id survive."""
+    from dataclasses import replace
+
+    basis = predicting_basis()
+    no_maps = KeyBasis(basis.mean, basis.rotation, basis.widths)
+    k, v = predictable_kv(basis, noise=0.1)
+    blob = encode(k, v, config(basis))
+    with pytest.raises(CodecError):
+        decode(blob)
+    with pytest.raises(BlockMismatchError):
+        decode(blob, key_basis=no_maps)
+    header = parse_header(blob)
+    with pytest.raises(BlockFormatError):
+        replace(header, flags=header.flags & ~Flag.KEY_BASIS, basis_id=b"",
+                key_bits=(2,) * LAYERS)  # fmt: skip
+    assert key_maps_refused(basis)
+
+
+def key_maps_refused(basis: KeyBasis) -> bool:
+    assert basis.key_maps is not None and basis.value_maps is not None
+    km, vm = basis.key_maps, basis.value_maps
+    nan = km.clone()
+    nan[0, 0, 0] = float("nan")
+    for bad in ((km[:, :-1], vm), (km, None), (km.double(), vm), (nan, vm), (km, km)):
+        with pytest.raises(CodecError):
+            KeyBasis(basis.mean, basis.rotation, basis.widths, *bad)
+    return True
+
+
+def test_a_predicting_basis_saves_and_loads(tmp_path: Path) -> None:
+    basis = predicting_basis()
+    loaded = KeyBasis.load(basis.save(tmp_path / "basis.pt"))
+    assert loaded.predicted and loaded.id == basis.id
+    assert loaded.key_maps is not None and basis.key_maps is not None
+    assert torch.equal(loaded.key_maps, basis.key_maps)
+    assert basis.id != KeyBasis(basis.mean, basis.rotation, basis.widths).id

@@ -234,7 +234,7 @@ def test_a_block_is_bound_to_its_namespace_key_and_position() -> None:
     cfg = CodecConfig(group_size=32)
     blob = encode(k, v, cfg, start_position=128, binding=Binding(NS_ID, KEY))
     header = verify(blob)
-    assert header.version == FORMAT_VERSION == 3
+    assert header.version == FORMAT_VERSION == 4
     assert (header.namespace_id, header.key, header.start_position) == (NS_ID, KEY, 128)
     check_bound(header, NS_ID, KEY, 2)  # block 2 of 64 tokens starts at 128
     for namespace_id, key, position in ((OTHER, KEY, 2), (NS_ID, OTHER, 2), (NS_ID, KEY, 1)):
