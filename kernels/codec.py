@@ -19,7 +19,7 @@ import pickle
 import struct
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Literal
@@ -87,6 +87,19 @@ class KeyBasis:
     widths: tuple[int, ...]  # [L * D / 8]
     key_maps: Tensor | None = None
     value_maps: Tensor | None = None
+    _copies: dict[torch.device, tuple[Tensor | None, ...]] = field(
+        default_factory=dict, init=False, repr=False
+    )
+
+    def on(self, device: torch.device) -> tuple[Tensor | None, ...]:
+        """(mean, rotation, key_maps, value_maps) on `device`, copied there once."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self.mean, self.rotation, self.key_maps, self.value_maps
+        if device not in self._copies:
+            parts = (self.mean, self.rotation, self.key_maps, self.value_maps)
+            self._copies[device] = tuple(None if t is None else t.to(device) for t in parts)
+        return self._copies[device]
 
     def __post_init__(self) -> None:
         if self.mean.dim() != 3 or self.rotation.shape != (*self.mean.shape, self.mean.shape[-1]):
@@ -181,7 +194,8 @@ class KeyBasis:
 
     def to_components(self, keys: Tensor) -> Tensor:
         """keys [L, H, T, D] -> their components (those past `extent` left 0), float32."""
-        mean, rot = self.mean.to(keys.device), self.rotation.to(keys.device)
+        mean, rot = self.on(keys.device)[:2]
+        assert mean is not None and rot is not None
         out = torch.zeros(keys.shape, dtype=torch.float32, device=keys.device)
         for layer, n in enumerate(self.extent):
             centred = keys[layer].float() - mean[layer][:, None]
@@ -190,7 +204,8 @@ class KeyBasis:
 
     def from_components_(self, components: Tensor, out: Tensor) -> Tensor:
         """components [L, H, T, D] float32 -> keys into `out` (any float dtype), layer by layer."""
-        mean, rot = self.mean.to(components.device), self.rotation.to(components.device)
+        mean, rot = self.on(components.device)[:2]
+        assert mean is not None and rot is not None
         for layer, n in enumerate(self.extent):
             part = components[layer, :, :, :n]
             keys = torch.matmul(part, rot[layer][:, :, :n].transpose(-1, -2))
@@ -200,10 +215,12 @@ class KeyBasis:
     def predict_keys(self, layer: int, keys_before: Tensor, values_before: Tensor) -> Tensor:
         """Layer `layer`'s predicted pre-RoPE keys [H, T, D] from layer - 1's keys and values
         [H, T, D] (as reconstructed); layer 0's: the mean."""
+        mean, _, key_maps, _ = self.on(keys_before.device)
         if layer == 0:
-            return self.mean[0].to(keys_before.device)[:, None].expand_as(keys_before)
-        assert self.key_maps is not None
-        return mapped(self.key_maps[layer - 1], [keys_before, values_before])
+            assert mean is not None
+            return mean[0][:, None].expand_as(keys_before)
+        assert key_maps is not None
+        return mapped(key_maps[layer - 1], [keys_before, values_before])
 
     def predict_values(
         self, layer: int, keys: Tensor, keys_before: Tensor, values_before: Tensor
@@ -211,12 +228,15 @@ class KeyBasis:
         """Layer `layer`'s predicted values [H, T, D] from its keys and layer - 1's (layer 0: 0)."""
         if layer == 0:
             return torch.zeros_like(keys)
-        assert self.value_maps is not None
-        return mapped(self.value_maps[layer - 1], [keys, keys_before, values_before])
+        value_maps = self.on(keys.device)[3]
+        assert value_maps is not None
+        return mapped(value_maps[layer - 1], [keys, keys_before, values_before])
 
     def rotation_of(self, layer: int, device: torch.device) -> Tensor:
         """Layer `layer`'s stored components' columns [H, D, n] (n: `extent`)."""
-        return self.rotation[layer, :, :, : self.extent[layer]].to(device)
+        rotation = self.on(device)[1]
+        assert rotation is not None
+        return rotation[layer, :, :, : self.extent[layer]]
 
 
 def as_rows(inputs: list[Tensor]) -> Tensor:
@@ -228,7 +248,6 @@ def mapped(m: Tensor, inputs: list[Tensor]) -> Tensor:
     """`as_rows(inputs)` through a prediction map m [rows + 1, H * D] (last row: bias) -> the
     predicted [H, T, D]."""
     heads, tokens, _ = inputs[0].shape
-    m = m.to(inputs[0].device)
     y = torch.addmm(m[-1], as_rows(inputs), m[:-1])
     return y.view(tokens, heads, -1).transpose(0, 1)
 
