@@ -101,6 +101,12 @@ class KeyBasis:
             self._copies[device] = tuple(None if t is None else t.to(device) for t in parts)
         return self._copies[device]
 
+    def __getstate__(self) -> dict[str, object]:
+        return {**self.__dict__, "_copies": {}}  # pickled (to a worker) without device copies
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+
     def __post_init__(self) -> None:
         if self.mean.dim() != 3 or self.rotation.shape != (*self.mean.shape, self.mean.shape[-1]):
             raise CodecError("a key basis is mean [L, H, D] and rotation [L, H, D, D]")

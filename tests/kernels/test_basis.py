@@ -290,3 +290,14 @@ def test_a_predicting_basis_saves_and_loads(tmp_path: Path) -> None:
     assert loaded.key_maps is not None and basis.key_maps is not None
     assert torch.equal(loaded.key_maps, basis.key_maps)
     assert basis.id != KeyBasis(basis.mean, basis.rotation, basis.widths).id
+
+
+def test_a_predicting_basis_pickles_without_its_device_copies() -> None:
+    import pickle
+
+    basis = predicting_basis()
+    basis._copies[torch.device("meta")] = (None,)  # as if it had been used on a device
+    back = pickle.loads(pickle.dumps(basis))
+    assert back.id == basis.id and back.predicted and back._copies == {}
+    k, v = predictable_kv(basis, noise=0.1)
+    assert decode(encode(k, v, config(basis)), key_basis=back).keys is not None
