@@ -370,6 +370,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             else:
                 print("  ".join(f"{k}={v}" for k, v in row.items()))
     elif args.command == "calibrate":
+        if (args.predict or args.no_query_weights) and not args.basis:
+            build_parser().error("--predict and --no-query-weights go with --basis")
         calibrate(args)
 
 

@@ -315,3 +315,12 @@ def test_the_cli_writes_a_key_basis(tmp_path, capsys) -> None:
           "--out", str(out)])  # fmt: skip
     basis = KeyBasis.load(out)
     assert basis.id.hex() in capsys.readouterr().out and basis.bits_per_key < 1.5
+
+
+def test_the_cli_refuses_basis_options_without_basis(capsys) -> None:
+    from kvpool.cli import main
+
+    for option in ("--predict", "--no-query-weights"):
+        with pytest.raises(SystemExit) as e:
+            main(["calibrate", option])
+        assert e.value.code == 2 and "go with --basis" in capsys.readouterr().err
