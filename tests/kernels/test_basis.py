@@ -301,3 +301,20 @@ def test_a_predicting_basis_pickles_without_its_device_copies() -> None:
     assert back.id == basis.id and back.predicted and back._copies == {}
     k, v = predictable_kv(basis, noise=0.1)
     assert decode(encode(k, v, config(basis)), key_basis=back).keys is not None
+
+
+def test_predicted_blocks_decode_into_given_tensors() -> None:
+    """decode(out=...) (how get_blocks and the vLLM connector read) rebuilds predicted layers
+    into the caller's fp16 tensors, here a slice of a longer cache, as a plain decode does."""
+    basis = predicting_basis()
+    k, v = predictable_kv(basis, noise=0.2)
+    blob = encode(k, v, config(basis, sink_tokens=1, hadamard_values=True))
+    cache_k = torch.zeros(LAYERS, HEADS, 128, DIM, dtype=torch.float16)
+    cache_v = torch.zeros_like(cache_k)
+    got = decode(blob, out=(cache_k[:, :, 32:96], cache_v[:, :, 32:96]), key_basis=basis)
+    ref = decode(blob, dtype=torch.float16, key_basis=basis)
+    assert got.keys is not None and ref.keys is not None and ref.values is not None
+    assert torch.equal(cache_k[:, :, 32:96], ref.keys) and torch.equal(
+        cache_v[:, :, 32:96], ref.values
+    )
+    assert not cache_k[:, :, :32].any() and not cache_v[:, :, 96:].any()
