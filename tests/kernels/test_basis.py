@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from kvpool.kernels.codec import CodecConfig, KeyBasis, decode, encode
+from kvpool.kernels.codec import Block, CodecConfig, KeyBasis, decode, encode
 from kvpool.kernels.transforms import RopeParams
 from kvpool.proto.blockformat import CHUNK, Flag, parse_header
 from kvpool.proto.errors import BlockFormatError, BlockMismatchError, CodecError
@@ -55,6 +55,14 @@ def test_backends_write_the_same_blocks_and_decode_alike(dtype: torch.dtype) -> 
     basis = random_basis()
     k, v = kv(layers=LAYERS, heads=HEADS, tokens=64, dim=DIM, dtype=dtype, seed=3)
     cfg = config(basis, rope=RopeParams(10000.0, DIM), hadamard_values=True, sink_tokens=1)
+    a = alike_on_every_backend(k, v, cfg)
+    assert torch.equal(a.keys[:, :, :1], k[:, :, :1].half().to(dtype))  # type: ignore[index]
+
+
+def alike_on_every_backend(k: Tensor, v: Tensor, cfg: CodecConfig) -> Block:
+    """Every backend writes the same block (on CUDA, a code may flip at a rounding boundary)
+    and decodes it alike; returns the reference's decoding."""
+    basis = cfg.key_basis
     ref = encode(k, v, cfg, backend="reference")
     assert encode(k, v, cfg, backend="cpu") == ref
     got = encode(k.to(TRITON_DEVICE), v.to(TRITON_DEVICE), cfg, backend="triton")
@@ -70,7 +78,7 @@ def test_backends_write_the_same_blocks_and_decode_alike(dtype: torch.dtype) -> 
         assert x is not None and y is not None and z is not None
         _close(x, y)  # the C loop undoes the Hadamard rotation itself, in another order
         _close(x, z.cpu())
-    assert torch.equal(a.keys[:, :, :1], k[:, :, :1].half().to(dtype))  # type: ignore[index]
+    return a
 
 
 def test_a_block_decodes_only_with_its_basis() -> None:
@@ -233,18 +241,7 @@ def test_predicted_blocks_are_the_same_on_every_backend(dtype: torch.dtype) -> N
     k, v = predictable_kv(basis, noise=0.3, seed=4)
     k, v = k.to(dtype), v.to(dtype)
     cfg = config(basis, rope=RopeParams(10000.0, DIM), hadamard_values=True, sink_tokens=1)
-    ref = encode(k, v, cfg, backend="reference")
-    assert encode(k, v, cfg, backend="cpu") == ref
-    got = encode(k.to(TRITON_DEVICE), v.to(TRITON_DEVICE), cfg, backend="triton")
-    differ = sum(a != b for a, b in zip(got, ref, strict=True))
-    assert len(got) == len(ref) and differ < 0.01 * len(ref)
-    a = decode(ref, backend="reference", key_basis=basis)
-    b = decode(ref, backend="cpu", key_basis=basis)
-    c = decode(ref, device=TRITON_DEVICE, backend="triton", key_basis=basis)
-    for x, y, z in ((a.keys, b.keys, c.keys), (a.values, b.values, c.values)):
-        assert x is not None and y is not None and z is not None
-        _close(x, y)
-        _close(x, z.cpu())
+    a = alike_on_every_backend(k, v, cfg)
     assert a.keys is not None and a.values is not None
     assert torch.equal(a.keys[:, :, :1], k[:, :, :1].half().to(dtype))
     assert torch.equal(a.values[:, :, :1], v[:, :, :1].half().to(dtype))
