@@ -11,6 +11,7 @@ Tests run in file order; the last one stops the tier.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import os
@@ -48,7 +49,7 @@ NEW_TOKENS = 16
 PROMPT = 700  # two full 256-token blocks and a tail
 # One passage of the Python manual per test, so that no test sees another's blocks.
 TOPICS = ("compound", "types", "string-methods", "debugger", "customization", "execmodel",
-          "typesmapping")  # fmt: skip
+          "typesmapping", "formatstrings")  # fmt: skip
 
 
 # ---- the pieces, without an engine ---------------------------------------------------------
@@ -534,6 +535,43 @@ def test_a_refused_block_is_recomputed_and_replaced(
     pool.close()
     again = engines["A"].generate(prompt)  # loads B's blocks
     assert again == out["tokens"]
+
+
+def test_vllm_serves_from_blocks_with_predicted_layers(
+    smollm2: Any, tier: Tier, engines: dict[str, Any]
+) -> None:
+    """Codec v2 with inter-layer prediction inside vLLM: an engine given a predicting key basis
+    (`key_basis` in its connector config) stores the prompt as residual blocks; a transformers
+    worker in the namespace it derives finds them; the engine, its own prefix cache off and the
+    prefix loaded from those blocks, picks its computed tokens when teacher-forced."""
+    from kvpool.calibrate import basis_sample, calibrate_basis
+
+    model, tok = smollm2
+    prompt = ids(tok, 7)
+    basis = calibrate_basis(model, basis_sample(tok), key_bits=2.0, windows=4, predict=True)
+    with tempfile.TemporaryDirectory() as d, open(Path(d) / "D.log", "w+") as log:
+        extra = {"endpoint": tier.endpoint, "key_basis": str(basis.save(Path(d) / "basis.pt"))}
+        spec = {"model": str(smollm2_path().resolve()), "name": SMOLLM2, "kvpool": extra,
+                "prefix_caching": False}  # fmt: skip
+        engine = Engine(spec, log, NEW_TOKENS)
+        try:
+            engine.ready()
+            computed = engine.generate(prompt)
+            assert computed["connector"]["tokens_loaded"] == 0
+            codec = dataclasses.replace(codec_for(model, 3, 2, 128), key_basis=basis)
+            pool = KVPool(tier.endpoint, namespace_for_model(model, codec), codec)
+            assert wait_stored(pool, prompt, LOADABLE) == LOADABLE
+            pool.close()
+            forced = [prompt + computed["tokens"][:k] for k in range(NEW_TOKENS)]
+            loaded = engine.generate(*forced, max_tokens=1)
+        finally:
+            engine.stop()
+    assert loaded["connector"]["tokens_loaded"] == NEW_TOKENS * LOADABLE
+    assert loaded["connector"]["load_failed_blocks"] == 0
+    picks = [out[0] for out in loaded["outputs"]]
+    score = sum(a == b for a, b in zip(picks, computed["tokens"], strict=True)) / NEW_TOKENS
+    print(f"greedy agreement, v2 with predicted layers (teacher-forced, {NEW_TOKENS}): {score}")
+    assert score >= 0.75
 
 
 def test_with_the_tier_stopped_requests_still_complete(
