@@ -45,7 +45,7 @@ only the residual's quantization error remains), and only the residual is coded:
 residual in its own PCA basis per head at query-weighted band widths (~2.0 bits), the value
 residual Hadamard-rotated at 2 bits per token. The maps are fitted by least squares on the
 calibration sample, through the same loop. Their parameters ((2HD + 1) HD + (3HD + 1) HD floats
-per layer, 13 MB for SmolLM2) are per namespace, like a key basis, and not counted in the bits.
+per layer, 21 MB for SmolLM2) are per namespace, like a key basis, and not counted in the bits.
 The "values only" prediction row predicts from the keys as the codec decodes them but gives the
 model the exact keys.
 
