@@ -51,7 +51,7 @@ from kvpool.proto.blockformat import (
     seal,
     verify,
 )
-from kvpool.proto.errors import BlockMismatchError, CodecError
+from kvpool.proto.errors import BlockMismatchError, CodecError, NonFiniteError
 
 Backend = Literal["auto", "triton", "cpu", "reference"]
 TORCH_DTYPES = {
@@ -688,6 +688,9 @@ def _encode_predicted(
 ) -> bytes:  # fmt: skip
     """The closed loop: layer by layer, predict from the layer before as a reader will have
     rebuilt it, quantize the residual into the payload, and rebuild the layer from the codes."""
+    for x in (keys, values):  # residuals may be small where the tensors themselves are not
+        if not bool(torch.isfinite(x).all()) or float(x.abs().max()) > 65504.0:
+            raise NonFiniteError("block holds NaN, inf or a magnitude beyond fp16 (65504)")
     device = keys.device
     impl = _backend(backend, device, header.head_dim)
     payload = torch.zeros(header.payload_len, dtype=torch.uint8, device=device)

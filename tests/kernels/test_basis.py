@@ -315,3 +315,16 @@ def test_predicted_blocks_decode_into_given_tensors() -> None:
         cache_v[:, :, 32:96], ref.values
     )
     assert not cache_k[:, :, :32].any() and not cache_v[:, :, 96:].any()
+
+
+def test_predicted_blocks_refuse_what_fp16_cannot_hold() -> None:
+    """NaN, inf, or a magnitude beyond fp16 anywhere: NonFiniteError, even where the maps
+    would have predicted it well enough to leave a small residual."""
+    from kvpool.proto.errors import NonFiniteError
+
+    basis = predicting_basis()
+    for bad in (float("nan"), float("inf"), 1e5):
+        k, v = predictable_kv(basis, noise=0.1)
+        v[1, 0, 5, 3] = bad
+        with pytest.raises(NonFiniteError):
+            encode(k, v, config(basis))
