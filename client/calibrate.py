@@ -379,21 +379,17 @@ def calibrate_basis(
         part = keys.transpose(-1, -2) @ keys
         outer = part if outer is None else outer + part
         n += keys.shape[2]
+    weights = queries.energy(rope) if queries is not None else None
     if predict:
         if not kept[0][0].shape[2]:
             raise CodecError(f"windows of {window_tokens} tokens hold no group of {group_size}")
         say("prediction maps, layer by layer")
-        weights = queries.energy(rope) if queries is not None else None
         keys, values = (torch.cat(parts, 2) for parts in zip(*kept, strict=True))
         return _fit_predicted(keys, values, weights, key_bits, group_size, value_bits)
     assert total is not None and outer is not None
     mean = total / n
     covariance = outer / n - mean[..., :, None] * mean[..., None, :]
-    variance, rotation = torch.linalg.eigh(covariance)  # ascending
-    variance, rotation = variance.flip(-1).clamp_min(0), rotation.flip(-1)
-    energy = variance
-    if queries is not None:  # [L, H, D] per channel -> per component
-        energy = variance * torch.einsum("lhij,lhi->lhj", rotation**2, queries.energy(rope))
+    rotation, energy = principal(covariance, weights)
     widths = allocate_bands(energy.mean(1).float(), key_bits, group_size)
     say(f"basis: {sum(widths) / len(widths):.3f} code bits per key value")
     return KeyBasis(mean.float(), rotation.float().contiguous(), widths)
@@ -411,8 +407,7 @@ def _fit_predicted(
     from kvpool.kernels.transforms import hadamard
 
     layers, heads, _, dim = keys.shape
-    empty = torch.zeros(layers, heads, dim)
-    mean = empty.clone()
+    mean = torch.zeros(layers, heads, dim)
     mean[0] = keys[0].mean(1)
     rotations = torch.zeros(layers, heads, dim, dim)
     widths: list[int] = []
@@ -423,17 +418,13 @@ def _fit_predicted(
     for layer in range(layers):
         before = [rebuilt_k[layer - 1], rebuilt_v[layer - 1]] if layer else []
         if layer:
-            key_maps.append(_least_squares(before, keys[layer]))
+            key_maps.append(least_squares(before, keys[layer]))
             pk = mapped(key_maps[-1], before)
         else:
             pk = mean[0][:, None].expand_as(keys[0])
         residual = (keys[layer] - pk).double()
         covariance = residual.transpose(-1, -2) @ residual / residual.shape[1]
-        variance, rotation = torch.linalg.eigh(covariance)
-        variance, rotation = variance.flip(-1).clamp_min(0), rotation.flip(-1)
-        energy = variance
-        if query is not None:
-            energy = variance * torch.einsum("hij,hi->hj", rotation**2, query[layer])
+        rotation, energy = principal(covariance, None if query is None else query[layer])
         w = allocate_bands(energy.mean(0, keepdim=True).float(), key_bits, group_size)
         widths += w
         rotations[layer] = rotation.float()
@@ -448,7 +439,7 @@ def _fit_predicted(
                 )
         rebuilt_k[layer] = pk + coded @ rotations[layer].transpose(-1, -2)
         if layer:
-            value_maps.append(_least_squares([rebuilt_k[layer], *before], values[layer]))
+            value_maps.append(least_squares([rebuilt_k[layer], *before], values[layer]))
             pv = mapped(value_maps[-1], [rebuilt_k[layer], *before])
         else:
             pv = torch.zeros_like(values[0])
@@ -466,7 +457,18 @@ def _fit_predicted(
     )
 
 
-def _least_squares(inputs: list[Tensor], target: Tensor) -> Tensor:
+def principal(covariance: Tensor, query: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Covariances [..., D, D] -> (components [..., D, D] by decreasing variance, each
+    component's energy [..., D]: its variance, times the queries' energy on it when `query`
+    [..., D] (per channel) is given)."""
+    variance, rotation = torch.linalg.eigh(covariance)  # ascending
+    variance, rotation = variance.flip(-1).clamp_min(0), rotation.flip(-1)
+    if query is None:
+        return rotation, variance
+    return rotation, variance * torch.einsum("...ij,...i->...j", rotation**2, query)
+
+
+def least_squares(inputs: list[Tensor], target: Tensor) -> Tensor:
     """The map [rows + 1, H * D] (last row: bias) that best takes `inputs` to `target` [H, N, D],
     with a small ridge (1e-3 of the mean diagonal) that keeps it well-conditioned."""
     x = torch.cat([as_rows(inputs), torch.ones(target.shape[1], 1)], 1).double()

@@ -18,6 +18,7 @@ import hashlib
 import pickle
 import struct
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ from kvpool.proto.blockformat import (
     DType,
     Flag,
     Layout,
+    Section,
     check_length,
     parse_header,
     seal,
@@ -498,26 +500,27 @@ def _decode_payload(
     hadamard_values = header.has_flag(Flag.HADAMARD_VALUES)
     # the C loop undoes the Hadamard rotation and redoes RoPE row by row as it decodes; other
     # backends (and keys in a basis, rotated back first) leave them to torch, in float32
+    # predicted layers: both tensors rebuilt in float32 by `_predicted_loop`, which also undoes
+    # the values' rotation (of the residual); RoPE is then redone in torch
+    predicted = header.has_flag(Flag.PREDICTED)
     fused = getattr(impl, "FUSES_TRANSFORMS", False)
     in_torch = [basis or (rope is not None and not fused), hadamard_values and not fused]
+    if predicted:
+        in_torch[1] = False
     works = [
-        t if t.dtype == torch.float32 or not in_torch[i]
+        t if t.dtype == torch.float32 or not (in_torch[i] or predicted)
         else torch.empty(shape, dtype=torch.float32, device=device)
         for i, t in enumerate(targets)
     ]  # fmt: skip
     tables = rope_tables(rope, header.start_position, header.tokens, device) if rope else None
-    predicted = header.has_flag(Flag.PREDICTED)
-    if predicted:  # both tensors rebuilt in torch: the loop needs the value residual rotated back
+    if predicted:
         assert key_basis is not None
-        if not key_basis.predicted:
+        if not key_basis.predicted:  # a header may claim PREDICTED for a plain basis's id
             raise CodecError("this block's layers are predicted: its basis must hold the maps")
-        works = [t if t.dtype == torch.float32 else torch.empty(shape, device=device)
-                 for t in targets]  # fmt: skip
         coded = [torch.zeros(shape, dtype=torch.float32, device=device) for _ in range(2)]
         for i in range(2):
             impl.decode_tensor(payload, header.tensor_sections(i), header, coded[i])
-        _rebuild_predicted(key_basis, coded[0], coded[1], hadamard_values, works[0], works[1])
-        in_torch = [rope is not None, False]
+        _predicted_loop(key_basis, coded, hadamard_values, works)
     for i, work in enumerate(works if not predicted else []):
         sections = header.tensor_sections(i)
         if i == 0 and basis:
@@ -686,56 +689,61 @@ def _encode_predicted(
     header: BlockHeader, basis: KeyBasis, keys: Tensor, values: Tensor, sinks: list[Tensor],
     backend: Backend, mac_key: bytes,
 ) -> bytes:  # fmt: skip
-    """The closed loop: layer by layer, predict from the layer before as a reader will have
-    rebuilt it, quantize the residual into the payload, and rebuild the layer from the codes."""
+    """The writer's run of `_predicted_loop`: each layer's residuals quantized into the payload
+    and decoded back before the layer is rebuilt, as a reader will rebuild it."""
     for x in (keys, values):  # residuals may be small where the tensors themselves are not
         if not bool(torch.isfinite(x).all()) or float(x.abs().max()) > 65504.0:
             raise NonFiniteError("block holds NaN, inf or a magnitude beyond fp16 (65504)")
     device = keys.device
     impl = _backend(backend, device, header.head_dim)
     payload = torch.zeros(header.payload_len, dtype=torch.uint8, device=device)
-    rotate = header.has_flag(Flag.HADAMARD_VALUES)
-    residual = [torch.zeros(keys.shape, dtype=torch.float32, device=device) for _ in range(2)]
+    by_layer: list[list[list[Section]]] = [[[] for _ in range(header.layers)] for _ in range(2)]
+    for i in range(2):
+        for s in header.tensor_sections(i):
+            by_layer[i][s.layer].append(s)
     coded = [torch.zeros(keys.shape, dtype=torch.float32, device=device) for _ in range(2)]
-    rebuilt_k, rebuilt_v = torch.empty_like(coded[0]), torch.empty_like(coded[1])
-    for layer in range(header.layers):
-        before = (rebuilt_k[layer - 1], rebuilt_v[layer - 1]) if layer else (keys[0], keys[0])
-        rot = basis.rotation_of(layer, device)
-        n = rot.shape[-1]
-        pk = basis.predict_keys(layer, *before)
-        residual[0][layer, :, :, :n] = (keys[layer].float() - pk) @ rot
-        sections = [s for s in header.tensor_sections(0) if s.layer == layer]
-        if sections:
-            impl.encode_tensor(residual[0], sections, header, payload)
-            impl.decode_tensor(payload, sections, header, coded[0])
-        rebuilt_k[layer] = pk + coded[0][layer, :, :, :n] @ rot.transpose(-1, -2)
-        pv = basis.predict_values(layer, rebuilt_k[layer], *before)
-        r = values[layer].float() - pv
-        residual[1][layer] = hadamard(r) if rotate else r
-        sections = [s for s in header.tensor_sections(1) if s.layer == layer]
-        impl.encode_tensor(residual[1], sections, header, payload)
-        impl.decode_tensor(payload, sections, header, coded[1])
-        r = coded[1][layer]
-        rebuilt_v[layer] = pv + (hadamard(r) if rotate else r)
+
+    def code(i: int, layer: int) -> None:
+        if by_layer[i][layer]:
+            impl.encode_tensor(coded[i], by_layer[i][layer], header, payload)
+            impl.decode_tensor(payload, by_layer[i][layer], header, coded[i])
+
+    rebuilt = [torch.empty_like(c) for c in coded]
+    rotate = header.has_flag(Flag.HADAMARD_VALUES)
+    _predicted_loop(basis, coded, rotate, rebuilt, (keys, values), code)
     if header.sink_tokens:
         flat = torch.cat([s.contiguous().flatten() for s in sinks]).view(torch.uint8)
         payload[header.sinks_offset :] = flat
     return seal(header, payload.cpu().numpy().data, mac_key or None)
 
 
-def _rebuild_predicted(basis: KeyBasis, components: Tensor, residual: Tensor, rotate: bool,
-                       keys: Tensor, values: Tensor) -> None:  # fmt: skip
-    """The reader's half of the loop: decoded key components and value residuals [L, H, T, D]
-    (float32) -> pre-RoPE keys and values into `keys` and `values` (float32), layer by layer."""
-    for layer in range(components.shape[0]):
+def _predicted_loop(
+    basis: KeyBasis, coded: list[Tensor], rotate: bool, out: list[Tensor],
+    sources: tuple[Tensor, Tensor] | None = None, code: Callable[[int, int], None] | None = None,
+) -> None:  # fmt: skip
+    """The loop writers and readers of PREDICTED blocks both run, layer by layer: predict the
+    layer from the one before as rebuilt, then rebuild it as the prediction plus the decoded
+    residuals `coded` (key components and value residuals [L, H, T, D], float32, rotated under
+    `rotate`) into `out` (pre-RoPE keys and values, float32). A writer passes its `sources`
+    (keys, values) and `code(i, layer)`: the loop first puts tensor i's residual into
+    coded[i][layer], which `code` quantizes into the payload and replaces by its decoding."""
+    keys, values = out
+    for layer in range(keys.shape[0]):
         before = (keys[layer - 1], values[layer - 1]) if layer else (keys[0], keys[0])
-        rot = basis.rotation_of(layer, components.device)
+        rot = basis.rotation_of(layer, keys.device)
+        n = rot.shape[-1]
         pk = basis.predict_keys(layer, *before)
-        keys[layer] = pk + components[layer, :, :, : rot.shape[-1]] @ rot.transpose(-1, -2)
-        r = residual[layer]
-        values[layer] = basis.predict_values(layer, keys[layer], *before) + (
-            hadamard(r) if rotate else r
-        )
+        if sources is not None and code is not None:
+            coded[0][layer, :, :, :n] = (sources[0][layer].float() - pk) @ rot
+            code(0, layer)
+        keys[layer] = pk + coded[0][layer, :, :, :n] @ rot.transpose(-1, -2)
+        pv = basis.predict_values(layer, keys[layer], *before)
+        if sources is not None and code is not None:
+            r = sources[1][layer].float() - pv
+            coded[1][layer] = hadamard(r) if rotate else r
+            code(1, layer)
+        r = coded[1][layer]
+        values[layer] = pv + (hadamard(r) if rotate else r)
 
 
 def _backend(name: Backend, device: torch.device, head_dim: int) -> ModuleType:

@@ -324,3 +324,21 @@ def test_the_cli_refuses_basis_options_without_basis(capsys) -> None:
         with pytest.raises(SystemExit) as e:
             main(["calibrate", option])
         assert e.value.code == 2 and "go with --basis" in capsys.readouterr().err
+
+
+def test_calibrating_a_basis_refuses_what_it_cannot_use() -> None:
+    """Query weights need Llama-style q_proj modules; prediction needs windows holding at
+    least one group of tokens after the sink: CodecError, with what to change."""
+    from types import SimpleNamespace
+
+    from kvpool import calibrate as cal
+
+    with pytest.raises(CodecError, match="no-query-weights"):
+        cal._QueryEnergy(SimpleNamespace(model=SimpleNamespace()))
+    pytest.importorskip("transformers")
+    try:
+        model, _ = load_model()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    with pytest.raises(CodecError, match="no group of 128"):
+        cal.calibrate_basis(model, list(range(1000, 1256)), window_tokens=128, predict=True)

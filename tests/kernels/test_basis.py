@@ -11,7 +11,7 @@ from torch import Tensor
 
 from kvpool.kernels.codec import Block, CodecConfig, KeyBasis, decode, encode
 from kvpool.kernels.transforms import RopeParams
-from kvpool.proto.blockformat import CHUNK, Flag, parse_header
+from kvpool.proto.blockformat import CHUNK, Flag, parse_header, seal
 from kvpool.proto.errors import BlockFormatError, BlockMismatchError, CodecError
 from tests.kernels.helpers import kv
 from tests.kernels.test_backends import TRITON_DEVICE, _close
@@ -250,8 +250,8 @@ def test_predicted_blocks_are_the_same_on_every_backend(dtype: torch.dtype) -> N
 
 def test_predicted_blocks_need_their_maps() -> None:
     """Without a basis, or with the same rotation and widths but no maps (another id):
-    refused; a PREDICTED header without KEY_BASIS is refused; maps of the wrong shape, dtype
-    or with NaN make no basis; saved and loaded, the maps and the id survive."""
+    refused; a PREDICTED header without KEY_BASIS, or naming a basis without maps, is refused;
+    maps of the wrong shape or dtype, with NaN, or only one of the two make no basis."""
     from dataclasses import replace
 
     basis = predicting_basis()
@@ -266,10 +266,13 @@ def test_predicted_blocks_need_their_maps() -> None:
     with pytest.raises(BlockFormatError):
         replace(header, flags=header.flags & ~Flag.KEY_BASIS, basis_id=b"",
                 key_bits=(2,) * LAYERS)  # fmt: skip
-    assert key_maps_refused(basis)
-
-
-def key_maps_refused(basis: KeyBasis) -> bool:
+    # a header (checksum intact) that claims PREDICTED for a basis without maps: refused
+    plain = encode(k, v, config(no_maps))
+    h = parse_header(plain)
+    forged = seal(replace(h, flags=h.flags | Flag.PREDICTED),
+                  memoryview(plain)[h.header_len : h.header_len + h.payload_len], None)  # fmt: skip
+    with pytest.raises(CodecError, match="must hold the maps"):
+        decode(forged, key_basis=no_maps)
     assert basis.key_maps is not None and basis.value_maps is not None
     km, vm = basis.key_maps, basis.value_maps
     nan = km.clone()
@@ -277,7 +280,6 @@ def key_maps_refused(basis: KeyBasis) -> bool:
     for bad in ((km[:, :-1], vm), (km, None), (km.double(), vm), (nan, vm), (km, km)):
         with pytest.raises(CodecError):
             KeyBasis(basis.mean, basis.rotation, basis.widths, *bad)
-    return True
 
 
 def test_a_predicting_basis_saves_and_loads(tmp_path: Path) -> None:
