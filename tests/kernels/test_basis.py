@@ -280,6 +280,8 @@ def test_predicted_blocks_need_their_maps() -> None:
     for bad in ((km[:, :-1], vm), (km, None), (km.double(), vm), (nan, vm), (km, km)):
         with pytest.raises(CodecError):
             KeyBasis(basis.mean, basis.rotation, basis.widths, *bad)
+    with pytest.raises(CodecError, match="prediction maps"):  # one layer: nothing to predict
+        KeyBasis(basis.mean[:1], basis.rotation[:1], basis.widths[:8], km[:0], vm[:0])
 
 
 def test_a_predicting_basis_saves_and_loads(tmp_path: Path) -> None:
