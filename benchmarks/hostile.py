@@ -53,10 +53,12 @@ async def _attack(
     stubs = [pb_grpc.KVPoolStub(c) for c in channels]
     count = 0
 
-    def info(key: bytes, size: int, position: int = 0, namespace: Any = None) -> Any:
+    def info(
+        key: bytes, size: int, position: int = 0, namespace: Any = None, parent: bytes = b""
+    ) -> Any:
         return pb.BlockInfo(
             namespace_id=ns.id, key=key, chain=key, position=position, size=size,
-            namespace=namespace_to_proto(ns) if namespace is None else namespace,
+            namespace=namespace_to_proto(ns) if namespace is None else namespace, parent=parent,
         )  # fmt: skip
 
     async def put(stub: Any, first: Any, chunks: list[bytes], stall_s: float = 0.0) -> None:
@@ -127,7 +129,7 @@ async def _attack(
         await put(stub, info(key, 1 << 16, namespace=junk_ns), [b"x"])
         b = block(key, 0)  # misplaced: a real block under another key, then another position
         await put(stub, info(os.urandom(32), len(b)), [b])
-        await put(stub, info(key, len(b), position=1), [b])
+        await put(stub, info(key, len(b), position=1, parent=os.urandom(32)), [b])
         for method in ("Lookup", "Get", "Delete", "Put", "Stats", "Topology"):
             await raw(rng.choice(channels), method, os.urandom(rng.randrange(1, 4096)))
         junk = pb.LookupRequest(namespace_id=os.urandom(32), keys=[os.urandom(32)] * 64)

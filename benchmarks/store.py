@@ -187,7 +187,7 @@ def client_process(rank: int, spec: Spec, barrier: Barrier, results: Any) -> Non
         bound: list[bytes] = []  # this round's blocks, each bound to its key and position
 
         async def put_one(i: int, key: bytes, via: TierClient = tier) -> int:
-            if not await via.put(ns, key, keys[0], i, bound[i]):
+            if not await via.put(ns, key, keys[0], i, bound[i], keys[i - 1] if i else b""):
                 raise RuntimeError("kvpool: block already present")
             return enc_size
 
@@ -371,7 +371,14 @@ async def lookup_latency(endpoint: str, encoded: list[bytes], calls: int) -> dic
         await bounded(
             4,
             keys,
-            lambda i, k: tier.put(ns, k, keys[0], i, bind(encoded[i % len(encoded)], ns, k, i)),
+            lambda i, k: tier.put(
+                ns,
+                k,
+                keys[0],
+                i,
+                bind(encoded[i % len(encoded)], ns, k, i),
+                keys[i - 1] if i else b"",
+            ),
         )
         times = []
         for i in range(calls + 20):

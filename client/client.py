@@ -3,7 +3,8 @@
 Where it stands: the top of the data path, inside the worker process.
 
     put(tokens, kv):  block keys -> lookup (skip stored blocks) -> encode each new full block
-                      on the KV's device -> stream to its owning shard(s)
+                      on the KV's device -> one batch per owning shard (each block with its
+                      parent, the block before it)
     get(tokens):      block keys -> lookup (longest cached prefix) -> fetch blocks in parallel
                       -> check each is the block asked for -> decode on the worker's device
                       -> concatenate along tokens
@@ -64,7 +65,7 @@ from kvpool.proto.errors import (
     TierError,
 )
 from kvpool.proto.keys import BlockHash, Namespace, block_keys
-from kvpool.transport import ClientConfig, TierClient
+from kvpool.transport import BlockPut, ClientConfig, TierClient
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -194,20 +195,23 @@ class AsyncKVPool:
         return stored
 
     async def _put(self, keys: list[BlockHash], tensors: list[Tensor], first: int) -> int:
+        """Encode the blocks not stored yet in groups of max_inflight / 2, each group sent as
+        one put_many (one BatchPut per shard) while the next one is encoded."""
         start = max(first, await self._lookup(keys))
+        step = max(1, self.config.max_inflight // 2)
         stored = 0
-        pending: list[asyncio.Task[bool]] = []
+        sending: asyncio.Task[int] | None = None
         try:
-            for i in range(start, len(keys)):
-                blob = await asyncio.to_thread(self._encode, tensors, keys, i, first)
-                pending.append(asyncio.create_task(self._put_block(keys, i, blob)))
-                if len(pending) >= self.config.max_inflight:
-                    stored += sum(await asyncio.gather(*pending))
-                    pending.clear()
-            return stored + sum(await asyncio.gather(*pending))
+            for lo in range(start, len(keys), step):
+                group = range(lo, min(lo + step, len(keys)))
+                blobs = await asyncio.to_thread(self._encode_group, tensors, keys, group, first)
+                if sending is not None:
+                    stored += await sending
+                sending = asyncio.create_task(self._put_blocks(keys, group, blobs))
+            return stored + (await sending if sending is not None else 0)
         finally:
-            for task in pending:
-                task.cancel()
+            if sending is not None:
+                sending.cancel()
 
     async def get(
         self, tokens: Sequence[int] | Tensor, dtype: torch.dtype | None = None,
@@ -326,19 +330,23 @@ class AsyncKVPool:
             reason = "mac"
         self.metrics.rejected_blocks.labels(reason).inc()
 
-    async def _put_block(self, keys: list[BlockHash], i: int, blob: bytes) -> bool:
+    async def _put_blocks(self, keys: list[BlockHash], group: range, blobs: list[bytes]) -> int:
+        """Blocks `group` of the prefix, each with its parent, in one put_many."""
+        blocks = [BlockPut(keys[i], keys[0], i, blob, keys[i - 1] if i else b"")
+                  for i, blob in zip(group, blobs, strict=True)]  # fmt: skip
         try:
-            stored = await self.tier.put(self.namespace, keys[i], keys[0], i, blob)
+            stored = await self.tier.put_many(self.namespace, blocks)
         except TierError as e:
             self._failed("put", e)
-            return False
-        if stored:
-            self.stats.blocks_put += 1
-            self.stats.bytes_put += len(blob)
-            self.metrics.sent_bytes.inc(len(blob))
-        else:
-            self.stats.blocks_existing += 1
-        return stored
+            return 0
+        for blob, ok in zip(blobs, stored, strict=True):
+            if ok:
+                self.stats.blocks_put += 1
+                self.stats.bytes_put += len(blob)
+                self.metrics.sent_bytes.inc(len(blob))
+            else:
+                self.stats.blocks_existing += 1
+        return sum(stored)
 
     async def _get_block(self, key: BlockHash) -> bytes | None:
         try:
@@ -445,6 +453,11 @@ class AsyncKVPool:
             found = verified_payload(blob, expect, self.namespace.mac_key, self.codec.key_basis)
         self.metrics.hit_blocks.inc()
         return found
+
+    def _encode_group(
+        self, tensors: list[Tensor], keys: list[BlockHash], group: range, first: int
+    ) -> list[bytes]:
+        return [self._encode(tensors, keys, i, first) for i in group]
 
     def _encode(self, tensors: list[Tensor], keys: list[BlockHash], i: int, first: int) -> bytes:
         """Block i of the prefix, from tensors that start at block `first`."""

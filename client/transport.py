@@ -13,16 +13,17 @@ code only: UNAVAILABLE sends a call once more to the shard's new address, if it 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import mmap
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -35,8 +36,10 @@ from kvpool.proto.messages import (
     REPLY_HEAD,
     REQUEST_HEAD,
     SESSION_BYTES,
+    SHARED_BATCH_BYTES,
     TICKET_BYTES,
     namespace_to_proto,
+    pack,
 )
 from kvpool.ring import Ring
 
@@ -47,6 +50,16 @@ _STATUS = {code.value[0]: code.name for code in grpc.StatusCode}
 _MAX_REPLY = 1 << 16  # the answers on the same-host socket are small messages
 # what a same-host socket request fails with when the socket itself is unusable: use gRPC / TCP
 _SOCKET_ERRORS = (OSError, ValueError, TimeoutError, asyncio.IncompleteReadError, DecodeError)
+
+
+class BlockPut(NamedTuple):
+    """One block of a `TierClient.put_many`: as the arguments of `put`."""
+
+    key: bytes
+    chain: bytes
+    position: int
+    data: bytes
+    parent: bytes = b""  # the key at position - 1; b"" at position 0
 
 
 @dataclass(frozen=True)
@@ -65,6 +78,7 @@ class ClientConfig:
     same_host: bool = True  # fetch through a shard's shared-memory arena when it is on this host
     shared_slots: int = 4  # blocks in flight through one shard's arena
     shared_slot_bytes: int = 8 << 20  # the largest block the arena takes (larger ones: TCP)
+    batch_bytes: int = 64 << 20  # at most this many block bytes per BatchPut (and one block)
 
     def __post_init__(self) -> None:
         if self.token and not self.tls_ca_file:
@@ -260,14 +274,16 @@ class TierClient:
         return present.index(False) if False in present else len(keys)
 
     async def put(
-        self, ns: Namespace, key: bytes, chain: bytes, position: int, data: bytes
-    ) -> bool:
-        """Store one block on each of its owners; True if any owner newly stored it.
-        Raises TierError when no owner took it."""
+        self, ns: Namespace, key: bytes, chain: bytes, position: int, data: bytes,
+        parent: bytes = b"",
+    ) -> bool:  # fmt: skip
+        """Store one block on each of its owners; True if any owner newly stored it. `parent`:
+        the key of the block at position - 1 (b"" at position 0). Raises TierError when no
+        owner took it."""
         await self._ensure_topology()
         info = pb.BlockInfo(
             namespace_id=ns.id, key=key, chain=chain, position=position, size=len(data),
-            namespace=namespace_to_proto(ns),
+            namespace=namespace_to_proto(ns), parent=parent,
         )  # fmt: skip
         step = self.config.chunk_bytes
 
@@ -457,6 +473,196 @@ class TierClient:
             raise TierError("truncated block stream", "DATA_LOSS")
         return b"".join(chunks)  # the one copy of the block on this side
 
+    # -- batches ---------------------------------------------------------------------------
+
+    async def get_many(self, ns: Namespace, keys: Sequence[bytes]) -> list[bytes | None]:
+        """The blocks of `keys` (None for each miss), one BatchGet per shard at a time, all
+        shards at once; a key missing on its owner is asked of the next owner (replicas). A
+        shard that fails turns its keys into misses (reported to on_failure); raises TierError
+        when no shard answered."""
+        found: list[bytes | None] = [None] * len(keys)
+        if not keys:
+            return found
+        await self._ensure_topology()
+        owners = [self.owners(key) for key in keys]
+        pending = list(range(len(keys)))
+        errors: list[TierError] = []
+        answered = False
+        for turn in range(max(len(o) for o in owners)):
+            per_shard: dict[str, list[int]] = {}
+            for i in pending:
+                if turn < len(owners[i]):
+                    per_shard.setdefault(owners[i][turn], []).append(i)
+            batches = [(sid, idx[j : j + self.config.max_lookup_keys])
+                       for sid, idx in per_shard.items()
+                       for j in range(0, len(idx), self.config.max_lookup_keys)]  # fmt: skip
+
+            async def ask(sid: str, idx: list[int]) -> list[bytes | None] | TierError:
+                async with self._inflight:
+                    try:
+                        return await self._get_batch(sid, ns, [keys[i] for i in idx])
+                    except TierError as e:
+                        return e
+
+            replies = await asyncio.gather(*(ask(sid, idx) for sid, idx in batches))
+            for (_, idx), reply in zip(batches, replies, strict=True):
+                if isinstance(reply, TierError):
+                    errors.append(reply)
+                    continue
+                answered = True
+                for i, data in zip(idx, reply, strict=True):
+                    found[i] = data
+            pending = [i for i in pending if found[i] is None]
+            if not pending:
+                break
+        if errors and not answered:
+            raise errors[0]
+        for e in errors:
+            self._absorbed("get", e)
+        return found
+
+    async def _get_batch(self, sid: str, ns: Namespace, keys: list[bytes]) -> list[bytes | None]:
+        """One shard's blocks of `keys`: through its arena when it is on this host (the blocks
+        that did not fit in a slot, and all of them if the socket fails, then over gRPC)."""
+        found: list[bytes | None] = [None] * len(keys)
+        rest = list(range(len(keys)))
+        shared = await self._arena(sid)
+        if shared is not None:
+            with contextlib.suppress(*_SOCKET_ERRORS):
+                async with shared.slot() as offset:
+                    request = pb.BatchGetSharedRequest(namespace_id=ns.id, keys=keys,
+                                                       offset=offset, capacity=shared.slot_bytes)  # fmt: skip
+                    reply = await self._local(shared, b"g", request, pb.BatchGetSharedResponse)
+                    rest = _copy_out(reply, shared.view, offset, shared.slot_bytes, found)
+        if rest:
+            req = pb.BatchGetRequest(namespace_id=ns.id, keys=[keys[i] for i in rest])
+            got = await self._call(sid, lambda s: self._fetch_many(s, req))
+            for i, data in zip(rest, got, strict=True):
+                found[i] = data
+        return found
+
+    async def _fetch_many(
+        self, stub: pb_grpc.KVPoolStub, request: pb.BatchGetRequest
+    ) -> list[bytes | None]:
+        """One BatchGet's blocks, checked against what the shard announced."""
+        call = stub.BatchGet(request, timeout=self.config.timeout_s)
+        want = len(request.keys)
+        found: list[bytes | None] = []
+        arriving: collections.deque[tuple[int, int]] = collections.deque()  # (index, size)
+        part = bytearray()  # the block that runs over several messages
+        async for msg in call:
+            for head in msg.blocks:
+                if len(found) == want:
+                    raise TierError("shard answered more blocks than asked", "DATA_LOSS")
+                found.append(b"" if head.found else None)
+                if head.found and head.size:
+                    arriving.append((len(found) - 1, head.size))
+            data = memoryview(msg.data)
+            while data:
+                if not arriving:
+                    raise TierError("shard sent bytes beyond its blocks", "DATA_LOSS")
+                i, size = arriving[0]
+                take = data[: size - len(part)]
+                data = data[len(take) :]
+                if not part and len(take) == size:  # the whole block in this message
+                    found[i] = msg.data if size == len(msg.data) else bytes(take)
+                else:
+                    part += take
+                    if len(part) < size:
+                        continue
+                    found[i], part = bytes(part), bytearray()
+                arriving.popleft()
+        if len(found) != want or arriving:
+            raise TierError("truncated batch stream", "DATA_LOSS")
+        return found
+
+    async def put_many(self, ns: Namespace, blocks: Sequence[BlockPut]) -> list[bool]:
+        """Store blocks on each of their owners, one BatchPut per shard at a time, all shards at
+        once; True for each block some owner newly stored. A shard that fails, or refuses a
+        block, is reported to on_failure; raises TierError when no shard answered."""
+        stored = [False] * len(blocks)
+        if not blocks:
+            return stored
+        await self._ensure_topology()
+        nsp = namespace_to_proto(ns)
+        infos = [pb.BlockInfo(namespace_id=ns.id, key=b.key, chain=b.chain, position=b.position,
+                              size=len(b.data), namespace=nsp, parent=b.parent)
+                 for b in blocks]  # fmt: skip
+        per_shard: dict[str, list[int]] = {}
+        for i, b in enumerate(blocks):
+            for sid in self.owners(b.key):
+                per_shard.setdefault(sid, []).append(i)
+        batches = [(sid, batch) for sid, idx in per_shard.items()
+                   for batch in _cut(idx, [len(b.data) for b in blocks],
+                                     self.config.max_lookup_keys, self.config.batch_bytes)]  # fmt: skip
+
+        async def send(sid: str, idx: list[int]) -> list[pb.BlockStored] | TierError:
+            async with self._inflight:
+                try:
+                    return await self._put_batch(sid, [infos[i] for i in idx],
+                                                 [blocks[i].data for i in idx])  # fmt: skip
+                except TierError as e:
+                    return e
+
+        replies = await asyncio.gather(*(send(sid, idx) for sid, idx in batches))
+        errors = [r for r in replies if isinstance(r, TierError)]
+        if len(errors) == len(replies):
+            raise errors[0]
+        for (sid, idx), reply in zip(batches, replies, strict=True):
+            if isinstance(reply, TierError):
+                continue
+            for i, result in zip(idx, reply, strict=True):
+                stored[i] = stored[i] or result.stored
+                if result.code:
+                    code = _STATUS.get(result.code, "UNKNOWN")
+                    errors.append(TierError(f"{sid}: {code}: {result.detail}", code))
+        for e in errors:
+            self._absorbed("put", e)
+        return stored
+
+    async def _put_batch(
+        self, sid: str, infos: list[pb.BlockInfo], datas: list[bytes]
+    ) -> list[pb.BlockStored]:
+        """One shard's BatchPut: through its arena, a slot's worth at a time, when it is on
+        this host (blocks larger than a slot, and all the rest if the socket fails, over gRPC)."""
+        results: list[pb.BlockStored | None] = [None] * len(infos)
+        shared = await self._arena(sid)
+        if shared is not None:
+            fits = [i for i, d in enumerate(datas) if len(d) <= shared.slot_bytes]
+            sizes = [len(d) for d in datas]
+            with contextlib.suppress(*_SOCKET_ERRORS):
+                for part in _cut(fits, sizes, 1 << 30, shared.slot_bytes,
+                                 [i.ByteSize() + 8 for i in infos], SHARED_BATCH_BYTES):  # fmt: skip
+                    async with shared.slot() as offset:
+                        at = offset
+                        for i in part:  # closed meanwhile: ValueError
+                            shared.view[at : at + sizes[i]] = datas[i]
+                            at += sizes[i]
+                        request = pb.BatchPutSharedRequest(blocks=[infos[i] for i in part],
+                                                           offset=offset)  # fmt: skip
+                        reply = await self._local(shared, b"p", request, pb.BatchPutResponse)
+                    if len(reply.blocks) != len(part):
+                        raise TierError(f"{sid} answered {len(reply.blocks)} of {len(part)}",
+                                        "DATA_LOSS")  # fmt: skip
+                    for i, result in zip(part, reply.blocks, strict=True):
+                        results[i] = result
+        rest = [i for i, r in enumerate(results) if r is None]
+        if rest:
+            step = self.config.chunk_bytes
+
+            def messages() -> Iterator[pb.BatchPutRequest]:
+                for heads, data in pack([(infos[i], datas[i]) for i in rest], step):
+                    yield pb.BatchPutRequest(blocks=heads, data=data)
+
+            reply = await self._call(
+                sid, lambda s: s.BatchPut(messages(), timeout=self.config.timeout_s)
+            )
+            if len(reply.blocks) != len(rest):
+                raise TierError(f"{sid} answered {len(reply.blocks)} of {len(rest)}", "DATA_LOSS")
+            for i, result in zip(rest, reply.blocks, strict=True):
+                results[i] = result
+        return [r for r in results if r is not None]
+
     async def delete(self, ns: Namespace, keys: Sequence[bytes]) -> int:
         """Remove blocks from all their owners; returns how many copies were removed."""
         await self._ensure_topology()
@@ -591,6 +797,55 @@ class _Shared:
             self._sock.close()
         with contextlib.suppress(BufferError):
             self.view.close()
+
+
+def _cut(
+    idx: list[int], sizes: list[int], most: int, most_bytes: int,
+    extra: list[int] | None = None, most_extra: int = 0,
+) -> list[list[int]]:  # fmt: skip
+    """`idx` in order, cut into runs of at most `most` items and `most_bytes` of `sizes` (and
+    `most_extra` of `extra`); a run holds at least one item."""
+    runs: list[list[int]] = []
+    run: list[int] = []
+    total = more = 0
+    for i in idx:
+        over = total + sizes[i] > most_bytes
+        if extra is not None:
+            over = over or more + extra[i] > most_extra
+        if run and (len(run) == most or over):
+            runs.append(run)
+            run, total, more = [], 0, 0
+        run.append(i)
+        total += sizes[i]
+        more += 0 if extra is None else extra[i]
+    if run:
+        runs.append(run)
+    return runs
+
+
+def _copy_out(
+    reply: pb.BatchGetSharedResponse, view: mmap.mmap, offset: int, capacity: int,
+    found: list[bytes | None],
+) -> list[int]:  # fmt: skip
+    """Fill `found` with the blocks a BatchGetShared copied into the slot at `offset`; the
+    indices found but not copied (fetch them another way)."""
+    if len(reply.blocks) != len(found):
+        raise TierError(f"shard answered {len(reply.blocks)} of {len(found)} keys", "DATA_LOSS")
+    at, left, rest = offset, reply.copied, []
+    for i, head in enumerate(reply.blocks):
+        if not head.found:
+            continue
+        if not left:
+            rest.append(i)
+            continue
+        if at + head.size > offset + capacity:
+            raise TierError("shard wrote past its slot", "DATA_LOSS")
+        found[i] = view[at : at + head.size]
+        at += head.size
+        left -= 1
+    if left:
+        raise TierError(f"shard counted {reply.copied} blocks copied, found fewer", "DATA_LOSS")
+    return rest
 
 
 def channel_credentials(

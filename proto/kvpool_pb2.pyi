@@ -72,20 +72,22 @@ class LookupResponse(_message.Message):
     def __init__(self, present: _Optional[int] = ...) -> None: ...
 
 class BlockInfo(_message.Message):
-    __slots__ = ("namespace_id", "key", "chain", "position", "size", "namespace")
+    __slots__ = ("namespace_id", "key", "chain", "position", "size", "namespace", "parent")
     NAMESPACE_ID_FIELD_NUMBER: _ClassVar[int]
     KEY_FIELD_NUMBER: _ClassVar[int]
     CHAIN_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    PARENT_FIELD_NUMBER: _ClassVar[int]
     namespace_id: bytes
     key: bytes
     chain: bytes
     position: int
     size: int
     namespace: Namespace
-    def __init__(self, namespace_id: _Optional[bytes] = ..., key: _Optional[bytes] = ..., chain: _Optional[bytes] = ..., position: _Optional[int] = ..., size: _Optional[int] = ..., namespace: _Optional[_Union[Namespace, _Mapping]] = ...) -> None: ...
+    parent: bytes
+    def __init__(self, namespace_id: _Optional[bytes] = ..., key: _Optional[bytes] = ..., chain: _Optional[bytes] = ..., position: _Optional[int] = ..., size: _Optional[int] = ..., namespace: _Optional[_Union[Namespace, _Mapping]] = ..., parent: _Optional[bytes] = ...) -> None: ...
 
 class PutRequest(_message.Message):
     __slots__ = ("info", "chunk")
@@ -118,6 +120,54 @@ class GetResponse(_message.Message):
     size: int
     chunk: bytes
     def __init__(self, found: _Optional[bool] = ..., size: _Optional[int] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class BatchGetRequest(_message.Message):
+    __slots__ = ("namespace_id", "keys")
+    NAMESPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    namespace_id: bytes
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, namespace_id: _Optional[bytes] = ..., keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class BlockFound(_message.Message):
+    __slots__ = ("found", "size")
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    size: int
+    def __init__(self, found: _Optional[bool] = ..., size: _Optional[int] = ...) -> None: ...
+
+class BatchGetResponse(_message.Message):
+    __slots__ = ("blocks", "data")
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    blocks: _containers.RepeatedCompositeFieldContainer[BlockFound]
+    data: bytes
+    def __init__(self, blocks: _Optional[_Iterable[_Union[BlockFound, _Mapping]]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class BatchPutRequest(_message.Message):
+    __slots__ = ("blocks", "data")
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    blocks: _containers.RepeatedCompositeFieldContainer[BlockInfo]
+    data: bytes
+    def __init__(self, blocks: _Optional[_Iterable[_Union[BlockInfo, _Mapping]]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class BlockStored(_message.Message):
+    __slots__ = ("stored", "code", "detail")
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    stored: bool
+    code: int
+    detail: str
+    def __init__(self, stored: _Optional[bool] = ..., code: _Optional[int] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class BatchPutResponse(_message.Message):
+    __slots__ = ("blocks",)
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    blocks: _containers.RepeatedCompositeFieldContainer[BlockStored]
+    def __init__(self, blocks: _Optional[_Iterable[_Union[BlockStored, _Mapping]]] = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
     __slots__ = ("namespace_id", "keys")
@@ -238,6 +288,34 @@ class PutSharedRequest(_message.Message):
     session: bytes
     offset: int
     def __init__(self, info: _Optional[_Union[BlockInfo, _Mapping]] = ..., session: _Optional[bytes] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class BatchGetSharedRequest(_message.Message):
+    __slots__ = ("namespace_id", "keys", "offset", "capacity")
+    NAMESPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    namespace_id: bytes
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    offset: int
+    capacity: int
+    def __init__(self, namespace_id: _Optional[bytes] = ..., keys: _Optional[_Iterable[bytes]] = ..., offset: _Optional[int] = ..., capacity: _Optional[int] = ...) -> None: ...
+
+class BatchGetSharedResponse(_message.Message):
+    __slots__ = ("blocks", "copied")
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    COPIED_FIELD_NUMBER: _ClassVar[int]
+    blocks: _containers.RepeatedCompositeFieldContainer[BlockFound]
+    copied: int
+    def __init__(self, blocks: _Optional[_Iterable[_Union[BlockFound, _Mapping]]] = ..., copied: _Optional[int] = ...) -> None: ...
+
+class BatchPutSharedRequest(_message.Message):
+    __slots__ = ("blocks", "offset")
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    blocks: _containers.RepeatedCompositeFieldContainer[BlockInfo]
+    offset: int
+    def __init__(self, blocks: _Optional[_Iterable[_Union[BlockInfo, _Mapping]]] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class CloseSharedRequest(_message.Message):
     __slots__ = ("session",)

@@ -49,6 +49,16 @@ class KVPoolStub:
                 request_serializer=kvpool_dot_proto_dot_kvpool__pb2.GetRequest.SerializeToString,
                 response_deserializer=kvpool_dot_proto_dot_kvpool__pb2.GetResponse.FromString,
                 _registered_method=True)
+        self.BatchGet = channel.unary_stream(
+                '/kvpool.v1.KVPool/BatchGet',
+                request_serializer=kvpool_dot_proto_dot_kvpool__pb2.BatchGetRequest.SerializeToString,
+                response_deserializer=kvpool_dot_proto_dot_kvpool__pb2.BatchGetResponse.FromString,
+                _registered_method=True)
+        self.BatchPut = channel.stream_unary(
+                '/kvpool.v1.KVPool/BatchPut',
+                request_serializer=kvpool_dot_proto_dot_kvpool__pb2.BatchPutRequest.SerializeToString,
+                response_deserializer=kvpool_dot_proto_dot_kvpool__pb2.BatchPutResponse.FromString,
+                _registered_method=True)
         self.Delete = channel.unary_unary(
                 '/kvpool.v1.KVPool/Delete',
                 request_serializer=kvpool_dot_proto_dot_kvpool__pb2.DeleteRequest.SerializeToString,
@@ -107,6 +117,29 @@ class KVPoolServicer:
 
     def Get(self, request, context):
         """Fetch one block: the first message says whether it was found and its size, then chunks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchGet(self, request, context):
+        """Fetch several blocks of one namespace (at most 4096 keys): a stream of messages, each
+        announcing the next blocks (`blocks`, in key order) and carrying the next bytes (`data`) of
+        the found blocks concatenated in key order. Small blocks share a message; a large one runs
+        over several. A miss is found = false and takes no bytes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchPut(self, request_iterator, context):
+        """Store several blocks in one stream: each message announces the next blocks (`blocks`, each
+        a BlockInfo as in a Put) and carries the next bytes (`data`) of the announced blocks,
+        concatenated in order; a block's info comes no later than its first byte. Each block is
+        admitted, received, checked and stored exactly as a Put; the answer says per block whether
+        it was stored, already present or refused (with the status code a Put would end with), so
+        one bad block does not fail the others. A stream that breaks these rules ends with
+        INVALID_ARGUMENT; more blocks than a shard takes in one stream, RESOURCE_EXHAUSTED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -181,6 +214,16 @@ def add_KVPoolServicer_to_server(servicer, server):
                     servicer.Get,
                     request_deserializer=kvpool_dot_proto_dot_kvpool__pb2.GetRequest.FromString,
                     response_serializer=kvpool_dot_proto_dot_kvpool__pb2.GetResponse.SerializeToString,
+            ),
+            'BatchGet': grpc.unary_stream_rpc_method_handler(
+                    servicer.BatchGet,
+                    request_deserializer=kvpool_dot_proto_dot_kvpool__pb2.BatchGetRequest.FromString,
+                    response_serializer=kvpool_dot_proto_dot_kvpool__pb2.BatchGetResponse.SerializeToString,
+            ),
+            'BatchPut': grpc.stream_unary_rpc_method_handler(
+                    servicer.BatchPut,
+                    request_deserializer=kvpool_dot_proto_dot_kvpool__pb2.BatchPutRequest.FromString,
+                    response_serializer=kvpool_dot_proto_dot_kvpool__pb2.BatchPutResponse.SerializeToString,
             ),
             'Delete': grpc.unary_unary_rpc_method_handler(
                     servicer.Delete,
@@ -299,6 +342,60 @@ class KVPool:
             '/kvpool.v1.KVPool/Get',
             kvpool_dot_proto_dot_kvpool__pb2.GetRequest.SerializeToString,
             kvpool_dot_proto_dot_kvpool__pb2.GetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchGet(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kvpool.v1.KVPool/BatchGet',
+            kvpool_dot_proto_dot_kvpool__pb2.BatchGetRequest.SerializeToString,
+            kvpool_dot_proto_dot_kvpool__pb2.BatchGetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchPut(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/kvpool.v1.KVPool/BatchPut',
+            kvpool_dot_proto_dot_kvpool__pb2.BatchPutRequest.SerializeToString,
+            kvpool_dot_proto_dot_kvpool__pb2.BatchPutResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,6 +5,8 @@ it)."""
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator, Sequence
+from typing import TypeVar
 
 from kvpool.proto import kvpool_pb2 as pb
 from kvpool.proto.blockformat import DType, Layout
@@ -35,9 +37,43 @@ def namespace_from_proto(msg: pb.Namespace) -> Namespace:
 TICKET_BYTES = 32  # the one-use ticket a client sends first; the answer carries the arena's fd
 SESSION_BYTES = 16
 # Then requests, each answered in turn: an op (b"L" LookupRequest, b"G" GetSharedRequest, b"P"
-# PutSharedRequest; their session is the connection's own arena) and the message's length, then
-# the message; the answer: 0 and the response's length, then the response (LookupResponse,
-# GetSharedResponse, PutResponse), or a gRPC status code and the length of its detail text.
+# PutSharedRequest, b"g" BatchGetSharedRequest, b"p" BatchPutSharedRequest; their session is the
+# connection's own arena) and the message's length, then the message; the answer: 0 and the
+# response's length, then the response (LookupResponse, GetSharedResponse, PutResponse,
+# BatchGetSharedResponse, BatchPutResponse), or a gRPC status code and the length of its detail.
 REQUEST_HEAD = struct.Struct("<cI")
 REPLY_HEAD = struct.Struct("<BI")
 REQUEST_BYTES = 4096  # the most any request needs besides its keys (34 bytes each, encoded)
+SHARED_BATCH_BYTES = 128 << 10  # the most a BatchPutSharedRequest takes (its infos)
+
+
+# -- batches (BatchGet, BatchPut) ----------------------------------------------------------------
+
+H = TypeVar("H")
+
+
+def pack(
+    blocks: Sequence[tuple[H, bytes | bytearray | memoryview | None]], step: int
+) -> Iterator[tuple[list[H], bytes]]:
+    """The messages of a batch stream: (the heads of the blocks whose bytes start in it, the
+    next bytes of all blocks concatenated, at most `step`). A block of None has no bytes; a
+    block larger than `step` runs over several messages. A message holds `step` bytes unless
+    it is the last one."""
+    heads: list[H] = []
+    parts: list[bytes | bytearray | memoryview] = []
+    room = step
+    for head, data in blocks:
+        heads.append(head)
+        if not data:
+            continue
+        view, off = memoryview(data), 0
+        while off < len(view):
+            take = min(room, len(view) - off)
+            parts.append(view[off : off + take] if take < len(view) else data)
+            off += take
+            room -= take
+            if room == 0:
+                yield heads, b"".join(parts)
+                heads, parts, room = [], [], step
+    if heads or parts:
+        yield heads, b"".join(parts)

@@ -28,6 +28,7 @@ other work proportional to a block's size run off the event loop.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -62,7 +63,7 @@ from kvpool.proto.errors import (
     UnsupportedVersionError,
 )
 from kvpool.proto.keys import Namespace
-from kvpool.proto.messages import namespace_from_proto
+from kvpool.proto.messages import namespace_from_proto, pack
 from kvpool.services.metrics import ShardMetrics
 from kvpool.services.security import ServerSecurity, store_key, tenant_of
 from kvpool.services.shared import Arena, ArenaRefused, Arenas, Owner
@@ -74,7 +75,9 @@ if TYPE_CHECKING:  # redis-py is needed only where a Redis tier is configured
 log = logging.getLogger(__name__)
 SERVICE_NAME = "kvpool.v1.KVPool"
 CHUNK_BYTES = 1 << 20
-STREAMING = frozenset({"Put", "Get"})
+NAMESPACES_KEPT = 64  # checked namespaces a shard remembers (see KVPoolServicer._namespace)
+INLINE_CHECK_BYTES = 64 << 10  # blocks up to this size are checked on the event loop (tens of us)
+STREAMING = frozenset({"Put", "Get", "BatchPut", "BatchGet"})
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,8 @@ _LOCAL: dict[bytes, tuple[str, Any]] = {
     b"L": ("LookupShared", pb.LookupRequest),
     b"G": ("GetShared", pb.GetSharedRequest),
     b"P": ("PutShared", pb.PutSharedRequest),
+    b"g": ("BatchGetShared", pb.BatchGetSharedRequest),
+    b"p": ("BatchPutShared", pb.BatchPutSharedRequest),
 }
 
 
@@ -151,6 +156,14 @@ def _check_id(value: bytes, what: str) -> None:
         raise Refused(
             grpc.StatusCode.INVALID_ARGUMENT, f"{what} must be {ID_BYTES} bytes, got {len(value)}"
         )
+
+
+def _check_parent(info: pb.BlockInfo) -> None:
+    """A block names its parent (the key at position - 1) exactly when it has one."""
+    if info.position == 0 and info.parent:
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "a block at position 0 has no parent")
+    if info.position > 0:
+        _check_id(info.parent, "parent")
 
 
 def check_block(header: BlockHeader, ns: Namespace) -> None:
@@ -294,6 +307,51 @@ def namespace_of(info: pb.BlockInfo) -> Namespace:
     return ns
 
 
+# -- batch uploads ------------------------------------------------------------------------------
+
+
+class _Incoming:
+    """A block of a BatchPut while its bytes arrive: `buf` is None unless it was admitted
+    (refused or already present: its bytes are skipped); `budget` holds its reservation."""
+
+    def __init__(self, info: pb.BlockInfo, result: pb.BlockStored) -> None:
+        self.info, self.result = info, result
+        self.admitted = False
+        self.received = 0
+        self.buf: bytearray | None = None
+        self.budget: contextlib.AsyncExitStack | None = None
+        self.ns: Namespace | None = None
+        self.key = self.chain = b""
+
+    async def refuse(self, e: Refused, store: BlockStore) -> None:
+        store.count(rejected=1)
+        self.result.stored, self.result.code, self.result.detail = False, e.code.value[0], e.detail
+        await self.release()
+
+    async def release(self) -> None:
+        self.buf = None
+        if self.budget is not None:
+            budget, self.budget = self.budget, None
+            await budget.aclose()
+
+
+def _runs(sizes: list[int], most: int) -> list[int]:
+    """The lengths of consecutive runs of `sizes` whose admissible sizes (at most `most` each:
+    larger blocks are refused alone) sum to at most `most`; every run has one block at least."""
+    runs: list[int] = []
+    n = total = 0
+    for size in sizes:
+        size = size if size <= most else 0
+        if n and total + size > most:
+            runs.append(n)
+            n = total = 0
+        n += 1
+        total += size
+    if n:
+        runs.append(n)
+    return runs
+
+
 # -- the servicer ---------------------------------------------------------------------------------
 
 
@@ -309,6 +367,25 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
         self._topology = topology
         self.arenas: Arenas | None = None  # the same-host path, when the server has one
         self.metrics: ShardMetrics | None = None
+        # namespaces recently put, by id: (the message checked, the namespace); a batch of
+        # small blocks repeats one namespace, and checking it costs more than the block
+        self._namespaces: collections.OrderedDict[bytes, tuple[pb.Namespace, Namespace]] = (
+            collections.OrderedDict()
+        )
+
+    def _namespace(self, info: pb.BlockInfo) -> Namespace:
+        """`namespace_of(info)`, remembered for the last NAMESPACES_KEPT namespaces."""
+        known = self._namespaces.get(info.namespace_id)
+        if known is not None and info.HasField("namespace") and known[0] == info.namespace:
+            self._namespaces.move_to_end(info.namespace_id)
+            return known[1]
+        ns = namespace_of(info)
+        kept = pb.Namespace()
+        kept.CopyFrom(info.namespace)
+        self._namespaces[info.namespace_id] = (kept, ns)
+        if len(self._namespaces) > NAMESPACES_KEPT:
+            self._namespaces.popitem(last=False)
+        return ns
 
     def _keys(self, namespace_id: bytes, keys: list[bytes]) -> list[bytes]:
         """The store keys of a request's keys, after checking their number and lengths."""
@@ -358,8 +435,9 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
 
     def _admit_put(self, info: pb.BlockInfo) -> tuple[Namespace, bytes, bytes]:
         """A put's namespace and store keys, after checking them and the announced size."""
-        ns = namespace_of(info)
+        ns = self._namespace(info)
         [key, chain] = self._keys(info.namespace_id, [info.key, info.chain])
+        _check_parent(info)
         limit = min(self.limits.max_block_bytes, self.store.budget_bytes)
         if info.size > limit:
             raise Refused(
@@ -369,8 +447,11 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
         return ns, key, chain
 
     def _store(self, info: pb.BlockInfo, key: bytes, chain: bytes, data: Blob) -> pb.PutResponse:
+        """Store an admitted, verified block under its store keys (its parent's too)."""
+        tenant = _CALLER.get()[0]
+        parent = store_key(tenant, info.namespace_id, info.parent) if info.parent else None
         try:
-            stored = self.store.put(key, chain, info.position, data)
+            stored = self.store.put(key, chain, info.position, data, parent=parent, tenant=tenant)
         except BlockTooLargeError as e:
             raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
         if stored and self.redis is not None and self.redis.mode == "all":
@@ -386,6 +467,128 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
         yield pb.GetResponse(found=True, size=len(data), chunk=bytes(view[:CHUNK_BYTES]))
         for off in range(CHUNK_BYTES, len(data), CHUNK_BYTES):
             yield pb.GetResponse(chunk=bytes(view[off : off + CHUNK_BYTES]))
+
+    async def BatchGet(
+        self, request: pb.BatchGetRequest, context: Any
+    ) -> AsyncIterator[pb.BatchGetResponse]:
+        _well_formed(request)
+        found = await self._read_many(request.namespace_id, list(request.keys))
+        heads = [
+            (pb.BlockFound(found=d is not None, size=0 if d is None else len(d)), d) for d in found
+        ]
+        for blocks, data in pack(heads, CHUNK_BYTES):
+            yield pb.BatchGetResponse(blocks=blocks, data=data)
+
+    async def _read_many(self, namespace_id: bytes, keys: list[bytes]) -> list[Blob | None]:
+        """The blocks of `keys` (None for a miss), as `_read` reads each."""
+        store_keys = self._keys(namespace_id, keys)
+        found = self.store.get_many(store_keys)
+        if self.redis is not None:
+            misses = [i for i, d in enumerate(found) if d is None]
+            again = await asyncio.gather(*(
+                self._read_through(pb.GetRequest(namespace_id=namespace_id, key=keys[i]),
+                                   store_keys[i])
+                for i in misses
+            ))  # fmt: skip
+            for i, data in zip(misses, again, strict=True):
+                found[i] = data
+        return found
+
+    async def BatchPut(
+        self, request_iterator: AsyncIterator[pb.BatchPutRequest], context: Any
+    ) -> pb.BatchPutResponse:
+        """The blocks of the stream one after the other, each as a Put: admitted (its size
+        reserved in the upload budget) when its first byte is due, its bytes kept only if it
+        was admitted, then checked, stored and its reservation released. A refusal ends only
+        its block; at most one block of a stream holds a reservation."""
+        results: list[pb.BlockStored] = []
+        waiting: collections.deque[_Incoming] = collections.deque()
+        deadline = time.monotonic() + self.limits.upload_timeout_s
+        it = aiter(request_iterator)
+        try:
+            while True:
+                wait = max(0.0, min(self.limits.idle_timeout_s, deadline - time.monotonic()))
+                try:
+                    msg = await asyncio.wait_for(anext(it, None), wait)
+                except TimeoutError:
+                    raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED, "upload stalled") from None
+                if msg is None:
+                    break
+                _well_formed(msg)
+                if len(results) + len(msg.blocks) > self.limits.max_keys:
+                    raise Refused(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"more than {self.limits.max_keys} blocks in one BatchPut",
+                    )
+                for info in msg.blocks:
+                    results.append(pb.BlockStored())
+                    waiting.append(_Incoming(info, results[-1]))
+                await self._feed(waiting, memoryview(msg.data))
+            if waiting:
+                block = waiting[0]
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"truncated stream: {block.received} of {block.info.size} bytes")  # fmt: skip
+        finally:
+            if waiting:
+                await waiting[0].release()
+        return pb.BatchPutResponse(blocks=results)
+
+    async def _feed(self, waiting: collections.deque[_Incoming], data: memoryview) -> None:
+        """Hand a message's bytes to the blocks waiting for them, in order: each admitted when
+        it comes first, finished when complete (then off `waiting`)."""
+        while True:
+            while waiting:
+                block = waiting[0]
+                if not block.admitted:
+                    await self._admit_block(block)
+                if block.received < block.info.size:
+                    break
+                await self._finish_block(waiting.popleft())
+            if not data:
+                return
+            if not waiting:
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "bytes beyond the announced blocks")
+            block = waiting[0]
+            part = data[: block.info.size - block.received]
+            if block.buf is not None:
+                block.buf += part
+            block.received += len(part)
+            data = data[len(part) :]
+
+    async def _admit_block(self, block: _Incoming, reserve: bool = True) -> None:
+        """Admit a block of a batch as a Put is admitted: refused (its bytes will be skipped),
+        already present (likewise), or its size reserved in the upload budget (`reserve`
+        False: the caller holds a reservation that covers it)."""
+        block.admitted = True
+        try:
+            block.ns, block.key, block.chain = self._admit_put(block.info)
+            if block.key in self.store:
+                self.store.count(put_existing=1)
+                return
+            if reserve:
+                block.budget = contextlib.AsyncExitStack()
+                await block.budget.enter_async_context(
+                    self.uploads.reserve(_CALLER.get()[1], block.info.size)
+                )
+            block.buf = bytearray()
+        except Refused as e:
+            await block.refuse(e, self.store)
+
+    async def _finish_block(self, block: _Incoming) -> None:
+        """Check a complete admitted block (off the event loop unless it is small), store it,
+        release its reservation."""
+        try:
+            if block.buf is None or block.ns is None:
+                return  # refused or already present
+            if block.info.size <= INLINE_CHECK_BYTES:
+                verify_upload(block.buf, block.info, block.ns)
+            else:
+                await asyncio.to_thread(verify_upload, block.buf, block.info, block.ns)
+            block.result.stored = self._store(block.info, block.key, block.chain, block.buf).stored
+        except Refused as e:
+            await block.refuse(e, self.store)
+        finally:
+            await block.release()
 
     async def OpenShared(
         self, request: pb.OpenSharedRequest, context: Any
@@ -437,6 +640,64 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
             await asyncio.to_thread(verify_upload, data, info, ns)
         return self._store(info, key, chain, data)
 
+    async def _batch_get_shared(
+        self, arena: Arena, request: pb.BatchGetSharedRequest
+    ) -> pb.BatchGetSharedResponse:
+        """Read blocks as BatchGet does and copy those found, in key order, back to back into
+        the caller's `arena` from the request's offset while they fit in its capacity."""
+        self._within(arena, request.offset, request.capacity)
+        found = await self._read_many(request.namespace_id, list(request.keys))
+        view = self._live(arena).view
+        at, end, copied, full = request.offset, request.offset + request.capacity, 0, False
+        reply = pb.BatchGetSharedResponse()
+        for data in found:
+            reply.blocks.add(found=data is not None, size=0 if data is None else len(data))
+            if data is None or full:
+                continue
+            if at + len(data) > end:
+                full = True
+                continue
+            view[at : at + len(data)] = data
+            at += len(data)
+            copied += 1
+        reply.copied = copied
+        return reply
+
+    async def _batch_put_shared(
+        self, arena: Arena, request: pb.BatchPutSharedRequest
+    ) -> pb.BatchPutResponse:
+        """Store the blocks the caller wrote back to back into its `arena` from the request's
+        offset, each admitted, copied out, checked and stored as a PutShared; a refusal ends
+        only its block."""
+        if len(request.blocks) > self.limits.max_keys:
+            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"more than {self.limits.max_keys} blocks in one batch")  # fmt: skip
+        sizes = [info.size for info in request.blocks]
+        self._within(arena, request.offset, sum(sizes))
+        reply = pb.BatchPutResponse()
+        at, first = request.offset, 0
+        for run in _runs(sizes, self.limits.max_block_bytes):  # one reservation per run
+            held = sum(s for s in sizes[first : first + run] if s <= self.limits.max_block_bytes)
+            async with contextlib.AsyncExitStack() as budget:
+                try:
+                    await budget.enter_async_context(self.uploads.reserve(_CALLER.get()[1], held))
+                    refused = None
+                except Refused as e:
+                    refused = e
+                for info in request.blocks[first : first + run]:
+                    block = _Incoming(info, reply.blocks.add())
+                    if refused is not None:
+                        await block.refuse(refused, self.store)
+                    else:
+                        await self._admit_block(block, reserve=False)
+                    if block.buf is not None:  # a copy: the caller can still write there
+                        block.buf += self._live(arena).view[at : at + info.size]
+                        block.received = info.size
+                    await self._finish_block(block)
+                    at += info.size
+            first += run
+        return reply
+
     def _live(self, arena: Arena) -> Arena:
         """`arena`, unless it was closed (idle, or by its owner) while a request awaited."""
         if arena.view.closed:
@@ -463,6 +724,10 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
                 reply: Any = await self._lookup(request)
             elif isinstance(request, pb.GetSharedRequest):
                 reply = await self._get_shared(arena, request)
+            elif isinstance(request, pb.BatchGetSharedRequest):
+                reply = await self._batch_get_shared(arena, request)
+            elif isinstance(request, pb.BatchPutSharedRequest):
+                reply = await self._batch_put_shared(arena, request)
             else:
                 reply = await self._put_shared(arena, request)
             return 0, reply.SerializeToString()
@@ -535,7 +800,8 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
             return None
         self.store.count(redis_hits=1)
         with contextlib.suppress(BlockTooLargeError):
-            self.store.put(key, chain, position, data)
+            # Redis does not keep the parent: the block re-enters memory without its tree edge
+            self.store.put(key, chain, position, data, parent=None, tenant=_CALLER.get()[0])
         return data
 
     async def Delete(self, request: pb.DeleteRequest, context: Any) -> pb.DeleteResponse:
@@ -572,6 +838,8 @@ def _handlers(s: KVPoolServicer) -> grpc.GenericRpcHandler:
         "Lookup": u(s.Lookup, _parse(pb.LookupRequest), pb.LookupResponse.SerializeToString),
         "Put": su(s.Put, _parse(pb.PutRequest), pb.PutResponse.SerializeToString),
         "Get": us(s.Get, _parse(pb.GetRequest), pb.GetResponse.SerializeToString),
+        "BatchGet": us(s.BatchGet, _parse(pb.BatchGetRequest), pb.BatchGetResponse.SerializeToString),
+        "BatchPut": su(s.BatchPut, _parse(pb.BatchPutRequest), pb.BatchPutResponse.SerializeToString),
         "Delete": u(s.Delete, _parse(pb.DeleteRequest), pb.DeleteResponse.SerializeToString),
         "Stats": u(s.Stats, _parse(pb.StatsRequest), pb.StatsResponse.SerializeToString),
         "Topology": u(s.Topology, _parse(pb.TopologyRequest), pb.TopologyResponse.SerializeToString),

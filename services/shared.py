@@ -21,7 +21,9 @@ namespace) simply fails to connect, and the client stays on TCP.
 
 Requests on the claiming connection: lookups, gets and puts, as the messages of Lookup,
 GetShared and PutShared in frames (proto/messages.py), answered in turn by the servicer exactly
-as over gRPC for the arena's owner; anything malformed closes the connection. A request costs a
+as over gRPC for the arena's owner, and batches of gets and puts (BatchGetShared: the blocks
+found copied back to back into the arena; BatchPutShared: blocks written back to back there,
+each stored as a PutShared); anything malformed closes the connection. A request costs a
 Unix socket round trip (tens of microseconds) instead of a gRPC call (about 0.6 ms here), which
 for a 4.5 MB block is as much as the copy itself. The gRPC twins stay for clients that cannot
 keep the socket.
@@ -52,6 +54,7 @@ from kvpool.proto.messages import (
     REQUEST_BYTES,
     REQUEST_HEAD,
     SESSION_BYTES,
+    SHARED_BATCH_BYTES,
     TICKET_BYTES,
 )
 
@@ -105,7 +108,7 @@ class Arenas:
             shared_bytes, peer_shared_bytes, idle_s,
         )  # fmt: skip
         self._serve_one, self._loop = serve, loop
-        self.max_request = REQUEST_BYTES + 34 * max_keys
+        self.max_request = REQUEST_BYTES + max(34 * max_keys, SHARED_BATCH_BYTES)
         name = f"kvpool-{''.join(c if c.isalnum() else '-' for c in shard_id)}"
         self.path = str(Path(directory) / f"{name}-{secrets.token_hex(6)}.sock")
         self._sessions: dict[bytes, Arena] = {}

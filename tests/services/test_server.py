@@ -57,12 +57,14 @@ def stub(server: ShardServer) -> Iterator[pb_grpc.KVPoolStub]:
 
 def put_msgs(
     ns: Namespace, key: bytes, data: bytes, size: int | None = None, chunk: int = 1 << 20,
-    position: int = 0, namespace: pb.Namespace | None = None,
+    position: int = 0, namespace: pb.Namespace | None = None, parent: bytes | None = None,
 ) -> list[pb.PutRequest]:  # fmt: skip
+    """parent None: none at position 0, else a 32-byte key."""
     info = pb.BlockInfo(
         namespace_id=ns.id, key=key, chain=key, position=position,
         size=len(data) if size is None else size,
         namespace=namespace_to_proto(ns) if namespace is None else namespace,
+        parent=(b"" if position == 0 else bytes(32)) if parent is None else parent,
     )  # fmt: skip
     return [pb.PutRequest(info=info)] + [
         pb.PutRequest(chunk=data[i : i + chunk]) for i in range(0, len(data), chunk)
@@ -112,9 +114,22 @@ def test_round_trip_of_a_multi_chunk_block(stub, server) -> None:
 def test_lookup_counts_leading_present_keys(stub) -> None:
     keys = block_keys(NS, range(1000, 1000 + 3 * 128))
     assert stub.Put(iter(put_msgs(NS, keys[0], block(seed=1, key=keys[0]))), timeout=10).stored
-    msgs = put_msgs(NS, keys[2], block(seed=2, key=keys[2], position=2), position=2)
+    msgs = put_msgs(NS, keys[2], block(seed=2, key=keys[2], position=2), position=2, parent=keys[1])
     assert stub.Put(iter(msgs), timeout=10).stored
     assert stub.Lookup(pb.LookupRequest(namespace_id=NS.id, keys=keys), timeout=10).present == 1
+
+
+def test_a_put_names_its_parent_in_the_prefix_tree(stub, server) -> None:
+    """The shard stores a block with its parent's store key (the block before it in its
+    prefix), which the eviction policy follows."""
+    keys = block_keys(NS, range(3000, 3000 + 2 * 128))
+    assert stub.Put(iter(put_msgs(NS, keys[0], block(seed=3, key=keys[0]))), timeout=10).stored
+    msgs = put_msgs(NS, keys[1], block(seed=4, key=keys[1], position=1), position=1,
+                    parent=keys[0])  # fmt: skip
+    assert stub.Put(iter(msgs), timeout=10).stored
+    node = server.store._blocks[store_key(None, NS.id, keys[1])]
+    assert node.parent is not None and node.parent.key == store_key(None, NS.id, keys[0])
+    assert server.store._blocks[store_key(None, NS.id, keys[0])].parent is None
 
 
 def proto_with(**fields: object) -> pb.Namespace:
@@ -195,6 +210,18 @@ BAD_PUTS = {
     "put at another position": (
         lambda d: put_msgs(NS, KEY, d, position=1),
         Code.FAILED_PRECONDITION,
+    ),
+    "parent at position 0": (
+        lambda d: put_msgs(NS, KEY, d, parent=bytes(32)),
+        Code.INVALID_ARGUMENT,
+    ),
+    "no parent at position 1": (
+        lambda d: put_msgs(NS, KEY, d, position=1, parent=b""),
+        Code.INVALID_ARGUMENT,
+    ),
+    "parent of 31 bytes": (
+        lambda d: put_msgs(NS, KEY, d, position=1, parent=bytes(31)),
+        Code.INVALID_ARGUMENT,
     ),
     "cut-off block": (lambda d: put_msgs(NS, KEY, d[:-16]), Code.INVALID_ARGUMENT),
     "flipped byte": (lambda d: put_msgs(NS, KEY, corrupt(d, len(d) - 7)), Code.DATA_LOSS),

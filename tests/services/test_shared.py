@@ -25,7 +25,7 @@ from kvpool.proto.messages import REPLY_HEAD, REQUEST_HEAD, namespace_to_proto
 from kvpool.services.security import ServerSecurity
 from kvpool.services.server import Limits, ShardServer
 from kvpool.services.store import BlockStore
-from kvpool.transport import ClientConfig, TierClient, channel_credentials
+from kvpool.transport import BlockPut, ClientConfig, TierClient, channel_credentials
 from tests.services.test_security import kv, pki  # noqa: F401  (pki: a fixture)
 
 CODEC = CodecConfig(2, 2, 64)
@@ -250,11 +250,11 @@ def test_puts_through_the_arena_are_checked_like_uploads(server) -> None:
     takes out of a slot is checked as an upload (a corrupt or misplaced block stores nothing),
     and offsets outside the arena are refused."""
     calls = server.metrics.requests.labels
-    before = calls("PutShared", "OK")._value.get()
+    before = calls("BatchPutShared", "OK")._value.get()
     tokens = list(range(7000, 7000 + 2 * B))
     with KVPool(server.address, NS, CODEC, config=SMALL) as p:
         assert p.put(tokens, kv(7)) == 2
-    assert calls("PutShared", "OK")._value.get() - before == 2
+    assert calls("BatchPutShared", "OK")._value.get() - before == 1  # both in one request
     keys = block_keys(NS, tokens)
     via_tcp, _ = tier_get(server.address, keys, ClientConfig(same_host=False))
     with KVPool(server.address, NS, CODEC, config=ClientConfig(same_host=False)) as p:
@@ -314,7 +314,8 @@ def test_tickets_are_spent_once_and_cannot_be_guessed(server) -> None:
         stub = pb_grpc.KVPoolStub(channel)
         reply = open_arena(stub)
         assert claim(reply, os.urandom(32)) is None
-        assert claim(reply, reply.ticket[:31] + b"\x00") is None  # a near miss is a miss
+        near = reply.ticket[:31] + bytes([reply.ticket[31] ^ 1])
+        assert claim(reply, near) is None  # a near miss is a miss
         fd = claim(reply)
         assert fd is not None and os.fstat(fd).st_size == 1 << 20
         assert claim(reply) is None  # spent
@@ -449,3 +450,74 @@ def test_without_a_reachable_socket_the_client_stays_on_tcp(tmp_path: Path) -> N
         assert srv.arenas.open_bytes == 0  # the arena it could not claim is closed again
     finally:
         srv.stop()
+
+
+def kv_of(seed: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    k, v = (torch.randn(2, 2, tokens, 64, generator=g).half() for _ in range(2))
+    return k, v
+
+
+def test_batches_go_through_the_arena_and_what_does_not_fit_over_grpc(server) -> None:
+    """get_many / put_many on the same host: one socket request per slot's worth of blocks;
+    blocks that do not fit in the slot come (or go) over gRPC, the same bytes."""
+    tokens = list(range(9000, 9000 + 6 * B))
+    keys = block_keys(NS, tokens)
+    with KVPool(server.address, NS, CODEC, config=ClientConfig(same_host=False)) as p:
+        assert p.put(tokens, kv_of(9, 6 * B)) == 6
+        p.call(p.tier.delete(NS, keys[3:]))
+    tcp, _ = tier_get(server.address, keys[:3], ClientConfig(same_host=False))
+    size = len(tcp[0] or b"")
+    calls = server.metrics.requests.labels
+    seen = {
+        m: calls(m, "OK")._value.get()
+        for m in ("BatchGetShared", "BatchGet", "BatchPutShared", "BatchPut")
+    }
+
+    async def run(config: ClientConfig) -> tuple[list[bytes | None], list[bool]]:
+        tier = TierClient(server.address, config)
+        try:
+            got = await tier.get_many(NS, [*keys[:3], os.urandom(32)])
+            puts = [BlockPut(keys[i], keys[0], i, tcp[i] or b"", keys[i - 1] if i else b"")
+                    for i in range(3)]  # fmt: skip
+            await tier.delete(NS, keys[:2])
+            stored = await tier.put_many(NS, puts)
+            return got, stored
+        finally:
+            await tier.close()
+
+    got, stored = asyncio.run(run(SMALL))  # everything fits a slot
+    assert got == [*tcp, None] and stored == [True, True, False]
+    # two blocks fit a slot: the third block of the get, and nothing of the put, over gRPC
+    two = ClientConfig(timeout_s=3.0, shared_slots=2, shared_slot_bytes=2 * size + 100)
+    got, stored = asyncio.run(run(two))
+    assert got == [*tcp, None] and stored == [True, True, False]
+    now = {m: calls(m, "OK")._value.get() - seen[m] for m in seen}
+    assert now == {"BatchGetShared": 2, "BatchGet": 1, "BatchPutShared": 3, "BatchPut": 0}
+
+
+def test_a_batch_through_the_arena_refuses_each_bad_block_alone(server) -> None:
+    tokens = list(range(9500, 9500 + 3 * B))
+    keys = block_keys(NS, tokens)
+    with KVPool(server.address, NS, CODEC, config=ClientConfig(same_host=False)) as p:
+        assert p.put(tokens, kv_of(10, 3 * B)) == 3
+    blobs, _ = tier_get(server.address, keys, ClientConfig(same_host=False))
+    failures: list[str] = []
+
+    async def run() -> list[bool]:
+        tier = TierClient(server.address, SMALL, on_failure=lambda op, e: failures.append(e.code))
+        try:
+            await tier.delete(NS, keys)
+            bad = bytearray(blobs[1] or b"")
+            bad[-5] ^= 1
+            puts = [BlockPut(keys[0], keys[0], 0, blobs[0] or b""),
+                    BlockPut(keys[1], keys[0], 1, bytes(bad), keys[0]),
+                    BlockPut(keys[2], keys[0], 2, blobs[2] or b"", keys[1])]  # fmt: skip
+            return await tier.put_many(NS, puts)
+        finally:
+            await tier.close()
+
+    assert asyncio.run(run()) == [True, False, True]
+    assert failures == ["DATA_LOSS"]
+    got, _ = tier_get(server.address, keys, ClientConfig(same_host=False))
+    assert got == [blobs[0], None, blobs[2]]

@@ -1,0 +1,289 @@
+"""Batches: BatchGet and BatchPut on real shards (gRPC servers without Ray), and the client's
+get_many / put_many over three of them. One bad block of a batch is refused alone, with the
+status code a Put of it would end with; a stream that breaks the framing ends as a whole; the
+upload budget is back to zero however a batch ends."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from kvpool.proto import kvpool_pb2 as pb
+from kvpool.proto import kvpool_pb2_grpc as pb_grpc
+from kvpool.proto.keys import block_keys
+from kvpool.proto.messages import namespace_to_proto, pack
+from kvpool.services.security import store_key
+from kvpool.services.server import Limits, ShardServer
+from kvpool.services.store import BlockStore
+from kvpool.transport import BlockPut, ClientConfig, TierClient
+
+from .test_server import NS, block, code_of, still_serving
+
+Code = grpc.StatusCode
+LIMITS = Limits(max_block_bytes=16 << 20, max_keys=64)
+TCP = ClientConfig(timeout_s=10.0, same_host=False, chunk_bytes=50_000)  # blocks span messages
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ShardServer]:
+    srv = ShardServer(BlockStore(64 << 20), "batch", limits=LIMITS)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(server: ShardServer) -> Iterator[pb_grpc.KVPoolStub]:
+    with grpc.insecure_channel(server.address) as channel:
+        yield pb_grpc.KVPoolStub(channel)
+
+
+def prefix(start: int, n: int) -> tuple[list[bytes], list[bytes]]:
+    """The keys of an n-block prefix of NS and its blocks, each bound to its key and position."""
+    keys = block_keys(NS, range(start, start + n * NS.block_tokens))
+    return keys, [block(seed=start + i, key=k, position=i) for i, k in enumerate(keys)]
+
+
+def info(key: bytes, data: bytes, position: int = 0, parent: bytes = b"") -> pb.BlockInfo:
+    return pb.BlockInfo(
+        namespace_id=NS.id, key=key, chain=key, position=position, size=len(data),
+        namespace=namespace_to_proto(NS), parent=parent,
+    )  # fmt: skip
+
+
+def stream(
+    blocks: list[tuple[pb.BlockInfo, bytes]], step: int = 30_000
+) -> list[pb.BatchPutRequest]:
+    return [pb.BatchPutRequest(blocks=h, data=d) for h, d in pack(blocks, step)]
+
+
+def batch_get(stub: pb_grpc.KVPoolStub, keys: list[bytes]) -> list[bytes | None]:
+    replies = list(stub.BatchGet(pb.BatchGetRequest(namespace_id=NS.id, keys=keys), timeout=10))
+    heads = [h for r in replies for h in r.blocks]
+    data = b"".join(r.data for r in replies)
+    assert len(heads) == len(keys) and sum(h.size for h in heads) == len(data)
+    out: list[bytes | None] = []
+    for h in heads:
+        out.append(data[: h.size] if h.found else None)
+        data = data[h.size :]
+    return out
+
+
+def test_pack_cuts_blocks_over_messages_in_order() -> None:
+    blocks = [("a", b"x" * 5), ("b", None), ("c", b"y" * 12), ("d", b"z")]
+    messages = list(pack(blocks, 8))
+    assert [heads for heads, _ in messages] == [["a", "b", "c"], [], ["d"]]
+    assert [data for _, data in messages] == [b"xxxxxyyy", b"yyyyyyyy", b"yz"]
+    assert all(len(d) == 8 for _, d in messages[:-1])
+
+
+def test_a_batch_stores_good_blocks_and_refuses_each_bad_one_alone(stub, server) -> None:
+    keys, blobs = prefix(10_000, 4)
+    put = [pb.PutRequest(info=info(keys[0], blobs[0])), pb.PutRequest(chunk=blobs[0])]
+    assert stub.Put(iter(put), timeout=10).stored
+    corrupt = bytearray(blobs[2])
+    corrupt[-7] ^= 0xFF
+    batch = [
+        (info(keys[0], blobs[0]), blobs[0]),  # already present
+        (info(keys[1], blobs[1], 1, keys[0]), blobs[1]),  # stored
+        (info(keys[2], bytes(corrupt), 2, keys[1]), bytes(corrupt)),  # DATA_LOSS
+        (info(keys[3], blobs[3], 3, b"short"), blobs[3]),  # bad parent: INVALID_ARGUMENT
+        (info(b"k" * 31, blobs[3]), blobs[3]),  # bad key: INVALID_ARGUMENT
+        (info(keys[3], blobs[2], 3, keys[2]), blobs[2]),  # bound to position 2: FAILED_PRECONDITION
+        (info(keys[3], blobs[3], 3, keys[2]), blobs[3]),  # stored
+    ]
+    before = server.store.snapshot().rejected
+    reply = stub.BatchPut(iter(stream(batch)), timeout=10)
+    got = [(r.stored, Code.OK if r.code == 0 else next(c for c in Code if c.value[0] == r.code))
+           for r in reply.blocks]  # fmt: skip
+    assert got == [
+        (False, Code.OK), (True, Code.OK), (False, Code.DATA_LOSS),
+        (False, Code.INVALID_ARGUMENT), (False, Code.INVALID_ARGUMENT),
+        (False, Code.FAILED_PRECONDITION), (True, Code.OK),
+    ]  # fmt: skip
+    assert all(r.detail for r in reply.blocks if r.code)
+    assert server.store.snapshot().rejected == before + 4
+    assert batch_get(stub, keys) == [blobs[0], blobs[1], None, blobs[3]]
+    node = server.store._blocks[store_key(None, NS.id, keys[3])]
+    assert node.parent is None  # its parent, block 2, was refused: the edge is not kept
+    assert server.store._blocks[store_key(None, NS.id, keys[1])].parent is not None
+
+
+def test_a_block_over_the_limit_is_refused_and_its_bytes_skipped(stub, server) -> None:
+    keys, blobs = prefix(11_000, 2)
+    huge = info(keys[0], blobs[0])
+    huge.size = LIMITS.max_block_bytes + 1
+    # the refused block's bytes are sent (and skipped): 16 MiB + 1 of zeros
+    msgs = [pb.BatchPutRequest(blocks=[huge])]
+    left = huge.size
+    while left:
+        msgs.append(pb.BatchPutRequest(data=bytes(min(left, 1 << 20))))
+        left -= min(left, 1 << 20)
+    msgs += stream([(info(keys[0], blobs[0]), blobs[0])])
+    reply = stub.BatchPut(iter(msgs), timeout=30)
+    assert [(r.stored, r.code) for r in reply.blocks] == [
+        (False, Code.RESOURCE_EXHAUSTED.value[0]), (True, 0),
+    ]  # fmt: skip
+    assert batch_get(stub, keys[:1]) == [blobs[0]]
+
+
+BAD_STREAMS = {
+    "bytes before any block": (
+        lambda keys, blobs: [pb.BatchPutRequest(data=b"x")],
+        Code.INVALID_ARGUMENT,
+    ),
+    "bytes beyond the announced blocks": (
+        lambda keys, blobs: stream([(info(keys[0], blobs[0]), blobs[0] + b"!")]),
+        Code.INVALID_ARGUMENT,
+    ),
+    "truncated": (
+        lambda keys, blobs: stream([(info(keys[0], blobs[0]), blobs[0][:-1])]),
+        Code.INVALID_ARGUMENT,
+    ),
+    "more blocks than max_keys": (
+        lambda keys, blobs: [pb.BatchPutRequest(blocks=[info(keys[0], blobs[0])] * 65)],
+        Code.RESOURCE_EXHAUSTED,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_STREAMS))
+def test_a_stream_that_breaks_the_framing_ends_as_a_whole(stub, server, case) -> None:
+    make, code = BAD_STREAMS[case]
+    keys, blobs = prefix(12_000 + 100 * list(BAD_STREAMS).index(case), 1)
+    assert code_of(lambda: stub.BatchPut(iter(make(keys, blobs)), timeout=10)) == code
+    if case != "bytes beyond the announced blocks":  # there, the block came whole before
+        assert batch_get(stub, keys) == [None]
+    still_serving(stub, server)
+
+
+def test_malformed_batch_requests_get_invalid_argument(server, stub) -> None:
+    with grpc.insecure_channel(server.address) as ch:
+        for method in ("BatchGet", "BatchPut"):
+            call = (ch.unary_stream if method == "BatchGet" else ch.stream_unary)(
+                f"/kvpool.v1.KVPool/{method}"
+            )
+            request = b"\xff\xff\xff" if method == "BatchGet" else iter([b"\xff\xff\xff"])
+            with pytest.raises(grpc.RpcError) as e:
+                reply = call(request, timeout=10)
+                if method == "BatchGet":
+                    list(reply)
+            assert e.value.code() == Code.INVALID_ARGUMENT
+    still_serving(stub, server)
+
+
+@pytest.mark.parametrize(
+    "keys, code",
+    [([b"k"], Code.INVALID_ARGUMENT), ([bytes(32)] * 65, Code.RESOURCE_EXHAUSTED)],
+)
+def test_batch_get_bounds_its_keys(stub, server, keys, code) -> None:
+    request = pb.BatchGetRequest(namespace_id=NS.id, keys=keys)
+    assert code_of(lambda: list(stub.BatchGet(request, timeout=10))) == code
+    still_serving(stub, server)
+
+
+def test_the_upload_budget_is_released_however_a_batch_ends() -> None:
+    """A shard whose upload budget holds one block: after batches that end in every way, a
+    batch of blocks that each need the whole budget is still stored."""
+    keys, blobs = prefix(13_000, 4)
+    room = max(len(b) for b in blobs)
+    limits = Limits(max_block_bytes=room, peer_upload_bytes=room, upload_bytes=room,
+                    admission_wait_s=10.0, max_keys=64)  # fmt: skip
+    srv = ShardServer(BlockStore(8 << 20), "budget", limits=limits)
+    srv.start()
+    try:
+        with grpc.insecure_channel(srv.address) as ch:
+            stub = pb_grpc.KVPoolStub(ch)
+            corrupt = blobs[0][:-1] + bytes([blobs[0][-1] ^ 1])
+            refused = stub.BatchPut(iter(stream([(info(keys[0], corrupt), corrupt)])), timeout=10)
+            assert refused.blocks[0].code == Code.DATA_LOSS.value[0]
+            truncated = stream([(info(keys[0], blobs[0]), blobs[0][:-3])])
+            assert (
+                code_of(lambda: stub.BatchPut(iter(truncated), timeout=10)) == Code.INVALID_ARGUMENT
+            )
+            beyond = stream([(info(keys[0], blobs[0]), blobs[0] + b"!")], step=1 << 20)
+            assert code_of(lambda: stub.BatchPut(iter(beyond), timeout=10)) == Code.INVALID_ARGUMENT
+            started = stub.BatchPut.future(iter(stream([(info(keys[0], blobs[0]), blobs[0])])[:1]))
+            started.cancel()
+            whole = [
+                (info(keys[i], b, i, keys[i - 1] if i else b""), b) for i, b in enumerate(blobs)
+            ]
+            reply = stub.BatchPut(iter(stream(whole, step=1 << 20)), timeout=30)
+            assert [r.code for r in reply.blocks] == [0] * 4
+    finally:
+        srv.stop()
+
+
+# -- the client over three shards -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shards() -> Iterator[list[ShardServer]]:
+    """Three shards that know each other, replication 2."""
+    servers: list[ShardServer] = []
+
+    async def topology() -> pb.TopologyResponse:
+        return pb.TopologyResponse(epoch=1, replication=2, shards=[
+            pb.Shard(shard_id=s.shard_id, address=s.address) for s in servers])  # fmt: skip
+
+    for i in range(3):
+        servers.append(ShardServer(BlockStore(32 << 20), f"s{i}", topology, limits=LIMITS))
+        servers[-1].start()
+    yield servers
+    for s in servers:
+        s.stop()
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_put_many_and_get_many_round_trip_over_three_shards(shards) -> None:
+    keys, blobs = prefix(20_000, 12)
+    puts = [BlockPut(k, keys[0], i, b, keys[i - 1] if i else b"")
+            for i, (k, b) in enumerate(zip(keys, blobs, strict=True))]  # fmt: skip
+
+    async def go():
+        tier = TierClient(shards[0].address, TCP)
+        try:
+            first = await tier.put_many(NS, puts)
+            again = await tier.put_many(NS, puts)
+            got = await tier.get_many(NS, [*keys, bytes(32)])
+            owners = [tier.owners(k) for k in keys]
+            return first, again, got, owners
+        finally:
+            await tier.close()
+
+    first, again, got, owners = run(go())
+    assert first == [True] * 12 and again == [False] * 12
+    assert got == [*blobs, None]
+    by_id = {s.shard_id: s for s in shards}
+    for k, own in zip(keys, owners, strict=True):  # each block on both of its owners
+        assert len(own) == 2
+        assert all(store_key(None, NS.id, k) in by_id[sid].store for sid in own)
+    assert len({sid for own in owners for sid in own}) == 3
+
+
+def test_get_many_asks_the_next_owner_and_absorbs_a_failed_shard(shards) -> None:
+    keys, blobs = prefix(21_000, 9)
+    absorbed: list[str] = []
+
+    async def go():
+        tier = TierClient(shards[0].address, TCP, on_failure=lambda op, e: absorbed.append(e.code))
+        try:
+            await tier.put_many(NS, [BlockPut(k, keys[0], i, b, keys[i - 1] if i else b"")
+                                     for i, (k, b) in enumerate(zip(keys, blobs, strict=True))])  # fmt: skip
+            owners = [tier.owners(k) for k in keys]
+            primary = {s.shard_id: s for s in shards}
+            for k, own in zip(keys, owners, strict=True):  # gone from every primary
+                primary[own[0]].store.delete([store_key(None, NS.id, k)])
+            second = await tier.get_many(NS, keys)
+            return second
+        finally:
+            await tier.close()
+
+    assert run(go()) == blobs
+    assert absorbed == []
