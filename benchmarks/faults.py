@@ -20,8 +20,9 @@ so its next put stores the real one).
 
 With `--hostile`, shards write every block through to a real Redis server, clients use a
 namespace with a tenant MAC key, and the process of `benchmarks/hostile.py` attacks the tier
-for the kill phase (stalled and oversized uploads, junk namespaces, misplaced blocks, garbage
-bytes, and every Redis value rewritten as a forgery bound to its place). A client that ever
+for the kill phase (stalled and oversized uploads, floods of refused 60 MiB uploads, junk
+namespaces, misplaced blocks, garbage bytes, and every Redis value rewritten as a forgery
+bound to its place). A client that ever
 decodes a forged block counts it in `forged_blocks_accepted`. Each shard process's RSS is
 sampled twice a second: `shard_rss_over_budget_mib` is the largest peak over its baseline
 (before any traffic) minus the byte budget and the upload cap (`Limits.upload_bytes`);

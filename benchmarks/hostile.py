@@ -3,6 +3,9 @@
 It runs in its own process and, until told to stop, cycles through everything issue 9 found a
 client could do to a shard, counting each request it makes (`hostile_requests`):
 - stalled uploads: Puts that announce a large block, send one chunk and then nothing;
+- floods of refused uploads (issue 21): 12 Puts at once, each announcing a 60 MiB block of a
+  valid namespace and pushing 59 MiB of it at once, then trickling one byte every 3 s; one
+  fits the upload budget, the others are refused, and the bytes they pushed must not stay;
 - oversized uploads: Puts announcing more than a block may be;
 - junk namespaces: Lookups, Gets and Deletes under random namespace ids, Puts whose namespace
   does not describe their block;
@@ -122,6 +125,25 @@ async def _attack(
     async def stalled() -> None:  # announce 12 MiB, send 1 MiB, then nothing for 20 s
         await put(rng.choice(stubs), info(os.urandom(32), 12 << 20), [os.urandom(1 << 20)], 20.0)
 
+    async def flood() -> None:  # 12 x (60 MiB announced, 59 MiB at once, then 1 byte / 3 s)
+        nonlocal count
+        stub, chunk = rng.choice(stubs), os.urandom(1 << 20)
+
+        async def one() -> None:
+            async def messages() -> Any:
+                yield pb.PutRequest(info=info(os.urandom(32), 60 << 20))
+                for _ in range(59):
+                    yield pb.PutRequest(chunk=chunk)
+                while not stop.is_set():
+                    await asyncio.sleep(3.0)
+                    yield pb.PutRequest(chunk=b"x")
+
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await stub.Put(messages(), timeout=120)
+
+        count += 12
+        await asyncio.gather(*(one() for _ in range(12)))
+
     async def malformed() -> None:
         stub, key = rng.choice(stubs), os.urandom(32)
         await put(stub, info(key, 1 << 30), [os.urandom(1 << 16)])  # oversized
@@ -143,6 +165,7 @@ async def _attack(
     try:
         await asyncio.gather(
             *(forever(stalled, 0.1) for _ in range(8)),
+            forever(flood, 1.0),
             forever(malformed, 0.05),
             forever(forge_redis, 1.0),
         )

@@ -6,11 +6,18 @@ client straight to the owning shard and never ride a Ray call. The Directory hol
 shards and their addresses; shards serve it to clients through the Topology RPC.
 
 Ray restarts a Shard that dies (max_restarts=-1): `__init__` runs again with the same id and
-port, the store starts empty (its blocks become misses), and it registers again. Shards
+port (services/tier.py picks a port up front when none is configured, so the endpoint
+`kvpool serve` printed stays valid), the store starts empty (its blocks become misses), and it
+registers again. Shards
 re-register every few seconds (a heartbeat), so a restarted Directory rebuilds its list by
 itself, and the Directory leaves out of the topology any shard it has not heard from for
 `stale_after_s` (a shard Ray could not restart, a node gone): clients move its keys to the
 other shards. A shard that comes back registers again and is back in the topology.
+
+A cache on a shared node gives memory back before anything dies: each Shard watches the memory
+its node (or its cgroup) has available and, while that is under `reserve_bytes`, shrinks its
+store's budget by the shortfall (evicting down to it); once the pressure is gone the budget
+grows back to the configured one (`yield_memory`).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -125,6 +133,81 @@ def fixed_mmap_threshold(threshold: int = 128 << 10) -> bool:
     return bool(libc.mallopt(-3, threshold))  # -3: M_MMAP_THRESHOLD
 
 
+def available_bytes() -> int:
+    """Memory that can still be allocated here without swapping or the OOM killer: the node's
+    MemAvailable, or less where this process's cgroup (v2) has a lower limit."""
+    with open("/proc/meminfo") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    available = int(fields["MemAvailable"].split()[0]) << 10
+    try:
+        cg = "/sys/fs/cgroup"
+        with open(f"{cg}/memory.max") as f:
+            limit = f.read().strip()
+        if limit != "max":
+            with open(f"{cg}/memory.current") as f:
+                current = int(f.read())
+            with open(f"{cg}/memory.stat") as f:  # page cache the kernel can reclaim
+                stat = dict(line.split() for line in f)
+            available = min(available, int(limit) - current + int(stat.get("inactive_file", 0)))
+    except (OSError, ValueError):  # no cgroup v2 memory controller here
+        pass
+    return max(0, available)
+
+
+def default_reserve() -> int:
+    """10% of the node's memory: shards yield before Ray's memory monitor (0.95 by default) or
+    the kernel would act."""
+    with open("/proc/meminfo") as f:
+        total = next(int(line.split()[1]) << 10 for line in f if line.startswith("MemTotal:"))
+    return total // 10
+
+
+def next_budget(budget: int, configured: int, held: int, available: int, reserve: int) -> int:
+    """The store budget for the next period: under pressure (available < reserve) the bytes
+    held minus the shortfall; without it, half the headroom back, up to the configured one."""
+    floor = 1 << 20
+    if available < reserve:
+        return max(floor, min(budget, held - (reserve - available)))
+    if budget < configured:
+        return min(configured, budget + max(floor, (available - reserve) // 2))
+    return budget
+
+
+def yield_memory(
+    store: BlockStore, configured: int, reserve: int, period_s: float, stop: threading.Event
+) -> None:
+    """Until `stop`: every `period_s`, resize the store to `next_budget` (a thread per shard)."""
+    while not stop.wait(period_s):
+        try:
+            budget = next_budget(
+                store.budget_bytes, configured, store.snapshot().bytes, available_bytes(), reserve
+            )
+            if budget != store.budget_bytes:
+                evicted = store.resize(budget)
+                log.warning(
+                    "memory pressure: store budget %d MiB (configured %d), %d MiB evicted",
+                    budget >> 20, configured >> 20, evicted >> 20,
+                )  # fmt: skip
+        except Exception as e:  # never let the watch die: the next period tries again
+            log.error("memory pressure watch: %s", e)
+
+
+def port_free(host: str, port: int, wait_s: float = 10.0) -> bool:
+    """Whether (host, port) can be bound, waiting up to `wait_s` for the previous holder (a
+    shard Ray is restarting) to let go of it."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+                return True
+            except OSError:
+                if time.monotonic() > deadline:
+                    return False
+        time.sleep(0.2)
+
+
 class Shard:
     """One shard: a BlockStore behind a gRPC server on (host, port); with a health_port, also
     a plaintext listener that serves only grpc.health.v1 (for Kubernetes probes, which cannot
@@ -144,9 +227,18 @@ class Shard:
         redis_mode: Mode = "all",
         security: ServerSecurity | None = None,
         health_port: int | None = None,
+        picked_port: bool = False,
+        reserve_bytes: int | None = None,
+        pressure_period_s: float = 1.0,
     ) -> None:
+        """picked_port: `port` was picked by the tier, not the operator: another free port is
+        taken if it cannot be had. reserve_bytes: the available memory below which the shard
+        gives memory back (None: `default_reserve()`; 0: never)."""
         logging.basicConfig(level=logging.INFO)
         fixed_mmap_threshold()
+        if picked_port and port and not port_free(host, port):
+            log.warning("shard %s: port %d is taken; serving on another", shard_id, port)
+            port = 0
         self.tier, self.shard_id = tier, shard_id
         if advertise_host is None:
             advertise_host = ray.util.get_node_ip_address() if host == "0.0.0.0" else host
@@ -154,8 +246,9 @@ class Shard:
         self._cached: tuple[float, pb.TopologyResponse] | None = None
         redis = RedisTier(redis_url, redis_ttl_s, redis_mode) if redis_url else None
         spill = redis.offer if redis is not None and redis.mode == "evicted" else None
+        store = BlockStore(budget_bytes, on_evict=spill)
         self.server = ShardServer(
-            BlockStore(budget_bytes, on_evict=spill), shard_id, topology=self._topology,
+            store, shard_id, topology=self._topology,
             host=host, port=port, advertise_host=advertise_host, limits=Limits(),
             metrics_port=metrics_port, redis=redis, security=security, health_port=health_port,
         )  # fmt: skip
@@ -165,6 +258,11 @@ class Shard:
         ref: Any = self._directory.register.remote(shard_id, self.address, self.metrics_address)
         period = ray.get(ref) or HEARTBEAT_S  # the Directory says how often to beat
         threading.Thread(target=self._heartbeat, args=(period,), daemon=True).start()
+        reserve = default_reserve() if reserve_bytes is None else reserve_bytes
+        self._stop = threading.Event()
+        if reserve > 0:
+            args = (store, budget_bytes, reserve, pressure_period_s, self._stop)
+            threading.Thread(target=yield_memory, args=args, daemon=True).start()
 
     def _heartbeat(self, period: float) -> None:
         while True:

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -60,6 +61,10 @@ class TierConfig:
     # first shard's plaintext grpc.health.v1-only port (next ones count up); 0: any; None: off
     health_port: int | None = None
     stale_after_s: float = STALE_AFTER_S  # a shard silent this long leaves the topology
+    # shards give memory back while their node has less than this available (None: 10% of
+    # the node's memory; 0: never); see services/shard.py yield_memory
+    memory_reserve_bytes: int | None = None
+    pressure_period_s: float = 1.0  # how often shards check the node's memory
 
     def __post_init__(self) -> None:
         if self.shards < 0 or self.budget_bytes <= 0 or self.replication < 1:
@@ -148,12 +153,16 @@ class Tier:
         handles = {}
         for sid in ids:
             port, metrics, health = config.shard_ports(int(sid.rsplit("-", 1)[-1]))
+            picked = port == 0  # picked here, so that a restarted shard binds it again
+            port = port or free_port(config.host)
             handles[sid] = actor.options(
                 name=shard_name(config.name, sid), namespace=RAY_NAMESPACE, lifetime="detached",
                 max_restarts=-1, max_task_retries=0, num_cpus=config.shard_cpus,
             ).remote(
                 config.name, sid, config.budget_bytes, config.host, port, None, metrics,
                 config.redis_url, config.redis_ttl_s, config.redis_mode, config.security, health,
+                picked_port=picked, reserve_bytes=config.memory_reserve_bytes,
+                pressure_period_s=config.pressure_period_s,
             )  # fmt: skip
         self.shards.update(handles)
         self.tls = config.security.tls
@@ -200,6 +209,15 @@ class Tier:
                 shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
+def free_port(host: str) -> int:
+    """A port free on `host` now. Shards are given one up front because Ray restarts a shard
+    with the arguments it was created with: with port 0 each restart listened somewhere new,
+    and the endpoint `kvpool serve` had printed went dead."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
 def wait_serving(address: str, timeout: float = 60.0) -> None:
     """Block until the gRPC health service at `address` (plaintext) reports SERVING."""
     with grpc.insecure_channel(address) as channel:
@@ -218,6 +236,13 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> str | N
     if ray.is_initialized():
         return None
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Ray's memory monitor kills Ray workers when the node nears full, whoever holds the
+    # memory; on a tier started here the shards and the Directory are the only Ray workers, so
+    # a vLLM engine beside them had the cache killed and restarted empty, again and again.
+    # The shards give memory back themselves (services/shard.py yield_memory), and the
+    # kernel's OOM killer, should it come to that, picks the process holding the most memory.
+    # (A cluster joined with --address keeps its own setting.)
+    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
     common: dict[str, Any] = {
         "namespace": RAY_NAMESPACE,
         "logging_level": logging.WARNING,

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import ray
@@ -255,6 +256,38 @@ def test_a_killed_shard_gives_misses_then_serves_again(tier, client) -> None:
     assert client.lookup(toks) == 0  # restarted empty
     assert client.put(toks, kv(8 * B, seed=8)) == owners.count(victim)  # only its blocks again
     assert client.lookup(toks) == 8 * B
+
+
+def test_the_printed_endpoint_outlives_every_shard(tier) -> None:
+    """Issue 21: every restart came back on a new random port, so the endpoint `kvpool serve`
+    printed went dead. Ports are picked up front; a restarted shard binds its own again."""
+    endpoint = tier.endpoint  # what `kvpool serve` printed
+    pids = {sid: ray.get(h.pid.remote()) for sid, h in tier.shards.items()}
+    for sid in pids:
+        tier.kill_shard(sid)  # Ray restarts each
+    for pid in pids.values():
+        wait_for(lambda pid=pid: not os.path.exists(f"/proc/{pid}"))
+    tier.wait_serving()
+    wait_for(lambda: len(tier.topology()) == len(pids))
+    assert tier.endpoint == endpoint
+    assert {sid: ray.get(h.pid.remote()) for sid, h in tier.shards.items()} != pids
+    toks = tokens(6 * B, seed=12)
+    with KVPool(endpoint, NS, CODEC, config=FAST) as fresh:  # a client configured with it
+        assert fresh.put(toks, kv(6 * B, seed=12)) == 6
+        assert fresh.lookup(toks) == 6 * B
+        assert fresh.stats.put_failures == fresh.stats.lookup_failures == 0
+
+
+def test_the_local_ray_does_not_kill_shards_for_memory_it_did_not_use(tier) -> None:
+    """The raylet of the Ray that kvpool starts runs without its memory monitor, which killed
+    the shards (the only Ray workers on the node) for a vLLM engine's memory (issue 21)."""
+    node = ray._private.worker._global_node
+    assert node is not None
+    raylets = node.all_processes["raylet"]
+    assert raylets
+    for info in raylets:
+        environ = Path(f"/proc/{info.process.pid}/environ").read_bytes().split(b"\0")
+        assert b"RAY_memory_monitor_refresh_ms=0" in environ
 
 
 def test_shards_added_to_a_running_tier_take_new_blocks(tier, client) -> None:
