@@ -49,6 +49,7 @@ def serve(args: argparse.Namespace) -> None:
             metrics_port=None if args.metrics_port < 0 else args.metrics_port,
             redis_url=args.redis, redis_ttl_s=args.redis_ttl, redis_mode=args.redis_mode,
             security=security, per_node_ports=args.per_node_ports, health_port=args.health_port,
+            memory_reserve_bytes=args.memory_reserve,
         )  # fmt: skip
         check_exposure(config, insecure=args.insecure)  # before Ray starts
         if args.address is None and security.tls:  # the shards run here: read their files now
@@ -275,6 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--health-port", type=int, default=None,
         help="first shard's plaintext port serving only grpc.health.v1, the next count up (with "
         "--per-node-ports every shard binds it); for probes that cannot speak TLS (0: any free)",
+    )  # fmt: skip
+    p_serve.add_argument(
+        "--memory-reserve", type=parse_bytes, default=None,
+        help="shards give memory back (shrink and evict) while their node has less than this "
+        "available, and take it again after (default: 10%% of the node's memory; 0: never)",
     )  # fmt: skip
     p_serve.add_argument("--shard-cpus", type=float, default=0.5, help="Ray CPUs per shard")
     p_serve.add_argument(
