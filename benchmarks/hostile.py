@@ -173,3 +173,107 @@ async def _attack(
         for c in channels:
             await c.close()
     return count
+
+
+# -- the flood alone, measured: python benchmarks/hostile.py [--rounds 12,12,24] ----------------
+
+SHARD = """
+import sys
+from kvpool.services.server import Limits, ShardServer
+from kvpool.services.shard import fixed_mmap_threshold
+from kvpool.services.store import BlockStore
+fixed_mmap_threshold()
+srv = ShardServer(BlockStore(256 << 20), "flood", limits=Limits(), shared_dir=None)
+print(srv.start(), flush=True)
+sys.stdin.read()
+srv.stop()
+"""
+
+
+def _status_mib(pid: int, field: str) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(x.split()[1]) / 1024 for x in f if x.startswith(f"{field}:"))
+
+
+def flood_rounds(rounds: list[int], trickle_s: float) -> list[dict[str, Any]]:
+    """Floods of refused uploads against one shard process (default Limits: 128 MiB of
+    uploads in flight, 64 MiB per caller): `n` Puts per round, each announcing 60 MiB, pushing
+    59 MiB at once, then a byte every 3 s for `trickle_s`. Per round: the shard's peak RSS
+    (VmHWM, reset before the round) and RSS after, in MiB, and the codes the client saw."""
+    import subprocess
+    import sys
+    from collections import Counter
+    from pathlib import Path
+
+    import grpc
+    import torch
+
+    from kvpool.client import namespace_for
+    from kvpool.kernels.codec import CodecConfig
+    from kvpool.proto import kvpool_pb2 as pb
+    from kvpool.proto import kvpool_pb2_grpc as pb_grpc
+    from kvpool.proto.messages import namespace_to_proto
+
+    ns = namespace_for("bench/flood", 4, 2, 64, torch.float16, CodecConfig(2, 2, 64))
+    chunk = os.urandom(1 << 20)
+
+    async def one_round(address: str, n: int) -> Counter[str]:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = pb_grpc.KVPoolStub(channel)
+
+            async def put() -> str:
+                key = os.urandom(32)
+
+                async def messages() -> Any:
+                    info = pb.BlockInfo(
+                        namespace_id=ns.id, key=key, chain=key, position=0, size=60 << 20,
+                        namespace=namespace_to_proto(ns),
+                    )  # fmt: skip
+                    yield pb.PutRequest(info=info)
+                    for _ in range(59):
+                        yield pb.PutRequest(chunk=chunk)
+                    for _ in range(int(trickle_s // 3)):
+                        await asyncio.sleep(3.0)
+                        yield pb.PutRequest(chunk=b"x")
+
+                try:
+                    await stub.Put(messages(), timeout=trickle_s + 60)
+                except grpc.aio.AioRpcError as e:
+                    return e.code().name
+                return "OK"
+
+            return Counter(await asyncio.gather(*(put() for _ in range(n))))
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SHARD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None and proc.stdin is not None
+    address, out = proc.stdout.readline().strip(), []
+    try:
+        baseline = _status_mib(proc.pid, "VmRSS")
+        for n in rounds:
+            Path(f"/proc/{proc.pid}/clear_refs").write_text("5")  # a new peak for this round
+            codes = asyncio.run(one_round(address, n))
+            out.append({
+                "streams": n, "baseline_mib": round(baseline, 1),
+                "peak_mib": round(_status_mib(proc.pid, "VmHWM"), 1),
+                "after_mib": round(_status_mib(proc.pid, "VmRSS"), 1), "client_codes": dict(codes),
+            })  # fmt: skip
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=flood_rounds.__doc__)
+    parser.add_argument("--rounds", default="12,12,24", help="Puts per round")
+    parser.add_argument("--trickle-s", type=float, default=9.0)
+    a = parser.parse_args()
+    rows = flood_rounds([int(n) for n in a.rounds.split(",")], a.trickle_s)
+    for row in rows:
+        print(row)
+    print(json.dumps(rows))
