@@ -30,7 +30,8 @@ from google.protobuf.message import DecodeError, Message
 
 from kvpool.proto import kvpool_pb2 as pb
 from kvpool.proto import kvpool_pb2_grpc as pb_grpc
-from kvpool.proto.errors import TierError
+from kvpool.proto.blockformat import parse_header
+from kvpool.proto.errors import BlockFormatError, TierError
 from kvpool.proto.keys import Namespace
 from kvpool.proto.messages import (
     REPLY_HEAD,
@@ -78,6 +79,8 @@ class ClientConfig:
     same_host: bool = True  # fetch through a shard's shared-memory arena when it is on this host
     shared_slots: int = 4  # blocks in flight through one shard's arena
     shared_slot_bytes: int = 8 << 20  # the largest block the arena takes (larger ones: TCP)
+    hot_keys: int = 4096  # hot blocks remembered (their reads are spread over replicas)
+    max_hot_replicas: int = 8  # the most shards one hot block's reads are spread over
     batch_bytes: int = 64 << 20  # at most this many block bytes per BatchPut (and one block)
 
     def __post_init__(self) -> None:
@@ -110,6 +113,7 @@ class TierClient:
         self._inflight = asyncio.Semaphore(config.max_inflight)
         self._shared: dict[str, _Shared | float] = {}  # address -> arena, or when to try again
         self._shared_lock = asyncio.Lock()
+        self._hot: collections.OrderedDict[bytes, list[int]] = collections.OrderedDict()
 
     # -- topology and channels -------------------------------------------------------------
 
@@ -227,7 +231,8 @@ class TierClient:
     # -- data calls ------------------------------------------------------------------------
 
     async def lookup(self, ns: Namespace, keys: Sequence[bytes]) -> int:
-        """How many leading keys are present on the tier (on any of their owners). A shard
+        """How many leading keys are present on the tier (on any of their owners, or of their
+        replicas for hot keys). A shard
         that cannot be reached counts as holding none of its keys (reported to on_failure);
         raises TierError when no shard answered."""
         if len(keys) > self.config.max_lookup_keys:
@@ -235,10 +240,11 @@ class TierClient:
         if not keys:
             return 0
         await self._ensure_topology()
-        per_shard: dict[str, list[int]] = {}
+        per_shard: dict[tuple[str, bool], list[int]] = {}  # (shard, asked as a hot replica)
         for i, key in enumerate(keys):
-            for sid in self.owners(key):
-                per_shard.setdefault(sid, []).append(i)
+            owners = self.owners(key)
+            for sid in self._holders(key):
+                per_shard.setdefault((sid, sid not in owners), []).append(i)
 
         async def ask(sid: str, idx: list[int]) -> tuple[list[int], int | TierError]:
             req = pb.LookupRequest(namespace_id=ns.id, keys=[keys[i] for i in idx])
@@ -261,7 +267,7 @@ class TierClient:
                 return idx, e
             return idx, reply.present
 
-        replies = await asyncio.gather(*(ask(s, idx) for s, idx in per_shard.items()))
+        replies = await asyncio.gather(*(ask(s, idx) for (s, _), idx in per_shard.items()))
         errors = [n for _, n in replies if isinstance(n, TierError)]
         if len(errors) == len(replies):
             raise errors[0]
@@ -479,25 +485,30 @@ class TierClient:
         """The blocks of `keys` (None for each miss), one BatchGet per shard at a time, all
         shards at once; a key missing on its owner is asked of the next owner (replicas). A
         shard that fails turns its keys into misses (reported to on_failure); raises TierError
-        when no shard answered."""
+        when no shard answered.
+
+        Hot blocks (a shard said so in its reply): their reads rotate over the first
+        `replicas` owners on the ring; one that misses is filled from the owner that had the
+        block (read repair), so replicas fill as they are read."""
         found: list[bytes | None] = [None] * len(keys)
         if not keys:
             return found
         await self._ensure_topology()
-        owners = [self.owners(key) for key in keys]
+        orders = [self._read_order(key) for key in keys]
         pending = list(range(len(keys)))
         errors: list[TierError] = []
         answered = False
-        for turn in range(max(len(o) for o in owners)):
+        missed: dict[int, str] = {}  # key index -> the hot replica that did not have it
+        for turn in range(max(len(o) for o in orders)):
             per_shard: dict[str, list[int]] = {}
             for i in pending:
-                if turn < len(owners[i]):
-                    per_shard.setdefault(owners[i][turn], []).append(i)
+                if turn < len(orders[i]):
+                    per_shard.setdefault(orders[i][turn], []).append(i)
             batches = [(sid, idx[j : j + self.config.max_lookup_keys])
                        for sid, idx in per_shard.items()
                        for j in range(0, len(idx), self.config.max_lookup_keys)]  # fmt: skip
 
-            async def ask(sid: str, idx: list[int]) -> list[bytes | None] | TierError:
+            async def ask(sid: str, idx: list[int]) -> list[tuple[bytes | None, int]] | TierError:
                 async with self._inflight:
                     try:
                         return await self._get_batch(sid, ns, [keys[i] for i in idx])
@@ -505,13 +516,16 @@ class TierClient:
                         return e
 
             replies = await asyncio.gather(*(ask(sid, idx) for sid, idx in batches))
-            for (_, idx), reply in zip(batches, replies, strict=True):
+            for (sid, idx), reply in zip(batches, replies, strict=True):
                 if isinstance(reply, TierError):
                     errors.append(reply)
                     continue
                 answered = True
-                for i, data in zip(idx, reply, strict=True):
+                for i, (data, replicas) in zip(idx, reply, strict=True):
                     found[i] = data
+                    self._note_hot(keys[i], replicas, primary=sid == self.owners(keys[i])[0])
+                    if data is None and turn == 0 and sid not in self.owners(keys[i]):
+                        missed[i] = sid
             pending = [i for i in pending if found[i] is None]
             if not pending:
                 break
@@ -519,12 +533,93 @@ class TierClient:
             raise errors[0]
         for e in errors:
             self._absorbed("get", e)
+        await self._repair(ns, keys, found, {i: s for i, s in missed.items() if found[i]})
         return found
 
-    async def _get_batch(self, sid: str, ns: Namespace, keys: list[bytes]) -> list[bytes | None]:
-        """One shard's blocks of `keys`: through its arena when it is on this host (the blocks
-        that did not fit in a slot, and all of them if the socket fails, then over gRPC)."""
-        found: list[bytes | None] = [None] * len(keys)
+    def _holders(self, key: bytes) -> list[str]:
+        """The shards that may hold `key`: its owners, and its replicas when it is hot (its
+        reads went there, so its owners may have let it go). A replica is asked apart from
+        the keys it owns: one it has not filled yet must not hide those."""
+        hot = self._hot.get(key)
+        if hot is None:
+            return self.owners(key)
+        return self._ring.owners(key, max(hot[0], self.replication))
+
+    def _read_order(self, key: bytes) -> list[str]:
+        """The shards to read `key` from, in turn: its owners; for a hot key first the next of
+        its first `replicas` owners in rotation, then its owners."""
+        owners = self.owners(key)
+        hot = self._hot.get(key)
+        if hot is None:
+            return owners
+        replicas, turn = hot
+        hot[1] = turn + 1
+        spread = self._ring.owners(key, max(replicas, len(owners)))
+        first = spread[turn % min(replicas, len(spread))]
+        return [first, *(sid for sid in owners if sid != first)]
+
+    def _note_hot(self, key: bytes, replicas: int, primary: bool) -> None:
+        """Remember what a shard said of `key`: hot, with how many replicas (bounded by
+        ClientConfig.max_hot_replicas and the shards there are); not hot any more, when its
+        primary owner says so (a replica sees only its share of the reads)."""
+        replicas = min(replicas, self.config.max_hot_replicas, len(self._addresses))
+        hot = self._hot.get(key)
+        if replicas <= 1:
+            if primary and hot is not None:
+                del self._hot[key]
+            return
+        if hot is None:
+            self._hot[key] = [replicas, 0]
+            if len(self._hot) > self.config.hot_keys:
+                self._hot.popitem(last=False)
+        else:
+            hot[0] = max(hot[0], replicas)
+            self._hot.move_to_end(key)
+
+    async def _repair(
+        self, ns: Namespace, keys: Sequence[bytes], found: list[bytes | None],
+        missed: dict[int, str],
+    ) -> None:  # fmt: skip
+        """Put each block a hot replica missed to that replica (best effort), with its place
+        in its prefix: the position its header gives, the parent and chain the keys beside it
+        in `keys` give (blocks whose parent is not among them are left alone)."""
+        per_shard: dict[str, list[int]] = {}
+        infos: dict[int, pb.BlockInfo] = {}
+        nsp = namespace_to_proto(ns)
+        for i, sid in missed.items():
+            data = found[i]
+            assert data is not None
+            try:
+                header = parse_header(data)
+            except BlockFormatError:
+                continue
+            position = header.start_position // max(1, header.tokens)
+            if position and not (i >= position and found[i - 1] is not None):
+                continue
+            infos[i] = pb.BlockInfo(
+                namespace_id=ns.id, key=keys[i], chain=keys[i - position] if position else keys[i],
+                position=position, size=len(data), namespace=nsp,
+                parent=keys[i - 1] if position else b"",
+            )  # fmt: skip
+            per_shard.setdefault(sid, []).append(i)
+
+        async def fill(sid: str, idx: list[int]) -> None:
+            async with self._inflight:
+                try:
+                    await self._put_batch(sid, [infos[i] for i in idx],
+                                          [found[i] or b"" for i in idx])  # fmt: skip
+                except TierError as e:
+                    self._absorbed("put", e)
+
+        await asyncio.gather(*(fill(sid, idx) for sid, idx in per_shard.items()))
+
+    async def _get_batch(
+        self, sid: str, ns: Namespace, keys: list[bytes]
+    ) -> list[tuple[bytes | None, int]]:
+        """One shard's blocks of `keys` and its replica hints: through its arena when it is
+        on this host (the blocks that did not fit in a slot, and all of them if the socket
+        fails, then over gRPC)."""
+        found: list[tuple[bytes | None, int]] = [(None, 0)] * len(keys)
         rest = list(range(len(keys)))
         shared = await self._arena(sid)
         if shared is not None:
@@ -537,17 +632,18 @@ class TierClient:
         if rest:
             req = pb.BatchGetRequest(namespace_id=ns.id, keys=[keys[i] for i in rest])
             got = await self._call(sid, lambda s: self._fetch_many(s, req))
-            for i, data in zip(rest, got, strict=True):
-                found[i] = data
+            for i, item in zip(rest, got, strict=True):
+                found[i] = item
         return found
 
     async def _fetch_many(
         self, stub: pb_grpc.KVPoolStub, request: pb.BatchGetRequest
-    ) -> list[bytes | None]:
-        """One BatchGet's blocks, checked against what the shard announced."""
+    ) -> list[tuple[bytes | None, int]]:
+        """One BatchGet's blocks and replica hints, checked against what the shard announced."""
         call = stub.BatchGet(request, timeout=self.config.timeout_s)
         want = len(request.keys)
         found: list[bytes | None] = []
+        hints: list[int] = []
         arriving: collections.deque[tuple[int, int]] = collections.deque()  # (index, size)
         part = bytearray()  # the block that runs over several messages
         async for msg in call:
@@ -555,6 +651,7 @@ class TierClient:
                 if len(found) == want:
                     raise TierError("shard answered more blocks than asked", "DATA_LOSS")
                 found.append(b"" if head.found else None)
+                hints.append(head.replicas)
                 if head.found and head.size:
                     arriving.append((len(found) - 1, head.size))
             data = memoryview(msg.data)
@@ -574,7 +671,7 @@ class TierClient:
                 arriving.popleft()
         if len(found) != want or arriving:
             raise TierError("truncated batch stream", "DATA_LOSS")
-        return found
+        return list(zip(found, hints, strict=True))
 
     async def put_many(self, ns: Namespace, blocks: Sequence[BlockPut]) -> list[bool]:
         """Store blocks on each of their owners, one BatchPut per shard at a time, all shards at
@@ -825,22 +922,23 @@ def _cut(
 
 def _copy_out(
     reply: pb.BatchGetSharedResponse, view: mmap.mmap, offset: int, capacity: int,
-    found: list[bytes | None],
+    found: list[tuple[bytes | None, int]],
 ) -> list[int]:  # fmt: skip
-    """Fill `found` with the blocks a BatchGetShared copied into the slot at `offset`; the
-    indices found but not copied (fetch them another way)."""
+    """Fill `found` with the blocks a BatchGetShared copied into the slot at `offset` and
+    their replica hints; the indices found but not copied (fetch them another way)."""
     if len(reply.blocks) != len(found):
         raise TierError(f"shard answered {len(reply.blocks)} of {len(found)} keys", "DATA_LOSS")
     at, left, rest = offset, reply.copied, []
     for i, head in enumerate(reply.blocks):
         if not head.found:
+            found[i] = (None, head.replicas)
             continue
         if not left:
             rest.append(i)
             continue
         if at + head.size > offset + capacity:
             raise TierError("shard wrote past its slot", "DATA_LOSS")
-        found[i] = view[at : at + head.size]
+        found[i] = (view[at : at + head.size], head.replicas)
         at += head.size
         left -= 1
     if left:

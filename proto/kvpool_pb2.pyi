@@ -112,14 +112,16 @@ class GetRequest(_message.Message):
     def __init__(self, namespace_id: _Optional[bytes] = ..., key: _Optional[bytes] = ...) -> None: ...
 
 class GetResponse(_message.Message):
-    __slots__ = ("found", "size", "chunk")
+    __slots__ = ("found", "size", "chunk", "replicas")
     FOUND_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     found: bool
     size: int
     chunk: bytes
-    def __init__(self, found: _Optional[bool] = ..., size: _Optional[int] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+    replicas: int
+    def __init__(self, found: _Optional[bool] = ..., size: _Optional[int] = ..., chunk: _Optional[bytes] = ..., replicas: _Optional[int] = ...) -> None: ...
 
 class BatchGetRequest(_message.Message):
     __slots__ = ("namespace_id", "keys")
@@ -130,12 +132,14 @@ class BatchGetRequest(_message.Message):
     def __init__(self, namespace_id: _Optional[bytes] = ..., keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class BlockFound(_message.Message):
-    __slots__ = ("found", "size")
+    __slots__ = ("found", "size", "replicas")
     FOUND_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     found: bool
     size: int
-    def __init__(self, found: _Optional[bool] = ..., size: _Optional[int] = ...) -> None: ...
+    replicas: int
+    def __init__(self, found: _Optional[bool] = ..., size: _Optional[int] = ..., replicas: _Optional[int] = ...) -> None: ...
 
 class BatchGetResponse(_message.Message):
     __slots__ = ("blocks", "data")
@@ -188,7 +192,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("shard_id", "blocks", "bytes", "budget_bytes", "hits", "misses", "puts", "put_existing", "evictions", "checksum_failures", "rejected")
+    __slots__ = ("shard_id", "blocks", "bytes", "budget_bytes", "hits", "misses", "puts", "put_existing", "evictions", "checksum_failures", "rejected", "bytes_served")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -200,6 +204,7 @@ class StatsResponse(_message.Message):
     EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FAILURES_FIELD_NUMBER: _ClassVar[int]
     REJECTED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SERVED_FIELD_NUMBER: _ClassVar[int]
     shard_id: str
     blocks: int
     bytes: int
@@ -211,7 +216,8 @@ class StatsResponse(_message.Message):
     evictions: int
     checksum_failures: int
     rejected: int
-    def __init__(self, shard_id: _Optional[str] = ..., blocks: _Optional[int] = ..., bytes: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., puts: _Optional[int] = ..., put_existing: _Optional[int] = ..., evictions: _Optional[int] = ..., checksum_failures: _Optional[int] = ..., rejected: _Optional[int] = ...) -> None: ...
+    bytes_served: int
+    def __init__(self, shard_id: _Optional[str] = ..., blocks: _Optional[int] = ..., bytes: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., puts: _Optional[int] = ..., put_existing: _Optional[int] = ..., evictions: _Optional[int] = ..., checksum_failures: _Optional[int] = ..., rejected: _Optional[int] = ..., bytes_served: _Optional[int] = ...) -> None: ...
 
 class TopologyRequest(_message.Message):
     __slots__ = ()
@@ -270,14 +276,16 @@ class GetSharedRequest(_message.Message):
     def __init__(self, namespace_id: _Optional[bytes] = ..., key: _Optional[bytes] = ..., session: _Optional[bytes] = ..., offset: _Optional[int] = ..., capacity: _Optional[int] = ...) -> None: ...
 
 class GetSharedResponse(_message.Message):
-    __slots__ = ("found", "size", "fits")
+    __slots__ = ("found", "size", "fits", "replicas")
     FOUND_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     FITS_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     found: bool
     size: int
     fits: bool
-    def __init__(self, found: _Optional[bool] = ..., size: _Optional[int] = ..., fits: _Optional[bool] = ...) -> None: ...
+    replicas: int
+    def __init__(self, found: _Optional[bool] = ..., size: _Optional[int] = ..., fits: _Optional[bool] = ..., replicas: _Optional[int] = ...) -> None: ...
 
 class PutSharedRequest(_message.Message):
     __slots__ = ("info", "session", "offset")

@@ -2,8 +2,9 @@
 
 Where it stands: beside the gRPC servicer of each shard. Request counts and durations are
 observed by the servicer per method and status code; the store's figures (bytes used and
-capacity, blocks, evictions, checksum failures, hits and misses, Redis tier hits and misses)
-are read from the store at scrape time, so there is one source of truth and no double count.
+capacity, blocks, evictions, checksum failures, hits and misses, bytes served, Redis tier hits
+and misses) are read from the store at scrape time, so there is one source of truth and no
+double count.
 
 Names follow `kvpool_<subsystem>_<name>_<unit>`, counters end in `_total`, base units
 (seconds, bytes); labels are bounded: `method` (the RPC names) and `code` (gRPC status names).
@@ -43,6 +44,7 @@ class _StoreCollector(Collector):
                 s.checksum_failures,
             ),
             "hits": ("Get requests that found their block", s.hits),
+            "served_bytes": ("bytes of the blocks reads returned from memory", s.bytes_served),
             "misses": ("Get requests that did not find their block", s.misses),
             "puts": ("blocks stored", s.puts),
             "redis_hits": ("blocks read through from the Redis tier", s.redis_hits),

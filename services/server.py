@@ -64,6 +64,7 @@ from kvpool.proto.errors import (
 )
 from kvpool.proto.keys import Namespace
 from kvpool.proto.messages import namespace_from_proto, pack
+from kvpool.services.hot import HotKeys
 from kvpool.services.metrics import ShardMetrics
 from kvpool.services.security import ServerSecurity, store_key, tenant_of
 from kvpool.services.shared import Arena, ArenaRefused, Arenas, Owner
@@ -372,6 +373,7 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
         self._namespaces: collections.OrderedDict[bytes, tuple[pb.Namespace, Namespace]] = (
             collections.OrderedDict()
         )
+        self.hot = HotKeys()  # blocks read so often here that clients should spread them
 
     def _namespace(self, info: pb.BlockInfo) -> Namespace:
         """`namespace_of(info)`, remembered for the last NAMESPACES_KEPT namespaces."""
@@ -459,12 +461,14 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
         return pb.PutResponse(stored=stored)
 
     async def Get(self, request: pb.GetRequest, context: Any) -> AsyncIterator[pb.GetResponse]:
-        data = await self._read(request)
+        data, replicas = await self._read(request)
         if data is None:
             yield pb.GetResponse(found=False)
             return
         view = memoryview(data)
-        yield pb.GetResponse(found=True, size=len(data), chunk=bytes(view[:CHUNK_BYTES]))
+        yield pb.GetResponse(
+            found=True, size=len(data), chunk=bytes(view[:CHUNK_BYTES]), replicas=replicas
+        )
         for off in range(CHUNK_BYTES, len(data), CHUNK_BYTES):
             yield pb.GetResponse(chunk=bytes(view[off : off + CHUNK_BYTES]))
 
@@ -472,15 +476,19 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
         self, request: pb.BatchGetRequest, context: Any
     ) -> AsyncIterator[pb.BatchGetResponse]:
         _well_formed(request)
-        found = await self._read_many(request.namespace_id, list(request.keys))
+        found, hints = await self._read_many(request.namespace_id, list(request.keys))
         heads = [
-            (pb.BlockFound(found=d is not None, size=0 if d is None else len(d)), d) for d in found
+            (pb.BlockFound(found=d is not None, size=0 if d is None else len(d), replicas=r), d)
+            for d, r in zip(found, hints, strict=True)
         ]
         for blocks, data in pack(heads, CHUNK_BYTES):
             yield pb.BatchGetResponse(blocks=blocks, data=data)
 
-    async def _read_many(self, namespace_id: bytes, keys: list[bytes]) -> list[Blob | None]:
-        """The blocks of `keys` (None for a miss), as `_read` reads each."""
+    async def _read_many(
+        self, namespace_id: bytes, keys: list[bytes]
+    ) -> tuple[list[Blob | None], list[int]]:
+        """The blocks of `keys` (None for a miss) and the replicas each should have, as `_read`
+        reads each."""
         store_keys = self._keys(namespace_id, keys)
         found = self.store.get_many(store_keys)
         if self.redis is not None:
@@ -492,7 +500,11 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
             ))  # fmt: skip
             for i, data in zip(misses, again, strict=True):
                 found[i] = data
-        return found
+        hints = [
+            0 if d is None else self.hot.read(k, len(d))
+            for k, d in zip(store_keys, found, strict=True)
+        ]
+        return found, hints
 
     async def BatchPut(
         self, request_iterator: AsyncIterator[pb.BatchPutRequest], context: Any
@@ -613,13 +625,14 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
         """Read a block as Get does and copy it into the caller's `arena` at the request's
         offset when it fits in its capacity (that span is checked before anything is read)."""
         self._within(arena, request.offset, request.capacity)
-        data = await self._read(pb.GetRequest(namespace_id=request.namespace_id, key=request.key))
+        request_ = pb.GetRequest(namespace_id=request.namespace_id, key=request.key)
+        data, replicas = await self._read(request_)
         if data is None:
             return pb.GetSharedResponse(found=False)
         fits = len(data) <= request.capacity
         if fits:
             self._live(arena).view[request.offset : request.offset + len(data)] = data
-        return pb.GetSharedResponse(found=True, size=len(data), fits=fits)
+        return pb.GetSharedResponse(found=True, size=len(data), fits=fits, replicas=replicas)
 
     async def PutShared(self, request: pb.PutSharedRequest, context: Any) -> pb.PutResponse:
         _well_formed(request)
@@ -646,12 +659,13 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
         """Read blocks as BatchGet does and copy those found, in key order, back to back into
         the caller's `arena` from the request's offset while they fit in its capacity."""
         self._within(arena, request.offset, request.capacity)
-        found = await self._read_many(request.namespace_id, list(request.keys))
+        found, hints = await self._read_many(request.namespace_id, list(request.keys))
         view = self._live(arena).view
         at, end, copied, full = request.offset, request.offset + request.capacity, 0, False
         reply = pb.BatchGetSharedResponse()
-        for data in found:
-            reply.blocks.add(found=data is not None, size=0 if data is None else len(data))
+        for data, replicas in zip(found, hints, strict=True):
+            reply.blocks.add(found=data is not None, size=0 if data is None else len(data),
+                             replicas=replicas)  # fmt: skip
             if data is None or full:
                 continue
             if at + len(data) > end:
@@ -762,8 +776,8 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
             self.arenas.close(request.session, _CALLER.get())
         return pb.CloseSharedResponse()
 
-    async def _read(self, request: pb.GetRequest) -> Blob | None:
-        """The requested block; None on a miss. A block in memory was verified when it was
+    async def _read(self, request: pb.GetRequest) -> tuple[Blob | None, int]:
+        """The requested block (None on a miss) and the replicas it should have (`HotKeys`). A block in memory was verified when it was
         uploaded and is immutable; it is not checked again here (a crc of 4.5 MB costs more
         than the whole same-host transfer): every reader verifies what it decodes, and deletes
         a block that fails. Blocks read through from Redis are checked like uploads."""
@@ -771,8 +785,8 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
         [key] = self._keys(request.namespace_id, [request.key])
         data = self.store.get(key)
         if data is None:
-            return await self._read_through(request, key)
-        return data
+            data = await self._read_through(request, key)
+        return data, 0 if data is None else self.hot.read(key, len(data))
 
     async def _read_through(self, request: pb.GetRequest, key: bytes) -> Blob | None:
         """A memory miss read from the Redis tier, checked like an upload (intact, bound to
@@ -818,6 +832,7 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
             shard_id=self.shard_id, blocks=s.blocks, bytes=s.bytes, budget_bytes=s.budget_bytes,
             hits=s.hits, misses=s.misses, puts=s.puts, put_existing=s.put_existing,
             evictions=s.evictions, checksum_failures=s.checksum_failures, rejected=s.rejected,
+            bytes_served=s.bytes_served,
         )  # fmt: skip
 
     async def Topology(self, request: pb.TopologyRequest, context: Any) -> pb.TopologyResponse:

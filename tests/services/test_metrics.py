@@ -105,6 +105,7 @@ def test_shard_and_client_metrics_follow_a_workload(tier) -> None:
     assert delta("kvpool_shard_blocks") == 4
     assert delta("kvpool_shard_used_bytes") == sent == received
     assert delta("kvpool_shard_puts_total") == 4 and delta("kvpool_shard_hits_total") == 4
+    assert delta("kvpool_shard_served_bytes_total") == received
     assert value(after, "kvpool_shard_capacity_bytes") == 2 * (32 << 20)
     assert value(after, "kvpool_shard_evictions_total") == 0
     assert ("kvpool_shard_mismatched_blocks_total", ()) in after  # exported; no Redis here
