@@ -335,7 +335,7 @@ class AsyncKVPool:
         blocks = [BlockPut(keys[i], keys[0], i, blob, keys[i - 1] if i else b"")
                   for i, blob in zip(group, blobs, strict=True)]  # fmt: skip
         try:
-            stored = await self.tier.put_many(self.namespace, blocks)
+            stored = await self.tier.put_many(self.namespace, blocks, prefix=keys)
         except TierError as e:
             self._failed("put", e)
             return 0

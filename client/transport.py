@@ -60,7 +60,7 @@ class BlockPut(NamedTuple):
     chain: bytes
     position: int
     data: bytes
-    parent: bytes = b""  # the key at position - 1; b"" at position 0
+    parent: bytes = b""  # the key at position - 1; b"" at position 0 (see put_many's prefix)
 
 
 @dataclass(frozen=True)
@@ -284,22 +284,23 @@ class TierClient:
         parent: bytes = b"",
     ) -> bool:  # fmt: skip
         """Store one block on each of its owners; True if any owner newly stored it. `parent`:
-        the key of the block at position - 1 (b"" at position 0). Raises TierError when no
-        owner took it."""
+        the key of the block at position - 1 (b"" at position 0), told to the owners that own
+        it too (see put_many). Raises TierError when no owner took it."""
         await self._ensure_topology()
-        info = pb.BlockInfo(
-            namespace_id=ns.id, key=key, chain=chain, position=position, size=len(data),
-            namespace=namespace_to_proto(ns), parent=parent,
-        )  # fmt: skip
+        nsp = namespace_to_proto(ns)
         step = self.config.chunk_bytes
 
-        async def messages() -> AsyncIterator[pb.PutRequest]:
+        async def messages(info: pb.BlockInfo) -> AsyncIterator[pb.PutRequest]:
             yield pb.PutRequest(info=info)
             view = memoryview(data)
             for off in range(0, len(data), step):
                 yield pb.PutRequest(chunk=bytes(view[off : off + step]))
 
         async def put_one(sid: str) -> bool | TierError:
+            info = pb.BlockInfo(
+                namespace_id=ns.id, key=key, chain=chain, position=position, size=len(data),
+                namespace=nsp, parent=self._here(parent, sid),
+            )  # fmt: skip
             try:
                 shared = await self._arena(sid)
                 if shared is not None and len(data) <= shared.slot_bytes:
@@ -309,7 +310,7 @@ class TierClient:
                             shared.view[offset : offset + len(data)] = data  # closed: ValueError
                             return (await self._local(shared, b"P", request, pb.PutResponse)).stored
                 reply = await self._call(
-                    sid, lambda s: s.Put(messages(), timeout=self.config.timeout_s)
+                    sid, lambda s: s.Put(messages(info), timeout=self.config.timeout_s)
                 )
             except TierError as e:
                 return e
@@ -599,7 +600,7 @@ class TierClient:
             infos[i] = pb.BlockInfo(
                 namespace_id=ns.id, key=keys[i], chain=keys[i - position] if position else keys[i],
                 position=position, size=len(data), namespace=nsp,
-                parent=keys[i - 1] if position else b"",
+                parent=self._here(keys[i - 1], sid) if position else b"",
             )  # fmt: skip
             per_shard.setdefault(sid, []).append(i)
 
@@ -673,22 +674,33 @@ class TierClient:
             raise TierError("truncated batch stream", "DATA_LOSS")
         return list(zip(found, hints, strict=True))
 
-    async def put_many(self, ns: Namespace, blocks: Sequence[BlockPut]) -> list[bool]:
+    async def put_many(
+        self, ns: Namespace, blocks: Sequence[BlockPut], prefix: Sequence[bytes] | None = None
+    ) -> list[bool]:
         """Store blocks on each of their owners, one BatchPut per shard at a time, all shards at
         once; True for each block some owner newly stored. A shard that fails, or refuses a
-        block, is reported to on_failure; raises TierError when no shard answered."""
+        block, is reported to on_failure; raises TierError when no shard answered.
+
+        A shard is told as a block's parent the nearest earlier block of its prefix that the
+        shard owns too (its edge of the prefix tree, restricted to what it holds; a parent the
+        shard then lacks marks the block unreachable there). prefix: the keys of the whole
+        prefix (block.position indexes it); without it, `block.parent` where its owners
+        include the shard, else none."""
         stored = [False] * len(blocks)
         if not blocks:
             return stored
         await self._ensure_topology()
         nsp = namespace_to_proto(ns)
-        infos = [pb.BlockInfo(namespace_id=ns.id, key=b.key, chain=b.chain, position=b.position,
-                              size=len(b.data), namespace=nsp, parent=b.parent)
-                 for b in blocks]  # fmt: skip
         per_shard: dict[str, list[int]] = {}
         for i, b in enumerate(blocks):
             for sid in self.owners(b.key):
                 per_shard.setdefault(sid, []).append(i)
+        parents = self._local_parents(blocks, prefix, per_shard)
+        infos = {(sid, i): pb.BlockInfo(namespace_id=ns.id, key=b.key, chain=b.chain,
+                                        position=b.position, size=len(b.data), namespace=nsp,
+                                        parent=parents.get((sid, i), self._here(b.parent, sid)))
+                 for sid, idx in per_shard.items() for i in idx
+                 for b in (blocks[i],)}  # fmt: skip
         batches = [(sid, batch) for sid, idx in per_shard.items()
                    for batch in _cut(idx, [len(b.data) for b in blocks],
                                      self.config.max_lookup_keys, self.config.batch_bytes)]  # fmt: skip
@@ -696,7 +708,7 @@ class TierClient:
         async def send(sid: str, idx: list[int]) -> list[pb.BlockStored] | TierError:
             async with self._inflight:
                 try:
-                    return await self._put_batch(sid, [infos[i] for i in idx],
+                    return await self._put_batch(sid, [infos[sid, i] for i in idx],
                                                  [blocks[i].data for i in idx])  # fmt: skip
                 except TierError as e:
                     return e
@@ -716,6 +728,36 @@ class TierClient:
         for e in errors:
             self._absorbed("put", e)
         return stored
+
+    def _here(self, parent: bytes, sid: str) -> bytes:
+        """`parent` when shard `sid` owns it too, else b"" (the shard's tree has no edge)."""
+        return parent if parent and sid in self.owners(parent) else b""
+
+    def _local_parents(
+        self, blocks: Sequence[BlockPut], prefix: Sequence[bytes] | None,
+        per_shard: dict[str, list[int]],
+    ) -> dict[tuple[str, int], bytes]:  # fmt: skip
+        """(shard, block index) -> the key of the nearest earlier block of `prefix` that the
+        shard owns too (b"" when none does); empty without a prefix."""
+        if prefix is None:
+            return {}
+        for b in blocks:
+            if not 0 <= b.position < len(prefix) or prefix[b.position] != b.key:
+                raise ValueError(f"block at position {b.position} is not that key of the prefix")
+        at = {b.position: i for i, b in enumerate(blocks)}
+        owned = {sid: set(idx) for sid, idx in per_shard.items()}
+        last: dict[str, bytes] = {}
+        parents: dict[tuple[str, int], bytes] = {}
+        for position in range(max(at) + 1):
+            key = prefix[position]
+            i = at.get(position)
+            if i is not None:
+                for sid, idx in owned.items():
+                    if i in idx:
+                        parents[sid, i] = last.get(sid, b"")
+            for sid in self.owners(key):
+                last[sid] = key
+        return parents
 
     async def _put_batch(
         self, sid: str, infos: list[pb.BlockInfo], datas: list[bytes]

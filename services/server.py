@@ -160,10 +160,11 @@ def _check_id(value: bytes, what: str) -> None:
 
 
 def _check_parent(info: pb.BlockInfo) -> None:
-    """A block names its parent (the key at position - 1) exactly when it has one."""
+    """A block at position 0 has no parent; another names its nearest ancestor on this shard,
+    or none (empty) when the client places no earlier block of its prefix here."""
     if info.position == 0 and info.parent:
         raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "a block at position 0 has no parent")
-    if info.position > 0:
+    if info.parent:
         _check_id(info.parent, "parent")
 
 

@@ -5,45 +5,115 @@ bytes under store keys that already commit to (tenant, namespace, block key) (se
 `services.security.store_key`), so no tenant or namespace can claim, shadow or evict-by-
 collision another's blocks. It never imports torch or the kernels.
 
-Eviction knows prefixes and resists scans:
-- Blocks are grouped by chain (the key of block 0 of their prefix). Evicting block i of a
-  prefix makes every later block unreachable, so a chain is always eaten from its deepest
-  block towards its head.
-- Chains live in two queues, S3-FIFO style. A new chain enters `probation` (FIFO); a chain
-  that was read while there moves to `main` (LRU) when it reaches the head of probation, one
-  that was not is evicted and remembered in a small `ghost` list (a chain put again while in
-  the ghost list goes straight to main). Probation is held to `probation_fraction` of the
-  budget while main has blocks, so one large scan of blocks read once only cycles probation.
+Eviction knows that stored prefixes form a tree. A block's parent is the block before it in its
+prefix (`put(parent=...)`); real traffic starts almost every request with the same blocks, so
+the root is shared by everything, and a block is worth nothing once an earlier block of its
+prefix is gone (lookups stop at the first miss). The policy:
+
+- Adaptive replacement (ARC, counted in bytes). Blocks seen once live in `recent`, blocks seen
+  again (read, or put again soon after their eviction) in `frequent`, both LRU. Each list has a
+  ghost list of the keys it evicted lately (keys and sizes, no data). A put of a key in the
+  recent ghosts says "recency would have kept it": the recent side's target grows; a put of a
+  key in the frequent ghosts shrinks it. So the split between new and proven blocks follows the
+  traffic instead of a constant, and a scan of blocks read once only cycles `recent`.
+- Leaves first. Touching a block (get or put) also refreshes its parent when the parent lives
+  on this shard, and a batch read touches its blocks deepest first: an ancestor is never older
+  than its descendants in its list, so the LRU end holds leaves. The shard counts each block's
+  local children, and eviction passes over a block that still has some (it goes back to the
+  MRU end: its descendants make it worth keeping). The root everyone shares is touched by every
+  request and never reaches the end.
+- Across shards each shard knows only its own part of a tree: a block whose parent lives
+  elsewhere is a local root, one whose children live elsewhere a local leaf. Nothing is ever
+  wrong: a block whose ancestor another shard evicted is unreachable until that ancestor is put
+  again (then it is a hit again), and meanwhile it ages out like any block nobody reads.
+- Tenant quotas (optional): a tenant over its share of the budget evicts its own least recent
+  leaves first, so one tenant's scan cannot evict another's working set.
+
+Every operation is O(1) amortized (dicts and ordered dicts; the pass over inner blocks at the
+LRU end is bounded). Memory per block beyond its bytes: see `benchmarks/trace_replay.py`
+(measured with tracemalloc).
 """
 
 from __future__ import annotations
 
-import bisect
+import heapq
+import itertools
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 Blob = bytes | bytearray  # a stored block; never mutated once stored
+PutItem = tuple[bytes, bytes, int, "Blob", "bytes | None", "str | None"]
+# (key, chain, position, data, parent key or None, tenant or None)
+
+_PASS_LIMIT = 64  # inner blocks passed over at the LRU end before a victim is taken anyway
+_RAISE_LIMIT = 64  # ancestors one touch refreshes (keeps a put O(log n) however deep)
 
 
 class BlockTooLargeError(ValueError):
-    """A block larger than the whole byte budget of the shard."""
+    """A block larger than the whole byte budget of the shard (or its tenant's quota)."""
 
 
-@dataclass
-class _Entry:
-    chain: bytes
-    position: int
-    data: Blob
+class _Node:
+    """One stored block. `parent` is the parent's node when it was on this shard at put time
+    (a node object, so a parent evicted and put again is a new node: counts stay right).
+    `tick` is the batch that last touched it; `stamp` tells its current heap entries from
+    stale ones."""
+
+    __slots__ = ("chain", "children", "data", "frequent", "key", "live", "parent", "position",
+                 "size", "stamp", "tenant", "tick")  # fmt: skip
+
+    def __init__(
+        self, key: bytes, chain: bytes, position: int, data: Blob, parent: _Node | None,
+        tenant: str | None,
+    ) -> None:  # fmt: skip
+        self.key, self.chain, self.position, self.data = key, chain, position, data
+        self.size = len(data)
+        self.parent, self.tenant = parent, tenant
+        self.children = 0  # live children on this shard
+        self.frequent = False  # in `frequent` (seen twice), else in `recent`
+        self.live = True
+        self.tick = self.stamp = 0
 
 
-@dataclass
-class _Chain:
-    blocks: list[tuple[int, bytes]] = field(default_factory=list)  # (position, key), sorted
-    nbytes: int = 0
-    read: bool = False
-    in_main: bool = False
+class _Queue:
+    """Blocks in eviction order: least recent batch first, and within one batch the deepest
+    block first, so an ancestor touched with its descendants outlives them. A binary heap with
+    lazy deletion: a touch pushes a new entry and stale ones are skipped when they surface;
+    the heap is rebuilt when stale entries outnumber live ones. O(log n) per operation."""
+
+    def __init__(self) -> None:
+        self.heap: list[tuple[int, int, int, _Node]] = []
+        self.nodes: dict[bytes, _Node] = {}
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def push(self, node: _Node) -> None:
+        """(Re)place `node` at its current tick; older entries of it go stale."""
+        if len(self.heap) > 2 * len(self.nodes) + 64:  # amortized O(1): n stale entries first
+            self.heap = [(n.tick, -n.position, n.stamp, n) for n in self.nodes.values()]
+            heapq.heapify(self.heap)
+        heapq.heappush(self.heap, (node.tick, -node.position, node.stamp, node))
+
+    def add(self, node: _Node) -> None:
+        self.nodes[node.key] = node
+        self.bytes += node.size
+        self.push(node)
+
+    def discard(self, node: _Node) -> None:
+        if self.nodes.pop(node.key, None) is not None:
+            self.bytes -= node.size
+
+    def oldest(self) -> _Node:
+        """The block that goes first (not removed)."""
+        while True:
+            _, _, stamp, node = self.heap[0]
+            if self.nodes.get(node.key) is node and node.stamp == stamp:
+                return node
+            heapq.heappop(self.heap)
 
 
 @dataclass
@@ -61,6 +131,8 @@ class StoreStats:
     redis_hits: int = 0
     redis_misses: int = 0
     mismatched_blocks: int = 0
+    bytes_served: int = 0  # bytes of the blocks that get / get_many returned
+    quota_evictions: int = 0  # evictions of a tenant's own blocks to keep it within its quota
 
 
 class BlockStore:
@@ -70,32 +142,47 @@ class BlockStore:
     def __init__(
         self,
         budget_bytes: int,
-        probation_fraction: float = 0.1,
-        ghost_chains: int = 4096,
         on_evict: Callable[[bytes, bytes, int, Blob], None] | None = None,
+        tenant_quota: float | None = None,
+        quotas: Mapping[str, float] | None = None,
     ) -> None:
         """on_evict(key, chain, position, data): told of every evicted block (the Redis tier's
-        "evicted" mode); called with the store's lock held: must not block."""
+        "evicted" mode); called with the store's lock held: must not block.
+        tenant_quota: the share of the budget (0, 1] each authenticated tenant may hold;
+        quotas: per-tenant shares that override it. Blocks stored without a tenant (no
+        authentication) have no quota."""
         if budget_bytes <= 0:
             raise ValueError("budget_bytes must be positive")
-        if not 0.0 < probation_fraction < 1.0:
-            raise ValueError("probation_fraction must lie in (0, 1)")
-        self.budget_bytes = budget_bytes
-        self.probation_fraction = probation_fraction
-        self._ghost_limit = ghost_chains
+        shares = dict(quotas or {})
+        for name, share in [("tenant_quota", tenant_quota), *shares.items()]:
+            if share is not None and not 0.0 < share <= 1.0:
+                raise ValueError(f"quota of {name!r} must lie in (0, 1], got {share}")
+        self._default_share, self._shares = tenant_quota, shares
         self._on_evict = on_evict
-        self._blocks: dict[bytes, _Entry] = {}
-        self._chains: dict[bytes, _Chain] = {}
-        self._probation: OrderedDict[bytes, None] = OrderedDict()
-        self._main: OrderedDict[bytes, None] = OrderedDict()
-        self._ghost: OrderedDict[bytes, None] = OrderedDict()
-        self._probation_bytes = 0
+        self._blocks: dict[bytes, _Node] = {}
+        self._recent, self._frequent = _Queue(), _Queue()
+        self._ghost_recent: OrderedDict[bytes, int] = OrderedDict()  # key -> size, oldest first
+        self._ghost_frequent: OrderedDict[bytes, int] = OrderedDict()
+        self._ghost_bytes = {"recent": 0, "frequent": 0}
+        self._target = 0  # bytes `recent` should hold (ARC's p), adapted by ghost hits
+        self._by_tenant: dict[str, _Queue] = {}  # the blocks of each tenant with a quota
+        self._tick = 0  # one per call: the blocks a batch touches share it
+        self._stamps = itertools.count(1)
         self._lock = threading.Lock()
         self.stats = StoreStats(budget_bytes=budget_bytes)
 
+    @property
+    def budget_bytes(self) -> int:
+        return self.stats.budget_bytes
+
+    def quota_bytes(self, tenant: str | None) -> int | None:
+        """The bytes `tenant` may hold on this shard, or None when it has no quota."""
+        share = None if tenant is None else self._shares.get(tenant, self._default_share)
+        return None if share is None else max(1, int(share * self.stats.budget_bytes))
+
     # -- reads ------------------------------------------------------------------------------
 
-    def leading(self, keys: list[bytes]) -> int:
+    def leading(self, keys: Sequence[bytes]) -> int:
         """How many of `keys`, in order, are present before the first missing one."""
         with self._lock:
             for i, key in enumerate(keys):
@@ -104,18 +191,28 @@ class BlockStore:
             return len(keys)
 
     def get(self, key: bytes) -> Blob | None:
-        """The block's bytes, or None on a miss. A hit marks its chain as read."""
+        """The block's bytes, or None on a miss. A hit makes the block frequent."""
+        return self.get_many([key])[0]
+
+    def get_many(self, keys: Sequence[bytes]) -> list[Blob | None]:
+        """`get` of each key, under one lock, as one batch: the blocks found share one tick."""
         with self._lock:
-            entry = self._blocks.get(key)
-            if entry is None:
-                self.stats.misses += 1
-                return None
-            self.stats.hits += 1
-            chain = self._chains[entry.chain]
-            chain.read = True
-            if chain.in_main:
-                self._main.move_to_end(entry.chain)
-            return entry.data
+            self._tick += 1
+            return [self._read(key) for key in keys]
+
+    def _read(self, key: bytes) -> Blob | None:
+        node = self._blocks.get(key)
+        if node is None:
+            self.stats.misses += 1
+            return None
+        self.stats.hits += 1
+        self.stats.bytes_served += node.size
+        if not node.frequent:
+            self._recent.discard(node)
+            node.frequent = True
+            self._frequent.add(node)
+        self._touch(node)
+        return node.data
 
     def __contains__(self, key: bytes) -> bool:
         with self._lock:
@@ -138,84 +235,204 @@ class BlockStore:
 
     # -- writes -----------------------------------------------------------------------------
 
-    def put(self, key: bytes, chain: bytes, position: int, data: Blob) -> bool:
-        """Store a block; False (and no work) when the key is already present."""
-        if len(data) > self.budget_bytes:
-            raise BlockTooLargeError(
-                f"block of {len(data)} bytes exceeds the shard budget of {self.budget_bytes}"
-            )
-        with self._lock:
-            if key in self._blocks:
-                self.stats.put_existing += 1
-                return False
-            ch = self._chains.get(chain)
-            if ch is None:
-                ch = self._chains[chain] = _Chain()
-                if chain in self._ghost:
-                    del self._ghost[chain]
-                    ch.in_main = True
-                    self._main[chain] = None
-                else:
-                    self._probation[chain] = None
-            elif ch.in_main:
-                self._main.move_to_end(chain)
-            bisect.insort(ch.blocks, (position, key))
-            self._account(ch, len(data))
-            self._blocks[key] = _Entry(chain, position, data)
-            self.stats.puts += 1
-            while self.stats.bytes > self.budget_bytes:
-                self._evict_one()
-            self.stats.blocks = len(self._blocks)
-            return True
+    def put(
+        self, key: bytes, chain: bytes, position: int, data: Blob, parent: bytes | None = None,
+        tenant: str | None = None,
+    ) -> bool:  # fmt: skip
+        """Store a block; False (and no work but a touch) when the key is already present.
+        `parent`: the store key of the nearest earlier block of its prefix on this shard (None
+        at position 0 or when there is none); a block whose parent is absent is unreachable
+        (lookups stop at the gap) and goes first. `tenant`: whose quota it counts against."""
+        return self.put_many([(key, chain, position, data, parent, tenant)])[0]
 
-    def delete(self, keys: list[bytes]) -> set[bytes]:
+    def put_many(self, items: Sequence[PutItem]) -> list[bool]:
+        """`put` of each item in order (parents before children), under one lock, as one
+        batch; a block too large for the budget or its tenant's quota raises
+        BlockTooLargeError before anything is stored."""
+        for _, _, _, data, _, tenant in items:
+            limit = min(self.stats.budget_bytes, self.quota_bytes(tenant) or len(data))
+            if len(data) > limit:
+                raise BlockTooLargeError(
+                    f"block of {len(data)} bytes exceeds the {limit} bytes this shard can "
+                    "hold for it"
+                )
+        with self._lock:
+            self._tick += 1
+            stored = [self._put(*item) for item in items]
+            self.stats.blocks = len(self._blocks)
+            return stored
+
+    def _put(
+        self, key: bytes, chain: bytes, position: int, data: Blob, parent: bytes | None,
+        tenant: str | None,
+    ) -> bool:  # fmt: skip
+        old = self._blocks.get(key)
+        if old is not None:
+            self.stats.put_existing += 1
+            self._touch(old)
+            return False
+        size = len(data)
+        if size > self.stats.budget_bytes:  # the budget shrank since the size check
+            self.stats.rejected += 1
+            return False
+        up = None if parent is None else self._blocks.get(parent)
+        node = _Node(key, chain, position, data, up, tenant)
+        node.frequent = self._ghost_hit(key, size)
+        self._blocks[key] = node
+        if up is not None:
+            up.children += 1
+        quota = self.quota_bytes(tenant)
+        if quota is not None:
+            assert tenant is not None
+            self._by_tenant.setdefault(tenant, _Queue())
+        if parent is not None and up is None:  # its ancestor here is gone: unreachable
+            node.tick = 0  # until that ancestor is put again, so it goes first
+            self._place(node)
+        else:
+            self._touch(node)
+        self.stats.puts += 1
+        self.stats.bytes += size
+        if quota is not None:
+            own = self._by_tenant[node.tenant or ""]
+            while own.bytes > quota:
+                self._evict(self._victim(own))
+                self.stats.quota_evictions += 1
+        while self.stats.bytes > self.stats.budget_bytes:
+            self._evict(self._replacement())
+        return True
+
+    def _ghost_hit(self, key: bytes, size: int) -> bool:
+        """ARC's adaptation when a block evicted lately is put again: a recent ghost says
+        recency would have kept it (the recent side's target grows), a frequent ghost the
+        opposite. Returns whether it was a ghost (it goes to the frequent side then)."""
+        b1, b2 = self._ghost_bytes["recent"], self._ghost_bytes["frequent"]
+        if key in self._ghost_recent:
+            step = max(size, size * b2 // max(b1, 1))
+            self._target = min(self.stats.budget_bytes, self._target + step)
+            self._ghost_bytes["recent"] -= self._ghost_recent.pop(key)
+            return True
+        if key in self._ghost_frequent:
+            step = max(size, size * b1 // max(b2, 1))
+            self._target = max(0, self._target - step)
+            self._ghost_bytes["frequent"] -= self._ghost_frequent.pop(key)
+            return True
+        return False
+
+    def delete(self, keys: Sequence[bytes]) -> set[bytes]:
         """Remove the given blocks; returns the keys that were present."""
         with self._lock:
             deleted = set()
             for key in keys:
-                if key in self._blocks:
-                    self._remove(key, remember=False)
+                node = self._blocks.get(key)
+                if node is not None:
+                    self._remove(node)
                     deleted.add(key)
             self.stats.blocks = len(self._blocks)
             return deleted
 
+    def resize(self, budget_bytes: int) -> int:
+        """Set a new budget (e.g. smaller under node memory pressure, back when it passes) and
+        evict down to it; returns the bytes evicted."""
+        if budget_bytes <= 0:
+            raise ValueError("budget_bytes must be positive")
+        with self._lock:
+            before = self.stats.bytes
+            self.stats.budget_bytes = budget_bytes
+            self._target = min(self._target, budget_bytes)
+            while self.stats.bytes > budget_bytes:
+                self._evict(self._replacement())
+            self._trim_ghosts()
+            self.stats.blocks = len(self._blocks)
+            return before - self.stats.bytes
+
+    # -- recency ----------------------------------------------------------------------------
+
+    def _queue(self, node: _Node) -> _Queue:
+        return self._frequent if node.frequent else self._recent
+
+    def _touch(self, node: _Node) -> None:
+        """Give `node` this batch's tick, and its ancestors on this shard too (up to the first
+        that has it already, at most `_RAISE_LIMIT`): an ancestor never goes before its
+        descendants. A batch that reads or writes a prefix walks each ancestor once; beyond the
+        limit, `_victim` passes over an ancestor that still has children."""
+        tick = self._tick
+        for _ in range(_RAISE_LIMIT):
+            node.tick = tick
+            self._place(node)
+            up = node.parent
+            if up is None or not up.live or up.tick >= tick:
+                return
+            node = up
+
+    def _place(self, node: _Node) -> None:
+        """(Re)queue `node` at its tick, in its side's queue and its tenant's."""
+        node.stamp = next(self._stamps)
+        own = None if node.tenant is None else self._by_tenant.get(node.tenant)
+        for queue in (self._queue(node), own):
+            if queue is None:
+                continue
+            if node.key in queue.nodes:
+                queue.push(node)
+            else:
+                queue.add(node)
+
     # -- eviction ---------------------------------------------------------------------------
 
-    def _account(self, ch: _Chain, delta: int) -> None:
-        ch.nbytes += delta
-        self.stats.bytes += delta
-        if not ch.in_main:
-            self._probation_bytes += delta
+    def _replacement(self) -> _Node:
+        """ARC's choice: the recent side while it holds more than its target, else the
+        frequent side (or whichever is not empty)."""
+        use_recent = self._recent.bytes > self._target or not self._frequent
+        queue = self._recent if use_recent and self._recent else self._frequent
+        return self._victim(queue)
 
-    def _evict_one(self) -> None:
-        limit = self.probation_fraction * self.budget_bytes
-        from_probation = bool(self._probation) and (not self._main or self._probation_bytes > limit)
-        queue = self._probation if from_probation else self._main
-        chain_id = next(iter(queue))
-        ch = self._chains[chain_id]
-        if from_probation and ch.read:  # read while on probation: promote, evict elsewhere
-            del self._probation[chain_id]
-            self._probation_bytes -= ch.nbytes
-            ch.in_main, ch.read = True, False
-            self._main[chain_id] = None
-            return
-        _, key = ch.blocks[-1]  # the deepest block of the least valuable chain
-        entry = self._blocks[key]
-        self._remove(key, remember=from_probation)
+    def _victim(self, queue: _Queue) -> _Node:
+        """The first leaf of `queue` to go (a block with no children on this shard), passing
+        over inner blocks (their descendants came later: they are refreshed). The block being
+        stored is no exception: when it is the least valuable (the newest, deepest block of a
+        prefix longer than the room, or one whose parent is gone), it goes. After
+        `_PASS_LIMIT` passes the first inner block is taken anyway."""
+        first = None
+        for _ in range(min(_PASS_LIMIT, len(queue))):
+            node = queue.oldest()
+            if node.children == 0:
+                return node
+            first = first or node
+            node.tick = self._tick
+            self._place(node)
+        assert first is not None
+        return first
+
+    def _evict(self, node: _Node) -> None:
+        """Evict to the ghost list of the node's side, and tell `on_evict`."""
+        side = "frequent" if node.frequent else "recent"
+        self._remove(node)
+        (self._ghost_frequent if node.frequent else self._ghost_recent)[node.key] = node.size
+        self._ghost_bytes[side] += node.size
+        self._trim_ghosts()
         self.stats.evictions += 1
         if self._on_evict is not None:
-            self._on_evict(key, entry.chain, entry.position, entry.data)
+            self._on_evict(node.key, node.chain, node.position, node.data)
 
-    def _remove(self, key: bytes, remember: bool) -> None:
-        entry = self._blocks.pop(key)
-        ch = self._chains[entry.chain]
-        ch.blocks.remove((entry.position, key))
-        self._account(ch, -len(entry.data))
-        if ch.blocks:
-            return
-        del self._chains[entry.chain]
-        (self._main if ch.in_main else self._probation).pop(entry.chain)
-        if remember:
-            self._ghost[entry.chain] = None
-            if len(self._ghost) > self._ghost_limit:
-                self._ghost.popitem(last=False)
+    def _remove(self, node: _Node) -> None:
+        del self._blocks[node.key]
+        self._queue(node).discard(node)
+        node.live = False
+        self.stats.bytes -= node.size
+        if node.parent is not None:
+            if node.parent.live:
+                node.parent.children -= 1
+            node.parent = None  # no chain of dead nodes is kept alive
+        own = None if node.tenant is None else self._by_tenant.get(node.tenant)
+        if own is not None:
+            own.discard(node)
+
+    def _trim_ghosts(self) -> None:
+        """Each side's ghosts remember up to one budget of the bytes it evicted last, and no
+        more keys than the store holds blocks (+1), so ghosts of tiny blocks cannot outgrow
+        the blocks' own metadata. (ARC proper drops a recent block's ghost when recent blocks
+        fill the cache; here a block comes back only by being put again after a miss, so
+        that is exactly the reuse the recent side must be told about.)"""
+        budget, g, most = self.stats.budget_bytes, self._ghost_bytes, len(self._blocks) + 1
+        for side, ghosts in (("recent", self._ghost_recent), ("frequent", self._ghost_frequent)):
+            while ghosts and (g[side] > budget or len(ghosts) > most):
+                g[side] -= ghosts.popitem(last=False)[1]

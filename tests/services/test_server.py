@@ -215,10 +215,6 @@ BAD_PUTS = {
         lambda d: put_msgs(NS, KEY, d, parent=bytes(32)),
         Code.INVALID_ARGUMENT,
     ),
-    "no parent at position 1": (
-        lambda d: put_msgs(NS, KEY, d, position=1, parent=b""),
-        Code.INVALID_ARGUMENT,
-    ),
     "parent of 31 bytes": (
         lambda d: put_msgs(NS, KEY, d, position=1, parent=bytes(31)),
         Code.INVALID_ARGUMENT,

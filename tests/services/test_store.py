@@ -1,4 +1,6 @@
-"""The shard's block store: byte bound, immutability, tail-first and scan-resistant eviction."""
+"""The shard's block store: byte bound, immutability, and eviction that knows prefix trees
+(leaves first, roots last), adapts between recency and frequency, resists scans, and keeps
+tenants within their quotas."""
 
 from __future__ import annotations
 
@@ -26,11 +28,14 @@ def key(chain: int, pos: int, branch: int = 0, ns: bytes = NS) -> bytes:
 
 
 def put_chain(
-    store: BlockStore, chain: int, blocks: int, size: int = 100, branch: int = 0
-) -> list[bytes]:
+    store: BlockStore, chain: int, blocks: int, size: int = 100, branch: int = 0,
+    tenant: str | None = None,
+) -> list[bytes]:  # fmt: skip
+    """A prefix of `blocks` blocks, put one block per call, each naming its parent."""
     keys = [key(chain, p, 0 if p < 2 else branch) for p in range(blocks)]
     for p, k in enumerate(keys):
-        store.put(k, keys[0], p, bytes([p % 256]) * size)
+        parent = keys[p - 1] if p else None
+        store.put(k, keys[0], p, bytes([p % 256]) * size, parent=parent, tenant=tenant)
     return keys
 
 
@@ -85,18 +90,86 @@ def test_one_large_scan_does_not_flush_a_reused_prefix() -> None:
     assert store.stats.bytes <= 2000
 
 
-def test_a_chain_evicted_from_probation_and_put_again_is_kept() -> None:
-    store = BlockStore(1000, probation_fraction=0.3)
+def test_a_block_evicted_unread_and_put_again_is_kept_over_new_ones() -> None:
+    store = BlockStore(1000)
     put_chain(store, 0, 2)
-    store.get(key(0, 0))
-    for chain in range(1, 10):  # chain 0 is promoted; chain 1 leaves probation unread
+    for chain in range(1, 10):  # chain 0 leaves memory unread, remembered as a ghost
         put_chain(store, chain, 2)
-    assert key(1, 0) not in store
-    again = put_chain(store, 1, 2)  # seen again while remembered: straight to main
+    assert key(0, 0) not in store
+    again = put_chain(store, 0, 2)  # seen again while remembered: proven, kept over new blocks
     for chain in range(10, 40):
         put_chain(store, chain, 2)
     assert all(k in store for k in again)
     assert key(5, 0) not in store  # its peers that were not seen twice are gone
+
+
+def test_a_root_shared_by_every_prefix_outlives_them_all() -> None:
+    store = BlockStore(2000)  # 20 blocks
+    root = key(0, 0)
+    store.put(root, root, 0, b"r" * 100)
+    for c in range(1, 100):  # each request: the root, then 3 blocks of its own
+        mine = [key(c, p) for p in (1, 2, 3)]
+        assert store.get(root) is not None  # every request reads the shared root
+        for p, k in enumerate(mine, 1):
+            store.put(k, root, p, b"x" * 100, parent=root if p == 1 else mine[p - 2])
+    assert root in store and store.stats.bytes <= 2000
+    # what is left of the prefixes are usable prefixes: no block without its parent
+    for c in range(1, 100):
+        present = [key(c, p) in store for p in (1, 2, 3)]
+        assert present == sorted(present, reverse=True)
+
+
+def test_a_tenant_over_its_quota_evicts_its_own_blocks_first() -> None:
+    store = BlockStore(2000, tenant_quota=0.5)
+    a = [k for c in range(3) for k in put_chain(store, c, 3, tenant="a")]  # 900 bytes
+    for k in a:
+        assert store.get(k) is not None
+    for c in range(10, 60):  # tenant b scans 15x its quota
+        put_chain(store, c, 3, tenant="b")
+    assert all(k in store for k in a)  # a's working set is untouched
+    assert store.quota_bytes("b") == 1000 and store.stats.quota_evictions > 0
+    held_b = store.stats.bytes - 900
+    assert 0 < held_b <= 1000
+    assert store.quota_bytes(None) is None  # unauthenticated blocks have no quota
+
+
+def test_quotas_per_tenant_override_the_default_and_bound_block_size() -> None:
+    store = BlockStore(1000, tenant_quota=0.5, quotas={"small": 0.1})
+    assert store.quota_bytes("small") == 100 and store.quota_bytes("other") == 500
+    with pytest.raises(BlockTooLargeError):
+        store.put(key(0, 0), key(0, 0), 0, b"x" * 101, tenant="small")
+    with pytest.raises(ValueError):
+        BlockStore(1000, tenant_quota=1.5)
+    with pytest.raises(ValueError):
+        BlockStore(1000, quotas={"t": 0.0})
+
+
+def test_resize_evicts_down_to_a_smaller_budget_and_grows_back() -> None:
+    store = BlockStore(1000)
+    keys = put_chain(store, 0, 10)
+    assert store.resize(400) == 600 and store.stats.bytes == 400
+    assert store.leading(keys) == 4  # the prefix lost its tail, not its head
+    assert store.resize(1000) == 0
+    put_chain(store, 1, 6)
+    assert store.stats.bytes == 1000 and store.budget_bytes == 1000
+    with pytest.raises(ValueError):
+        store.resize(0)
+
+
+def test_get_many_and_put_many_are_gets_and_puts_in_one_batch() -> None:
+    store = BlockStore(10_000)
+    keys = [key(0, p) for p in range(4)]
+    items = [(k, keys[0], p, bytes([p]) * 10, keys[p - 1] if p else None, None)
+             for p, k in enumerate(keys)]  # fmt: skip
+    assert store.put_many(items) == [True] * 4
+    assert store.put_many(items[:1]) == [False]
+    assert store.get_many([*keys, key(9, 9)]) == [bytes([p]) * 10 for p in range(4)] + [None]
+    s = store.snapshot()
+    assert (s.hits, s.misses, s.bytes_served, s.put_existing) == (4, 1, 40, 1)
+    with pytest.raises(BlockTooLargeError):  # checked before anything of the batch is stored
+        store.put_many([(key(1, 0), key(1, 0), 0, b"x", None, None),
+                        (key(1, 1), key(1, 0), 1, b"x" * 20_000, None, None)])  # fmt: skip
+    assert key(1, 0) not in store
 
 
 def test_a_block_larger_than_the_budget_is_refused() -> None:
@@ -119,12 +192,14 @@ def test_a_block_larger_than_the_budget_is_refused() -> None:
     )
 )
 def test_byte_bound_and_accounting_hold_under_any_sequence(ops) -> None:
-    store = BlockStore(1500)
+    store = BlockStore(1500, tenant_quota=0.6)
     sizes: dict[bytes, int] = {}
     for op, chain, pos, size in ops:
         k = key(chain, pos)
         if op == "put":
-            if store.put(k, key(chain, 0), pos, b"x" * size):
+            parent = key(chain, pos - 1) if pos else None
+            tenant = "t" if chain % 2 else None
+            if store.put(k, key(chain, 0), pos, b"x" * size, parent=parent, tenant=tenant):
                 sizes[k] = size
         elif op == "get":
             data = store.get(k)
@@ -133,6 +208,8 @@ def test_byte_bound_and_accounting_hold_under_any_sequence(ops) -> None:
             store.delete([k])
         present = [k for k in sizes if k in store]
         assert store.stats.bytes == sum(sizes[k] for k in present) <= 1500
+        odd = [k for c in range(1, 8, 2) for p in range(10) if (k := key(c, p)) in store]
+        assert sum(sizes[k] for k in odd) <= store.quota_bytes("t") == 900
         assert store.stats.blocks == len(store) == len(present)
 
 
