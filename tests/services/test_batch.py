@@ -287,3 +287,31 @@ def test_get_many_asks_the_next_owner_and_absorbs_a_failed_shard(shards) -> None
 
     assert run(go()) == blobs
     assert absorbed == []
+
+
+def test_each_shard_links_a_block_to_the_nearest_earlier_block_it_holds(shards) -> None:
+    """put_many(prefix=...) names, to each owner, the nearest earlier block of the prefix that
+    owner holds too: the shard's part of the prefix tree is a chain, whatever the ring does."""
+    keys, blobs = prefix(22_000, 16)
+    puts = [BlockPut(k, keys[0], i, b) for i, (k, b) in enumerate(zip(keys, blobs, strict=True))]
+
+    async def go():
+        tier = TierClient(shards[0].address, TCP)
+        try:
+            await tier.put_many(NS, puts, prefix=keys)
+            with pytest.raises(ValueError, match="not that key"):
+                await tier.put_many(NS, puts[1:2], prefix=keys[:1])
+            return [tier.owners(k) for k in keys]
+        finally:
+            await tier.close()
+
+    owners = run(go())
+    links = 0
+    for s in shards:
+        mine = [i for i, own in enumerate(owners) if s.shard_id in own]
+        for before, i in zip([None, *mine], mine, strict=False):
+            node = s.store._blocks[store_key(None, NS.id, keys[i])]
+            parent = None if before is None else store_key(None, NS.id, keys[before])
+            assert (node.parent.key if node.parent else None) == parent
+            links += node.parent is not None
+    assert links >= 16  # replication 2: 32 placements, 3 of them first on their shard
