@@ -33,6 +33,17 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
+def parse_share(text: str) -> float:
+    """'0.25' -> 0.25: a share of a budget, in (0, 1]."""
+    try:
+        share = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r} (e.g. 0.25)") from None
+    if not 0.0 < share <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1]")
+    return share
+
+
 def serve(args: argparse.Namespace) -> None:
     """Start (or grow) a tier and keep it up until SIGINT/SIGTERM."""
     import logging
@@ -49,7 +60,7 @@ def serve(args: argparse.Namespace) -> None:
             metrics_port=None if args.metrics_port < 0 else args.metrics_port,
             redis_url=args.redis, redis_ttl_s=args.redis_ttl, redis_mode=args.redis_mode,
             security=security, per_node_ports=args.per_node_ports, health_port=args.health_port,
-            memory_reserve_bytes=args.memory_reserve,
+            memory_reserve_bytes=args.memory_reserve, tenant_quota=args.tenant_quota,
         )  # fmt: skip
         check_exposure(config, insecure=args.insecure)  # before Ray starts
         if args.address is None and security.tls:  # the shards run here: read their files now
@@ -266,8 +277,14 @@ def build_parser() -> argparse.ArgumentParser:
     p_serve.add_argument(
         "--auth-tokens",
         default=None,
-        help='JSON file {"token": "tenant"}: per-tenant token authentication (needs TLS)',
+        help='JSON file {"token": "tenant"} or {"token": {"tenant": "name", "quota": 0.25}}: '
+        "per-tenant token authentication (needs TLS), per-tenant quotas",
     )
+    p_serve.add_argument(
+        "--tenant-quota", type=parse_share, default=None, metavar="FRACTION",
+        help="each tenant's share (0, 1] of every shard's budget: a tenant over it evicts its "
+        "own blocks first (needs --auth-tokens; the tokens file may give a tenant its own)",
+    )  # fmt: skip
     p_serve.add_argument(
         "--insecure", action="store_true",
         help="allow a non-loopback --host without TLS and --auth-tokens (trusted networks only)",
@@ -362,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
+        if args.tenant_quota is not None and args.auth_tokens is None:
+            build_parser().error("--tenant-quota needs --auth-tokens: quotas are per tenant")
         serve(args)
     elif args.command == "ingest":
         ingest(args)

@@ -2,9 +2,9 @@
 
 Where it stands: beside the gRPC servicer of each shard. Request counts and durations are
 observed by the servicer per method and status code; the store's figures (bytes used and
-capacity, blocks, evictions, checksum failures, hits and misses, bytes served, Redis tier hits
-and misses) are read from the store at scrape time, so there is one source of truth and no
-double count.
+capacity, blocks, evictions (and those that kept a tenant within its quota), checksum failures,
+hits and misses, bytes served, Redis tier hits and misses) are read from the store at scrape
+time, so there is one source of truth and no double count.
 
 Names follow `kvpool_<subsystem>_<name>_<unit>`, counters end in `_total`, base units
 (seconds, bytes); labels are bounded: `method` (the RPC names) and `code` (gRPC status names).
@@ -39,6 +39,10 @@ class _StoreCollector(Collector):
             yield GaugeMetricFamily(f"kvpool_shard_{name}", doc, value=value)
         counters = {
             "evictions": ("blocks evicted to stay within the budget", s.evictions),
+            "quota_evictions": (
+                "blocks of a tenant evicted to keep it within its quota (also in evictions)",
+                s.quota_evictions,
+            ),
             "checksum_failures": (
                 "stored blocks dropped because their crc32 failed",
                 s.checksum_failures,

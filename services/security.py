@@ -9,6 +9,9 @@ and tokens is in client/transport.py.
   tenant and answers UNAUTHENTICATED otherwise. Blocks are stored under keys scoped by tenant
   and namespace (`store_key`), so a tenant can never read, overwrite or shadow another
   tenant's blocks, even knowing their keys.
+- Tenant quotas: the tokens file may give a tenant its share of each shard's budget
+  (`{"<token>": {"tenant": "<tenant>", "quota": 0.25}}`); the shard's BlockStore keeps the
+  tenant within it (`quotas`, and `kvpool serve --tenant-quota` for the default share).
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ class ServerSecurity:
     cert_file: str | None = None  # PEM server certificate (chain)
     key_file: str | None = None
     client_ca_file: str | None = None  # set: mutual TLS, clients must present a certificate
-    tokens_file: str | None = None  # JSON {"<token>": "<tenant>"}; needs TLS
+    # JSON {"<token>": "<tenant>" | {"tenant": "<tenant>", "quota": share}}; needs TLS
+    tokens_file: str | None = None
 
     def __post_init__(self) -> None:
         if (self.cert_file is None) != (self.key_file is None):
@@ -54,12 +58,68 @@ class ServerSecurity:
         """token -> tenant, or None when authentication is off."""
         if not self.tokens_file:
             return None
-        tokens = json.loads(Path(self.tokens_file).read_text())
-        if not isinstance(tokens, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) and k and v for k, v in tokens.items()
-        ):
-            raise ValueError(f"{self.tokens_file}: expected a JSON object of token -> tenant")
-        return tokens
+        return read_tokens(self.tokens_file)[0]
+
+    def quotas(self) -> dict[str, float]:
+        """tenant -> its share (0, 1] of each shard's budget, for the tenants whose tokens
+        give one; empty when authentication is off."""
+        if not self.tokens_file:
+            return {}
+        return read_tokens(self.tokens_file)[1]
+
+
+def read_tokens(path: str) -> tuple[dict[str, str], dict[str, float]]:
+    """(token -> tenant, tenant -> quota) from the JSON tokens file at `path`. Each entry is
+    `"token": "tenant"` or `"token": {"tenant": "tenant", "quota": share}` (quota optional, in
+    (0, 1]); a tenant's tokens that give a quota must give the same one. ValueError naming the
+    file and the entry otherwise (by its place in the file, never its token: errors end up in
+    logs)."""
+    try:
+        entries = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON: {e}") from None
+    if not isinstance(entries, dict):
+        raise ValueError(f"{path}: expected a JSON object of token -> tenant")
+    tenants: dict[str, str] = {}
+    quotas: dict[str, float] = {}
+    for i, (token, entry) in enumerate(entries.items(), 1):
+        where = f"{path}: entry {i}"
+        tenant, quota = _entry(where, token, entry)
+        if quota is not None and quotas.setdefault(tenant, quota) != quota:
+            raise ValueError(
+                f"{where}: tenant {tenant!r} has quota {quota} here and {quotas[tenant]} on "
+                "another of its tokens"
+            )
+        tenants[token] = tenant
+    return tenants, quotas
+
+
+def _entry(where: str, token: str, entry: object) -> tuple[str, float | None]:
+    """(tenant, quota or None) of one tokens-file entry; ValueError saying what is wrong."""
+
+    def bad(why: str) -> ValueError:
+        return ValueError(f"{where}: {why}, got {json.dumps(entry)}")
+
+    if not token:
+        raise bad("the token is empty")
+    if isinstance(entry, str):
+        if not entry:
+            raise bad("the tenant is empty")
+        return entry, None
+    if not isinstance(entry, dict):
+        raise bad('expected "tenant" or {"tenant": "name", "quota": share}')
+    unknown = sorted(set(entry) - {"tenant", "quota"})
+    if unknown:
+        raise bad(f"unknown keys {unknown} (known: tenant, quota)")
+    tenant = entry.get("tenant")
+    if not isinstance(tenant, str) or not tenant:
+        raise bad("the tenant must be a non-empty string")
+    if "quota" not in entry:
+        return tenant, None
+    quota = entry["quota"]
+    if isinstance(quota, bool) or not isinstance(quota, int | float) or not 0.0 < quota <= 1.0:
+        raise bad("the quota must be a number in (0, 1]")
+    return tenant, float(quota)
 
 
 def tenant_of(

@@ -230,10 +230,12 @@ class Shard:
         picked_port: bool = False,
         reserve_bytes: int | None = None,
         pressure_period_s: float = 1.0,
+        tenant_quota: float | None = None,
     ) -> None:
         """picked_port: `port` was picked by the tier, not the operator: another free port is
         taken if it cannot be had. reserve_bytes: the available memory below which the shard
-        gives memory back (None: `default_reserve()`; 0: never)."""
+        gives memory back (None: `default_reserve()`; 0: never). tenant_quota: each tenant's
+        default share of the budget; the tokens file's per-tenant quotas override it."""
         logging.basicConfig(level=logging.INFO)
         fixed_mmap_threshold()
         if picked_port and port and not port_free(host, port):
@@ -246,7 +248,8 @@ class Shard:
         self._cached: tuple[float, pb.TopologyResponse] | None = None
         redis = RedisTier(redis_url, redis_ttl_s, redis_mode) if redis_url else None
         spill = redis.offer if redis is not None and redis.mode == "evicted" else None
-        store = BlockStore(budget_bytes, on_evict=spill)
+        quotas = security.quotas() if security is not None else {}
+        store = BlockStore(budget_bytes, on_evict=spill, tenant_quota=tenant_quota, quotas=quotas)
         self.server = ShardServer(
             store, shard_id, topology=self._topology,
             host=host, port=port, advertise_host=advertise_host, limits=Limits(),

@@ -65,12 +65,20 @@ class TierConfig:
     # the node's memory; 0: never); see services/shard.py yield_memory
     memory_reserve_bytes: int | None = None
     pressure_period_s: float = 1.0  # how often shards check the node's memory
+    # each tenant's default share (0, 1] of every shard's budget (None: no quota); the tokens
+    # file may give a tenant its own (services/security.py). Needs tenant tokens.
+    tenant_quota: float | None = None
 
     def __post_init__(self) -> None:
         if self.shards < 0 or self.budget_bytes <= 0 or self.replication < 1:
             raise ValueError("shards >= 0, budget_bytes > 0 and replication >= 1 are required")
         if self.stale_after_s <= 0:
             raise ValueError("stale_after_s must be > 0")
+        if self.tenant_quota is not None:
+            if not 0.0 < self.tenant_quota <= 1.0:
+                raise ValueError(f"tenant_quota must lie in (0, 1], got {self.tenant_quota}")
+            if self.security.tokens_file is None:
+                raise ValueError("tenant_quota needs tenant tokens (security.tokens_file)")
 
     def shard_ports(self, index: int) -> tuple[int, int | None, int | None]:
         """(gRPC, /metrics, health) ports of shard `index`: each fixed port counts up by the
@@ -162,7 +170,7 @@ class Tier:
                 config.name, sid, config.budget_bytes, config.host, port, None, metrics,
                 config.redis_url, config.redis_ttl_s, config.redis_mode, config.security, health,
                 picked_port=picked, reserve_bytes=config.memory_reserve_bytes,
-                pressure_period_s=config.pressure_period_s,
+                pressure_period_s=config.pressure_period_s, tenant_quota=config.tenant_quota,
             )  # fmt: skip
         self.shards.update(handles)
         self.tls = config.security.tls

@@ -108,6 +108,8 @@ def test_shard_and_client_metrics_follow_a_workload(tier) -> None:
     assert delta("kvpool_shard_served_bytes_total") == received
     assert value(after, "kvpool_shard_capacity_bytes") == 2 * (32 << 20)
     assert value(after, "kvpool_shard_evictions_total") == 0
+    assert ("kvpool_shard_quota_evictions_total", ()) in after  # exported; no quotas here
+    assert value(after, "kvpool_shard_quota_evictions_total") == 0
     assert ("kvpool_shard_mismatched_blocks_total", ()) in after  # exported; no Redis here
     assert value(after, "kvpool_shard_mismatched_blocks_total") == 0
 

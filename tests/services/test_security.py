@@ -214,12 +214,58 @@ def test_a_ray_tier_with_tls_and_tokens(ray_session, pki) -> None:
         tier.shutdown()
 
 
-@pytest.mark.parametrize("content", ['["token-a"]', '{"token-a": 1}', '{"": "tenant"}'])
-def test_a_malformed_tokens_file_is_refused(pki, tmp_path, content) -> None:
-    bad = tmp_path / "tokens.json"
-    bad.write_text(content)
-    security = ServerSecurity(
-        str(pki / "server.crt"), str(pki / "server.key"), tokens_file=str(bad)
-    )
-    with pytest.raises(ValueError):
-        security.tenants()
+def tokens_security(pki: Path, path: Path, content: str) -> ServerSecurity:
+    path.write_text(content)
+    return ServerSecurity(str(pki / "server.crt"), str(pki / "server.key"), tokens_file=str(path))
+
+
+def test_the_tokens_file_gives_tenants_and_their_quotas(pki, tmp_path) -> None:
+    old = tokens_security(pki, tmp_path / "old.json", '{"token-a": "a", "token-b": "b"}')
+    assert old.tenants() == {"token-a": "a", "token-b": "b"} and old.quotas() == {}
+    new = tokens_security(pki, tmp_path / "new.json", json.dumps({
+        "token-a": "a",  # the old form still works beside the new one
+        "token-b": {"tenant": "b", "quota": 0.25},
+        "token-b2": {"tenant": "b"},  # a second token of b: b's quota stands
+        "token-b3": {"tenant": "b", "quota": 0.25},
+        "token-c": {"tenant": "c", "quota": 1},
+    }))  # fmt: skip
+    assert new.tenants() == {
+        "token-a": "a", "token-b": "b", "token-b2": "b", "token-b3": "b", "token-c": "c"
+    }  # fmt: skip
+    assert new.quotas() == {"b": 0.25, "c": 1.0}
+    assert ServerSecurity().quotas() == {} and ServerSecurity().tenants() is None
+
+
+@pytest.mark.parametrize(
+    "content,why",
+    [
+        ('["token-a"]', "expected a JSON object"),
+        ("{", "not JSON"),
+        ('{"token-a": 1}', "entry 1: expected"),
+        ('{"": "tenant"}', "entry 1: the token is empty"),
+        ('{"token-a": ""}', "entry 1: the tenant is empty"),
+        ('{"token-a": "a", "token-b": {"tenant": 5}}', "entry 2: the tenant must be"),
+        ('{"token-a": {"quota": 0.5}}', "entry 1: the tenant must be"),
+        ('{"token-a": {"tenant": "a", "share": 0.5}}', "entry 1: unknown keys ['share']"),
+        ('{"token-a": {"tenant": "a", "quota": 0}}', "entry 1: the quota must be"),
+        ('{"token-a": {"tenant": "a", "quota": 1.5}}', "entry 1: the quota must be"),
+        ('{"token-a": {"tenant": "a", "quota": -0.5}}', "entry 1: the quota must be"),
+        ('{"token-a": {"tenant": "a", "quota": "0.5"}}', "entry 1: the quota must be"),
+        ('{"token-a": {"tenant": "a", "quota": true}}', "entry 1: the quota must be"),
+        ('{"token-a": {"tenant": "a", "quota": null}}', "entry 1: the quota must be"),
+        ('{"token-a": {"tenant": "a", "quota": NaN}}', "entry 1: the quota must be"),
+        (
+            '{"token-a": {"tenant": "a", "quota": 0.5}, "token-b": {"tenant": "a", "quota": 0.25}}',
+            "entry 2: tenant 'a' has quota 0.25 here and 0.5",
+        ),
+    ],
+)
+def test_a_malformed_tokens_file_is_refused(pki, tmp_path, content, why) -> None:
+    path = tmp_path / "tokens.json"
+    security = tokens_security(pki, path, content)
+    for read in (security.tenants, security.quotas):
+        with pytest.raises(ValueError) as e:
+            read()
+        message = str(e.value)
+        assert message.startswith(f"{path}: ") and why in message
+        assert "token-a" not in message and "token-b" not in message  # secrets stay out of logs
