@@ -126,6 +126,12 @@ class Section:
     channels: int = 0
 
 
+# validated shapes -> (sections, sinks_offset, payload_len): a header's layout costs more than
+# parsing it, and a namespace's blocks all share one shape
+_LAYOUTS: dict[tuple[object, ...], tuple[tuple[Section, ...], int, int]] = {}
+_LAYOUTS_KEPT = 256
+
+
 @dataclass(frozen=True)
 class BlockHeader:
     """Everything needed to decode a block, and everything that changes its bytes."""
@@ -154,7 +160,25 @@ class BlockHeader:
     payload_len: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self._validate()
+        self._validate_placement()
+        shape = (self.version, self.layout, self.dtype, self.layers, self.heads, self.tokens,
+                 self.head_dim, self.group_size, self.key_bits, self.value_bits, self.flags,
+                 self.sink_tokens, self.rope_theta, self.rope_scaling, self.rotary_dim,
+                 len(self.basis_id))  # fmt: skip
+        known = _LAYOUTS.get(shape)
+        if known is None:  # a new shape: validated and laid out once (every block repeats it)
+            self._validate()
+            known = self._layout()
+            if len(_LAYOUTS) >= _LAYOUTS_KEPT:
+                _LAYOUTS.clear()
+            _LAYOUTS[shape] = known
+        sections, sinks_offset, payload_len = known
+        object.__setattr__(self, "sections", sections)
+        object.__setattr__(self, "sinks_offset", sinks_offset)
+        object.__setattr__(self, "payload_len", payload_len)
+
+    def _layout(self) -> tuple[tuple[Section, ...], int, int]:
+        """(sections, sinks_offset, payload_len) of a validated header's shape."""
         sections: list[Section] = []
         offset = 0
         tensors = [(True, self.key_bits), (False, self.value_bits)]
@@ -176,9 +200,7 @@ class BlockHeader:
                     offset = mins + _pad(2 * n_params)
                     sections.append(Section(codes, scales, mins, bits, is_key, n_params,
                                             layer, first, channels))  # fmt: skip
-        object.__setattr__(self, "sections", tuple(sections))
-        object.__setattr__(self, "sinks_offset", offset)
-        object.__setattr__(self, "payload_len", offset + 2 * self.sink_elements)
+        return tuple(sections), offset, offset + 2 * self.sink_elements
 
     def _key_runs(self, layer: int) -> list[tuple[int, int, int]]:
         """(first component, count, bits) of a layer's key sections under KEY_BASIS."""
@@ -239,7 +261,17 @@ class BlockHeader:
         """Values the block stands for (keys and values, or latent)."""
         return self.layers * self.heads * self.tokens * self.head_dim * self.tensors_per_layer
 
+    def _validate_placement(self) -> None:
+        """The checks of what changes from block to block of one shape: ids and position."""
+        if self.sink_tokens and self.start_position != 0:
+            raise BlockFormatError("sink tokens are only kept in a block starting at position 0")
+        if self.start_position < 0:
+            raise BlockFormatError("start_position must be >= 0")
+        if len(self.namespace_id) != ID_BYTES or len(self.key) != ID_BYTES:
+            raise BlockFormatError(f"namespace id and key must be {ID_BYTES} bytes")
+
     def _validate(self) -> None:
+        """The checks of the shape (see `_validate_placement` for the rest)."""
         if self.version != FORMAT_VERSION:
             raise UnsupportedVersionError(f"block format version {self.version}")
         for name in ("layers", "heads", "tokens", "head_dim"):
@@ -272,12 +304,6 @@ class BlockHeader:
             raise BlockFormatError("a key basis needs the KV layout")
         if not 0 <= self.sink_tokens < self.tokens:
             raise BlockFormatError(f"sink_tokens {self.sink_tokens} out of range")
-        if self.sink_tokens and self.start_position != 0:
-            raise BlockFormatError("sink tokens are only kept in a block starting at position 0")
-        if self.start_position < 0:
-            raise BlockFormatError("start_position must be >= 0")
-        if len(self.namespace_id) != ID_BYTES or len(self.key) != ID_BYTES:
-            raise BlockFormatError(f"namespace id and key must be {ID_BYTES} bytes")
         if self.flags & ~(
             Flag.PRE_ROPE_KEYS | Flag.HADAMARD_VALUES | Flag.MAC | Flag.KEY_BASIS | Flag.PREDICTED
         ):
