@@ -11,11 +11,12 @@ the root is shared by everything, and a block is worth nothing once an earlier b
 prefix is gone (lookups stop at the first miss). The policy:
 
 - Adaptive replacement (ARC, counted in bytes). Blocks seen once live in `recent`, blocks seen
-  again (read, or put again soon after their eviction) in `frequent`, both LRU. Each list has a
-  ghost list of the keys it evicted lately (keys and sizes, no data). A put of a key in the
-  recent ghosts says "recency would have kept it": the recent side's target grows; a put of a
-  key in the frequent ghosts shrinks it. So the split between new and proven blocks follows the
-  traffic instead of a constant, and a scan of blocks read once only cycles `recent`.
+  again (read, or put again soon after their eviction) in `frequent`. Each side has a ghost
+  list of the keys it evicted lately (keys and sizes, no data, one budget's worth). A put of a
+  key in the recent ghosts says "recency would have kept it": the recent side's target grows;
+  a put of a key in the frequent ghosts shrinks it. So the split between new and proven blocks
+  follows the traffic instead of a constant, and a scan of blocks read once only cycles
+  `recent`.
 - Leaves first. Touching a block (get or put) also refreshes its parent when the parent lives
   on this shard, and a batch read touches its blocks deepest first: an ancestor is never older
   than its descendants in its list, so the LRU end holds leaves. The shard counts each block's
@@ -164,7 +165,10 @@ class BlockStore:
         self._ghost_recent: OrderedDict[bytes, int] = OrderedDict()  # key -> size, oldest first
         self._ghost_frequent: OrderedDict[bytes, int] = OrderedDict()
         self._ghost_bytes = {"recent": 0, "frequent": 0}
-        self._target = 0  # bytes `recent` should hold (ARC's p), adapted by ghost hits
+        # bytes `recent` should hold (ARC's p), adapted by ghost hits; it starts with no
+        # preference, half the budget (ARC's 0 spends the first budget of traffic learning
+        # that recency matters, and loses hits an LRU keeps while it does)
+        self._target = budget_bytes // 2
         self._by_tenant: dict[str, _Queue] = {}  # the blocks of each tenant with a quota
         self._tick = 0  # one per call: the blocks a batch touches share it
         self._stamps = itertools.count(1)
@@ -337,8 +341,8 @@ class BlockStore:
             raise ValueError("budget_bytes must be positive")
         with self._lock:
             before = self.stats.bytes
+            self._target = self._target * budget_bytes // self.stats.budget_bytes
             self.stats.budget_bytes = budget_bytes
-            self._target = min(self._target, budget_bytes)
             while self.stats.bytes > budget_bytes:
                 self._evict(self._replacement())
             self._trim_ghosts()
