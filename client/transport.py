@@ -854,8 +854,9 @@ class _Shared:
     def __init__(self, address: str, session: bytes, view: mmap.mmap, config: ClientConfig,
                  sock: socket.socket) -> None:  # fmt: skip
         self.address, self.session, self.view, self._sock = address, session, view, sock
-        self._lock = asyncio.Lock()
         self._broken = False
+        self._turn: asyncio.Future[bool] | None = None  # read when the answers before are read
+        self._outgoing: list[bytes] = []  # requests of this loop iteration, sent together
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self.slot_bytes = config.shared_slot_bytes
@@ -899,26 +900,45 @@ class _Shared:
     async def connect(self) -> None:
         """Streams over the claiming connection, which now serves this client's requests."""
         self._reader, self._writer = await asyncio.open_unix_connection(sock=self._sock)
+        self._turn = asyncio.get_running_loop().create_future()
+        self._turn.set_result(True)
 
     async def request(self, op: bytes, message: bytes) -> tuple[int, bytes]:
         """One request on the claiming connection (frames: proto/messages.py): (0, the
-        response) or (a gRPC status code, its detail). One at a time; a request that fails or
-        is cancelled midway leaves the connection unusable (an answer may still be on its way,
-        and the shard may still write the slot it named: the arena is dropped)."""
-        reader, writer = self._reader, self._writer
-        if reader is None or writer is None or self._broken:
+        response) or (a gRPC status code, its detail). Requests are pipelined: those made in one
+        turn of the event loop leave in one write, the shard serves them in order, and each
+        caller reads its answer after the answers before it were read. A request that fails or is cancelled midway leaves the
+        connection unusable, for it and every request behind it (an answer may still be on its
+        way, and the shard may still write the slot it named: the arena is dropped)."""
+        reader, writer, previous = self._reader, self._writer, self._turn
+        if reader is None or writer is None or previous is None or self._broken:
             raise OSError("the same-host connection is not usable")
-        async with self._lock:
-            try:
-                writer.write(REQUEST_HEAD.pack(op, len(message)) + message)
-                await writer.drain()
-                status, length = REPLY_HEAD.unpack(await reader.readexactly(REPLY_HEAD.size))
-                if length > _MAX_REPLY:
-                    raise ValueError(f"a {length}-byte answer on the same-host socket")
-                return status, await reader.readexactly(length)
-            except BaseException:
-                self._broken = True
-                raise
+        mine: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._turn = mine
+        try:
+            self._outgoing.append(REQUEST_HEAD.pack(op, len(message)) + message)
+            if len(self._outgoing) == 1:  # the first of this iteration: send them all after it
+                asyncio.get_running_loop().call_soon(self._flush, writer)
+            if not await previous:
+                raise OSError("the same-host connection broke")
+            status, length = REPLY_HEAD.unpack(await reader.readexactly(REPLY_HEAD.size))
+            if length > _MAX_REPLY:
+                raise ValueError(f"a {length}-byte answer on the same-host socket")
+            body = await reader.readexactly(length)
+        except BaseException:
+            self._broken = True
+            if not mine.done():
+                mine.set_result(False)
+            raise
+        if not mine.done():  # the one behind may have been cancelled while it waited
+            mine.set_result(True)
+        return status, body
+
+    def _flush(self, writer: asyncio.StreamWriter) -> None:
+        """Send the requests made since the last flush, in one write."""
+        frames, self._outgoing = self._outgoing, []
+        if not writer.is_closing():
+            writer.write(b"".join(frames))
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[int]:

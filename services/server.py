@@ -221,9 +221,11 @@ class Uploads:
         limits = self.limits  # size <= max_block_bytes: it fits both budgets (see Limits)
         async with self._room:
             try:
-                await asyncio.wait_for(
-                    self._room.wait_for(lambda: self._fits(peer, size)), limits.admission_wait_s
-                )
+                if not self._fits(peer, size):  # else no waiting (and no task to wait in)
+                    await asyncio.wait_for(
+                        self._room.wait_for(lambda: self._fits(peer, size)),
+                        limits.admission_wait_s,
+                    )
             except TimeoutError:
                 raise Refused(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,

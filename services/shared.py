@@ -60,6 +60,7 @@ from kvpool.proto.messages import (
 
 log = logging.getLogger(__name__)
 TICKET_S = 10.0  # a ticket not claimed by then is void
+_READ_BYTES = 256 << 10  # the most one read of a connection takes
 Owner = tuple[str | None, str]  # (tenant, peer key) of a caller
 # (owner, arena, op, message) -> (0, response) or (status code, detail); ValueError: malformed
 Serve = Callable[[Owner, "Arena", bytes, bytes], Awaitable[tuple[int, bytes]]]
@@ -238,23 +239,47 @@ class Arenas:
 
     async def _requests(self, conn: socket.socket, arena: Arena) -> None:
         """The owner's requests on the connection that claimed `arena`, one at a time, until
-        either closes, one is malformed, or it stays idle past `idle_s`."""
-        loop = asyncio.get_running_loop()
-        with conn:
-            try:
-                while True:
-                    async with asyncio.timeout(self.idle_s):
-                        head = await _read(loop, conn, REQUEST_HEAD.size)
-                    op, length = REQUEST_HEAD.unpack(head)
-                    if length > self.max_request:
-                        return  # malformed: the client falls back to gRPC
-                    async with asyncio.timeout(1.0):  # the rest of a request comes at once
-                        body = await _read(loop, conn, length)
-                    arena.last_used = time.monotonic()
-                    status, reply = await self._serve_one(arena.owner, arena, op, body)
-                    await loop.sock_sendall(conn, REPLY_HEAD.pack(status, len(reply)) + reply)
-            except (OSError, TimeoutError, EOFError, ValueError):
-                return
+        either closes, one is malformed, or it stays idle past `idle_s`. The connection is
+        read as a stream (it stays registered with the loop: no poller change per request),
+        whatever has arrived at once: the requests a client sent back to back are served in
+        order without waiting between them, and their answers leave together, in that order.
+        Nothing is buffered beyond one request of at most `max_request` bytes and one read."""
+        try:
+            reader, writer = await asyncio.open_unix_connection(sock=conn)
+        except OSError:
+            conn.close()
+            return
+        buf = bytearray()
+        try:
+            while True:
+                replies: list[bytes] = []
+                try:
+                    while len(buf) >= REQUEST_HEAD.size:
+                        op, length = REQUEST_HEAD.unpack_from(buf)
+                        if length > self.max_request:
+                            return  # malformed: the client falls back to gRPC
+                        end = REQUEST_HEAD.size + length
+                        if len(buf) < end:
+                            break
+                        body = bytes(buf[REQUEST_HEAD.size : end])
+                        del buf[:end]
+                        arena.last_used = time.monotonic()
+                        status, reply = await self._serve_one(arena.owner, arena, op, body)
+                        replies.append(REPLY_HEAD.pack(status, len(reply)) + reply)
+                finally:  # the answers before a malformed request still leave
+                    if replies:
+                        writer.write(b"".join(replies))
+                await writer.drain()  # a client that does not read its answers is not buffered
+                # idle between requests; the rest of a request comes at once
+                async with asyncio.timeout(1.0 if buf else self.idle_s):
+                    data = await reader.read(_READ_BYTES)
+                if not data:
+                    return
+                buf += data
+        except (OSError, TimeoutError, ValueError):
+            return
+        finally:
+            writer.close()
 
     def stop(self) -> None:
         self._stopped.set()
@@ -265,17 +290,6 @@ class Arenas:
         with self._lock:
             for arena in list(self._sessions.values()):
                 self._drop(arena)
-
-
-async def _read(loop: asyncio.AbstractEventLoop, conn: socket.socket, n: int) -> bytes:
-    """n bytes from a non-blocking socket; EOFError if it closes first."""
-    data = bytearray()
-    while len(data) < n:
-        part = await loop.sock_recv(conn, n - len(data))
-        if not part:
-            raise EOFError
-        data += part
-    return bytes(data)
 
 
 def _recv_exactly(conn: socket.socket, n: int) -> bytes | None:
