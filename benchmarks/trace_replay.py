@@ -27,8 +27,9 @@ In one run:
   pipeline of EXISTS, one of GETs of the leading hits, one of SETs of the rest, the same
   concurrency;
 - simulated, in process: exact LRU over blocks at the same bytes, fp16 blocks under LRU at the
-  same DRAM, an infinite cache (the bound), and the capacity sweep (kvpool's store, sharded as
-  the tier, against LRU at the same bytes, at 1M / 3M / 10M tokens of DRAM);
+  same DRAM, an infinite cache (the bound), and the capacity sweep (kvpool's store sharded as
+  the tier, the same policy in one store, and LRU, all at the same bytes, at 1M / 3M / 10M
+  tokens of DRAM);
 - the prefill seconds saved at an assumed prefill rate (`--prefill-tokens-per-s`, default
   10,000: an 8-GPU node prefilling a 70B model; only the fraction is rate-free);
 - the store's memory per block beyond its bytes (tracemalloc).
@@ -57,7 +58,7 @@ from tqdm import tqdm
 
 from kvpool.client import namespace_for
 from kvpool.kernels.codec import CodecConfig, encode
-from kvpool.proto.blockformat import parse_header, seal
+from kvpool.proto.blockformat import BlockHeader, parse_header, seal
 from kvpool.proto.keys import Namespace
 from kvpool.ring import Ring
 from kvpool.services.redis_server import RedisServer
@@ -215,9 +216,11 @@ async def in_order(requests: Sequence[TraceRequest], keys: Sequence[Keys], concu
     return Live(hit / total, seconds, ops, len(requests))
 
 
-def bind(blob: bytes, ns: Namespace, key: bytes, position: int) -> bytes:
-    """The template block re-sealed under (ns, key, position), as a worker's would be."""
-    header = parse_header(blob)
+def bind(blob: bytes, ns: Namespace, key: bytes, position: int,
+         header: BlockHeader | None = None) -> bytes:  # fmt: skip
+    """The template block re-sealed under (ns, key, position), as a worker's would be
+    (`header`: the template's, parsed once by the caller)."""
+    header = header or parse_header(blob)
     bound = dataclasses.replace(header, namespace_id=ns.id, key=key,
                                 start_position=position * header.tokens)  # fmt: skip
     return seal(bound, memoryview(blob)[header.header_len :])
@@ -244,6 +247,7 @@ async def kvpool_replay(endpoint: str, ns: Namespace, blob: bytes,
                                              max_inflight=4 * concurrency))  # fmt: skip
     try:
         await tier.lookup(ns, keys[0][:1])  # topology and arenas, untimed
+        head = parse_header(blob)
         before = {s.shard_id: s.bytes_served for s in await tier.stats()}
 
         async def one(i: int) -> tuple[int, int]:
@@ -252,7 +256,8 @@ async def kvpool_replay(endpoint: str, ns: Namespace, blob: bytes,
             if n:
                 got = await tier.get_many(ns, ks[:n])
                 n = next((j for j, b in enumerate(got) if b is None), n)  # evicted meanwhile
-            puts = [BlockPut(ks[j], ks[0], j, bind(blob, ns, ks[j], j)) for j in range(n, len(ks))]
+            puts = [BlockPut(ks[j], ks[0], j, bind(blob, ns, ks[j], j, head))
+                    for j in range(n, len(ks))]  # fmt: skip
             if puts:
                 await tier.put_many(ns, puts, prefix=ks)
             return n, len(ks) + n + len(puts)
@@ -373,10 +378,13 @@ def main() -> None:
     sweep: dict[str, dict[str, float]] = {}
 
     def point(n: int, label: str) -> dict[str, float]:
-        """kvpool's sharded store and exact LRU, both holding `n` blocks' bytes."""
+        """kvpool's store sharded as the tier, the same policy in one store (the policy alone,
+        without the split of the budget over shards), and exact LRU: each `n` blocks' bytes."""
         stores = Stores(n * len(blob), args.shards, len(blob))
+        one = Stores(n * len(blob), 1, len(blob))
         return {
             "kvpool": round(replay(requests, keys, stores, f"kvpool {label}"), 4),
+            "kvpool_one_store": round(replay(requests, keys, one, f"one store {label}"), 4),
             "lru": round(replay(requests, keys, LRUBlocks(n), f"lru {label}"), 4),
         }
 
@@ -433,9 +441,9 @@ def table(out: dict[str, object]) -> None:
         print(f"{k:32} {v}")
     sweep = out["hit_rate_by_capacity"]
     assert isinstance(sweep, dict)
-    print(f"{'DRAM (fp16 tokens)':20} {'kvpool':>8} {'LRU':>8}")
+    print(f"{'DRAM (fp16 tokens)':20} {'kvpool':>8} {'one store':>10} {'LRU':>8}")
     for name, row in sweep.items():
-        print(f"{name:20} {row['kvpool']:8.4f} {row['lru']:8.4f}")
+        print(f"{name:20} {row['kvpool']:8.4f} {row['kvpool_one_store']:10.4f} {row['lru']:8.4f}")
 
 
 if __name__ == "__main__":
