@@ -49,6 +49,7 @@ T = TypeVar("T")
 M = TypeVar("M", bound=Message)
 _STATUS = {code.value[0]: code.name for code in grpc.StatusCode}
 _MAX_REPLY = 1 << 16  # the answers on the same-host socket are small messages
+_OWNERS_KEPT = 1 << 16  # keys whose owners a client remembers
 # what a same-host socket request fails with when the socket itself is unusable: use gRPC / TCP
 _SOCKET_ERRORS = (OSError, ValueError, TimeoutError, asyncio.IncompleteReadError, DecodeError)
 
@@ -114,6 +115,7 @@ class TierClient:
         self._shared: dict[str, _Shared | float] = {}  # address -> arena, or when to try again
         self._shared_lock = asyncio.Lock()
         self._hot: collections.OrderedDict[bytes, list[int]] = collections.OrderedDict()
+        self._owner_cache: dict[bytes, tuple[str, ...]] = {}  # for the current ring only
 
     # -- topology and channels -------------------------------------------------------------
 
@@ -176,6 +178,7 @@ class TierClient:
                 task.add_done_callback(self._closing.discard)
         self.replication = max(1, topo.replication)
         self.epoch = topo.epoch
+        self._owner_cache.clear()
 
     async def _ensure_topology(self) -> None:
         if (
@@ -187,7 +190,16 @@ class TierClient:
             raise TierError("the tier has no shards", "UNAVAILABLE")
 
     def owners(self, key: bytes) -> list[str]:
-        return self._ring.owners(key, self.replication)
+        return list(self._owners_of(key))
+
+    def _owners_of(self, key: bytes) -> tuple[str, ...]:
+        """`owners(key)`, remembered (a request asks for a key's owners several times)."""
+        owners = self._owner_cache.get(key)
+        if owners is None:
+            if len(self._owner_cache) >= _OWNERS_KEPT:
+                self._owner_cache.clear()
+            owners = self._owner_cache[key] = tuple(self._ring.owners(key, self.replication))
+        return owners
 
     async def _call(self, shard_id: str, rpc: Callable[[pb_grpc.KVPoolStub], Awaitable[T]]) -> T:
         """Run one RPC against a shard and map failures to TierError. UNAVAILABLE: if the
@@ -242,7 +254,7 @@ class TierClient:
         await self._ensure_topology()
         per_shard: dict[tuple[str, bool], list[int]] = {}  # (shard, asked as a hot replica)
         for i, key in enumerate(keys):
-            owners = self.owners(key)
+            owners = self._owners_of(key)
             for sid in self._holders(key):
                 per_shard.setdefault((sid, sid not in owners), []).append(i)
 
@@ -317,7 +329,7 @@ class TierClient:
             return reply.stored
 
         async with self._inflight:
-            results = await asyncio.gather(*(put_one(sid) for sid in self.owners(key)))
+            results = await asyncio.gather(*(put_one(sid) for sid in self._owners_of(key)))
         errors = [r for r in results if isinstance(r, TierError)]
         if len(errors) == len(results):
             raise errors[0]
@@ -340,7 +352,7 @@ class TierClient:
         await self._ensure_topology()
         errors: list[TierError] = []
         async with self._inflight:
-            for sid in self.owners(key):
+            for sid in self._owners_of(key):
                 async with contextlib.AsyncExitStack() as stack:
                     try:
                         found = await stack.enter_async_context(self._fetch_any(sid, ns, key))
@@ -352,7 +364,7 @@ class TierClient:
                             self._absorbed("get", absorbed)
                         yield found  # outside the try: the caller's errors are its own
                         return
-        if errors and len(errors) == len(self.owners(key)):
+        if errors and len(errors) == len(self._owners_of(key)):
             raise errors[0]
         for absorbed in errors:
             self._absorbed("get", absorbed)
@@ -524,8 +536,8 @@ class TierClient:
                 answered = True
                 for i, (data, replicas) in zip(idx, reply, strict=True):
                     found[i] = data
-                    self._note_hot(keys[i], replicas, primary=sid == self.owners(keys[i])[0])
-                    if data is None and turn == 0 and sid not in self.owners(keys[i]):
+                    self._note_hot(keys[i], replicas, primary=sid == self._owners_of(keys[i])[0])
+                    if data is None and turn == 0 and sid not in self._owners_of(keys[i]):
                         missed[i] = sid
             pending = [i for i in pending if found[i] is None]
             if not pending:
@@ -537,19 +549,19 @@ class TierClient:
         await self._repair(ns, keys, found, {i: s for i, s in missed.items() if found[i]})
         return found
 
-    def _holders(self, key: bytes) -> list[str]:
+    def _holders(self, key: bytes) -> Sequence[str]:
         """The shards that may hold `key`: its owners, and its replicas when it is hot (its
         reads went there, so its owners may have let it go). A replica is asked apart from
         the keys it owns: one it has not filled yet must not hide those."""
         hot = self._hot.get(key)
         if hot is None:
-            return self.owners(key)
+            return self._owners_of(key)
         return self._ring.owners(key, max(hot[0], self.replication))
 
-    def _read_order(self, key: bytes) -> list[str]:
+    def _read_order(self, key: bytes) -> Sequence[str]:
         """The shards to read `key` from, in turn: its owners; for a hot key first the next of
         its first `replicas` owners in rotation, then its owners."""
-        owners = self.owners(key)
+        owners = self._owners_of(key)
         hot = self._hot.get(key)
         if hot is None:
             return owners
@@ -693,7 +705,7 @@ class TierClient:
         nsp = namespace_to_proto(ns)
         per_shard: dict[str, list[int]] = {}
         for i, b in enumerate(blocks):
-            for sid in self.owners(b.key):
+            for sid in self._owners_of(b.key):
                 per_shard.setdefault(sid, []).append(i)
         parents = self._local_parents(blocks, prefix, per_shard)
         infos = {(sid, i): pb.BlockInfo(namespace_id=ns.id, key=b.key, chain=b.chain,
@@ -731,7 +743,7 @@ class TierClient:
 
     def _here(self, parent: bytes, sid: str) -> bytes:
         """`parent` when shard `sid` owns it too, else b"" (the shard's tree has no edge)."""
-        return parent if parent and sid in self.owners(parent) else b""
+        return parent if parent and sid in self._owners_of(parent) else b""
 
     def _local_parents(
         self, blocks: Sequence[BlockPut], prefix: Sequence[bytes] | None,
@@ -755,7 +767,7 @@ class TierClient:
                 for sid, idx in owned.items():
                     if i in idx:
                         parents[sid, i] = last.get(sid, b"")
-            for sid in self.owners(key):
+            for sid in self._owners_of(key):
                 last[sid] = key
         return parents
 
@@ -807,7 +819,7 @@ class TierClient:
         await self._ensure_topology()
         per_shard: dict[str, list[bytes]] = {}
         for key in keys:
-            for sid in self.owners(key):
+            for sid in self._owners_of(key):
                 per_shard.setdefault(sid, []).append(key)
 
         async def delete_on(sid: str, ks: list[bytes]) -> int:

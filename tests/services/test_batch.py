@@ -15,6 +15,7 @@ from kvpool.proto import kvpool_pb2 as pb
 from kvpool.proto import kvpool_pb2_grpc as pb_grpc
 from kvpool.proto.keys import block_keys
 from kvpool.proto.messages import namespace_to_proto, pack
+from kvpool.ring import Ring
 from kvpool.services.security import store_key
 from kvpool.services.server import Limits, ShardServer
 from kvpool.services.store import BlockStore
@@ -315,3 +316,27 @@ def test_each_shard_links_a_block_to_the_nearest_earlier_block_it_holds(shards) 
             assert (node.parent.key if node.parent else None) == parent
             links += node.parent is not None
     assert links >= 16  # replication 2: 32 placements, 3 of them first on their shard
+
+
+def test_a_new_topology_replaces_the_owners_a_client_remembers() -> None:
+    """Owners are remembered per key for one ring: a topology with other shards (or another
+    replication) places keys anew, exactly as a fresh ring does."""
+
+    def topology(epoch: int, ids: list[str], replication: int = 1) -> pb.TopologyResponse:
+        shards = [pb.Shard(shard_id=s, address=f"127.0.0.1:{1000 + i}") for i, s in enumerate(ids)]
+        return pb.TopologyResponse(epoch=epoch, replication=replication, shards=shards)
+
+    async def run() -> None:
+        tier = TierClient("127.0.0.1:1", TCP)
+        keys = block_keys(NS, range(64 * NS.block_tokens))
+        try:
+            for epoch, ids, r in ((1, ["a", "b"], 1), (2, ["a", "b", "c", "d"], 1),
+                                  (3, ["c", "d"], 2), (4, ["a", "b", "c", "d"], 3)):  # fmt: skip
+                tier._apply(topology(epoch, ids, r))
+                ring = Ring(ids)
+                assert [tier.owners(k) for k in keys] == [ring.owners(k, r) for k in keys]
+                assert [tier.owners(k) for k in keys] == [ring.owners(k, r) for k in keys]
+        finally:
+            await tier.close()
+
+    asyncio.run(run())
