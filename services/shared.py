@@ -23,10 +23,12 @@ Requests on the claiming connection: lookups, gets and puts, as the messages of 
 GetShared and PutShared in frames (proto/messages.py), answered in turn by the servicer exactly
 as over gRPC for the arena's owner, and batches of gets and puts (BatchGetShared: the blocks
 found copied back to back into the arena; BatchPutShared: blocks written back to back there,
-each stored as a PutShared); anything malformed closes the connection. A request costs a
-Unix socket round trip (tens of microseconds) instead of a gRPC call (about 0.6 ms here), which
-for a 4.5 MB block is as much as the copy itself. The gRPC twins stay for clients that cannot
-keep the socket.
+each stored as a PutShared); anything malformed closes the connection. Requests may be
+pipelined: a client sends several without waiting, the shard serves them one at a time in
+order and answers in that order (the answers to what arrived together leave in one write). A
+request costs a Unix socket round trip (tens of microseconds) instead of a gRPC call (about
+0.6 ms here), which for a 4.5 MB block is as much as the copy itself. The gRPC twins stay for
+clients that cannot keep the socket.
 
 Memory is bounded: arenas count against `Limits.shared_bytes` per shard and
 `Limits.peer_shared_bytes` per tenant (or peer host); sessions idle for `shared_idle_s` are
