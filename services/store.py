@@ -16,7 +16,10 @@ prefix is gone (lookups stop at the first miss). The policy:
   key in the recent ghosts says "recency would have kept it": the recent side's target grows;
   a put of a key in the frequent ghosts shrinks it. So the split between new and proven blocks
   follows the traffic instead of a constant, and a scan of blocks read once only cycles
-  `recent`.
+  `recent`. Frequency belongs to a prefix, not to a block: a block put as the only child of a
+  frequent block (the next turn of a conversation whose earlier turns were just read) starts
+  frequent; a block that branches off a block with other children (a new prompt under a shared
+  system prompt, a scan) starts recent and must prove itself.
 - Leaves first. Touching a block (get or put) also refreshes its parent when the parent lives
   on this shard, and a batch read touches its blocks deepest first: an ancestor is never older
   than its descendants in its list, so the LRU end holds leaves. The shard counts each block's
@@ -281,7 +284,11 @@ class BlockStore:
             return False
         up = None if parent is None else self._blocks.get(parent)
         node = _Node(key, chain, position, data, up, tenant)
-        node.frequent = self._ghost_hit(key, size)
+        # a proven block's only continuation (the next turn of a conversation that was read)
+        # is proven too; a branch off a shared block (a new prompt under a system prompt, a
+        # scan) is not
+        extends = up is not None and up.frequent and up.children == 0
+        node.frequent = self._ghost_hit(key, size) or extends
         self._blocks[key] = node
         if up is not None:
             up.children += 1

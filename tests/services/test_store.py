@@ -230,3 +230,26 @@ def test_snapshot_is_a_copy_and_count_adds_to_the_counters() -> None:
     assert (before.puts, before.rejected, before.redis_hits) == (2, 0, 0)
     after = store.snapshot()
     assert (after.puts, after.rejected, after.redis_hits, after.blocks) == (3, 2, 1, 3)
+
+
+def test_the_next_turn_of_a_read_conversation_is_kept_through_a_scan() -> None:
+    """A block put as the only child of a frequent block continues a prefix that was reused:
+    it starts frequent and a scan does not flush it; a second branch off that block, or a
+    continuation of a prefix nobody read, starts recent and goes with the scan."""
+
+    def conversation(read: bool) -> tuple[list[bytes], bytes, bytes]:
+        store_keys = put_chain(store, 0, 3)
+        if read:
+            assert all(store.get(k) is not None for k in store_keys)
+        nxt, branch = key(0, 3), key(0, 3, branch=1)
+        store.put(nxt, store_keys[0], 3, b"t" * 100, parent=store_keys[2])
+        store.put(branch, store_keys[0], 3, b"b" * 100, parent=store_keys[2])
+        return store_keys, nxt, branch
+
+    for read in (True, False):
+        store = BlockStore(1000)
+        turn1, nxt, branch = conversation(read)
+        for chain in range(1, 60):  # a scan of one-time prompts, 17x the budget
+            put_chain(store, chain, 3)
+        assert (nxt in store) is read and all((k in store) is read for k in turn1)
+        assert branch not in store
