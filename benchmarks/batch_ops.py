@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import os
 import time
@@ -34,11 +33,11 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import redis
 import torch
+from store import bind  # benchmarks/, on sys.path as the script's folder
 
 from kvpool.client import namespace_for
 from kvpool.kernels.codec import CodecConfig, encode
-from kvpool.proto.blockformat import parse_header, seal
-from kvpool.proto.keys import Namespace, block_keys
+from kvpool.proto.keys import block_keys
 from kvpool.services.redis_server import RedisServer
 from kvpool.services.tier import TierConfig, start_tier
 from kvpool.transport import BlockPut, ClientConfig, TierClient
@@ -52,15 +51,6 @@ def template() -> bytes:
     shape = (NS.layers, NS.kv_heads, NS.block_tokens, NS.head_dim)
     return encode(torch.randn(shape, generator=g).half(), torch.randn(shape, generator=g).half(),
                   CODEC)  # fmt: skip
-
-
-def bind(blob: bytes, ns: Namespace, key: bytes, position: int) -> bytes:
-    """The block re-sealed under (ns, key, position): the shard refuses a block bound elsewhere."""
-    header = parse_header(blob)
-    bound = dataclasses.replace(
-        header, namespace_id=ns.id, key=key, start_position=position * header.tokens
-    )
-    return seal(bound, memoryview(blob)[header.header_len :])
 
 
 def prefixes(seed: int, count: int, length: int, blob: bytes) -> list[list[BlockPut]]:

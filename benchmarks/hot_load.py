@@ -19,7 +19,8 @@ import asyncio
 import json
 import random
 
-from batch_ops import NS, bind, template
+from batch_ops import NS, template
+from store import bind
 
 from kvpool.proto import kvpool_pb2 as pb
 from kvpool.proto.keys import BlockHash, block_keys

@@ -73,7 +73,7 @@ from redis.utils import HIREDIS_AVAILABLE
 
 from kvpool.client import namespace_for
 from kvpool.kernels.codec import Binding, CodecConfig, decode, encode
-from kvpool.proto.blockformat import parse_header, seal
+from kvpool.proto.blockformat import BlockHeader, parse_header, seal
 from kvpool.proto.keys import Namespace, block_keys
 from kvpool.services.redis_server import RedisServer
 from kvpool.transport import ClientConfig, TierClient
@@ -119,12 +119,14 @@ def make_blocks() -> tuple[list[bytes], list[bytes]]:
     return encoded, fp16
 
 
-def bind(blob: bytes, ns: Namespace, key: bytes, position: int) -> bytes:
+def bind(blob: bytes, ns: Namespace, key: bytes, position: int,
+         header: BlockHeader | None = None) -> bytes:  # fmt: skip
     """The block `encode` writes for the same tensors when it is stored under `key` at block
     `position` of `ns` (the shard refuses a block bound elsewhere). Without RoPE or sink tokens
     the payload does not depend on where the block belongs: only the header changes, so one
-    encode serves every key (`check_bind` shows the bytes are those of a fresh encode)."""
-    header = parse_header(blob)
+    encode serves every key (`check_bind` shows the bytes are those of a fresh encode).
+    `header`: the blob's, when the caller parsed it once for many binds."""
+    header = header or parse_header(blob)
     bound = dataclasses.replace(
         header, namespace_id=ns.id, key=key, start_position=position * header.tokens
     )

@@ -707,7 +707,7 @@ class TierClient:
         for i, b in enumerate(blocks):
             for sid in self._owners_of(b.key):
                 per_shard.setdefault(sid, []).append(i)
-        parents = self._local_parents(blocks, prefix, per_shard)
+        parents = self._local_parents(blocks, prefix)
         infos = {(sid, i): pb.BlockInfo(namespace_id=ns.id, key=b.key, chain=b.chain,
                                         position=b.position, size=len(b.data), namespace=nsp,
                                         parent=parents.get((sid, i), self._here(b.parent, sid)))
@@ -746,29 +746,26 @@ class TierClient:
         return parent if parent and sid in self._owners_of(parent) else b""
 
     def _local_parents(
-        self, blocks: Sequence[BlockPut], prefix: Sequence[bytes] | None,
-        per_shard: dict[str, list[int]],
-    ) -> dict[tuple[str, int], bytes]:  # fmt: skip
-        """(shard, block index) -> the key of the nearest earlier block of `prefix` that the
-        shard owns too (b"" when none does); empty without a prefix."""
+        self, blocks: Sequence[BlockPut], prefix: Sequence[bytes] | None
+    ) -> dict[tuple[str, int], bytes]:
+        """(owner, block index) -> the key of the nearest earlier block of `prefix` that the
+        owner owns too (b"" when none does); empty without a prefix."""
         if prefix is None:
             return {}
         for b in blocks:
             if not 0 <= b.position < len(prefix) or prefix[b.position] != b.key:
                 raise ValueError(f"block at position {b.position} is not that key of the prefix")
         at = {b.position: i for i, b in enumerate(blocks)}
-        owned = {sid: set(idx) for sid, idx in per_shard.items()}
         last: dict[str, bytes] = {}
         parents: dict[tuple[str, int], bytes] = {}
         for position in range(max(at) + 1):
-            key = prefix[position]
+            owners = self._owners_of(prefix[position])
             i = at.get(position)
             if i is not None:
-                for sid, idx in owned.items():
-                    if i in idx:
-                        parents[sid, i] = last.get(sid, b"")
-            for sid in self._owners_of(key):
-                last[sid] = key
+                for sid in owners:
+                    parents[sid, i] = last.get(sid, b"")
+            for sid in owners:
+                last[sid] = prefix[position]
         return parents
 
     async def _put_batch(

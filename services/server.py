@@ -245,6 +245,17 @@ class Uploads:
                 self._room.notify_all()
 
 
+async def _next_message(it: AsyncIterator[T], deadline: float, limits: Limits,
+                       stalled: str) -> T | None:  # fmt: skip
+    """The next message of an upload stream (None at its end), within the idle timeout and
+    before `deadline`; DEADLINE_EXCEEDED with the detail `stalled` otherwise."""
+    wait = max(0.0, min(limits.idle_timeout_s, deadline - time.monotonic()))
+    try:
+        return await asyncio.wait_for(anext(it, None), wait)
+    except TimeoutError:
+        raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED, stalled) from None
+
+
 async def receive(stream: AsyncIterator[pb.PutRequest], size: int, limits: Limits) -> bytearray:
     """The chunks of an upload, joined as they arrive (one copy; memory follows the bytes
     received, never the size announced). Refuses a stream that stalls, runs too long, sends
@@ -253,14 +264,9 @@ async def receive(stream: AsyncIterator[pb.PutRequest], size: int, limits: Limit
     deadline = time.monotonic() + limits.upload_timeout_s
     it = aiter(stream)
     while True:
-        wait = min(limits.idle_timeout_s, deadline - time.monotonic())
-        try:
-            msg = await asyncio.wait_for(anext(it, None), max(wait, 0.0))
-        except TimeoutError:
-            raise Refused(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"upload stalled at {len(buf)} of {size} bytes",
-            ) from None
+        msg = await _next_message(
+            it, deadline, limits, f"upload stalled at {len(buf)} of {size} bytes"
+        )
         if msg is None:
             break
         _well_formed(msg)
@@ -522,11 +528,7 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
         it = aiter(request_iterator)
         try:
             while True:
-                wait = max(0.0, min(self.limits.idle_timeout_s, deadline - time.monotonic()))
-                try:
-                    msg = await asyncio.wait_for(anext(it, None), wait)
-                except TimeoutError:
-                    raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED, "upload stalled") from None
+                msg = await _next_message(it, deadline, self.limits, "upload stalled")
                 if msg is None:
                     break
                 _well_formed(msg)
@@ -780,16 +782,14 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
         return pb.CloseSharedResponse()
 
     async def _read(self, request: pb.GetRequest) -> tuple[Blob | None, int]:
-        """The requested block (None on a miss) and the replicas it should have (`HotKeys`). A block in memory was verified when it was
-        uploaded and is immutable; it is not checked again here (a crc of 4.5 MB costs more
-        than the whole same-host transfer): every reader verifies what it decodes, and deletes
-        a block that fails. Blocks read through from Redis are checked like uploads."""
+        """The requested block (None on a miss) and the replicas it should have (`HotKeys`),
+        as `_read_many` reads it. A block in memory was verified when it was uploaded and is
+        immutable; it is not checked again here (a crc of 4.5 MB costs more than the whole
+        same-host transfer): every reader verifies what it decodes, and deletes a block that
+        fails. Blocks read through from Redis are checked like uploads."""
         _well_formed(request)
-        [key] = self._keys(request.namespace_id, [request.key])
-        data = self.store.get(key)
-        if data is None:
-            data = await self._read_through(request, key)
-        return data, 0 if data is None else self.hot.read(key, len(data))
+        [data], [replicas] = await self._read_many(request.namespace_id, [request.key])
+        return data, replicas
 
     async def _read_through(self, request: pb.GetRequest, key: bytes) -> Blob | None:
         """A memory miss read from the Redis tier, checked like an upload (intact, bound to

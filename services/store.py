@@ -33,9 +33,9 @@ prefix is gone (lookups stop at the first miss). The policy:
 - Tenant quotas (optional): a tenant over its share of the budget evicts its own least recent
   leaves first, so one tenant's scan cannot evict another's working set.
 
-Every operation is O(1) amortized (dicts and ordered dicts; the pass over inner blocks at the
-LRU end is bounded). Memory per block beyond its bytes: see `benchmarks/trace_replay.py`
-(measured with tracemalloc).
+Every operation is O(log n) (a heap per queue, with lazy deletion; the ancestor walks and the
+pass over inner blocks at the head of a queue are bounded). Memory per block beyond its bytes:
+see `benchmarks/trace_replay.py` (measured with tracemalloc).
 """
 
 from __future__ import annotations
@@ -120,6 +120,29 @@ class _Queue:
             heapq.heappop(self.heap)
 
 
+class _Ghosts:
+    """The keys one side evicted lately, oldest first, with their sizes (no data)."""
+
+    def __init__(self) -> None:
+        self.sizes: OrderedDict[bytes, int] = OrderedDict()
+        self.bytes = 0
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self.sizes
+
+    def add(self, key: bytes, size: int) -> None:
+        self.sizes[key] = size
+        self.bytes += size
+
+    def forget(self, key: bytes) -> None:
+        self.bytes -= self.sizes.pop(key)
+
+    def trim(self, most_bytes: int, most_keys: int) -> None:
+        """Forget the oldest until within both bounds."""
+        while self.sizes and (self.bytes > most_bytes or len(self.sizes) > most_keys):
+            self.bytes -= self.sizes.popitem(last=False)[1]
+
+
 @dataclass
 class StoreStats:
     blocks: int = 0
@@ -165,9 +188,7 @@ class BlockStore:
         self._on_evict = on_evict
         self._blocks: dict[bytes, _Node] = {}
         self._recent, self._frequent = _Queue(), _Queue()
-        self._ghost_recent: OrderedDict[bytes, int] = OrderedDict()  # key -> size, oldest first
-        self._ghost_frequent: OrderedDict[bytes, int] = OrderedDict()
-        self._ghost_bytes = {"recent": 0, "frequent": 0}
+        self._ghost_recent, self._ghost_frequent = _Ghosts(), _Ghosts()
         # bytes `recent` should hold (ARC's p), adapted by ghost hits; it starts with no
         # preference, half the budget (ARC's 0 spends the first budget of traffic learning
         # that recency matters, and loses hits an LRU keeps while it does)
@@ -257,7 +278,7 @@ class BlockStore:
         batch; a block too large for the budget or its tenant's quota raises
         BlockTooLargeError before anything is stored."""
         for _, _, _, data, _, tenant in items:
-            limit = min(self.stats.budget_bytes, self.quota_bytes(tenant) or len(data))
+            limit = self.quota_bytes(tenant) or self.stats.budget_bytes  # a quota <= budget
             if len(data) > limit:
                 raise BlockTooLargeError(
                     f"block of {len(data)} bytes exceeds the {limit} bytes this shard can "
@@ -293,9 +314,7 @@ class BlockStore:
         if up is not None:
             up.children += 1
         quota = self.quota_bytes(tenant)
-        if quota is not None:
-            assert tenant is not None
-            self._by_tenant.setdefault(tenant, _Queue())
+        own = None if quota is None else self._by_tenant.setdefault(tenant or "", _Queue())
         if parent is not None and up is None:  # its ancestor here is gone: unreachable
             node.tick = 0  # until that ancestor is put again, so it goes first
             self._place(node)
@@ -303,8 +322,7 @@ class BlockStore:
             self._touch(node)
         self.stats.puts += 1
         self.stats.bytes += size
-        if quota is not None:
-            own = self._by_tenant[node.tenant or ""]
+        if own is not None and quota is not None:
             while own.bytes > quota:
                 self._evict(self._victim(own))
                 self.stats.quota_evictions += 1
@@ -316,16 +334,16 @@ class BlockStore:
         """ARC's adaptation when a block evicted lately is put again: a recent ghost says
         recency would have kept it (the recent side's target grows), a frequent ghost the
         opposite. Returns whether it was a ghost (it goes to the frequent side then)."""
-        b1, b2 = self._ghost_bytes["recent"], self._ghost_bytes["frequent"]
-        if key in self._ghost_recent:
-            step = max(size, size * b2 // max(b1, 1))
+        recent, frequent = self._ghost_recent, self._ghost_frequent
+        if key in recent:
+            step = max(size, size * frequent.bytes // max(recent.bytes, 1))
             self._target = min(self.stats.budget_bytes, self._target + step)
-            self._ghost_bytes["recent"] -= self._ghost_recent.pop(key)
+            recent.forget(key)
             return True
-        if key in self._ghost_frequent:
-            step = max(size, size * b1 // max(b2, 1))
+        if key in frequent:
+            step = max(size, size * recent.bytes // max(frequent.bytes, 1))
             self._target = max(0, self._target - step)
-            self._ghost_bytes["frequent"] -= self._ghost_frequent.pop(key)
+            frequent.forget(key)
             return True
         return False
 
@@ -415,10 +433,8 @@ class BlockStore:
 
     def _evict(self, node: _Node) -> None:
         """Evict to the ghost list of the node's side, and tell `on_evict`."""
-        side = "frequent" if node.frequent else "recent"
         self._remove(node)
-        (self._ghost_frequent if node.frequent else self._ghost_recent)[node.key] = node.size
-        self._ghost_bytes[side] += node.size
+        (self._ghost_frequent if node.frequent else self._ghost_recent).add(node.key, node.size)
         self._trim_ghosts()
         self.stats.evictions += 1
         if self._on_evict is not None:
@@ -443,7 +459,5 @@ class BlockStore:
         the blocks' own metadata. (ARC proper drops a recent block's ghost when recent blocks
         fill the cache; here a block comes back only by being put again after a miss, so
         that is exactly the reuse the recent side must be told about.)"""
-        budget, g, most = self.stats.budget_bytes, self._ghost_bytes, len(self._blocks) + 1
-        for side, ghosts in (("recent", self._ghost_recent), ("frequent", self._ghost_frequent)):
-            while ghosts and (g[side] > budget or len(ghosts) > most):
-                g[side] -= ghosts.popitem(last=False)[1]
+        for ghosts in (self._ghost_recent, self._ghost_frequent):
+            ghosts.trim(self.stats.budget_bytes, len(self._blocks) + 1)

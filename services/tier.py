@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ import grpc
 import ray
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from kvpool.services.redis_server import free_port
 from kvpool.services.redis_tier import Mode
 from kvpool.services.security import ServerSecurity
 from kvpool.services.shard import (
@@ -161,7 +161,10 @@ class Tier:
         handles = {}
         for sid in ids:
             port, metrics, health = config.shard_ports(int(sid.rsplit("-", 1)[-1]))
-            picked = port == 0  # picked here, so that a restarted shard binds it again
+            # picked here when none is configured: Ray restarts a shard with the arguments it
+            # was created with, so with port 0 each restart listened somewhere new and the
+            # endpoint `kvpool serve` had printed went dead
+            picked = port == 0
             port = port or free_port(config.host)
             handles[sid] = actor.options(
                 name=shard_name(config.name, sid), namespace=RAY_NAMESPACE, lifetime="detached",
@@ -215,15 +218,6 @@ class Tier:
             ray.shutdown()
             if self.temp_dir:
                 shutil.rmtree(self.temp_dir, ignore_errors=True)
-
-
-def free_port(host: str) -> int:
-    """A port free on `host` now. Shards are given one up front because Ray restarts a shard
-    with the arguments it was created with: with port 0 each restart listened somewhere new,
-    and the endpoint `kvpool serve` had printed went dead."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_serving(address: str, timeout: float = 60.0) -> None:
