@@ -120,11 +120,23 @@ class TierClient:
     # -- topology and channels -------------------------------------------------------------
 
     def _stub(self, address: str) -> pb_grpc.KVPoolStub:
+        """A stub on the channel to `address`. A channel that failed to connect fails every
+        call until its reconnect backoff (a second or more, growing) runs out, even once the
+        shard is back (Ray restarts a shard on its own port): such a channel is replaced by a
+        fresh one, which connects at once."""
         channel = self._channels.get(address)
+        if (
+            channel is not None
+            and channel.get_state() == grpc.ChannelConnectivity.TRANSIENT_FAILURE
+        ):
+            self._drop_channel(address)
+            channel = None
         if channel is None:
             opts: list[tuple[str, object]] = [
                 ("grpc.max_receive_message_length", 8 << 20),
                 ("grpc.max_send_message_length", 8 << 20),
+                # its own subchannels: a fresh channel must not inherit another's backoff
+                ("grpc.use_local_subchannel_pool", 1),
             ]
             c = self.config
             if c.tls_ca_file:
@@ -173,12 +185,18 @@ class TierClient:
                 if isinstance(shared, _Shared):
                     shared.close()
             for address in [a for a in self._channels if a not in keep]:
-                task = asyncio.ensure_future(self._channels.pop(address).close(grace=1.0))
-                self._closing.add(task)  # closed in the background; in-flight calls finish
-                task.add_done_callback(self._closing.discard)
+                self._drop_channel(address)
         self.replication = max(1, topo.replication)
         self.epoch = topo.epoch
         self._owner_cache.clear()
+
+    def _drop_channel(self, address: str) -> None:
+        """Forget the channel to `address`; it closes in the background (in-flight calls finish)."""
+        channel = self._channels.pop(address, None)
+        if channel is not None:
+            task = asyncio.ensure_future(channel.close(grace=1.0))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def _ensure_topology(self) -> None:
         if (
@@ -202,9 +220,9 @@ class TierClient:
         return owners
 
     async def _call(self, shard_id: str, rpc: Callable[[pb_grpc.KVPoolStub], Awaitable[T]]) -> T:
-        """Run one RPC against a shard and map failures to TierError. UNAVAILABLE: if the
-        topology now places the shard elsewhere (Ray restarted it on a new port), once more
-        there."""
+        """Run one RPC against a shard and map failures to TierError. UNAVAILABLE: once more,
+        where the topology now places the shard: elsewhere (Ray restarted it on a new port) or
+        where it was (restarted on its own port; see `_stub` for the channel)."""
         address = self._addresses.get(shard_id)
         if address is None:  # it left the topology while this call waited
             raise TierError(f"{shard_id} is no longer in the tier", "UNAVAILABLE")
@@ -215,8 +233,8 @@ class TierClient:
                 code = e.code()
                 if code == grpc.StatusCode.UNAVAILABLE and attempt == 0:
                     moved = await self._moved(shard_id, address)
-                    if moved is not None:
-                        address = moved
+                    if moved is not None or self._addresses.get(shard_id) == address:
+                        address = moved or address
                         continue
                 if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     self._refreshed_at = 0.0  # look again at the topology on the next call

@@ -355,3 +355,38 @@ def test_limits_keep_every_accepted_block_within_the_upload_budgets() -> None:
         Limits(peer_upload_bytes=256 << 20, upload_bytes=128 << 20)
     with pytest.raises(ValueError, match="peer_shared_bytes"):
         Limits(peer_shared_bytes=1 << 30, shared_bytes=512 << 20)
+
+
+def test_a_shard_restarted_on_its_port_is_reached_at_once() -> None:
+    """Shards come back on the port they had (the endpoint kvpool serve printed stays valid).
+    A client whose channel failed while the shard was down must not wait out the channel's
+    reconnect backoff: its first call after the restart is answered."""
+    import asyncio
+
+    from kvpool.proto.errors import TierError
+    from kvpool.services.redis_server import free_port
+    from kvpool.transport import ClientConfig, TierClient
+
+    port = free_port()
+    key = block_keys(NS, range(NS.block_tokens))[0]
+    first = ShardServer(BlockStore(1 << 20), "s0", port=port, shared_dir=None)
+    first.start()
+
+    async def go() -> int:
+        tier = TierClient(first.address, ClientConfig(timeout_s=2.0, same_host=False))
+        try:
+            assert await tier.lookup(NS, [key]) == 0
+            await asyncio.to_thread(first.stop)
+            for _ in range(3):  # the shard is down: the channel fails and backs off
+                with pytest.raises(TierError):
+                    await tier.lookup(NS, [key])
+            again = ShardServer(BlockStore(1 << 20), "s0", port=port, shared_dir=None)
+            await asyncio.to_thread(again.start)
+            try:
+                return await tier.lookup(NS, [key])
+            finally:
+                await asyncio.to_thread(again.stop)
+        finally:
+            await tier.close()
+
+    assert asyncio.run(go()) == 0
