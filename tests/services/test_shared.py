@@ -190,7 +190,11 @@ def test_refused_socket_requests_get_their_status_and_the_connection_stays(serve
             (b"G", outside, Code.OUT_OF_RANGE),
             (b"P", pb.PutSharedRequest(info=pb.BlockInfo(size=1 << 21)), Code.OUT_OF_RANGE),
             (b"L", pb.LookupRequest(namespace_id=b"short"), Code.INVALID_ARGUMENT),
-        ):
+            (b"p", pb.BatchPutSharedRequest(blocks=[pb.BlockInfo()] * (LIMITS.max_keys + 1)),
+             Code.RESOURCE_EXHAUSTED),
+            (b"g", pb.BatchGetSharedRequest(namespace_id=NS.id, keys=[bytes(32)],
+                                            offset=1 << 20, capacity=1), Code.OUT_OF_RANGE),
+        ):  # fmt: skip
             status, detail = ask(sock, op, message.SerializeToString())
             assert status == code.value[0] and detail
         status, body = ask(sock, b"L", pb.LookupRequest(namespace_id=NS.id,
