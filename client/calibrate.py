@@ -219,7 +219,7 @@ def calibrate(
     `continuation_tokens`, the continuation the KL is averaged over."""
     from transformers import DynamicCache
 
-    from kvpool.hf import codec_for, model_layout
+    from kvpool.model_facts import codec_for, model_layout
 
     widths = sorted(set(widths))
     if not widths or any(w not in SUPPORTED_BITS for w in widths):
@@ -346,7 +346,7 @@ def calibrate_basis(
     runs: layer by layer over the sample, least squares from the layer before as rebuilt from
     its codes, the basis and widths of what the keys' prediction misses, and the values'
     residual quantized as blocks will be (Hadamard-rotated, `value_bits` per token)."""
-    from kvpool.hf import rope_params
+    from kvpool.model_facts import rope_params
 
     rope = rope_params(model) if pre_rope else None
     if pre_rope and rope is None:
@@ -483,7 +483,7 @@ class _QueryEnergy:
     query heads: `energy(rope)` [L, H_kv, D], float64."""
 
     def __init__(self, model: Any) -> None:
-        from kvpool.hf import model_layout
+        from kvpool.model_facts import model_layout
 
         try:
             self.projections = [layer.self_attn.q_proj for layer in model.model.layers]

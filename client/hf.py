@@ -24,56 +24,15 @@ from transformers import Cache, DynamicCache
 
 from kvpool.client import KVPool, namespace_for
 from kvpool.kernels.codec import CodecConfig
-from kvpool.kernels.transforms import RopeParams
+from kvpool.model_facts import codec_for, model_layout, rope_params
 from kvpool.packed import WINDOW
 from kvpool.proto.errors import CodecError, NamespaceError
 from kvpool.proto.keys import Namespace
 
-
-def _text_config(model: Any) -> Any:
-    """The text part of a model's config; `model` may also be a config itself."""
-    config = getattr(model, "config", model)
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def model_layout(model: Any) -> tuple[int, int, int]:
-    """(layers, kv_heads, head_dim) of a decoder-only transformers model (or its config)."""
-    c = _text_config(model)
-    heads = c.num_attention_heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
-    return c.num_hidden_layers, getattr(c, "num_key_value_heads", None) or heads, head_dim
-
-
-def rope_params(model: Any) -> RopeParams | None:
-    """The model's rotary embedding, when it is one the codec can undo exactly (plain or
-    linearly scaled); None otherwise (then keys are quantized as the model caches them)."""
-    c = _text_config(model)
-    params = dict(getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {})
-    theta = params.get("rope_theta", getattr(c, "rope_theta", None))
-    kind = params.get("rope_type", params.get("type", "default"))
-    if theta is None or kind not in ("default", "linear"):
-        return None
-    _, _, head_dim = model_layout(model)
-    factor = float(params.get("partial_rotary_factor", getattr(c, "partial_rotary_factor", 1.0)))
-    scaling = float(params.get("factor", 1.0)) if kind == "linear" else 1.0
-    return RopeParams(float(theta), int(head_dim * factor), scaling)
-
-
-def codec_for(
-    model: Any, key_bits: int | tuple[int, ...] = 2, value_bits: int | tuple[int, ...] = 2,
-    group_size: int = 128, pre_rope: bool = True, hadamard_values: bool = True, sink_tokens: int = 4,
-) -> CodecConfig:  # fmt: skip
-    """A codec for `model` (or its config): pre-RoPE keys with the model's own RoPE parameters
-    when it has a RoPE the codec can undo; values rotated when head_dim is a power of two."""
-    _, _, head_dim = model_layout(model)
-    rope = rope_params(model) if pre_rope else None
-    if pre_rope and rope is None:
-        raise CodecError("this model's RoPE cannot be undone exactly: use pre_rope=False")
-    pow2 = head_dim & (head_dim - 1) == 0
-    return CodecConfig(
-        key_bits=key_bits, value_bits=value_bits, group_size=group_size, rope=rope,
-        hadamard_values=hadamard_values and pow2, sink_tokens=sink_tokens,
-    )  # fmt: skip
+__all__ = [
+    "CachedModel", "CostModel", "cache_from_kv", "codec_for", "kv_from_cache", "model_layout",
+    "namespace_for_model", "rope_params",
+]  # fmt: skip
 
 
 def namespace_for_model(

@@ -80,7 +80,8 @@ class IngestWorker:
         import torch
 
         from kvpool.client import KVPool
-        from kvpool.hf import codec_for, namespace_for_model
+        from kvpool.hf import namespace_for_model
+        from kvpool.model_facts import codec_for
         from kvpool.models import load
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -448,7 +448,7 @@ class PackedCache(Cache):
             raise CodecError("the packed cache attends to KIVI-layout keys: no key basis")
         if window < 0:
             raise ValueError("window must be >= 0")
-        from kvpool.hf import model_layout
+        from kvpool.model_facts import model_layout
 
         layers, _, _ = model_layout(model)
         device = getattr(model, "device", None)

@@ -54,8 +54,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
 
 from kvpool.calibrate import Profile, profile_codec
 from kvpool.client import KVPool, namespace_for
-from kvpool.hf import codec_for
 from kvpool.kernels.codec import CodecConfig, KeyBasis, decode, encode
+from kvpool.model_facts import codec_for
 from kvpool.proto.errors import KVPoolError, NamespaceError
 from kvpool.proto.keys import Namespace
 from kvpool.transport import ClientConfig
