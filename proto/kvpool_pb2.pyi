@@ -334,3 +334,105 @@ class CloseSharedRequest(_message.Message):
 class CloseSharedResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class ArtifactManifest(_message.Message):
+    __slots__ = ("id", "kind", "size", "chunk_bytes", "chunks", "mac")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
+    id: bytes
+    kind: str
+    size: int
+    chunk_bytes: int
+    chunks: _containers.RepeatedScalarFieldContainer[bytes]
+    mac: bytes
+    def __init__(self, id: _Optional[bytes] = ..., kind: _Optional[str] = ..., size: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., chunks: _Optional[_Iterable[bytes]] = ..., mac: _Optional[bytes] = ...) -> None: ...
+
+class ArtifactChunk(_message.Message):
+    __slots__ = ("id", "index", "data")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    id: bytes
+    index: int
+    data: bytes
+    def __init__(self, id: _Optional[bytes] = ..., index: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class PutArtifactRequest(_message.Message):
+    __slots__ = ("manifest", "chunk")
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    manifest: ArtifactManifest
+    chunk: ArtifactChunk
+    def __init__(self, manifest: _Optional[_Union[ArtifactManifest, _Mapping]] = ..., chunk: _Optional[_Union[ArtifactChunk, _Mapping]] = ...) -> None: ...
+
+class PutArtifactResponse(_message.Message):
+    __slots__ = ("complete", "missing")
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    MISSING_FIELD_NUMBER: _ClassVar[int]
+    complete: bool
+    missing: int
+    def __init__(self, complete: _Optional[bool] = ..., missing: _Optional[int] = ...) -> None: ...
+
+class GetArtifactRequest(_message.Message):
+    __slots__ = ("id", "manifest", "index")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    id: bytes
+    manifest: bool
+    index: int
+    def __init__(self, id: _Optional[bytes] = ..., manifest: _Optional[bool] = ..., index: _Optional[int] = ...) -> None: ...
+
+class GetArtifactResponse(_message.Message):
+    __slots__ = ("found", "manifest", "data")
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    manifest: ArtifactManifest
+    data: bytes
+    def __init__(self, found: _Optional[bool] = ..., manifest: _Optional[_Union[ArtifactManifest, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ArtifactRecord(_message.Message):
+    __slots__ = ("artifact_id", "version", "codec", "mac")
+    ARTIFACT_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
+    artifact_id: bytes
+    version: int
+    codec: str
+    mac: bytes
+    def __init__(self, artifact_id: _Optional[bytes] = ..., version: _Optional[int] = ..., codec: _Optional[str] = ..., mac: _Optional[bytes] = ...) -> None: ...
+
+class PutRecordRequest(_message.Message):
+    __slots__ = ("name", "record")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    RECORD_FIELD_NUMBER: _ClassVar[int]
+    name: bytes
+    record: ArtifactRecord
+    def __init__(self, name: _Optional[bytes] = ..., record: _Optional[_Union[ArtifactRecord, _Mapping]] = ...) -> None: ...
+
+class PutRecordResponse(_message.Message):
+    __slots__ = ("stored",)
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    stored: bool
+    def __init__(self, stored: _Optional[bool] = ...) -> None: ...
+
+class GetRecordRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: bytes
+    def __init__(self, name: _Optional[bytes] = ...) -> None: ...
+
+class GetRecordResponse(_message.Message):
+    __slots__ = ("found", "record")
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    RECORD_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    record: ArtifactRecord
+    def __init__(self, found: _Optional[bool] = ..., record: _Optional[_Union[ArtifactRecord, _Mapping]] = ...) -> None: ...

@@ -94,6 +94,26 @@ class KVPoolStub:
                 request_serializer=kvpool_dot_proto_dot_kvpool__pb2.CloseSharedRequest.SerializeToString,
                 response_deserializer=kvpool_dot_proto_dot_kvpool__pb2.CloseSharedResponse.FromString,
                 _registered_method=True)
+        self.PutArtifact = channel.unary_unary(
+                '/kvpool.v1.KVPool/PutArtifact',
+                request_serializer=kvpool_dot_proto_dot_kvpool__pb2.PutArtifactRequest.SerializeToString,
+                response_deserializer=kvpool_dot_proto_dot_kvpool__pb2.PutArtifactResponse.FromString,
+                _registered_method=True)
+        self.GetArtifact = channel.unary_unary(
+                '/kvpool.v1.KVPool/GetArtifact',
+                request_serializer=kvpool_dot_proto_dot_kvpool__pb2.GetArtifactRequest.SerializeToString,
+                response_deserializer=kvpool_dot_proto_dot_kvpool__pb2.GetArtifactResponse.FromString,
+                _registered_method=True)
+        self.PutRecord = channel.unary_unary(
+                '/kvpool.v1.KVPool/PutRecord',
+                request_serializer=kvpool_dot_proto_dot_kvpool__pb2.PutRecordRequest.SerializeToString,
+                response_deserializer=kvpool_dot_proto_dot_kvpool__pb2.PutRecordResponse.FromString,
+                _registered_method=True)
+        self.GetRecord = channel.unary_unary(
+                '/kvpool.v1.KVPool/GetRecord',
+                request_serializer=kvpool_dot_proto_dot_kvpool__pb2.GetRecordRequest.SerializeToString,
+                response_deserializer=kvpool_dot_proto_dot_kvpool__pb2.GetRecordResponse.FromString,
+                _registered_method=True)
 
 
 class KVPoolServicer:
@@ -197,6 +217,43 @@ class KVPoolServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutArtifact(self, request, context):
+        """Artifacts: immutable, content-addressed files that a namespace needs besides its blocks
+        (a calibrated key basis and its prediction maps). An artifact is sent as a manifest (its
+        size and the sha256 of each chunk; its id is the sha256 of the manifest's canonical
+        encoding, see kvpool.proto.artifacts) and then its chunks, each one message; it becomes
+        readable once every chunk has arrived and matched its hash. Clients write artifacts to
+        every shard. A manifest whose id is not its digest, or a chunk that is not its hash, is
+        DATA_LOSS; one of the wrong length or index, INVALID_ARGUMENT; a chunk before its
+        manifest, FAILED_PRECONDITION; an artifact over the size limit or the shard's artifact
+        budget, RESOURCE_EXHAUSTED (before any chunk is taken). Scoped by tenant like blocks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetArtifact(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutRecord(self, request, context):
+        """Records: a small named pointer per (tenant, name) to the current artifact, e.g. a model's
+        key basis (the name is a client-side digest of the model and the tenant's salt). A record
+        is taken only when its artifact is complete on the shard, and the artifacts that records
+        name are never evicted; of two versions the higher stays.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRecord(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVPoolServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -259,6 +316,26 @@ def add_KVPoolServicer_to_server(servicer, server):
                     servicer.CloseShared,
                     request_deserializer=kvpool_dot_proto_dot_kvpool__pb2.CloseSharedRequest.FromString,
                     response_serializer=kvpool_dot_proto_dot_kvpool__pb2.CloseSharedResponse.SerializeToString,
+            ),
+            'PutArtifact': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutArtifact,
+                    request_deserializer=kvpool_dot_proto_dot_kvpool__pb2.PutArtifactRequest.FromString,
+                    response_serializer=kvpool_dot_proto_dot_kvpool__pb2.PutArtifactResponse.SerializeToString,
+            ),
+            'GetArtifact': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetArtifact,
+                    request_deserializer=kvpool_dot_proto_dot_kvpool__pb2.GetArtifactRequest.FromString,
+                    response_serializer=kvpool_dot_proto_dot_kvpool__pb2.GetArtifactResponse.SerializeToString,
+            ),
+            'PutRecord': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutRecord,
+                    request_deserializer=kvpool_dot_proto_dot_kvpool__pb2.PutRecordRequest.FromString,
+                    response_serializer=kvpool_dot_proto_dot_kvpool__pb2.PutRecordResponse.SerializeToString,
+            ),
+            'GetRecord': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRecord,
+                    request_deserializer=kvpool_dot_proto_dot_kvpool__pb2.GetRecordRequest.FromString,
+                    response_serializer=kvpool_dot_proto_dot_kvpool__pb2.GetRecordResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -585,6 +662,114 @@ class KVPool:
             '/kvpool.v1.KVPool/CloseShared',
             kvpool_dot_proto_dot_kvpool__pb2.CloseSharedRequest.SerializeToString,
             kvpool_dot_proto_dot_kvpool__pb2.CloseSharedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutArtifact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvpool.v1.KVPool/PutArtifact',
+            kvpool_dot_proto_dot_kvpool__pb2.PutArtifactRequest.SerializeToString,
+            kvpool_dot_proto_dot_kvpool__pb2.PutArtifactResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetArtifact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvpool.v1.KVPool/GetArtifact',
+            kvpool_dot_proto_dot_kvpool__pb2.GetArtifactRequest.SerializeToString,
+            kvpool_dot_proto_dot_kvpool__pb2.GetArtifactResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutRecord(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvpool.v1.KVPool/PutRecord',
+            kvpool_dot_proto_dot_kvpool__pb2.PutRecordRequest.SerializeToString,
+            kvpool_dot_proto_dot_kvpool__pb2.PutRecordResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRecord(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvpool.v1.KVPool/GetRecord',
+            kvpool_dot_proto_dot_kvpool__pb2.GetRecordRequest.SerializeToString,
+            kvpool_dot_proto_dot_kvpool__pb2.GetRecordResponse.FromString,
             options,
             channel_credentials,
             insecure,
