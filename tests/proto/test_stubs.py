@@ -22,7 +22,8 @@ def test_the_service_has_every_rpc_of_the_protocol() -> None:
     assert pb.DESCRIPTOR.package == "kvpool.v1"
     assert {m.name for m in service.methods} == {
         "Lookup", "Put", "Get", "Delete", "Stats", "Topology", "OpenShared", "GetShared",
-        "PutShared", "CloseShared", "BatchGet", "BatchPut",
+        "PutShared", "CloseShared", "BatchGet", "BatchPut", "PutArtifact", "GetArtifact",
+        "PutRecord", "GetRecord",
     }  # fmt: skip
     streaming = {m.name: (m.client_streaming, m.server_streaming) for m in service.methods}
     assert streaming["Put"] == (True, False) and streaming["Get"] == (False, True)
