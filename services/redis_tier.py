@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 Mode = Literal["all", "evicted"]
 KEY_BYTES = 32
 PREFIX = b"kvpool:v2:"
+ARTIFACT_PREFIX = b"kvpool:artifact:v1:"  # then the store key (hex) and the part
 _META = struct.Struct("<32sI")  # chain key, position
 
 # A queued write: Redis key, sequence number, chain, position, block.
@@ -229,6 +230,31 @@ class RedisTier:
         for rkey in rkeys:
             getattr(pipe, command)(rkey)
         return pipe.execute()
+
+    # -- artifacts and records (services/artifacts.py) --------------------------------------
+
+    def put_plain(self, key: bytes, part: bytes, value: bytes) -> bool:
+        """SET part `part` of an artifact or record under store key `key`, now and without
+        expiry (they are few, and what a namespace's blocks need); False if Redis failed."""
+        try:
+            self.client.set(
+                ARTIFACT_PREFIX + self.redis_key(key)[len(PREFIX) :] + b":" + part, value
+            )
+        except redis.RedisError as e:
+            self._error("artifact write", e)
+            return False
+        return True
+
+    def get_plain(self, key: bytes, part: bytes) -> bytes | None:
+        """What `put_plain` wrote, or None (a Redis error is a miss, logged and counted)."""
+        try:
+            value = self.client.get(
+                ARTIFACT_PREFIX + self.redis_key(key)[len(PREFIX) :] + b":" + part
+            )
+        except redis.RedisError as e:
+            self._error("artifact read", e)
+            return None
+        return value if isinstance(value, bytes) else None
 
     # -- deletes ---------------------------------------------------------------------------
 

@@ -64,6 +64,8 @@ from kvpool.proto.errors import (
 )
 from kvpool.proto.keys import Namespace
 from kvpool.proto.messages import namespace_from_proto, pack
+from kvpool.services.artifacts import ArtifactLimits, ArtifactServicer, ArtifactStore
+from kvpool.services.artifacts import handlers as artifact_handlers
 from kvpool.services.hot import HotKeys
 from kvpool.services.metrics import ShardMetrics
 from kvpool.services.security import ServerSecurity, store_key, tenant_of
@@ -1038,6 +1040,7 @@ class ShardServer:
         self._health_server: grpc.aio.Server | None = None
         self.shared_dir = shared_dir
         self.arenas: Arenas | None = None
+        self.artifacts = ArtifactStore(ArtifactLimits())  # key bases and the records naming them
 
     @property
     def address(self) -> str:
@@ -1083,7 +1086,8 @@ class ShardServer:
                 self.shared_dir, self.shard_id, lim.shared_bytes, lim.peer_shared_bytes,
                 lim.shared_idle_s, servicer.local, lim.max_keys, self._loop,
             )  # fmt: skip
-        server.add_generic_rpc_handlers((_handlers(servicer),))
+        artifacts = ArtifactServicer(self.artifacts, _CALLER.get, Refused, self.redis)
+        server.add_generic_rpc_handlers((_handlers(servicer), artifact_handlers(artifacts)))
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         bind = f"{self.host}:{self.port}"
