@@ -15,7 +15,6 @@ Only full blocks have keys, as in every engine.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kvpool.proto.keys import BlockHash, Namespace
+from kvpool.proto.keys import BlockHash, Namespace, chain_block, chain_start
 
 TRACE_BLOCK_TOKENS = 512
 MAX_LINE_BYTES = 1 << 20  # a request line longer than this is refused, not parsed
@@ -98,10 +97,9 @@ def block_tokens(block_id: int, n: int = TRACE_BLOCK_TOKENS) -> np.ndarray:
 
 
 class TraceKeys:
-    """kvpool's block keys for trace requests in one namespace: key(block at i) =
-    sha256(key(block at i-1) || its tokens), the chain every worker computes
-    (`kvpool.proto.keys.block_keys`) for the synthesized prompt; each (prefix, block id) is
-    hashed once."""
+    """kvpool's block keys for trace requests in one namespace: the chain every worker computes
+    (`kvpool.proto.keys.block_keys`) for the synthesized prompt, one block at a time
+    (`chain_block`); each (chain state, block id) is hashed once."""
 
     def __init__(self, namespace: Namespace) -> None:
         if namespace.block_tokens != TRACE_BLOCK_TOKENS:
@@ -110,18 +108,18 @@ class TraceKeys:
                 f"{namespace.block_tokens}"
             )
         self.namespace = namespace
-        self._keys: dict[tuple[bytes, int], BlockHash] = {}  # (previous key, block id) -> key
+        # (chain state before, block id) -> (chain state after, key)
+        self._keys: dict[tuple[bytes, int], tuple[bytes, BlockHash]] = {}
 
     def __call__(self, request: TraceRequest) -> list[BlockHash]:
         """The keys of the request's full blocks, in prefix order."""
         keys: list[BlockHash] = []
-        prev = self.namespace.root
+        state = chain_start(self.namespace)
         for block_id in request.hash_ids[: request.full_blocks()]:
-            key = self._keys.get((prev, block_id))
-            if key is None:
-                tokens = block_tokens(block_id).tobytes()
-                key = BlockHash(hashlib.sha256(prev + tokens).digest())
-                self._keys[prev, block_id] = key
+            hit = self._keys.get((state, block_id))
+            if hit is None:
+                hit = chain_block(self.namespace, state, block_tokens(block_id).tobytes())
+                self._keys[state, block_id] = hit
+            state, key = hit
             keys.append(key)
-            prev = key
         return keys

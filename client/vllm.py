@@ -86,6 +86,9 @@ class Settings:
     endpoint: str  # the tier, as `kvpool serve` prints it: host:port[,host:port...]
     model_name: str = ""  # default: the served model name; must equal other workers' to share
     block_tokens: int = 256  # kvpool block, a multiple of vLLM's block size
+    # the key scheme's page: SGLang's --page-size, to share blocks with its engines; -1: the
+    # default, gcd(64, block_tokens); 0: the first scheme (one chain over whole blocks)
+    page_tokens: int = -1
     key_bits: int = 3
     value_bits: int = 2
     group_size: int = 128
@@ -199,6 +202,7 @@ def namespace_for_vllm(
     ns = namespace_for(
         name, layers, heads, head_dim, model.dtype, codec,
         revision=str(model.revision or ""), block_tokens=settings.block_tokens,
+        page_tokens=None if settings.page_tokens < 0 else settings.page_tokens,
         tp_rank=tp_rank, tp_size=parallel.tensor_parallel_size,
         salt=settings.salt.encode(), mac_key=mac_key,
     )  # fmt: skip

@@ -2,10 +2,27 @@
 
 Where it stands: the first step of every client call. Tokens are cut into blocks of
 `block_tokens`; block i's key commits to the namespace (model, KV layout, codec, TP rank) and
-the tenant salt through the chain root, and to every token before it through the chain:
+the tenant salt through the namespace root, and to every token before it through a chain.
 
-    root   = sha256("kvpool/v1 root" || namespace id || salt)
-    key_i  = sha256(key_{i-1} || tokens of block i as little-endian uint32)
+The chain runs over pages of `page_tokens` tokens, exactly as SGLang's HiCache chains its page
+keys, so that an engine that never sees token ids (SGLang's storage backend) derives the same
+block keys from its own page keys as vLLM's connector and `CachedModel` derive from tokens:
+
+    d_j    = sha256(d_{j-1} || tokens of page j as little-endian uint32)   (d_0: no prior)
+    root   = sha256("kvpool/v2 root" || namespace id || sha256(salt) || page_tokens)
+    key_b  = sha256("kvpool/v2 block" || root || d_{last page of block b})
+
+The chain itself is engine-neutral; the namespace (model, codec, TP rank, tenant salt) still
+isolates blocks through `root`, in every key. `page_tokens` divides `block_tokens`; unless
+given it is gcd(64, block_tokens) (64, SGLang's usual HiCache page, for 256-token blocks).
+`page_tokens=0` keeps the first scheme, one chain over whole blocks from the root:
+
+    root   = sha256("kvpool/v1 root" || namespace id || sha256(salt))
+    key_b  = sha256(key_{b-1} || tokens of block b as little-endian uint32)
+
+The scheme is the client's choice, like the salt: it is not part of the namespace id the tier
+sees, only of the keys. Two schemes never share a key, so blocks stored under one are misses
+under the other.
 
 Only full blocks have keys. Tokens are hashed as fixed-width little-endian integers whatever
 their container (list, numpy array, torch tensor, any integer dtype), so keys are identical
@@ -17,6 +34,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, NewType
@@ -29,6 +47,9 @@ from kvpool.proto.errors import NamespaceError, TokenError
 BlockHash = NewType("BlockHash", bytes)
 KEY_BYTES = 32
 _ROOT_TAG = b"kvpool/v1 root\x00"
+_PAGE_ROOT_TAG = b"kvpool/v2 root\x00"
+_PAGE_BLOCK_TAG = b"kvpool/v2 block\x00"
+DEFAULT_PAGE_TOKENS = 64
 _NAMESPACE_TAG = b"kvpool/v1 namespace\x00"
 _MAX_TOKEN = 2**32 - 1
 MAC_SCHEME = "hmac-sha256"
@@ -45,7 +66,11 @@ class Namespace:
     readers verify, so a block written without the secret (another tenant, a compromised
     shard, a poisoned Redis) is refused. `integrity` ("hmac-sha256" then) is public and part of
     `id`, so blocks with and without a MAC never share keys; the key itself never leaves the
-    client. A namespace rebuilt from the wire has `integrity` but no key."""
+    client. A namespace rebuilt from the wire has `integrity` but no key.
+
+    page_tokens: the key scheme (see the module docstring): the page of the chain, a divisor
+    of `block_tokens`; None picks gcd(64, block_tokens); 0 is the first scheme (a chain over
+    whole blocks). Client-side like the salt: not in `id`, only in `root`."""
 
     model: str
     layers: int
@@ -62,6 +87,7 @@ class Namespace:
     integrity: str = ""
     salt: bytes = field(default=b"", repr=False)
     mac_key: bytes = field(default=b"", repr=False)
+    page_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -77,6 +103,18 @@ class Namespace:
             object.__setattr__(self, "integrity", MAC_SCHEME)
         if self.integrity not in ("", MAC_SCHEME):
             raise NamespaceError(f"integrity must be '' or {MAC_SCHEME!r}, got {self.integrity!r}")
+        if self.page_tokens is None:
+            object.__setattr__(
+                self, "page_tokens", math.gcd(DEFAULT_PAGE_TOKENS, self.block_tokens)
+            )
+        if not isinstance(self.page_tokens, int) or self.page_tokens < 0:
+            raise NamespaceError(
+                f"page_tokens must be a non-negative int, got {self.page_tokens!r}"
+            )
+        if self.page_tokens and self.block_tokens % self.page_tokens:
+            raise NamespaceError(
+                f"page_tokens {self.page_tokens} must divide block_tokens {self.block_tokens}"
+            )
         object.__setattr__(self, "dtype", DType(self.dtype))
         object.__setattr__(self, "layout", Layout(self.layout))
 
@@ -85,6 +123,7 @@ class Namespace:
         d = asdict(self)
         d.pop("salt")
         d.pop("mac_key")
+        d.pop("page_tokens")
         d["dtype"], d["layout"] = int(self.dtype), int(self.layout)
         return d
 
@@ -94,11 +133,15 @@ class Namespace:
         canon = json.dumps(self.fields(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(_NAMESPACE_TAG + canon.encode()).digest()
 
-    @property
+    @functools.cached_property
     def root(self) -> bytes:
-        """key_{-1}: commits to the namespace id and the tenant salt."""
+        """Commits to the namespace id, the tenant salt and the key scheme (every block key
+        commits to it)."""
         salt = hashlib.sha256(self.salt).digest()
-        return hashlib.sha256(_ROOT_TAG + self.id + salt).digest()
+        if not self.page_tokens:
+            return hashlib.sha256(_ROOT_TAG + self.id + salt).digest()
+        scheme = self.page_tokens.to_bytes(4, "little")
+        return hashlib.sha256(_PAGE_ROOT_TAG + self.id + salt + scheme).digest()
 
 
 def token_array(tokens: Sequence[int] | Any) -> np.ndarray:
@@ -125,8 +168,55 @@ def block_keys(namespace: Namespace, tokens: Sequence[int] | Any) -> list[BlockH
     buf = arr[: len(arr) - len(arr) % n].tobytes()
     step = 4 * n
     keys: list[BlockHash] = []
-    prev = namespace.root
+    state = chain_start(namespace)
     for off in range(0, len(buf), step):
-        prev = hashlib.sha256(prev + buf[off : off + step]).digest()
-        keys.append(BlockHash(prev))
+        state, key = chain_block(namespace, state, buf[off : off + step])
+        keys.append(key)
     return keys
+
+
+def chain_start(namespace: Namespace) -> bytes:
+    """The chain's state before the first block: the root (first scheme) or no digest yet."""
+    return b"" if namespace.page_tokens else namespace.root
+
+
+def chain_block(namespace: Namespace, state: bytes, block: bytes) -> tuple[bytes, BlockHash]:
+    """One block of the chain: (the state after it, its key), from the state before it and its
+    tokens as little-endian uint32 bytes (`block_tokens` of them). The state is the previous
+    key (first scheme) or the digest of the previous page (b"" before the first)."""
+    if len(block) != 4 * namespace.block_tokens:
+        raise TokenError(f"a block is {4 * namespace.block_tokens} bytes, got {len(block)}")
+    if not namespace.page_tokens:
+        key = hashlib.sha256(state + block).digest()
+        return key, BlockHash(key)
+    step = 4 * namespace.page_tokens
+    for off in range(0, len(block), step):
+        state = hashlib.sha256(state + block[off : off + step]).digest()
+    return state, page_block_key(namespace, state)
+
+
+def page_block_key(namespace: Namespace, last_page: bytes) -> BlockHash:
+    """The key of the block whose last page has chain digest `last_page` (the page scheme):
+    what an engine that holds page digests, not tokens, stores the block under."""
+    if not namespace.page_tokens:
+        raise NamespaceError("the namespace chains whole blocks (page_tokens=0), not pages")
+    if len(last_page) != KEY_BYTES:
+        raise TokenError(f"a page digest is {KEY_BYTES} bytes, got {len(last_page)}")
+    return BlockHash(hashlib.sha256(_PAGE_BLOCK_TAG + namespace.root + last_page).digest())
+
+
+def page_digests(tokens: Sequence[int] | Any, page_tokens: int) -> list[bytes]:
+    """SGLang's page keys for `tokens` (as raw digests; its hex strings are their .hex()):
+    d_j = sha256(d_{j-1} || page j as little-endian uint32), d_0 without a prior. Full pages
+    only."""
+    if page_tokens <= 0:
+        raise TokenError(f"page_tokens must be positive, got {page_tokens}")
+    arr = token_array(tokens)
+    buf = arr[: len(arr) - len(arr) % page_tokens].tobytes()
+    step = 4 * page_tokens
+    out: list[bytes] = []
+    state = b""
+    for off in range(0, len(buf), step):
+        state = hashlib.sha256(state + buf[off : off + step]).digest()
+        out.append(state)
+    return out

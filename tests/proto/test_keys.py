@@ -13,7 +13,15 @@ import torch
 
 from kvpool.proto.blockformat import DType
 from kvpool.proto.errors import NamespaceError, TokenError
-from kvpool.proto.keys import MAC_SCHEME, Namespace, block_keys
+from kvpool.proto.keys import (
+    MAC_SCHEME,
+    Namespace,
+    block_keys,
+    chain_block,
+    chain_start,
+    page_block_key,
+    page_digests,
+)
 from kvpool.proto.messages import namespace_from_proto, namespace_to_proto
 
 NS = Namespace(
@@ -22,16 +30,80 @@ NS = Namespace(
 TOKENS = [(7 * i + 3) % 50000 for i in range(100)]
 
 
+def _page_chain(tokens: list[int], page: int) -> list[bytes]:
+    """d_j = sha256(d_{j-1} || page j as little-endian uint32), d_0 without a prior."""
+    out, prev = [], b""
+    for j in range(len(tokens) // page):
+        prev = hashlib.sha256(
+            prev + np.asarray(tokens[page * j : page * (j + 1)], "<u4").tobytes()
+        ).digest()
+        out.append(prev)
+    return out
+
+
 def test_one_key_per_full_block_and_chained() -> None:
     keys = block_keys(NS, TOKENS)
+    assert NS.page_tokens == 16  # gcd(64, 16): the page is the whole block here
     assert len(keys) == 100 // 16
     assert all(len(k) == 32 for k in keys) and len(set(keys)) == len(keys)
-    # key_i = sha256(key_{i-1} || tokens of block i as little-endian uint32)
-    prev = NS.root
+    digests = _page_chain(TOKENS, 16)
+    for i, key in enumerate(keys):
+        assert key == hashlib.sha256(b"kvpool/v2 block\x00" + NS.root + digests[i]).digest()
+
+
+def test_pages_smaller_than_blocks_chain_over_pages() -> None:
+    ns = Namespace(**{**NS.fields(), "dtype": NS.dtype, "layout": NS.layout, "page_tokens": 4})
+    keys = block_keys(ns, TOKENS)
+    digests = _page_chain(TOKENS, 4)
+    assert digests == page_digests(TOKENS, 4) and len(digests) == 25
+    # block b's key is the store key of its last page's digest
+    assert keys == [page_block_key(ns, digests[4 * b + 3]) for b in range(6)]
+    assert not set(keys) & set(block_keys(NS, TOKENS))  # another page size, other keys
+    assert ns.id == NS.id and ns.root != NS.root  # the scheme is in the keys, not the id
+
+
+def test_the_first_scheme_chains_whole_blocks_from_the_root() -> None:
+    ns = Namespace(**{**NS.fields(), "dtype": NS.dtype, "layout": NS.layout, "page_tokens": 0})
+    keys = block_keys(ns, TOKENS)
+    prev = hashlib.sha256(b"kvpool/v1 root\x00" + NS.id + hashlib.sha256(b"").digest()).digest()
+    assert ns.root == prev
     for i, key in enumerate(keys):
         block = np.asarray(TOKENS[16 * i : 16 * (i + 1)], dtype="<u4").tobytes()
         prev = hashlib.sha256(prev + block).digest()
         assert key == prev
+    assert not set(keys) & set(block_keys(NS, TOKENS))
+    with pytest.raises(NamespaceError):
+        page_block_key(ns, b"\0" * 32)
+
+
+def test_default_page_is_64_or_the_block_when_smaller() -> None:
+    fields = {**NS.fields(), "dtype": NS.dtype, "layout": NS.layout}
+    assert Namespace(**{**fields, "block_tokens": 256}).page_tokens == 64
+    assert Namespace(**{**fields, "block_tokens": 512}).page_tokens == 64
+    assert Namespace(**{**fields, "block_tokens": 32}).page_tokens == 32
+    assert Namespace(**{**fields, "block_tokens": 96}).page_tokens == 32
+
+
+def test_chain_block_steps_equal_block_keys() -> None:
+    for ns in (
+        NS,
+        Namespace(**{**NS.fields(), "dtype": NS.dtype, "layout": NS.layout, "page_tokens": 0}),
+    ):
+        state, keys = chain_start(ns), []
+        arr = np.asarray(TOKENS[:96], "<u4").tobytes()
+        for b in range(6):
+            state, key = chain_block(ns, state, arr[64 * b : 64 * (b + 1)])
+            keys.append(key)
+        assert keys == block_keys(ns, TOKENS)
+        with pytest.raises(TokenError):
+            chain_block(ns, state, arr[:60])
+
+
+def test_bad_page_digests_and_page_sizes_are_refused() -> None:
+    with pytest.raises(TokenError):
+        page_block_key(NS, b"short")
+    with pytest.raises(TokenError):
+        page_digests(TOKENS, 0)
 
 
 def test_a_key_commits_to_every_earlier_token() -> None:
@@ -138,6 +210,9 @@ def test_short_and_empty_inputs_have_no_keys() -> None:
         {"salt": "str"},
         {"mac_key": "str"},
         {"integrity": "md5"},
+        {"page_tokens": 3},  # does not divide the block
+        {"page_tokens": -1},
+        {"page_tokens": 32},  # larger than the block
     ],
 )
 def test_bad_namespaces_are_refused(change) -> None:
