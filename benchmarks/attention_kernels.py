@@ -22,7 +22,7 @@ depend on the values).
 Times are the median of triton.testing.do_bench (CUDA) or of --repeat calls (CPU), in ms;
 GB/s counts the bytes each path must read (packed rows, or fp16 K/V). max_diff: the fused
 output's largest difference from dequant+sdpa (fp16 SDPA rounding included). On the CPU the
-fused column is the C loop (kernels.cpu.packed_attention) when it exists, else the reference;
+fused column is the C loop (kernels.cpu_attention.packed_attention);
 with TRITON_INTERPRET=1 the Triton variants run too (interpreted: a smoke test, not a timing).
 The last line is one JSON object.
 """
@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -42,8 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kvpool.kernels import attention
-from kvpool.kernels.attention import PackedKV
+from kvpool.kernels import attention, env
+from kvpool.kernels.packed_kv import PackedKV
 from kvpool.kernels.transforms import RopeParams
 
 LLAMA3_8B = dict(heads=8, q_heads=32, dim=128, group=128)
@@ -136,7 +135,7 @@ def cell(
         torch.cuda.empty_cache()
 
     fused: dict[str, Callable[[], tuple[Tensor, Tensor]]] = {}
-    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+    if device.type == "cuda" or env.TRITON_INTERPRET:
         from kvpool.kernels import triton_attention
 
         for dot in dots:
@@ -146,10 +145,7 @@ def cell(
                     triton_attention.packed_attention, q, kv, 0, splits=n, dot=dot
                 )
     if device.type == "cpu":
-        from kvpool.kernels import cpu
-
-        backend = "cpu" if hasattr(cpu, "packed_attention") else "reference"
-        fused[backend] = lambda: attention.packed_attention(q, kv, 0, backend=backend)
+        fused["cpu"] = lambda: attention.packed_attention(q, kv, 0, backend="cpu")
     for name, fn in fused.items():
         ms = bench(fn)
         row[f"fused_{name}_ms"] = ms

@@ -162,7 +162,7 @@ def cpu_figures(repeat: int, peer: bool) -> dict[str, Any]:
 
 
 def cuda_figures(repeat: int) -> dict[str, Any]:
-    from kvpool.kernels import triton_ops
+    from kvpool.kernels import triton_codec
     from kvpool.kernels.codec import block_header
 
     dev = torch.device("cuda")
@@ -178,12 +178,12 @@ def cuda_figures(repeat: int) -> dict[str, Any]:
     out_k, out_v = torch.empty_like(k), torch.empty_like(v)
 
     def kernels_encode() -> None:
-        triton_ops.quantize_into(k, key_sections, header, payload, flag)
-        triton_ops.quantize_into(v, value_sections, header, payload, flag)
+        triton_codec.quantize_into(k, key_sections, header, payload, flag)
+        triton_codec.quantize_into(v, value_sections, header, payload, flag)
 
     def kernels_decode() -> None:
-        triton_ops.decode_tensor(payload, key_sections, header, out_k)
-        triton_ops.decode_tensor(payload, value_sections, header, out_v)
+        triton_codec.decode_tensor(payload, key_sections, header, out_k)
+        triton_codec.decode_tensor(payload, value_sections, header, out_v)
 
     def copy() -> None:
         out_k.copy_(k)

@@ -1,7 +1,7 @@
 """Sweep launch parameters of the Triton codec kernels on a Llama-3-8B-shaped block (CUDA).
 
 Prints one line per setting: encode/decode time of keys and values alone, as a fraction of a
-device copy of the same tensor. Used to choose the defaults in kernels/triton_ops.py.
+device copy of the same tensor. Used to choose the defaults in kernels/triton_codec.py.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 import torch
 from triton.testing import do_bench
 
-from kvpool.kernels import triton_ops
+from kvpool.kernels import triton_codec
 from kvpool.kernels.codec import CodecConfig, block_header
 from kvpool.proto.blockformat import Layout
 
@@ -30,20 +30,21 @@ def main() -> None:
         flag = torch.zeros(1, dtype=torch.int32, device=dev)
         for kw in (4, 8, 16):
             for vw, vr in ((2, 8), (4, 16), (4, 32), (8, 32), (8, 64)):
-                triton_ops._KEY_WARPS, triton_ops._VALUE_WARPS, triton_ops._VALUE_ROWS = kw, vw, vr
+                tc = triton_codec
+                tc._KEY_WARPS, tc._VALUE_WARPS, tc._VALUE_ROWS = kw, vw, vr
                 ks, vs = header.tensor_sections(0), header.tensor_sections(1)
                 r = {"G": group, "key_warps": kw, "value_warps": vw, "value_rows": vr}
                 r["enc_k"] = t_copy / do_bench(
-                    lambda: triton_ops.quantize_into(x, ks, header, payload, flag), rep=50
+                    lambda: triton_codec.quantize_into(x, ks, header, payload, flag), rep=50
                 )
                 r["enc_v"] = t_copy / do_bench(
-                    lambda: triton_ops.quantize_into(x, vs, header, payload, flag), rep=50
+                    lambda: triton_codec.quantize_into(x, vs, header, payload, flag), rep=50
                 )
                 r["dec_k"] = t_copy / do_bench(
-                    lambda: triton_ops.decode_tensor(payload, ks, header, y), rep=50
+                    lambda: triton_codec.decode_tensor(payload, ks, header, y), rep=50
                 )
                 r["dec_v"] = t_copy / do_bench(
-                    lambda: triton_ops.decode_tensor(payload, vs, header, y), rep=50
+                    lambda: triton_codec.decode_tensor(payload, vs, header, y), rep=50
                 )
                 rows.append({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()})
                 print(rows[-1], flush=True)

@@ -43,15 +43,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kvpool.kernels.codec import (
-    CodecConfig,
-    KeyBasis,
-    as_rows,
-    block_header,
-    decode,
-    encode,
-    mapped,
-)
+from kvpool.kernels.basis import KeyBasis, as_rows, predicted_loop
+from kvpool.kernels.codec import CodecConfig, block_header, decode, encode
 from kvpool.kernels.transforms import RopeParams, undo_rope
 from kvpool.proto.blockformat import CHUNK, SUPPORTED_BITS, Layout
 from kvpool.proto.errors import CodecError
@@ -400,9 +393,10 @@ def _fit_predicted(
     value_bits: int,
 ) -> KeyBasis:  # fmt: skip
     """The closed-loop fit of a predicting KeyBasis on pre-RoPE keys and values [L, H, N, D]
-    (N in whole groups): for each layer, the key prediction (layer 0: the mean; then least
-    squares on the layer before as rebuilt), the residual's basis and widths, the residual
-    coded and decoded with the codec's own quantizer, then the same for the values."""
+    (N in whole groups), run as the codec's own `predicted_loop`: for each layer, the key
+    prediction (layer 0: the mean; then least squares on the layer before as rebuilt), the
+    residual's basis and widths, the residual coded and decoded with the codec's own quantizer,
+    then the same for the values."""
     from kvpool.kernels import reference
     from kvpool.kernels.transforms import hadamard
 
@@ -411,22 +405,22 @@ def _fit_predicted(
     mean[0] = keys[0].mean(1)
     rotations = torch.zeros(layers, heads, dim, dim)
     widths: list[int] = []
-    key_maps: list[Tensor] = []
-    value_maps: list[Tensor] = []
-    rebuilt_k, rebuilt_v = torch.empty_like(keys), torch.empty_like(values)
+    maps: tuple[list[Tensor], list[Tensor]] = ([], [])
     value_group = min(group_size, dim)
-    for layer in range(layers):
-        before = [rebuilt_k[layer - 1], rebuilt_v[layer - 1]] if layer else []
-        if layer:
-            key_maps.append(least_squares(before, keys[layer]))
-            pk = mapped(key_maps[-1], before)
-        else:
-            pk = mean[0][:, None].expand_as(keys[0])
+
+    def fit(i: int) -> Callable[[int, list[Tensor]], Tensor]:
+        def step(layer: int, inputs: list[Tensor]) -> Tensor:
+            maps[i].append(least_squares(inputs, (keys, values)[i][layer]))
+            return maps[i][-1]
+
+        return step
+
+    def key_residual(layer: int, pk: Tensor) -> Tensor:
         residual = (keys[layer] - pk).double()
         covariance = residual.transpose(-1, -2) @ residual / residual.shape[1]
         rotation, energy = principal(covariance, None if query is None else query[layer])
         w = allocate_bands(energy.mean(0, keepdim=True).float(), key_bits, group_size)
-        widths += w
+        widths.extend(w)
         rotations[layer] = rotation.float()
         components = residual.float() @ rotations[layer]
         coded = torch.zeros_like(components)
@@ -437,23 +431,21 @@ def _fit_predicted(
                 coded[:, :, c * CHUNK : (c + 1) * CHUNK] = reference.dequantize(
                     *q, True, group_size, torch.float32
                 )
-        rebuilt_k[layer] = pk + coded @ rotations[layer].transpose(-1, -2)
-        if layer:
-            value_maps.append(least_squares([rebuilt_k[layer], *before], values[layer]))
-            pv = mapped(value_maps[-1], [rebuilt_k[layer], *before])
-        else:
-            pv = torch.zeros_like(values[0])
-        r = hadamard(values[layer] - pv).contiguous()
-        q = reference.quantize(r, False, value_group, value_bits)
-        rebuilt_v[layer] = pv + hadamard(
-            reference.dequantize(*q, False, value_group, torch.float32)
-        )
+        return coded @ rotations[layer].transpose(-1, -2)
+
+    def value_residual(layer: int, pv: Tensor) -> Tensor:
+        q = reference.quantize(hadamard(values[layer] - pv).contiguous(), False, value_group,
+                               value_bits)  # fmt: skip
+        return hadamard(reference.dequantize(*q, False, value_group, torch.float32))
+
+    rebuilt = (torch.empty_like(keys), torch.empty_like(values))
+    predicted_loop(rebuilt, mean[0], fit(0), fit(1), key_residual, value_residual)
     return KeyBasis(
         mean,
         rotations.contiguous(),
         tuple(widths),
-        torch.stack(key_maps).contiguous(),
-        torch.stack(value_maps).contiguous(),
+        torch.stack(maps[0]).contiguous(),
+        torch.stack(maps[1]).contiguous(),
     )
 
 

@@ -34,17 +34,9 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from kvpool.kernels.attention import (
-    PackedKV,
-    block_layer,
-    block_sinks,
-    dequantize,
-    merge,
-    packed_attention,
-    rope_at,
-    window_scores,
-)
+from kvpool.kernels.attention import dequantize, merge, packed_attention, window_scores
 from kvpool.kernels.codec import CodecConfig, encode, verified_payload
+from kvpool.kernels.packed_kv import PackedKV, block_layer, block_sinks, rope_at
 from kvpool.kernels.transforms import RopeParams, rotated
 from kvpool.proto.blockformat import BlockHeader
 from kvpool.proto.errors import CodecError

@@ -14,14 +14,9 @@ The per-section work runs on one of three interchangeable backends with identica
 from __future__ import annotations
 
 import functools
-import hashlib
-import pickle
-import struct
 import warnings
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Literal
 
@@ -29,6 +24,7 @@ import torch
 from torch import Tensor
 
 from kvpool.kernels import reference
+from kvpool.kernels.basis import KeyBasis, predicted_loop, rebuild
 from kvpool.kernels.transforms import (
     RopeParams,
     hadamard,
@@ -38,8 +34,6 @@ from kvpool.kernels.transforms import (
     undo_rope,
 )
 from kvpool.proto.blockformat import (
-    BASIS_ID_BYTES,
-    CHUNK,
     SUPPORTED_BITS,
     SUPPORTED_GROUPS,
     UNBOUND,
@@ -63,201 +57,6 @@ TORCH_DTYPES = {
 }
 FORMAT_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
 _CHECKS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvblock-check")
-
-
-@dataclass(frozen=True, eq=False)
-class KeyBasis:
-    """Transform coding of keys: per (layer, kv head) an orthonormal basis of the key space (of
-    pre-RoPE keys when the codec undoes RoPE) and the keys' mean, calibrated once per namespace
-    (`kvpool calibrate --basis`), and a width per 8 components, 0 for components not stored
-    (decoded as the mean). Blocks then hold the keys' components, a run of components at each
-    width (blockformat, KEY_BASIS). Equal bases have equal ids; `id` is in the block header and
-    in `CodecConfig.describe()`, hence in the namespace id.
-
-    mean [L, H, D] and rotation [L, H, D, D] (column j: component j), float32, on the CPU.
-
-    Inter-layer prediction (AQUA-KV's idea; `kvpool calibrate --basis --predict`): with
-    key_maps [L - 1, 2HD + 1, HD] and value_maps [L - 1, 3HD + 1, HD] (float32; the last row a
-    bias), layer l >= 1's keys are predicted as [K_l-1, V_l-1, 1] @ key_maps[l - 1] and its
-    values as [K_l, K_l-1, V_l-1, 1] @ value_maps[l - 1] (rows [T, H * D], heads side by side,
-    pre-RoPE keys), from the layers as the reader reconstructs them; layer 0's keys as `mean`,
-    its values as 0. The basis then codes the key residual, and blocks hold residuals
-    (blockformat, PREDICTED)."""
-
-    mean: Tensor
-    rotation: Tensor
-    widths: tuple[int, ...]  # [L * D / 8]
-    key_maps: Tensor | None = None
-    value_maps: Tensor | None = None
-    _copies: dict[torch.device, tuple[Tensor | None, ...]] = field(
-        default_factory=dict, init=False, repr=False
-    )
-
-    def on(self, device: torch.device) -> tuple[Tensor | None, ...]:
-        """(mean, rotation, key_maps, value_maps) on `device`, copied there once."""
-        device = torch.device(device)
-        if device.type == "cpu":
-            return self.mean, self.rotation, self.key_maps, self.value_maps
-        if device not in self._copies:
-            parts = (self.mean, self.rotation, self.key_maps, self.value_maps)
-            self._copies[device] = tuple(None if t is None else t.to(device) for t in parts)
-        return self._copies[device]
-
-    def __getstate__(self) -> dict[str, object]:
-        return {**self.__dict__, "_copies": {}}  # pickled (to a worker) without device copies
-
-    def __setstate__(self, state: dict[str, object]) -> None:
-        self.__dict__.update(state)
-
-    def __post_init__(self) -> None:
-        if self.mean.dim() != 3 or self.rotation.shape != (*self.mean.shape, self.mean.shape[-1]):
-            raise CodecError("a key basis is mean [L, H, D] and rotation [L, H, D, D]")
-        layers, _, dim = self.mean.shape
-        if dim % CHUNK or len(self.widths) != layers * dim // CHUNK:
-            raise CodecError(f"a key basis has one width per {CHUNK} components of each layer")
-        if any(w not in (0, *SUPPORTED_BITS) for w in self.widths):
-            raise CodecError(f"key basis widths must be 0 or in {SUPPORTED_BITS}")
-        if self.mean.dtype != torch.float32 or self.rotation.dtype != torch.float32:
-            raise CodecError("a key basis is float32")
-        if not bool(torch.isfinite(self.rotation).all() and torch.isfinite(self.mean).all()):
-            raise CodecError("a key basis must be finite")
-        eye = torch.eye(dim).expand_as(self.rotation)
-        if float((self.rotation.transpose(-1, -2) @ self.rotation - eye).abs().max()) > 1e-3:
-            raise CodecError("a key basis rotation must be orthonormal")
-        if (self.key_maps is None) != (self.value_maps is None):
-            raise CodecError("a predicting key basis has both key_maps and value_maps")
-        if self.key_maps is not None and self.value_maps is not None:
-            width = self.mean.shape[1] * dim
-            want = ((layers - 1, 2 * width + 1, width), (layers - 1, 3 * width + 1, width))
-            got = (tuple(self.key_maps.shape), tuple(self.value_maps.shape))
-            if layers < 2 or got != want:
-                raise CodecError(f"prediction maps must be {want} for this basis, got {got}")
-            maps = (self.key_maps, self.value_maps)
-            if any(m.dtype != torch.float32 or not bool(torch.isfinite(m).all()) for m in maps):
-                raise CodecError("prediction maps must be finite float32")
-
-    @property
-    def predicted(self) -> bool:
-        """Whether blocks in this basis hold residuals of an inter-layer prediction."""
-        return self.key_maps is not None
-
-    @functools.cached_property
-    def id(self) -> bytes:
-        digest = hashlib.sha256(b"kvpool key basis 1")
-        digest.update(struct.pack("<3I", *self.mean.shape))
-        digest.update(self.mean.contiguous().numpy().tobytes())
-        digest.update(self.rotation.contiguous().numpy().tobytes())
-        digest.update(bytes(self.widths))
-        if self.key_maps is not None and self.value_maps is not None:
-            digest.update(b"prediction maps")
-            digest.update(self.key_maps.contiguous().numpy().tobytes())
-            digest.update(self.value_maps.contiguous().numpy().tobytes())
-        return digest.digest()[:BASIS_ID_BYTES]
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, KeyBasis) and other.id == self.id
-
-    def __hash__(self) -> int:
-        return hash(self.id)
-
-    @property
-    def bits_per_key(self) -> float:
-        """Code bits per key value (without the groups' scales and minimums)."""
-        return sum(self.widths) / len(self.widths)
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"format": 1, "mean": self.mean, "rotation": self.rotation,
-                    "widths": list(self.widths), "key_maps": self.key_maps,
-                    "value_maps": self.value_maps}, path)  # fmt: skip
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> KeyBasis:
-        """Raises CodecError for a file that is not a valid key basis."""
-        try:
-            data = torch.load(Path(path), map_location="cpu", weights_only=True)
-            if data.get("format") != 1:
-                raise CodecError(f"{path}: not a kvpool key basis (format {data.get('format')})")
-            widths = tuple(int(w) for w in data["widths"])
-            maps = data.get("key_maps"), data.get("value_maps")
-            return cls(data["mean"], data["rotation"], widths, *maps)
-        except (OSError, KeyError, AttributeError, RuntimeError, pickle.UnpicklingError) as e:
-            raise CodecError(f"{path}: not a readable key basis ({e})") from None
-
-    def check(self, header: BlockHeader) -> None:
-        """This basis is the one a block was encoded with (BlockMismatchError otherwise)."""
-        if header.basis_id != self.id:
-            raise BlockMismatchError(
-                f"the block's key basis is {header.basis_id.hex()}, this reader holds {self.id.hex()}"
-            )
-
-    @functools.cached_property
-    def extent(self) -> tuple[int, ...]:
-        """Per layer, the components up to the last one stored: the rest are never computed."""
-        per = self.mean.shape[-1] // CHUNK
-        rows = [self.widths[i * per : (i + 1) * per] for i in range(self.mean.shape[0])]
-        return tuple(CHUNK * max((c + 1 for c, w in enumerate(r) if w), default=0) for r in rows)
-
-    def to_components(self, keys: Tensor) -> Tensor:
-        """keys [L, H, T, D] -> their components (those past `extent` left 0), float32."""
-        mean, rot = self.on(keys.device)[:2]
-        assert mean is not None and rot is not None
-        out = torch.zeros(keys.shape, dtype=torch.float32, device=keys.device)
-        for layer, n in enumerate(self.extent):
-            centred = keys[layer].float() - mean[layer][:, None]
-            torch.matmul(centred, rot[layer][:, :, :n], out=out[layer, :, :, :n])
-        return out
-
-    def from_components_(self, components: Tensor, out: Tensor) -> Tensor:
-        """components [L, H, T, D] float32 -> keys into `out` (any float dtype), layer by layer."""
-        mean, rot = self.on(components.device)[:2]
-        assert mean is not None and rot is not None
-        for layer, n in enumerate(self.extent):
-            part = components[layer, :, :, :n]
-            keys = torch.matmul(part, rot[layer][:, :, :n].transpose(-1, -2))
-            out[layer].copy_(keys.add_(mean[layer][:, None]))
-        return out
-
-    def predict_keys(self, layer: int, keys_before: Tensor, values_before: Tensor) -> Tensor:
-        """Layer `layer`'s predicted pre-RoPE keys [H, T, D] from layer - 1's keys and values
-        [H, T, D] (as reconstructed); layer 0's: the mean."""
-        mean, _, key_maps, _ = self.on(keys_before.device)
-        if layer == 0:
-            assert mean is not None
-            return mean[0][:, None].expand_as(keys_before)
-        assert key_maps is not None
-        return mapped(key_maps[layer - 1], [keys_before, values_before])
-
-    def predict_values(
-        self, layer: int, keys: Tensor, keys_before: Tensor, values_before: Tensor
-    ) -> Tensor:
-        """Layer `layer`'s predicted values [H, T, D] from its keys and layer - 1's (layer 0: 0)."""
-        if layer == 0:
-            return torch.zeros_like(keys)
-        value_maps = self.on(keys.device)[3]
-        assert value_maps is not None
-        return mapped(value_maps[layer - 1], [keys, keys_before, values_before])
-
-    def rotation_of(self, layer: int, device: torch.device) -> Tensor:
-        """Layer `layer`'s stored components' columns [H, D, n] (n: `extent`)."""
-        rotation = self.on(device)[1]
-        assert rotation is not None
-        return rotation[layer, :, :, : self.extent[layer]]
-
-
-def as_rows(inputs: list[Tensor]) -> Tensor:
-    """[H, T, D] tensors -> rows [T, sum of H * D]: per token, each tensor's heads side by side."""
-    return torch.cat([x.transpose(0, 1).reshape(x.shape[1], -1) for x in inputs], 1)
-
-
-def mapped(m: Tensor, inputs: list[Tensor]) -> Tensor:
-    """`as_rows(inputs)` through a prediction map m [rows + 1, H * D] (last row: bias) -> the
-    predicted [H, T, D]."""
-    heads, tokens, _ = inputs[0].shape
-    y = torch.addmm(m[-1], as_rows(inputs), m[:-1])
-    return y.view(tokens, heads, -1).transpose(0, 1)
 
 
 @dataclass(frozen=True)
@@ -471,82 +270,129 @@ def verified_payload(
     return header, torch.frombuffer(payload, dtype=torch.uint8)
 
 
+@dataclass(frozen=True)
+class DecodePlan:
+    """How blocks of one format are decoded on one backend and device, worked out once from a
+    header (`decode_plan`): which backend module decodes the sections, and which of the
+    transforms it does itself (the C loop undoes the values' Hadamard rotation and redoes RoPE
+    row by row) or torch does after it, in float32."""
+
+    impl: ModuleType
+    shape: tuple[int, int, int, int]  # [L, H, T, D]
+    latent: bool
+    basis: bool  # keys are components in a key basis: rotated back in torch
+    predicted: bool  # layers rebuilt by basis.rebuild, RoPE then redone in torch
+    rope: RopeParams | None
+    hadamard_values: bool
+    fused: bool  # impl.decode_tensor takes hadamard= and rope=
+    torch_rope: bool  # RoPE redone in torch, on the float32 keys
+    torch_hadamard: bool  # the Hadamard rotation undone in torch, on the float32 values
+
+    def work_in_float32(self, i: int) -> bool:
+        """Whether tensor i is rebuilt in float32 before it is written in the output dtype."""
+        return self.predicted or (self.basis or self.torch_rope if i == 0 else self.torch_hadamard)
+
+    def decode(
+        self, payload: Tensor, header: BlockHeader, targets: list[Tensor],
+        key_basis: KeyBasis | None,
+    ) -> None:  # fmt: skip
+        """The payload (on the device) into `targets` [L, H, T, D] (any format dtype)."""
+        device, shape, impl = payload.device, self.shape, self.impl
+        works = [
+            t if t.dtype == torch.float32 or not self.work_in_float32(i)
+            else torch.empty(shape, dtype=torch.float32, device=device)
+            for i, t in enumerate(targets)
+        ]  # fmt: skip
+        rope = self.rope
+        if self.predicted:
+            assert key_basis is not None
+            if not key_basis.predicted:  # a header may claim PREDICTED for a plain basis's id
+                raise CodecError("this block's layers are predicted: its basis must hold the maps")
+            coded = [torch.zeros(shape, dtype=torch.float32, device=device) for _ in range(2)]
+            for i in range(2):
+                impl.decode_tensor(payload, header.tensor_sections(i), header, coded[i])
+            rebuild(key_basis, coded, self.hadamard_values, (works[0], works[1]))
+        else:
+            tables = None
+            if rope is not None and self.fused:
+                tables = rope_tables(rope, header.start_position, header.tokens, device)
+            for i, work in enumerate(works):
+                sections = header.tensor_sections(i)
+                if i == 0 and self.basis:
+                    assert key_basis is not None
+                    components = torch.zeros(shape, dtype=torch.float32, device=device)  # 0: mean
+                    impl.decode_tensor(payload, sections, header, components)
+                    key_basis.from_components_(components, work)
+                elif self.fused:
+                    impl.decode_tensor(payload, sections, header, work,
+                                       hadamard=i == 1 and self.hadamard_values,
+                                       rope=tables if i == 0 else None)  # fmt: skip
+                else:
+                    impl.decode_tensor(payload, sections, header, work)
+        if self.torch_hadamard:
+            hadamard_(works[1])
+        if rope is not None and self.torch_rope:
+            redo_rope_(works[0], rope, header.start_position)
+        if header.sink_tokens:
+            n = header.layers * header.heads * header.sink_tokens * header.head_dim
+            for i, work in enumerate(works):
+                start = header.sinks_offset + 2 * n * i
+                sink = payload[start : start + 2 * n].view(torch.float16)
+                work[:, :, : header.sink_tokens] = sink.view(*shape[:2], header.sink_tokens, -1)
+        for work, target in zip(works, targets, strict=True):
+            if work is not target:
+                target.copy_(work)
+
+
+def decode_plan(header: BlockHeader, backend: Backend, device: torch.device) -> DecodePlan:
+    """The plan for decoding blocks of `header`'s format with `backend` on `device`."""
+    rope = None
+    if header.has_flag(Flag.PRE_ROPE_KEYS):
+        rope = RopeParams(header.rope_theta, header.rotary_dim, header.rope_scaling)
+    shape = (header.layers, header.heads, header.tokens, header.head_dim)
+    return _plan(backend, device, header.layout, shape, header.flags, rope)
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(
+    backend: Backend, device: torch.device, layout: Layout, shape: tuple[int, int, int, int],
+    flags: int, rope: RopeParams | None,
+) -> DecodePlan:  # fmt: skip
+    impl = _backend(backend, device, shape[3])
+    basis = bool(flags & Flag.KEY_BASIS)  # then decode() made sure key_basis is its basis
+    predicted = bool(flags & Flag.PREDICTED)
+    hadamard_values = bool(flags & Flag.HADAMARD_VALUES)
+    fused = getattr(impl, "FUSES_TRANSFORMS", False)
+    return DecodePlan(
+        impl=impl, shape=shape, latent=layout == Layout.LATENT, basis=basis, predicted=predicted,
+        rope=rope, hadamard_values=hadamard_values, fused=fused,
+        torch_rope=rope is not None and (basis or not fused),
+        # predicted: basis.rebuild undoes the rotation of the value residuals itself
+        torch_hadamard=hadamard_values and not fused and not predicted,
+    )  # fmt: skip
+
+
 def _decode_payload(
     blob: bytes | bytearray | memoryview, header: BlockHeader, device: str | torch.device,
     dtype: torch.dtype | None, backend: Backend, out: tuple[Tensor, ...] | None,
     key_basis: KeyBasis | None,
 ) -> Block:  # fmt: skip
     device = torch.device(device)
-    shape = (header.layers, header.heads, header.tokens, header.head_dim)
-    latent = header.layout == Layout.LATENT
+    plan = decode_plan(header, backend, device)
     if out is not None:
-        targets = check_out(out, shape, latent, device)
+        targets = check_out(out, plan.shape, plan.latent, device)
         out_dtype = targets[0].dtype
     else:
         out_dtype = dtype or TORCH_DTYPES[header.dtype]
-        targets = [torch.empty(shape, dtype=out_dtype, device=device)
+        targets = [torch.empty(plan.shape, dtype=out_dtype, device=device)
                    for _ in range(header.tensors_per_layer)]  # fmt: skip
     if out_dtype not in FORMAT_DTYPES:
         raise CodecError(f"cannot decode to {out_dtype}; use float16, bfloat16 or float32")
     with warnings.catch_warnings():  # read-only bytes: the payload is only ever read
         warnings.simplefilter("ignore", UserWarning)
         payload = torch.frombuffer(blob, dtype=torch.uint8, offset=header.header_len)
-    payload = payload.to(device, non_blocking=True)
-    impl = _backend(backend, device, header.head_dim)
-    basis = header.has_flag(Flag.KEY_BASIS)  # then decode() made sure key_basis is its basis
-    rope = None
-    if header.has_flag(Flag.PRE_ROPE_KEYS):
-        rope = RopeParams(header.rope_theta, header.rotary_dim, header.rope_scaling)
-    hadamard_values = header.has_flag(Flag.HADAMARD_VALUES)
-    # the C loop undoes the Hadamard rotation and redoes RoPE row by row as it decodes; other
-    # backends (and keys in a basis, rotated back first) leave them to torch, in float32
-    # predicted layers: both tensors rebuilt in float32 by `_predicted_loop`, which also undoes
-    # the values' rotation (of the residual); RoPE is then redone in torch
-    predicted = header.has_flag(Flag.PREDICTED)
-    fused = getattr(impl, "FUSES_TRANSFORMS", False)
-    in_torch = [basis or (rope is not None and not fused), hadamard_values and not fused]
-    if predicted:
-        in_torch[1] = False
-    works = [
-        t if t.dtype == torch.float32 or not (in_torch[i] or predicted)
-        else torch.empty(shape, dtype=torch.float32, device=device)
-        for i, t in enumerate(targets)
-    ]  # fmt: skip
-    tables = rope_tables(rope, header.start_position, header.tokens, device) if rope else None
-    if predicted:
-        assert key_basis is not None
-        if not key_basis.predicted:  # a header may claim PREDICTED for a plain basis's id
-            raise CodecError("this block's layers are predicted: its basis must hold the maps")
-        coded = [torch.zeros(shape, dtype=torch.float32, device=device) for _ in range(2)]
-        for i in range(2):
-            impl.decode_tensor(payload, header.tensor_sections(i), header, coded[i])
-        _predicted_loop(key_basis, coded, hadamard_values, works)
-    for i, work in enumerate(works if not predicted else []):
-        sections = header.tensor_sections(i)
-        if i == 0 and basis:
-            assert key_basis is not None
-            components = torch.zeros(shape, dtype=torch.float32, device=device)  # 0: the mean
-            impl.decode_tensor(payload, sections, header, components)
-            key_basis.from_components_(components, work)
-        elif fused:
-            impl.decode_tensor(payload, sections, header, work, hadamard=i == 1 and hadamard_values,
-                               rope=tables if i == 0 else None)  # fmt: skip
-        else:
-            impl.decode_tensor(payload, sections, header, work)
-    if hadamard_values and in_torch[1]:
-        hadamard_(works[1])
-    if rope is not None and in_torch[0]:
-        redo_rope_(works[0], rope, header.start_position)
-    if header.sink_tokens:
-        n = header.layers * header.heads * header.sink_tokens * header.head_dim
-        for i, work in enumerate(works):
-            start = header.sinks_offset + 2 * n * i
-            sink = payload[start : start + 2 * n].view(torch.float16)
-            work[:, :, : header.sink_tokens] = sink.view(*shape[:2], header.sink_tokens, -1)
-    for work, target in zip(works, targets, strict=True):
-        if work is not target:
-            target.copy_(work)
-    if latent:
+    plan.decode(payload.to(device, non_blocking=True), header, targets, key_basis)
+    if plan.latent:
         return Block(header, latent=targets[0].squeeze(1) if out is None else out[0])
     return Block(header, keys=targets[0], values=targets[1])
 
@@ -689,8 +535,8 @@ def _encode_predicted(
     header: BlockHeader, basis: KeyBasis, keys: Tensor, values: Tensor, sinks: list[Tensor],
     backend: Backend, mac_key: bytes,
 ) -> bytes:  # fmt: skip
-    """The writer's run of `_predicted_loop`: each layer's residuals quantized into the payload
-    and decoded back before the layer is rebuilt, as a reader will rebuild it."""
+    """The writer's run of `basis.predicted_loop`: each layer's residuals quantized into the
+    payload and decoded back before the layer is rebuilt, as a reader will rebuild it."""
     for x in (keys, values):  # residuals may be small where the tensors themselves are not
         if not bool(torch.isfinite(x).all()) or float(x.abs().max()) > 65504.0:
             raise NonFiniteError("block holds NaN, inf or a magnitude beyond fp16 (65504)")
@@ -708,42 +554,30 @@ def _encode_predicted(
             impl.encode_tensor(coded[i], by_layer[i][layer], header, payload)
             impl.decode_tensor(payload, by_layer[i][layer], header, coded[i])
 
-    rebuilt = [torch.empty_like(c) for c in coded]
     rotate = header.has_flag(Flag.HADAMARD_VALUES)
-    _predicted_loop(basis, coded, rotate, rebuilt, (keys, values), code)
+    mean, _, key_maps, value_maps = basis.on(device)
+    assert mean is not None and key_maps is not None and value_maps is not None
+
+    def key_residual(layer: int, prediction: Tensor) -> Tensor:
+        rot = basis.rotation_of(layer, device)
+        n = rot.shape[-1]
+        coded[0][layer, :, :, :n] = (keys[layer].float() - prediction) @ rot
+        code(0, layer)
+        return coded[0][layer, :, :, :n] @ rot.transpose(-1, -2)
+
+    def value_residual(layer: int, prediction: Tensor) -> Tensor:
+        r = values[layer].float() - prediction
+        coded[1][layer] = hadamard(r) if rotate else r
+        code(1, layer)
+        return hadamard(coded[1][layer]) if rotate else coded[1][layer]
+
+    rebuilt = (torch.empty_like(coded[0]), torch.empty_like(coded[1]))
+    predicted_loop(rebuilt, mean[0], lambda layer, _: key_maps[layer - 1],
+                   lambda layer, _: value_maps[layer - 1], key_residual, value_residual)  # fmt: skip
     if header.sink_tokens:
         flat = torch.cat([s.contiguous().flatten() for s in sinks]).view(torch.uint8)
         payload[header.sinks_offset :] = flat
     return seal(header, payload.cpu().numpy().data, mac_key or None)
-
-
-def _predicted_loop(
-    basis: KeyBasis, coded: list[Tensor], rotate: bool, out: list[Tensor],
-    sources: tuple[Tensor, Tensor] | None = None, code: Callable[[int, int], None] | None = None,
-) -> None:  # fmt: skip
-    """The loop writers and readers of PREDICTED blocks both run, layer by layer: predict the
-    layer from the one before as rebuilt, then rebuild it as the prediction plus the decoded
-    residuals `coded` (key components and value residuals [L, H, T, D], float32, rotated under
-    `rotate`) into `out` (pre-RoPE keys and values, float32). A writer passes its `sources`
-    (keys, values) and `code(i, layer)`: the loop first puts tensor i's residual into
-    coded[i][layer], which `code` quantizes into the payload and replaces by its decoding."""
-    keys, values = out
-    for layer in range(keys.shape[0]):
-        before = (keys[layer - 1], values[layer - 1]) if layer else (keys[0], keys[0])
-        rot = basis.rotation_of(layer, keys.device)
-        n = rot.shape[-1]
-        pk = basis.predict_keys(layer, *before)
-        if sources is not None and code is not None:
-            coded[0][layer, :, :, :n] = (sources[0][layer].float() - pk) @ rot
-            code(0, layer)
-        keys[layer] = pk + coded[0][layer, :, :, :n] @ rot.transpose(-1, -2)
-        pv = basis.predict_values(layer, keys[layer], *before)
-        if sources is not None and code is not None:
-            r = sources[1][layer].float() - pv
-            coded[1][layer] = hadamard(r) if rotate else r
-            code(1, layer)
-        r = coded[1][layer]
-        values[layer] = pv + (hadamard(r) if rotate else r)
 
 
 def _backend(name: Backend, device: torch.device, head_dim: int) -> ModuleType:
@@ -751,17 +585,17 @@ def _backend(name: Backend, device: torch.device, head_dim: int) -> ModuleType:
     if name == "reference":
         return reference
     if name == "triton" or (name == "auto" and device.type == "cuda"):
-        from kvpool.kernels import triton_ops
+        from kvpool.kernels import triton_codec
 
-        if triton_ops.supports(device, head_dim):
-            return triton_ops
+        if triton_codec.supports(device, head_dim):
+            return triton_codec
         if name == "triton":
             raise CodecError(
                 f"the Triton path cannot run here (device {device}, head_dim {head_dim})"
             )
         return reference
     if name in ("cpu", "auto") and device.type == "cpu":
-        from kvpool.kernels import cpu
+        from kvpool.kernels import cpu_codec
 
-        return cpu
+        return cpu_codec
     raise CodecError(f"backend {name!r} cannot run on device {device}")

@@ -1,7 +1,7 @@
 """The codec's specification in plain torch: quantize, pack, unpack, dequantize.
 
 Where it stands: kvpool.kernels.codec calls these on any device when no faster path applies;
-the Triton kernels (triton_ops.py) and the CPU loop (_cpu_codec.c) must produce the same codes
+the Triton kernels (triton_codec.py) and the CPU loop (_cpu_codec.c) must produce the same codes
 bit for bit, and tests check that they do.
 
 KIVI asymmetric quantization of one tensor section x: [H, T, D] (one layer's keys or values):

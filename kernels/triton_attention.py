@@ -34,19 +34,19 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from kvpool.kernels.attention import PackedKV, check_query
+from kvpool.kernels import env
+from kvpool.kernels.packed_kv import PackedKV, check_query
 from kvpool.kernels.transforms import RopeParams
-from kvpool.kernels.triton_ops import _load_codes
+from kvpool.kernels.triton_codec import _load_codes
 from kvpool.proto.errors import CodecError
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = env.TRITON_INTERPRET  # Triton's interpreter: CPU tensors too
 DOTS = ("fma", "ieee", "tf32", "tf32x3")
 _FMA_ROWS = 8  # "auto": broadcast products up to this many query rows per kv head, else tl.dot
 _FMA_ELEMENTS = 16384  # an "fma" tile's product [rows, BT, D] stays within this many elements

@@ -10,12 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvpool.kernels import _cpu_codec, cpu
+from kvpool.kernels import _cpu_attention, cpu_attention
 from kvpool.kernels.attention import (
-    PackedKV,
     attention_reference,
-    block_layer,
-    block_sinks,
     dequantize,
     exact_attention,
     merge,
@@ -24,6 +21,7 @@ from kvpool.kernels.attention import (
     window_scores_reference,
 )
 from kvpool.kernels.codec import CodecConfig, KeyBasis, decode, encode
+from kvpool.kernels.packed_kv import PackedKV, block_layer, block_sinks
 from kvpool.kernels.transforms import RopeParams
 from kvpool.proto.blockformat import parse_header
 from kvpool.proto.errors import CodecError
@@ -97,7 +95,7 @@ def test_the_c_loop_equals_dequantize_then_attend(config, layer, r, nq, skip, wo
     *_, kv = packed(config, layer=layer)
     q = torch.randn(1, 3 * r, nq, 64, generator=torch.Generator().manual_seed(1)) * 0.3
     want_o, want_lse = attention_reference(q, kv, skip)
-    got_o, got_lse = cpu.packed_attention(q, kv, skip, workers=workers)
+    got_o, got_lse = cpu_attention.packed_attention(q, kv, skip, workers=workers)
     torch.testing.assert_close(got_o, want_o, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(got_lse, want_lse, atol=2e-5, rtol=1e-5)
     # against attention over the decoded block, by a route that shares nothing with the above
@@ -106,7 +104,9 @@ def test_the_c_loop_equals_dequantize_then_attend(config, layer, r, nq, skip, wo
     s = max(skip, config.sink_tokens)
     keys, values = block.keys[layer, None, :, s:], block.values[layer, None, :, s:]
     sdpa = F.scaled_dot_product_attention(q, keys, values, scale=1.0, enable_gqa=True)
-    torch.testing.assert_close(cpu.packed_attention(q, kv, s)[0], sdpa, atol=5e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        cpu_attention.packed_attention(q, kv, s)[0], sdpa, atol=5e-5, rtol=1e-4
+    )
 
 
 def test_spare_capacity_and_per_head_positions() -> None:
@@ -116,7 +116,7 @@ def test_spare_capacity_and_per_head_positions() -> None:
     wide = grown(replace(kv, positions=perm.contiguous()), 512, perm)
     q = torch.randn(1, 9, 2, 64) * 0.3
     want = attention_reference(q, wide, 4)
-    got = cpu.packed_attention(q, wide, 4)
+    got = cpu_attention.packed_attention(q, wide, 4)
     torch.testing.assert_close(got[0], want[0], atol=2e-5, rtol=1e-4)
     # the positions matter: at the row index the scores differ
     plain = attention_reference(q, grown(kv, 512), 4)
@@ -217,7 +217,7 @@ def test_bad_arguments_are_refused() -> None:
     head = (q.data_ptr(), 3, 1, 0, 256, 0, 0, *(x.data_ptr() for x in out))
     window = torch.randn(3, 8, 64)
     segment = (window.data_ptr(), window.data_ptr(), 3, 8, 8 * 64, 1)
-    _cpu_codec.attend(keys, vals, *head, (segment,), 0, 0, 0, 0)  # valid
+    _cpu_attention.attend(keys, vals, *head, (segment,), 0, 0, 0, 0)  # valid
     assert bool(torch.isfinite(out[0]).all())
     for bad_keys, bad_vals, bad_head, tail, msg in [
         ((*keys[:8], 5), vals, head, ((), 0, 0, 0, 0), "bits"),
@@ -234,7 +234,7 @@ def test_bad_arguments_are_refused() -> None:
         (keys, vals, head, (((*segment[:2], 7, *segment[3:]),), 0, 0, 0, 0), "exact segment"),
     ]:
         with pytest.raises(ValueError, match=msg):
-            _cpu_codec.attend(bad_keys, bad_vals, *bad_head, *tail)
+            _cpu_attention.attend(bad_keys, bad_vals, *bad_head, *tail)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -254,7 +254,7 @@ def test_exact_segments_join_the_packed_rows_in_one_softmax(dtype, nq, workers) 
         exact_attention(q, *window, causal=nq),
     ]
     want = merge(parts)
-    got, lse = cpu.packed_attention(q, kv, 4, exact, workers=workers)
+    got, lse = cpu_attention.packed_attention(q, kv, 4, exact, workers=workers)
     torch.testing.assert_close(got, want, atol=3e-5, rtol=1e-4)
     torch.testing.assert_close(
         lse, torch.logsumexp(torch.stack([p[1] for p in parts]), 0), atol=3e-5, rtol=1e-5
@@ -262,7 +262,7 @@ def test_exact_segments_join_the_packed_rows_in_one_softmax(dtype, nq, workers) 
     ref, _ = packed_attention(q, kv, 4, exact, backend="reference")
     torch.testing.assert_close(got, ref, atol=3e-5, rtol=1e-4)
     # nothing packed counts: the exact rows alone
-    only, _ = cpu.packed_attention(q, kv, 256, exact)
+    only, _ = cpu_attention.packed_attention(q, kv, 256, exact)
     torch.testing.assert_close(only, merge(parts[1:]), atol=3e-5, rtol=1e-4)
     with pytest.raises(CodecError, match="does not fit"):
         packed_attention(q, kv, 4, [(torch.randn(1, 2, 5, 64), torch.randn(1, 2, 5, 64), 0)])

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from kvpool.kernels import attention, reference, triton_attention
-from kvpool.kernels.attention import PackedKV, attention_reference, window_scores_reference
+from kvpool.kernels.attention import attention_reference, window_scores_reference
+from kvpool.kernels.packed_kv import PackedKV
 from kvpool.kernels.transforms import RopeParams
 from kvpool.proto.errors import CodecError
 

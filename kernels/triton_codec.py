@@ -1,4 +1,4 @@
-"""The CUDA fast path: fused Triton kernels, quantize+pack and unpack+dequantize in one pass.
+"""The Triton codec, the CUDA fast path: fused kernels, quantize+pack and unpack+dequantize in one pass.
 
 Where it stands: kvpool.kernels.codec uses it for CUDA tensors whose head_dim is a power of two;
 tests run it under TRITON_INTERPRET=1 on the CPU and check its codes against reference.py.
@@ -14,17 +14,17 @@ layer's section offsets (kvpool.proto.blockformat).
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from kvpool.kernels import env
 from kvpool.proto.blockformat import BlockHeader, Section
 from kvpool.proto.errors import NonFiniteError
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = env.TRITON_INTERPRET  # Triton's interpreter: CPU tensors too
 _VALUE_ROWS = 16  # tokens per program for per-token groups
 _KEY_WARPS = 8  # a key tile is [G, D]: up to 128 x 128 values
 _VALUE_WARPS = 4

@@ -1,85 +1,21 @@
-"""The CPU fast path: the C loop in _cpu_codec.c, one section per call, sections in parallel.
+"""Attention over packed rows on the CPU: the C loop in _cpu_attention.c, in one call.
 
-Where it stands: kvpool.kernels.codec uses it for tensors on the CPU. Each call releases the
-GIL, so a small thread pool spreads the layers of a block over the machine's cores.
+Where it stands: kvpool.kernels.attention dispatches here for CPU queries (`packed_attention`,
+backend "auto" or "cpu"); kvpool.packed calls that for each decode step over a layer's packed
+prefix.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from kvpool.kernels import _cpu_codec
-from kvpool.kernels.attention import PackedKV, rope_span, rope_span_t
-from kvpool.proto.blockformat import BlockHeader, Section
-from kvpool.proto.errors import NonFiniteError
-
-DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}
-_WORKERS = max(1, os.cpu_count() or 1)
-_POOL = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="kvcodec")
-
-
-def _spread(fn: Callable[[int], object], n: int) -> list[object]:
-    """fn(i) for i in range(n) (the sections of a tensor), in one task per worker thread (each
-    a contiguous run), so a block costs a few task hand-offs rather than one per section."""
-    runs = [range(w * n // _WORKERS, (w + 1) * n // _WORKERS) for w in range(_WORKERS)]
-    return [r for rs in _POOL.map(lambda run: [fn(i) for i in run], runs) for r in rs]
-
-
-def encode_tensor(x: Tensor, sections: list[Section], header: BlockHeader, payload: Tensor) -> None:
-    """Quantize and pack x: [L, H, T, D] (contiguous, CPU) into the payload's sections."""
-    _, h, t, d = x.shape
-    base, code = payload.data_ptr(), DTYPE_CODES[x.dtype]
-
-    def one(i: int) -> bool:
-        s = sections[i]
-        group = header.group_size if s.is_key else header.value_group
-        part = x[s.layer] if s.channels == d else x[s.layer, :, :, s.first : s.first + s.channels]
-        part = part.contiguous()  # a copy only for a run of key components (KEY_BASIS)
-        return bool(
-            _cpu_codec.encode_section(
-                part.data_ptr(), code, h, t, s.channels, int(s.is_key), group, s.bits,
-                base + s.codes, base + s.scales, base + s.mins,
-            )
-        )  # fmt: skip
-
-    if not all(_spread(one, len(sections))):
-        raise NonFiniteError("block holds NaN, inf or a magnitude beyond fp16 (65504)")
-
-
-FUSES_TRANSFORMS = True  # decode_tensor undoes the Hadamard rotation and redoes RoPE itself
-
-
-def decode_tensor(
-    payload: Tensor, sections: list[Section], header: BlockHeader, out: Tensor,
-    hadamard: bool = False, rope: tuple[Tensor, Tensor] | None = None,
-) -> None:  # fmt: skip
-    """Unpack and dequantize the payload's sections into out: [L, H, T, D] (CPU; each head's
-    rows contiguous, see `check_out`; a section of some channels writes only those); then, row
-    by row, undo the values' Hadamard rotation, or redo RoPE with rope = (cos, sin) float32
-    [T, rotary_dim] (transforms.py's tables)."""
-    _, h, t, _ = out.shape
-    base, code = payload.data_ptr(), DTYPE_CODES[out.dtype]
-    tables = (0, 0, 0)  # no RoPE
-    if rope is not None:
-        cos, sin = (x.contiguous() for x in rope)  # alive until the sections are decoded
-        tables = (cos.data_ptr(), sin.data_ptr(), cos.shape[1])
-
-    def one(i: int) -> None:
-        s = sections[i]
-        group = header.group_size if s.is_key else header.value_group
-        _cpu_codec.decode_section(
-            base + s.codes, base + s.scales, base + s.mins, h, t, s.channels, int(s.is_key),
-            group, s.bits, out[s.layer, :, :, s.first:].data_ptr(), out.stride(1), out.stride(2),
-            code, int(hadamard), *tables,
-        )  # fmt: skip
-
-    _spread(one, len(sections))
+from kvpool.kernels import _cpu_attention
+from kvpool.kernels.cpu_codec import DTYPE_CODES, POOL
+from kvpool.kernels.packed_kv import PackedKV, rope_span, rope_span_t
 
 
 def packed_attention(
@@ -121,7 +57,7 @@ def packed_attention(
     ranges = list(itertools.pairwise(bounds)) or [(t, t)]
     if len(ranges) == 1:  # the C loop finishes the softmax itself: o and lse
         o, lse, total = torch.empty(b, hq, nq, d), torch.empty(b, hq, nq), torch.empty(b, hq, nq)
-        _cpu_codec.attend(keys_arg, values_arg, qf.data_ptr(), rq, nq, ranges[0][0], t, skip,
+        _cpu_attention.attend(keys_arg, values_arg, qf.data_ptr(), rq, nq, ranges[0][0], t, skip,
                           int(kv.hadamard_values), o.data_ptr(), lse.data_ptr(),
                           total.data_ptr(), tuple(segments), *tables, 1)  # fmt: skip
         return o, lse
@@ -131,11 +67,11 @@ def packed_attention(
 
     def one(i: int) -> None:
         lo, hi = ranges[i]
-        _cpu_codec.attend(keys_arg, values_arg, qf.data_ptr(), rq, nq, lo, hi, skip,
+        _cpu_attention.attend(keys_arg, values_arg, qf.data_ptr(), rq, nq, lo, hi, skip,
                           int(kv.hadamard_values), acc[i].data_ptr(), mx[i].data_ptr(),
                           total[i].data_ptr(), tuple(segments) if i == 0 else (), *tables)  # fmt: skip
 
-    list(_POOL.map(one, range(len(ranges))))
+    list(POOL.map(one, range(len(ranges))))
     lse = mx + total.log()
     o = (acc / total.unsqueeze(-1)).nan_to_num_(0.0)  # no counted row: 0
     weights = torch.softmax(lse, dim=0).nan_to_num(0.0)

@@ -1,0 +1,273 @@
+"""The calibrated key basis and the inter-layer prediction loop of codec v2.
+
+Where it stands: `kvpool calibrate --basis [--predict]` fits a `KeyBasis` (client/calibrate.py);
+`CodecConfig(key_basis=...)` then stores keys as components in it (blockformat, KEY_BASIS), and
+with prediction maps every layer after the first as residuals of a prediction from the layer
+before (PREDICTED). `predicted_loop` is the one loop of PREDICTED blocks: the writer
+(codec.encode), the reader (codec.decode) and the calibration's closed-loop fit each run it with
+their own steps, so the three rebuild layers the same way.
+
+    layer l-1 as rebuilt --maps--> prediction of layer l --+ decoded residual--> layer l rebuilt
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import pickle
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from kvpool.kernels.transforms import hadamard
+from kvpool.proto.blockformat import BASIS_ID_BYTES, CHUNK, SUPPORTED_BITS, BlockHeader
+from kvpool.proto.errors import BlockMismatchError, CodecError
+
+
+@dataclass(frozen=True, eq=False)
+class KeyBasis:
+    """Transform coding of keys: per (layer, kv head) an orthonormal basis of the key space (of
+    pre-RoPE keys when the codec undoes RoPE) and the keys' mean, calibrated once per namespace
+    (`kvpool calibrate --basis`), and a width per 8 components, 0 for components not stored
+    (decoded as the mean). Blocks then hold the keys' components, a run of components at each
+    width (blockformat, KEY_BASIS). Equal bases have equal ids; `id` is in the block header and
+    in `CodecConfig.describe()`, hence in the namespace id.
+
+    mean [L, H, D] and rotation [L, H, D, D] (column j: component j), float32, on the CPU.
+
+    Inter-layer prediction (AQUA-KV's idea; `kvpool calibrate --basis --predict`): with
+    key_maps [L - 1, 2HD + 1, HD] and value_maps [L - 1, 3HD + 1, HD] (float32; the last row a
+    bias), layer l >= 1's keys are predicted as [K_l-1, V_l-1, 1] @ key_maps[l - 1] and its
+    values as [K_l, K_l-1, V_l-1, 1] @ value_maps[l - 1] (rows [T, H * D], heads side by side,
+    pre-RoPE keys), from the layers as the reader reconstructs them; layer 0's keys as `mean`,
+    its values as 0. The basis then codes the key residual, and blocks hold residuals
+    (blockformat, PREDICTED)."""
+
+    mean: Tensor
+    rotation: Tensor
+    widths: tuple[int, ...]  # [L * D / 8]
+    key_maps: Tensor | None = None
+    value_maps: Tensor | None = None
+    _copies: dict[torch.device, tuple[Tensor | None, ...]] = field(
+        default_factory=dict, init=False, repr=False
+    )
+
+    def on(self, device: torch.device) -> tuple[Tensor | None, ...]:
+        """(mean, rotation, key_maps, value_maps) on `device`, copied there once."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self.mean, self.rotation, self.key_maps, self.value_maps
+        if device not in self._copies:
+            parts = (self.mean, self.rotation, self.key_maps, self.value_maps)
+            self._copies[device] = tuple(None if t is None else t.to(device) for t in parts)
+        return self._copies[device]
+
+    def __getstate__(self) -> dict[str, object]:
+        return {**self.__dict__, "_copies": {}}  # pickled (to a worker) without device copies
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+
+    def __post_init__(self) -> None:
+        if self.mean.dim() != 3 or self.rotation.shape != (*self.mean.shape, self.mean.shape[-1]):
+            raise CodecError("a key basis is mean [L, H, D] and rotation [L, H, D, D]")
+        layers, _, dim = self.mean.shape
+        if dim % CHUNK or len(self.widths) != layers * dim // CHUNK:
+            raise CodecError(f"a key basis has one width per {CHUNK} components of each layer")
+        if any(w not in (0, *SUPPORTED_BITS) for w in self.widths):
+            raise CodecError(f"key basis widths must be 0 or in {SUPPORTED_BITS}")
+        if self.mean.dtype != torch.float32 or self.rotation.dtype != torch.float32:
+            raise CodecError("a key basis is float32")
+        if not bool(torch.isfinite(self.rotation).all() and torch.isfinite(self.mean).all()):
+            raise CodecError("a key basis must be finite")
+        eye = torch.eye(dim).expand_as(self.rotation)
+        if float((self.rotation.transpose(-1, -2) @ self.rotation - eye).abs().max()) > 1e-3:
+            raise CodecError("a key basis rotation must be orthonormal")
+        if (self.key_maps is None) != (self.value_maps is None):
+            raise CodecError("a predicting key basis has both key_maps and value_maps")
+        if self.key_maps is not None and self.value_maps is not None:
+            width = self.mean.shape[1] * dim
+            want = ((layers - 1, 2 * width + 1, width), (layers - 1, 3 * width + 1, width))
+            got = (tuple(self.key_maps.shape), tuple(self.value_maps.shape))
+            if layers < 2 or got != want:
+                raise CodecError(f"prediction maps must be {want} for this basis, got {got}")
+            maps = (self.key_maps, self.value_maps)
+            if any(m.dtype != torch.float32 or not bool(torch.isfinite(m).all()) for m in maps):
+                raise CodecError("prediction maps must be finite float32")
+
+    @property
+    def predicted(self) -> bool:
+        """Whether blocks in this basis hold residuals of an inter-layer prediction."""
+        return self.key_maps is not None
+
+    @functools.cached_property
+    def id(self) -> bytes:
+        digest = hashlib.sha256(b"kvpool key basis 1")
+        digest.update(struct.pack("<3I", *self.mean.shape))
+        digest.update(self.mean.contiguous().numpy().tobytes())
+        digest.update(self.rotation.contiguous().numpy().tobytes())
+        digest.update(bytes(self.widths))
+        if self.key_maps is not None and self.value_maps is not None:
+            digest.update(b"prediction maps")
+            digest.update(self.key_maps.contiguous().numpy().tobytes())
+            digest.update(self.value_maps.contiguous().numpy().tobytes())
+        return digest.digest()[:BASIS_ID_BYTES]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, KeyBasis) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    @property
+    def bits_per_key(self) -> float:
+        """Code bits per key value (without the groups' scales and minimums)."""
+        return sum(self.widths) / len(self.widths)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"format": 1, "mean": self.mean, "rotation": self.rotation,
+                    "widths": list(self.widths), "key_maps": self.key_maps,
+                    "value_maps": self.value_maps}, path)  # fmt: skip
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> KeyBasis:
+        """Raises CodecError for a file that is not a valid key basis."""
+        try:
+            data = torch.load(Path(path), map_location="cpu", weights_only=True)
+            if data.get("format") != 1:
+                raise CodecError(f"{path}: not a kvpool key basis (format {data.get('format')})")
+            widths = tuple(int(w) for w in data["widths"])
+            maps = data.get("key_maps"), data.get("value_maps")
+            return cls(data["mean"], data["rotation"], widths, *maps)
+        except (OSError, KeyError, AttributeError, RuntimeError, pickle.UnpicklingError) as e:
+            raise CodecError(f"{path}: not a readable key basis ({e})") from None
+
+    def check(self, header: BlockHeader) -> None:
+        """This basis is the one a block was encoded with (BlockMismatchError otherwise)."""
+        if header.basis_id != self.id:
+            raise BlockMismatchError(
+                f"the block's key basis is {header.basis_id.hex()}, this reader holds {self.id.hex()}"
+            )
+
+    @functools.cached_property
+    def extent(self) -> tuple[int, ...]:
+        """Per layer, the components up to the last one stored: the rest are never computed."""
+        per = self.mean.shape[-1] // CHUNK
+        rows = [self.widths[i * per : (i + 1) * per] for i in range(self.mean.shape[0])]
+        return tuple(CHUNK * max((c + 1 for c, w in enumerate(r) if w), default=0) for r in rows)
+
+    def to_components(self, keys: Tensor) -> Tensor:
+        """keys [L, H, T, D] -> their components (those past `extent` left 0), float32."""
+        mean, rot = self.on(keys.device)[:2]
+        assert mean is not None and rot is not None
+        out = torch.zeros(keys.shape, dtype=torch.float32, device=keys.device)
+        for layer, n in enumerate(self.extent):
+            centred = keys[layer].float() - mean[layer][:, None]
+            torch.matmul(centred, rot[layer][:, :, :n], out=out[layer, :, :, :n])
+        return out
+
+    def from_components_(self, components: Tensor, out: Tensor) -> Tensor:
+        """components [L, H, T, D] float32 -> keys into `out` (any float dtype), layer by layer."""
+        mean, rot = self.on(components.device)[:2]
+        assert mean is not None and rot is not None
+        for layer, n in enumerate(self.extent):
+            part = components[layer, :, :, :n]
+            keys = torch.matmul(part, rot[layer][:, :, :n].transpose(-1, -2))
+            out[layer].copy_(keys.add_(mean[layer][:, None]))
+        return out
+
+    def predict_keys(self, layer: int, keys_before: Tensor, values_before: Tensor) -> Tensor:
+        """Layer `layer`'s predicted pre-RoPE keys [H, T, D] from layer - 1's keys and values
+        [H, T, D] (as reconstructed); layer 0's: the mean."""
+        mean, _, key_maps, _ = self.on(keys_before.device)
+        if layer == 0:
+            assert mean is not None
+            return mean[0][:, None].expand_as(keys_before)
+        assert key_maps is not None
+        return mapped(key_maps[layer - 1], [keys_before, values_before])
+
+    def predict_values(
+        self, layer: int, keys: Tensor, keys_before: Tensor, values_before: Tensor
+    ) -> Tensor:
+        """Layer `layer`'s predicted values [H, T, D] from its keys and layer - 1's (layer 0: 0)."""
+        if layer == 0:
+            return torch.zeros_like(keys)
+        value_maps = self.on(keys.device)[3]
+        assert value_maps is not None
+        return mapped(value_maps[layer - 1], [keys, keys_before, values_before])
+
+    def rotation_of(self, layer: int, device: torch.device) -> Tensor:
+        """Layer `layer`'s stored components' columns [H, D, n] (n: `extent`)."""
+        rotation = self.on(device)[1]
+        assert rotation is not None
+        return rotation[layer, :, :, : self.extent[layer]]
+
+
+def as_rows(inputs: list[Tensor]) -> Tensor:
+    """[H, T, D] tensors -> rows [T, sum of H * D]: per token, each tensor's heads side by side."""
+    return torch.cat([x.transpose(0, 1).reshape(x.shape[1], -1) for x in inputs], 1)
+
+
+def mapped(m: Tensor, inputs: list[Tensor]) -> Tensor:
+    """`as_rows(inputs)` through a prediction map m [rows + 1, H * D] (last row: bias) -> the
+    predicted [H, T, D]."""
+    heads, tokens, _ = inputs[0].shape
+    y = torch.addmm(m[-1], as_rows(inputs), m[:-1])
+    return y.view(tokens, heads, -1).transpose(0, 1)
+
+
+# (layer, inputs) -> the map that predicts the layer from `inputs`: [K_l-1, V_l-1] for keys,
+# [K_l, K_l-1, V_l-1] for values (a reader's and writer's come from the basis; calibration fits
+# them as it goes)
+MapStep = Callable[[int, list[Tensor]], Tensor]
+# (layer, prediction [H, T, D]) -> the decoded residual to add to it [H, T, D], float32
+ResidualStep = Callable[[int, Tensor], Tensor]
+
+
+def predicted_loop(
+    out: tuple[Tensor, Tensor], first_keys: Tensor, key_map: MapStep, value_map: MapStep,
+    key_residual: ResidualStep, value_residual: ResidualStep,
+) -> None:  # fmt: skip
+    """Rebuild a predicted block's pre-RoPE keys and values into `out` (float32 [L, H, T, D]),
+    layer by layer: layer 0's keys are predicted as `first_keys` [H, D] (the basis's mean), its
+    values as 0; layer l's keys as `mapped(key_map(l, [K, V]), [K, V])` of layer l - 1 as
+    rebuilt, its values from [K_l, K_l-1, V_l-1] likewise; each layer is then its prediction
+    plus the residual its step decodes (a writer's step codes the residual first, so both sides
+    rebuild from the same bits)."""
+    keys, values = out
+    for layer in range(keys.shape[0]):
+        before = [keys[layer - 1], values[layer - 1]] if layer else []
+        if layer:
+            pk = mapped(key_map(layer, before), before)
+        else:
+            pk = first_keys[:, None].expand_as(keys[0])
+        keys[layer] = pk + key_residual(layer, pk)
+        inputs = [keys[layer], *before]
+        pv = mapped(value_map(layer, inputs), inputs) if layer else torch.zeros_like(keys[0])
+        values[layer] = pv + value_residual(layer, pv)
+
+
+def rebuild(basis: KeyBasis, coded: list[Tensor], rotate: bool, out: tuple[Tensor, Tensor]) -> None:
+    """The reader's run of `predicted_loop`: the decoded residuals `coded` (key components and
+    value residuals [L, H, T, D], float32, values Hadamard-rotated under `rotate`) -> pre-RoPE
+    keys and values into `out` (float32)."""
+    device = coded[0].device
+    mean, _, key_maps, value_maps = basis.on(device)
+    assert mean is not None and key_maps is not None and value_maps is not None
+
+    def key_residual(layer: int, _prediction: Tensor) -> Tensor:
+        rot = basis.rotation_of(layer, device)
+        return coded[0][layer, :, :, : rot.shape[-1]] @ rot.transpose(-1, -2)
+
+    def value_residual(layer: int, _prediction: Tensor) -> Tensor:
+        return hadamard(coded[1][layer]) if rotate else coded[1][layer]
+
+    predicted_loop(out, mean[0], lambda layer, _: key_maps[layer - 1],
+                   lambda layer, _: value_maps[layer - 1], key_residual, value_residual)  # fmt: skip
