@@ -21,6 +21,11 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvpool.kernels.codec import KeyBasis
+    from kvpool.transport import ClientConfig
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -180,14 +185,18 @@ def ingest(args: argparse.Namespace) -> None:
 
 def calibrate(args: argparse.Namespace) -> None:
     """Calibrate a per-layer bit profile and write it (see kvpool.calibrate)."""
+    if args.samples is None:  # the library's defaults: calibrate (4), calibrate_basis (6)
+        args.samples = 6 if args.basis else 4
     from pathlib import Path
 
+    import torch
     from tqdm import tqdm
 
     from kvpool import calibrate as cal
     from kvpool.models import SMOLLM2, load
 
-    model, tokenizer = load(args.model or SMOLLM2)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the sample's prefill, on a GPU
+    model, tokenizer = load(args.model or SMOLLM2, device=device)
     t0 = time.perf_counter()
     if args.basis:  # codec v2: a key basis (transform coding of keys)
         if args.text:
@@ -199,11 +208,14 @@ def calibrate(args: argparse.Namespace) -> None:
                 model, sample, key_bits=args.key_bits, group_size=args.group_size,
                 windows=args.samples, pre_rope=not args.no_pre_rope,
                 query_weighted=not args.no_query_weights, predict=args.predict,
+                value_bits=args.value_bits,
                 progress=lambda msg: (bar.set_postfix_str(msg), bar.update(1)),
             )  # fmt: skip
         path = basis.save(args.out or cal.basis_path(model.config._name_or_path, args))
         print(f"key basis {basis.id.hex()}: {basis.bits_per_key:.3f} code bits per key value")
         print(f"calibrated in {time.perf_counter() - t0:.0f} s; basis written to {path}")
+        if args.publish:
+            publish(args, basis, args.name or model.config._name_or_path)
         return
     if args.text:
         sample = list(tokenizer(Path(args.text).read_text()).input_ids)
@@ -218,6 +230,35 @@ def calibrate(args: argparse.Namespace) -> None:
     path = profile.save(args.out or cal.default_path(profile))
     print(cal.summary(profile))
     print(f"calibrated in {time.perf_counter() - t0:.0f} s; profile written to {path}")
+
+
+def publish(args: argparse.Namespace, basis: KeyBasis, name: str) -> None:
+    """Store a calibrated basis in the tier as the current one of model `name`."""
+    from kvpool.basis import publish_basis
+
+    options = {
+        "value_bits": args.value_bits, "group_size": args.group_size,
+        "sink_tokens": args.sink_tokens, "hadamard_values": True, "pre_rope": not args.no_pre_rope,
+    }  # fmt: skip
+    try:
+        artifact = publish_basis(
+            args.publish, name, basis, options, salt=args.salt.encode() if args.salt else b"",
+            mac_key=_read(args.mac_key_file), config=_client_config(args),
+        )  # fmt: skip
+    except Exception as e:  # the basis is saved: say why the tier did not take it
+        raise SystemExit(f"kvpool calibrate: publishing to {args.publish} failed: {e}") from None
+    print(f"published as the key basis of {name!r} in {args.publish} (artifact {artifact.hex()})")
+
+
+def _read(path: str | None) -> bytes:
+    return Path(path).read_bytes().strip() if path else b""
+
+
+def _client_config(args: argparse.Namespace) -> ClientConfig:
+    from kvpool.transport import ClientConfig
+
+    token = _read(args.token_file).decode() or None
+    return ClientConfig(tls_ca_file=args.tls_ca, token=token)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -354,7 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_cal.add_argument(
         "--text", default=None, help="sample text file (default: Python's own reference manual)"
     )
-    p_cal.add_argument("--samples", type=int, default=4, help="sample windows (default 4)")
+    p_cal.add_argument(
+        "--samples", type=int, default=None,
+        help="sample windows (default 4; with --basis 6, of 1024 tokens)",
+    )  # fmt: skip
     p_cal.add_argument(
         "--basis", action="store_true",
         help="codec v2: calibrate a key basis (transform coding of keys) instead of a profile",
@@ -372,6 +416,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="--basis: also fit maps that predict each layer's KV from the layer before "
         "(blocks then hold only what the prediction misses)",
     )  # fmt: skip
+    p_cal.add_argument(
+        "--value-bits", type=int, default=2, choices=(2, 3, 4, 8),
+        help="--basis: value bits of the blocks the basis codes (2)",
+    )  # fmt: skip
+    p_cal.add_argument(
+        "--publish", default=None, metavar="ENDPOINT",
+        help="--basis: store the basis in this tier as the model's current one; every worker "
+        "of the model then finds it there (the vLLM connector, CachedModel.connect, ingest)",
+    )  # fmt: skip
+    p_cal.add_argument(
+        "--name", default=None,
+        help="--publish: the model's name in the tier (default: --model, or SmolLM2's id); "
+        "workers use their served model name",
+    )  # fmt: skip
+    p_cal.add_argument("--salt", default=None, help="--publish: the tenant's salt")
+    p_cal.add_argument("--tls-ca", default=None, help="--publish: CA of a TLS tier (PEM)")
+    p_cal.add_argument("--token-file", default=None, help="--publish: the tenant's token")
+    p_cal.add_argument(
+        "--mac-key-file", default=None, help="--publish: the tenant's MAC secret (file)"
+    )
     p_cal.add_argument("--out", default=None, help="profile file (default .cache/profiles/...)")
     return parser
 
@@ -395,8 +459,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             else:
                 print("  ".join(f"{k}={v}" for k, v in row.items()))
     elif args.command == "calibrate":
-        if (args.predict or args.no_query_weights) and not args.basis:
-            build_parser().error("--predict and --no-query-weights go with --basis")
+        if (args.predict or args.no_query_weights or args.publish) and not args.basis:
+            build_parser().error("--predict, --no-query-weights and --publish go with --basis")
         calibrate(args)
 
 

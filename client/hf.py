@@ -28,6 +28,7 @@ from kvpool.model_facts import codec_for, model_layout, rope_params
 from kvpool.packed import WINDOW
 from kvpool.proto.errors import CodecError, NamespaceError
 from kvpool.proto.keys import Namespace
+from kvpool.transport import ClientConfig
 
 __all__ = [
     "CachedModel", "CostModel", "cache_from_kv", "codec_for", "kv_from_cache", "model_layout",
@@ -125,6 +126,29 @@ class CachedModel:
             if pool.codec.key_basis is not None:
                 raise CodecError("a packed cache needs a codec without a key basis")
             use_packed_attention(model)
+
+    @classmethod
+    def connect(
+        cls, model: Any, endpoint: str, *, name: str | None = None, salt: bytes = b"",
+        mac_key: bytes = b"", config: ClientConfig | None = None, **kwargs: Any,
+    ) -> CachedModel:  # fmt: skip
+        """`model` on the tier at `endpoint` with the codec every worker of the model shares:
+        codec v2 with the key basis published for it (`kvpool calibrate --basis --predict
+        --publish`), else K3V2 (logged once). `name`: the model's name in the tier (default its
+        config's `_name_or_path`); salt, mac_key: the tenant's; kwargs go to CachedModel.
+        BasisUnavailable when a basis is published but cannot be had: nothing is written."""
+        from kvpool.basis import published_codec
+
+        config = config or ClientConfig()
+        codec, _ = published_codec(model, endpoint, name=name, salt=salt, mac_key=mac_key,
+                                   config=config)  # fmt: skip
+        if kwargs.get("packed") and codec.key_basis is not None:
+            raise CodecError(
+                "a packed cache needs a codec without a key basis, and this model's published "
+                "codec has one: use packed=False"
+            )
+        ns = namespace_for_model(model, codec, name=name, salt=salt, mac_key=mac_key)
+        return cls(model, KVPool(endpoint, ns, codec, model.device, config), **kwargs)
 
     def fetch(self, input_ids: Tensor) -> Cache:
         """A cache holding the longest cached prefix of `input_ids` [1, T] that is worth

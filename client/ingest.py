@@ -32,7 +32,10 @@ TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 class IngestConfig:
     model: str  # a local folder, or kvpool.models.SMOLLM2
     endpoint: str  # the tier, "host:port[,host:port...]"
-    key_bits: int | tuple[int, ...] = 2
+    # the codec: the key basis published for the model in the tier (codec v2) when `basis`
+    # and there is one; else these options (K3V2 by default)
+    basis: bool = True
+    key_bits: int | tuple[int, ...] = 3
     value_bits: int | tuple[int, ...] = 2
     group_size: int = 128
     pre_rope: bool = True
@@ -79,19 +82,29 @@ class IngestWorker:
     def __init__(self, config: IngestConfig) -> None:
         import torch
 
+        from kvpool.basis import published_codec
         from kvpool.client import KVPool
         from kvpool.hf import namespace_for_model
+        from kvpool.kernels.codec import CodecConfig
         from kvpool.model_facts import codec_for
         from kvpool.models import load
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.float16 if self.device == "cuda" else torch.float32
         self.model, self.tokenizer = load(config.model, dtype=dtype, device=self.device)
-        codec = codec_for(
-            self.model, config.key_bits, config.value_bits, config.group_size,
-            pre_rope=config.pre_rope, hadamard_values=config.hadamard_values,
-            sink_tokens=config.sink_tokens,
-        )  # fmt: skip
+
+        def options() -> CodecConfig:
+            return codec_for(
+                self.model, config.key_bits, config.value_bits, config.group_size,
+                pre_rope=config.pre_rope, hadamard_values=config.hadamard_values,
+                sink_tokens=config.sink_tokens,
+            )  # fmt: skip
+
+        codec = options()
+        if config.basis:  # BasisUnavailable (published, but not to be had): this worker stops
+            codec, _ = published_codec(self.model, config.endpoint, salt=config.salt,
+                                       mac_key=config.mac_key, config=config.client,
+                                       fallback=options)  # fmt: skip
         namespace = namespace_for_model(
             self.model, codec, block_tokens=config.block_tokens, salt=config.salt,
             mac_key=config.mac_key,

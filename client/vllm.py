@@ -52,6 +52,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
     KVConnectorStats,
 )
 
+from kvpool.basis import BasisUnavailable, published_codec
 from kvpool.calibrate import Profile, profile_codec
 from kvpool.client import KVPool, namespace_for
 from kvpool.kernels.codec import CodecConfig, KeyBasis, decode, encode
@@ -97,6 +98,9 @@ class Settings:
     hadamard_values: bool = True
     profile: str = ""  # a `kvpool calibrate` profile (JSON path); replaces the bit options
     key_basis: str = ""  # a `kvpool calibrate --basis` file (codec v2): keys stored in it
+    # "auto": without profile or key_basis, the key basis published in the tier for model_name
+    # (codec v2; the bit options are then unused) when there is one; "none": the bit options
+    basis: str = "auto"
     salt: str = ""  # the tenant's salt (keys of different salts never meet)
     mac_key_file: str = ""  # the tenant's MAC secret: blocks are signed and verified
     token_file: str = ""  # the tenant's token (needs tls_ca)
@@ -135,6 +139,8 @@ class Settings:
         for name in ("block_tokens", "rpc_timeout_s", "call_timeout_s", "lookup_timeout_s"):
             if getattr(s, name) <= 0:
                 raise ValueError(f"kvpool connector: {name} must be positive")
+        if s.basis not in ("auto", "none"):
+            raise ValueError(f"kvpool connector: basis={s.basis!r} is not 'auto' or 'none'")
         if s.max_pending_save_mib < 0 or s.retry_after_s < 0:
             raise ValueError("kvpool connector: max_pending_save_mib and retry_after_s are >= 0")
         return s
@@ -175,6 +181,8 @@ def namespace_for_vllm(
     layers = model.get_num_layers(parallel)
     heads = model.get_num_kv_heads(parallel)
     head_dim = model.get_head_size()
+    name = settings.model_name or str(model.served_model_name)  # vLLM: falls back to the path
+    mac_key = Path(settings.mac_key_file).read_bytes().strip() if settings.mac_key_file else b""
     if settings.profile:
         profile = Profile.load(settings.profile)
         if (profile.layers, profile.kv_heads, profile.head_dim) != (layers, heads, head_dim):
@@ -189,6 +197,14 @@ def namespace_for_vllm(
             pre_rope=settings.pre_rope, hadamard_values=settings.hadamard_values,
             sink_tokens=settings.sink_tokens,
         )  # fmt: skip
+    if settings.basis == "auto" and not (settings.profile or settings.key_basis):
+        if parallel.tensor_parallel_size == 1:  # a published basis spans every KV head
+            codec, _ = published_codec(
+                hf, settings.endpoint, name=name, salt=settings.salt.encode(), mac_key=mac_key,
+                config=settings.client_config(), fallback=lambda: codec,
+            )  # fmt: skip
+        else:
+            log.info("kvpool connector: with tensor parallelism blocks use the bit options")
     if settings.key_basis:  # codec v2: keys as components in the calibrated basis
         basis = KeyBasis.load(settings.key_basis)
         if tuple(basis.mean.shape) != (layers, heads, head_dim):
@@ -197,8 +213,6 @@ def namespace_for_vllm(
                 f"KV, this model's (per tensor-parallel rank) is {layers}x{heads}x{head_dim}"
             )
         codec = dataclasses.replace(codec, key_basis=basis)
-    name = settings.model_name or str(model.served_model_name)  # vLLM: falls back to the path
-    mac_key = Path(settings.mac_key_file).read_bytes().strip() if settings.mac_key_file else b""
     ns = namespace_for(
         name, layers, heads, head_dim, model.dtype, codec,
         revision=str(model.revision or ""), block_tokens=settings.block_tokens,
@@ -487,7 +501,19 @@ class KVPoolConnector(KVConnectorBase_V1):
 
             tp_rank = get_tensor_model_parallel_rank()
         # The scheduler looks up rank 0's blocks; every rank saves the same prefixes.
-        self.namespace, self.codec = namespace_for_vllm(vllm_config, self.settings, tp_rank)
+        self.disabled = ""  # why this connector neither loads nor saves, when it must not
+        try:
+            self.namespace, self.codec = namespace_for_vllm(vllm_config, self.settings, tp_rank)
+        except BasisUnavailable as e:
+            self.disabled = str(e)
+            log.error(
+                "kvpool connector DISABLED: %s. Loading or saving with another codec would "
+                "write blocks of another namespace, which no other worker of this model "
+                "reads; this engine computes every prefill itself until it is restarted with "
+                "the tier reachable (or with basis='none', or a key_basis file).", e,
+            )  # fmt: skip
+            fallback = dataclasses.replace(self.settings, basis="none")
+            self.namespace, self.codec = namespace_for_vllm(vllm_config, fallback, tp_rank)
         self.block_tokens = self.namespace.block_tokens
         self.ratio = self.block_tokens // self.vllm_block
         self.pool = KVPool(
@@ -523,7 +549,7 @@ class KVPoolConnector(KVConnectorBase_V1):
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
         tokens = _shareable_tokens(request)
-        if tokens is None:
+        if tokens is None or self.disabled:
             return 0, False
         hit = self._lookup(tokens)
         self._asked[request.request_id] = (num_computed_tokens, hit)
@@ -676,6 +702,10 @@ class KVPoolConnector(KVConnectorBase_V1):
         assert isinstance(meta, KVPoolMetadata)
         self._failed_reqs = set()
         for spec in meta.loads:
+            if self.disabled:  # planned by a scheduler that resolved the basis: recompute
+                self._load_errors.update(spec.block_ids[spec.start // self.vllm_block :])
+                self._failed_reqs.add(spec.req_id)
+                continue
             self._load(spec)
 
     def _load(self, spec: LoadSpec) -> None:
@@ -727,7 +757,7 @@ class KVPoolConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         assert isinstance(meta, KVPoolMetadata)
         i = self._layer_index.get(layer_name)
-        if i is None or not meta.saves:
+        if i is None or not meta.saves or self.disabled:
             return
         t0 = time.perf_counter()
         for spec in meta.saves:
@@ -755,7 +785,9 @@ class KVPoolConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         assert isinstance(meta, KVPoolMetadata)
         for spec in meta.saves:
-            if spec.req_id in self._failed_reqs:  # computed over a partial prefix: never save
+            if (
+                spec.req_id in self._failed_reqs or self.disabled
+            ):  # computed over a partial prefix: never save
                 self._staging.pop(spec.req_id, None)
                 self._count(saves_dropped=1)
                 continue

@@ -5,8 +5,8 @@ An artifact is immutable and content-addressed. Its bytes are cut into chunks of
 its manifest lists its kind, size, chunk size and the sha256 of every chunk, and its id is the
 sha256 of the manifest's canonical encoding (`artifact_id`), so the id commits to every byte:
 a shard checks each manifest against its id and each chunk against its hash before taking it,
-and a reader checks them again (a shard may lie). With a tenant secret, the manifest also
-carries an HMAC of its id: the tenant published it.
+and a reader checks them again (a shard may lie). An artifact needs no MAC of its own: the
+record naming its id carries the tenant's.
 
 A record names a tenant's current artifact of one kind for one model (`record_name`: a digest
 of the kind, the tenant's salt and the model name; the salt never leaves the client). It holds
@@ -56,15 +56,13 @@ def chunks_of(data: bytes | memoryview, chunk_bytes: int = CHUNK_BYTES) -> Itera
         yield view[off : off + chunk_bytes]
 
 
-def manifest_for(kind: str, data: bytes | memoryview, mac_key: bytes = b"") -> pb.ArtifactManifest:
-    """The manifest of `data` (its id computed), signed with `mac_key` when one is given."""
+def manifest_for(kind: str, data: bytes | memoryview) -> pb.ArtifactManifest:
+    """The manifest of `data`, its id computed."""
     chunks = [hashlib.sha256(c).digest() for c in chunks_of(data)]
     manifest = pb.ArtifactManifest(
         kind=kind, size=len(data), chunk_bytes=CHUNK_BYTES, chunks=chunks
     )
     manifest.id = _manifest_digest(kind, len(data), CHUNK_BYTES, chunks)
-    if mac_key:
-        manifest.mac = manifest_mac(mac_key, manifest.id)
     return manifest
 
 
@@ -87,8 +85,6 @@ def check_manifest(manifest: pb.ArtifactManifest, max_bytes: int = MAX_ARTIFACT_
     count = -(-manifest.size // manifest.chunk_bytes)
     if len(manifest.chunks) != count or any(len(c) != ID_BYTES for c in manifest.chunks):
         raise ArtifactError(f"{manifest.size} bytes need {count} chunk hashes of {ID_BYTES} bytes")
-    if manifest.mac and len(manifest.mac) != MAC_BYTES:
-        raise ArtifactError(f"a MAC is {MAC_BYTES} bytes")
     digest = _manifest_digest(manifest.kind, manifest.size, manifest.chunk_bytes,
                               list(manifest.chunks))  # fmt: skip
     if not hmac.compare_digest(digest, manifest.id):
@@ -110,10 +106,6 @@ def check_chunk(manifest: pb.ArtifactManifest, index: int, data: bytes) -> None:
         )
     if not hmac.compare_digest(hashlib.sha256(data).digest(), manifest.chunks[index]):
         raise ArtifactMismatch(f"chunk {index} is not the one its manifest names")
-
-
-def manifest_mac(mac_key: bytes, artifact: bytes) -> bytes:
-    return hmac.new(mac_key, b"kvpool artifact mac 1\x00" + artifact, hashlib.sha256).digest()
 
 
 def record_name(kind: str, model: str, salt: bytes = b"") -> bytes:

@@ -336,20 +336,18 @@ class CloseSharedResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ArtifactManifest(_message.Message):
-    __slots__ = ("id", "kind", "size", "chunk_bytes", "chunks", "mac")
+    __slots__ = ("id", "kind", "size", "chunk_bytes", "chunks")
     ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
-    MAC_FIELD_NUMBER: _ClassVar[int]
     id: bytes
     kind: str
     size: int
     chunk_bytes: int
     chunks: _containers.RepeatedScalarFieldContainer[bytes]
-    mac: bytes
-    def __init__(self, id: _Optional[bytes] = ..., kind: _Optional[str] = ..., size: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., chunks: _Optional[_Iterable[bytes]] = ..., mac: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, id: _Optional[bytes] = ..., kind: _Optional[str] = ..., size: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., chunks: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class ArtifactChunk(_message.Message):
     __slots__ = ("id", "index", "data")
