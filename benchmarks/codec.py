@@ -1,7 +1,8 @@
 """Codec throughput on a Llama-3-8B-shaped block, against Hugging Face's quanto KV quantizer.
 
     python benchmarks/codec.py            # CPU: kvpool's C loop vs quanto vs a tensor copy
-    python benchmarks/codec.py --device cuda   # adds the Triton kernels vs the device's copy
+    python benchmarks/codec.py --device cuda   # adds the Triton kernels vs the device's copy,
+                                               # and the v1-options, v2 and v2-predicted rows there
 
 Block: keys and values [32 layers, 8 kv heads, 256 tokens, 128 head_dim] fp16; 2-bit keys and
 values, G = 128, options off. GB/s are of fp16 data (keys + values) per second, so a codec and a
@@ -78,11 +79,11 @@ def quanto_peer(
     return enc, dec
 
 
-def synthetic_basis() -> KeyBasis:
-    """A random orthonormal basis per (layer, head) with widths for ~2 bits per key value, as
-    `kvpool calibrate --basis` allocates them for components of falling variance (speed only:
-    random keys have no structure for a basis to find)."""
-    layers, heads, _, dim = SHAPE
+def synthetic_basis(shape: tuple[int, int, int, int] = SHAPE) -> KeyBasis:
+    """A random orthonormal basis per (layer, head) of blocks of `shape` [L, H, T, D] with widths
+    for ~2 bits per key value, as `kvpool calibrate --basis` allocates them for components of
+    falling variance (speed only: random keys have no structure for a basis to find)."""
+    layers, heads, _, dim = shape
     g = torch.Generator().manual_seed(1)
     q, _ = torch.linalg.qr(torch.randn(layers, heads, dim, dim, generator=g))
     variance = torch.logspace(1, -3, dim).expand(layers, dim)
@@ -90,10 +91,10 @@ def synthetic_basis() -> KeyBasis:
     return KeyBasis(torch.zeros(layers, heads, dim), q.contiguous(), widths)
 
 
-def synthetic_predicting_basis() -> KeyBasis:
+def synthetic_predicting_basis(shape: tuple[int, int, int, int] = SHAPE) -> KeyBasis:
     """`synthetic_basis` with random inter-layer prediction maps of the real shapes (speed only)."""
-    basis = synthetic_basis()
-    layers, heads, _, dim = SHAPE
+    basis = synthetic_basis(shape)
+    layers, heads, _, dim = shape
     g = torch.Generator().manual_seed(2)
     width = heads * dim
     maps = [
@@ -135,12 +136,7 @@ def cpu_figures(repeat: int, peer: bool) -> dict[str, Any]:
         "checksum_gbps": gbps(t_crc),
         "torch_threads": torch.get_num_threads(),
     }
-    # v1 with every option (pre-RoPE keys, Hadamard values, what serving uses) against codec v2
-    # (keys as components in a key basis at ~2 bits per value, the same options)
-    options = CodecConfig(2, 2, 128, rope=RopeParams(500000.0, SHAPE[3]), hadamard_values=True)
-    v2 = replace(options, key_basis=synthetic_basis())
-    predicted = replace(options, key_basis=synthetic_predicting_basis())
-    for name, cfg_n in (("options", options), ("v2", v2), ("v2_predicted", predicted)):
+    for name, cfg_n in codec_rows().items():
         blob_n = encode(k, v, cfg_n)
         n = repeat if name != "v2_predicted" else max(2, repeat // 5)  # seconds per call
         t_e = best_seconds(functools.partial(encode, k, v, cfg_n), n)
@@ -202,7 +198,7 @@ def cuda_figures(repeat: int) -> dict[str, Any]:
     t_full_enc = best_seconds(lambda: encode(k, v, cfg), repeat, sync)
     t_full_dec = best_seconds(lambda: decode(blob, device=dev), repeat, sync)
     gbps = lambda t: round(fp16_bytes / t / 1e9, 1)  # noqa: E731
-    return {
+    figures: dict[str, Any] = {
         "device": torch.cuda.get_device_name(),
         "gpu_codes_equal_cpu": blob == ref,
         "gpu_encode_gbps": gbps(t_enc),
@@ -213,10 +209,33 @@ def cuda_figures(repeat: int) -> dict[str, Any]:
         "gpu_end_to_end_encode_gbps": gbps(t_full_enc),
         "gpu_end_to_end_decode_gbps": gbps(t_full_dec),
     }
+    # the CPU rows' codecs end to end on the device: every option, v2, v2 with prediction (the
+    # basis and its maps copied to the device once, by KeyBasis.on)
+    for name, cfg_n in codec_rows().items():
+        blob_n = encode(k, v, cfg_n)
+        t_e = best_seconds(functools.partial(encode, k, v, cfg_n), repeat, sync)
+        t_d = best_seconds(
+            functools.partial(decode, blob_n, device=dev, key_basis=cfg_n.key_basis), repeat, sync
+        )
+        figures[f"gpu_end_to_end_encode_gbps_{name}"] = gbps(t_e)
+        figures[f"gpu_end_to_end_decode_gbps_{name}"] = gbps(t_d)
+        figures[f"compression_ratio_{name}"] = round(fp16_bytes / len(blob_n), 3)
+    return figures
 
 
-def main(device: str, repeat: int, peer: bool) -> dict[str, Any]:
-    figures = cpu_figures(repeat, peer)
+def codec_rows() -> dict[str, CodecConfig]:
+    """v1 with every option (pre-RoPE keys, Hadamard values, what serving uses), codec v2 (keys
+    as components in a key basis at ~2 bits per value, the same options) and v2 predicted."""
+    options = CodecConfig(2, 2, 128, rope=RopeParams(500000.0, SHAPE[3]), hadamard_values=True)
+    return {
+        "options": options,
+        "v2": replace(options, key_basis=synthetic_basis()),
+        "v2_predicted": replace(options, key_basis=synthetic_predicting_basis()),
+    }
+
+
+def main(device: str, repeat: int, peer: bool, cpu: bool = True) -> dict[str, Any]:
+    figures = cpu_figures(repeat, peer) if cpu else {"shape": list(SHAPE)}
     if device == "cuda":
         figures.update(cuda_figures(repeat))
     return figures
@@ -227,8 +246,11 @@ if __name__ == "__main__":
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--repeat", type=int, default=15)
     p.add_argument("--no-peer", action="store_true", help="skip quanto (where it is not installed)")
+    p.add_argument(
+        "--no-cpu", action="store_true", help="only the device's figures (--device cuda)"
+    )
     args = p.parse_args()
-    result = main(args.device, args.repeat, not args.no_peer)
+    result = main(args.device, args.repeat, not args.no_peer, not args.no_cpu)
     for key, value in result.items():
         print(f"{key:32s} {value}")
     print(json.dumps(result))

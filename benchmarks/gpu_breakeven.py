@@ -19,9 +19,14 @@ downloaded), bf16, SDPA attention. Prompt: `--tokens` random ids (2,048).
   kvpool blocks `KVPool.get_blocks` into one device block reused (what the vLLM connector does:
                each block decoded and handed over, nothing concatenated)
 
+Each for every codec of `--codecs`: "k2v2" (2-bit keys and values, G = 128, what store.py
+measures; its fields unsuffixed) and "v2_predicted" (codec v2 with inter-layer prediction and
+every option, its basis and maps on the device; fields suffixed _v2_predicted; a random basis and
+random maps of the model's shapes: speed only), one shard and one prefill for all.
+
 The shard server runs without Ray (`ShardServer` in a child process), as on a machine with no
-Ray. Codec: 2-bit keys and values, G = 128 (what store.py measures). Tokens/s of each and
-`hit_speedup` = prefill seconds / get seconds; the last line is one JSON object.
+Ray. Tokens/s of each and `hit_speedup` = prefill seconds / get seconds; the last line is one
+JSON object.
 key_relative_error checks that the keys came back (random weights give keys with none of the
 channel structure the codec relies on: it is not a quality figure; see fidelity.py for those).
 """
@@ -39,6 +44,7 @@ import torch
 
 from kvpool.client import KVPool, namespace_for
 from kvpool.kernels.codec import CodecConfig
+from kvpool.kernels.transforms import RopeParams
 from kvpool.transport import ClientConfig
 
 LLAMA3_8B: dict[str, Any] = dict(
@@ -98,82 +104,119 @@ def prefill(args: argparse.Namespace, device: torch.device) -> tuple[float, Any,
     return seconds, config, prompt[0].tolist(), (keys, values)
 
 
-def main(args: argparse.Namespace) -> dict[str, Any]:
-    device = torch.device(args.device)
-    dtype = torch.bfloat16
-    prefill_s, config, tokens, (keys, values) = prefill(args, device)
+def codecs(names: list[str], shape: tuple[int, int, int, int]) -> dict[str, CodecConfig]:
+    """The codecs to measure, by name: "k2v2" (2-bit keys and values, G = 128) and
+    "v2_predicted" (codec v2 with inter-layer prediction and every option: a random basis and
+    random maps of the model's shapes, speed only; the reader's KeyBasis copies them to the
+    device once)."""
+    from codec import synthetic_predicting_basis  # benchmarks/, on sys.path as the script's folder
+
+    known = {"k2v2": lambda: CODEC, "v2_predicted": lambda: CodecConfig(
+        2, 2, 128, rope=RopeParams(500000.0, shape[3]), hadamard_values=True,
+        key_basis=synthetic_predicting_basis(shape))}  # fmt: skip
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise SystemExit(f"unknown codec(s) {unknown}; known: {sorted(known)}")
+    return {name: known[name]() for name in names}
+
+
+def measure(
+    args: argparse.Namespace, device: torch.device, address: str, name: str, codec: CodecConfig,
+    config: Any, tokens: list[int], keys: torch.Tensor, values: torch.Tensor,
+) -> dict[str, Any]:  # fmt: skip
+    """One codec's get paths against the shard at `address`, its fields named for the codec
+    (K2V2's with no suffix)."""
+    dtype = keys.dtype
     heads, head_dim = keys.shape[1], keys.shape[3]
+    ns = namespace_for(f"bench/llama-3-8b-shape-random/{name}", config.num_hidden_layers, heads,
+                       head_dim, dtype, codec)  # fmt: skip
+    client = ClientConfig(timeout_s=60.0, same_host=not args.tcp)
+    with KVPool(address, ns, codec, device=device, config=client) as pool:
+        stored = pool.put(tokens, (keys, values))
+        blocks = args.tokens // ns.block_tokens
+        if stored != blocks:
+            raise RuntimeError(f"{name}: stored {stored} of {blocks} blocks")
+        stored_bytes = pool.stats.bytes_put
 
-    ns = namespace_for("bench/llama-3-8b-shape-random", config.num_hidden_layers, heads,
-                       head_dim, dtype, CODEC)  # fmt: skip
-    ctx = mp.get_context("spawn")
-    ready = ctx.Queue()
-    budget = 2 * keys.numel() * keys.element_size() + (256 << 20)  # far more than 2-bit needs
-    server = ctx.Process(target=shard, args=(budget, ready), daemon=True)
-    server.start()
-    try:
-        address = ready.get(timeout=120)
-        client = ClientConfig(timeout_s=60.0, same_host=not args.tcp)
-        with KVPool(address, ns, CODEC, device=device, config=client) as pool:
-            stored = pool.put(tokens, (keys, values))
-            blocks = args.tokens // ns.block_tokens
-            if stored != blocks:
-                raise RuntimeError(f"stored {stored} of {blocks} blocks")
-            stored_bytes = pool.stats.bytes_put
-
-            def get() -> None:
-                hit = pool.get(tokens)
-                if hit is None or hit.tokens != blocks * ns.block_tokens:
-                    raise RuntimeError("kvpool: the prefix did not come back whole")
-
-            shape = (ns.layers, ns.kv_heads, ns.block_tokens, ns.head_dim)
-            scratch = (torch.empty(shape, dtype=dtype, device=device),
-                       torch.empty(shape, dtype=dtype, device=device))  # fmt: skip
-
-            whole = (keys.shape[0], keys.shape[1], blocks * ns.block_tokens, keys.shape[3])
-            cache = (torch.empty(whole, dtype=dtype, device=device),
-                     torch.empty(whole, dtype=dtype, device=device))  # fmt: skip
-
-            def get_out() -> None:
-                hit = pool.get(tokens, out=cache)
-                if hit is None or hit.tokens != blocks * ns.block_tokens:
-                    raise RuntimeError("kvpool: the prefix did not come back whole")
-
-            def get_blocks() -> None:
-                got = sum(1 for _ in pool.get_blocks(tokens, present=len(tokens), out=scratch))
-                if got != blocks:
-                    raise RuntimeError(f"kvpool: {got} of {blocks} blocks")
-
-            get_s = best_seconds(get, args.repeat, device)
-            out_s = best_seconds(get_out, args.repeat, device)
-            blocks_s = best_seconds(get_blocks, args.repeat, device)
+        def get() -> None:
             hit = pool.get(tokens)
-            assert hit is not None and hit.keys is not None
-            want = keys[:, :, : hit.tokens].float()
-            rel_err = float((hit.keys.float() - want).norm() / want.norm())
-    finally:
-        server.terminate()
-        server.join(timeout=10)
+            if hit is None or hit.tokens != blocks * ns.block_tokens:
+                raise RuntimeError("kvpool: the prefix did not come back whole")
+
+        shape = (ns.layers, ns.kv_heads, ns.block_tokens, ns.head_dim)
+        scratch = (torch.empty(shape, dtype=dtype, device=device),
+                   torch.empty(shape, dtype=dtype, device=device))  # fmt: skip
+
+        whole = (keys.shape[0], keys.shape[1], blocks * ns.block_tokens, keys.shape[3])
+        cache = (torch.empty(whole, dtype=dtype, device=device),
+                 torch.empty(whole, dtype=dtype, device=device))  # fmt: skip
+
+        def get_out() -> None:
+            hit = pool.get(tokens, out=cache)
+            if hit is None or hit.tokens != blocks * ns.block_tokens:
+                raise RuntimeError("kvpool: the prefix did not come back whole")
+
+        def get_blocks() -> None:
+            got = sum(1 for _ in pool.get_blocks(tokens, present=len(tokens), out=scratch))
+            if got != blocks:
+                raise RuntimeError(f"kvpool: {got} of {blocks} blocks")
+
+        get_s = best_seconds(get, args.repeat, device)
+        out_s = best_seconds(get_out, args.repeat, device)
+        blocks_s = best_seconds(get_blocks, args.repeat, device)
+        hit = pool.get(tokens)
+        assert hit is not None and hit.keys is not None
+        want = keys[:, :, : hit.tokens].float()
+        rel_err = float((hit.keys.float() - want).norm() / want.norm())
     loaded = blocks * ns.block_tokens
-    return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "model": "Llama-3-8B-shaped, random weights" if not args.tiny else "tiny Llama",
-        "dtype": "bfloat16", "prompt_tokens": args.tokens, "codec": CODEC.describe(),
-        "path": "tcp" if args.tcp else "same-host",
-        "prefill_s": round(prefill_s, 4),
-        "prefill_tokens_per_s": round(args.tokens / prefill_s),
+    suffix = "" if name == "k2v2" else f"_{name}"
+    fields = {
+        "codec": codec.describe(),
         "kvpool_get_s": round(get_s, 4),
         "kvpool_get_tokens_per_s": round(loaded / get_s),
         "kvpool_out_s": round(out_s, 4),
         "kvpool_out_tokens_per_s": round(loaded / out_s),
         "kvpool_blocks_s": round(blocks_s, 4),
         "kvpool_blocks_tokens_per_s": round(loaded / blocks_s),
-        "hit_speedup": round(prefill_s / get_s, 2),
-        "hit_speedup_out": round(prefill_s / out_s, 2),
-        "hit_speedup_blocks": round(prefill_s / blocks_s, 2),
-        "stored_bytes": stored_bytes, "fp16_bytes": 2 * keys.numel() * 2,
+        "stored_bytes": stored_bytes,
         "key_relative_error": round(rel_err, 4),
+    }
+    return {f"{key}{suffix}": value for key, value in fields.items()}
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device)
+    prefill_s, config, tokens, (keys, values) = prefill(args, device)
+    shape = (keys.shape[0], keys.shape[1], 256, keys.shape[3])
+    chosen = codecs(args.codecs, shape)  # before the shard starts: a bad name costs nothing
+    ctx = mp.get_context("spawn")
+    ready = ctx.Queue()
+    # far more than 2-bit blocks of every codec need
+    budget = len(chosen) * 2 * keys.numel() * keys.element_size() + (256 << 20)
+    server = ctx.Process(target=shard, args=(budget, ready), daemon=True)
+    server.start()
+    result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "model": "Llama-3-8B-shaped, random weights" if not args.tiny else "tiny Llama",
+        "dtype": "bfloat16", "prompt_tokens": args.tokens,
+        "path": "tcp" if args.tcp else "same-host",
+        "prefill_s": round(prefill_s, 4),
+        "prefill_tokens_per_s": round(args.tokens / prefill_s),
+        "fp16_bytes": 2 * keys.numel() * 2,
     }  # fmt: skip
+    try:
+        address = ready.get(timeout=120)
+        for name, codec in chosen.items():
+            fields = measure(args, device, address, name, codec, config, tokens, keys, values)
+            suffix = "" if name == "k2v2" else f"_{name}"
+            result.update(fields)
+            for path, key in (("", "get"), ("_out", "out"), ("_blocks", "blocks")):
+                seconds = fields[f"kvpool_{key}_s{suffix}"]
+                result[f"hit_speedup{path}{suffix}"] = round(prefill_s / seconds, 2)
+    finally:
+        server.terminate()
+        server.join(timeout=10)
+    return result
 
 
 if __name__ == "__main__":
@@ -183,6 +226,12 @@ if __name__ == "__main__":
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--tiny", action="store_true", help="a 2-layer model: a smoke run")
     p.add_argument("--tcp", action="store_true", help="the same-host path off")
+    p.add_argument(
+        "--codecs",
+        nargs="+",
+        default=["k2v2", "v2_predicted"],
+        help="k2v2 (its fields unsuffixed) and/or v2_predicted (fields _v2_predicted)",
+    )
     result = main(p.parse_args())
     for key, value in result.items():
         print(f"{key:28s} {value}")
