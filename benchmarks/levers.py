@@ -77,7 +77,8 @@ from torch import Tensor
 
 from kvpool.calibrate import least_squares, principal
 from kvpool.hf import cache_from_kv, kv_from_cache, rope_params
-from kvpool.kernels.codec import CodecConfig, as_rows, decode, encode
+from kvpool.kernels.basis import as_rows
+from kvpool.kernels.codec import CodecConfig, decode, encode
 from kvpool.kernels.transforms import RopeParams, hadamard, redo_rope, undo_rope
 from kvpool.models import load
 
