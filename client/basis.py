@@ -32,7 +32,7 @@ from kvpool import artifacts
 from kvpool.kernels.codec import CodecConfig, KeyBasis
 from kvpool.model_facts import codec_for
 from kvpool.proto.artifacts import KEY_BASIS, artifact_id, record_name
-from kvpool.proto.errors import CodecError, KVPoolError
+from kvpool.proto.errors import CodecError, KVPoolError, TierError
 from kvpool.transport import ClientConfig, TierClient
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,12 @@ def resolve_basis(
     folder = cache or cache_dir()
 
     async def job(tier: TierClient) -> PublishedBasis | None:
-        found = await artifacts.find_record(tier, name, mac_key)
+        try:
+            found = await artifacts.find_record(tier, name, mac_key)
+        except TierError as e:
+            raise BasisUnavailable(
+                f"cannot tell whether {model!r} has a published key basis: {e}"
+            ) from None
         if found.record is None:
             if found.certain:
                 return None

@@ -157,7 +157,7 @@ def ingest(args: argparse.Namespace) -> None:
         raise SystemExit(f"no documents under {' '.join(args.paths)}")
     codec: dict[str, object] = {
         "key_bits": args.key_bits, "value_bits": args.value_bits, "group_size": args.group_size,
-        "sink_tokens": args.sink_tokens,
+        "sink_tokens": args.sink_tokens, "basis": not args.no_basis,
     }  # fmt: skip
     if args.profile:  # a calibrated per-layer profile (kvpool calibrate) fixes the codec
         from kvpool.calibrate import Profile
@@ -166,7 +166,7 @@ def ingest(args: argparse.Namespace) -> None:
         codec = {
             "key_bits": tuple(p.key_bits), "value_bits": tuple(p.value_bits),
             "group_size": p.group_size, "sink_tokens": p.sink_tokens,
-            "pre_rope": p.rope is not None, "hadamard_values": p.hadamard_values,
+            "pre_rope": p.rope is not None, "hadamard_values": p.hadamard_values, "basis": False,
         }  # fmt: skip
     from kvpool.transport import ClientConfig
 
@@ -362,7 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_ingest.add_argument(
         "--address", default=None, help="Ray cluster to run workers on (default: a local one)"
     )
-    p_ingest.add_argument("--key-bits", type=int, default=2)
+    p_ingest.add_argument(
+        "--no-basis", action="store_true",
+        help="use the bit widths even when the tier holds a published key basis for the model "
+        "(by default its codec v2 is used; the widths only when none is published)",
+    )  # fmt: skip
+    p_ingest.add_argument("--key-bits", type=int, default=3)
     p_ingest.add_argument("--value-bits", type=int, default=2)
     p_ingest.add_argument("--group-size", type=int, default=128)
     p_ingest.add_argument("--sink-tokens", type=int, default=4)

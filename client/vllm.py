@@ -70,6 +70,7 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 log = logging.getLogger(__name__)
+BASIS_RETRY_S = 2.0  # a connector disabled for want of its key basis asks again (doubling to 60)
 
 
 class LayoutError(KVPoolError):
@@ -501,25 +502,15 @@ class KVPoolConnector(KVConnectorBase_V1):
 
             tp_rank = get_tensor_model_parallel_rank()
         # The scheduler looks up rank 0's blocks; every rank saves the same prefixes.
-        self.disabled = ""  # why this connector neither loads nor saves, when it must not
-        try:
-            self.namespace, self.codec = namespace_for_vllm(vllm_config, self.settings, tp_rank)
-        except BasisUnavailable as e:
-            self.disabled = str(e)
-            log.error(
-                "kvpool connector DISABLED: %s. Loading or saving with another codec would "
-                "write blocks of another namespace, which no other worker of this model "
-                "reads; this engine computes every prefill itself until it is restarted with "
-                "the tier reachable (or with basis='none', or a key_basis file).", e,
-            )  # fmt: skip
-            fallback = dataclasses.replace(self.settings, basis="none")
-            self.namespace, self.codec = namespace_for_vllm(vllm_config, fallback, tp_rank)
+        self._setup = (vllm_config, tp_rank, role == KVConnectorRole.SCHEDULER)
+        self.disabled = ""  # why this connector neither loads nor saves, while it must not
+        self._basis_retry_at, self._basis_backoff_s = 0.0, BASIS_RETRY_S
+        self.namespace: Namespace
+        self.codec: CodecConfig
+        self.pool: KVPool
+        self._resolve()
         self.block_tokens = self.namespace.block_tokens
         self.ratio = self.block_tokens // self.vllm_block
-        self.pool = KVPool(
-            self.settings.endpoint, self.namespace, self.codec,
-            config=self.settings.client_config(lookups_only=role == KVConnectorRole.SCHEDULER),
-        )  # fmt: skip
         self._skip_lookups_until = 0.0  # after a failed lookup: the tier is not asked for a while
         self._retry_after_s = self.settings.retry_after_s
         # scheduler side
@@ -543,13 +534,53 @@ class KVPoolConnector(KVConnectorBase_V1):
         log.info("kvpool connector (%s): tier %s, namespace %s, codec %s", role.name,
                  self.settings.endpoint, self.namespace.id.hex()[:16], self.namespace.codec)  # fmt: skip
 
+    def _resolve(self) -> None:
+        """Find this engine's namespace and codec (the published key basis, by default) and
+        open the pool for them. If a basis may be published but cannot be had, any other codec
+        would write blocks of a namespace no other worker of the model reads: the connector is
+        then disabled (said once, loudly) and tries again later (`_retry_basis`)."""
+        vllm_config, tp_rank, scheduler = self._setup
+        try:
+            namespace, codec = namespace_for_vllm(vllm_config, self.settings, tp_rank)
+        except BasisUnavailable as e:
+            if not self.disabled:
+                log.error(
+                    "kvpool connector DISABLED: %s. Any other codec would write blocks of "
+                    "another namespace, which no other worker of this model reads: this engine "
+                    "computes every prefill itself, and asks the tier again every %.0f-60 s "
+                    "(basis='none' or a key_basis file opts out of the published basis).",
+                    e, BASIS_RETRY_S,
+                )  # fmt: skip
+            self.disabled = str(e)
+            self._basis_retry_at = time.monotonic() + self._basis_backoff_s
+            self._basis_backoff_s = min(60.0, 2 * self._basis_backoff_s)
+            if hasattr(self, "pool"):
+                return
+            fallback = dataclasses.replace(self.settings, basis="none")  # never used for data
+            namespace, codec = namespace_for_vllm(vllm_config, fallback, tp_rank)
+        else:
+            if self.disabled:
+                log.warning("kvpool connector enabled: codec %s", codec.describe())
+            self.disabled = ""
+            if hasattr(self, "pool"):
+                self.pool.close()
+        self.namespace, self.codec = namespace, codec
+        self.pool = KVPool(self.settings.endpoint, namespace, codec,
+                           config=self.settings.client_config(lookups_only=scheduler))  # fmt: skip
+
+    def _retry_basis(self) -> bool:
+        """Whether the connector may load and save now: a disabled one asks again when due."""
+        if self.disabled and time.monotonic() >= self._basis_retry_at:
+            self._resolve()
+        return not self.disabled
+
     # -- scheduler side --------------------------------------------------------------------
 
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
         tokens = _shareable_tokens(request)
-        if tokens is None or self.disabled:
+        if tokens is None or not self._retry_basis():
             return 0, False
         hit = self._lookup(tokens)
         self._asked[request.request_id] = (num_computed_tokens, hit)
@@ -701,8 +732,9 @@ class KVPoolConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         assert isinstance(meta, KVPoolMetadata)
         self._failed_reqs = set()
+        enabled = self._retry_basis() if meta.loads or meta.saves else not self.disabled
         for spec in meta.loads:
-            if self.disabled:  # planned by a scheduler that resolved the basis: recompute
+            if not enabled:  # planned by a scheduler that resolved the basis: recompute
                 self._load_errors.update(spec.block_ids[spec.start // self.vllm_block :])
                 self._failed_reqs.add(spec.req_id)
                 continue

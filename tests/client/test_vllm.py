@@ -146,17 +146,19 @@ def test_layouts_the_connector_does_not_know_are_refused() -> None:
 def test_connector_settings_are_checked() -> None:
     from kvpool.vllm import Settings
 
-    s = Settings.from_extra({"endpoint": "h:1", "key_bits": 8, "pre_rope": False, "salt": "t"})
+    s = Settings.from_extra(
+        {"endpoint": "h:1", "basis": "none", "key_bits": 8, "pre_rope": False, "salt": "t"}
+    )
     assert (s.key_bits, s.pre_rope, s.salt, s.value_bits) == (8, False, "t", 2)
     with pytest.raises(ValueError, match="endpoint"):
         Settings.from_extra({"key_bits": 8})
     with pytest.raises(ValueError, match=r"unknown .*'keybits'"):
-        Settings.from_extra({"endpoint": "h:1", "keybits": 8})
+        Settings.from_extra({"endpoint": "h:1", "basis": "none", "keybits": 8})
     for bad in ({"block_tokens": "many"}, {"pre_rope": "yes"}, {"key_bits": True},
                 {"salt": ["a"]}, {"block_tokens": 0}, {"lookup_timeout_s": 0},
                 {"max_pending_save_mib": -1}):  # fmt: skip
         with pytest.raises(ValueError):
-            Settings.from_extra({"endpoint": "h:1", **bad})
+            Settings.from_extra({"endpoint": "h:1", "basis": "none", **bad})
 
 
 def test_the_namespace_comes_from_vllms_config_and_matches_transformers(smollm2: Any) -> None:
@@ -164,7 +166,7 @@ def test_the_namespace_comes_from_vllms_config_and_matches_transformers(smollm2:
 
     model, _ = smollm2
     config = vllm_config
-    settings = Settings.from_extra({"endpoint": "h:1", **EXACT})
+    settings = Settings.from_extra({"endpoint": "h:1", "basis": "none", **EXACT})
     ns, codec = namespace_for_vllm(config(), settings)
     hf = namespace_for_model(model, codec_for(model, 8, 8, 32))
     assert ns.id == hf.id and ns.root == hf.root and codec.describe() == hf.codec
@@ -174,7 +176,9 @@ def test_the_namespace_comes_from_vllms_config_and_matches_transformers(smollm2:
     with pytest.raises(LayoutError, match="kv_cache_dtype"):
         namespace_for_vllm(config(kv_cache_dtype="fp8"), settings)
     with pytest.raises(ValueError, match="multiple"):
-        namespace_for_vllm(config(), Settings.from_extra({"endpoint": "h:1", "block_tokens": 200}))
+        namespace_for_vllm(
+            config(), Settings.from_extra({"endpoint": "h:1", "basis": "none", "block_tokens": 200})
+        )
     pipelined = config()
     pipelined.parallel_config.pipeline_parallel_size = 2
     with pytest.raises(LayoutError, match="pipeline"):
@@ -188,20 +192,22 @@ def test_the_namespace_comes_from_vllms_config_and_matches_transformers(smollm2:
         ).save(Path(d) / "p.json")  # fmt: skip
         with pytest.raises(NamespaceError, match="24x4x64"):
             namespace_for_vllm(
-                config(), Settings.from_extra({"endpoint": "h:1", "profile": str(path)})
+                config(),
+                Settings.from_extra({"endpoint": "h:1", "basis": "none", "profile": str(path)}),
             )
         # codec v2: a key basis of this model's shape joins the codec, one of another's is refused
         rotation = torch.eye(64).expand(30, 3, 64, 64).contiguous()
         fits = KeyBasis(torch.zeros(30, 3, 64), rotation, (2,) * (30 * 8)).save(Path(d) / "k.pt")
         v2, v2_codec = namespace_for_vllm(
-            config(), Settings.from_extra({"endpoint": "h:1", "key_basis": str(fits)})
+            config(),
+            Settings.from_extra({"endpoint": "h:1", "basis": "none", "key_basis": str(fits)}),
         )
         assert v2_codec.key_basis is not None and v2_codec.key_basis.id.hex() in v2.codec
         assert v2.id != ns.id
         other = KeyBasis(torch.zeros(30, 2, 64), rotation[:, :2], (2,) * (30 * 8))
         with pytest.raises(NamespaceError, match="30x2x64"):
             namespace_for_vllm(config(), Settings.from_extra(
-                {"endpoint": "h:1", "key_basis": str(other.save(Path(d) / "o.pt"))}
+                {"endpoint": "h:1", "basis": "none", "key_basis": str(other.save(Path(d) / "o.pt"))}
             ))  # fmt: skip
 
 
@@ -221,7 +227,8 @@ def connector(kv_cache_config: Any = None, **extra: Any) -> Iterator[Any]:
 
     transfer = KVTransferConfig(
         kv_connector="KVPoolConnector", kv_connector_module_path="kvpool.vllm",
-        kv_role="kv_both", kv_connector_extra_config={"endpoint": dead_endpoint(), **extra},
+        kv_role="kv_both",
+        kv_connector_extra_config={"endpoint": dead_endpoint(), "basis": "none", **extra},
     )  # fmt: skip
     config = vllm_config(kv_transfer_config=transfer)
     conn = KVPoolConnector(config, KVConnectorRole.SCHEDULER, kv_cache_config)
@@ -243,6 +250,46 @@ def test_a_down_tier_costs_the_scheduler_one_bounded_lookup_then_none() -> None:
         for _ in range(20):  # the next requests do not wait on the tier
             assert conn.get_num_new_matched_tokens(request, 0) == (0, False)
         assert conn.pool.stats.lookups == lookups
+
+
+def test_the_connector_takes_the_published_basis_and_stops_while_it_cannot_tell() -> None:
+    """basis='auto' (the default): codec v2 with the basis published for the served model name;
+    with the tier unreachable at start, the connector neither looks up nor saves (it cannot
+    know the namespace), and takes the basis once the tier answers."""
+    from types import SimpleNamespace
+
+    from kvpool.basis import publish_basis
+    from kvpool.services.server import ShardServer
+    from kvpool.services.store import BlockStore
+
+    rotation = torch.eye(64).expand(30, 3, 64, 64).contiguous()
+    basis = KeyBasis(torch.zeros(30, 3, 64), rotation, (2,) * (30 * 8))
+    options = {"value_bits": 2, "group_size": 128, "sink_tokens": 1, "hadamard_values": True,
+               "pre_rope": True}  # fmt: skip
+    down = dead_endpoint()
+    request = SimpleNamespace(request_id="r", prompt_token_ids=list(range(600)))
+    with connector(endpoint=down, basis="auto") as conn:
+        assert "cannot tell" in conn.disabled and conn.codec.key_basis is None
+        assert conn.get_num_new_matched_tokens(request, 0) == (0, False)
+        assert (
+            conn.pool.stats.lookups == 0
+        )  # nothing asked of the tier in a namespace it may not use
+        srv = ShardServer(BlockStore(16 << 20), "basis", port=int(down.rsplit(":", 1)[1]))
+        srv.start()
+        try:
+            publish_basis(srv.address, SMOLLM2, basis, options)
+            conn._basis_retry_at = 0.0  # due now (it backs off 2 s, doubling)
+            conn.get_num_new_matched_tokens(request, 0)
+            assert not conn.disabled and conn.codec.key_basis == basis
+            assert (
+                f"basis={basis.id.hex()}" in conn.namespace.codec
+                and "sinks=1" in conn.namespace.codec
+            )
+            assert conn.pool.stats.lookups == 1
+        finally:
+            srv.stop()
+    with connector(endpoint=down, basis="none") as conn:  # opting out: the bit options
+        assert not conn.disabled and conn.codec.key_basis is None
 
 
 def test_kv_caches_the_connector_cannot_use_are_refused() -> None:
