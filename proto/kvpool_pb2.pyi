@@ -318,12 +318,42 @@ class BatchGetSharedResponse(_message.Message):
     def __init__(self, blocks: _Optional[_Iterable[_Union[BlockFound, _Mapping]]] = ..., copied: _Optional[int] = ...) -> None: ...
 
 class BatchPutSharedRequest(_message.Message):
-    __slots__ = ("blocks", "offset")
+    __slots__ = ("blocks", "offset", "touch")
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TOUCH_FIELD_NUMBER: _ClassVar[int]
     blocks: _containers.RepeatedCompositeFieldContainer[BlockInfo]
     offset: int
-    def __init__(self, blocks: _Optional[_Iterable[_Union[BlockInfo, _Mapping]]] = ..., offset: _Optional[int] = ...) -> None: ...
+    touch: TouchRequest
+    def __init__(self, blocks: _Optional[_Iterable[_Union[BlockInfo, _Mapping]]] = ..., offset: _Optional[int] = ..., touch: _Optional[_Union[TouchRequest, _Mapping]] = ...) -> None: ...
+
+class ProbeSharedRequest(_message.Message):
+    __slots__ = ("namespace_id", "keys", "offset", "capacity", "touch")
+    NAMESPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    TOUCH_FIELD_NUMBER: _ClassVar[int]
+    namespace_id: bytes
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    offset: int
+    capacity: int
+    touch: TouchRequest
+    def __init__(self, namespace_id: _Optional[bytes] = ..., keys: _Optional[_Iterable[bytes]] = ..., offset: _Optional[int] = ..., capacity: _Optional[int] = ..., touch: _Optional[_Union[TouchRequest, _Mapping]] = ...) -> None: ...
+
+class TouchRequest(_message.Message):
+    __slots__ = ("namespace_id", "keys")
+    NAMESPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    namespace_id: bytes
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, namespace_id: _Optional[bytes] = ..., keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class TouchResponse(_message.Message):
+    __slots__ = ("touched",)
+    TOUCHED_FIELD_NUMBER: _ClassVar[int]
+    touched: int
+    def __init__(self, touched: _Optional[int] = ...) -> None: ...
 
 class CloseSharedRequest(_message.Message):
     __slots__ = ("session",)
