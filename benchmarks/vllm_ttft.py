@@ -1,8 +1,15 @@
 """Time to first token inside vLLM (CPU build): full prefill against a kvpool hit, vLLM's own
 ExampleConnector hit and vLLM's in-process automatic prefix cache, in one run.
 
-    python benchmarks/vllm_ttft.py                   # a 2,048-token prompt, the default codec
+    python benchmarks/vllm_ttft.py                   # a 2,048-token prompt, the connector's defaults
+    python benchmarks/vllm_ttft.py --no-basis        # nothing published: the K3V2 fallback
     python benchmarks/vllm_ttft.py --tokens 1024 --key-bits 8 --value-bits 8 --group-size 32
+
+The connector's defaults: once the tier is up, the run does what a new user does once,
+`kvpool calibrate --basis --predict --publish ENDPOINT` (a separate process, all its defaults),
+and the engines get only the endpoint: each resolves the basis published for the served model
+name from the tier (codec v2 with inter-layer prediction). With --no-basis nothing is published
+and the connector falls back to K3V2; with bit options the connector is told basis='none'.
 
 Model: SmolLM2-135M-Instruct, fp32, enforce_eager, on this CPU (kvpool.models' converted
 folder). Prompt: the first `--tokens` tokens of the Python docs' "compound statements" topic.
@@ -28,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -70,6 +78,32 @@ def run_engine(spec: dict[str, Any], log: Any, steps: list[dict[str, Any]]) -> l
         engine.stop()
 
 
+def publish(endpoint: str) -> dict[str, Any]:
+    """`kvpool calibrate --basis --predict --publish ENDPOINT`, and what it published."""
+    from kvpool.basis import resolve_basis
+
+    t0 = time.perf_counter()
+    cmd = [
+        sys.executable,
+        "-m",
+        "kvpool.cli",
+        "calibrate",
+        "--basis",
+        "--predict",
+        "--publish",
+        endpoint,
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"{' '.join(cmd[2:])} failed:\n{out.stderr[-3000:]}")
+    seconds = time.perf_counter() - t0
+    published = resolve_basis(endpoint, SMOLLM2)
+    assert published is not None
+    return {"command": "kvpool calibrate --basis --predict --publish ENDPOINT",
+            "calibrate_and_publish_s": round(seconds, 1), "artifact": published.artifact.hex(),
+            "basis_id": published.basis.id.hex(), "options": published.options}  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--tokens", type=int, default=2048)
@@ -77,6 +111,7 @@ def main() -> None:
     p.add_argument("--key-bits", type=int, default=None, help="default: the connector's")
     p.add_argument("--value-bits", type=int, default=None)
     p.add_argument("--group-size", type=int, default=None)
+    p.add_argument("--no-basis", action="store_true", help="publish no key basis (K3V2)")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
@@ -95,11 +130,12 @@ def main() -> None:
         )
         reference = plain[2]["tokens"]
         with KVPoolTier(shards=2, budget="512MiB") as tier:
-            codec = {"endpoint": tier.endpoint}
+            codec: dict[str, Any] = {"endpoint": tier.endpoint}
             for name, value in (("key_bits", args.key_bits), ("value_bits", args.value_bits),
                                 ("group_size", args.group_size)):  # fmt: skip
                 if value is not None:
-                    codec[name] = value
+                    codec[name], codec["basis"] = value, "none"
+            basis = {} if args.no_basis or "basis" in codec else publish(tier.endpoint)
             spec = {**base, "kvpool": codec}
             stored = run_engine(spec, log, [once, {"flush": True}])
             forced = [prompt + reference[:k] for k in range(args.greedy)]
@@ -124,7 +160,10 @@ def main() -> None:
     kv_bytes = stored[1]["bytes_put"]
     result = {
         "model": SMOLLM2, "prompt_tokens": args.tokens, "text": f"pydoc_data.topics.topics[{TOPIC!r}]",
-        "codec": {k: v for k, v in codec.items() if k != "endpoint"} or "connector default (K3 V2 G=128, pre-RoPE, Hadamard, 4 sinks)",
+        "codec": {k: v for k, v in codec.items() if k != "endpoint"} or (
+            "connector default: codec v2 (predicted), basis from the tier" if basis else
+            "connector default, no basis published: K3 V2 G=128, pre-RoPE, Hadamard, 4 sinks"),
+        "basis": basis or None,
         "prefill_s": round(prefill_s, 3), "kvpool_s": round(kvpool_s, 3),
         "kvpool_speedup": round(prefill_s / kvpool_s, 2),
         "example_connector_s": round(example_s, 3),
