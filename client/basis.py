@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 from kvpool import artifacts
 from kvpool.kernels.codec import CodecConfig, KeyBasis
 from kvpool.model_facts import codec_for
-from kvpool.proto.artifacts import KEY_BASIS, artifact_id, record_name
+from kvpool.proto.artifacts import KEY_BASIS, artifact_id, manifest_for, record_name
 from kvpool.proto.errors import CodecError, KVPoolError, TierError
 from kvpool.transport import ClientConfig, TierClient
 
@@ -143,17 +143,18 @@ def resolve_basis(
         options = _options(record.codec)
         path = folder / f"{record.artifact_id.hex()}.pt"
         data = _cached(path, record.artifact_id)
-        if data is None or found.lacking:
+        if data is None:
             try:
-                manifest, data = await artifacts.fetch(tier, record.artifact_id)
+                _, data = await artifacts.fetch(tier, record.artifact_id)
             except artifacts.ArtifactUnavailable as e:
                 raise BasisUnavailable(f"the key basis published for {model!r}: {e}") from None
-            if found.lacking:
-                failed = await artifacts.put_everywhere(tier, manifest, data, name, record,
-                                                        found.lacking)  # fmt: skip
-                for why in failed:
-                    log.warning("could not restore the key basis of %r on %s", model, why)
             _keep(path, data)
+        if found.lacking:  # shards that answered without it (restarted empty, joined later)
+            manifest = manifest_for(KEY_BASIS, data)
+            failed = await artifacts.put_everywhere(tier, manifest, data, name, record,
+                                                    found.lacking)  # fmt: skip
+            for why in failed:
+                log.warning("could not restore the key basis of %r on %s", model, why)
         basis = _load(path, data)
         if basis.id.hex() != options["basis_id"]:
             raise BasisUnavailable(
@@ -223,7 +224,10 @@ def published_codec(
     name = name or str(getattr(config_, "_name_or_path", "") or config_.model_type)
     published = resolve_basis(endpoint, name, salt=salt, mac_key=mac_key, config=config)
     if published is not None:
-        return published.codec(model), published
+        try:
+            return published.codec(model), published
+        except CodecError as e:  # options or a layout this model cannot take
+            raise BasisUnavailable(f"the key basis published for {name!r}: {e}") from None
     if name not in _told:
         _told.add(name)
         log.warning(
