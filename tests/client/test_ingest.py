@@ -92,3 +92,36 @@ def test_worker_actors_fill_the_tier_and_another_process_hits(
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["documents"] == 2 and summary["blocks_stored"] == 0
     assert summary["blocks_cached"] == sum(full)
+
+
+def test_workers_write_in_the_published_basis_namespace(smollm2, ray_session) -> None:
+    """With a key basis published for the model, ingest workers write codec v2 blocks in its
+    namespace: a worker that resolves the same basis from the tier hits them."""
+    from kvpool.basis import publish_basis
+    from kvpool.kernels.codec import KeyBasis
+    from kvpool.services.server import ShardServer
+    from kvpool.services.store import BlockStore
+
+    model, tok = smollm2
+    rotation = torch.eye(64).expand(30, 3, 64, 64).contiguous()
+    basis = KeyBasis(torch.zeros(30, 3, 64), rotation, (4,) * (30 * 8))
+    options = {"value_bits": 2, "group_size": 128, "sink_tokens": 1, "hadamard_values": True,
+               "pre_rope": True}  # fmt: skip
+    srv = ShardServer(BlockStore(64 << 20), "ingest-basis", host="127.0.0.1")
+    srv.start()
+    try:
+        publish_basis(srv.address, SMOLLM2, basis, options)
+        text = DOCS["debugger"]
+        stats = run_ingest([text], IngestConfig(model=SMOLLM2, endpoint=srv.address))
+        full = len(tok(text).input_ids) // 256 * 256
+        assert stats.blocks_stored == full // 256 > 0
+        reader = CachedModel.connect(model, srv.address)
+        assert reader.pool.codec.key_basis == basis
+        assert reader.pool.lookup(tok(text).input_ids) == full
+        k3v2 = codec_for(model, 3, 2)
+        other = KVPool(srv.address, namespace_for_model(model, k3v2), k3v2)
+        assert other.lookup(tok(text).input_ids) == 0  # nothing written in the fallback's namespace
+        other.close()
+        reader.pool.close()
+    finally:
+        srv.stop()
