@@ -19,9 +19,10 @@ is the scaled size, re-sealed under each key), so every hit rate is the full-siz
 
 In one run:
 - kvpool: a real tier of `--shards` Ray shard actors as `kvpool serve` starts them (gRPC and the
-  same-host socket), the client's batch calls (lookup, get_many, put_many), `--concurrency`
-  requests in flight; its hit rate, requests/s, block operations/s (keys looked up + blocks
-  read + blocks written, per second) and per-shard bytes served (max over mean);
+  same-host socket), the client's batch calls (get_prefix: the lookup and the read of the
+  leading hits in one probe per shard; put_many), `--concurrency` requests in flight; its hit
+  rate, requests/s, block operations/s (keys looked up + blocks read + blocks written, per
+  second, counted as for Redis) and per-shard bytes served (max over mean);
 - Redis: a real redis-server with maxmemory = the same bytes and allkeys-lru, holding the same
   blocks, driven as a Redis-backed cache (LMCache's Redis backend) does: per request one
   pipeline of EXISTS, one of GETs of the leading hits, one of SETs of the rest, the same
@@ -243,10 +244,7 @@ async def kvpool_replay(endpoint: str, ns: Namespace, blob: bytes,
 
         async def one(i: int) -> tuple[int, int]:
             ks = keys[i]
-            n = await tier.lookup(ns, ks) if ks else 0
-            if n:
-                got = await tier.get_many(ns, ks[:n])
-                n = next((j for j, b in enumerate(got) if b is None), n)  # evicted meanwhile
+            n = len(await tier.get_prefix(ns, ks))  # the lookup and the read of its hits
             puts = [BlockPut(ks[j], ks[0], j, bind(blob, ns, ks[j], j, head))
                     for j in range(n, len(ks))]  # fmt: skip
             if puts:

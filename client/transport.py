@@ -83,6 +83,7 @@ class ClientConfig:
     hot_keys: int = 4096  # hot blocks remembered (their reads are spread over replicas)
     max_hot_replicas: int = 8  # the most shards one hot block's reads are spread over
     batch_bytes: int = 64 << 20  # at most this many block bytes per BatchPut (and one block)
+    touch_delay_s: float = 0.02  # the most a probed block's touch waits for a request to ride in
 
     def __post_init__(self) -> None:
         if self.token and not self.tls_ca_file:
@@ -116,6 +117,10 @@ class TierClient:
         self._shared_lock = asyncio.Lock()
         self._hot: collections.OrderedDict[bytes, list[int]] = collections.OrderedDict()
         self._owner_cache: dict[bytes, tuple[str, ...]] = {}  # for the current ring only
+        # blocks probed and used, not yet touched: shard id -> (namespace id, keys)
+        self._touches: dict[str, tuple[bytes, list[bytes]]] = {}
+        self._touch_timer: asyncio.TimerHandle | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     # -- topology and channels -------------------------------------------------------------
 
@@ -704,6 +709,176 @@ class TierClient:
             raise TierError("truncated batch stream", "DATA_LOSS")
         return list(zip(found, hints, strict=True))
 
+    async def get_prefix(self, ns: Namespace, keys: Sequence[bytes]) -> list[bytes]:
+        """The blocks of the longest leading run of `keys` the tier holds: `lookup` and
+        `get_many` of that run in one round of requests, one probe per shard (ProbeShared, on
+        the same-host socket), each answering which of its keys it holds and copying the
+        leading run of them into this client's arena, touching nothing. Only the blocks
+        returned are then touched (recency, hits, bytes served, hot counts), riding in this
+        client's next request to their shard or sent after `touch_delay_s`: a gap on one shard
+        never makes another count a read nobody used.
+
+        Each key is asked of one shard: its primary owner, or for a hot key the next replica
+        in rotation (`get_many`); a key not found there is asked of its next owner while it
+        is the first one missing. A shard that fails counts as holding none of its keys
+        (reported to on_failure); raises TierError when no shard answered. Without the
+        same-host path to every shard asked: `lookup`, then `get_many`."""
+        if len(keys) > self.config.max_lookup_keys:
+            raise ValueError(f"at most {self.config.max_lookup_keys} keys per lookup")
+        if not keys:
+            return []
+        await self._ensure_topology()
+        orders = [self._read_order(key) for key in keys]
+        arenas: dict[str, _Shared | None] = {}
+        for sid in dict.fromkeys(o[0] for o in orders):
+            arenas[sid] = await self._arena(sid)
+        if None not in arenas.values():
+            with contextlib.suppress(*_SOCKET_ERRORS):
+                return await self._probed(ns, keys, orders)
+        n = await self.lookup(ns, keys)
+        got = await self.get_many(ns, keys[:n]) if n else []
+        n = next((i for i, b in enumerate(got) if b is None), len(got))
+        return [b for b in got[:n] if b is not None]
+
+    async def _probed(
+        self, ns: Namespace, keys: Sequence[bytes], orders: list[Sequence[str]]
+    ) -> list[bytes]:
+        """`get_prefix` by probes; one of _SOCKET_ERRORS when a shard's socket failed."""
+        data: list[bytes | None] = [None] * len(keys)
+        present = [False] * len(keys)  # held where asked, not copied (a slot too small, Redis)
+        holder: list[str] = [o[0] for o in orders]
+        probed: set[int] = set()  # the blocks copied by a probe: touched if used
+        missed: dict[int, str] = {}  # key index -> the hot replica that did not have it
+        errors: list[TierError] = []
+        answered = False
+        pending = list(range(len(keys)))
+        for turn in range(max(len(o) for o in orders)):
+            per_shard: dict[str, list[int]] = {}
+            for i in pending:
+                per_shard.setdefault(orders[i][turn], []).append(i)
+            replies = await asyncio.gather(
+                *(self._probe(sid, ns, [keys[i] for i in idx]) for sid, idx in per_shard.items())
+            )
+            for (sid, idx), reply in zip(per_shard.items(), replies, strict=True):
+                if isinstance(reply, TierError):
+                    errors.append(reply)
+                    continue
+                answered = True
+                for i, (block, found, replicas) in zip(idx, reply, strict=True):
+                    self._note_hot(keys[i], replicas, primary=sid == self._owners_of(keys[i])[0])
+                    if found:
+                        data[i], present[i], holder[i] = block, block is None, sid
+                        if block is not None:
+                            probed.add(i)
+                    elif turn == 0 and sid not in self._owners_of(keys[i]):
+                        missed[i] = sid
+            n = next((i for i in range(len(keys)) if data[i] is None and not present[i]),
+                     len(keys))  # fmt: skip
+            pending = [i for i in range(n, len(keys))
+                       if data[i] is None and not present[i] and turn + 1 < len(orders[i])]  # fmt: skip
+            if n == len(keys) or n not in pending:
+                break
+        if errors and not answered:
+            raise errors[0]
+        for e in errors:
+            self._absorbed("get", e)
+        n = next((i for i in range(len(keys)) if data[i] is None and not present[i]), len(keys))
+        fetch = [i for i in range(n) if present[i]]
+        if fetch:  # read as a get reads them (touched there)
+            per_shard = {}
+            for i in fetch:
+                per_shard.setdefault(holder[i], []).append(i)
+            batches = list(per_shard.items())
+            got = await asyncio.gather(
+                *(self._get_batch(sid, ns, [keys[i] for i in idx]) for sid, idx in batches),
+                return_exceptions=True,
+            )
+            for (_, idx), reply in zip(batches, got, strict=True):
+                if isinstance(reply, TierError):
+                    self._absorbed("get", reply)
+                    continue
+                if isinstance(reply, BaseException):
+                    raise reply
+                for i, (block, _) in zip(idx, reply, strict=True):
+                    data[i] = None if block is None else bytes(block)
+            n = next((i for i in range(n) if data[i] is None), n)
+        for i in range(n):
+            if i in probed:
+                self._touch_later(holder[i], ns.id, keys[i])
+        used: list[bytes | None] = [*data[:n], *([None] * (len(keys) - n))]
+        await self._repair(ns, keys, used, {i: s for i, s in missed.items() if i < n})
+        return [b for b in data[:n] if b is not None]
+
+    async def _probe(
+        self, sid: str, ns: Namespace, keys: list[bytes]
+    ) -> list[tuple[bytes | None, bool, int]] | TierError:
+        """One shard's ProbeShared: (the block if copied, whether found, its replica hint) per
+        key; TierError when the shard refused; one of _SOCKET_ERRORS when its socket failed."""
+        shared = await self._arena(sid)
+        if shared is None:
+            raise ConnectionResetError(f"{sid}: the same-host path closed")
+        async with self._inflight, shared.slot() as offset:
+            request = pb.ProbeSharedRequest(namespace_id=ns.id, keys=keys, offset=offset,
+                                            capacity=shared.slot_bytes)  # fmt: skip
+            self._ride(sid, ns.id, request.touch)
+            found: list[tuple[bytes | None, int]] = [(None, 0)] * len(keys)
+            try:
+                reply = await self._local(shared, b"r", request, pb.BatchGetSharedResponse)
+                _copy_out(reply, shared.view, offset, shared.slot_bytes, found)
+            except TierError as e:
+                return e
+        return [(block, head.found, head.replicas)
+                for (block, _), head in zip(found, reply.blocks, strict=True)]  # fmt: skip
+
+    def _touch_later(self, sid: str, namespace_id: bytes, key: bytes) -> None:
+        """Queue a touch of a probed block this client used: it rides in the next probe or
+        BatchPutShared to `sid`, or leaves alone after `touch_delay_s`."""
+        pending = self._touches.get(sid)
+        if pending is not None and pending[0] != namespace_id:
+            self._send_touches(sid)
+            pending = None
+        if pending is None:
+            pending = self._touches[sid] = (namespace_id, [])
+        pending[1].append(key)
+        if len(pending[1]) >= self.config.max_lookup_keys:
+            self._send_touches(sid)
+        if self._touch_timer is None and self._touches:
+            loop = asyncio.get_running_loop()
+            self._touch_timer = loop.call_later(self.config.touch_delay_s, self._flush_touches)
+
+    def _ride(self, sid: str, namespace_id: bytes, touch: pb.TouchRequest) -> None:
+        """Move the touches queued for `sid` in `namespace_id` into a request to it."""
+        pending = self._touches.get(sid)
+        if pending is not None and pending[0] == namespace_id:
+            del self._touches[sid]
+            touch.namespace_id = namespace_id
+            touch.keys.extend(pending[1])
+
+    def _flush_touches(self) -> None:
+        self._touch_timer = None
+        for sid in list(self._touches):
+            self._send_touches(sid)
+
+    def _send_touches(self, sid: str) -> None:
+        namespace_id, keys = self._touches.pop(sid)
+        task = asyncio.ensure_future(self._touch(sid, namespace_id, keys))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _touch(self, sid: str, namespace_id: bytes, keys: list[bytes]) -> None:
+        """Touch on its own: over the socket, else by reading the blocks over gRPC."""
+        request = pb.TouchRequest(namespace_id=namespace_id, keys=keys)
+        try:
+            shared = await self._arena(sid)
+            if shared is not None:
+                with contextlib.suppress(*_SOCKET_ERRORS):
+                    await self._local(shared, b"t", request, pb.TouchResponse)
+                    return
+            again = pb.BatchGetRequest(namespace_id=namespace_id, keys=keys)
+            await self._call(sid, lambda s: self._fetch_many(s, again))
+        except TierError as e:
+            self._absorbed("touch", e)
+
     async def put_many(
         self, ns: Namespace, blocks: Sequence[BlockPut], prefix: Sequence[bytes] | None = None
     ) -> list[bool]:
@@ -806,6 +981,7 @@ class TierClient:
                             at += sizes[i]
                         request = pb.BatchPutSharedRequest(blocks=[infos[i] for i in part],
                                                            offset=offset)  # fmt: skip
+                        self._ride(sid, infos[part[0]].namespace_id, request.touch)
                         reply = await self._local(shared, b"p", request, pb.BatchPutResponse)
                     if len(reply.blocks) != len(part):
                         raise TierError(f"{sid} answered {len(reply.blocks)} of {len(part)}",
@@ -857,6 +1033,8 @@ class TierClient:
         return [r for r in replies if isinstance(r, pb.StatsResponse)]
 
     async def close(self) -> None:
+        self._flush_touches()
+        await asyncio.gather(*self._background, return_exceptions=True)
         for address, shared in list(self._shared.items()):
             channel = self._channels.get(address)
             if isinstance(shared, _Shared) and channel is not None:

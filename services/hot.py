@@ -58,6 +58,16 @@ class HotKeys:
             return 1
         return min(self.max_replicas, math.ceil(share / self.hot_share))
 
+    def peek(self, key: bytes, size: int) -> int:
+        """The replicas `read(key, size)` would answer, counting nothing."""
+        count = self._bytes.get(key)
+        if count is None or self._reads + 1 < self.min_reads:
+            return 1
+        share = (count + size) / (self._total + size)
+        if share < self.hot_share:
+            return 1
+        return min(self.max_replicas, math.ceil(share / self.hot_share))
+
     def _decay(self) -> None:
         self._since = 0
         self._total /= 2

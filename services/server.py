@@ -118,6 +118,8 @@ _LOCAL: dict[bytes, tuple[str, Any]] = {
     b"P": ("PutShared", pb.PutSharedRequest),
     b"g": ("BatchGetShared", pb.BatchGetSharedRequest),
     b"p": ("BatchPutShared", pb.BatchPutSharedRequest),
+    b"r": ("ProbeShared", pb.ProbeSharedRequest),
+    b"t": ("Touch", pb.TouchRequest),
 }
 
 
@@ -693,6 +695,8 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
         if len(request.blocks) > self.limits.max_keys:
             raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"more than {self.limits.max_keys} blocks in one batch")  # fmt: skip
+        if request.HasField("touch"):
+            self._touch(request.touch)
         sizes = [info.size for info in request.blocks]
         self._within(arena, request.offset, sum(sizes))
         reply = pb.BatchPutResponse()
@@ -718,6 +722,50 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
                     at += info.size
             first += run
         return reply
+
+    async def _probe_shared(
+        self, arena: Arena, request: pb.ProbeSharedRequest
+    ) -> pb.BatchGetSharedResponse:
+        """Which of a prefix's keys this shard holds, and the leading run of them copied back
+        to back into the caller's `arena` from the request's offset while they fit in its
+        capacity; nothing the store keeps or counts changes (the caller touches what it uses).
+        With a Redis tier, the keys it holds right after the leading run in memory count as
+        present, not copied (the caller reads them as a get does)."""
+        self._within(arena, request.offset, request.capacity)
+        if request.HasField("touch"):
+            self._touch(request.touch)
+        keys = self._keys(request.namespace_id, list(request.keys))
+        found = self.store.peek_many(keys)
+        lead = next((i for i, d in enumerate(found) if d is None), len(found))
+        behind = 0
+        if self.redis is not None and lead < len(keys):
+            behind = await asyncio.to_thread(self.redis.leading, keys[lead:])
+        view = self._live(arena).view
+        at, end, copied = request.offset, request.offset + request.capacity, 0
+        reply = pb.BatchGetSharedResponse()
+        for i, (key, data) in enumerate(zip(keys, found, strict=True)):
+            if data is None:
+                reply.blocks.add(found=lead <= i < lead + behind)
+                continue
+            reply.blocks.add(found=True, size=len(data), replicas=self.hot.peek(key, len(data)))
+            if i == copied and at + len(data) <= end:  # still in the leading run, and fits
+                view[at : at + len(data)] = data
+                at += len(data)
+                copied += 1
+        reply.copied = copied
+        return reply
+
+    def _touch(self, request: pb.TouchRequest) -> int:
+        """Touch the blocks of `request` a probe served and the caller used, as a read does;
+        how many are still here."""
+        if not request.keys:
+            return 0
+        keys = self._keys(request.namespace_id, list(request.keys))
+        found = self.store.get_many(keys)
+        for key, data in zip(keys, found, strict=True):
+            if data is not None:
+                self.hot.read(key, len(data))
+        return sum(d is not None for d in found)
 
     def _live(self, arena: Arena) -> Arena:
         """`arena`, unless it was closed (idle, or by its owner) while a request awaited."""
@@ -749,6 +797,10 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
                 reply = await self._batch_get_shared(arena, request)
             elif isinstance(request, pb.BatchPutSharedRequest):
                 reply = await self._batch_put_shared(arena, request)
+            elif isinstance(request, pb.ProbeSharedRequest):
+                reply = await self._probe_shared(arena, request)
+            elif isinstance(request, pb.TouchRequest):
+                reply = pb.TouchResponse(touched=self._touch(request))
             else:
                 reply = await self._put_shared(arena, request)
             return 0, reply.SerializeToString()

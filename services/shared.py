@@ -23,7 +23,9 @@ Requests on the claiming connection: lookups, gets and puts, as the messages of 
 GetShared and PutShared in frames (proto/messages.py), answered in turn by the servicer exactly
 as over gRPC for the arena's owner, and batches of gets and puts (BatchGetShared: the blocks
 found copied back to back into the arena; BatchPutShared: blocks written back to back there,
-each stored as a PutShared); anything malformed closes the connection. Requests may be
+each stored as a PutShared), probes (ProbeShared: a lookup and a read of the leading blocks in
+one request, touching nothing) and touches (the probed blocks the caller used, also riding in a
+probe or a BatchPutShared); anything malformed closes the connection. Requests may be
 pipelined: a client sends several without waiting, the shard serves them one at a time in
 order and answers in that order (the answers to what arrived together leave in one write). A
 request costs a Unix socket round trip (tens of microseconds) instead of a gRPC call (about
@@ -111,7 +113,8 @@ class Arenas:
             shared_bytes, peer_shared_bytes, idle_s,
         )  # fmt: skip
         self._serve_one, self._loop = serve, loop
-        self.max_request = REQUEST_BYTES + max(34 * max_keys, SHARED_BATCH_BYTES)
+        # keys or a batch's infos, and the keys of a touch riding along (ProbeSharedRequest)
+        self.max_request = REQUEST_BYTES + 34 * max_keys + max(34 * max_keys, SHARED_BATCH_BYTES)
         name = f"kvpool-{''.join(c if c.isalnum() else '-' for c in shard_id)}"
         self.path = str(Path(directory) / f"{name}-{secrets.token_hex(6)}.sock")
         self._sessions: dict[bytes, Arena] = {}

@@ -228,6 +228,13 @@ class BlockStore:
             self._tick += 1
             return [self._read(key) for key in keys]
 
+    def peek_many(self, keys: Sequence[bytes]) -> list[Blob | None]:
+        """The blocks of `keys` (None for each miss), changing nothing: no recency, frequency,
+        hit or byte counts (a probe; `get_many` then touches what the caller used)."""
+        with self._lock:
+            nodes = [self._blocks.get(key) for key in keys]
+        return [None if node is None else node.data for node in nodes]
+
     def _read(self, key: bytes) -> Blob | None:
         node = self._blocks.get(key)
         if node is None:

@@ -14,7 +14,7 @@ import pytest
 from kvpool.proto import kvpool_pb2 as pb
 from kvpool.proto import kvpool_pb2_grpc as pb_grpc
 from kvpool.proto.keys import block_keys
-from kvpool.proto.messages import namespace_to_proto, pack
+from kvpool.proto.messages import REPLY_HEAD, REQUEST_HEAD, namespace_to_proto, pack
 from kvpool.ring import Ring
 from kvpool.services.security import store_key
 from kvpool.services.server import Limits, ShardServer
@@ -340,3 +340,139 @@ def test_a_new_topology_replaces_the_owners_a_client_remembers() -> None:
             await tier.close()
 
     asyncio.run(run())
+
+
+# -- probes: a lookup and a read of the leading blocks in one request per shard --------------------
+
+
+def served(shards: list[ShardServer]) -> tuple[int, int]:
+    """(hits, bytes served) over the shards."""
+    stats = [s.store.snapshot() for s in shards]
+    return sum(s.hits for s in stats), sum(s.bytes_served for s in stats)
+
+
+def test_get_prefix_reads_the_leading_blocks_and_touches_only_those_used(shards) -> None:
+    """One probe per shard over the same-host socket: the blocks before the first one missing
+    everywhere come back, equal to what lookup + get_many give over gRPC; only they are
+    touched (hits, bytes served), once, although probes copied blocks past the gap too."""
+    keys, blobs = prefix(23_000, 12)
+    puts = [BlockPut(k, keys[0], i, b) for i, (k, b) in enumerate(zip(keys, blobs, strict=True))]
+
+    async def go():
+        tier = TierClient(shards[0].address, ClientConfig(timeout_s=10.0, touch_delay_s=30.0))
+        tcp = TierClient(shards[0].address, TCP)
+        try:
+            await tier.put_many(NS, puts, prefix=keys)
+            for s in shards:  # block 7 gone everywhere
+                s.store.delete([store_key(None, NS.id, keys[7])])
+            before = served(shards)
+            got = await tier.get_prefix(NS, keys)
+            probed = served(shards)  # the touches wait for a request to ride in
+            arenas = len(tier._shared)
+            await tier.close()  # sends them
+            touched = served(shards)
+            n = await tcp.lookup(NS, keys)
+            over_grpc = await tcp.get_many(NS, keys[:n])
+            return got, before, probed, touched, arenas, over_grpc
+        finally:
+            await tcp.close()
+
+    got, before, probed, touched, arenas, over_grpc = run(go())
+    assert got == blobs[:7] == over_grpc
+    assert arenas == 3
+    assert probed == before
+    assert touched == (before[0] + 7, before[1] + sum(map(len, blobs[:7])))
+
+
+def test_get_prefix_asks_the_next_owner_of_the_first_block_its_first_holder_lacks(shards) -> None:
+    keys, blobs = prefix(24_000, 9)
+    puts = [BlockPut(k, keys[0], i, b) for i, (k, b) in enumerate(zip(keys, blobs, strict=True))]
+
+    async def go():
+        tier = TierClient(shards[0].address, ClientConfig(timeout_s=10.0))
+        try:
+            await tier.put_many(NS, puts, prefix=keys)
+            by_id = {s.shard_id: s for s in shards}
+            for k in keys[2:]:  # gone from every primary from block 2 on
+                by_id[tier.owners(k)[0]].store.delete([store_key(None, NS.id, k)])
+            return await tier.get_prefix(NS, keys)
+        finally:
+            await tier.close()
+
+    assert run(go()) == blobs
+
+
+def test_touches_ride_in_the_next_request_to_their_shard() -> None:
+    """A probed block's touch goes with the next probe or batch put to its shard, before it is
+    served: a put that evicts sees the block as just read."""
+    keys, blobs = prefix(25_000, 3)
+    server = ShardServer(BlockStore(64 << 20), "ride", limits=LIMITS)
+    server.start()
+
+    async def go():
+        tier = TierClient(server.address, ClientConfig(timeout_s=10.0, touch_delay_s=30.0))
+        try:
+            await tier.put_many(NS, [BlockPut(keys[0], keys[0], 0, blobs[0])])
+            assert await tier.get_prefix(NS, keys[:2]) == blobs[:1]
+            untouched = server.store.snapshot().hits
+            await tier.put_many(NS, [BlockPut(keys[1], keys[0], 1, blobs[1], keys[0])])
+            return untouched, server.store.snapshot().hits, len(tier._touches)
+        finally:
+            await tier.close()
+
+    try:
+        assert run(go()) == (0, 1, 0)
+    finally:
+        server.stop()
+
+
+def test_probes_and_touches_on_the_socket_are_bounded_and_refused_precisely(server) -> None:
+    """What the socket's probe and touch get from a hostile caller: more keys than a request
+    may name (also in a touch riding in a probe or a batch put), a slot outside the arena, a
+    short namespace id: each its gRPC status, and the connection goes on."""
+    from tests.services.test_shared import claimed, recv_exactly
+
+    def ask(sock, op: bytes, message) -> tuple[int, bytes]:
+        body = message.SerializeToString()
+        sock.sendall(REQUEST_HEAD.pack(op, len(body)) + body)
+        status, length = REPLY_HEAD.unpack(recv_exactly(sock, REPLY_HEAD.size))
+        return status, recv_exactly(sock, length)
+
+    many = [bytes(32)] * (LIMITS.max_keys + 1)
+    heavy = pb.TouchRequest(namespace_id=NS.id, keys=many)
+    with (
+        grpc.insecure_channel(server.address) as channel,
+        claimed(pb_grpc.KVPoolStub(channel)) as sock,
+    ):
+        for op, message, code in (
+            (b"r", pb.ProbeSharedRequest(namespace_id=NS.id, keys=many, capacity=1), Code.RESOURCE_EXHAUSTED),
+            (b"r", pb.ProbeSharedRequest(namespace_id=NS.id, keys=[bytes(32)], offset=1 << 40,
+                                         capacity=1), Code.OUT_OF_RANGE),
+            (b"r", pb.ProbeSharedRequest(namespace_id=NS.id, keys=[bytes(32)], capacity=1,
+                                         touch=heavy), Code.RESOURCE_EXHAUSTED),
+            (b"p", pb.BatchPutSharedRequest(touch=heavy), Code.RESOURCE_EXHAUSTED),
+            (b"t", heavy, Code.RESOURCE_EXHAUSTED),
+            (b"t", pb.TouchRequest(namespace_id=b"short", keys=[bytes(32)]), Code.INVALID_ARGUMENT),
+            (b"t", pb.TouchRequest(namespace_id=NS.id, keys=[b"short"]), Code.INVALID_ARGUMENT),
+        ):  # fmt: skip
+            status, detail = ask(sock, op, message)
+            assert (status, bool(detail)) == (code.value[0], True), (op, status)
+        status, body = ask(sock, b"t", pb.TouchRequest(namespace_id=NS.id, keys=[bytes(32)]))
+        assert status == 0 and pb.TouchResponse.FromString(body).touched == 0
+        status, body = ask(sock, b"r", pb.ProbeSharedRequest(namespace_id=NS.id, keys=[bytes(32)],
+                                                             capacity=1))  # fmt: skip
+        reply = pb.BatchGetSharedResponse.FromString(body)
+        assert status == 0 and [b.found for b in reply.blocks] == [False] and reply.copied == 0
+
+
+def test_a_probes_hot_hint_is_what_a_read_would_answer_and_counts_nothing() -> None:
+    from kvpool.services.hot import HotKeys
+
+    hot = HotKeys(hot_share=0.3, min_reads=4)
+    for i in range(12):
+        hot.read(b"root", 1000)
+        hot.read(bytes([i]), 1000)
+    state = (dict(hot._bytes), hot._total, hot._reads, hot._since)
+    assert [hot.peek(b"root", 1000), hot.peek(b"\x01", 1000), hot.peek(b"new", 1000)] == [2, 1, 1]
+    assert (dict(hot._bytes), hot._total, hot._reads, hot._since) == state
+    assert hot.read(b"root", 1000) == 2
