@@ -20,7 +20,7 @@ import mmap
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, TypeVar
@@ -84,6 +84,7 @@ class ClientConfig:
     max_hot_replicas: int = 8  # the most shards one hot block's reads are spread over
     batch_bytes: int = 64 << 20  # at most this many block bytes per BatchPut (and one block)
     touch_delay_s: float = 0.02  # the most a probed block's touch waits for a request to ride in
+    seen_keys: int = 1 << 16  # keys remembered as stored or read here (where probes start)
 
     def __post_init__(self) -> None:
         if self.token and not self.tls_ca_file:
@@ -121,6 +122,7 @@ class TierClient:
         self._touches: dict[str, tuple[bytes, list[bytes]]] = {}
         self._touch_timer: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._seen: collections.OrderedDict[bytes, None] = collections.OrderedDict()
 
     # -- topology and channels -------------------------------------------------------------
 
@@ -743,7 +745,10 @@ class TierClient:
     async def _probed(
         self, ns: Namespace, keys: Sequence[bytes], orders: list[Sequence[str]]
     ) -> list[bytes]:
-        """`get_prefix` by probes; one of _SOCKET_ERRORS when a shard's socket failed."""
+        """`get_prefix` by probes; one of _SOCKET_ERRORS when a shard's socket failed. First the
+        keys up to the first one this client has not stored or read lately (where the prefix
+        likely ends), then, only if all of those are held, the rest: a prefix that ends early
+        costs the probes of its own shards, not of every shard its keys map to."""
         data: list[bytes | None] = [None] * len(keys)
         present = [False] * len(keys)  # held where asked, not copied (a slot too small, Redis)
         holder: list[str] = [o[0] for o in orders]
@@ -751,38 +756,49 @@ class TierClient:
         missed: dict[int, str] = {}  # key index -> the hot replica that did not have it
         errors: list[TierError] = []
         answered = False
-        pending = list(range(len(keys)))
-        for turn in range(max(len(o) for o in orders)):
-            per_shard: dict[str, list[int]] = {}
-            for i in pending:
-                per_shard.setdefault(orders[i][turn], []).append(i)
-            replies = await asyncio.gather(
-                *(self._probe(sid, ns, [keys[i] for i in idx]) for sid, idx in per_shard.items())
-            )
-            for (sid, idx), reply in zip(per_shard.items(), replies, strict=True):
-                if isinstance(reply, TierError):
-                    errors.append(reply)
-                    continue
-                answered = True
-                for i, (block, found, replicas) in zip(idx, reply, strict=True):
-                    self._note_hot(keys[i], replicas, primary=sid == self._owners_of(keys[i])[0])
-                    if found:
-                        data[i], present[i], holder[i] = block, block is None, sid
-                        if block is not None:
-                            probed.add(i)
-                    elif turn == 0 and sid not in self._owners_of(keys[i]):
-                        missed[i] = sid
-            n = next((i for i in range(len(keys)) if data[i] is None and not present[i]),
-                     len(keys))  # fmt: skip
-            pending = [i for i in range(n, len(keys))
-                       if data[i] is None and not present[i] and turn + 1 < len(orders[i])]  # fmt: skip
-            if n == len(keys) or n not in pending:
+
+        def leading() -> int:
+            return next((i for i in range(len(keys)) if data[i] is None and not present[i]),
+                        len(keys))  # fmt: skip
+
+        seen = next((i for i, k in enumerate(keys) if k not in self._seen), len(keys))
+        start, end = 0, min(len(keys), seen + 1)
+        while True:
+            pending = list(range(start, end))
+            for turn in range(max(len(orders[i]) for i in pending)):
+                per_shard: dict[str, list[int]] = {}
+                for i in pending:
+                    per_shard.setdefault(orders[i][turn], []).append(i)
+                replies = await asyncio.gather(*(
+                    self._probe(sid, ns, [keys[i] for i in idx]) for sid, idx in per_shard.items()
+                ))  # fmt: skip
+                for (sid, idx), reply in zip(per_shard.items(), replies, strict=True):
+                    if isinstance(reply, TierError):
+                        errors.append(reply)
+                        continue
+                    answered = True
+                    for i, (block, found, replicas) in zip(idx, reply, strict=True):
+                        primary = sid == self._owners_of(keys[i])[0]
+                        self._note_hot(keys[i], replicas, primary=primary)
+                        if found:
+                            data[i], present[i], holder[i] = block, block is None, sid
+                            if block is not None:
+                                probed.add(i)
+                        elif turn == 0 and sid not in self._owners_of(keys[i]):
+                            missed[i] = sid
+                n = leading()
+                pending = [i for i in range(n, end)
+                           if data[i] is None and not present[i] and turn + 1 < len(orders[i])]  # fmt: skip
+                if n >= end or n not in pending:
+                    break
+            if leading() < end or end == len(keys):
                 break
+            start, end = end, len(keys)
         if errors and not answered:
             raise errors[0]
         for e in errors:
             self._absorbed("get", e)
-        n = next((i for i in range(len(keys)) if data[i] is None and not present[i]), len(keys))
+        n = leading()
         fetch = [i for i in range(n) if present[i]]
         if fetch:  # read as a get reads them (touched there)
             per_shard = {}
@@ -805,9 +821,19 @@ class TierClient:
         for i in range(n):
             if i in probed:
                 self._touch_later(holder[i], ns.id, keys[i])
+        self._saw(keys[:n])
         used: list[bytes | None] = [*data[:n], *([None] * (len(keys) - n))]
         await self._repair(ns, keys, used, {i: s for i, s in missed.items() if i < n})
         return [b for b in data[:n] if b is not None]
+
+    def _saw(self, keys: Iterable[bytes]) -> None:
+        """Remember keys this client stored or read (at most ClientConfig.seen_keys)."""
+        seen = self._seen
+        for key in keys:
+            seen[key] = None
+            seen.move_to_end(key)
+        while len(seen) > self.config.seen_keys:
+            seen.popitem(last=False)
 
     async def _probe(
         self, sid: str, ns: Namespace, keys: list[bytes]
@@ -930,6 +956,8 @@ class TierClient:
                 if result.code:
                     code = _STATUS.get(result.code, "UNKNOWN")
                     errors.append(TierError(f"{sid}: {code}: {result.detail}", code))
+                else:
+                    self._saw((blocks[i].key,))
         for e in errors:
             self._absorbed("put", e)
         return stored

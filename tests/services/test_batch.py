@@ -402,6 +402,40 @@ def test_get_prefix_asks_the_next_owner_of_the_first_block_its_first_holder_lack
     assert run(go()) == blobs
 
 
+def test_get_prefix_reads_blocks_another_client_stored_in_a_second_wave(shards) -> None:
+    """A client probes first up to the first key it has not seen stored or read (a fresh
+    one: the first key alone), then the rest: what another client stored all comes back;
+    and past a gap the second wave is not sent (no probe of the shards of the keys behind)."""
+    keys, blobs = prefix(26_000, 10)
+    puts = [BlockPut(k, keys[0], i, b) for i, (k, b) in enumerate(zip(keys, blobs, strict=True))]
+
+    async def go():
+        writer = TierClient(shards[0].address, ClientConfig(timeout_s=10.0))
+        fresh = TierClient(shards[0].address, ClientConfig(timeout_s=10.0))
+        other = TierClient(shards[0].address, ClientConfig(timeout_s=10.0))
+        try:
+            await writer.put_many(NS, puts, prefix=keys)
+            got = await fresh.get_prefix(NS, keys)
+            for s in shards:
+                s.store.delete([store_key(None, NS.id, keys[0])])
+            asked: list[int] = []
+            probe = other._probe
+
+            async def counted(sid, ns, ks):
+                asked.append(len(ks))
+                return await probe(sid, ns, ks)
+
+            other._probe = counted  # type: ignore[method-assign]
+            return got, await other.get_prefix(NS, keys), asked
+        finally:
+            for c in (writer, fresh, other):
+                await c.close()
+
+    got, gapped, asked = run(go())
+    assert got == blobs
+    assert gapped == [] and asked == [1, 1]  # the first key, of each of its two owners
+
+
 def test_touches_ride_in_the_next_request_to_their_shard() -> None:
     """A probed block's touch goes with the next probe or batch put to its shard, before it is
     served: a put that evicts sees the block as just read."""
