@@ -76,11 +76,17 @@ class ShardMetrics:
             "kvpool_shard_request_duration_seconds", "time to handle an RPC, by method and status",
             ["method", "code"], buckets=LATENCY_BUCKETS, registry=self.registry,
         )  # fmt: skip
+        self._children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
         self.port = 0
 
     def observe(self, method: str, code: str, seconds: float) -> None:
-        self.requests.labels(method, code).inc()
-        self.duration.labels(method, code).observe(seconds)
+        children = self._children.get((method, code))
+        if children is None:  # a few dozen (method, code) pairs: labels() once each
+            children = self._children[method, code] = (
+                self.requests.labels(method, code), self.duration.labels(method, code),
+            )  # fmt: skip
+        children[0].inc()
+        children[1].observe(seconds)
 
     def serve(self, host: str, port: int = 0) -> int:
         """Start the `/metrics` HTTP server in a daemon thread; returns its port."""

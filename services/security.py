@@ -16,12 +16,14 @@ and tokens is in client/transport.py.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -141,9 +143,16 @@ def store_key(tenant: str | None, namespace_id: bytes, key: bytes) -> bytes:
     """The key a block (or a chain) is stored under: it commits to the caller's tenant (None
     when authentication is off), the namespace id and the client's key, so two tenants or two
     namespaces never meet in a shard's store or its Redis tier, even with the same keys."""
+    h = _store_prefix(tenant, namespace_id).copy()
+    h.update(key)
+    return h.digest()
+
+
+@functools.lru_cache(maxsize=1024)
+def _store_prefix(tenant: str | None, namespace_id: bytes) -> Any:
+    """sha256 over what every store key of (tenant, namespace id) starts with, to be copied."""
     who = b"" if tenant is None else b"\x01" + tenant.encode()
     h = hashlib.sha256(b"kvpool store\x00")
     h.update(len(who).to_bytes(4, "little") + who)
     h.update(namespace_id)
-    h.update(key)
-    return h.digest()
+    return h
