@@ -24,6 +24,10 @@ prompt comes from `HiCacheStorageExtraInfo.prefix_keys` (the page keys before th
     batch_get_v1:    pages -> their blocks -> one get_many -> verify (namespace, key, position,
                      MAC) and decode each -> the asked pages into the host pool's slots
 
+The codec is the vLLM connector's: the bit options, or with `basis: "auto"` (the default) the
+key basis published in the tier for the model (codec v2), asked at start; while the tier cannot
+say which, the backend is disabled (every call a miss) and asks again when due.
+
 Best effort like the rest of kvpool: a missing, refused or corrupt block is a miss (a refused
 one is deleted from the tier), a tier that is down makes backups report failure and reads
 miss; nothing raises into SGLang's prefetch or backup threads, and no page is written into the
@@ -37,6 +41,7 @@ import dataclasses
 import json
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
@@ -52,6 +57,7 @@ from sglang.srt.mem_cache.hicache_storage import (
 )
 from torch import Tensor
 
+from kvpool.basis import BasisUnavailable, published_codec
 from kvpool.client import KVPool, namespace_for
 from kvpool.kernels.codec import FORMAT_DTYPES, Binding, CodecConfig, KeyBasis, block_header
 from kvpool.kernels.codec import decode as decode_block
@@ -94,6 +100,9 @@ class Settings:
     pre_rope: bool = True  # quantize keys before RoPE (needs model_path)
     hadamard_values: bool = True
     key_basis: str = ""  # a `kvpool calibrate --basis` file (codec v2)
+    # "auto": the key basis published in the tier for model_name (codec v2, as the vLLM
+    # connector takes it) when there is one, else the bit options; "none": the bit options
+    basis: str = "auto"
     salt: str = ""  # the tenant's salt
     mac_key_file: str = ""  # the tenant's MAC secret: blocks are signed and verified
     token_file: str = ""  # the tenant's token (needs tls_ca)
@@ -128,6 +137,8 @@ class Settings:
                 raise SettingsError(f"kvpool storage: {name} must be positive")
         if s.max_pending_mib < 0:
             raise SettingsError("kvpool storage: max_pending_mib must be >= 0")
+        if s.basis not in ("auto", "none"):
+            raise SettingsError(f"kvpool storage: basis={s.basis!r} is not 'auto' or 'none'")
         if s.pre_rope and not s.model_path:
             raise SettingsError(
                 "kvpool storage: pre_rope needs model_path (the model's folder, for its RoPE); "
@@ -135,10 +146,14 @@ class Settings:
             )
         return s
 
+    def model_config(self, layout: tuple[int, int, int]) -> SimpleNamespace:
+        """The model's config.json (model_path), or only the pool's shape without it."""
+        return _model_config(self.model_path) if self.model_path else _bare_config(*layout)
+
     def codec(self, layout: tuple[int, int, int]) -> CodecConfig:
-        """The codec, built as the vLLM connector and `codec_for` build it (same description
-        for the same model and options, so the engines share blocks)."""
-        config = _model_config(self.model_path) if self.model_path else _bare_config(*layout)
+        """The codec of the bit options, built as the vLLM connector and `codec_for` build it
+        (same description for the same model and options, so the engines share blocks)."""
+        config = self.model_config(layout)
         try:
             codec = codec_for(
                 config, self.key_bits, self.value_bits, self.group_size, self.pre_rope,
@@ -270,19 +285,57 @@ class KVPoolStorage(HiCacheStorage):
                 f"kvpool storage: block_tokens {s.block_tokens} is not a multiple of the codec's "
                 f"group_size {codec.group_size}"
             )
-        mac_key = Path(s.mac_key_file).read_bytes().strip() if s.mac_key_file else b""
-        name = s.model_name or self.storage_config.model_name or ""
-        if not name:
+        self._mac_key = Path(s.mac_key_file).read_bytes().strip() if s.mac_key_file else b""
+        self._name = s.model_name or self.storage_config.model_name or ""
+        if not self._name:
             raise SettingsError("kvpool storage: no model name (set model_name)")
-        self.namespace = namespace_for(
-            name, *layout, host.dtype, codec, block_tokens=s.block_tokens, page_tokens=page,
-            tp_rank=self.storage_config.tp_rank, tp_size=self.storage_config.tp_size,
-            salt=s.salt.encode(), mac_key=mac_key,
-        )  # fmt: skip
+        self._layout, self._dtype, self._codec = layout, host.dtype, codec
+        self._config = self.settings.model_config(layout)
         super().register_mem_pool_host(host)
         self.page = page
         self.pages_per_block = s.block_tokens // page
-        self.pool = KVPool(s.endpoint, self.namespace, codec, config=s.client_config())
+        self._retry_at, self._retry_s = 0.0, 2.0
+        self._connect_lock = threading.Lock()
+        self._connect()
+
+    def _connect(self) -> bool:
+        """The namespace and the tier client, once the codec is known: with basis "auto" (and
+        one tensor-parallel rank: a published basis spans every KV head) the tier says whether
+        a key basis is published for the model, as it tells the vLLM connector. While it cannot
+        say (down, silent shards, a record this worker cannot honour) the backend is disabled:
+        every call misses or fails, said loudly, and it asks again when due (2 s, doubling to
+        60 s). It never stores nor reads blocks in a namespace the other engines may not use."""
+        if self.pool is not None:
+            return True
+        with self._connect_lock:
+            if self.pool is not None:
+                return True
+            if time.monotonic() < self._retry_at:
+                return False
+            s, codec = self.settings, self._codec
+            if s.basis == "auto" and not s.key_basis and self.storage_config.tp_size == 1:
+                try:
+                    codec, _ = published_codec(
+                        self._config, s.endpoint, name=self._name, salt=s.salt.encode(),
+                        mac_key=self._mac_key, config=s.client_config(),
+                        fallback=lambda: self._codec,
+                    )  # fmt: skip
+                    if s.block_tokens % codec.group_size:
+                        raise BasisUnavailable(f"its group_size {codec.group_size} does not "
+                                               f"divide block_tokens {s.block_tokens}")  # fmt: skip
+                except BasisUnavailable as e:
+                    log.error("kvpool storage: disabled, %s; asking again in %.0f s",
+                              e, self._retry_s)  # fmt: skip
+                    self._retry_at = time.monotonic() + self._retry_s
+                    self._retry_s = min(60.0, 2 * self._retry_s)
+                    return False
+            self.namespace = namespace_for(
+                self._name, *self._layout, self._dtype, codec, block_tokens=s.block_tokens,
+                page_tokens=self.page, tp_rank=self.storage_config.tp_rank,
+                tp_size=self.storage_config.tp_size, salt=s.salt.encode(), mac_key=self._mac_key,
+            )  # fmt: skip
+            self.pool = KVPool(s.endpoint, self.namespace, codec, config=s.client_config())
+            return True
 
     def close(self) -> None:
         if self.pool is not None:
@@ -295,7 +348,7 @@ class KVPoolStorage(HiCacheStorage):
     ) -> int:
         """How many leading pages of `keys` the tier holds (their whole block)."""
         try:
-            plan = self._plan(keys, extra_info)
+            plan = self._plan(keys, extra_info) if self._connect() else None
             if plan is None:
                 return 0
             _, blocks, page_block = plan
@@ -314,7 +367,7 @@ class KVPoolStorage(HiCacheStorage):
         slots; True for each page written (the ones after a miss are not)."""
         done = [False] * len(keys)
         try:
-            plan = self._plan(keys, extra_info, host_indices)
+            plan = self._plan(keys, extra_info, host_indices) if self._connect() else None
             if plan is None:
                 return done
             start, blocks, page_block = plan
@@ -346,6 +399,8 @@ class KVPoolStorage(HiCacheStorage):
         after this call wait for the rest of it (bounded). False for each page of a block the
         tier did not take because it failed."""
         try:
+            if not self._connect():
+                return [False] * len(keys)
             return self._set(keys, host_indices, extra_info)
         except Exception:
             log.exception("kvpool storage: backup failed")

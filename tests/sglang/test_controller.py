@@ -132,7 +132,10 @@ def test_with_the_tier_down_backups_fail_and_the_prefetch_threads_live_on(
         s.bind(("127.0.0.1", 0))
         dead = f"127.0.0.1:{s.getsockname()[1]}"
     host = pool()
-    extra = dynamic(dead, model_path=model_dir(tmp_path), rpc_timeout_s=0.5, call_timeout_s=2.0)
+    # basis "none": the backend starts without asking the tier, so every call meets it down
+    extra = dynamic(
+        dead, model_path=model_dir(tmp_path), rpc_timeout_s=0.5, call_timeout_s=2.0, basis="none"
+    )
     ctl = controller(host, extra)
     try:
         slots = host.alloc(len(TOKENS))

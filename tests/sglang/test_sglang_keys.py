@@ -47,7 +47,7 @@ def test_sglangs_page_keys_are_kvpools_page_chain(page: int) -> None:
 
 def test_block_keys_from_tokens_are_the_keys_of_sglangs_last_pages(tmp_path: Path) -> None:
     host = host_pool("page_first")
-    store = backend(host, dynamic("127.0.0.1:1", model_path=model_dir(tmp_path)))
+    store = backend(host, dynamic("127.0.0.1:1", model_path=model_dir(tmp_path), basis="none"))
     ns = store.namespace
     assert ns is not None and ns.page_tokens == PAGE and ns.block_tokens == BLOCK
     theirs = get_hash_str(TOKENS, None, page_size=PAGE)

@@ -12,10 +12,16 @@ import pytest
 import torch
 from sglang.srt.mem_cache.utils import get_hash_str
 
+from kvpool.basis import publish_basis
+from kvpool.kernels.codec import KeyBasis
 from kvpool.services.tier import Tier, TierConfig, start_tier
 from kvpool.sglang import KVPoolStorage, SettingsError
 from tests.sglang.hicache import (
+    HEAD_DIM,
+    HEADS,
+    LAYERS,
     LAYOUTS,
+    MODEL,
     PAGE,
     backend,
     dynamic,
@@ -134,7 +140,7 @@ def test_a_down_tier_fails_backups_cleanly_and_reads_miss(keys: list[str], tmp_p
         dead = f"127.0.0.1:{s.getsockname()[1]}"
     host = host_pool("page_first")
     store = backend(host, dynamic(dead, model_path=model_dir(tmp_path), rpc_timeout_s=0.5,
-                                  call_timeout_s=2.0))  # fmt: skip
+                                  call_timeout_s=2.0, basis="none"))  # fmt: skip
     slots = host.alloc(len(TOKENS))
     fill(host, slots, seed=1)
     before = host.kv_buffer.clone()
@@ -171,6 +177,7 @@ def test_pages_without_their_place_in_the_prompt_are_not_stored(
         ({"interface_v1": 0}, "interface_v1"),
         ({"max_pending_mib": -1}, "max_pending_mib"),
         ({"group_size": 128}, "group_size"),
+        ({"basis": "v2"}, "basis"),
     ],
 )
 def test_settings_sglang_cannot_run_are_refused_at_start(
@@ -187,8 +194,53 @@ def test_mla_and_parallel_layouts_it_does_not_serve_are_refused(tmp_path: Path) 
         backend(host_pool("page_first"), extra, is_mla_model=True)
     with pytest.raises(SettingsError, match="pipeline"):
         backend(host_pool("page_first"), extra, pp_size=2, pp_rank=1)
-    store = backend(host_pool("page_first"), {**extra, "pre_rope": False, "model_path": ""})
+    store = backend(
+        host_pool("page_first"), {**extra, "pre_rope": False, "model_path": "", "basis": "none"}
+    )
     assert "rope=none" in store.pool.codec.describe()  # keys quantized as the pool holds them
     store.close()
     # an SGLang without interface_v1 would hand over flat pages: refused, never guessed at
     assert isinstance(KVPoolStorage, type)
+
+
+def test_with_basis_auto_a_tier_that_cannot_say_disables_it(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    host = host_pool("page_first")
+    extra = dynamic(dead, model_path=model_dir(tmp_path), rpc_timeout_s=0.5, call_timeout_s=2.0)
+    store = backend(host, extra)  # starts: SGLang is not stopped by its L3
+    assert store.pool is None and store.namespace is None  # no namespace it may not use
+    keys = [f"{i:064x}" for i in range(8)]
+    slots = host.alloc(8 * PAGE)
+    assert store.batch_set_v1(keys, slots, info([])) == [False] * 8
+    assert store.batch_exists(keys, info([])) == 0
+    assert store.batch_get_v1(keys, slots, info([])) == [False] * 8
+    store.close()
+
+
+def test_with_basis_auto_it_takes_the_key_basis_published_for_the_model(
+    tier: Tier, keys: list[str], tmp_path: Path
+) -> None:
+    rotation = torch.linalg.qr(torch.randn(LAYERS, HEADS, HEAD_DIM, HEAD_DIM))[0]
+    basis = KeyBasis(torch.zeros(LAYERS, HEADS, HEAD_DIM), rotation, (2,) * (LAYERS * 8))
+    options = {"value_bits": 2, "group_size": 64, "sink_tokens": 4, "hadamard_values": True,
+               "pre_rope": True}  # fmt: skip
+    publish_basis(tier.endpoint, MODEL, basis, options, salt=b"v2")
+    host = host_pool("page_first")
+    store = backend(host, settings(tier, tmp_path, salt="v2"))
+    assert store.pool.codec.key_basis is not None
+    assert store.pool.codec.key_basis.id == basis.id and basis.id.hex() in store.namespace.codec
+    none = backend(host, settings(tier, tmp_path, salt="v2", basis="none"))
+    assert none.pool.codec.key_basis is None and none.namespace.id != store.namespace.id
+    slots = host.alloc(len(TOKENS))
+    fill(host, slots, seed=9)
+    written = pages(host, slots)
+    assert store.batch_set_v1(keys, slots, info([])) == [True] * 10
+    assert none.batch_exists(keys, info([])) == 0  # another namespace: never mixed
+    host.kv_buffer.zero_()
+    into = host.alloc(len(TOKENS))
+    assert store.batch_get_v1(keys, into, info([]))[:8] == [True] * 8
+    assert torch.equal(pages(host, into[: 8 * PAGE]), round_trip(store, written, keys))
+    store.close()
+    none.close()
