@@ -11,7 +11,9 @@ copy of the same tensors compare directly. Also, end to end: the same codec with
 ~2 bits per value, same options: *_v2; a random basis, for speed only), and v2 with inter-layer
 prediction (*_v2_predicted: random maps of the real shapes, [2HD + 1, HD] and [3HD + 1, HD] per
 layer; each layer's keys and values then cost two [256, 2048..3072] x [.., 1024] products to
-rebuild, in both directions). Prints a table, then one JSON object as its last line.
+rebuild, in both directions), and with per-head maps (*_v2_predicted_per_head: block-diagonal,
+[2D + 1, D] and [3D + 1, D] per head and layer, 8 times fewer products). Prints a table, then
+one JSON object as its last line.
 """
 
 from __future__ import annotations
@@ -91,15 +93,21 @@ def synthetic_basis(shape: tuple[int, int, int, int] = SHAPE) -> KeyBasis:
     return KeyBasis(torch.zeros(layers, heads, dim), q.contiguous(), widths)
 
 
-def synthetic_predicting_basis(shape: tuple[int, int, int, int] = SHAPE) -> KeyBasis:
-    """`synthetic_basis` with random inter-layer prediction maps of the real shapes (speed only)."""
+def synthetic_predicting_basis(
+    shape: tuple[int, int, int, int] = SHAPE, per_head: bool = False
+) -> KeyBasis:
+    """`synthetic_basis` with random inter-layer prediction maps of the real shapes, full or per
+    head (block-diagonal; speed only)."""
     basis = synthetic_basis(shape)
     layers, heads, _, dim = shape
     g = torch.Generator().manual_seed(2)
-    width = heads * dim
-    maps = [
-        torch.randn(layers - 1, n * width + 1, width, generator=g) / (n * width) for n in (2, 3)
-    ]
+    if per_head:
+        maps = [torch.randn(layers - 1, heads, n * dim + 1, dim, generator=g) / (n * dim)
+                for n in (2, 3)]  # fmt: skip
+    else:
+        width = heads * dim
+        maps = [torch.randn(layers - 1, n * width + 1, width, generator=g) / (n * width)
+                for n in (2, 3)]  # fmt: skip
     return KeyBasis(basis.mean, basis.rotation, basis.widths, *maps)
 
 
@@ -138,7 +146,7 @@ def cpu_figures(repeat: int, peer: bool) -> dict[str, Any]:
     }
     for name, cfg_n in codec_rows().items():
         blob_n = encode(k, v, cfg_n)
-        n = repeat if name != "v2_predicted" else max(2, repeat // 5)  # seconds per call
+        n = repeat if not name.startswith("v2_predicted") else max(2, repeat // 5)  # slow
         t_e = best_seconds(functools.partial(encode, k, v, cfg_n), n)
         t_d = best_seconds(functools.partial(decode, blob_n, key_basis=cfg_n.key_basis), n)
         figures[f"encode_gbps_{name}"], figures[f"decode_gbps_{name}"] = gbps(t_e), gbps(t_d)
@@ -231,6 +239,9 @@ def codec_rows() -> dict[str, CodecConfig]:
         "options": options,
         "v2": replace(options, key_basis=synthetic_basis()),
         "v2_predicted": replace(options, key_basis=synthetic_predicting_basis()),
+        "v2_predicted_per_head": replace(
+            options, key_basis=synthetic_predicting_basis(per_head=True)
+        ),
     }
 
 

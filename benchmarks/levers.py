@@ -90,6 +90,8 @@ NF = {
     3: torch.tensor([-2.1519, -1.3439, -0.7560, -0.2451, 0.2451, 0.7560, 1.3439, 2.1519]),
 }
 KV = tuple[Tensor, Tensor]
+# cheaper prediction maps tried (issue 22 part 3): block-diagonal per head, and low rank
+MAP_FORMS = ("head", "rank:16", "rank:32", "rank:64")
 
 
 def eval_texts() -> dict[str, str]:
@@ -384,14 +386,40 @@ def predicted(keys: Tensor, values: Tensor, p: Predictor) -> KV:
     return k, v
 
 
-def fit_predictor(cal: Calibration, predict_keys: bool) -> Predictor:
-    _, p = _loop(cal.keys, cal.values, None, cal, predict_keys)
+def fit_predictor(cal: Calibration, predict_keys: bool, form: str = "full") -> Predictor:
+    _, p = _loop(cal.keys, cal.values, None, cal, predict_keys, form)
     return p
 
 
+def fit_map(inputs: list[Tensor], target: Tensor, form: str) -> Tensor:
+    """A prediction map [rows + 1, H * D] from `inputs` to `target` [H, N, D] by least squares:
+    "full" (every head from every head), "head" (block-diagonal: each head from its own heads
+    of the inputs only; (k D + 1) D floats per head instead of (k H D + 1) H D) or "rank:R"
+    (reduced-rank regression: the full map projected on the R leading directions of its fitted
+    values, stored as two factors of (k H D + 1) R + R H D floats)."""
+    if form == "full":
+        return least_squares(inputs, target)
+    heads, _, dim = target.shape
+    if form == "head":
+        m = torch.zeros(len(inputs) * heads * dim + 1, heads * dim)
+        for h in range(heads):
+            part = least_squares([x[h : h + 1] for x in inputs], target[h : h + 1])
+            for i in range(len(inputs)):
+                rows = slice(i * heads * dim + h * dim, i * heads * dim + (h + 1) * dim)
+                m[rows, h * dim : (h + 1) * dim] = part[i * dim : (i + 1) * dim]
+            m[-1, h * dim : (h + 1) * dim] = part[-1]
+        return m
+    rank = int(form.removeprefix("rank:"))
+    full = least_squares(inputs, target)
+    fitted = mapped(full, inputs).transpose(0, 1).reshape(target.shape[1], -1)
+    directions = torch.linalg.svd(fitted.double(), full_matrices=False)[2][:rank].T.float()
+    return full @ directions @ directions.T
+
+
 def _loop(
-    keys: Tensor, values: Tensor, p: Predictor | None, cal: Calibration | None, predict_keys: bool
-) -> tuple[KV, Predictor]:
+    keys: Tensor, values: Tensor, p: Predictor | None, cal: Calibration | None, predict_keys: bool,
+    form: str = "full",
+) -> tuple[KV, Predictor]:  # fmt: skip
     layers = keys.shape[0]
     kh, vh = torch.empty_like(keys), torch.empty_like(values)
     key_maps: list[Tensor] = []
@@ -404,7 +432,7 @@ def _loop(
         before = [] if layer == 0 else [kh[layer - 1], vh[layer - 1]]
         if predict_keys and before:
             if p is None:
-                key_maps.append(least_squares(before, keys[layer]))
+                key_maps.append(fit_map(before, keys[layer], form))
             maps = key_maps if p is None else p.key_maps
             assert maps is not None
             pk = mapped(maps[layer - 1], before)
@@ -432,7 +460,7 @@ def _loop(
         else:
             x = [kh[layer], *before]
             if p is None:
-                value_maps.append(least_squares(x, values[layer]))
+                value_maps.append(fit_map(x, values[layer], form))
             pv = mapped((value_maps if p is None else p.value_maps)[layer - 1], x)
         vh[layer] = pv + hadamard(quantize(hadamard(values[layer] - pv), 2, 64, 2))
     if p is None:
@@ -463,6 +491,13 @@ def rows(cal: Calibration, rope: RopeParams, dim: int) -> list[Row]:
     def value_token(name: str, rotation: str, nf: bool = False) -> Row:
         apply = lambda k, v: (k, values_token(v, cal, rotation, nf))  # noqa: E731
         return Row(f"values only: per-token 2-bit G=64, {name}", "values", 2 + 32 / 64, apply)
+
+    def cheaper(form: str) -> Row:
+        """The both-tensors prediction row with maps of another form."""
+        p = fit_predictor(cal, predict_keys=True, form=form)
+        name = f"K and V {prediction}, {form} maps (K residual bands ~2.0 bits, V residual 2-bit)"
+        return Row(name, "both", (p.key_bits + 2 + 32 / 64) / 2,
+                   lambda k, v: through_prediction(k, v, p, rope))  # fmt: skip
 
     vw = band_widths(cal.value_var, 2.0, 128, cal.value_weight)
     kw = band_widths(cal.key_var, 2.0, 128, cal.key_weight)
@@ -496,6 +531,7 @@ def rows(cal: Calibration, rope: RopeParams, dim: int) -> list[Row]:
             lambda k, v: through_prediction(k, v, values_only, rope)),
         Row(f"K and V {prediction} (K residual bands ~2.0 bits, V residual 2-bit)", "both",
             (both.key_bits + 2 + 32 / 64) / 2, lambda k, v: through_prediction(k, v, both, rope)),
+        *(cheaper(form) for form in MAP_FORMS),
     ]  # fmt: skip
 
 

@@ -323,7 +323,7 @@ def calibrate_basis(
     model: Any, token_ids: Sequence[int] | Tensor, *, key_bits: float = 2.0,
     group_size: int = 128, windows: int = 6, window_tokens: int = 1024, pre_rope: bool = True,
     query_weighted: bool = True, predict: bool = False, value_bits: int = 2,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str], None] | None = None, per_head_maps: bool = False,
 ) -> KeyBasis:  # fmt: skip
     """A key basis for `model` from sample text: per (layer, kv head), the principal components
     of its (pre-RoPE) keys over up to `windows` windows of `window_tokens` tokens of the sample
@@ -338,7 +338,8 @@ def calibrate_basis(
     predict: also fit inter-layer prediction maps (see KeyBasis), in the closed loop the codec
     runs: layer by layer over the sample, least squares from the layer before as rebuilt from
     its codes, the basis and widths of what the keys' prediction misses, and the values'
-    residual quantized as blocks will be (Hadamard-rotated, `value_bits` per token)."""
+    residual quantized as blocks will be (Hadamard-rotated, `value_bits` per token).
+    per_head_maps: block-diagonal maps, each head predicted from its own head only."""
     from kvpool.model_facts import rope_params
 
     rope = rope_params(model) if pre_rope else None
@@ -378,7 +379,8 @@ def calibrate_basis(
             raise CodecError(f"windows of {window_tokens} tokens hold no group of {group_size}")
         say("prediction maps, layer by layer")
         keys, values = (torch.cat(parts, 2) for parts in zip(*kept, strict=True))
-        return _fit_predicted(keys, values, weights, key_bits, group_size, value_bits)
+        return _fit_predicted(keys, values, weights, key_bits, group_size, value_bits,
+                              per_head_maps)  # fmt: skip
     assert total is not None and outer is not None
     mean = total / n
     covariance = outer / n - mean[..., :, None] * mean[..., None, :]
@@ -390,7 +392,7 @@ def calibrate_basis(
 
 def _fit_predicted(
     keys: Tensor, values: Tensor, query: Tensor | None, key_bits: float, group_size: int,
-    value_bits: int,
+    value_bits: int, per_head: bool = False,
 ) -> KeyBasis:  # fmt: skip
     """The closed-loop fit of a predicting KeyBasis on pre-RoPE keys and values [L, H, N, D]
     (N in whole groups), run as the codec's own `predicted_loop`: for each layer, the key
@@ -410,7 +412,14 @@ def _fit_predicted(
 
     def fit(i: int) -> Callable[[int, list[Tensor]], Tensor]:
         def step(layer: int, inputs: list[Tensor]) -> Tensor:
-            maps[i].append(least_squares(inputs, (keys, values)[i][layer]))
+            target = (keys, values)[i][layer]
+            if per_head:  # [H, k D + 1, D]: head h from head h of the inputs
+                maps[i].append(torch.stack([
+                    least_squares([x[h : h + 1] for x in inputs], target[h : h + 1])
+                    for h in range(heads)
+                ]))  # fmt: skip
+            else:
+                maps[i].append(least_squares(inputs, target))
             return maps[i][-1]
 
         return step
@@ -554,13 +563,15 @@ def allocate_bands(variance: Tensor, key_bits: float, group_size: int) -> tuple[
 
 def basis_path(model: str, options: Any) -> Path:
     """Where `kvpool calibrate --basis` keeps a key basis:
-    .cache/profiles/MODEL-basis-gG-kBITS[-postrope][-qw][-pred].pt (under KVPOOL_CACHE_DIR when
-    set; -qw: widths allocated by query-weighted error, the default; -pred: with inter-layer
-    prediction maps)."""
+    .cache/profiles/MODEL-basis-gG-kBITS[-postrope][-qw][-pred[-head]].pt (under KVPOOL_CACHE_DIR
+    when set; -qw: widths allocated by query-weighted error, the default; -pred: with inter-layer
+    prediction maps; -head: per-head maps)."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", model.split("/")[-1]).lower()
     rope = "-postrope" if getattr(options, "no_pre_rope", False) else ""
     weights = "" if getattr(options, "no_query_weights", False) else "-qw"
     predict = "-pred" if getattr(options, "predict", False) else ""
+    if predict and getattr(options, "per_head_maps", False):
+        predict += "-head"
     file = f"{name}-basis-g{options.group_size}-k{options.key_bits:.4g}{rope}{weights}{predict}.pt"
     return Path(os.environ.get("KVPOOL_CACHE_DIR", ".cache")) / "profiles" / file
 

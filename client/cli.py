@@ -208,7 +208,7 @@ def calibrate(args: argparse.Namespace) -> None:
                 model, sample, key_bits=args.key_bits, group_size=args.group_size,
                 windows=args.samples, pre_rope=not args.no_pre_rope,
                 query_weighted=not args.no_query_weights, predict=args.predict,
-                value_bits=args.value_bits,
+                value_bits=args.value_bits, per_head_maps=args.per_head_maps,
                 progress=lambda msg: (bar.set_postfix_str(msg), bar.update(1)),
             )  # fmt: skip
         path = basis.save(args.out or cal.basis_path(model.config._name_or_path, args))
@@ -422,6 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(blocks then hold only what the prediction misses)",
     )  # fmt: skip
     p_cal.add_argument(
+        "--per-head-maps", action="store_true",
+        help="--predict: each kv head predicted from its own head of the layer before "
+        "(block-diagonal maps: H times fewer products on decode and floats to ship)",
+    )  # fmt: skip
+    p_cal.add_argument(
         "--value-bits", type=int, default=2, choices=(2, 3, 4, 8),
         help="--basis: value bits of the blocks the basis codes (2)",
     )  # fmt: skip
@@ -466,6 +471,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.command == "calibrate":
         if (args.predict or args.no_query_weights or args.publish) and not args.basis:
             build_parser().error("--predict, --no-query-weights and --publish go with --basis")
+        if args.per_head_maps and not args.predict:
+            build_parser().error("--per-head-maps goes with --predict")
         calibrate(args)
 
 

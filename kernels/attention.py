@@ -11,6 +11,12 @@ merged by log-sum-exp. Nothing is expanded to a full-precision cache.
 
 The layout (`PackedKV`, shapes and all) is packed_kv.py's.
 
+Blocks of codec v2 with inter-layer prediction (PREDICTED) are decoded, never attended packed:
+a predicted layer's codes are only the residual of a prediction from the layer before as
+rebuilt, keys from [K_l-1, V_l-1] and values from [K_l, K_l-1, V_l-1] through the maps, so q . k
+at layer l needs every token of layer l - 1 rebuilt first, and that one of l - 2, down to layer
+0: the whole stack is rebuilt on load in any case, and attention then reads the rebuilt rows.
+
 Three interchangeable backends give the same result within float tolerance: "reference"
 (dequantize, then attend: the spec, below), "cpu" (the C loop: cpu_attention.py and
 _cpu_attention.c) and "triton" (CUDA, triton_attention.py).

@@ -45,7 +45,10 @@ class KeyBasis:
     values as [K_l, K_l-1, V_l-1, 1] @ value_maps[l - 1] (rows [T, H * D], heads side by side,
     pre-RoPE keys), from the layers as the reader reconstructs them; layer 0's keys as `mean`,
     its values as 0. The basis then codes the key residual, and blocks hold residuals
-    (blockformat, PREDICTED)."""
+    (blockformat, PREDICTED). Per-head maps (block-diagonal: each head predicted from its own
+    head of the inputs only, `kvpool calibrate --basis --predict --per-head-maps`) are
+    key_maps [L - 1, H, 2D + 1, D] and value_maps [L - 1, H, 3D + 1, D]: [K_l-1, V_l-1, 1] of
+    head h (rows [T, 2D]) @ key_maps[l - 1, h], H times fewer products and floats."""
 
     mean: Tensor
     rotation: Tensor
@@ -90,11 +93,19 @@ class KeyBasis:
         if (self.key_maps is None) != (self.value_maps is None):
             raise CodecError("a predicting key basis has both key_maps and value_maps")
         if self.key_maps is not None and self.value_maps is not None:
-            width = self.mean.shape[1] * dim
-            want = ((layers - 1, 2 * width + 1, width), (layers - 1, 3 * width + 1, width))
+            heads = self.mean.shape[1]
+            width = heads * dim
+            full = ((layers - 1, 2 * width + 1, width), (layers - 1, 3 * width + 1, width))
+            per_head = (
+                (layers - 1, heads, 2 * dim + 1, dim),
+                (layers - 1, heads, 3 * dim + 1, dim),
+            )
             got = (tuple(self.key_maps.shape), tuple(self.value_maps.shape))
-            if layers < 2 or got != want:
-                raise CodecError(f"prediction maps must be {want} for this basis, got {got}")
+            if layers < 2 or got not in (full, per_head):
+                raise CodecError(
+                    f"prediction maps must be {full} (or per head {per_head}) for this basis, "
+                    f"got {got}"
+                )
             maps = (self.key_maps, self.value_maps)
             if any(m.dtype != torch.float32 or not bool(torch.isfinite(m).all()) for m in maps):
                 raise CodecError("prediction maps must be finite float32")
@@ -104,6 +115,11 @@ class KeyBasis:
         """Whether blocks in this basis hold residuals of an inter-layer prediction."""
         return self.key_maps is not None
 
+    @property
+    def per_head_maps(self) -> bool:
+        """Whether the prediction maps are per head (block-diagonal)."""
+        return self.key_maps is not None and self.key_maps.dim() == 4
+
     @functools.cached_property
     def id(self) -> bytes:
         digest = hashlib.sha256(b"kvpool key basis 1")
@@ -112,7 +128,7 @@ class KeyBasis:
         digest.update(self.rotation.contiguous().numpy().tobytes())
         digest.update(bytes(self.widths))
         if self.key_maps is not None and self.value_maps is not None:
-            digest.update(b"prediction maps")
+            digest.update(b"per-head prediction maps" if self.per_head_maps else b"prediction maps")
             digest.update(self.key_maps.contiguous().numpy().tobytes())
             digest.update(self.value_maps.contiguous().numpy().tobytes())
         return digest.digest()[:BASIS_ID_BYTES]
@@ -217,8 +233,11 @@ def as_rows(inputs: list[Tensor]) -> Tensor:
 
 def mapped(m: Tensor, inputs: list[Tensor]) -> Tensor:
     """`as_rows(inputs)` through a prediction map m [rows + 1, H * D] (last row: bias) -> the
-    predicted [H, T, D]."""
+    predicted [H, T, D]; or, for per-head maps m [H, k D + 1, D], each head's inputs side by
+    side ([T, k D]) through its own map."""
     heads, tokens, _ = inputs[0].shape
+    if m.dim() == 3:
+        return torch.baddbmm(m[:, -1:], torch.cat(inputs, -1), m[:, :-1])
     y = torch.addmm(m[-1], as_rows(inputs), m[:-1])
     return y.view(tokens, heads, -1).transpose(0, 1)
 

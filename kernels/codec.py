@@ -308,10 +308,17 @@ class DecodePlan:
             assert key_basis is not None
             if not key_basis.predicted:  # a header may claim PREDICTED for a plain basis's id
                 raise CodecError("this block's layers are predicted: its basis must hold the maps")
-            coded = [torch.zeros(shape, dtype=torch.float32, device=device) for _ in range(2)]
-            for i in range(2):
-                impl.decode_tensor(payload, header.tensor_sections(i), header, coded[i])
-            rebuild(key_basis, coded, self.hadamard_values, (works[0], works[1]))
+            # key components past a layer's extent stay 0; value sections cover every channel
+            coded = [torch.zeros(shape, dtype=torch.float32, device=device),
+                     torch.empty(shape, dtype=torch.float32, device=device)]  # fmt: skip
+            impl.decode_tensor(payload, header.tensor_sections(0), header, coded[0])
+            values = header.tensor_sections(1)
+            if self.fused and self.hadamard_values:  # the C loop rotates the residuals back
+                impl.decode_tensor(payload, values, header, coded[1], hadamard=True)
+            else:
+                impl.decode_tensor(payload, values, header, coded[1])
+            rotated = self.hadamard_values and not self.fused
+            rebuild(key_basis, coded, rotated, (works[0], works[1]))
         else:
             tables = None
             if rope is not None and self.fused:

@@ -332,3 +332,109 @@ def test_predicted_blocks_refuse_what_fp16_cannot_hold() -> None:
         v[1, 0, 5, 3] = bad
         with pytest.raises(NonFiniteError):
             encode(k, v, config(basis))
+
+
+def per_head_twin(basis: KeyBasis) -> KeyBasis:
+    """`basis` with its maps cut to their per-head blocks [L - 1, H, k D + 1, D]."""
+    assert basis.key_maps is not None and basis.value_maps is not None
+
+    def blocks(m: Tensor, k: int) -> Tensor:
+        out = torch.empty(LAYERS - 1, HEADS, k * DIM + 1, DIM)
+        for h in range(HEADS):
+            cols = slice(h * DIM, (h + 1) * DIM)
+            for i in range(k):
+                rows = slice(i * HEADS * DIM + h * DIM, i * HEADS * DIM + (h + 1) * DIM)
+                out[:, h, i * DIM : (i + 1) * DIM] = m[:, rows, cols]
+            out[:, h, -1] = m[:, -1, cols]
+        return out
+
+    return KeyBasis(basis.mean, basis.rotation, basis.widths, blocks(basis.key_maps, 2),
+                    blocks(basis.value_maps, 3))  # fmt: skip
+
+
+def block_diagonal(basis: KeyBasis) -> KeyBasis:
+    """A per-head basis's maps written as full maps, zero between heads."""
+    assert basis.key_maps is not None and basis.value_maps is not None
+
+    def full(m: Tensor, k: int) -> Tensor:
+        out = torch.zeros(LAYERS - 1, k * HEADS * DIM + 1, HEADS * DIM)
+        for h in range(HEADS):
+            cols = slice(h * DIM, (h + 1) * DIM)
+            for i in range(k):
+                rows = slice(i * HEADS * DIM + h * DIM, i * HEADS * DIM + (h + 1) * DIM)
+                out[:, rows, cols] = m[:, h, i * DIM : (i + 1) * DIM]
+            out[:, -1, cols] = m[:, h, -1]
+        return out
+
+    return KeyBasis(basis.mean, basis.rotation, basis.widths, full(basis.key_maps, 2),
+                    full(basis.value_maps, 3))  # fmt: skip
+
+
+def test_per_head_maps_predict_as_their_block_diagonal_full_maps() -> None:
+    """Per-head maps [L - 1, H, k D + 1, D] give the predictions of the full maps that hold
+    them as diagonal blocks, but are another basis (another id): a block of one is refused by
+    the other. Their blocks are the same on every backend and decode as close as the full
+    maps' do."""
+    basis = per_head_twin(predicting_basis(seed=3))
+    twin = block_diagonal(basis)
+    assert basis.per_head_maps and not twin.per_head_maps and basis.id != twin.id
+    k, v = predictable_kv(basis, noise=0.1, seed=5)
+    torch.testing.assert_close(basis.predict_keys(1, k[0], v[0]), twin.predict_keys(1, k[0], v[0]),
+                               atol=1e-5, rtol=1e-5)  # fmt: skip
+    torch.testing.assert_close(basis.predict_values(1, k[1], k[0], v[0]),
+                               twin.predict_values(1, k[1], k[0], v[0]), atol=1e-5, rtol=1e-5)  # fmt: skip
+    cfg = config(basis, rope=RopeParams(10000.0, DIM), hadamard_values=True, sink_tokens=1)
+    got = alike_on_every_backend(k, v, cfg)
+    ref = decode(encode(k, v, replace_basis(cfg, twin)), key_basis=twin)
+    assert got.keys is not None and got.values is not None and ref.keys is not None
+    assert ref.values is not None
+    for ours, theirs, x in ((got.keys, ref.keys, k), (got.values, ref.values, v)):
+        assert float((ours - x).abs().max()) <= 1.25 * float((theirs - x).abs().max()) + 1e-3
+    with pytest.raises(BlockMismatchError):
+        decode(encode(k, v, cfg), key_basis=twin)
+
+
+def replace_basis(cfg: CodecConfig, basis: KeyBasis) -> CodecConfig:
+    from dataclasses import replace
+
+    return replace(cfg, key_basis=basis)
+
+
+def test_per_head_maps_save_load_and_are_checked(tmp_path: Path) -> None:
+    basis = per_head_twin(predicting_basis())
+    loaded = KeyBasis.load(basis.save(tmp_path / "basis.pt"))
+    assert loaded.per_head_maps and loaded.id == basis.id
+    assert basis.key_maps is not None and basis.value_maps is not None
+    km, vm = basis.key_maps, basis.value_maps
+    full = block_diagonal(basis)
+    assert full.key_maps is not None
+    for bad in ((km[:, :, :-1], vm), (km, full.value_maps), (full.key_maps, vm)):
+        with pytest.raises(CodecError, match="prediction maps"):
+            KeyBasis(basis.mean, basis.rotation, basis.widths, *bad)
+
+
+def test_calibration_fits_per_head_maps_in_the_closed_loop() -> None:
+    """Keys and values whose every head of layer l is a linear function of the same head of
+    layer l - 1: the per-head fit finds maps that leave a residual far below the layers' own
+    scale, of the per-head shapes; the full fit's maps are the full shapes."""
+    from kvpool.calibrate import _fit_predicted
+
+    g = torch.Generator().manual_seed(7)
+    tokens = 256
+    k = torch.empty(LAYERS, HEADS, tokens, DIM)
+    v = torch.empty_like(k)
+    k[0] = torch.randn(HEADS, tokens, DIM, generator=g)
+    v[0] = torch.randn(HEADS, tokens, DIM, generator=g)
+    a = torch.randn(HEADS, 2 * DIM, DIM, generator=g) / (2 * DIM) ** 0.5
+    b = torch.randn(HEADS, 3 * DIM, DIM, generator=g) / (3 * DIM) ** 0.5
+    k[1] = torch.cat([k[0], v[0]], -1) @ a
+    v[1] = torch.cat([k[1], k[0], v[0]], -1) @ b
+    basis = _fit_predicted(k, v, None, 3.0, 128, 4, per_head=True)
+    assert basis.per_head_maps and basis.key_maps is not None and basis.value_maps is not None
+    assert basis.key_maps.shape == (LAYERS - 1, HEADS, 2 * DIM + 1, DIM)
+    assert basis.value_maps.shape == (LAYERS - 1, HEADS, 3 * DIM + 1, DIM)
+    prediction = basis.predict_keys(1, k[0], v[0])
+    assert float((prediction - k[1]).abs().max()) < 0.2 * float(k[1].abs().max())
+    full = _fit_predicted(k, v, None, 3.0, 128, 4)
+    assert not full.per_head_maps and full.key_maps is not None
+    assert full.key_maps.shape == (LAYERS - 1, 2 * HEADS * DIM + 1, HEADS * DIM)
