@@ -118,6 +118,7 @@ class TierClient:
         self._shared_lock = asyncio.Lock()
         self._hot: collections.OrderedDict[bytes, list[int]] = collections.OrderedDict()
         self._owner_cache: dict[bytes, tuple[str, ...]] = {}  # for the current ring only
+        self._ranks: dict[bytes, tuple[str, ...]] = {}  # hot keys' ranking, current ring only
         # blocks probed and used, not yet touched: shard id -> (namespace id, keys)
         self._touches: dict[str, tuple[bytes, list[bytes]]] = {}
         self._touch_timer: asyncio.TimerHandle | None = None
@@ -196,6 +197,7 @@ class TierClient:
         self.replication = max(1, topo.replication)
         self.epoch = topo.epoch
         self._owner_cache.clear()
+        self._ranks.clear()
 
     def _drop_channel(self, address: str) -> None:
         """Forget the channel to `address`; it closes in the background (in-flight calls finish)."""
@@ -581,7 +583,7 @@ class TierClient:
         hot = self._hot.get(key)
         if hot is None:
             return self._owners_of(key)
-        return self._ring.owners(key, max(hot[0], self.replication))
+        return self._ranked(key)[: max(hot[0], self.replication)]
 
     def _read_order(self, key: bytes) -> Sequence[str]:
         """The shards to read `key` from, in turn: its owners; for a hot key first the next of
@@ -592,9 +594,19 @@ class TierClient:
             return owners
         replicas, turn = hot
         hot[1] = turn + 1
-        spread = self._ring.owners(key, max(replicas, len(owners)))
+        spread = self._ranked(key)[: max(replicas, len(owners))]
         first = spread[turn % min(replicas, len(spread))]
         return [first, *(sid for sid in owners if sid != first)]
+
+    def _ranked(self, key: bytes) -> tuple[str, ...]:
+        """Every shard, in the order the ring ranks them for a hot `key` (remembered for the
+        current ring, as many keys as are remembered hot)."""
+        ranked = self._ranks.get(key)
+        if ranked is None:
+            if len(self._ranks) >= self.config.hot_keys:
+                self._ranks.clear()
+            ranked = self._ranks[key] = tuple(self._ring.owners(key, len(self._addresses)))
+        return ranked
 
     def _note_hot(self, key: bytes, replicas: int, primary: bool) -> None:
         """Remember what a shard said of `key`: hot, with how many replicas (bounded by
