@@ -257,10 +257,17 @@ class KVPoolStorage(HiCacheStorage):
     def register_mem_pool_host(self, mem_pool_host: Any) -> None:
         """Check the host pool, derive the namespace and connect to the tier."""
         host = mem_pool_host
-        if getattr(host, "layout", None) not in LAYOUTS or not hasattr(host, "kv_buffer"):
+        if getattr(host, "layout", None) not in LAYOUTS:
             raise SettingsError(
                 f"kvpool storage: host pool {type(host).__name__} with layout "
                 f"{getattr(host, 'layout', None)!r} is not supported; layouts: {LAYOUTS}"
+            )
+        kv = getattr(host, "kv_buffer", None)
+        dims = 5 if host.layout in ("layer_first", "page_first") else 6
+        if not isinstance(kv, Tensor) or kv.dim() != dims or kv.shape[0] != 2:
+            raise SettingsError(
+                f"kvpool storage: host pool {type(host).__name__} does not hold K and V per "
+                "head (an MLA or another kind of pool): not supported"
             )
         if getattr(host, "v_head_dim", host.head_dim) != host.head_dim:
             raise SettingsError("kvpool storage: K and V head dims differ")

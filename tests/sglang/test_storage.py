@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from sglang.srt.mem_cache.memory_pool import MLATokenToKVPool
+from sglang.srt.mem_cache.pool_host.mla import MLATokenToKVPoolHost
 from sglang.srt.mem_cache.utils import get_hash_str
 
 from kvpool.basis import publish_basis
 from kvpool.kernels.codec import KeyBasis
 from kvpool.services.tier import Tier, TierConfig, start_tier
-from kvpool.sglang import KVPoolStorage, SettingsError
+from kvpool.sglang import SettingsError
 from tests.sglang.hicache import (
     HEAD_DIM,
     HEADS,
@@ -199,8 +201,18 @@ def test_mla_and_parallel_layouts_it_does_not_serve_are_refused(tmp_path: Path) 
     )
     assert "rope=none" in store.pool.codec.describe()  # keys quantized as the pool holds them
     store.close()
-    # an SGLang without interface_v1 would hand over flat pages: refused, never guessed at
-    assert isinstance(KVPoolStorage, type)
+    # SGLang's real MLA host pool (the latent only), even if the config did not say MLA
+    mla = MLATokenToKVPool(
+        size=256, page_size=PAGE, dtype=torch.float16, kv_lora_rank=64, qk_rope_head_dim=16,
+        layer_num=2, device="cpu", enable_memory_saver=False,
+    )  # fmt: skip
+    mla_host = MLATokenToKVPoolHost(
+        mla._mla_buffer_info(), host_to_device_ratio=2.0, host_size=0, page_size=PAGE,
+        layout="page_first", pin_memory=False, device="cpu", device_capacity_tokens=256,
+        start_layer=0, end_layer=2, target_layer_num=2,
+    )  # fmt: skip
+    with pytest.raises(SettingsError, match="K and V per head"):
+        backend(mla_host, {**extra, "basis": "none"})
 
 
 def test_with_basis_auto_a_tier_that_cannot_say_disables_it(tmp_path: Path) -> None:
