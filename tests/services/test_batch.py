@@ -373,6 +373,7 @@ def test_get_prefix_reads_the_leading_blocks_and_touches_only_those_used(shards)
             touched = served(shards)
             n = await tcp.lookup(NS, keys)
             over_grpc = await tcp.get_many(NS, keys[:n])
+            assert await tcp.get_prefix(NS, keys) == over_grpc  # no socket: lookup, get_many
             return got, before, probed, touched, arenas, over_grpc
         finally:
             await tcp.close()

@@ -60,8 +60,9 @@ def tier(budget: int) -> Iterator[list[ShardServer]]:
             s.stop()
 
 
-def replay(servers: list[ShardServer], requests: int) -> tuple[int, int, int]:
-    """(hit tokens through the tier, hit tokens of an infinite cache, blocks read), in order."""
+def replay(servers: list[ShardServer], requests: int, probes: bool) -> tuple[int, int, int]:
+    """(hit tokens through the tier, hit tokens of an infinite cache, blocks read), in order;
+    reads by lookup and get_many, or by get_prefix (`probes`)."""
     reqs = read_trace(TRACE, limit=requests)
     tk = TraceKeys(NS)
     blob = template()
@@ -73,8 +74,12 @@ def replay(servers: list[ShardServer], requests: int) -> tuple[int, int, int]:
         try:
             for r in reqs:
                 keys = tk(r)
-                n = await client.lookup(NS, keys) if keys else 0
-                if n:
+                if probes:
+                    n = len(await client.get_prefix(NS, keys))
+                    read += n
+                else:
+                    n = await client.lookup(NS, keys) if keys else 0
+                if n and not probes:
                     got = await client.get_many(NS, keys[:n])
                     assert all(b is not None for b in got)  # what a lookup found is readable
                     read += n
@@ -95,18 +100,20 @@ def replay(servers: list[ShardServer], requests: int) -> tuple[int, int, int]:
     return asyncio.run(go())
 
 
-def test_with_room_for_everything_the_tier_serves_every_hit_the_trace_has() -> None:
+@pytest.mark.parametrize("probes", [False, True], ids=["lookup-get_many", "get_prefix"])
+def test_with_room_for_everything_the_tier_serves_every_hit_the_trace_has(probes: bool) -> None:
     for servers in tier(64 << 20):
-        hit, bound, read = replay(servers, 150)
+        hit, bound, read = replay(servers, 150, probes)
         assert hit == bound > 0
         served = [s.store.snapshot().bytes_served for s in servers]
         assert all(b > 0 for b in served) and sum(served) >= read * len(template())
 
 
-def test_with_little_room_hits_stay_readable_and_within_the_bound() -> None:
+@pytest.mark.parametrize("probes", [False, True], ids=["lookup-get_many", "get_prefix"])
+def test_with_little_room_hits_stay_readable_and_within_the_bound(probes: bool) -> None:
     blocks_per_shard = 40
     for servers in tier(blocks_per_shard * len(template())):
-        hit, bound, _ = replay(servers, 150)
+        hit, bound, _ = replay(servers, 150, probes)
         assert 0 < hit <= bound
         assert all(s.store.snapshot().evictions > 0 for s in servers)
         root = store_key(None, NS.id, TraceKeys(NS)(read_trace(TRACE, limit=1)[0])[0])
