@@ -142,6 +142,8 @@ class Settings:
                 raise ValueError(f"kvpool connector: {name} must be positive")
         if s.basis not in ("auto", "none"):
             raise ValueError(f"kvpool connector: basis={s.basis!r} is not 'auto' or 'none'")
+        if s.page_tokens < -1:
+            raise ValueError("kvpool connector: page_tokens is -1 (the default), 0 or a page size")
         if s.max_pending_save_mib < 0 or s.retry_after_s < 0:
             raise ValueError("kvpool connector: max_pending_save_mib and retry_after_s are >= 0")
         return s

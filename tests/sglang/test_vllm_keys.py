@@ -59,3 +59,19 @@ def test_vllm_and_cached_model_keys_are_the_page_chains_store_keys(
     # what the SGLang backend reads from the model folder gives the connector's codec
     config = SimpleNamespace(**json.loads((smollm2_path() / "config.json").read_text()))
     assert codec_for(config, 3, 2).describe() == codec.describe()
+
+
+def test_page_sizes_the_connector_cannot_use_are_refused(tier: Tier) -> None:
+    from kvpool.proto.errors import NamespaceError
+    from kvpool.vllm import Settings, namespace_for_vllm
+
+    with pytest.raises(ValueError, match="page_tokens"):
+        Settings.from_extra({"endpoint": tier.endpoint, "page_tokens": -2})
+    with pytest.raises(NamespaceError, match="divide"):  # 48 does not divide the 256-token block
+        namespace_for_vllm(vllm_config(), Settings.from_extra(
+            {"endpoint": tier.endpoint, "page_tokens": 48, "basis": "none"}
+        ))  # fmt: skip
+    first, _ = namespace_for_vllm(vllm_config(), Settings.from_extra(
+        {"endpoint": tier.endpoint, "page_tokens": 0, "basis": "none"}
+    ))  # fmt: skip
+    assert first.page_tokens == 0  # the first scheme, one chain over whole blocks
