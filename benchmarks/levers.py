@@ -47,7 +47,9 @@ residual Hadamard-rotated at 2 bits per token. The maps are fitted by least squa
 calibration sample, through the same loop. Their parameters ((2HD + 1) HD + (3HD + 1) HD floats
 per layer, 21 MB for SmolLM2) are per namespace, like a key basis, and not counted in the bits.
 The "values only" prediction row predicts from the keys as the codec decodes them but gives the
-model the exact keys.
+model the exact keys. Cheaper maps (the "maps" rows, `fit_map`): the both-tensors row again with
+per-head maps (block-diagonal: each kv head from its own head only) and with rank-16/32/64 maps
+(the full least-squares map projected on the leading directions of its fitted values).
 
 KL: the mean over scored tokens of KL(reference || row) of the next-token distributions, in
 millinats: always >= 0 and much steadier across windows than the perplexity change, so it is
