@@ -25,7 +25,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -201,6 +201,7 @@ def cuda_figures(repeat: int) -> dict[str, Any]:
     kernels_encode()
     torch.cuda.synchronize()
     blob = encode(k, v, cfg)
+    peer: Literal["cpu", "reference"]
     try:  # the C loop where its extension is built (gpu_all.sh may run without a compiler)
         from kvpool.kernels import _cpu_codec  # noqa: F401
 

@@ -90,7 +90,11 @@ def client(index: int, endpoint: str, seconds: float, prompts: int, blocks: int,
             for _ in range(2)
         )
         parts = [slice(i * B, (i + 1) * B) for i in range(blocks)]
-        expect = [decode(encode(k[:, :, s], v[:, :, s], codec, s.start)) for s in parts]
+        expect = []
+        for part in parts:
+            kv = decode(encode(k[:, :, part], v[:, :, part], codec, part.start))
+            assert kv.keys is not None and kv.values is not None  # a KV block holds both
+            expect.append((kv.keys, kv.values))
         data.append((toks, (k, v), expect))
     pool = KVPool(endpoint, ns, codec, config=ClientConfig(timeout_s=2.0, topology_ttl_s=1.0))
 
@@ -104,8 +108,8 @@ def client(index: int, endpoint: str, seconds: float, prompts: int, blocks: int,
         for i in range(got.tokens // B):
             s = slice(i * B, (i + 1) * B)
             c.blocks_checked += 1
-            same = torch.equal(got.keys[:, :, s], expect[i].keys) and torch.equal(
-                got.values[:, :, s], expect[i].values
+            same = torch.equal(got.keys[:, :, s], expect[i][0]) and torch.equal(
+                got.values[:, :, s], expect[i][1]
             )
             c.wrong_blocks += not same
             forged = (got.keys[:, :, s].float() - FORGED_VALUE).abs().max() < 0.05

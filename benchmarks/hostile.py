@@ -103,7 +103,7 @@ async def _attack(
             async for name in r.scan_iter(match=b"kvpool:v2:*", count=64):
                 value = await r.get(name)
                 count += 1
-                if value is None or len(value) < 36 + 124:
+                if not isinstance(value, bytes) or len(value) < 36 + 124:
                     continue
                 head = parse_header(value[36:])
                 kv = torch.full(

@@ -151,13 +151,14 @@ class Settings:
     def client_config(self, lookups_only: bool = False) -> ClientConfig:
         token = Path(self.token_file).read_text().strip() if self.token_file else None
         call = self.lookup_timeout_s if lookups_only else self.call_timeout_s
-        # the scheduler only looks up: the smallest arena, for the same-host lookup socket
-        slots = {"shared_slots": 1, "shared_slot_bytes": 64 << 10} if lookups_only else {}
-        return ClientConfig(
+        config = ClientConfig(
             timeout_s=min(self.rpc_timeout_s, call), call_timeout_s=call,
             tls_ca_file=self.tls_ca or None, tls_server_name=self.tls_server_name or None,
-            token=token, **slots,
+            token=token,
         )  # fmt: skip
+        if lookups_only:  # the scheduler only looks up: the smallest arena, for its lookup socket
+            config = dataclasses.replace(config, shared_slots=1, shared_slot_bytes=64 << 10)
+        return config
 
 
 def namespace_for_vllm(
@@ -175,6 +176,9 @@ def namespace_for_vllm(
             f"kvpool connector: kv_cache_dtype={cache.cache_dtype!r} is not supported "
             "(kvpool quantizes the model dtype's KV itself): use kv_cache_dtype='auto'"
         )
+    dtype = model.dtype
+    if not isinstance(dtype, torch.dtype):  # vLLM resolves 'auto' etc. before connectors exist
+        raise LayoutError(f"kvpool connector: the model's dtype is unresolved ({dtype!r})")
     if settings.block_tokens % cache.block_size:
         raise ValueError(
             f"kvpool connector: block_tokens {settings.block_tokens} must be a multiple of "
@@ -217,7 +221,7 @@ def namespace_for_vllm(
             )
         codec = dataclasses.replace(codec, key_basis=basis)
     ns = namespace_for(
-        name, layers, heads, head_dim, model.dtype, codec,
+        name, layers, heads, head_dim, dtype, codec,
         revision=str(model.revision or ""), block_tokens=settings.block_tokens,
         page_tokens=None if settings.page_tokens < 0 else settings.page_tokens,
         tp_rank=tp_rank, tp_size=parallel.tensor_parallel_size,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator, Sequence
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from kvpool.proto import kvpool_pb2 as pb
 from kvpool.proto.blockformat import DType, Layout
@@ -15,8 +15,8 @@ from kvpool.proto.keys import Namespace
 
 def namespace_to_proto(ns: Namespace) -> pb.Namespace:
     return pb.Namespace(
-        model=ns.model, revision=ns.revision, layout=int(ns.layout), layers=ns.layers,
-        kv_heads=ns.kv_heads, head_dim=ns.head_dim, dtype=int(ns.dtype),
+        model=ns.model, revision=ns.revision, layout=cast(pb.Layout, int(ns.layout)), layers=ns.layers,
+        kv_heads=ns.kv_heads, head_dim=ns.head_dim, dtype=cast(pb.DType, int(ns.dtype)),
         block_tokens=ns.block_tokens, codec=ns.codec, format_version=ns.format_version,
         tp_rank=ns.tp_rank, tp_size=ns.tp_size, integrity=ns.integrity,
     )  # fmt: skip
