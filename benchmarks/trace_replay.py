@@ -62,7 +62,8 @@ from kvpool.client import namespace_for
 from kvpool.kernels.codec import CodecConfig, encode
 from kvpool.proto.blockformat import parse_header
 from kvpool.proto.keys import Namespace
-from kvpool.ring import Ring
+from kvpool.ring import Placement, Ring
+from kvpool.services.hot import HotKeys
 from kvpool.services.redis_server import RedisServer
 from kvpool.services.store import BlockStore
 from kvpool.services.tier import TierConfig, start_tier
@@ -124,33 +125,53 @@ class Infinite(Cache):
 
 
 class Stores(Cache):
-    """kvpool's BlockStore, one per shard with the budget split evenly, placed by the client's
-    ring, driven as the client drives the tier: one get_many and one put_many per shard, each
-    block naming the nearest earlier block of its prefix on the same shard."""
+    """kvpool's BlockStore, one per shard with the budget split evenly, placed as the client
+    places keys (by run; by their own bytes in a run a shard's hot counter called hot, found
+    also where the run's owner kept them, and moved to their own owner when read there),
+    driven as the client drives the tier: one get_many and one put_many per shard, each block
+    naming the nearest earlier block of its prefix on the same shard. Hot blocks' read
+    replicas are not simulated."""
 
     def __init__(self, budget_bytes: int, shards: int, block_bytes: int) -> None:
         ids = [f"shard-{i}" for i in range(shards)]
-        self.ring = Ring(ids)
+        self.place = Placement(Ring(ids))
         self.stores = {s: BlockStore(max(block_bytes, budget_bytes // shards)) for s in ids}
+        self.hot = {s: HotKeys() for s in ids}  # as each shard counts its reads
         self.blob = b"\0" * block_bytes
 
+    def _holder(self, key: bytes) -> str | None:
+        for sid in (*self.place.owners(key), *self.place.fallback(key)):
+            if key in self.stores[sid]:
+                return sid
+        return None
+
     def run(self, keys: Keys) -> int:
-        owners = [self.ring.owners(k)[0] for k in keys]
-        n = 0
-        while n < len(keys) and keys[n] in self.stores[owners[n]]:
-            n += 1
+        holders: list[str] = []
+        for key in keys:
+            sid = self._holder(key)
+            if sid is None:
+                break
+            holders.append(sid)
+        n = len(holders)
+        owners = [self.place.owners(k)[0] for k in keys]
         reads: dict[str, Keys] = {}
         writes: dict[str, list] = {}
         last: dict[str, bytes] = {}
         for i, (key, sid) in enumerate(zip(keys, owners, strict=True)):
             if i < n:
-                reads.setdefault(sid, []).append(key)
+                reads.setdefault(holders[i], []).append(key)
+                if holders[i] != sid:  # read elsewhere: filled on its owner (read repair)
+                    item = (key, keys[0], i, self.blob, last.get(sid), None)
+                    writes.setdefault(sid, []).append(item)
             else:
                 item = (key, keys[0], i, self.blob, last.get(sid), None)
                 writes.setdefault(sid, []).append(item)
             last[sid] = key
         for sid, ks in reads.items():
             self.stores[sid].get_many(ks)
+            for key in ks:
+                if self.hot[sid].read(key, len(self.blob)) > 1:
+                    self.place.mark_hot(key)
         for sid, items in writes.items():
             self.stores[sid].put_many(items)
         return n

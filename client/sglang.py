@@ -70,7 +70,7 @@ from kvpool.proto.errors import (
     KVPoolError,
     TierError,
 )
-from kvpool.proto.keys import BlockHash, Namespace, page_block_key
+from kvpool.proto.keys import BlockHash, Namespace, page_block_key, placed, run_head
 from kvpool.transport import BlockPut, ClientConfig
 
 log = logging.getLogger(__name__)
@@ -488,10 +488,21 @@ class KVPoolStorage(HiCacheStorage):
             last = (b + 1) * n - 1
             if last >= len(chain):
                 break
-            blocks.append((b, page_block_key(self._ns, bytes.fromhex(chain[last]))))
+            blocks.append((b, self._block_key(chain, b)))
         known = {b for b, _ in blocks}
         page_block = [b if b in known else -1 for b in page_block]
         return start, blocks, page_block
+
+    def _block_key(self, chain: Sequence[str], b: int) -> BlockHash:
+        """Block b's key from the page keys of its prompt (`chain`, from the first page): the
+        key of its last page, placed with its run's head (`kvpool.proto.keys`)."""
+        n = self.pages_per_block
+
+        def digest(block: int) -> BlockHash:
+            return page_block_key(self._ns, bytes.fromhex(chain[(block + 1) * n - 1]))
+
+        head = run_head(b)
+        return digest(b) if head == b else placed(digest(head), digest(b))
 
     def _verified(self, b: int, key: BlockHash, blob: bytes | None) -> Tensor | None:
         """Block b, checked to be the one asked for and decoded: [2, L, H, B, D] in the pool's
@@ -563,12 +574,10 @@ class KVPoolStorage(HiCacheStorage):
             kv = torch.cat(parts, dim=3)
             if kv.shape[3] != ns.block_tokens:
                 continue
-            key = page_block_key(ns, bytes.fromhex(chain[(b + 1) * n - 1]))
-            blocks.append((b, key, kv))
+            blocks.append((b, self._block_key(chain, b), kv))
         if not blocks:
             return ok
-        prefix_keys = [page_block_key(ns, bytes.fromhex(chain[(b + 1) * n - 1]))
-                       for b in range(blocks[-1][0] + 1)]  # fmt: skip
+        prefix_keys = [self._block_key(chain, b) for b in range(blocks[-1][0] + 1)]
         present = self._tier(self._pool.tier.lookup(ns, prefix_keys), 0)
         blocks = [x for x in blocks if x[0] >= present]
         if not blocks:

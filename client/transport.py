@@ -42,14 +42,13 @@ from kvpool.proto.messages import (
     namespace_to_proto,
     pack,
 )
-from kvpool.ring import Ring
+from kvpool.ring import Placement, Ring
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 M = TypeVar("M", bound=Message)
 _STATUS = {code.value[0]: code.name for code in grpc.StatusCode}
 _MAX_REPLY = 1 << 16  # the answers on the same-host socket are small messages
-_OWNERS_KEPT = 1 << 16  # keys whose owners a client remembers
 # what a same-host socket request fails with when the socket itself is unusable: use gRPC / TCP
 _SOCKET_ERRORS = (OSError, ValueError, TimeoutError, asyncio.IncompleteReadError, DecodeError)
 
@@ -81,7 +80,7 @@ class ClientConfig:
     shared_slots: int = 4  # blocks in flight through one shard's arena
     shared_slot_bytes: int = 8 << 20  # the largest block the arena takes (larger ones: TCP)
     hot_keys: int = 4096  # hot blocks remembered (their reads are spread over replicas)
-    max_hot_replicas: int = 8  # the most shards one hot block's reads are spread over
+    max_hot_replicas: int = 32  # the most shards one hot block's reads are spread over
     batch_bytes: int = 64 << 20  # at most this many block bytes per BatchPut (and one block)
     touch_delay_s: float = 0.02  # the most a probed block's touch waits for a request to ride in
     seen_keys: int = 1 << 16  # keys remembered as stored or read here (where probes start)
@@ -107,7 +106,7 @@ class TierClient:
         self.replication = 1
         self.epoch = -1
         self._addresses: dict[str, str] = {}  # shard id -> host:port
-        self._ring = Ring([])
+        self._place = Placement(Ring([]), 1, config.hot_keys)  # where keys live, remembered
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._on_failure = on_failure
@@ -117,8 +116,6 @@ class TierClient:
         self._shared: dict[str, _Shared | float] = {}  # address -> arena, or when to try again
         self._shared_lock = asyncio.Lock()
         self._hot: collections.OrderedDict[bytes, list[int]] = collections.OrderedDict()
-        self._owner_cache: dict[bytes, tuple[str, ...]] = {}  # for the current ring only
-        self._ranks: dict[bytes, tuple[str, ...]] = {}  # hot keys' ranking, current ring only
         # blocks probed and used, not yet touched: shard id -> (namespace id, keys)
         self._touches: dict[str, tuple[bytes, list[bytes]]] = {}
         self._touch_timer: asyncio.TimerHandle | None = None
@@ -186,7 +183,6 @@ class TierClient:
         addresses = {s.shard_id: s.address for s in topo.shards}
         if addresses != self._addresses:
             self._addresses = addresses
-            self._ring = Ring(list(addresses))
             keep = {*addresses.values(), *self.seeds}
             for address in [a for a in self._shared if a not in keep]:
                 shared = self._shared.pop(address)  # its shard left or moved: so did the arena
@@ -196,8 +192,7 @@ class TierClient:
                 self._drop_channel(address)
         self.replication = max(1, topo.replication)
         self.epoch = topo.epoch
-        self._owner_cache.clear()
-        self._ranks.clear()
+        self._place.reset(Ring(list(self._addresses)), self.replication)
 
     def _drop_channel(self, address: str) -> None:
         """Forget the channel to `address`; it closes in the background (in-flight calls finish)."""
@@ -220,13 +215,9 @@ class TierClient:
         return list(self._owners_of(key))
 
     def _owners_of(self, key: bytes) -> tuple[str, ...]:
-        """`owners(key)`, remembered (a request asks for a key's owners several times)."""
-        owners = self._owner_cache.get(key)
-        if owners is None:
-            if len(self._owner_cache) >= _OWNERS_KEPT:
-                self._owner_cache.clear()
-            owners = self._owner_cache[key] = tuple(self._ring.owners(key, self.replication))
-        return owners
+        """`owners(key)`, remembered (a request asks for a key's owners several times): by its
+        run, or by its own bytes in a run a shard called hot (`kvpool.ring.Placement`)."""
+        return self._place.owners(key)
 
     async def _call(self, shard_id: str, rpc: Callable[[pb_grpc.KVPoolStub], Awaitable[T]]) -> T:
         """Run one RPC against a shard and map failures to TierError. UNAVAILABLE: once more,
@@ -279,11 +270,14 @@ class TierClient:
         if not keys:
             return 0
         await self._ensure_topology()
-        per_shard: dict[tuple[str, bool], list[int]] = {}  # (shard, asked as a hot replica)
+        # (shard, asked apart): a hot block's replica, or any shard of a hot run (its blocks
+        # may not have moved yet), is asked apart, so that a block it lacks hides no other
+        per_shard: dict[tuple[str, bool], list[int]] = {}
         for i, key in enumerate(keys):
             owners = self._owners_of(key)
+            apart = self._place.is_hot(key)
             for sid in self._holders(key):
-                per_shard.setdefault((sid, sid not in owners), []).append(i)
+                per_shard.setdefault((sid, apart or sid not in owners), []).append(i)
 
         async def ask(sid: str, idx: list[int]) -> tuple[list[int], int | TierError]:
             req = pb.LookupRequest(namespace_id=ns.id, keys=[keys[i] for i in idx])
@@ -378,8 +372,9 @@ class TierClient:
         slot while it is read: readers that verify a MAC must copy first (`get`)."""
         await self._ensure_topology()
         errors: list[TierError] = []
+        asked = (*self._owners_of(key), *self._place.fallback(key))
         async with self._inflight:
-            for sid in self._owners_of(key):
+            for sid in asked:
                 async with contextlib.AsyncExitStack() as stack:
                     try:
                         found = await stack.enter_async_context(self._fetch_any(sid, ns, key))
@@ -391,7 +386,7 @@ class TierClient:
                             self._absorbed("get", absorbed)
                         yield found  # outside the try: the caller's errors are its own
                         return
-        if errors and len(errors) == len(self._owners_of(key)):
+        if errors and len(errors) == len(asked):
             raise errors[0]
         for absorbed in errors:
             self._absorbed("get", absorbed)
@@ -564,7 +559,7 @@ class TierClient:
                 for i, (data, replicas) in zip(idx, reply, strict=True):
                     found[i] = data
                     self._note_hot(keys[i], replicas, primary=sid == self._owners_of(keys[i])[0])
-                    if data is None and turn == 0 and sid not in self._owners_of(keys[i]):
+                    if data is None and turn == 0 and self._repairs(keys[i], sid):
                         missed[i] = sid
             pending = [i for i in pending if found[i] is None]
             if not pending:
@@ -578,35 +573,41 @@ class TierClient:
 
     def _holders(self, key: bytes) -> Sequence[str]:
         """The shards that may hold `key`: its owners, and its replicas when it is hot (its
-        reads went there, so its owners may have let it go). A replica is asked apart from
-        the keys it owns: one it has not filled yet must not hide those."""
+        reads went there, so its owners may have let it go), and in a hot run its run's
+        owners (`Placement.fallback`). A replica is asked apart from the keys it owns: one it
+        has not filled yet must not hide those."""
         hot = self._hot.get(key)
-        if hot is None:
-            return self._owners_of(key)
-        return self._ranked(key)[: max(hot[0], self.replication)]
+        where = self._owners_of(key)
+        if hot is not None:
+            where = self._ranked(key)[: max(hot[0], self.replication)]
+        fallback = self._place.fallback(key)
+        return (*where, *(s for s in fallback if s not in where)) if fallback else where
+
+    def _repairs(self, key: bytes, sid: str) -> bool:
+        """Whether a first-turn miss of `key` on `sid` is filled once the block is found
+        elsewhere: a hot replica's, or any in a hot run (its blocks move to their own owners
+        as they are read)."""
+        return sid not in self._owners_of(key) or self._place.is_hot(key)
 
     def _read_order(self, key: bytes) -> Sequence[str]:
         """The shards to read `key` from, in turn: its owners; for a hot key first the next of
         its first `replicas` owners in rotation, then its owners."""
         owners = self._owners_of(key)
         hot = self._hot.get(key)
+        fallback = self._place.fallback(key)
         if hot is None:
-            return owners
+            return (*owners, *fallback) if fallback else owners
         replicas, turn = hot
         hot[1] = turn + 1
         spread = self._ranked(key)[: max(replicas, len(owners))]
         first = spread[turn % min(replicas, len(spread))]
-        return [first, *(sid for sid in owners if sid != first)]
+        rest = (sid for sid in (*owners, *fallback) if sid != first)
+        return [first, *rest]
 
     def _ranked(self, key: bytes) -> tuple[str, ...]:
         """Every shard, in the order the ring ranks them for a hot `key` (remembered for the
         current ring, as many keys as are remembered hot)."""
-        ranked = self._ranks.get(key)
-        if ranked is None:
-            if len(self._ranks) >= self.config.hot_keys:
-                self._ranks.clear()
-            ranked = self._ranks[key] = tuple(self._ring.owners(key, len(self._addresses)))
-        return ranked
+        return self._place.ranked(key, self.config.hot_keys)
 
     def _note_hot(self, key: bytes, replicas: int, primary: bool) -> None:
         """Remember what a shard said of `key`: hot, with how many replicas (bounded by
@@ -619,6 +620,7 @@ class TierClient:
                 del self._hot[key]
             return
         if hot is None:
+            self._place.mark_hot(key)  # its run: placed by each key's own bytes from now on
             self._hot[key] = [replicas, 0]
             if len(self._hot) > self.config.hot_keys:
                 self._hot.popitem(last=False)
@@ -796,7 +798,7 @@ class TierClient:
                             data[i], present[i], holder[i] = block, block is None, sid
                             if block is not None:
                                 probed.add(i)
-                        elif turn == 0 and sid not in self._owners_of(keys[i]):
+                        elif turn == 0 and self._repairs(keys[i], sid):
                             missed[i] = sid
                 n = leading()
                 pending = [i for i in range(n, end)
@@ -1050,7 +1052,7 @@ class TierClient:
         await self._ensure_topology()
         per_shard: dict[str, list[bytes]] = {}
         for key in keys:
-            for sid in self._owners_of(key):
+            for sid in (*self._owners_of(key), *self._place.fallback(key)):
                 per_shard.setdefault(sid, []).append(key)
 
         async def delete_on(sid: str, ks: list[bytes]) -> int:

@@ -7,8 +7,10 @@ owners on the ring and fill the ones that miss (read repair), as Mooncake Store 
 objects: a prefix's first block, read by every request, no longer loads one shard.
 
 A block is hot when its share of the bytes this shard served recently is at least `hot_share`;
-its hint is then ceil(share / hot_share) replicas (at most `max_replicas`), enough for each
-replica to carry about `hot_share` of a shard's load. "Recently" is a decayed count: every
+its hint is then enough replicas for each to carry about `hot_share` of what the shard serves
+besides the key, ceil(share / (hot_share * (1 - share))), at most `max_replicas` (32: a block
+every request reads should be on every shard of a large tier; clients cap it at the shards
+there are). "Recently" is a decayed count: every
 `window` reads all counts halve, and keys far from hot (under a quarter of `hot_share`) are
 dropped, so at most `capacity` keys are tracked and each read costs O(1) (the halving, O(capacity),
 runs once per `window` >= `capacity` reads). Nothing is judged before `min_reads` reads.
@@ -23,7 +25,7 @@ class HotKeys:
     """A decayed count of bytes served per key, over at most `capacity` keys."""
 
     def __init__(
-        self, hot_share: float = 0.1, max_replicas: int = 8, capacity: int = 1024,
+        self, hot_share: float = 0.1, max_replicas: int = 32, capacity: int = 1024,
         window: int = 1024, min_reads: int = 64,
     ) -> None:  # fmt: skip
         if not 0.0 < hot_share <= 1.0 or max_replicas < 1 or window < capacity or capacity < 1:
@@ -53,20 +55,24 @@ class HotKeys:
         self._bytes[key] = count
         if self._reads < self.min_reads:
             return 1
-        share = count / self._total
-        if share < self.hot_share:
-            return 1
-        return min(self.max_replicas, math.ceil(share / self.hot_share))
+        return self._replicas(count / self._total)
 
     def peek(self, key: bytes, size: int) -> int:
         """The replicas `read(key, size)` would answer, counting nothing."""
         count = self._bytes.get(key)
         if count is None or self._reads + 1 < self.min_reads:
             return 1
-        share = (count + size) / (self._total + size)
+        return self._replicas((count + size) / (self._total + size))
+
+    def _replicas(self, share: float) -> int:
+        """Replicas for a key with `share` of this shard's bytes: 1 under `hot_share`, else
+        enough that each carries `hot_share` of what the shard serves besides the key (the
+        key itself inflates the shard's total: a key with half of it needs 10 replicas at 0.1,
+        not 5)."""
         if share < self.hot_share:
             return 1
-        return min(self.max_replicas, math.ceil(share / self.hot_share))
+        rest = max(1.0 - share, 1e-9)
+        return min(self.max_replicas, math.ceil(share / (self.hot_share * rest)))
 
     def _decay(self) -> None:
         self._since = 0

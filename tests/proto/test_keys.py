@@ -21,6 +21,9 @@ from kvpool.proto.keys import (
     chain_start,
     page_block_key,
     page_digests,
+    placed,
+    run_head,
+    run_keys,
 )
 from kvpool.proto.messages import namespace_from_proto, namespace_to_proto
 
@@ -47,8 +50,10 @@ def test_one_key_per_full_block_and_chained() -> None:
     assert len(keys) == 100 // 16
     assert all(len(k) == 32 for k in keys) and len(set(keys)) == len(keys)
     digests = _page_chain(TOKENS, 16)
-    for i, key in enumerate(keys):
-        assert key == hashlib.sha256(b"kvpool/v2 block\x00" + NS.root + digests[i]).digest()
+    own = [hashlib.sha256(b"kvpool/v2 block\x00" + NS.root + d).digest() for d in digests]
+    assert [keys[b] for b in (0, 1, 2, 4)] == [own[b] for b in (0, 1, 2, 4)]  # run heads
+    assert keys[3] == own[2][:8] + own[3][8:]
+    assert keys[5] == own[4][:8] + own[5][8:]  # run {4..7}: placed with block 4
 
 
 def test_pages_smaller_than_blocks_chain_over_pages() -> None:
@@ -57,7 +62,7 @@ def test_pages_smaller_than_blocks_chain_over_pages() -> None:
     digests = _page_chain(TOKENS, 4)
     assert digests == page_digests(TOKENS, 4) and len(digests) == 25
     # block b's key is the store key of its last page's digest
-    assert keys == [page_block_key(ns, digests[4 * b + 3]) for b in range(6)]
+    assert keys == run_keys([page_block_key(ns, digests[4 * b + 3]) for b in range(6)])
     assert not set(keys) & set(block_keys(NS, TOKENS))  # another page size, other keys
     assert ns.id == NS.id and ns.root != NS.root  # the scheme is in the keys, not the id
 
@@ -67,10 +72,12 @@ def test_the_first_scheme_chains_whole_blocks_from_the_root() -> None:
     keys = block_keys(ns, TOKENS)
     prev = hashlib.sha256(b"kvpool/v1 root\x00" + NS.id + hashlib.sha256(b"").digest()).digest()
     assert ns.root == prev
-    for i, key in enumerate(keys):
+    digests = []
+    for i in range(len(keys)):
         block = np.asarray(TOKENS[16 * i : 16 * (i + 1)], dtype="<u4").tobytes()
-        prev = hashlib.sha256(prev + block).digest()
-        assert key == prev
+        prev = hashlib.sha256(prev + block).digest()  # chained over digests, not stored keys
+        digests.append(prev)
+    assert keys == run_keys(digests) and keys[5] == digests[4][:8] + digests[5][8:]
     assert not set(keys) & set(block_keys(NS, TOKENS))
     with pytest.raises(NamespaceError):
         page_block_key(ns, b"\0" * 32)
@@ -97,6 +104,30 @@ def test_chain_block_steps_equal_block_keys() -> None:
         assert keys == block_keys(ns, TOKENS)
         with pytest.raises(TokenError):
             chain_block(ns, state, arr[:60])
+        with pytest.raises(TokenError):
+            chain_block(ns, state[:-1], arr[:64])  # not a state
+
+
+def test_runs_double_up_to_run_blocks_then_stay() -> None:
+    heads = [run_head(b, 16) for b in range(50)]
+    assert heads[:8] == [0, 1, 2, 2, 4, 4, 4, 4]
+    assert heads[8:16] == [8] * 8 and heads[16:32] == [16] * 16 and heads[32:48] == [32] * 16
+    assert [run_head(b, 1) for b in range(5)] == [0, 1, 2, 3, 4]  # one block a run
+    assert [run_head(b, 4) for b in range(10)] == [0, 1, 2, 2, 4, 4, 4, 4, 8, 8]
+    with pytest.raises(ValueError):
+        run_head(-1)
+
+
+def test_a_run_shares_its_placement_bytes_and_keeps_192_bits_of_its_own() -> None:
+    tokens = list(range(16 * 40))
+    keys = block_keys(NS, tokens)
+    for b, key in enumerate(keys):
+        assert key[:8] == keys[run_head(b)][:8]
+    assert len({k[8:] for k in keys}) == len(keys)  # the rest is the block's own digest
+    # a block after another run head gets other placement bytes, and a prefix's key does not
+    # depend on what follows it
+    assert keys[15][:8] != keys[16][:8] and block_keys(NS, tokens[: 16 * 20]) == keys[:20]
+    assert placed(b"a" * 32, b"b" * 32) == b"a" * 8 + b"b" * 24
 
 
 def test_bad_page_digests_and_page_sizes_are_refused() -> None:

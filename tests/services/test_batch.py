@@ -13,7 +13,7 @@ import pytest
 
 from kvpool.proto import kvpool_pb2 as pb
 from kvpool.proto import kvpool_pb2_grpc as pb_grpc
-from kvpool.proto.keys import block_keys
+from kvpool.proto.keys import block_keys, run_head
 from kvpool.proto.messages import REPLY_HEAD, REQUEST_HEAD, namespace_to_proto, pack
 from kvpool.ring import Ring
 from kvpool.services.security import store_key
@@ -385,6 +385,45 @@ def test_get_prefix_reads_the_leading_blocks_and_touches_only_those_used(shards)
     assert touched == (before[0] + 7, before[1] + sum(map(len, blobs[:7])))
 
 
+def test_a_runs_blocks_share_an_owner_and_reads_across_run_edges_equal_grpcs(shards) -> None:
+    """A 40-block prefix is runs ({0}, {1}, {2, 3}, {4..7}, then RUN_BLOCKS at a time): each
+    run's blocks are stored on its head's owners only. get_prefix over the same-host
+    socket, lookup and get_many over gRPC give the same blocks, with the prefix ending at a
+    run's edge, inside a run, and whole."""
+    keys, blobs = prefix(25_000, 40)
+    puts = [BlockPut(k, keys[0], i, b) for i, (k, b) in enumerate(zip(keys, blobs, strict=True))]
+
+    async def go():
+        tier = TierClient(shards[0].address, ClientConfig(timeout_s=10.0))
+        tcp = TierClient(shards[0].address, TCP)
+        try:
+            await tier.put_many(NS, puts, prefix=keys)
+            owners = [tier.owners(k) for k in keys]
+            seen = []
+            for gap in (None, 21, 16):  # whole; inside a run; at a run's first block
+                if gap is not None:
+                    for s in shards:
+                        s.store.delete([store_key(None, NS.id, keys[gap])])
+                got = await tier.get_prefix(NS, keys)
+                n = await tcp.lookup(NS, keys)
+                seen.append((got, n, await tcp.get_many(NS, keys[:n]),
+                             await tcp.get_prefix(NS, keys)))  # fmt: skip
+            return owners, seen
+        finally:
+            await tier.close()
+            await tcp.close()
+
+    owners, seen = run(go())
+    assert all(owners[b] == owners[run_head(b)] for b in range(40))
+    assert len({owners[run_head(b)][0] for b in range(40)}) > 1  # runs spread over shards
+    for b, k in enumerate(keys):  # stored on the run's owners, nowhere else (21, 16: deleted)
+        held = {s.shard_id for s in shards if store_key(None, NS.id, k) in s.store}
+        assert held == (set() if b in (21, 16) else set(owners[b]))
+    assert [n for _, n, _, _ in seen] == [40, 21, 16]
+    for (got, _, over_grpc, tcp_prefix), expect in zip(seen, (40, 21, 16), strict=True):
+        assert got == over_grpc == tcp_prefix == blobs[:expect]
+
+
 def test_get_prefix_asks_the_next_owner_of_the_first_block_its_first_holder_lacks(shards) -> None:
     keys, blobs = prefix(24_000, 9)
     puts = [BlockPut(k, keys[0], i, b) for i, (k, b) in enumerate(zip(keys, blobs, strict=True))]
@@ -508,9 +547,10 @@ def test_a_probes_hot_hint_is_what_a_read_would_answer_and_counts_nothing() -> N
         hot.read(b"root", 1000)
         hot.read(bytes([i]), 1000)
     state = (dict(hot._bytes), hot._total, hot._reads, hot._since)
-    assert [hot.peek(b"root", 1000), hot.peek(b"\x01", 1000), hot.peek(b"new", 1000)] == [2, 1, 1]
+    # root: 13 of 25 reads, ceil(0.52 / (0.3 * 0.48)) replicas
+    assert [hot.peek(b"root", 1000), hot.peek(b"\x01", 1000), hot.peek(b"new", 1000)] == [4, 1, 1]
     assert (dict(hot._bytes), hot._total, hot._reads, hot._since) == state
-    assert hot.read(b"root", 1000) == 2
+    assert hot.read(b"root", 1000) == 4
 
 
 def test_store_keys_are_the_hash_of_tenant_namespace_and_key() -> None:

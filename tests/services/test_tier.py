@@ -302,9 +302,10 @@ def test_shards_added_to_a_running_tier_take_new_blocks(tier, client) -> None:
     assert len(tier.topology()) == 3
     wait_for(lambda: (client.call(client.tier.refresh(force=True)), client.tier.epoch != before)[1])
     assert len(client.tier._addresses) == 3
-    toks = tokens(24 * B, seed=9)
-    assert client.put(toks, kv(24 * B, seed=9)) == 24
-    assert client.lookup(toks) == 24 * B
+    for seed in (9, 19, 29, 39):  # 16 runs of blocks (a prompt's run lives on one shard)
+        toks = tokens(8 * B, seed=seed)
+        assert client.put(toks, kv(8 * B, seed=seed)) == 8
+        assert client.lookup(toks) == 8 * B
     per_shard = {s.shard_id: s.blocks for s in client.call(client.tier.stats())}
     assert len(per_shard) == 3 and all(n > 0 for n in per_shard.values())
 

@@ -14,7 +14,7 @@ from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost
 from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory
 
 from kvpool.kernels.codec import Binding, decode, encode
-from kvpool.proto.keys import page_block_key
+from kvpool.proto.keys import page_block_key, run_keys
 from kvpool.sglang import KVPoolStorage, page_kv
 
 LAYOUTS = ("layer_first", "page_first", "page_first_direct", "page_head")
@@ -102,7 +102,8 @@ def round_trip(store: KVPoolStorage, kv: torch.Tensor, page_keys: list[str]) -> 
     n = BLOCK // PAGE
     out = []
     for b in range(kv.shape[3] // BLOCK):
-        key = page_block_key(ns, bytes.fromhex(page_keys[(b + 1) * n - 1]))
+        key = run_keys([page_block_key(ns, bytes.fromhex(page_keys[(c + 1) * n - 1]))
+                        for c in range(b + 1)])[b]  # fmt: skip
         x = kv[..., b * BLOCK : (b + 1) * BLOCK, :]
         blob = encode(x[0], x[1], codec, start_position=b * BLOCK, binding=Binding(ns.id, key))
         block = decode(blob, "cpu", kv.dtype, key_basis=codec.key_basis)
