@@ -324,6 +324,7 @@ def calibrate_basis(
     group_size: int = 128, windows: int = 6, window_tokens: int = 1024, pre_rope: bool = True,
     query_weighted: bool = True, predict: bool = False, value_bits: int = 2,
     progress: Callable[[str], None] | None = None, per_head_maps: bool = False,
+    symmetric_values: bool = False,
 ) -> KeyBasis:  # fmt: skip
     """A key basis for `model` from sample text: per (layer, kv head), the principal components
     of its (pre-RoPE) keys over up to `windows` windows of `window_tokens` tokens of the sample
@@ -338,7 +339,8 @@ def calibrate_basis(
     predict: also fit inter-layer prediction maps (see KeyBasis), in the closed loop the codec
     runs: layer by layer over the sample, least squares from the layer before as rebuilt from
     its codes, the basis and widths of what the keys' prediction misses, and the values'
-    residual quantized as blocks will be (Hadamard-rotated, `value_bits` per token).
+    residual quantized as blocks will be (Hadamard-rotated, `value_bits` per token;
+    `symmetric_values`: in symmetric groups, one scale and no minimum, as CodecConfig's option).
     per_head_maps: block-diagonal maps, each head predicted from its own head only."""
     from kvpool.model_facts import rope_params
 
@@ -380,7 +382,7 @@ def calibrate_basis(
         say("prediction maps, layer by layer")
         keys, values = (torch.cat(parts, 2) for parts in zip(*kept, strict=True))
         return _fit_predicted(keys, values, weights, key_bits, group_size, value_bits,
-                              per_head_maps)  # fmt: skip
+                              per_head_maps, symmetric_values)  # fmt: skip
     assert total is not None and outer is not None
     mean = total / n
     covariance = outer / n - mean[..., :, None] * mean[..., None, :]
@@ -392,7 +394,7 @@ def calibrate_basis(
 
 def _fit_predicted(
     keys: Tensor, values: Tensor, query: Tensor | None, key_bits: float, group_size: int,
-    value_bits: int, per_head: bool = False,
+    value_bits: int, per_head: bool = False, symmetric_values: bool = False,
 ) -> KeyBasis:  # fmt: skip
     """The closed-loop fit of a predicting KeyBasis on pre-RoPE keys and values [L, H, N, D]
     (N in whole groups), run as the codec's own `predicted_loop`: for each layer, the key
@@ -444,7 +446,7 @@ def _fit_predicted(
 
     def value_residual(layer: int, pv: Tensor) -> Tensor:
         q = reference.quantize(hadamard(values[layer] - pv).contiguous(), False, value_group,
-                               value_bits)  # fmt: skip
+                               value_bits, symmetric_values)  # fmt: skip
         return hadamard(reference.dequantize(*q, False, value_group, torch.float32))
 
     rebuilt = (torch.empty_like(keys), torch.empty_like(values))
@@ -563,15 +565,17 @@ def allocate_bands(variance: Tensor, key_bits: float, group_size: int) -> tuple[
 
 def basis_path(model: str, options: Any) -> Path:
     """Where `kvpool calibrate --basis` keeps a key basis:
-    .cache/profiles/MODEL-basis-gG-kBITS[-postrope][-qw][-pred[-head]].pt (under KVPOOL_CACHE_DIR
+    .cache/profiles/MODEL-basis-gG-kBITS[-postrope][-qw][-pred[-head][-vsym]].pt (under KVPOOL_CACHE_DIR
     when set; -qw: widths allocated by query-weighted error, the default; -pred: with inter-layer
-    prediction maps; -head: per-head maps)."""
+    prediction maps; -head: per-head maps; -vsym: fitted for symmetric value groups)."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", model.split("/")[-1]).lower()
     rope = "-postrope" if getattr(options, "no_pre_rope", False) else ""
     weights = "" if getattr(options, "no_query_weights", False) else "-qw"
     predict = "-pred" if getattr(options, "predict", False) else ""
     if predict and getattr(options, "per_head_maps", False):
         predict += "-head"
+    if predict and getattr(options, "symmetric_values", False):
+        predict += "-vsym"
     file = f"{name}-basis-g{options.group_size}-k{options.key_bits:.4g}{rope}{weights}{predict}.pt"
     return Path(os.environ.get("KVPOOL_CACHE_DIR", ".cache")) / "profiles" / file
 

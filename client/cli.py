@@ -185,6 +185,10 @@ def ingest(args: argparse.Namespace) -> None:
 
 def calibrate(args: argparse.Namespace) -> None:
     """Calibrate a per-layer bit profile and write it (see kvpool.calibrate)."""
+    if args.symmetric_values and (args.publish or not args.predict):
+        raise SystemExit(  # the tier's basis record names no value-group option yet
+            "kvpool calibrate: --symmetric-values goes with --basis --predict, without --publish"
+        )
     if args.samples is None:  # the library's defaults: calibrate (4), calibrate_basis (6)
         args.samples = 6 if args.basis else 4
     from pathlib import Path
@@ -209,6 +213,7 @@ def calibrate(args: argparse.Namespace) -> None:
                 windows=args.samples, pre_rope=not args.no_pre_rope,
                 query_weighted=not args.no_query_weights, predict=args.predict,
                 value_bits=args.value_bits, per_head_maps=args.per_head_maps,
+                symmetric_values=args.symmetric_values,
                 progress=lambda msg: (bar.set_postfix_str(msg), bar.update(1)),
             )  # fmt: skip
         path = basis.save(args.out or cal.basis_path(model.config._name_or_path, args))
@@ -429,6 +434,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_cal.add_argument(
         "--value-bits", type=int, default=2, choices=(2, 3, 4, 8),
         help="--basis: value bits of the blocks the basis codes (2)",
+    )  # fmt: skip
+    p_cal.add_argument(
+        "--symmetric-values", action="store_true",
+        help="--predict: fit the maps for blocks whose value groups are symmetric (one fp16 "
+        "scale, no minimum: CodecConfig(symmetric_values=True)); not publishable yet",
     )  # fmt: skip
     p_cal.add_argument(
         "--publish", default=None, metavar="ENDPOINT",

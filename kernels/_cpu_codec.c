@@ -7,6 +7,8 @@
  * (decoded into [H, T, D] whose heads may be further apart: a slice of a longer sequence).
  *   keys   (is_key=1): groups of G tokens of one channel, scales/mins [H, T/G, D]
  *   values (is_key=0): groups of G channels of one token, scales/mins [H, T, D/G]
+ *   symmetric values (sym=1, per-token groups only): scales [H, T, D/G] and no minimums; a
+ *   group's codes are offset by -h * s (h = (2^b - 1) / 2, fp32, exact), as reference.py says
  * Rows are packed as _cpu_rows.h says.
  *
  * The functions take raw addresses (tensor.data_ptr()) and release the GIL while they run, so
@@ -51,6 +53,15 @@ INLINE void group_params(float lo, float hi, float qmax, f16 *s16, f16 *m16) {
     if (!(s >= SCALE_EPS)) s = SCALE_EPS;
     *s16 = (f16)s;
     *m16 = (f16)lo;
+}
+
+/* a symmetric group's scale (fp16) and the fp32 offset -h * s it implies */
+INLINE void symmetric_params(float lo, float hi, float half, f16 *s16, float *m) {
+    float a = -lo > hi ? -lo : hi;
+    float s = a / half;
+    if (!(s >= SCALE_EPS)) s = SCALE_EPS;
+    *s16 = (f16)s;
+    *m = (float)*s16 * -half;
 }
 
 INLINE void codes_row(const float *restrict x, const float *restrict s, const float *restrict m,
@@ -102,9 +113,10 @@ INLINE int out_of_range(const float *restrict x, int64_t n) { /* NaN, inf or bey
 /* returns 0, or 1 when the section holds NaN, inf or a magnitude beyond fp16 (nothing valid
  * is written then) */
 INLINE int encode_impl(const char *x, int dtype, int64_t H, int64_t T, int64_t D, int is_key,
-                           int64_t G, int bits, uint8_t *codes, f16 *scales, f16 *mins) {
+                           int64_t G, int bits, uint8_t *codes, f16 *scales, f16 *mins,
+                           int sym) {
     const int64_t esize = dtype == DT_F32 ? 4 : 2, row_bytes = D * bits / 8;
-    const float qmax = (float)((1 << bits) - 1);
+    const float qmax = (float)((1 << bits) - 1), half = qmax * 0.5f;
     const int64_t rows = is_key ? G : 1;
     float *buf = malloc(sizeof(float) * (size_t)(rows * D + 4 * D));
     uint8_t *c = malloc((size_t)D);
@@ -131,8 +143,14 @@ INLINE int encode_impl(const char *x, int dtype, int64_t H, int64_t T, int64_t D
                 for (int64_t g = 0; g < D / G; g++) {
                     float l, u;
                     minmax_span(buf + g * G, G, &l, &u);
-                    group_params(l, u, qmax, ps + g, pm + g);
-                    float sf = (float)ps[g], mf = (float)pm[g];
+                    float sf, mf;
+                    if (sym) {
+                        symmetric_params(l, u, half, ps + g, &mf);
+                    } else {
+                        group_params(l, u, qmax, ps + g, pm + g);
+                        mf = (float)pm[g];
+                    }
+                    sf = (float)ps[g];
                     for (int64_t i = 0; i < G; i++) {
                         s[g * G + i] = sf;
                         m[g * G + i] = mf;
@@ -160,8 +178,9 @@ typedef struct {
 INLINE void decode_impl(const uint8_t *codes, const f16 *scales, const f16 *mins, int64_t H,
                            int64_t T, int64_t D, int is_key, int64_t G, int bits, char *out,
                            int64_t head_stride, int64_t row_stride, int dtype,
-                           const Transforms *tf) {
+                           const Transforms *tf, int sym) {
     const int64_t esize = dtype == DT_F32 ? 4 : 2, row_bytes = D * bits / 8;
+    const float neg_half = -0.5f * (float)((1 << bits) - 1); /* symmetric groups' offset / s */
     const int whole_row = !is_key && G == D; /* one scale and minimum per row */
     float *buf = malloc(sizeof(float) * (size_t)(3 * D));
     float *s = buf, *m = s + D, *tmp = m + D;
@@ -170,7 +189,13 @@ INLINE void decode_impl(const uint8_t *codes, const f16 *scales, const f16 *mins
             widen_params(scales + (r / G) * D, mins + (r / G) * D, D, 1, s, m);
         else if (whole_row) {
             s[0] = (float)scales[r];
-            m[0] = (float)mins[r];
+            m[0] = sym ? s[0] * neg_half : (float)mins[r];
+        } else if (!is_key && sym) {
+            for (int64_t g = 0; g < D / G; g++)
+                for (int64_t i = 0; i < G; i++) {
+                    s[g * G + i] = (float)scales[r * (D / G) + g];
+                    m[g * G + i] = s[g * G + i] * neg_half;
+                }
         } else if (!is_key)
             widen_params(scales + r * (D / G), mins + r * (D / G), D / G, G, s, m);
         /* row r is token r % T of head r / T; heads and rows are head_stride / row_stride
@@ -195,26 +220,28 @@ INLINE void decode_impl(const uint8_t *codes, const f16 *scales, const f16 *mins
 /* Entry points: one clone per ISA, with the common head dims as compile-time constants. */
 MULTIVERSION
 static int encode_section(const char *x, int dtype, int64_t H, int64_t T, int64_t D, int is_key,
-                          int64_t G, int bits, uint8_t *codes, f16 *scales, f16 *mins) {
+                          int64_t G, int bits, uint8_t *codes, f16 *scales, f16 *mins,
+                          int sym) {
     switch (D) {
-    case 64: return encode_impl(x, dtype, H, T, 64, is_key, G, bits, codes, scales, mins);
-    case 128: return encode_impl(x, dtype, H, T, 128, is_key, G, bits, codes, scales, mins);
-    default: return encode_impl(x, dtype, H, T, D, is_key, G, bits, codes, scales, mins);
+    case 64: return encode_impl(x, dtype, H, T, 64, is_key, G, bits, codes, scales, mins, sym);
+    case 128: return encode_impl(x, dtype, H, T, 128, is_key, G, bits, codes, scales, mins, sym);
+    default: return encode_impl(x, dtype, H, T, D, is_key, G, bits, codes, scales, mins, sym);
     }
 }
 
 MULTIVERSION
 static void decode_section(const uint8_t *codes, const f16 *scales, const f16 *mins, int64_t H,
                            int64_t T, int64_t D, int is_key, int64_t G, int bits, char *out,
-                           int64_t hs, int64_t rs, int dtype, const Transforms *tf) {
+                           int64_t hs, int64_t rs, int dtype, const Transforms *tf, int sym) {
     switch (D) {
     case 64:
-        decode_impl(codes, scales, mins, H, T, 64, is_key, G, bits, out, hs, rs, dtype, tf);
+        decode_impl(codes, scales, mins, H, T, 64, is_key, G, bits, out, hs, rs, dtype, tf, sym);
         break;
     case 128:
-        decode_impl(codes, scales, mins, H, T, 128, is_key, G, bits, out, hs, rs, dtype, tf);
+        decode_impl(codes, scales, mins, H, T, 128, is_key, G, bits, out, hs, rs, dtype, tf, sym);
         break;
-    default: decode_impl(codes, scales, mins, H, T, D, is_key, G, bits, out, hs, rs, dtype, tf);
+    default:
+        decode_impl(codes, scales, mins, H, T, D, is_key, G, bits, out, hs, rs, dtype, tf, sym);
     }
 }
 
@@ -232,16 +259,18 @@ static int check_args(int dtype, long long H, long long T, long long D, int is_k
 
 static PyObject *py_encode(PyObject *self, PyObject *args) {
     unsigned long long x, codes, scales, mins;
-    int dtype, is_key, bits;
+    int dtype, is_key, bits, sym = 0;
     long long H, T, D, G;
-    if (!PyArg_ParseTuple(args, "KiLLLiLiKKK", &x, &dtype, &H, &T, &D, &is_key, &G, &bits, &codes,
-                          &scales, &mins))
+    if (!PyArg_ParseTuple(args, "KiLLLiLiKKK|i", &x, &dtype, &H, &T, &D, &is_key, &G, &bits,
+                          &codes, &scales, &mins, &sym))
         return NULL;
     if (!check_args(dtype, H, T, D, is_key, G, bits)) return NULL;
+    if (sym && is_key)
+        return PyErr_SetString(PyExc_ValueError, "symmetric groups are per token"), NULL;
     int bad;
     Py_BEGIN_ALLOW_THREADS
     bad = encode_section((const char *)x, dtype, H, T, D, is_key, G, bits, (uint8_t *)codes,
-                   (f16 *)scales, (f16 *)mins);
+                   (f16 *)scales, (f16 *)mins, sym);
     Py_END_ALLOW_THREADS
     return PyBool_FromLong(!bad);
 }
@@ -250,13 +279,15 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     unsigned long long codes, scales, mins, out;
     int dtype, is_key, bits;
     long long H, T, D, G, head_stride, row_stride, rotary = 0;
-    int hadamard = 0;
+    int hadamard = 0, sym = 0;
     unsigned long long cos = 0, sin = 0;
-    if (!PyArg_ParseTuple(args, "KKKLLLiLiKLLi|iKKL", &codes, &scales, &mins, &H, &T, &D, &is_key,
-                          &G, &bits, &out, &head_stride, &row_stride, &dtype, &hadamard, &cos,
-                          &sin, &rotary))
+    if (!PyArg_ParseTuple(args, "KKKLLLiLiKLLi|iKKLi", &codes, &scales, &mins, &H, &T, &D,
+                          &is_key, &G, &bits, &out, &head_stride, &row_stride, &dtype, &hadamard,
+                          &cos, &sin, &rotary, &sym))
         return NULL;
     if (!check_args(dtype, H, T, D, is_key, G, bits)) return NULL;
+    if (sym && is_key)
+        return PyErr_SetString(PyExc_ValueError, "symmetric groups are per token"), NULL;
     if (hadamard && (D & (D - 1)))
         return PyErr_SetString(PyExc_ValueError, "the Hadamard rotation needs a power-of-two D"),
                NULL;
@@ -267,16 +298,16 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
         return PyErr_SetString(PyExc_ValueError, "rows or heads would overlap"), NULL;
     Py_BEGIN_ALLOW_THREADS
     decode_section((const uint8_t *)codes, (const f16 *)scales, (const f16 *)mins, H, T, D, is_key,
-                   G, bits, (char *)out, head_stride, row_stride, dtype, &tf);
+                   G, bits, (char *)out, head_stride, row_stride, dtype, &tf, sym);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
     {"encode_section", py_encode, METH_VARARGS,
-     "encode_section(x, dtype, H, T, D, is_key, G, bits, codes, scales, mins): quantize and pack; False if x holds NaN, inf or |x| > 65504"},
+     "encode_section(x, dtype, H, T, D, is_key, G, bits, codes, scales, mins[, sym]): quantize and pack (sym: symmetric per-token groups, no minimums written); False if x holds NaN, inf or |x| > 65504"},
     {"decode_section", py_decode, METH_VARARGS,
-     "decode_section(codes, scales, mins, H, T, D, is_key, G, bits, out, head_stride, row_stride, dtype[, hadamard, cos, sin, rotary]): unpack, dequantize into out's rows of D (rows row_stride, heads head_stride elements apart), then undo the Hadamard rotation and redo RoPE (float32 [T, rotary] cos/sin tables) per row"},
+     "decode_section(codes, scales, mins, H, T, D, is_key, G, bits, out, head_stride, row_stride, dtype[, hadamard, cos, sin, rotary]): unpack, dequantize into out's rows of D (rows row_stride, heads head_stride elements apart), then undo the Hadamard rotation and redo RoPE (float32 [T, rotary] cos/sin tables) per row; sym: symmetric per-token groups (no minimums read)"},
     {NULL, NULL, 0, NULL},
 };
 

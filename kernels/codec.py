@@ -69,6 +69,9 @@ class CodecConfig:
     hadamard_values: rotate values along head_dim before quantizing. sink_tokens: the first S
     tokens of a sequence are kept in fp16 (in the block that starts at position 0). key_basis:
     store keys as components in a calibrated basis, at its widths (key_bits is then unused).
+    symmetric_values: per-token groups (values, the latent) keep one fp16 scale and no minimum,
+    levels symmetric about zero (blockformat's SYMMETRIC_VALUES): 2 + 16/G bits instead of
+    2 + 32/G, for values centred on zero (predicted residuals, Hadamard-rotated values).
     """
 
     key_bits: int | tuple[int, ...] = 2
@@ -78,6 +81,7 @@ class CodecConfig:
     hadamard_values: bool = False
     sink_tokens: int = 0
     key_basis: KeyBasis | None = None
+    symmetric_values: bool = False
 
     def __post_init__(self) -> None:
         if self.group_size not in SUPPORTED_GROUPS:
@@ -99,9 +103,11 @@ class CodecConfig:
         rope_s = f"{rope.theta!r}/{rope.rotary_dim}/{rope.scaling!r}" if rope else "none"
         basis = f" basis={self.key_basis.id.hex()}" if self.key_basis is not None else ""
         k = "basis" if self.key_basis is not None else widths(self.key_bits)
+        sym = " symv=1" if self.symmetric_values else ""  # absent: the namespaces of before
         return (
             f"kivi k={k} v={widths(self.value_bits)} g={self.group_size} "
-            f"rope={rope_s} hadamard={int(self.hadamard_values)} sinks={self.sink_tokens}{basis}"
+            f"rope={rope_s} hadamard={int(self.hadamard_values)} sinks={self.sink_tokens}"
+            f"{basis}{sym}"
         )
 
     def bits_per_layer(self, layers: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -495,6 +501,7 @@ def block_header(
         | (Flag.MAC if binding.mac_key else 0)
         | (Flag.KEY_BASIS if basis is not None else 0)
         | (Flag.PREDICTED if basis is not None and basis.predicted else 0)
+        | (Flag.SYMMETRIC_VALUES if config.symmetric_values else 0)
     )
     return BlockHeader(
         layout=layout, dtype=FORMAT_DTYPES[dtype], layers=layers, heads=heads, tokens=tokens,

@@ -43,7 +43,7 @@ def encode_tensor(x: Tensor, sections: list[Section], header: BlockHeader, paylo
         return bool(
             _cpu_codec.encode_section(
                 part.data_ptr(), code, h, t, s.channels, int(s.is_key), group, s.bits,
-                base + s.codes, base + s.scales, base + s.mins,
+                base + s.codes, base + s.scales, base + s.mins, int(s.symmetric),
             )
         )  # fmt: skip
 
@@ -75,7 +75,7 @@ def decode_tensor(
         _cpu_codec.decode_section(
             base + s.codes, base + s.scales, base + s.mins, h, t, s.channels, int(s.is_key),
             group, s.bits, out[s.layer, :, :, s.first:].data_ptr(), out.stride(1), out.stride(2),
-            code, int(hadamard), *tables,
+            code, int(hadamard), *tables, int(s.symmetric),
         )  # fmt: skip
 
     _spread(one, len(sections))

@@ -13,6 +13,10 @@ For a group with minimum m and maximum M, at b bits:
   s     = fp16(max((M - m) / (2^b - 1), 2^-24))      m16 = fp16(m)
   code  = clamp(floor((x - m16) / s + 0.5), 0, 2^b - 1)     (all in fp32)
   x_hat = code * s + m16
+Symmetric groups (values under SYMMETRIC_VALUES; per-token groups only), h = (2^b - 1) / 2:
+  s     = fp16(max(max(-m, M) / h, 2^-24))      m32 = -h * s  (fp32, exact)
+  code  = clamp(floor((x - m32) / s + 0.5), 0, 2^b - 1)
+  x_hat = code * s + m32 = (code - h) * s          (no minimum stored)
 """
 
 from __future__ import annotations
@@ -26,8 +30,11 @@ from kvpool.proto.errors import NonFiniteError
 SCALE_EPS = 2.0**-24  # the smallest positive fp16 (subnormal): a constant group gives s = eps
 
 
-def group_params(x: Tensor, is_key: bool, group: int, bits: int) -> tuple[Tensor, Tensor]:
-    """fp16 scales and minimums of a section x: [H, T, D] (shapes in the module docstring)."""
+def group_params(
+    x: Tensor, is_key: bool, group: int, bits: int, symmetric: bool = False
+) -> tuple[Tensor, Tensor]:
+    """fp16 scales and minimums of a section x: [H, T, D] (shapes in the module docstring);
+    symmetric: fp16 scales and the fp32 offsets -h * s they imply (no minimum stored)."""
     xf = x.float()
     h, t, d = xf.shape
     if is_key:
@@ -36,8 +43,18 @@ def group_params(x: Tensor, is_key: bool, group: int, bits: int) -> tuple[Tensor
     else:
         grouped = xf.view(h, t, d // group, group)
         lo, hi = grouped.amin(dim=3), grouped.amax(dim=3)
+    if symmetric:
+        assert not is_key, "symmetric groups are per token"
+        half = (2**bits - 1) / 2
+        scale = (torch.maximum(-lo, hi) / half).clamp_min(SCALE_EPS).half()
+        return scale, symmetric_offset(scale, bits)
     scale = ((hi - lo) / float(2**bits - 1)).clamp_min(SCALE_EPS)
     return scale.half(), lo.half()
+
+
+def symmetric_offset(scale: Tensor, bits: int) -> Tensor:
+    """-h * s in fp32 (exact): what a symmetric group's codes are offset by, in place of m16."""
+    return scale.float() * -((2**bits - 1) / 2)
 
 
 def _expand(p: Tensor, is_key: bool, group: int) -> Tensor:
@@ -45,9 +62,12 @@ def _expand(p: Tensor, is_key: bool, group: int) -> Tensor:
     return p.float().repeat_interleave(group, dim=1 if is_key else 2)
 
 
-def quantize(x: Tensor, is_key: bool, group: int, bits: int) -> tuple[Tensor, Tensor, Tensor]:
-    """x: [H, T, D] float -> codes uint8 [H, T, D], scales fp16, mins fp16."""
-    scale, lo = group_params(x, is_key, group, bits)
+def quantize(
+    x: Tensor, is_key: bool, group: int, bits: int, symmetric: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
+    """x: [H, T, D] float -> codes uint8 [H, T, D], scales fp16, mins fp16 (symmetric: the
+    fp32 offsets, not stored)."""
+    scale, lo = group_params(x, is_key, group, bits, symmetric)
     s, m = _expand(scale, is_key, group), _expand(lo, is_key, group)
     codes = torch.floor((x.float() - m) / s + 0.5).clamp_(0, 2**bits - 1)
     return codes.to(torch.uint8), scale, lo
@@ -101,11 +121,12 @@ def encode_tensor(x: Tensor, sections: list[Section], header: BlockHeader, paylo
     for s in sections:
         group = header.group_size if s.is_key else header.value_group
         part = x[s.layer, :, :, s.first : s.first + s.channels]
-        codes, scale, lo = quantize(part.contiguous(), s.is_key, group, s.bits)
+        codes, scale, lo = quantize(part.contiguous(), s.is_key, group, s.bits, s.symmetric)
         packed = pack(codes, s.bits).flatten()
         payload[s.codes : s.codes + packed.numel()] = packed
         _params_view(payload, s.scales, s.n_params).copy_(scale.flatten())
-        _params_view(payload, s.mins, s.n_params).copy_(lo.flatten())
+        if not s.symmetric:
+            _params_view(payload, s.mins, s.n_params).copy_(lo.flatten())
 
 
 def decode_tensor(
@@ -120,6 +141,9 @@ def decode_tensor(
         codes = unpack(payload[s.codes : s.codes + n_bytes].view(h, t, -1), s.bits, d)
         pshape = (h, t // group, d) if s.is_key else (h, t, d // group)
         scale = _params_view(payload, s.scales, s.n_params).view(pshape)
-        lo = _params_view(payload, s.mins, s.n_params).view(pshape)
+        if s.symmetric:
+            lo = symmetric_offset(scale, s.bits)
+        else:
+            lo = _params_view(payload, s.mins, s.n_params).view(pshape)
         part = dequantize(codes, scale, lo, s.is_key, group, out.dtype)
         out[s.layer, :, :, s.first : s.first + d] = part

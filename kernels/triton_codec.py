@@ -8,7 +8,8 @@ block costs two launches in the common uniform case. Each program handles one ti
   keys:   one (layer, head, group of G tokens): tile [G, D], groups along tokens (axis 0)
   values: one (layer, head, BLOCK_T tokens):   tile [BLOCK_T, D], groups of GV channels
 and writes packed codes, fp16 scales and fp16 minimums straight into the block's payload at the
-layer's section offsets (kvpool.proto.blockformat).
+layer's section offsets (kvpool.proto.blockformat). Symmetric value groups (SYM, the format's
+SYMMETRIC_VALUES) write and read no minimums: their offset is -h * s (reference.py).
 """
 
 from __future__ import annotations
@@ -152,6 +153,7 @@ def _encode_values_kernel(
     H, T, stride_l, stride_h, stride_t,
     # meta-parameters
     D: tl.constexpr, GV: tl.constexpr, BITS: tl.constexpr, BT: tl.constexpr,
+    SYM: tl.constexpr,
 ):  # fmt: skip
     pid, b = tl.program_id(0), tl.program_id(1)
     h = pid % H
@@ -166,14 +168,25 @@ def _encode_values_kernel(
     QMAX: tl.constexpr = (1 << BITS) - 1
     NG: tl.constexpr = D // GV
     xg = tl.reshape(x, (BT, NG, GV))
-    s16, m16 = _quantize(xg, tl.min(xg, axis=2), tl.max(xg, axis=2), BITS)  # [BT, NG]
+    lo, hi = tl.min(xg, axis=2), tl.max(xg, axis=2)  # [BT, NG]
+    if SYM:  # one fp16 scale, the offset -h * s in fp32 (exact)
+        HALF: tl.constexpr = QMAX * 0.5
+        a = tl.maximum(-lo, hi)
+        s16 = tl.maximum(
+            tl.math.div_rn(a, tl.full(a.shape, HALF, tl.float32)), 5.9604644775390625e-08
+        ).to(tl.float16)
+        m = s16.to(tl.float32) * -HALF
+    else:
+        s16, m16 = _quantize(xg, lo, hi, BITS)
+        m = m16.to(tl.float32)
     sf = tl.broadcast_to(s16.to(tl.float32)[:, :, None], (BT, NG, GV))
-    q = tl.math.div_rn(xg - m16.to(tl.float32)[:, :, None], sf)
+    q = tl.math.div_rn(xg - m[:, :, None], sf)
     codes = tl.minimum(tl.maximum(tl.floor(q + 0.5), 0.0), QMAX).to(tl.int32)
     _store_codes(out_ptr + codes_off, h * T + tok, tl.reshape(codes, (BT, D)), BT, D, BITS)
     p = (h * T + tok[:, None]) * NG + tl.arange(0, NG)[None, :]
     tl.store((out_ptr + scales_off).to(tl.pointer_type(tl.float16)) + p, s16)
-    tl.store((out_ptr + mins_off).to(tl.pointer_type(tl.float16)) + p, m16)
+    if not SYM:
+        tl.store((out_ptr + mins_off).to(tl.pointer_type(tl.float16)) + p, m16)
 
 
 @triton.jit
@@ -184,7 +197,7 @@ def _decode_kernel(
     H, T, stride_l, stride_h, stride_t,
     # meta-parameters
     D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, BT: tl.constexpr,
-    IS_KEY: tl.constexpr,
+    IS_KEY: tl.constexpr, SYM: tl.constexpr,
 ):  # fmt: skip
     pid, b = tl.program_id(0), tl.program_id(1)
     h = pid % H
@@ -204,7 +217,8 @@ def _decode_kernel(
         NG: tl.constexpr = D // G
         p = (h * T + tok[:, None]) * NG + tl.arange(0, NG)[None, :]
         s = tl.load(sp + p).to(tl.float32)[:, :, None]
-        m = tl.load(mp + p).to(tl.float32)[:, :, None]
+        NEG_HALF: tl.constexpr = -0.5 * ((1 << BITS) - 1)  # symmetric: the offset is -h * s
+        m = s * NEG_HALF if SYM else tl.load(mp + p).to(tl.float32)[:, :, None]
         y = tl.reshape(tl.reshape(codes, (BT, NG, G)) * s + m, (BT, D))
     dst = y_ptr + layer * stride_l + h * stride_h + tok[:, None] * stride_t + first + ch[None, :]
     tl.store(dst, y.to(y_ptr.dtype.element_ty))
@@ -256,7 +270,8 @@ def quantize_into(
             grid = (n * h, t // _VALUE_ROWS)
             _encode_values_kernel[grid](
                 x, payload, meta, flag, h, t, x.stride(0), x.stride(1), x.stride(2),
-                D=d, GV=header.value_group, BITS=bits, BT=_VALUE_ROWS, num_warps=_VALUE_WARPS,
+                D=d, GV=header.value_group, BITS=bits, BT=_VALUE_ROWS, SYM=sections[0].symmetric,
+                num_warps=_VALUE_WARPS,
             )  # fmt: skip
 
 
@@ -281,6 +296,6 @@ def decode_tensor(
         grid = (meta.shape[0] * h, t // rows)
         _decode_kernel[grid](
             payload, out, meta, h, t, out.stride(0), out.stride(1), out.stride(2),
-            D=d, G=group, BITS=bits, BT=rows, IS_KEY=is_key,
+            D=d, G=group, BITS=bits, BT=rows, IS_KEY=is_key, SYM=sections[0].symmetric,
             num_warps=_KEY_WARPS if is_key else _VALUE_WARPS,
         )  # fmt: skip

@@ -13,6 +13,7 @@ Wire layout, all integers little-endian:
     payload  = for each layer: the key section(s), then the value section (latent: one section)
                then, when sink tokens are kept, fp16 sinks [L, H, S, D] of keys, then values
     section  = packed codes | fp16 scales | fp16 minimums, each padded to 16 bytes
+               (SYMMETRIC_VALUES: a value section is packed codes | fp16 scales, no minimums)
 
 KEY_BASIS (transform coding of keys): keys are stored as their components in a calibrated
 orthonormal basis per (layer, head), named by the basis id; the reader must hold that basis.
@@ -24,6 +25,13 @@ PREDICTED (with KEY_BASIS; the basis then also holds linear maps between layers)
 keys and values are predicted from layer l - 1 as the reader reconstructs it, and the sections
 hold only what the prediction missed: the key residual's components in the basis, the value
 residual (Hadamard-rotated under HADAMARD_VALUES). A reader rebuilds the layers in order.
+
+SYMMETRIC_VALUES: the sections grouped per token (values; the latent) keep one fp16 scale per
+group and no minimum: at b bits a code c stands for (c - (2^b - 1) / 2) * s, levels symmetric
+about zero (2-bit: -1.5 s, -0.5 s, 0.5 s, 1.5 s), for residuals centred on zero (PREDICTED) or
+Hadamard-rotated values. 2-bit values per token at G=64 then cost 2.25 bits instead of 2.5. The
+flag changes the payload's layout and the codec's part of the namespace, so blocks of the two
+formats never mix; a block without it reads as before.
 
 A block is bound to where it belongs: its header names its namespace id, its own block key,
 its start position and token count. A block of the right shape stored under another key or
@@ -98,6 +106,7 @@ class Flag(IntEnum):
     MAC = 4  # a tenant MAC follows the payload
     KEY_BASIS = 8  # keys stored as components in a calibrated basis, widths per 8 components
     PREDICTED = 16  # layers predicted from the layer before; sections hold residuals (KEY_BASIS)
+    SYMMETRIC_VALUES = 32  # per-token sections: one fp16 scale per group, no minimum
 
 
 def plane_widths(bits: int) -> tuple[int, ...]:
@@ -124,6 +133,7 @@ class Section:
     layer: int = 0
     first: int = 0
     channels: int = 0
+    symmetric: bool = False  # SYMMETRIC_VALUES: no minimums (`mins` == `scales`, unused)
 
 
 # validated shapes -> (sections, sinks_offset, payload_len): a header's layout costs more than
@@ -184,6 +194,7 @@ class BlockHeader:
         tensors = [(True, self.key_bits), (False, self.value_bits)]
         if self.layout == Layout.LATENT:
             tensors = [(False, self.key_bits)]
+        symmetric = self.has_flag(Flag.SYMMETRIC_VALUES)
         for layer in range(self.layers):
             for is_key, bits_per_layer in tensors:
                 if is_key and self.has_flag(Flag.KEY_BASIS):
@@ -194,12 +205,13 @@ class BlockHeader:
                     rows = self.heads * self.tokens
                     group = self.group_size if is_key else self.value_group
                     n_params = rows * channels // group
+                    sym = symmetric and not is_key
                     codes = offset
                     scales = codes + _pad(rows * channels * bits // 8)
-                    mins = scales + _pad(2 * n_params)
+                    mins = scales if sym else scales + _pad(2 * n_params)
                     offset = mins + _pad(2 * n_params)
                     sections.append(Section(codes, scales, mins, bits, is_key, n_params,
-                                            layer, first, channels))  # fmt: skip
+                                            layer, first, channels, sym))  # fmt: skip
         return tuple(sections), offset, offset + 2 * self.sink_elements
 
     def _key_runs(self, layer: int) -> list[tuple[int, int, int]]:
@@ -305,7 +317,12 @@ class BlockHeader:
         if not 0 <= self.sink_tokens < self.tokens:
             raise BlockFormatError(f"sink_tokens {self.sink_tokens} out of range")
         if self.flags & ~(
-            Flag.PRE_ROPE_KEYS | Flag.HADAMARD_VALUES | Flag.MAC | Flag.KEY_BASIS | Flag.PREDICTED
+            Flag.PRE_ROPE_KEYS
+            | Flag.HADAMARD_VALUES
+            | Flag.MAC
+            | Flag.KEY_BASIS
+            | Flag.PREDICTED
+            | Flag.SYMMETRIC_VALUES
         ):
             raise BlockFormatError(f"unknown option flags {self.flags:#x}")
         if self.flags & Flag.PREDICTED and not basis:

@@ -131,3 +131,76 @@ def test_the_c_loop_fuses_the_transforms_within_rounding(dtype: torch.dtype) -> 
             assert a.values is not None and b.values is not None
             _close(a.keys, b.keys)
             _close(a.values, b.values)
+
+
+# ---- symmetric value groups (SYMMETRIC_VALUES) ----------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_symmetric_values_same_bytes_on_the_c_loop(
+    dtype: torch.dtype, bits: int, group: int
+) -> None:
+    """Symmetric value groups: the C loop writes the reference's bytes and decodes them to the
+    same tensors (float32 exactly), with and without the fused Hadamard rotation."""
+    k, v = kv(tokens=128, dim=128, dtype=dtype, seed=bits + 1)
+    for rotate in (False, True):
+        cfg = CodecConfig(2, bits, group, hadamard_values=rotate, symmetric_values=True)
+        ref = encode(k, v, cfg, backend="reference")
+        assert encode(k, v, cfg, backend="cpu") == ref
+        a, b = decode(ref, backend="reference"), decode(ref, backend="cpu")
+        assert a.values is not None and b.values is not None and b.keys is not None
+        _close(a.values, b.values)
+        _close(a.keys, b.keys)
+        f32 = [decode(ref, dtype=torch.float32, backend=x).values for x in ("cpu", "reference")]
+        assert f32[0] is not None and f32[1] is not None
+        if not rotate:  # the rotation is undone in another order by the C loop
+            assert torch.equal(f32[0], f32[1])
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("group", GROUPS)
+def test_symmetric_values_triton_codes_equal_reference_bit_for_bit(bits: int, group: int) -> None:
+    k, v = kv(tokens=64, dim=64, dtype=torch.float16, seed=bits + 2)
+    cfg = CodecConfig(bits, bits, group, symmetric_values=True)
+    ref = encode(k, v, cfg, backend="reference")
+    assert encode(k.to(TRITON_DEVICE), v.to(TRITON_DEVICE), cfg, backend="triton") == ref
+    a = decode(ref, backend="reference")
+    b = decode(ref, device=TRITON_DEVICE, backend="triton")
+    assert a.values is not None and b.values is not None and a.keys is not None
+    _close(a.values, b.values)
+    _close(a.keys, b.keys)
+
+
+def test_symmetric_latent_on_every_backend() -> None:
+    """The latent layout's sections are per token too: symmetric on every backend alike."""
+    latent = torch.randn(3, 64, 128)
+    cfg = CodecConfig(key_bits=(2, 3, 4), group_size=64, symmetric_values=True)
+    ref = encode_latent(latent, cfg, backend="reference")
+    assert encode_latent(latent, cfg, backend="cpu") == ref
+    assert encode_latent(latent.to(TRITON_DEVICE), cfg, backend="triton") == ref
+    want = decode(ref, backend="reference").latent
+    assert want is not None
+    for backend, device in (("cpu", "cpu"), ("triton", TRITON_DEVICE)):
+        got = decode(ref, device=device, backend=backend).latent
+        assert got is not None
+        _close(got, want)
+
+
+def test_the_c_loop_refuses_symmetric_key_groups() -> None:
+    """Symmetric groups are per token; the C loop says so rather than read no minimums."""
+    from kvpool.kernels import _cpu_codec
+
+    x = torch.zeros(1, 64, 64)
+    out = torch.zeros(64 * 64)
+    with pytest.raises(ValueError, match="per token"):
+        _cpu_codec.encode_section(
+            x.data_ptr(), 3, 1, 64, 64, 1, 32, 2, out.data_ptr(), out.data_ptr(),
+            out.data_ptr(), 1,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="per token"):
+        _cpu_codec.decode_section(
+            out.data_ptr(), out.data_ptr(), out.data_ptr(), 1, 64, 64, 1, 32, 2, x.data_ptr(),
+            64 * 64, 64, 3, 0, 0, 0, 0, 1,
+        )  # fmt: skip

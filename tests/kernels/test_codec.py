@@ -371,3 +371,92 @@ def test_bad_shapes_and_configs_raise_codec_error() -> None:
     for case in cases:
         with pytest.raises(CodecError):
             case()
+
+
+# ---- symmetric value groups (SYMMETRIC_VALUES) ------------------------------------------------
+
+# a block written before the option existed (HEAD 37a6e66, reference backend): kv(2, 2, 64, 64)
+# of helpers' recipe under seed 11, K2 V2 G=32, pre-RoPE, Hadamard, 1 sink
+OLD_BLOCK_SHA256 = "ba4b890467147ff0ea5654e64be77914e72cdd20380f5e5839cefce6d029dab1"
+
+
+def _old_style_block() -> bytes:
+    g = torch.Generator().manual_seed(11)
+    k = (torch.randn(2, 2, 64, 64, generator=g) * 2 + 0.5).half()
+    v = torch.randn(2, 2, 64, 64, generator=g).half()
+    cfg = CodecConfig(2, 2, 32, rope=RopeParams(10000.0, 64), hadamard_values=True, sink_tokens=1)
+    return encode(k, v, cfg, backend="reference")
+
+
+def test_blocks_without_the_option_are_byte_for_byte_those_of_before() -> None:
+    """The option changes nothing for blocks without it: the same bytes as the format before
+    it (so those blocks, in any tier, still decode), read on every CPU backend alike."""
+    import hashlib
+
+    blob = _old_style_block()
+    assert hashlib.sha256(blob).hexdigest() == OLD_BLOCK_SHA256
+    header = verify(blob)
+    assert not header.has_flag(Flag.SYMMETRIC_VALUES) and header.version == FORMAT_VERSION
+    assert not any(s.symmetric for s in header.sections)
+    a, b = decode(blob, backend="reference"), decode(blob, backend="cpu")
+    assert a.values is not None and b.values is not None
+    torch.testing.assert_close(a.values.float(), b.values.float(), rtol=2**-7, atol=1e-3)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_symmetric_values_drop_the_minimums_and_round_trip(bits: int) -> None:
+    """SYMMETRIC_VALUES: each value section is codes | scales (no minimums), the block that much
+    smaller, the keys' sections as before; values come back within half a step."""
+    k, v = kv(tokens=128, dim=64, dtype=torch.float32, seed=bits)
+    plain, sym = CodecConfig(2, bits, 64), CodecConfig(2, bits, 64, symmetric_values=True)
+    a, b = encode(k, v, plain), encode(k, v, sym)
+    ha, hb = verify(a), verify(b)
+    assert hb.has_flag(Flag.SYMMETRIC_VALUES) and not ha.has_flag(Flag.SYMMETRIC_VALUES)
+    values = hb.tensor_sections(1)
+    assert all(s.symmetric and s.mins == s.scales for s in values)
+    assert not any(s.symmetric for s in hb.tensor_sections(0))
+    assert len(a) - len(b) == sum(2 * s.n_params for s in values)  # 2 * 128 fp16: aligned
+    out = decode(b, dtype=torch.float32).values
+    assert out is not None
+    half = (2**bits - 1) / 2
+    step = v.view(2, 2, 128, 1, 64).abs().amax(-1, keepdim=True) / half
+    err = (out - v).view(2, 2, 128, 1, 64).abs()
+    assert bool((err <= 0.5 * step * (1 + 2**-9) + 1e-6).all())
+
+
+def test_symmetric_values_are_another_namespace_and_another_expected_header() -> None:
+    """The option is in the codec's description (so in the namespace id) and in the header:
+    a reader expecting one format refuses a block of the other."""
+    k, v = kv(tokens=64, dim=64)
+    plain, sym = CodecConfig(2, 2, 32), CodecConfig(2, 2, 32, symmetric_values=True)
+    assert plain.describe() != sym.describe() and "symv=1" in sym.describe()
+    assert "symv" not in plain.describe()  # namespaces of before unchanged
+    shape = (2, 2, 64, 64)
+    want_plain = block_header(Layout.KV, torch.float16, shape, plain, 0)
+    want_sym = block_header(Layout.KV, torch.float16, shape, sym, 0)
+    with pytest.raises(BlockMismatchError):
+        decode(encode(k, v, sym), expect=want_plain)
+    with pytest.raises(BlockMismatchError):
+        decode(encode(k, v, plain), expect=want_sym)
+    assert decode(encode(k, v, sym), expect=want_sym).values is not None
+
+
+def test_a_header_whose_symmetric_flag_was_flipped_is_refused() -> None:
+    """Flipping the flag changes the payload's layout: the payload length field no longer
+    matches, so parse_header refuses it before the checksum (BlockFormatError); an unknown
+    flag bit is refused too."""
+    import zlib
+
+    k, v = kv(tokens=64, dim=64)
+    for cfg in (CodecConfig(2, 2, 32), CodecConfig(2, 2, 32, symmetric_values=True)):
+        blob = bytearray(encode(k, v, cfg))
+        flags_at = struct.calcsize("<4sHHBB")  # magic, version, header_len, layout, dtype
+        assert blob[flags_at] == parse_header(bytes(blob)).flags
+        for flip in (Flag.SYMMETRIC_VALUES, 64):
+            bad = bytearray(blob)
+            bad[flags_at] ^= int(flip)
+            header_len = parse_header(bytes(blob)).header_len
+            crc = zlib.crc32(bytes(bad[header_len:]), zlib.crc32(bytes(bad[: header_len - 4])))
+            bad[header_len - 4 : header_len] = struct.pack("<I", crc)  # a well-sealed forgery
+            with pytest.raises(BlockFormatError, match=r"payload length|unknown option"):
+                decode(bytes(bad))
