@@ -3,6 +3,7 @@ on held-out text of three kinds.
 
     python benchmarks/fidelity.py
     python benchmarks/fidelity.py --windows 3 --profile .cache/profiles/FILE.json
+    python benchmarks/fidelity.py --rows symmetric   # fp16, the default and these rows only
 
 Model: SmolLM2-135M-Instruct (fp32, CPU; `kvpool.models.load`, no download). Texts, held out:
 neither the tests, the calibration nor any tuning read them (chosen before any figure was seen):
@@ -55,7 +56,15 @@ calibrated here first if missing) at 2.0 and 1.75 bits per key value, values 2-b
 after the Hadamard rotation, 1 sink; and the same with inter-layer prediction (`kvpool
 calibrate --basis --predict`: each layer's KV predicted from the layer before as the reader
 rebuilds it, blocks holding the residuals; the maps are per namespace, like the basis, and not
-in the blocks).
+in the blocks). The next ratio (issue 22 part 4): the same predicted v2 with symmetric value
+groups (one fp16 scale, no minimum; `CodecConfig(symmetric_values=True)`, the maps fitted for
+them by `calibrate_basis(..., symmetric_values=True)`) at the key budgets of SYMMETRIC_KEY_BITS,
+chosen on the development texts (benchmarks/levers.py --ratio) before this benchmark ran them.
+
+`--rows WORD ...` keeps only the rows whose name holds one of the words, besides the fp16
+reference and the default (always run): rows not kept are neither calibrated nor scored (the 6x
+profile is then not calibrated unless a profile row is kept; the JSON's "profile" is null).
+best_at_* then rank the rows that ran.
 
 The default (the first row after fp16): what a new user gets. Once the tier is up, the run does
 what the README tells them, `kvpool calibrate --basis --predict --publish ENDPOINT` (a separate
@@ -77,6 +86,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -94,6 +104,9 @@ PREFIX, CONTINUATION, GREEDY = 1024, 512, 64
 SIX_X = 16 / 6  # bits per value at a compression ratio of exactly 6
 AT = (6, 7, 8, 10)  # the compression ratios best_at_* report
 V2_KEY_BITS = (2.0, 1.75)  # key bases: bits per key value, scales and minimums included
+# predicted v2 with symmetric value groups: key budgets for 8x and 10x (the largest whose blocks
+# reach them: 8.13x, 10.24x, measured on encoded bytes), chosen with levers.py --ratio (dev texts)
+SYMMETRIC_KEY_BITS = (1.7, 0.9)
 
 
 def prose() -> str:
@@ -232,55 +245,79 @@ def load_profile(model: Any, tokenizer: Any, path: Path | None, sinks: int) -> c
     return profile
 
 
-def load_basis(model: Any, tokenizer: Any, key_bits: float, predict: bool = False) -> KeyBasis:
-    """The key basis at `key_bits` (with inter-layer prediction maps when `predict`): the cached
-    default (`kvpool calibrate --basis [--predict]`), else calibrated now on the basis sample
-    and cached."""
-    options = argparse.Namespace(group_size=128, key_bits=key_bits, predict=predict)
+def load_basis(
+    model: Any, tokenizer: Any, key_bits: float, predict: bool = False, symmetric: bool = False
+) -> KeyBasis:
+    """The key basis at `key_bits` (with inter-layer prediction maps when `predict`, fitted for
+    symmetric value groups when `symmetric`): the cached default (`kvpool calibrate --basis
+    [--predict [--symmetric-values]]`), else calibrated now on the basis sample and cached."""
+    options = argparse.Namespace(
+        group_size=128, key_bits=key_bits, predict=predict, symmetric_values=symmetric
+    )
     path = calibrate.basis_path(model.config._name_or_path, options)
     if path.exists():
         return KeyBasis.load(path)
     t0 = time.perf_counter()
     sample = calibrate.basis_sample(tokenizer)
-    basis = calibrate.calibrate_basis(model, sample, key_bits=key_bits, predict=predict)
+    basis = calibrate.calibrate_basis(
+        model, sample, key_bits=key_bits, predict=predict, symmetric_values=symmetric
+    )
     basis.save(path)
     print(f"key basis: calibrated in {time.perf_counter() - t0:.0f} s, saved to {path}", flush=True)
     return basis
 
 
-def configs(model: Any, tokenizer: Any, profile: calibrate.Profile) -> list[Row]:
-    six = calibrate.profile_codec(profile)
-    lower = calibrate.retarget(profile, 2.5)
-    x, x_lower = 16 / profile.achieved_bits, 16 / lower.achieved_bits
-    s = profile.sink_tokens
+def configs(
+    model: Any, tokenizer: Any, profile: Callable[[], calibrate.Profile], s: int,
+    keep: Callable[[str], bool] = lambda _name: True,
+) -> list[Row]:  # fmt: skip
+    """The rows whose name `keep` keeps, each calibrated only then (`profile` gives the 6x
+    profile, loaded or calibrated on first call; `s` sink tokens)."""
     v2 = codec_for(model, 2, 2, sink_tokens=s)
-    return [
-        Row("fp16 (reference)", None),
-        Row("KIVI 2-bit G=32", CodecConfig(2, 2, 32)),
-        Row("KIVI 2-bit G=128", CodecConfig(2, 2, 128)),
-        Row("KIVI 4-bit G=128", CodecConfig(4, 4, 128)),
-        Row(f"2-bit G=128 +pre-RoPE +Hadamard +{s} sink", codec_for(model, 2, 2, sink_tokens=s)),
-        Row(f"K3 V2 G=128 +pre-RoPE +Hadamard +{s} sink", codec_for(model, 3, 2, sink_tokens=s)),
-        Row(f"kvpool profile {x:.1f}x (all options)", six),
-        Row(f"kvpool profile {x_lower:.1f}x (all options)", calibrate.profile_codec(lower)),
-        Row(f"  profile {x:.1f}x without pre-RoPE", replace(six, rope=None)),
-        Row(f"  profile {x:.1f}x without Hadamard", replace(six, hadamard_values=False)),
-        Row(f"  profile {x:.1f}x without sink", replace(six, sink_tokens=0)),
+
+    def profiled(name: str, codec: Callable[[calibrate.Profile], CodecConfig]) -> Row:
+        six = profile()
+        x, x_lower = 16 / six.achieved_bits, 16 / calibrate.retarget(six, 2.5).achieved_bits
+        return Row(name.format(x=x, x_lower=x_lower), codec(six))
+
+    six_codec = calibrate.profile_codec
+    made: list[tuple[str, Callable[[str], Row]]] = [
+        ("KIVI 2-bit G=32", lambda n: Row(n, CodecConfig(2, 2, 32))),
+        ("KIVI 2-bit G=128", lambda n: Row(n, CodecConfig(2, 2, 128))),
+        ("KIVI 4-bit G=128", lambda n: Row(n, CodecConfig(4, 4, 128))),
+        (f"2-bit G=128 +pre-RoPE +Hadamard +{s} sink",
+         lambda n: Row(n, codec_for(model, 2, 2, sink_tokens=s))),
+        (f"K3 V2 G=128 +pre-RoPE +Hadamard +{s} sink",
+         lambda n: Row(n, codec_for(model, 3, 2, sink_tokens=s))),
+        ("kvpool profile {x:.1f}x (all options)", lambda n: profiled(n, six_codec)),
+        ("kvpool profile {x_lower:.1f}x (all options)",
+         lambda n: profiled(n, lambda p: six_codec(calibrate.retarget(p, 2.5)))),
+        ("  profile {x:.1f}x without pre-RoPE",
+         lambda n: profiled(n, lambda p: replace(six_codec(p), rope=None))),
+        ("  profile {x:.1f}x without Hadamard",
+         lambda n: profiled(n, lambda p: replace(six_codec(p), hadamard_values=False))),
+        ("  profile {x:.1f}x without sink",
+         lambda n: profiled(n, lambda p: replace(six_codec(p), sink_tokens=0))),
         *(
-            Row(
-                f"v2: key basis {bits} bits, V2 Hadamard, {s} sink",
-                replace(v2, key_basis=load_basis(model, tokenizer, bits)),
-            )
+            (f"v2: key basis {bits} bits, V2 Hadamard, {s} sink",
+             lambda n, bits=bits: Row(n, replace(v2, key_basis=load_basis(model, tokenizer, bits))))
             for bits in V2_KEY_BITS
         ),
         *(
-            Row(
-                f"v2: predicted layers, key basis {bits} bits, V2 Hadamard, {s} sink",
-                replace(v2, key_basis=load_basis(model, tokenizer, bits, predict=True)),
-            )
+            (f"v2: predicted layers, key basis {bits} bits, V2 Hadamard, {s} sink",
+             lambda n, bits=bits: Row(n, replace(
+                 v2, key_basis=load_basis(model, tokenizer, bits, predict=True))))
             for bits in V2_KEY_BITS
         ),
-    ]
+        *(
+            (f"v2: predicted layers, key basis {bits} bits, V2 symmetric Hadamard, {s} sink",
+             lambda n, bits=bits: Row(n, replace(
+                 v2, key_basis=load_basis(model, tokenizer, bits, predict=True, symmetric=True),
+                 symmetric_values=True)))
+            for bits in SYMMETRIC_KEY_BITS
+        ),
+    ]  # fmt: skip
+    return [Row("fp16 (reference)", None), *(make(n) for n, make in made if keep(n))]
 
 
 def publish_default(endpoint: str) -> tuple[Row, dict[str, Any]]:
@@ -319,16 +356,29 @@ def publish_default(endpoint: str) -> tuple[Row, dict[str, Any]]:
     return row, info
 
 
-def run(windows_count: int, profile_path: Path | None, sinks: int) -> dict[str, Any]:
+def run(
+    windows_count: int, profile_path: Path | None, sinks: int, only: list[str] | None = None
+) -> dict[str, Any]:
     from kvpool.services.tier import TierConfig, start_tier
 
     t0 = time.perf_counter()
+    loaded: list[calibrate.Profile] = []  # the 6x profile, once a row needs it
     tier = start_tier(TierConfig(shards=2, budget_bytes=512 << 20))
     try:
         default, default_info = publish_default(tier.endpoint)
         model, tokenizer = load()
-        profile = load_profile(model, tokenizer, profile_path, sinks)
-        rows = configs(model, tokenizer, profile)
+
+        def profile() -> calibrate.Profile:
+            if not loaded:
+                loaded.append(load_profile(model, tokenizer, profile_path, sinks))
+            return loaded[0]
+
+        def keep(name: str) -> bool:
+            return only is None or any(word in name for word in only)
+
+        if only is None:
+            profile()  # calibrated first, as before the filter existed
+        rows = configs(model, tokenizer, profile, sinks, keep)
         rows.insert(1, default)
         data = windows(model, tokenizer, windows_count)
         for row in rows:
@@ -392,14 +442,17 @@ def run(windows_count: int, profile_path: Path | None, sinks: int) -> dict[str, 
             )
         },
         "default_basis": default_info,
+        "rows_filter": only,
         "profile": {
-            "key_bits": profile.key_bits,
-            "value_bits": profile.value_bits,
-            "target_bits": round(profile.target_bits, 4),
-            "achieved_bits": profile.achieved_bits,
-            "sink_tokens": profile.sink_tokens,
-            "calibration": profile.sample,
-        },
+            "key_bits": six.key_bits,
+            "value_bits": six.value_bits,
+            "target_bits": round(six.target_bits, 4),
+            "achieved_bits": six.achieved_bits,
+            "sink_tokens": six.sink_tokens,
+            "calibration": six.sample,
+        }
+        if (six := loaded[0] if loaded else None)
+        else None,
         "configs": out,
         "torch_threads": torch.get_num_threads(),
         "seconds": round(time.perf_counter() - t0, 1),
@@ -429,8 +482,9 @@ def print_table(result: dict[str, Any]) -> None:
             f"{c['greedy_match']:7.3f} {c['greedy_prefix']:6.1f}"
         )
     p = result["profile"]
-    print(f"6x profile key bits:   {' '.join(map(str, p['key_bits']))}")
-    print(f"6x profile value bits: {' '.join(map(str, p['value_bits']))}")
+    if p is not None:
+        print(f"6x profile key bits:   {' '.join(map(str, p['key_bits']))}")
+        print(f"6x profile value bits: {' '.join(map(str, p['value_bits']))}")
     best = ", ".join(f"at {r}x {result[f'best_at_{r}x']}%" for r in AT)
     print(f"best (pooled ppl increase): {best}; {result['seconds']} s")
 
@@ -441,7 +495,11 @@ if __name__ == "__main__":
     p.add_argument("--windows", type=int, default=2, help="windows per text (default 2)")
     p.add_argument("--profile", type=Path, default=None, help="a `kvpool calibrate` profile")
     p.add_argument("--sink-tokens", type=int, default=1, help="sinks of the default profile")
+    p.add_argument(
+        "--rows", nargs="+", default=None, metavar="WORD",
+        help="only rows whose name holds one of these (fp16 and the default always run)",
+    )  # fmt: skip
     args = p.parse_args()
-    result = run(args.windows, args.profile, args.sink_tokens)
+    result = run(args.windows, args.profile, args.sink_tokens, args.rows)
     print_table(result)
     print(json.dumps(result))

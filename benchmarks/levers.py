@@ -51,6 +51,15 @@ model the exact keys. Cheaper maps (the "maps" rows, `fit_map`): the both-tensor
 per-head maps (block-diagonal: each kv head from its own head only) and with rank-16/32/64 maps
 (the full least-squares map projected on the leading directions of its fitted values).
 
+The next ratio (`--ratio`, issue 22 part 4; only these rows, none of the rows above): the real
+codec v2 with inter-layer prediction, its basis calibrated as benchmarks/fidelity.py calibrates
+its v2 rows (`kvpool.calibrate.calibrate_basis(..., predict=True)` on `basis_sample`, 6 windows,
+cached under .cache/profiles/ by `basis_path`), values 2-bit per token G=64 with the Hadamard
+rotation, 1 sink, pre-RoPE keys; the value groups min/max (the codec's default) or symmetric (one
+fp16 scale, no minimum: `CodecConfig(symmetric_values=True)`, the maps fitted for it), at key band
+budgets RATIO_ROWS. Their bits per value are measured like fidelity.py's: encoded bytes (headers,
+sink, padding included) over the prefix's values.
+
 KL: the mean over scored tokens of KL(reference || row) of the next-token distributions, in
 millinats: always >= 0 and much steadier across windows than the perplexity change, so it is
 the figure to rank levers by.
@@ -64,6 +73,7 @@ compression_ratio = 16 / bits_per_value. Prints a table, then one JSON object as
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import inspect
 import json
@@ -94,6 +104,9 @@ NF = {
 KV = tuple[Tensor, Tensor]
 # cheaper prediction maps tried (issue 22 part 3): block-diagonal per head, and low rank
 MAP_FORMS = ("head", "rank:16", "rank:32", "rank:64")
+# the next ratio (issue 22 part 4): (key band budget, symmetric value groups) of `--ratio` rows
+# (1.7 and 0.9: the largest budgets whose blocks, measured, reach 8x and 10x: 8.13x, 10.24x)
+RATIO_ROWS = ((1.7, True), (0.9, True))
 
 
 def eval_texts() -> dict[str, str]:
@@ -537,11 +550,42 @@ def rows(cal: Calibration, rope: RopeParams, dim: int) -> list[Row]:
     ]  # fmt: skip
 
 
+def ratio_rows(model: Any, tokenizer: Any, rope: RopeParams, shape: tuple[int, ...]) -> list[Row]:
+    """The real codec v2 with prediction at the budgets of RATIO_ROWS (see the docstring)."""
+    from kvpool import calibrate as calib
+    from kvpool.kernels.codec import KeyBasis
+
+    out = []
+    for key_bits, symmetric in RATIO_ROWS:
+        options = argparse.Namespace(group_size=128, key_bits=key_bits, predict=True,
+                                     symmetric_values=symmetric)  # fmt: skip
+        path = calib.basis_path(model.config._name_or_path, options)
+        if path.exists():
+            basis = KeyBasis.load(path)
+        else:
+            t0 = time.perf_counter()
+            basis = calib.calibrate_basis(model, calib.basis_sample(tokenizer), key_bits=key_bits,
+                                          predict=True, symmetric_values=symmetric)  # fmt: skip
+            basis.save(path)
+            print(f"key basis: calibrated in {time.perf_counter() - t0:.0f} s, saved to {path}",
+                  flush=True)  # fmt: skip
+        cfg = CodecConfig(2, 2, 128, rope=rope, hadamard_values=True, sink_tokens=SINKS,
+                          key_basis=basis, symmetric_values=symmetric)  # fmt: skip
+        zeros = torch.zeros(shape)  # bits depend on the shape alone: blocks are fixed-size
+        size = sum(len(encode(zeros[:, :, t : t + BLOCK].half(), zeros[:, :, t : t + BLOCK].half(),
+                              cfg, start_position=t)) for t in range(0, shape[2], BLOCK))  # fmt: skip
+        kind = "symmetric" if symmetric else "min/max"
+        name = f"codec v2 predicted, K bands {key_bits} bits, V residual 2-bit {kind}"
+        out.append(Row(name, "both", 8 * size / (2 * zeros.numel()),
+                       functools.partial(through_codec, cfg=cfg)))  # fmt: skip
+    return out
+
+
 def pct(delta_nll: float, tokens: int) -> float:
     return round(100 * math.expm1(delta_nll / tokens), 2)
 
 
-def run(windows_per_text: int, only: list[str]) -> dict[str, Any]:
+def run(windows_per_text: int, only: list[str], ratio: bool = False) -> dict[str, Any]:
     t0 = time.perf_counter()
     model, tokenizer = load()
     model.eval()
@@ -553,11 +597,15 @@ def run(windows_per_text: int, only: list[str]) -> dict[str, Any]:
             for n, ws in data.items()}  # fmt: skip
     print(f"{model.config._name_or_path}: {windows_per_text} windows per text of {PREFIX} + "
           f"{CONTINUATION} scored tokens; reference (fp16) ppl {base}", flush=True)  # fmt: skip
-    cal = calibrate(model, tokenizer, rope)
+    if ratio:
+        todo = ratio_rows(model, tokenizer, rope, tuple(data["prose"][0].keys.shape))
+    else:
+        dim = model.config.hidden_size // model.config.num_attention_heads
+        todo = rows(calibrate(model, tokenizer, rope), rope, dim)
     print(f"{'row':78s} {'bits/val':>8s} {'ratio':>6s} {'KL mnat':>7s} {'ppl +%':>7s}  by text",
           flush=True)  # fmt: skip
     out = []
-    for row in rows(cal, rope, model.config.hidden_size // model.config.num_attention_heads):
+    for row in todo:
         if only and not any(o in row.name for o in only):
             continue
         delta, kl = {}, 0.0
@@ -596,5 +644,6 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--windows", type=int, default=2, help="windows per text, pooled (default 2)")
     p.add_argument("--only", nargs="*", default=[], help="rows whose name holds any of these")
+    p.add_argument("--ratio", action="store_true", help="only the next ratio's rows (RATIO_ROWS)")
     a = p.parse_args()
-    print(json.dumps(run(a.windows, a.only)))
+    print(json.dumps(run(a.windows, a.only, a.ratio)))
