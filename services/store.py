@@ -10,13 +10,25 @@ prefix (`put(parent=...)`); real traffic starts almost every request with the sa
 the root is shared by everything, and a block is worth nothing once an earlier block of its
 prefix is gone (lookups stop at the first miss). The policy:
 
-- Adaptive replacement (ARC, counted in bytes). Blocks seen once live in `recent`, blocks seen
-  again (read, or put again soon after their eviction) in `frequent`. Each side has a ghost
-  list of the keys it evicted lately (keys and sizes, no data, one budget's worth). A put of a
-  key in the recent ghosts says "recency would have kept it": the recent side's target grows;
-  a put of a key in the frequent ghosts shrinks it. So the split between new and proven blocks
-  follows the traffic instead of a constant, and a scan of blocks read once only cycles
-  `recent`. Frequency belongs to a prefix, not to a block: a block put as the only child of a
+- Recency first, proven blocks protected by evidence (ARC's two sides, counted in bytes, with
+  LRU as the rule between them). Blocks seen once live in `recent`, blocks seen again (read,
+  or put again soon after their eviction) in `frequent`. The block that goes is the older of
+  the two sides' least recent leaves, as in LRU, except that while `recent` holds more than
+  its target (ARC's p) a newer recent block goes before an older proven one: so a scan of
+  blocks read once only cycles `recent`'s target, and with the target at the whole budget the
+  store is LRU over the prefix tree. Each side has a ghost list of the keys it evicted lately
+  (keys, sizes and where in the side's eviction stream, no data; one budget's worth). The
+  target moves only on evidence about choices it made, measured at its margin: an eviction
+  is a choice when the older leaf was proven and the target lies within a window (`budget /
+  _WINDOW`) of what `recent` holds, so that moving the target by less than the window would
+  have evicted the other leaf; and a block so evicted that is put again within the last
+  window of bytes its side evicted would have been kept had its side had that much more room.
+  Such a recent ghost raises the target by its size, such a frequent ghost lowers it; equal
+  windows on both sides compare what the next bytes of each side are worth. (ARC counts every
+  ghost hit, which compares how much traffic each side evicts, not what more room is worth:
+  on chat traffic, where almost every block is read again and both sides are alike, its
+  target sank while it decided nothing, and it lost to LRU.) Frequency belongs to a prefix,
+  not to a block: a block put as the only child of a
   frequent block (the next turn of a conversation whose earlier turns were just read) starts
   frequent; a block that branches off a block with other children (a new prompt under a shared
   system prompt, a scan) starts recent and must prove itself.
@@ -53,6 +65,7 @@ PutItem = tuple[bytes, bytes, int, "Blob", "bytes | None", "str | None"]
 
 _PASS_LIMIT = 64  # inner blocks passed over at the LRU end before a victim is taken anyway
 _RAISE_LIMIT = 64  # ancestors one touch refreshes (keeps a put O(log n) however deep)
+_WINDOW = 8  # a ghost judges the target when within the last budget / _WINDOW bytes evicted
 
 
 class BlockTooLargeError(ValueError):
@@ -121,26 +134,34 @@ class _Queue:
 
 
 class _Ghosts:
-    """The keys one side evicted lately, oldest first, with their sizes (no data)."""
+    """The keys one side evicted lately, oldest first: for each, where in the side's stream of
+    evicted bytes it left, and its size (negative when its eviction was not a choice of the
+    target). No data."""
 
     def __init__(self) -> None:
-        self.sizes: OrderedDict[bytes, int] = OrderedDict()
+        self.sizes: OrderedDict[bytes, tuple[int, int]] = OrderedDict()
         self.bytes = 0
+        self.out = 0  # bytes ever evicted from this side
 
     def __contains__(self, key: bytes) -> bool:
         return key in self.sizes
 
-    def add(self, key: bytes, size: int) -> None:
-        self.sizes[key] = size
+    def add(self, key: bytes, size: int, chosen: bool) -> None:
+        self.out += size
+        self.sizes[key] = (self.out, size if chosen else -size)
         self.bytes += size
 
-    def forget(self, key: bytes) -> None:
-        self.bytes -= self.sizes.pop(key)
+    def forget(self, key: bytes, window: int) -> bool:
+        """Forget `key`; whether the target chose its eviction and it left within the last
+        `window` bytes this side evicted."""
+        out, size = self.sizes.pop(key)
+        self.bytes -= abs(size)
+        return size > 0 and self.out - out < window
 
     def trim(self, most_bytes: int, most_keys: int) -> None:
         """Forget the oldest until within both bounds."""
         while self.sizes and (self.bytes > most_bytes or len(self.sizes) > most_keys):
-            self.bytes -= self.sizes.popitem(last=False)[1]
+            self.bytes -= abs(self.sizes.popitem(last=False)[1][1])
 
 
 @dataclass
@@ -189,9 +210,9 @@ class BlockStore:
         self._blocks: dict[bytes, _Node] = {}
         self._recent, self._frequent = _Queue(), _Queue()
         self._ghost_recent, self._ghost_frequent = _Ghosts(), _Ghosts()
-        # bytes `recent` should hold (ARC's p), adapted by ghost hits; it starts with no
-        # preference, half the budget (ARC's 0 spends the first budget of traffic learning
-        # that recency matters, and loses hits an LRU keeps while it does)
+        # bytes `recent` may hold before newer recent blocks go before older proven ones
+        # (ARC's p), moved by ghost hits; it starts at half the budget: a scan that comes
+        # before any evidence cannot flush more than half of what was proven
         self._target = budget_bytes // 2
         self._by_tenant: dict[str, _Queue] = {}  # the blocks of each tenant with a quota
         self._tick = 0  # one per call: the blocks a batch touches share it
@@ -331,26 +352,25 @@ class BlockStore:
         self.stats.bytes += size
         if own is not None and quota is not None:
             while own.bytes > quota:
-                self._evict(self._victim(own))
+                self._evict(self._victim(own), False)
                 self.stats.quota_evictions += 1
         while self.stats.bytes > self.stats.budget_bytes:
-            self._evict(self._replacement())
+            self._evict(*self._replacement())
         return True
 
     def _ghost_hit(self, key: bytes, size: int) -> bool:
-        """ARC's adaptation when a block evicted lately is put again: a recent ghost says
-        recency would have kept it (the recent side's target grows), a frequent ghost the
-        opposite. Returns whether it was a ghost (it goes to the frequent side then)."""
-        recent, frequent = self._ghost_recent, self._ghost_frequent
-        if key in recent:
-            step = max(size, size * frequent.bytes // max(recent.bytes, 1))
-            self._target = min(self.stats.budget_bytes, self._target + step)
-            recent.forget(key)
+        """A block evicted lately is put again: when the target chose its eviction and it left
+        within the window, its side would have kept it with that much more room (a recent
+        ghost raises the target by its size, a frequent one lowers it). Returns whether it
+        was a ghost (it goes to the frequent side then)."""
+        window = max(1, self.stats.budget_bytes // _WINDOW)
+        if key in self._ghost_recent:
+            if self._ghost_recent.forget(key, window):
+                self._target = min(self.stats.budget_bytes, self._target + size)
             return True
-        if key in frequent:
-            step = max(size, size * recent.bytes // max(frequent.bytes, 1))
-            self._target = max(0, self._target - step)
-            frequent.forget(key)
+        if key in self._ghost_frequent:
+            if self._ghost_frequent.forget(key, window):
+                self._target = max(0, self._target - size)
             return True
         return False
 
@@ -376,7 +396,7 @@ class BlockStore:
             self._target = self._target * budget_bytes // self.stats.budget_bytes
             self.stats.budget_bytes = budget_bytes
             while self.stats.bytes > budget_bytes:
-                self._evict(self._replacement())
+                self._evict(*self._replacement())
             self._trim_ghosts()
             self.stats.blocks = len(self._blocks)
             return before - self.stats.bytes
@@ -414,12 +434,19 @@ class BlockStore:
 
     # -- eviction ---------------------------------------------------------------------------
 
-    def _replacement(self) -> _Node:
-        """ARC's choice: the recent side while it holds more than its target, else the
-        frequent side (or whichever is not empty)."""
-        use_recent = self._recent.bytes > self._target or not self._frequent
-        queue = self._recent if use_recent and self._recent else self._frequent
-        return self._victim(queue)
+    def _replacement(self) -> tuple[_Node, bool]:
+        """The older of the two sides' first leaves, unless the frequent one is older and
+        `recent` holds more than its target: then the recent one. Also whether the target
+        chose (the frequent leaf was the older: which side paid was the target's call)."""
+        recent, frequent = self._recent, self._frequent
+        if not (recent and frequent):
+            return self._victim(recent or frequent), False
+        new, proven = self._victim(recent), self._victim(frequent)
+        if (new.tick, -new.position) <= (proven.tick, -proven.position):
+            return new, False
+        # a target within the window of what `recent` holds could have chosen the other way
+        chosen = abs(recent.bytes - self._target) < self.stats.budget_bytes // _WINDOW
+        return (new if recent.bytes > self._target else proven), chosen
 
     def _victim(self, queue: _Queue) -> _Node:
         """The first leaf of `queue` to go (a block with no children on this shard), passing
@@ -438,10 +465,12 @@ class BlockStore:
         assert first is not None
         return first
 
-    def _evict(self, node: _Node) -> None:
-        """Evict to the ghost list of the node's side, and tell `on_evict`."""
+    def _evict(self, node: _Node, chosen: bool) -> None:
+        """Evict to the ghost list of the node's side (`chosen`: the target decided it), and
+        tell `on_evict`."""
         self._remove(node)
-        (self._ghost_frequent if node.frequent else self._ghost_recent).add(node.key, node.size)
+        ghosts = self._ghost_frequent if node.frequent else self._ghost_recent
+        ghosts.add(node.key, node.size, chosen)
         self._trim_ghosts()
         self.stats.evictions += 1
         if self._on_evict is not None:

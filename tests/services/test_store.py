@@ -5,6 +5,10 @@ tenants within their quotas."""
 from __future__ import annotations
 
 import hashlib
+import heapq
+import itertools
+import random
+from collections import OrderedDict
 
 import pytest
 from hypothesis import given, settings
@@ -253,3 +257,73 @@ def test_the_next_turn_of_a_read_conversation_is_kept_through_a_scan() -> None:
             put_chain(store, chain, 3)
         assert (nxt in store) is read and all((k in store) is read for k in turn1)
         assert branch not in store
+
+
+def test_an_old_block_nobody_read_goes_before_a_newer_proven_one() -> None:
+    """Between the two sides the older block goes, as in LRU: a proven block is protected from
+    newer unproven ones only while those exceed the recent side's target, never from older."""
+    store = BlockStore(1000)  # ten blocks; the recent side's target starts at half
+    old = put_chain(store, 0, 3)  # never read
+    proven = put_chain(store, 1, 6)
+    assert all(store.get(k) is not None for k in proven)
+    put_chain(store, 2, 2)  # two blocks of room: 400 bytes unread, within the target
+    assert all(k in store for k in proven)
+    assert [k in store for k in old] == [True, True, False]  # the old prefix lost its tail
+
+
+def chat_trace(requests: int, seed: int) -> list[list[bytes]]:
+    """Conversations under one shared system prompt: each turn is the previous prompt plus a
+    new block or two; a conversation comes back after a heavy-tailed number of other requests
+    and ends after a geometric number of turns. Every block is read again about as often,
+    whatever side it is on: a policy that trusts frequency over recency loses hits here."""
+    rng = random.Random(seed)
+    root = raw_key(0, 0)
+    waiting: list[tuple[int, list[bytes]]] = []  # (due request, blocks so far)
+    out, fresh = [], itertools.count(1)
+    for i in range(requests):
+        if waiting and waiting[0][0] <= i and rng.random() < 0.85:
+            _, blocks = heapq.heappop(waiting)
+        else:
+            blocks = [root]
+        blocks = blocks + [raw_key(next(fresh), 1) for _ in range(rng.randint(1, 2))]
+        out.append(blocks)
+        if rng.random() < 0.8:
+            heapq.heappush(waiting, (i + 1 + int(rng.paretovariate(1.2) * 20), blocks))
+    return out
+
+
+def lru_hits(trace: list[list[bytes]], capacity: int) -> int:
+    """Leading blocks found by exact LRU over blocks, touched in prefix order."""
+    blocks: OrderedDict[bytes, None] = OrderedDict()
+    hits = 0
+    for keys in trace:
+        n = 0
+        while n < len(keys) and keys[n] in blocks:
+            n += 1
+        hits += n
+        for k in keys:
+            blocks[k] = None
+            blocks.move_to_end(k)
+        while len(blocks) > capacity:
+            blocks.popitem(last=False)
+    return hits
+
+
+def store_hits(trace: list[list[bytes]], capacity: int) -> int:
+    """Leading blocks found by one BlockStore of `capacity` 100-byte blocks, driven as a
+    client drives it: read the leading blocks, put the rest, each naming its parent."""
+    store = BlockStore(100 * capacity)
+    hits = 0
+    for keys in trace:
+        n = store.leading(keys)
+        hits += n
+        store.get_many(keys[:n])
+        store.put_many([(k, keys[0], p, b"x" * 100, keys[p - 1] if p else None, None)
+                        for p, k in enumerate(keys) if p >= n])  # fmt: skip
+    return hits
+
+
+@pytest.mark.parametrize("capacity", [100, 300, 400, 600])
+def test_conversations_keep_at_least_what_lru_keeps(capacity: int) -> None:
+    trace = chat_trace(2500, seed=7)
+    assert store_hits(trace, capacity) >= lru_hits(trace, capacity)
