@@ -22,7 +22,6 @@ with BlockStore's interface (`--policy`), get the same two rows. Last line: one 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib
 import json
 import sys
@@ -30,11 +29,14 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 
+import torch
 from synth_trace import MIXES, generate  # benchmarks/, on sys.path as the script's folder
 from trace_replay import Cache, Infinite, LRUBlocks, Stores, replay
 
+from kvpool.client import namespace_for
+from kvpool.kernels.codec import CodecConfig
 from kvpool.services.store import BlockStore
-from kvpool.trace import TraceRequest, read_trace
+from kvpool.trace import TRACE_BLOCK_TOKENS, TraceKeys, TraceRequest, read_trace
 from kvpool.trace import _request as parse_request
 
 BLOCK_BYTES = 1000
@@ -42,10 +44,12 @@ Keys = list[bytes]
 
 
 def trace_keys(requests: Sequence[TraceRequest]) -> list[Keys]:
-    """A key per full block: ids already name a block and its prefix, so a hash of the id is a
-    key with the trace's sharing (and hashes the ring spreads like real keys)."""
-    return [[hashlib.sha256(i.to_bytes(8, "big")).digest() for i in r.hash_ids[: r.full_blocks()]]
-            for r in requests]  # fmt: skip
+    """kvpool's block keys of each request's full blocks, as a worker computes them
+    (`kvpool.trace.TraceKeys`), so the simulated stores place them as the client does."""
+    ns = namespace_for("bench/policy", 1, 1, 64, torch.float16, CodecConfig(2, 2, 32),
+                       block_tokens=TRACE_BLOCK_TOKENS)  # fmt: skip
+    tk = TraceKeys(ns)
+    return [list(tk(r)) for r in requests]
 
 
 def stores(store_class: type, capacity: int, shards: int) -> Cache:
