@@ -11,6 +11,12 @@ more than `window` recent tokens are held.
     decode step: q --packed_attention (C loop / Triton)--> (o, lse) --merge-- exact window, sinks
     prefill (Q > 16 queries): the packed rows are dequantized for that call and SDPA runs
 
+Codecs: v1 (KIVI-layout keys) and v2 with a key basis are attended packed (v2's keys: each
+row rebuilt from its components in the C loop, see kernels/attention.py); v2 blocks with
+inter-layer prediction (PREDICTED) are decoded once as they are added, the whole stack (layer l
+is a residual of a prediction from layer l - 1 as rebuilt, so no layer can be read alone), and
+their rows kept exact; tokens the model computes are then folded in the basis without the maps.
+
 MiniKV's request-private selection (`Selection`): after a prefill the cache keeps, per layer
 and kv head, the tokens that received most attention from the prompt's last queries plus the
 recent window (budgets shrinking with depth), and quantizes only those. What it keeps depends
@@ -35,10 +41,11 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kvpool.kernels.attention import dequantize, merge, packed_attention, window_scores
-from kvpool.kernels.codec import CodecConfig, encode, verified_payload
+from kvpool.kernels.basis import KeyBasis
+from kvpool.kernels.codec import CodecConfig, decode_plan, encode, verified_payload
 from kvpool.kernels.packed_kv import PackedKV, block_layer, block_sinks, rope_at
 from kvpool.kernels.transforms import RopeParams, rotated
-from kvpool.proto.blockformat import BlockHeader
+from kvpool.proto.blockformat import CHUNK, BlockHeader, Flag
 from kvpool.proto.errors import CodecError
 
 ATTENTION = "kvpool_packed"
@@ -108,8 +115,10 @@ class PackedLayer(CacheLayerMixin):
                  fold_bits: tuple[int, int] | None = None) -> None:  # fmt: skip
         super().__init__()
         self.home = device or torch.device("cpu")  # where the packed rows live
+        self.basis = codec.key_basis  # the blocks' (all layers), or None
         key_bits, value_bits = codec.bits_per_layer(layers)
-        self.codec = replace(codec, key_bits=key_bits[layer], value_bits=value_bits[layer])
+        self.codec = replace(codec, key_bits=key_bits[layer], value_bits=value_bits[layer],
+                             key_basis=layer_basis(self.basis, layer))  # fmt: skip
         self.layer, self.layers, self.window, self.selection = layer, layers, window, selection
         self.fold_codec = None  # decode steps' tokens, folded at their own widths
         if fold_bits is not None:
@@ -118,6 +127,7 @@ class PackedLayer(CacheLayerMixin):
         self.packed: PackedKV | None = None  # capacity may exceed packed.tokens
         self.recent: PackedKV | None = None  # rows folded by decode steps (fold_codec), positioned
         self.sinks: tuple[Tensor, Tensor] | None = None  # exact [1, H, S, D]
+        self.decoded: tuple[Tensor, Tensor] | None = None  # predicted blocks' rows [1, H, n, D]
         self.seen = 0  # positions so far: the next token's position
         self.selected = False
         self._buffers: tuple[Tensor, Tensor] | None = None  # the window's storage
@@ -160,6 +170,7 @@ class PackedLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.keys = self.values = self._buffers = None
         self.packed, self.recent, self.sinks, self.seen, self.selected = None, None, None, 0, False
+        self.decoded = None
         self.is_initialized = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -189,6 +200,8 @@ class PackedLayer(CacheLayerMixin):
             exact = [(self.keys, self.values, nq)]
             if self.sinks is not None:
                 exact.insert(0, (*self.sinks, 0))
+            if self.decoded is not None:  # predicted blocks' rows (their sinks among them)
+                exact.insert(0, (*self.decoded, 0))
             out, lse = packed_attention(q, self.packed, self._sink_rows(), exact)
             if self.recent is not None:
                 out = merge([(out, lse), packed_attention(q, self.recent)])
@@ -206,9 +219,10 @@ class PackedLayer(CacheLayerMixin):
                 pk, pv = dequantize(part)
                 keys.insert(0, pk[:, :, s:].to(self.dtype))
                 values.insert(0, pv[:, :, s:].to(self.dtype))
-        if self.sinks is not None:
-            keys.insert(0, self.sinks[0].to(self.dtype))
-            values.insert(0, self.sinks[1].to(self.dtype))
+        for part in (self.sinks, self.decoded):
+            if part is not None:
+                keys.insert(0, part[0].to(self.dtype))
+                values.insert(0, part[1].to(self.dtype))
         k, v = torch.cat(keys, dim=2), torch.cat(values, dim=2)
         nq, n = query.shape[2], k.shape[2]
         mask = None
@@ -270,25 +284,33 @@ class PackedLayer(CacheLayerMixin):
             if self.fold_codec is not None and (self.recent is not None or (
                     decoding and self.packed is not None)):  # fmt: skip
                 blob = encode(k[None], v[None], self.fold_codec, start_position=start)
-                chunk = block_layer(*verified_payload(blob), 0)
+                chunk = self._layer_of(blob)
                 rows = torch.arange(start, start + g, dtype=torch.int32).expand(1, chunk.heads, g)
                 self.recent = _extended(self.recent, chunk, rows, self.home, 4 * g)
             else:
-                first = self.packed is None and not self.selected  # the sinks go with it
+                first = self.packed is None and self.decoded is None and not self.selected
                 codec = self.codec if first else replace(self.codec, sink_tokens=0)
-                assert self.selected or start == (self.packed.tokens if self.packed else 0)
+                offset = self.selected or self.decoded is not None  # rows carry positions
+                assert offset or start == (self.packed.tokens if self.packed else 0)
                 blob = encode(k[None], v[None], codec, start_position=start)
-                header, payload = verified_payload(blob)
-                self.add_block(header, payload, start, layer=0)
+                header, payload = verified_payload(blob, key_basis=codec.key_basis)
+                self.add_block(header, payload, start, layer=0, key_basis=codec.key_basis)
             self._drop(g)
 
+    def _layer_of(self, blob: bytes) -> PackedKV:
+        """The one layer of a block this layer encoded (with its own one-layer basis, if any)."""
+        basis = self.codec.key_basis
+        return block_layer(*verified_payload(blob, key_basis=basis), 0, basis)
+
     def add_block(
-        self, header: BlockHeader, payload: Tensor, position: int, layer: int | None = None
-    ) -> None:
+        self, header: BlockHeader, payload: Tensor, position: int, layer: int | None = None,
+        key_basis: KeyBasis | None = None,
+    ) -> None:  # fmt: skip
         """Append the rows of a verified block's `layer` (default: this layer's index; a block
-        just folded holds this layer alone) after the packed rows."""
+        just folded holds this layer alone, in `key_basis`, default the cache's) after the
+        packed rows."""
         layer = self.layer if layer is None else layer
-        chunk = block_layer(header, payload, layer)
+        chunk = block_layer(header, payload, layer, key_basis or self.basis)
         if header.sink_tokens:
             if self.packed is not None and self.packed.tokens:
                 raise CodecError("a block with sink tokens must come first")
@@ -297,11 +319,19 @@ class PackedLayer(CacheLayerMixin):
                 k[layer][None].to(self.home, copy=True),
                 v[layer][None].to(self.home, copy=True),
             )
-        if not self.selected:
+        if not self.selected and self.decoded is None:  # row index = position
             return self._append(chunk, None)
         rows = torch.arange(position, position + chunk.tokens, dtype=torch.int32)
         positions = rows.expand(1, chunk.heads, chunk.tokens)
         return self._append(chunk, positions)
+
+    def add_decoded(self, keys: Tensor, values: Tensor) -> None:
+        """Append exact rows [H, n, D] (a predicted block's layer, decoded: RoPE applied, sinks
+        exact), kept apart from the packed rows and attended as they are."""
+        k, v = keys[None].to(self.home), values[None].to(self.home)
+        if self.decoded is not None:
+            k, v = torch.cat((self.decoded[0], k), dim=2), torch.cat((self.decoded[1], v), dim=2)
+        self.decoded = (k, v)
 
     def _append(self, chunk: PackedKV, positions: Tensor | None) -> None:
         self.packed = _extended(self.packed, chunk, positions, self.home, 0)
@@ -338,7 +368,7 @@ class PackedLayer(CacheLayerMixin):
         if self.codec.rope is not None:  # pre-RoPE at each kept row's own position
             k = _undo_rope_at(k, self.codec.rope, idx)
         blob = encode(k[None], v[None], codec, start_position=sinks)
-        chunk = replace(block_layer(*verified_payload(blob), 0), rope=self.codec.rope)
+        chunk = replace(self._layer_of(blob), rope=self.codec.rope)
         spare = self.window + self.codec.group_size
         self.packed = _extended(None, chunk, idx.to(torch.int32)[None], self.home, spare)
         self._drop(n - recent)
@@ -349,7 +379,7 @@ class PackedLayer(CacheLayerMixin):
     def nbytes(self) -> int:
         """Bytes held for this layer's tokens: packed rows in use, sinks and the window."""
         total = sum(p.nbytes for p in (self.packed, self.recent) if p is not None)
-        for t in (*(self.sinks or ()), self.keys, self.values):
+        for t in (*(self.sinks or ()), *(self.decoded or ()), self.keys, self.values):
             if t is not None:
                 total += t.numel() * t.element_size()
         return total
@@ -365,6 +395,16 @@ class PackedLayer(CacheLayerMixin):
                 total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
                 total -= p.nbytes
         return total
+
+
+def layer_basis(basis: KeyBasis | None, layer: int) -> KeyBasis | None:
+    """A one-layer key basis of `basis`'s layer (without prediction maps): what a layer's own
+    folds of G tokens are coded in (private rows, never stored, so the id matters to no one)."""
+    if basis is None:
+        return None
+    per = basis.mean.shape[-1] // CHUNK
+    widths = basis.widths[layer * per : (layer + 1) * per]
+    return KeyBasis(basis.mean[layer : layer + 1], basis.rotation[layer : layer + 1], widths)
 
 
 def _extended(
@@ -429,17 +469,17 @@ def _undo_rope_at(keys: Tensor, rope: RopeParams, positions: Tensor) -> Tensor:
 
 
 class PackedCache(Cache):
-    """A cache for `model` (batch 1) whose prompt KV stays packed with `codec` (its KIVI
-    layout: no key basis): `window` recent tokens stay exact, older ones are packed G at a time.
-    `selection`: MiniKV's request-private selection after the first prefill."""
+    """A cache for `model` (batch 1) whose prompt KV stays packed with `codec` (KIVI-layout
+    keys, or keys in a key basis; a predicting basis's blocks are decoded as they are added):
+    `window` recent tokens stay exact, older ones are packed G at a time. `selection`: MiniKV's
+    request-private selection after the first prefill."""
 
     def __init__(self, model: Any, codec: CodecConfig, window: int = WINDOW,
                  selection: Selection | None = None,
                  fold_bits: tuple[int, int] | None = FOLD_BITS) -> None:  # fmt: skip
-        if codec.key_basis is not None:
-            raise CodecError("the packed cache attends to KIVI-layout keys: no key basis")
         if window < 0:
             raise ValueError("window must be >= 0")
+        self.codec = codec
         from kvpool.model_facts import model_layout
 
         layers, _, _ = model_layout(model)
@@ -455,12 +495,29 @@ class PackedCache(Cache):
             position = self.get_seq_length()
             if header.start_position != position:
                 raise CodecError(f"block at {header.start_position}, the cache is at {position}")
-            for layer in self.layers:
-                assert isinstance(layer, PackedLayer)
-                layer.add_block(header, payload, position)
+            layers = [layer for layer in self.layers if isinstance(layer, PackedLayer)]
+            if header.has_flag(Flag.PREDICTED):  # the whole stack rebuilt once, kept exact
+                keys, values = self._decoded(header, payload)
+                for i, layer in enumerate(layers):
+                    layer.add_decoded(keys[i], values[i])
+            else:
+                for layer in layers:
+                    layer.add_block(header, payload, position)
+            for layer in layers:
                 layer.seen += header.tokens
             added += header.tokens
         return added
+
+    def _decoded(self, header: BlockHeader, payload: Tensor) -> tuple[Tensor, Tensor]:
+        """A predicted block's keys (RoPE applied) and values [L, H, T, D], decoded."""
+        basis = self.codec.key_basis
+        if basis is None or not basis.predicted:
+            raise CodecError("a predicted block needs the cache's codec to hold its basis and maps")
+        basis.check(header)
+        plan = decode_plan(header, "auto", payload.device)
+        out = [torch.empty(plan.shape, dtype=torch.float32, device=payload.device) for _ in "kv"]
+        plan.decode(payload, header, out, basis)
+        return out[0], out[1]
 
     def start_recording(self, tokens: int) -> None:
         """Keep an exact copy of the next `tokens` tokens each layer is given (a prompt's new

@@ -3,8 +3,16 @@
  * redone at its position), a softmax's pieces, p . V over the packed value rows, and exact rows
  * (the sinks, the recent window) in the same pass.
  *
+ * Keys may also be codec v2's (KEY_BASIS without prediction maps): components c in a calibrated
+ * basis (mean mu, columns R), pre-RoPE. The score is q . RoPE_p(mu + R c), and RoPE_p does not
+ * commute with R (R mixes channels of different frequencies), so q cannot be projected into the
+ * basis once: each row is rebuilt in scratch (mu + R c, a [n] x [n, D] product), turned and
+ * scored (`scores_basis_impl`).
+ *
  * The function takes raw addresses (tensor.data_ptr()) and releases the GIL while it runs.
- * Built with gcc function multi-versioning like _cpu_codec.c; rows as _cpu_rows.h says.
+ * Three builds of the loop (x86-64-v4: AVX-512; x86-64-v3: AVX2/FMA/F16C; baseline x86-64), the
+ * best the CPU has chosen at import, capped by `use_isa` (kvpool.kernels.env: KVPOOL_CPU_ISA),
+ * so an AVX2 machine's code runs, and is measured, on an AVX-512 one; rows as _cpu_rows.h says.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -39,62 +47,72 @@ INLINE void dots(const float *restrict q, int64_t nq, const float *restrict y, i
     }
 }
 
-/* Sixteen tokens at once, one per vector lane: the packed rows of a tile are turned into byte
- * columns (byte b of each of the 16 rows), a channel's codes are a shift and a mask of one
- * column, and scores accumulate lane-wise, with no sum across lanes. RoPE is redone per channel
- * pair (a, b = a + D/2) on 16 positions at once, their angles read from transposed tables
- * cosT/sinT [D/2][span]. */
+/* A tile of tokens at once, one per vector lane (16 with AVX-512, 8 below it: gcc handles a
+ * 64-byte vector on AVX2 through memory and general registers, several times slower): the
+ * packed rows of a tile are turned into byte columns (byte b of each row of the tile), a
+ * channel's codes are a shift and a mask of one column, and scores accumulate lane-wise, with
+ * no sum across lanes. RoPE is redone per channel pair (a, b = a + D/2) on a tile's positions
+ * at once, their angles read from transposed tables cosT/sinT [D/2][span]. */
 typedef float vf16 __attribute__((vector_size(64)));
+typedef float vf8 __attribute__((vector_size(32)));
 typedef int32_t vi16 __attribute__((vector_size(64)));
-typedef uint8_t vu8x16 __attribute__((vector_size(16)));
-#define TILE 16
-#define TILE_RQ 16 /* query rows per kv head the tile path keeps in registers */
+typedef int32_t vi8 __attribute__((vector_size(32)));
+#define TILE 16 /* value rows dequantized together */
 
-INLINE vf16 tile_channel(const vi16 *col, const int64_t D, const int bits, int64_t i) {
-    const int w0 = bits == 3 ? 2 : bits;
-    const int64_t P0 = D * w0 / 8; /* bytes of the low plane */
-    vi16 c = (col[i % P0] >> (int)((i / P0) * w0)) & ((1 << w0) - 1);
-    if (bits == 3) { /* the high bit from the 1-bit plane after it */
-        const int64_t P1 = D / 8;
-        c |= ((col[P0 + i % P1] >> (int)(i / P1)) & 1) << 2;
+#define DEFINE_TILE(LANES, VF, VI)                                                              \
+    INLINE VF tile_channel##LANES(const VI *col, const int64_t D, const int bits, int64_t i) {  \
+        const int w0 = bits == 3 ? 2 : bits;                                                    \
+        const int64_t P0 = D * w0 / 8; /* bytes of the low plane */                             \
+        VI c = (col[i % P0] >> (int)((i / P0) * w0)) & ((1 << w0) - 1);                         \
+        if (bits == 3) { /* the high bit from the 1-bit plane after it */                       \
+            const int64_t P1 = D / 8;                                                           \
+            c |= ((col[P0 + i % P1] >> (int)(i / P1)) & 1) << 2;                                \
+        }                                                                                       \
+        return __builtin_convertvector(c, VF);                                                  \
+    }                                                                                           \
+                                                                                                \
+    /* byte b of the tile's rows widened as it is gathered, column by column, so that a        \
+     * column's stores have left the store buffer when it is read back as one vector; then    \
+     * the tile's keys channel by channel, then each query row's scores in two accumulators    \
+     * that stay in registers */                                                               \
+    INLINE void scores_tile##LANES(const uint8_t *rows, const int64_t D, const int bits,        \
+                                   const float *s, const float *m, const float *q, int64_t RQ,  \
+                                   const float *cosT, const float *sinT, int64_t span,          \
+                                   int64_t t, float *out, int64_t stride) {                     \
+        const int64_t row_bytes = D * bits / 8;                                                 \
+        int32_t wide[128][LANES];                                                               \
+        for (int64_t b = 0; b < row_bytes; b++)                                                 \
+            for (int64_t l = 0; l < LANES; l++) wide[b][l] = rows[l * row_bytes + b];           \
+        VI col[128];                                                                            \
+        for (int64_t b = 0; b < row_bytes; b++) memcpy(&col[b], wide[b], sizeof col[b]);        \
+        VF keys[256];                                                                           \
+        if (cosT) {                                                                             \
+            const int64_t half = D / 2;                                                         \
+            for (int64_t a = 0; a < half; a++) {                                                \
+                const VF ka = tile_channel##LANES(col, D, bits, a) * s[a] + m[a];               \
+                const VF kb =                                                                   \
+                    tile_channel##LANES(col, D, bits, a + half) * s[a + half] + m[a + half];    \
+                VF c, sn;                                                                       \
+                memcpy(&c, cosT + a * span + t, sizeof c);                                      \
+                memcpy(&sn, sinT + a * span + t, sizeof sn);                                    \
+                keys[a] = ka * c - kb * sn, keys[a + half] = kb * c + ka * sn; /* rotated */    \
+            }                                                                                   \
+        } else {                                                                                \
+            for (int64_t i = 0; i < D; i++)                                                     \
+                keys[i] = tile_channel##LANES(col, D, bits, i) * s[i] + m[i];                   \
+        }                                                                                       \
+        for (int64_t j = 0; j < RQ; j++) {                                                      \
+            const float *qj = q + j * D;                                                        \
+            VF a0 = keys[0] * qj[0], a1 = keys[1] * qj[1];                                      \
+            for (int64_t i = 2; i < D; i += 2)                                                  \
+                a0 += keys[i] * qj[i], a1 += keys[i + 1] * qj[i + 1];                           \
+            a0 += a1;                                                                           \
+            memcpy(out + j * stride, &a0, sizeof a0);                                           \
+        }                                                                                       \
     }
-    return __builtin_convertvector(c, vf16);
-}
 
-INLINE void scores_tile(const uint8_t *rows, const int64_t D, const int bits, const float *s,
-                        const float *m, const float *q, int64_t RQ, const float *cosT,
-                        const float *sinT, int64_t span, int64_t t, float *out, int64_t stride) {
-    const int64_t row_bytes = D * bits / 8;
-    uint8_t bytes[128][TILE];
-    vi16 col[128]; /* byte b of the 16 rows, widened once */
-    for (int64_t l = 0; l < TILE; l++)
-        for (int64_t b = 0; b < row_bytes; b++) bytes[b][l] = rows[l * row_bytes + b];
-    for (int64_t b = 0; b < row_bytes; b++) {
-        vu8x16 x;
-        memcpy(&x, bytes[b], TILE);
-        col[b] = __builtin_convertvector(x, vi16);
-    }
-    vf16 acc[TILE_RQ];
-    for (int64_t j = 0; j < RQ; j++) acc[j] = (vf16){0};
-    if (cosT) {
-        const int64_t half = D / 2;
-        for (int64_t a = 0; a < half; a++) {
-            const vf16 ka = tile_channel(col, D, bits, a) * s[a] + m[a];
-            const vf16 kb = tile_channel(col, D, bits, a + half) * s[a + half] + m[a + half];
-            vf16 c, sn;
-            memcpy(&c, cosT + a * span + t, sizeof c);
-            memcpy(&sn, sinT + a * span + t, sizeof sn);
-            const vf16 ra = ka * c - kb * sn, rb = kb * c + ka * sn; /* the keys, rotated */
-            for (int64_t j = 0; j < RQ; j++) acc[j] += ra * q[j * D + a] + rb * q[j * D + a + half];
-        }
-    } else {
-        for (int64_t i = 0; i < D; i++) {
-            const vf16 k = tile_channel(col, D, bits, i) * s[i] + m[i];
-            for (int64_t j = 0; j < RQ; j++) acc[j] += k * q[j * D + i];
-        }
-    }
-    for (int64_t j = 0; j < RQ; j++) memcpy(out + j * stride, &acc[j], sizeof acc[j]);
-}
+DEFINE_TILE(16, vf16, vi16)
+DEFINE_TILE(8, vf8, vi8)
 
 /* out[(h * RQ + j) * stride + t - t0] = q[h * RQ + j] . key(h, t) for the RQ query rows of kv head h:
  * keys per channel (groups of G tokens), RoPE redone at each row's position (pos: int32 per
@@ -102,10 +120,10 @@ INLINE void scores_tile(const uint8_t *rows, const int64_t D, const int bits, co
 INLINE void scores_impl(const Packed *k, const int64_t D, const int bits, const float *q,
                         int64_t RQ, int64_t t0, int64_t t1, const float *cos, const float *sin,
                         int64_t rotary, const int32_t *pos, const float *cosT, const float *sinT,
-                        int64_t span, float *out, int64_t stride) {
+                        int64_t span, float *out, int64_t stride, const int lanes) {
     const int64_t G = k->G, row_bytes = D * bits / 8, heads = k->heads;
     /* the tile path: positions are the token indices, RoPE (if any) on all of head_dim */
-    const int tiles = !pos && RQ <= TILE_RQ && row_bytes <= 128 && D % 16 == 0 &&
+    const int tiles = !pos && row_bytes <= 128 && D % 16 == 0 &&
                       (!cos || (cosT && rotary == D));
     float *buf = malloc(sizeof(float) * (size_t)(2 * heads * D + D));
     float *s = buf, *m = s + heads * D, *y = m + heads * D; /* each head's group parameters */
@@ -117,12 +135,18 @@ INLINE void scores_impl(const Packed *k, const int64_t D, const int bits, const 
             }
             next = (t / G + 1) * G;
         }
-        if (tiles && t + TILE <= t1 && t + TILE <= next) {
-            for (int64_t h = 0; h < heads; h++)
-                scores_tile(k->codes + (h * k->hs + t) * row_bytes, D, bits, s + h * D,
-                            m + h * D, q + h * RQ * D, RQ, cos ? cosT : NULL, sinT, span, t,
-                            out + h * RQ * stride + (t - t0), stride);
-            t += TILE;
+        if (tiles && t + lanes <= t1 && t + lanes <= next) {
+            for (int64_t h = 0; h < heads; h++) {
+                const uint8_t *rows = k->codes + (h * k->hs + t) * row_bytes;
+                float *o = out + h * RQ * stride + (t - t0);
+                if (lanes == 16)
+                    scores_tile16(rows, D, bits, s + h * D, m + h * D, q + h * RQ * D, RQ,
+                                  cos ? cosT : NULL, sinT, span, t, o, stride);
+                else
+                    scores_tile8(rows, D, bits, s + h * D, m + h * D, q + h * RQ * D, RQ,
+                                 cos ? cosT : NULL, sinT, span, t, o, stride);
+            }
+            t += lanes;
             continue;
         }
         for (int64_t h = 0; h < heads; h++) {
@@ -138,6 +162,82 @@ INLINE void scores_impl(const Packed *k, const int64_t D, const int bits, const 
     }
     free(buf);
 }
+
+/* Keys in a key basis (codec v2 without prediction maps): a row holds `nruns` runs of components
+ * side by side, run r its ch[r] components at bits[r] bits (planar, as any row) from byte off[r];
+ * the groups' scales and minimums are [T / G][n] per head (n = the components stored, runs in
+ * order), and the rotation's columns of those components rot [heads][n][D] (row j: component j's
+ * column), the mean mu [heads][D]. */
+#define MAX_RUNS 32
+typedef struct {
+    int nruns;
+    int64_t ch[MAX_RUNS], bits[MAX_RUNS], off[MAX_RUNS], first[MAX_RUNS];
+    int64_t n, row_bytes;
+    const float *mean, *rot;
+} Basis;
+
+/* y = mu + sum_j c[j] R[j] (D a multiple of 16, at most 256): 64 channels at a time in eight
+ * 8-lane accumulators, which stay in registers on AVX2 as on AVX-512 */
+INLINE void basis_row(const float *restrict R, const float *restrict mu, const float *restrict c,
+                      int64_t n, const int64_t D, float *restrict y) {
+    for (int64_t v0 = 0; v0 < D; v0 += 64) {
+        const int64_t nv = (D - v0 < 64 ? D - v0 : 64) / 8;
+        vf8 acc[8];
+        for (int64_t v = 0; v < nv; v++) memcpy(&acc[v], mu + v0 + 8 * v, sizeof(vf8));
+        for (int64_t j = 0; j < n; j++) {
+            const float cj = c[j];
+            for (int64_t v = 0; v < nv; v++) {
+                vf8 r;
+                memcpy(&r, R + j * D + v0 + 8 * v, sizeof r);
+                acc[v] += cj * r;
+            }
+        }
+        for (int64_t v = 0; v < nv; v++) memcpy(y + v0 + 8 * v, &acc[v], sizeof(vf8));
+    }
+}
+
+/* `scores_impl` for keys in a basis: head by head (its rotation stays in cache), a group's
+ * parameters widened once, each row's components decoded run by run, the row rebuilt
+ * (mu + R c), RoPE redone at its position and scored against the head's RQ query rows */
+INLINE void scores_basis_impl(const Packed *k, const int64_t D, const Basis *bs, const float *q,
+                              int64_t RQ, int64_t t0, int64_t t1, const float *cos,
+                              const float *sin, int64_t rotary, const int32_t *pos, float *out,
+                              int64_t stride) {
+    const int64_t G = k->G, n = bs->n;
+    float *buf = malloc(sizeof(float) * (size_t)(3 * n + D));
+    float *s = buf, *m = s + n, *c = m + n, *y = c + n;
+    for (int64_t h = 0; h < k->heads; h++) {
+        const float *R = bs->rot + h * n * D, *mu = bs->mean + h * D;
+        for (int64_t t = t0; t < t1;) {
+            const int64_t g = (h * k->hs + t) / G, group_end = (t / G + 1) * G;
+            const int64_t end = group_end < t1 ? group_end : t1;
+            widen_params(k->scales + g * n, k->mins + g * n, n, 1, s, m);
+            for (; t < end; t++) {
+                const uint8_t *row = k->codes + (h * k->hs + t) * bs->row_bytes;
+                for (int r = 0; r < bs->nruns; r++) {
+                    const int64_t f = bs->first[r];
+                    decode_row(row + bs->off[r], bs->ch[r], (int)bs->bits[r], s + f, m + f, 0,
+                               c + f);
+                }
+                basis_row(R, mu, c, n, D, y);
+                if (cos) {
+                    const int64_t p = pos ? pos[h * k->hs + t] : t;
+                    rope_row(y, cos + p * rotary, sin + p * rotary, rotary, 1.0f);
+                }
+                dots(q + h * RQ * D, RQ, y, D, out + h * RQ * stride + (t - t0), stride);
+            }
+        }
+    }
+    free(buf);
+}
+
+/* the common head dims as compile-time constants */
+#define BY_DIM(impl, x, ...)                                                                    \
+    switch ((x)->D) {                                                                           \
+    case 64: impl(x, 64, __VA_ARGS__); break;                                                   \
+    case 128: impl(x, 128, __VA_ARGS__); break;                                                 \
+    default: impl(x, (x)->D, __VA_ARGS__);                                                      \
+    }
 
 /* acc[(h * RQ + j) * D + :] += p[(h * RQ + j) * stride + t - t0] * value(h, t), tokens t0..t1:
  * values per token (groups of G channels) */
@@ -167,15 +267,21 @@ INLINE void values_impl(const Packed *v, const int64_t D, const int bits, const 
                 }
                 for (int64_t j = 0; j < RQ; j++) w[j * TILE + l] = ph[j * stride + (t + l - t0)];
             }
-            for (int64_t j = 0; j < RQ; j++) {
-                float aj[256];
-                for (int64_t i = 0; i < D; i++) aj[i] = a[j * D + i];
-                for (int64_t l = 0; l < n; l++) {
-                    const float wl = w[j * TILE + l];
-                    for (int64_t i = 0; i < D; i++) aj[i] += wl * C[l * D + i];
+            for (int64_t j = 0; j < RQ; j++) /* D / 8 accumulators of 8 lanes: registers */
+                for (int64_t v0 = 0; v0 < D; v0 += 64) {
+                    const int64_t nv = (D - v0 < 64 ? D - v0 : 64) / 8;
+                    vf8 aj[8];
+                    for (int64_t v = 0; v < nv; v++) memcpy(&aj[v], a + j * D + v0 + 8 * v, 32);
+                    for (int64_t l = 0; l < n; l++) {
+                        const float wl = w[j * TILE + l];
+                        for (int64_t v = 0; v < nv; v++) {
+                            vf8 c;
+                            memcpy(&c, C + l * D + v0 + 8 * v, sizeof c);
+                            aj[v] += wl * c;
+                        }
+                    }
+                    for (int64_t v = 0; v < nv; v++) memcpy(a + j * D + v0 + 8 * v, &aj[v], 32);
                 }
-                for (int64_t i = 0; i < D; i++) a[j * D + i] = aj[i];
-            }
         }
     }
     free(buf);
@@ -293,18 +399,23 @@ INLINE void exact_impl(const Exact *ex, int nex, int64_t heads, int64_t D, const
  * of the scores and the sum l of exp(score - m) per query row, and acc = sum exp(score - m) *
  * value (unnormalized; the packed values' Hadamard rotation undone). A caller merges ranges by
  * log-sum-exp: lse = m + log(l), o = acc / l. */
-INLINE void attend_impl(const Packed *k, const Packed *v, const float *q, int64_t RQ, int64_t Q,
-                        int64_t t0, int64_t t1, int64_t skip, const float *cos, const float *sin,
-                        int64_t rotary, const int32_t *pos, const float *cosT, const float *sinT,
-                        int64_t span, int hadamard, const Exact *ex, int nex, float *acc,
-                        float *mx, float *sum) {
+INLINE void attend_impl(const Packed *k, const Basis *bs, const Packed *v, const float *q,
+                        int64_t RQ, int64_t Q, int64_t t0, int64_t t1, int64_t skip,
+                        const float *cos, const float *sin, int64_t rotary, const int32_t *pos,
+                        const float *cosT, const float *sinT, int64_t span, int hadamard,
+                        const Exact *ex, int nex, float *acc, float *mx, float *sum,
+                        const int lanes) {
     const int64_t rows = k->heads * RQ, n = t1 - t0, D = k->D;
     memset(acc, 0, sizeof(float) * (size_t)(rows * D));
     const int64_t first = skip > t0 ? (skip < t1 ? skip : t1) : t0; /* first counted token */
     for (int64_t j = 0; j < rows; j++) mx[j] = -INFINITY, sum[j] = 0.0f;
     if (first < t1) {
         float *sc = malloc(sizeof(float) * (size_t)(rows * n));
-        BY_SHAPE(scores_impl, k, q, RQ, first, t1, cos, sin, rotary, pos, cosT, sinT, span, sc, n)
+        if (bs)
+            BY_DIM(scores_basis_impl, k, bs, q, RQ, first, t1, cos, sin, rotary, pos, sc, n)
+        else
+            BY_SHAPE(scores_impl, k, q, RQ, first, t1, cos, sin, rotary, pos, cosT, sinT, span,
+                     sc, n, lanes)
         for (int64_t j = 0; j < rows; j++) sum[j] = softmax_pieces(sc + j * n, t1 - first, mx + j);
         BY_SHAPE(values_impl, v, sc, n, RQ, first, t1, acc)
         if (hadamard)
@@ -327,15 +438,43 @@ INLINE void attend_impl(const Packed *k, const Packed *v, const float *q, int64_
     free(acc2);
 }
 
-MULTIVERSION
-static void attend(const Packed *k, const Packed *v, const float *q, int64_t RQ, int64_t Q,
-                   int64_t t0, int64_t t1, int64_t skip, const float *cos, const float *sin,
-                   int64_t rotary, const int32_t *pos, const float *cosT, const float *sinT,
-                   int64_t span, int hadamard, const Exact *ex, int nex, float *acc, float *mx,
-                   float *sum) {
-    attend_impl(k, v, q, RQ, Q, t0, t1, skip, cos, sin, rotary, pos, cosT, sinT, span, hadamard,
-                ex, nex, acc, mx, sum);
+/* The loop built for three x86-64 levels (elsewhere: once), the level chosen at import and
+ * capped by use_isa(): 2 x86-64-v4 (AVX-512), 1 x86-64-v3 (AVX2, FMA, F16C), 0 the baseline */
+#define ATTEND_ARGS                                                                             \
+    const Packed *k, const Basis *bs, const Packed *v, const float *q, int64_t RQ, int64_t Q,  \
+        int64_t t0, int64_t t1, int64_t skip, const float *cos, const float *sin,              \
+        int64_t rotary, const int32_t *pos, const float *cosT, const float *sinT, int64_t span, \
+        int hadamard, const Exact *ex, int nex, float *acc, float *mx, float *sum
+#define ATTEND_CALL(lanes)                                                                      \
+    attend_impl(k, bs, v, q, RQ, Q, t0, t1, skip, cos, sin, rotary, pos, cosT, sinT, span,     \
+                hadamard, ex, nex, acc, mx, sum, lanes)
+#if X86_F16C
+static const char *const ISA_NAMES[] = {"x86-64", "x86-64-v3", "x86-64-v4"};
+__attribute__((target("arch=x86-64-v4"))) static void attend_v4(ATTEND_ARGS) { ATTEND_CALL(16); }
+__attribute__((target("arch=x86-64-v3"))) static void attend_v3(ATTEND_ARGS) { ATTEND_CALL(8); }
+static void attend_v1(ATTEND_ARGS) { ATTEND_CALL(8); }
+static int best_isa = 0, isa = 0;
+
+static void isa_init(void) {
+    __builtin_cpu_init();
+    best_isa = __builtin_cpu_supports("x86-64-v4") ? 2 : __builtin_cpu_supports("x86-64-v3") ? 1 : 0;
+    isa = best_isa;
 }
+
+static void attend(ATTEND_ARGS) {
+    if (isa == 2) attend_v4(k, bs, v, q, RQ, Q, t0, t1, skip, cos, sin, rotary, pos, cosT, sinT,
+                            span, hadamard, ex, nex, acc, mx, sum);
+    else if (isa == 1) attend_v3(k, bs, v, q, RQ, Q, t0, t1, skip, cos, sin, rotary, pos, cosT,
+                                 sinT, span, hadamard, ex, nex, acc, mx, sum);
+    else attend_v1(k, bs, v, q, RQ, Q, t0, t1, skip, cos, sin, rotary, pos, cosT, sinT, span,
+                   hadamard, ex, nex, acc, mx, sum);
+}
+#else
+static const char *const ISA_NAMES[] = {"native"};
+static int best_isa = 0, isa = 0;
+static void isa_init(void) {}
+static void attend(ATTEND_ARGS) { ATTEND_CALL(8); }
+#endif
 
 /* ---- Python bindings ---------------------------------------------------------------------- */
 
@@ -344,7 +483,7 @@ static int packed_arg(PyObject *t, Packed *x) {
     long long heads, hs, T, D, G, bits;
     if (!PyArg_ParseTuple(t, "KKKLLLLLL", &codes, &scales, &mins, &heads, &hs, &T, &D, &G, &bits))
         return 0;
-    if (bits != 2 && bits != 3 && bits != 4 && bits != 8)
+    if (bits != 0 && bits != 2 && bits != 3 && bits != 4 && bits != 8) /* 0: keys in a basis */
         return PyErr_SetString(PyExc_ValueError, "bits must be 2, 3, 4 or 8"), 0;
     if (heads <= 0 || T <= 0 || hs < T || D <= 0 || D % 16 || D > 256 || G <= 0)
         return PyErr_SetString(PyExc_ValueError, "bad packed shape"), 0;
@@ -353,23 +492,59 @@ static int packed_arg(PyObject *t, Packed *x) {
     return 1;
 }
 
+/* basis: (mean, rotation, n, ((channels, bits), ...)) of keys in a key basis (see Basis) */
+static int basis_arg(PyObject *t, const Packed *k, Basis *b) {
+    unsigned long long mean, rot;
+    long long n;
+    PyObject *runs;
+    if (!PyArg_ParseTuple(t, "KKLO!", &mean, &rot, &n, &PyTuple_Type, &runs)) return 0;
+    const Py_ssize_t nruns = PyTuple_GET_SIZE(runs);
+    if (!mean || !rot || n <= 0 || n > k->D || nruns <= 0 || nruns > MAX_RUNS)
+        return PyErr_SetString(PyExc_ValueError, "bad key basis"), 0;
+    *b = (Basis){.nruns = (int)nruns, .n = n, .mean = (const float *)mean,
+                 .rot = (const float *)rot};
+    int64_t at = 0, bytes = 0;
+    for (Py_ssize_t r = 0; r < nruns; r++) {
+        long long ch, bits;
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(runs, r), "LL", &ch, &bits)) return 0;
+        if (ch <= 0 || ch % 8 || (bits != 2 && bits != 3 && bits != 4 && bits != 8))
+            return PyErr_SetString(PyExc_ValueError, "a run is 8k components of 2/3/4/8 bits"), 0;
+        b->ch[r] = ch, b->bits[r] = bits, b->first[r] = at, b->off[r] = bytes;
+        at += ch, bytes += ch * bits / 8;
+    }
+    if (at != n) return PyErr_SetString(PyExc_ValueError, "the runs do not add up to n"), 0;
+    b->row_bytes = bytes;
+    return 1;
+}
+
 /* attend((codes, scales, mins, heads, hs, T, D, G, bits) of keys, the same of values, q, RQ, Q,
  * t0, t1, skip, hadamard, acc, max, sum, exact, cos, sin, rotary, positions[, cosT, sinT,
- * span, finish]); exact: a tuple of (keys, values, dtype, n, head_stride, causal) segments;
- * cos = 0: no RoPE; cosT/sinT: the tables' first halves transposed, [D/2][span], for the
- * 16-token tiles; finish: turn the partial into o (in acc) and lse (in max) */
+ * span, finish, basis]); exact: a tuple of (keys, values, dtype, n, head_stride, causal)
+ * segments; cos = 0: no RoPE; cosT/sinT: the tables' first halves transposed, [D/2][span], for
+ * the 16-token tiles; finish: turn the partial into o (in acc) and lse (in max); basis: keys in
+ * a key basis (`basis_arg`; the keys' bits then 0), or None */
 static PyObject *py_attend(PyObject *self, PyObject *args) {
-    PyObject *kt, *vt, *et;
+    PyObject *kt, *vt, *et, *bt = Py_None;
     Packed k, v;
+    Basis basis;
     unsigned long long q, acc, mx, sum, cos, sin, pos, cosT = 0, sinT = 0;
     long long RQ, Q, t0, t1, skip, rotary, span = 0;
     int hadamard, finish = 0;
-    if (!PyArg_ParseTuple(args, "O!O!KLLLLLiKKKO!KKLK|KKLp", &PyTuple_Type, &kt, &PyTuple_Type,
+    if (!PyArg_ParseTuple(args, "O!O!KLLLLLiKKKO!KKLK|KKLpO", &PyTuple_Type, &kt, &PyTuple_Type,
                           &vt, &q, &RQ, &Q, &t0, &t1, &skip, &hadamard, &acc, &mx, &sum,
                           &PyTuple_Type, &et, &cos, &sin, &rotary, &pos, &cosT, &sinT, &span,
-                          &finish))
+                          &finish, &bt))
         return NULL;
     if (!packed_arg(kt, &k) || !packed_arg(vt, &v)) return NULL;
+    if (v.bits == 0 || (k.bits == 0) != (bt != Py_None))
+        return PyErr_SetString(PyExc_ValueError, "keys of 0 bits come with a basis, and only they"),
+               NULL;
+    if (bt != Py_None && (!PyTuple_Check(bt) || !basis_arg(bt, &k, &basis))) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "basis must be a tuple");
+        return NULL;
+    }
+    if (bt != Py_None && cosT)
+        return PyErr_SetString(PyExc_ValueError, "keys in a basis take no transposed tables"), NULL;
     if (k.heads != v.heads || k.hs != v.hs || k.T != v.T || k.D != v.D || RQ <= 0 || Q <= 0 ||
         RQ % Q)
         return PyErr_SetString(PyExc_ValueError, "keys, values and queries do not match"), NULL;
@@ -400,7 +575,8 @@ static PyObject *py_attend(PyObject *self, PyObject *args) {
         ex[e] = (Exact){(const char *)ek, (const char *)ev, dtype, n, hs, causal};
     }
     Py_BEGIN_ALLOW_THREADS
-    attend(&k, &v, (const float *)q, RQ, Q, t0, t1, skip, cos ? (const float *)cos : NULL,
+    attend(&k, bt != Py_None ? &basis : NULL, &v, (const float *)q, RQ, Q, t0, t1, skip,
+           cos ? (const float *)cos : NULL,
            (const float *)sin, rotary, pos ? (const int32_t *)pos : NULL,
            cosT ? (const float *)cosT : NULL, (const float *)sinT, span, hadamard, ex, (int)nex,
            (float *)acc, (float *)mx, (float *)sum);
@@ -417,9 +593,28 @@ static PyObject *py_attend(PyObject *self, PyObject *args) {
 }
 
 
+/* use_isa(name): run the loop built for `name` ("x86-64-v4", "x86-64-v3", "x86-64"), or the
+ * best below it this CPU has; returns the one now in use. use_isa(None): the best there is. */
+static PyObject *py_use_isa(PyObject *self, PyObject *arg) {
+    if (arg != Py_None) {
+        const char *name = PyUnicode_AsUTF8(arg);
+        if (!name) return NULL;
+        int want = -1;
+        for (int i = 0; i < (int)(sizeof ISA_NAMES / sizeof *ISA_NAMES); i++)
+            if (!strcmp(name, ISA_NAMES[i])) want = i;
+        if (want < 0) return PyErr_Format(PyExc_ValueError, "unknown ISA %R", arg);
+        isa = want < best_isa ? want : best_isa;
+    } else {
+        isa = best_isa;
+    }
+    return PyUnicode_FromString(ISA_NAMES[isa]);
+}
+
 static PyMethodDef methods[] = {
+    {"use_isa", py_use_isa, METH_O,
+     "use_isa(name or None): the instruction set the loop runs with (capped by the CPU's); returns it"},
     {"attend", py_attend, METH_VARARGS,
-     "attend(keys, values, q, RQ, Q, t0, t1, skip, hadamard, acc, max, sum, exact, cos, sin, rotary, positions[, cosT, sinT, span, finish]): float32 attention of RQ = R x Q query rows per kv head over packed tokens t0..t1 (from skip on) and exact row segments: unnormalized acc, max and sum of exp per query row"},
+     "attend(keys, values, q, RQ, Q, t0, t1, skip, hadamard, acc, max, sum, exact, cos, sin, rotary, positions[, cosT, sinT, span, finish, basis]): float32 attention of RQ = R x Q query rows per kv head over packed tokens t0..t1 (from skip on) and exact row segments: unnormalized acc, max and sum of exp per query row"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -428,5 +623,6 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu_attention",
 
 PyMODINIT_FUNC PyInit__cpu_attention(void) {
     rows_init();
+    isa_init();
     return PyModule_Create(&module);
 }

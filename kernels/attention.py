@@ -11,11 +11,34 @@ merged by log-sum-exp. Nothing is expanded to a full-precision cache.
 
 The layout (`PackedKV`, shapes and all) is packed_kv.py's.
 
+Codec v2 keys in a key basis (KEY_BASIS, no maps) are attended packed too, but not by projecting
+the query into the basis once. A key is stored pre-RoPE as components c in the basis of its
+(layer, head), k = mu + R c, and the model attends to RoPE_p(k) at the key's position p:
+
+    q . RoPE_p(mu + R c) = (RoPE_p^T q) . mu + (R^T RoPE_p^T q) . c
+
+RoPE_p turns each channel pair (a, a + D/2) by its own angle p * theta_a, and R mixes channels of
+every frequency, so R^T RoPE_p^T q changes with p: "project once, q . mu + (R^T q) . c" holds
+only without RoPE (or for an R that maps each rotation plane onto itself and commutes with the
+turn, which a PCA basis does not). Splitting by frequency does not save it either: with
+A_a = the rows a and a + D/2 of R weighted by q's pair, the score is sum_a cos(p theta_a) (.) +
+sin(p theta_a) (.), each term an [n]-vector dot with c: D * n products per token and query row,
+what rebuilding the key costs, times the R query rows of a kv head. So the C loop rebuilds each
+row from its components in scratch (mu + R c: D * n products per token and kv head, R stays in
+cache), redoes RoPE and scores it against all R query rows, the layer never materialized
+(`scores_basis_impl` in _cpu_attention.c). That is n times the dequantize work of KIVI keys:
+about 2.5x one SDPA layer over fp32 keys at 4K tokens here (benchmarks/results/
+2026-12-07-attention-cpu.log). On CUDA, v2 rows are dequantized then attended (no Triton loop
+yet).
+
 Blocks of codec v2 with inter-layer prediction (PREDICTED) are decoded, never attended packed:
 a predicted layer's codes are only the residual of a prediction from the layer before as
-rebuilt, keys from [K_l-1, V_l-1] and values from [K_l, K_l-1, V_l-1] through the maps, so q . k
-at layer l needs every token of layer l - 1 rebuilt first, and that one of l - 2, down to layer
-0: the whole stack is rebuilt on load in any case, and attention then reads the rebuilt rows.
+rebuilt, keys from [K_l-1, V_l-1] and values from [K_l, K_l-1, V_l-1] through the maps (a dense
+[2HD + 1, HD] product per token, heads mixed; per-head maps still mix K and V), so q . k at
+layer l needs every token of layer l - 1 rebuilt first, and that one of l - 2, down to layer 0:
+attending layer l packed would mean rebuilding layers 0..l every decode step (L(L+1)/2 layer
+rebuilds per step instead of L once). The whole stack is rebuilt once, as the block is added
+(kvpool.packed keeps those rows exact), and attention then reads the rebuilt rows.
 
 Three interchangeable backends give the same result within float tolerance: "reference"
 (dequantize, then attend: the spec, below), "cpu" (the C loop: cpu_attention.py and
@@ -39,9 +62,20 @@ def dequantize(kv: PackedKV) -> tuple[Tensor, Tensor]:
     """The packed rows as the model would hold them: keys (RoPE redone) and values (Hadamard
     undone), float32 [B, H, T, D]. The spec the fused paths are held to."""
     t, d, g, gv = kv.tokens, kv.head_dim, kv.group, kv.value_group
-    codes = reference.unpack(kv.key_codes[:, :, :t], kv.key_bits, d).float()
+    if kv.key_runs:  # components, run by run, then mean + rows^T c
+        at, parts = 0, []
+        for ch, bits in kv.key_runs:
+            parts.append(reference.unpack(kv.key_codes[:, :, :t, at : at + ch * bits // 8], bits,
+                                          ch).float())  # fmt: skip
+            at += ch * bits // 8
+        codes = torch.cat(parts, dim=-1)
+    else:
+        codes = reference.unpack(kv.key_codes[:, :, :t], kv.key_bits, d).float()
     scale = kv.key_scales[:, :, : t // g].float().repeat_interleave(g, dim=2)
     keys = codes * scale + kv.key_mins[:, :, : t // g].float().repeat_interleave(g, dim=2)
+    if kv.key_basis is not None:
+        mean, rows = kv.key_basis
+        keys = keys @ rows + mean[:, None]  # [B, H, T, n] @ [H, n, D]
     if kv.rope is not None:
         turned = rotated(keys, *rope_at(kv.rope, row_positions(kv)), 1.0)
         keys = torch.cat((turned, keys[..., kv.rope.rotary_dim :]), dim=-1)
@@ -115,7 +149,7 @@ def packed_attention(
         from kvpool.kernels import cpu_attention
 
         return cpu_attention.packed_attention(q, kv, skip, exact)
-    if backend == "reference":
+    if backend == "reference" or kv.key_runs:  # keys in a basis off the CPU: no Triton loop yet
         part = attention_reference(q, kv, skip)
     elif backend == "triton" or (backend == "auto" and q.device.type == "cuda"):
         from kvpool.kernels import triton_attention

@@ -2,7 +2,8 @@
 
 Where it stands: kvpool.kernels.attention dispatches here for CPU queries (`packed_attention`,
 backend "auto" or "cpu"); kvpool.packed calls that for each decode step over a layer's packed
-prefix.
+prefix. The loop is built for x86-64-v4 (AVX-512), x86-64-v3 (AVX2/FMA/F16C) and the baseline;
+the best this CPU has runs, capped by KVPOOL_CPU_ISA (kernels/env.py) or `use_isa`.
 """
 
 from __future__ import annotations
@@ -13,9 +14,19 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from kvpool.kernels import _cpu_attention
+from kvpool.kernels import _cpu_attention, env
 from kvpool.kernels.cpu_codec import DTYPE_CODES, POOL
 from kvpool.kernels.packed_kv import PackedKV, rope_span, rope_span_t
+
+
+def use_isa(name: str | None) -> str:
+    """Run the C loop built for `name` ("x86-64-v4", "x86-64-v3" or "x86-64"), or the best
+    below it this CPU has (None: the best there is); returns the one in use. ValueError for
+    an unknown name."""
+    return str(_cpu_attention.use_isa(name))
+
+
+ISA = use_isa(env.CPU_ISA)  # the one in use since import
 
 
 def packed_attention(
@@ -37,7 +48,7 @@ def packed_attention(
         cos, sin = rope_span(kv.rope, top)  # cached: alive after this call
         pos = 0 if kv.positions is None else kv.positions.data_ptr()
         tables[:4] = cos.data_ptr(), sin.data_ptr(), kv.rope.rotary_dim, pos
-        if kv.positions is None and kv.rope.rotary_dim == d:  # 16 positions at a time
+        if kv.positions is None and kv.rope.rotary_dim == d and not kv.key_runs:  # 16 at a time
             cos_t, sin_t = rope_span_t(kv.rope, cos.shape[0])
             tables[4:] = cos_t.data_ptr(), sin_t.data_ptr(), cos.shape[0]
     segments, alive = [], []
@@ -53,13 +64,19 @@ def packed_attention(
                 cap, max(t, kv.group), d, kv.group, kv.key_bits)  # fmt: skip
     values_arg = (kv.value_codes.data_ptr(), kv.value_scales.data_ptr(), kv.value_mins.data_ptr(),
                   heads, cap, max(t, kv.group), d, kv.value_group, kv.value_bits)  # fmt: skip
+    basis = None
+    if kv.key_basis is not None:  # keys in a basis: each row rebuilt as mean + rows^T c
+        mean, rows = (x if kv.batch == 1 else x.repeat(kv.batch, *[1] * (x.dim() - 1))
+                      for x in kv.key_basis)  # fmt: skip
+        alive += [mean, rows]
+        basis = (mean.data_ptr(), rows.data_ptr(), kv.components, kv.key_runs)
     bounds = sorted({skip + (t - skip) * w // workers for w in range(workers)} | {t})
     ranges = list(itertools.pairwise(bounds)) or [(t, t)]
     if len(ranges) == 1:  # the C loop finishes the softmax itself: o and lse
         o, lse, total = torch.empty(b, hq, nq, d), torch.empty(b, hq, nq), torch.empty(b, hq, nq)
         _cpu_attention.attend(keys_arg, values_arg, qf.data_ptr(), rq, nq, ranges[0][0], t, skip,
                           int(kv.hadamard_values), o.data_ptr(), lse.data_ptr(),
-                          total.data_ptr(), tuple(segments), *tables, 1)  # fmt: skip
+                          total.data_ptr(), tuple(segments), *tables, 1, basis)  # fmt: skip
         return o, lse
     acc = torch.empty(len(ranges), b, hq, nq, d)
     mx = torch.empty(len(ranges), b, hq, nq)
@@ -69,7 +86,8 @@ def packed_attention(
         lo, hi = ranges[i]
         _cpu_attention.attend(keys_arg, values_arg, qf.data_ptr(), rq, nq, lo, hi, skip,
                           int(kv.hadamard_values), acc[i].data_ptr(), mx[i].data_ptr(),
-                          total[i].data_ptr(), tuple(segments) if i == 0 else (), *tables)  # fmt: skip
+                          total[i].data_ptr(), tuple(segments) if i == 0 else (), *tables, 0,
+                          basis)  # fmt: skip
 
     list(POOL.map(one, range(len(ranges))))
     lse = mx + total.log()

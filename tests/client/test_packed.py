@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pydoc_data.topics
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -82,10 +83,10 @@ def test_decode_steps_over_packed_rows_equal_a_cache_of_the_decoded_rows(
     assert layers_of(packed)[0].packed is not None and layers_of(packed)[0].keys.shape[2] == 44
 
 
-def _payload(blob: bytes) -> tuple[Any, torch.Tensor]:
+def _payload(blob: bytes, basis: KeyBasis | None = None) -> tuple[Any, torch.Tensor]:
     from kvpool.kernels.codec import verified_payload
 
-    return verified_payload(blob)
+    return verified_payload(blob, key_basis=basis)
 
 
 def test_the_window_folds_g_tokens_at_a_time_and_stays_faithful(model, smollm2) -> None:
@@ -195,13 +196,70 @@ def test_selection_keeps_a_pyramid_of_heavy_hitters(model, smollm2) -> None:
     assert agree > 0.8, agree
 
 
+def random_basis(predict: bool, seed: int = 0) -> KeyBasis:
+    """SmolLM2's shape (30 layers, 3 kv heads, head_dim 64): a random orthonormal basis, every
+    component kept (4 or 3 bits: a random basis has no tail to drop), and with `predict` random
+    per-head maps of gain about 1/2."""
+    g = torch.Generator().manual_seed(seed)
+    rotation, _ = torch.linalg.qr(torch.randn(30, 3, 64, 64, generator=g))
+    mean = torch.randn(30, 3, 64, generator=g) * 0.5
+    widths = (4, 4, 4, 4, 3, 3, 3, 3) * 30
+    if not predict:
+        return KeyBasis(mean, rotation.contiguous(), widths)
+    key_maps = torch.randn(29, 3, 129, 64, generator=g) / 129**0.5 / 2
+    value_maps = torch.randn(29, 3, 193, 64, generator=g) / 193**0.5 / 2
+    return KeyBasis(mean, rotation.contiguous(), widths, key_maps, value_maps)
+
+
+@pytest.mark.parametrize("predict", [False, True], ids=["v2-basis", "v2-predicted"])
+def test_v2_blocks_give_what_their_decoded_rows_give(model, smollm2, predict) -> None:
+    """Two v2 blocks (pre-RoPE keys in a key basis, Hadamard 2-bit values, 4 sinks): without
+    maps attended packed (each key row rebuilt from its components in the C loop), with maps
+    decoded once as they are added (kept exact). A prefill of 160 more tokens then folds 128 of
+    them into packed rows in the layer's basis, and decode steps attend to everything. Logits
+    as a DynamicCache of the decoded blocks gives: the same up to the fold, then close."""
+    _, tok = smollm2
+    ids = ids_of(tok, 696)
+    basis = random_basis(predict)
+    codec = replace(codec_for(model, key_bits=2, value_bits=2), key_basis=basis)
+    with torch.inference_mode():
+        exact = DynamicCache(config=model.config)
+        model(ids[:, :512], past_key_values=exact)
+        k, v = kv_from_cache(exact, 512)
+        blobs = [encode(k[:, :, i : i + 256], v[:, :, i : i + 256], codec, start_position=i)
+                 for i in (0, 256)]  # fmt: skip
+        blocks = [decode(b, key_basis=basis) for b in blobs]
+        reference = cache_from_kv(model, torch.cat([b.keys for b in blocks], 2),
+                                  torch.cat([b.values for b in blocks], 2))  # fmt: skip
+        packed = PackedCache(model, codec, window=32, fold_bits=None)
+        assert packed.add_blocks([_payload(b, basis) for b in blobs]) == 512
+        first = layers_of(packed)[0]
+        if predict:
+            assert first.packed is None and first.decoded[0].shape == (1, 3, 512, 64)
+        else:
+            assert first.decoded is None and first.packed.key_runs and first.sinks is not None
+        logits = {}
+        for name, cache in (("want", reference), ("got", packed)):
+            prefill = model(ids[:, 512:672], past_key_values=cache).logits[0]
+            steps = [model(ids[:, i : i + 1], past_key_values=cache).logits[0]
+                     for i in range(672, 696)]  # fmt: skip
+            logits[name] = prefill, torch.cat(steps)
+    torch.testing.assert_close(logits["got"][0], logits["want"][0], atol=2e-3, rtol=1e-3)
+    # steps after the fold: the 128 folded tokens are quantized where the reference is exact
+    agree = (logits["got"][1].argmax(-1) == logits["want"][1].argmax(-1)).float().mean()
+    assert agree > 0.9, agree
+    layer = layers_of(packed)[0]
+    assert layer.packed is not None and layer.packed.key_runs  # the fold, in the basis
+    assert layer.packed.tokens == (128 if predict else 640)
+    assert packed.get_seq_length() == 696
+
+
 def test_refusals(model, smollm2) -> None:
     _, tok = smollm2
-    basis = KeyBasis(
-        torch.zeros(30, 3, 64), torch.eye(64).expand(30, 3, 64, 64).contiguous(), (2,) * 240
-    )
-    with pytest.raises(CodecError, match="key basis"):
-        PackedCache(model, CodecConfig(key_basis=basis))
+    basis = random_basis(predict=True)
+    blob = encode(*[torch.randn(30, 3, 128, 64)] * 2, CodecConfig(key_basis=basis))
+    with pytest.raises(CodecError, match="its basis and maps"):  # the cache's codec lacks it
+        PackedCache(model, codec_for(model)).add_blocks([_payload(blob, basis)])
     cache = PackedCache(model, codec_for(model))
     with pytest.raises(ValueError, match="batch 1"), torch.inference_mode():
         model(torch.ones(2, 8, dtype=torch.long), past_key_values=cache)

@@ -287,3 +287,136 @@ def test_verified_payload_checks_what_decode_checks() -> None:
     other = block_header(Layout.KV, torch.float32, (2, 3, 128, 64), CONFIGS[0], 128)
     with pytest.raises(BlockMismatchError):
         verified_payload(blob, expect=other)
+
+
+# ---- codec v2: keys in a key basis ------------------------------------------------------------
+
+# one width per 8 components: runs of 8, 16 and 24 (split 16 + 8), a dropped chunk between
+# stored ones, and a dropped tail
+BASIS_WIDTHS = (*(8, 4, 3, 3, 0, 2, 2, 0), *(4, 4, 3, 3, 3, 2, 0, 0))
+
+
+def basis_config(predict: bool = False, **options) -> CodecConfig:
+    g = torch.Generator().manual_seed(7)
+    rotation, _ = torch.linalg.qr(torch.randn(2, 3, 64, 64, generator=g))
+    maps = ()
+    if predict:
+        maps = (torch.randn(1, 3, 129, 64, generator=g) * 0.05,
+                torch.randn(1, 3, 193, 64, generator=g) * 0.05)  # fmt: skip
+    basis = KeyBasis(torch.randn(2, 3, 64, generator=g), rotation.contiguous(), BASIS_WIDTHS, *maps)
+    return CodecConfig(key_basis=basis, **options)
+
+
+BASIS_CONFIGS = [
+    basis_config(),
+    basis_config(rope=ROPE, hadamard_values=True, sink_tokens=4, value_bits=3),
+    basis_config(rope=RopeParams(500.0, 32), group_size=64),
+]
+ISAS = ["x86-64-v4", "x86-64-v3", "x86-64"]
+
+
+@pytest.mark.parametrize("config", BASIS_CONFIGS, ids=["plain", "rope-hadamard-sinks", "partial"])
+@pytest.mark.parametrize("layer", [0, 1])
+@pytest.mark.parametrize(
+    ("r", "nq", "skip", "workers"), [(3, 1, 4, 1), (1, 2, 0, 2), (3, 4, 70, 1)]
+)
+def test_keys_in_a_basis_attend_as_their_decoded_block(config, layer, r, nq, skip, workers) -> None:
+    """A v2 block's layer (no maps) viewed packed: dequantize equals decode, and the C loop (each
+    key row rebuilt from its components, RoPE redone) equals decode-then-SDPA, on every ISA."""
+    k, v = random_kv(2, 3, 256, 64, torch.float32, 0)
+    blob = encode(k, v, config)
+    header, payload = payload_of(blob)
+    kv = block_layer(header, payload, layer, config.key_basis)
+    assert kv.key_bits == 0 and kv.components == 48  # 6 of 8 chunks stored in each layer
+    block = decode(blob, key_basis=config.key_basis)
+    s = max(skip, config.sink_tokens)
+    keys, values = dequantize(kv)
+    torch.testing.assert_close(keys[0, :, s:], block.keys[layer, :, s:], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(values[0, :, s:], block.values[layer, :, s:], atol=2e-5, rtol=1e-5)
+    q = torch.randn(1, 3 * r, nq, 64, generator=torch.Generator().manual_seed(1)) * 0.3
+    sdpa = F.scaled_dot_product_attention(q, block.keys[layer, None, :, s:],
+                                          block.values[layer, None, :, s:], scale=1.0,
+                                          enable_gqa=True)  # fmt: skip
+    want = attention_reference(q, kv, s)
+    try:
+        for isa in ISAS:
+            cpu_attention.use_isa(isa)
+            got = cpu_attention.packed_attention(q, kv, s, workers=workers)
+            torch.testing.assert_close(got[0], sdpa, atol=5e-5, rtol=1e-4)
+            torch.testing.assert_close(got[1], want[1], atol=5e-5, rtol=1e-5)
+    finally:
+        cpu_attention.use_isa(cpu_attention.ISA)
+
+
+def test_keys_in_a_basis_with_positions_and_spare_capacity() -> None:
+    config = BASIS_CONFIGS[1]
+    header, payload = payload_of(encode(*random_kv(2, 3, 256, 64, torch.float32, 0), config))
+    kv = block_layer(header, payload, 1, config.key_basis)
+    perm = torch.stack([torch.randperm(5000, generator=torch.Generator().manual_seed(h))[:256]
+                        for h in range(3)]).to(torch.int32)[None]  # fmt: skip
+    wide = grown(replace(kv, positions=perm.contiguous()), 512, perm)
+    q = torch.randn(1, 9, 2, 64) * 0.3
+    want = attention_reference(q, wide, 4)
+    got = cpu_attention.packed_attention(q, wide, 4)
+    torch.testing.assert_close(got[0], want[0], atol=3e-5, rtol=1e-4)
+    assert (attention_reference(q, grown(kv, 512), 4)[0] - got[0]).abs().max() > 1e-3
+
+
+def test_keys_in_a_basis_are_refused_where_they_cannot_be_read() -> None:
+    config = BASIS_CONFIGS[0]
+    header, payload = payload_of(encode(*random_kv(2, 3, 128, 64, torch.float32, 0), config))
+    with pytest.raises(CodecError, match="key basis"):
+        block_layer(header, payload, 0)  # no basis given
+    from kvpool.proto.errors import BlockMismatchError
+
+    with pytest.raises(BlockMismatchError):
+        block_layer(header, payload, 0, basis_config(predict=True).key_basis)  # another basis
+    predicted = basis_config(predict=True)
+    h2, p2 = payload_of(encode(*random_kv(2, 3, 128, 64, torch.float32, 0), predicted))
+    with pytest.raises(CodecError, match="decoded, not attended"):
+        block_layer(h2, p2, 1, predicted.key_basis)
+    kv = block_layer(header, payload, 0, config.key_basis)
+    with pytest.raises(CodecError, match="key_runs, key_basis"):
+        replace(kv, key_basis=None)
+    with pytest.raises(CodecError, match="expected"):
+        replace(kv, key_basis=(kv.key_basis[0], kv.key_basis[1][:, :8].contiguous()))
+    with pytest.raises(CodecError, match="key run"):
+        replace(kv, key_runs=((12, 2), *kv.key_runs[1:]))
+    # the C loop's own checks
+    mean, rows = kv.key_basis
+    keys = (kv.key_codes.data_ptr(), kv.key_scales.data_ptr(), kv.key_mins.data_ptr(), 3, 128,
+            128, 64, 128, 0)  # fmt: skip
+    vals = (kv.value_codes.data_ptr(), kv.value_scales.data_ptr(), kv.value_mins.data_ptr(), 3,
+            128, 128, 64, 64, 2)  # fmt: skip
+    out = torch.empty(3, 64), torch.empty(3), torch.empty(3)
+    q = torch.randn(3, 64)
+    head = (q.data_ptr(), 1, 1, 0, 128, 0, 0, *(x.data_ptr() for x in out), ())
+    basis = (mean.data_ptr(), rows.data_ptr(), kv.components, kv.key_runs)
+    _cpu_attention.attend(keys, vals, *head, 0, 0, 0, 0, 0, 0, 0, 1, basis)  # valid
+    torch.testing.assert_close(out[0][None, :, None], attention_reference(q[None, :, None], kv)[0],
+                               atol=2e-5, rtol=1e-4)  # fmt: skip
+    for bad_keys, bad_basis, msg in [
+        (keys, None, "0 bits come with a basis"),
+        ((*keys[:8], 2), basis, "0 bits come with a basis"),
+        (keys, (*basis[:2], 40, basis[3]), "add up"),
+        (keys, (*basis[:2], 48, ((48, 5),)), "8k components"),
+        (keys, (*basis[:2], 48, ((44, 2), (4, 2))), "8k components"),
+        (keys, (*basis[:2], 80, ((80, 2),)), "bad key basis"),  # more than head_dim
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            _cpu_attention.attend(bad_keys, vals, *head, 0, 0, 0, 0, 0, 0, 0, 1, bad_basis)
+
+
+def test_the_isa_is_chosen_as_asked() -> None:
+    """use_isa caps the loop's instruction set at the level asked (never above the CPU's) and
+    says which runs; the results agree across levels (test_keys_in_a_basis_attend_...)."""
+    best = cpu_attention.use_isa(None)
+    try:
+        assert best in ISAS
+        assert cpu_attention.use_isa("x86-64") == "x86-64"
+        assert cpu_attention.use_isa("x86-64-v3") == ("x86-64-v3" if best != "x86-64" else best)
+        assert cpu_attention.use_isa("x86-64-v4") == best
+        with pytest.raises(ValueError, match="unknown ISA"):
+            cpu_attention.use_isa("avx1024")
+    finally:
+        cpu_attention.use_isa(cpu_attention.ISA)
