@@ -357,7 +357,7 @@ def values_token(
 def through_codec(k: Tensor, v: Tensor, cfg: CodecConfig) -> KV:
     blocks = [
         decode(encode(k[:, :, s : s + BLOCK].half(), v[:, :, s : s + BLOCK].half(), cfg, start_position=s),
-               dtype=torch.float32)
+               dtype=torch.float32, key_basis=cfg.key_basis)
         for s in range(0, k.shape[2], BLOCK)
     ]  # fmt: skip
     keys = torch.cat([b.keys for b in blocks if b.keys is not None], 2)
