@@ -270,14 +270,15 @@ class TierClient:
         if not keys:
             return 0
         await self._ensure_topology()
-        # (shard, asked apart): a hot block's replica, or any shard of a hot run (its blocks
-        # may not have moved yet), is asked apart, so that a block it lacks hides no other
-        per_shard: dict[tuple[str, bool], list[int]] = {}
+        # (shard, -1 or the key asked alone): a hot block's replica, or any shard of a hot run
+        # (its blocks may not have moved yet), is asked for that key alone, so that a block it
+        # lacks hides no other (a shard counts the leading keys it holds)
+        per_shard: dict[tuple[str, int], list[int]] = {}
         for i, key in enumerate(keys):
             owners = self._owners_of(key)
-            apart = self._place.is_hot(key)
+            hot_run = self._place.is_hot(key)
             for sid in self._holders(key):
-                per_shard.setdefault((sid, apart or sid not in owners), []).append(i)
+                per_shard.setdefault((sid, i if hot_run or sid not in owners else -1), []).append(i)
 
         async def ask(sid: str, idx: list[int]) -> tuple[list[int], int | TierError]:
             req = pb.LookupRequest(namespace_id=ns.id, keys=[keys[i] for i in idx])
