@@ -27,6 +27,11 @@ as generation would (perplexity of the next token, on its true history):
                request-private selection (heavy hitters by the last 32 queries' attention,
                budgets shrinking with depth) of `keep` (0.5) of the tokens, then packed
 
+  packed_v2    (--v2) PackedCache of the same context as codec v2 blocks: keys in a key basis
+               (2.0 bits, no maps; `kvpool calibrate --basis`'s default, calibrated on its
+               basis sample, cached under .cache/profiles), values 2-bit Hadamard: each key
+               row rebuilt from its components in the C loop at every step
+
 Cache bytes are the most each holds while it scores the continuation (packed: codes, group
 parameters, sinks and the exact window of recent tokens; dynamic: keys and values in fp32;
 fp16 would halve them, reported as memory_ratio_vs_fp16). peak_rss_mb is the process's
@@ -34,6 +39,13 @@ resident high-water mark from just after the model is loaded and run once (model
 the end. Decode-step times come from one more process that
 steps the dynamic, packed and selective caches in turn, in an order rotated from step to step
 (`--steps` each, medians), so machine noise falls on all three alike. Prints a table; the last line is one JSON object.
+
+--isas x86-64-v4,x86-64-v3 times the decode steps once per instruction set, each in its own
+process: the C loop capped at that level (KVPOOL_CPU_ISA, kernels/env.py) and, below x86-64-v4,
+torch's own kernels capped alike (ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2,
+MKL_ENABLE_INSTRUCTIONS=AVX2): what an AVX2/FMA/F16C CPU without AVX-512 runs, measured on an
+AVX-512 one. Each level's packed/dynamic ratio compares caches timed in the same process.
+--timing-only skips the quality runs.
 """
 
 from __future__ import annotations
@@ -125,10 +137,39 @@ def nll(logits: torch.Tensor, ids: torch.Tensor, start: int) -> float:
     return float(F.cross_entropy(logits[:-1].float(), ids[0, start + 1 :]))
 
 
+# the torch capability flags that go with each C loop level below AVX-512 (see the docstring)
+TORCH_CAPS = {
+    "x86-64-v4": {},
+    "x86-64-v3": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                  "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "x86-64": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41",
+               "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
+}  # fmt: skip
+
+
+def v2_codec(model: Any, args: argparse.Namespace) -> Any:
+    """Codec v2 without maps: the key basis from `kvpool calibrate --basis`'s defaults."""
+    from dataclasses import replace
+
+    from kvpool.kernels.basis import KeyBasis
+
+    basis = KeyBasis.load(Path(args.blocks, "basis.pt"))
+    return replace(codec_for(model, key_bits=args.key_bits, value_bits=args.value_bits),
+                   key_basis=basis)  # fmt: skip
+
+
 def build(args: argparse.Namespace, model: Any, tok: Any, kind: str) -> tuple[Any, torch.Tensor]:
     """The cache of `kind` holding the context, and the token ids."""
     ids = tokens(tok, args.context + args.continuation, args.text)
     codec = codec_for(model, key_bits=args.key_bits, value_bits=args.value_bits)
+    if kind == "packed_v2":
+        codec = v2_codec(model, args)
+        folder = Path(args.blocks, "v2")
+        v2_cache = PackedCache(model, codec, args.window, fold_bits=fold_bits(args))
+        v2_cache.add_blocks(verified_payload(Path(folder, f"{i}.kv").read_bytes(),
+                                             key_basis=codec.key_basis)
+                            for i in range(args.context // BLOCK))  # fmt: skip
+        return v2_cache, ids
     with torch.inference_mode():
         if kind in ("dynamic", "selective"):
             if kind == "dynamic":
@@ -177,20 +218,27 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
 def timing(args: argparse.Namespace) -> dict[str, Any]:
     """Decode-step times of the dynamic, packed and selective caches, stepped in turn."""
+    from kvpool.kernels import cpu_attention
+
     model, tok = load()
     use_packed_attention(model)
-    caches = {kind: build(args, model, tok, kind) for kind in ("dynamic", "packed", "selective")}
+    kinds = ["dynamic", "packed", "selective"] + (["packed_v2"] if args.v2 else [])
+    caches = {kind: build(args, model, tok, kind) for kind in kinds}
     times: dict[str, list[float]] = {kind: [] for kind in caches}
-    kinds = list(caches)
     with torch.inference_mode():
         for i in range(args.steps + 2):
-            for kind in kinds[i % 3 :] + kinds[: i % 3]:  # the order rotates from step to step
+            n = len(kinds)
+            for kind in kinds[i % n :] + kinds[: i % n]:  # the order rotates from step to step
                 cache, ids = caches[kind]
                 t0 = time.perf_counter()
                 model(ids[:, args.context + i : args.context + i + 1], past_key_values=cache)
                 if i >= 2:  # two warm-up steps
                     times[kind].append(time.perf_counter() - t0)
-    return {f"decode_step_ms_{k}": statistics.median(v) * 1e3 for k, v in times.items()}
+    out: dict[str, Any] = {f"decode_step_ms_{k}": statistics.median(v) * 1e3
+                           for k, v in times.items()}  # fmt: skip
+    out["isa"] = cpu_attention.ISA
+    out["torch_capability"] = torch.backends.cpu.get_cpu_capability()
+    return out
 
 
 def write_blocks(args: argparse.Namespace, folder: str) -> None:
@@ -206,15 +254,42 @@ def write_blocks(args: argparse.Namespace, folder: str) -> None:
         part = slice(i * BLOCK, (i + 1) * BLOCK)
         blob = encode(keys[:, :, part], values[:, :, part], codec, start_position=i * BLOCK)
         Path(folder, f"{i}.kv").write_bytes(blob)
+    if args.v2:  # the same context as v2 blocks, in the default basis
+        from dataclasses import replace
+
+        from kvpool import calibrate
+        from kvpool.kernels.basis import KeyBasis
+
+        options = argparse.Namespace(group_size=128, key_bits=2.0)
+        path = calibrate.basis_path(model.config._name_or_path, options)
+        if not path.exists():
+            t0 = time.perf_counter()
+            calibrate.calibrate_basis(model, calibrate.basis_sample(tok)).save(path)
+            print(f"key basis: calibrated in {time.perf_counter() - t0:.0f} s, saved to {path}")
+        basis = KeyBasis.load(path)
+        basis.save(Path(folder, "basis.pt"))
+        Path(folder, "v2").mkdir()
+        v2 = replace(codec, key_basis=basis)
+        for i in range(args.context // BLOCK):
+            part = slice(i * BLOCK, (i + 1) * BLOCK)
+            blob = encode(keys[:, :, part], values[:, :, part], v2, start_position=i * BLOCK)
+            Path(folder, "v2", f"{i}.kv").write_bytes(blob)
 
 
-def run_child(args: argparse.Namespace, kind: str, folder: str) -> dict[str, Any]:
+def run_child(
+    args: argparse.Namespace, kind: str, folder: str, isa: str | None = None
+) -> dict[str, Any]:
     argv = [sys.executable, __file__, "--child", kind, "--blocks", folder, "--context",
             str(args.context), "--continuation", str(args.continuation), "--steps",
             str(args.steps), "--key-bits", str(args.key_bits), "--value-bits",
             str(args.value_bits), "--keep", str(args.keep), "--window", str(args.window),
             "--text", args.text, "--fold-bits", args.fold_bits]  # fmt: skip
-    done = subprocess.run(argv, check=True, capture_output=True, text=True)
+    if args.v2:
+        argv.append("--v2")
+    env = dict(os.environ)
+    if isa is not None:  # the C loop and torch capped at this level
+        env.update(KVPOOL_CPU_ISA=isa, **TORCH_CAPS[isa])
+    done = subprocess.run(argv, check=True, capture_output=True, text=True, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -234,6 +309,9 @@ def main() -> None:
         choices=list(TEXTS),
         help="difflib: the development text the window and fold widths were chosen on",
     )
+    p.add_argument("--v2", action="store_true", help="also a PackedCache of v2 (basis) blocks")
+    p.add_argument("--isas", default="", help="time decode steps at each: x86-64-v4,x86-64-v3")
+    p.add_argument("--timing-only", action="store_true", help="skip the quality runs")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--blocks", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -244,13 +322,21 @@ def main() -> None:
         return
     t0 = time.perf_counter()
     load1 = os.getloadavg()[0]
+    isas = [x for x in args.isas.split(",") if x]
+    if any(x not in TORCH_CAPS for x in isas):
+        raise SystemExit(f"--isas takes {', '.join(TORCH_CAPS)}")
     with tempfile.TemporaryDirectory() as folder:
         write_blocks(args, folder)
+        speeds = {isa: run_child(args, "timing", folder, isa) for isa in isas}
+        speed = run_child(args, "timing", folder) if not isas else speeds[isas[0]]
+        if args.timing_only:
+            print(json.dumps(timing_result(args, speeds or {speed["isa"]: speed}, load1, t0)))
+            return
         runs = {
             kind: run_child(args, kind, folder)
             for kind in ("dynamic", "store", "packed", "selective")
+            + (("packed_v2",) if args.v2 else ())
         }
-        speed = run_child(args, "timing", folder)
     base = runs["dynamic"]["nll"]
 
     def pct(kind: str) -> float:
@@ -288,9 +374,36 @@ def main() -> None:
         "peak_rss_mb": {k: r["peak_rss_mb"] for k, r in runs.items()},
         "model_rss_mb": runs["dynamic"]["model_rss_mb"],
         **speed,
+        **({"ppl_increase_pct_packed_v2": pct("packed_v2"),
+            "packed_v2_cache_bytes": runs["packed_v2"]["cache_bytes"]} if args.v2 else {}),
+        **{k: v for k, v in timing_result(args, speeds, load1, t0).items() if k.startswith("by_")},
         "load_avg_start_end": [load1, os.getloadavg()[0]], "seconds": time.perf_counter() - t0,
     }  # fmt: skip
     print(json.dumps(result))
+
+
+def timing_result(
+    args: argparse.Namespace, speeds: dict[str, dict[str, Any]], load1: float, t0: float
+) -> dict[str, Any]:
+    """Decode-step times per instruction set, and each packed cache's ratio to the
+    DynamicCache's timed in the same process (the figure; absolute times are noise here)."""
+    by_isa = {}
+    for isa, sp in speeds.items():
+        row = dict(sp)
+        for kind in ("packed", "selective", "packed_v2"):
+            if f"decode_step_ms_{kind}" in sp:
+                row[f"{kind}_vs_dynamic"] = (
+                    sp[f"decode_step_ms_{kind}"] / sp["decode_step_ms_dynamic"]
+                )
+        by_isa[isa] = row
+    cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flags = next((line.split(":")[1].split() for line in cpu.splitlines()
+                  if line.startswith("flags")), [])  # fmt: skip
+    return {
+        "context_tokens": args.context, "steps": args.steps, "by_isa": by_isa,
+        "by_cpu_flags": sorted(f for f in flags if f.startswith("avx") or f in ("fma", "f16c")),
+        "load_avg_start_end": [load1, os.getloadavg()[0]], "seconds": time.perf_counter() - t0,
+    }  # fmt: skip
 
 
 if __name__ == "__main__":
