@@ -105,8 +105,10 @@ KV = tuple[Tensor, Tensor]
 # cheaper prediction maps tried (issue 22 part 3): block-diagonal per head, and low rank
 MAP_FORMS = ("head", "rank:16", "rank:32", "rank:64")
 # the next ratio (issue 22 part 4): (key band budget, symmetric value groups) of `--ratio` rows
-# (1.7 and 0.9: the largest budgets whose blocks, measured, reach 8x and 10x: 8.13x, 10.24x)
-RATIO_ROWS = ((1.7, True), (0.9, True))
+# (1.7 and 0.9: the largest budgets whose blocks, measured, reach 8x and 10x: 8.13x, 10.24x;
+# 1.45 and 0.65 min/max: about 8x and 10x with the codec's default value groups, for comparison;
+# 1.25 symmetric: between the two)
+RATIO_ROWS = ((1.7, True), (0.9, True), (1.45, False), (0.65, False), (1.25, True))
 
 
 def eval_texts() -> dict[str, str]:
