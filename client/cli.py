@@ -19,7 +19,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -202,6 +202,14 @@ def calibrate(args: argparse.Namespace) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the sample's prefill, on a GPU
     model, tokenizer = load(args.model or SMOLLM2, device=device)
     t0 = time.perf_counter()
+
+    def step(bar: tqdm) -> Callable[[str], None]:  # a progress callback: one step per message
+        def say(msg: str) -> None:
+            bar.set_postfix_str(msg)
+            bar.update(1)
+
+        return say
+
     if args.basis:  # codec v2: a key basis (transform coding of keys)
         if args.text:
             sample = list(tokenizer(Path(args.text).read_text()).input_ids)
@@ -214,7 +222,7 @@ def calibrate(args: argparse.Namespace) -> None:
                 query_weighted=not args.no_query_weights, predict=args.predict,
                 value_bits=args.value_bits, per_head_maps=args.per_head_maps,
                 symmetric_values=args.symmetric_values,
-                progress=lambda msg: (bar.set_postfix_str(msg), bar.update(1)),
+                progress=step(bar),
             )  # fmt: skip
         path = basis.save(args.out or cal.basis_path(model.config._name_or_path, args))
         print(f"key basis {basis.id.hex()}: {basis.bits_per_key:.3f} code bits per key value")
@@ -230,7 +238,7 @@ def calibrate(args: argparse.Namespace) -> None:
         profile = cal.calibrate(
             model, sample, target_bits=args.target_bits, group_size=args.group_size,
             sink_tokens=args.sink_tokens, pre_rope=not args.no_pre_rope, samples=args.samples,
-            progress=lambda msg: (bar.set_postfix_str(msg), bar.update(1)),
+            progress=step(bar),
         )  # fmt: skip
     path = profile.save(args.out or cal.default_path(profile))
     print(cal.summary(profile))

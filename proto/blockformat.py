@@ -349,7 +349,9 @@ class BlockHeader:
         return fixed + bytes(self.key_bits) + bytes(self.value_bits) + self.basis_id
 
 
-def block_mac(mac_key: bytes, head: bytes | memoryview, payload: bytes | memoryview) -> bytes:
+def block_mac(
+    mac_key: bytes, head: bytes | memoryview, payload: bytes | bytearray | memoryview
+) -> bytes:
     """HMAC-SHA256 under the tenant's secret of the header (up to its crc) and the payload."""
     mac = hmac.new(mac_key, head, hashlib.sha256)
     mac.update(payload)
