@@ -45,7 +45,8 @@ process: the C loop capped at that level (KVPOOL_CPU_ISA, kernels/env.py) and, b
 torch's own kernels capped alike (ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2,
 MKL_ENABLE_INSTRUCTIONS=AVX2): what an AVX2/FMA/F16C CPU without AVX-512 runs, measured on an
 AVX-512 one. Each level's packed/dynamic ratio compares caches timed in the same process.
---timing-only skips the quality runs.
+--timing-only skips the quality runs. --threads 1 times every cache on one torch thread (on a
+shared, loaded machine a descheduled OpenMP thread stalls each parallel op of a step).
 """
 
 from __future__ import annotations
@@ -220,6 +221,8 @@ def timing(args: argparse.Namespace) -> dict[str, Any]:
     """Decode-step times of the dynamic, packed and selective caches, stepped in turn."""
     from kvpool.kernels import cpu_attention
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, tok = load()
     use_packed_attention(model)
     kinds = ["dynamic", "packed", "selective"] + (["packed_v2"] if args.v2 else [])
@@ -237,6 +240,7 @@ def timing(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {f"decode_step_ms_{k}": statistics.median(v) * 1e3
                            for k, v in times.items()}  # fmt: skip
     out["isa"] = cpu_attention.ISA
+    out["torch_threads"] = torch.get_num_threads()
     out["torch_capability"] = torch.backends.cpu.get_cpu_capability()
     return out
 
@@ -283,7 +287,8 @@ def run_child(
             str(args.context), "--continuation", str(args.continuation), "--steps",
             str(args.steps), "--key-bits", str(args.key_bits), "--value-bits",
             str(args.value_bits), "--keep", str(args.keep), "--window", str(args.window),
-            "--text", args.text, "--fold-bits", args.fold_bits]  # fmt: skip
+            "--text", args.text, "--fold-bits", args.fold_bits, "--threads",
+            str(args.threads)]  # fmt: skip
     if args.v2:
         argv.append("--v2")
     env = dict(os.environ)
@@ -312,6 +317,8 @@ def main() -> None:
     p.add_argument("--v2", action="store_true", help="also a PackedCache of v2 (basis) blocks")
     p.add_argument("--isas", default="", help="time decode steps at each: x86-64-v4,x86-64-v3")
     p.add_argument("--timing-only", action="store_true", help="skip the quality runs")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads in the timing processes (0: torch's default)")  # fmt: skip
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--blocks", help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -27,8 +27,8 @@ what rebuilding the key costs, times the R query rows of a kv head. So the C loo
 row from its components in scratch (mu + R c: D * n products per token and kv head, R stays in
 cache), redoes RoPE and scores it against all R query rows, the layer never materialized
 (`scores_basis_impl` in _cpu_attention.c). That is n times the dequantize work of KIVI keys:
-about 2.5x one SDPA layer over fp32 keys at 4K tokens here (benchmarks/results/
-2026-12-07-attention-cpu.log). On CUDA, v2 rows are dequantized then attended (no Triton loop
+2.1-2.4x one SDPA layer over fp32 keys at 4K tokens here, a SmolLM2 decode step 1.2-1.3x the
+DynamicCache's (benchmarks/results/2026-12-07-attention-cpu.log). On CUDA, v2 rows are dequantized then attended (no Triton loop
 yet).
 
 Blocks of codec v2 with inter-layer prediction (PREDICTED) are decoded, never attended packed:
