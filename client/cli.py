@@ -155,19 +155,6 @@ def ingest(args: argparse.Namespace) -> None:
     texts = read_documents(args.paths)
     if not texts:
         raise SystemExit(f"no documents under {' '.join(args.paths)}")
-    codec: dict[str, object] = {
-        "key_bits": args.key_bits, "value_bits": args.value_bits, "group_size": args.group_size,
-        "sink_tokens": args.sink_tokens, "basis": not args.no_basis,
-    }  # fmt: skip
-    if args.profile:  # a calibrated per-layer profile (kvpool calibrate) fixes the codec
-        from kvpool.calibrate import Profile
-
-        p = Profile.load(args.profile)
-        codec = {
-            "key_bits": tuple(p.key_bits), "value_bits": tuple(p.value_bits),
-            "group_size": p.group_size, "sink_tokens": p.sink_tokens,
-            "pre_rope": p.rope is not None, "hadamard_values": p.hadamard_values, "basis": False,
-        }  # fmt: skip
     from kvpool.transport import ClientConfig
 
     read = lambda path: Path(path).read_bytes().strip() if path else b""  # noqa: E731
@@ -175,8 +162,21 @@ def ingest(args: argparse.Namespace) -> None:
     config = IngestConfig(
         model=args.model or SMOLLM2, endpoint=args.endpoint, block_tokens=args.block_tokens,
         batch_tokens=args.batch_tokens, salt=args.salt.encode() if args.salt else b"",
-        mac_key=read(args.mac_key_file), client=client, **codec,
+        mac_key=read(args.mac_key_file), client=client, basis=not args.no_basis,
+        key_bits=args.key_bits, value_bits=args.value_bits, group_size=args.group_size,
+        sink_tokens=args.sink_tokens,
     )  # fmt: skip
+    if args.profile:  # a calibrated per-layer profile (kvpool calibrate) fixes the codec
+        from dataclasses import replace
+
+        from kvpool.calibrate import Profile
+
+        p = Profile.load(args.profile)
+        config = replace(
+            config, key_bits=tuple(p.key_bits), value_bits=tuple(p.value_bits),
+            group_size=p.group_size, sink_tokens=p.sink_tokens, pre_rope=p.rope is not None,
+            hadamard_values=p.hadamard_values, basis=False,
+        )  # fmt: skip
     init_ray(args.address)
     with tqdm(total=len(texts), unit="doc", desc="ingest") as bar:
         stats = run_ingest(texts, config, workers=args.workers, progress=bar.update)
