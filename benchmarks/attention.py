@@ -74,7 +74,7 @@ from transformers import DynamicCache
 from kvpool.hf import cache_from_kv, codec_for, kv_from_cache
 from kvpool.kernels.codec import decode, encode, verified_payload
 from kvpool.models import load
-from kvpool.packed import PackedCache, Selection, use_packed_attention
+from kvpool.packed import PackedCache, PackedLayer, Selection, use_packed_attention
 
 BLOCK = 256
 
@@ -182,9 +182,9 @@ def build(args: argparse.Namespace, model: Any, tok: Any, kind: str) -> tuple[An
             return cache, ids
         blobs = [Path(args.blocks, f"{i}.kv").read_bytes() for i in range(args.context // BLOCK)]
         if kind == "store":
-            blocks = [decode(b) for b in blobs]
-            keys = torch.cat([b.keys for b in blocks], dim=2)
-            values = torch.cat([b.values for b in blocks], dim=2)
+            rows = [(b.keys, b.values) for b in map(decode, blobs)]
+            keys = torch.cat([k for k, _ in rows if k is not None], dim=2)
+            values = torch.cat([v for _, v in rows if v is not None], dim=2)
             return cache_from_kv(model, keys, values), ids
         cache = PackedCache(model, codec, args.window, fold_bits=fold_bits(args))
         cache.add_blocks(verified_payload(b) for b in blobs)
@@ -209,8 +209,9 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         logits, held = steps(model, ids, cache, args.context, held)
     kept = None
     if isinstance(cache, PackedCache):
+        layers = [layer for layer in cache.layers if isinstance(layer, PackedLayer)]
         rows = [sum(p.tokens for p in (layer.packed, layer.recent) if p is not None)
-                + layer.keys.shape[2] for layer in cache.layers]  # fmt: skip
+                + (0 if layer.keys is None else layer.keys.shape[2]) for layer in layers]  # fmt: skip
         kept = sum(rows) / len(rows)
     return {"kind": args.child, "cache_bytes": held, "nll": nll(logits, ids, args.context),
             "peak_rss_mb": peak_rss_mb(), "model_rss_mb": loaded, "build_s": built_s,

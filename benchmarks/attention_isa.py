@@ -62,8 +62,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     k = torch.randn(1, HEADS, TOKENS, DIM, generator=g) * 2
     v = torch.randn(1, HEADS, TOKENS, DIM, generator=g)
     q = torch.randn(1, Q_HEADS, 1, DIM, generator=g) * 0.1
-    exact = [(*[torch.randn(1, HEADS, 4, DIM, generator=g) for _ in "kv"], 0),
-             (*[torch.randn(1, HEADS, 256, DIM, generator=g) for _ in "kv"], 1)]  # fmt: skip
+    sinks, window = ([torch.randn(1, HEADS, n, DIM, generator=g) for _ in "kv"] for n in (4, 256))
+    exact = [(sinks[0], sinks[1], 0), (window[0], window[1], 1)]
     full = [torch.randn(1, HEADS, TOKENS + 260, DIM, generator=g) for _ in "kv"]
     calls: dict[str, Callable[[], Any]] = {
         "sdpa": lambda: F.scaled_dot_product_attention(

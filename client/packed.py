@@ -219,10 +219,10 @@ class PackedLayer(CacheLayerMixin):
                 pk, pv = dequantize(part)
                 keys.insert(0, pk[:, :, s:].to(self.dtype))
                 values.insert(0, pv[:, :, s:].to(self.dtype))
-        for part in (self.sinks, self.decoded):
-            if part is not None:
-                keys.insert(0, part[0].to(self.dtype))
-                values.insert(0, part[1].to(self.dtype))
+        for exact in (self.sinks, self.decoded):
+            if exact is not None:
+                keys.insert(0, exact[0].to(self.dtype))
+                values.insert(0, exact[1].to(self.dtype))
         k, v = torch.cat(keys, dim=2), torch.cat(values, dim=2)
         nq, n = query.shape[2], k.shape[2]
         mask = None
