@@ -820,17 +820,17 @@ class TierClient:
             for i in fetch:
                 per_shard.setdefault(holder[i], []).append(i)
             batches = list(per_shard.items())
-            got = await asyncio.gather(
+            fetched = await asyncio.gather(
                 *(self._get_batch(sid, ns, [keys[i] for i in idx]) for sid, idx in batches),
                 return_exceptions=True,
             )
-            for (_, idx), reply in zip(batches, got, strict=True):
-                if isinstance(reply, TierError):
-                    self._absorbed("get", reply)
+            for (_, idx), answer in zip(batches, fetched, strict=True):
+                if isinstance(answer, TierError):
+                    self._absorbed("get", answer)
                     continue
-                if isinstance(reply, BaseException):
-                    raise reply
-                for i, (block, _) in zip(idx, reply, strict=True):
+                if isinstance(answer, BaseException):
+                    raise answer
+                for i, (block, _) in zip(idx, answer, strict=True):
                     data[i] = None if block is None else bytes(block)
             n = next((i for i in range(n) if data[i] is None), n)
         for i in range(n):
