@@ -26,7 +26,7 @@ from kvpool.client import KVPool, namespace_for
 from kvpool.kernels.codec import CodecConfig
 from kvpool.model_facts import codec_for, model_layout, rope_params
 from kvpool.packed import WINDOW
-from kvpool.proto.errors import CodecError, NamespaceError
+from kvpool.proto.errors import NamespaceError
 from kvpool.proto.keys import Namespace
 from kvpool.transport import ClientConfig
 
@@ -120,11 +120,9 @@ class CachedModel:
         self.last_fetched_bytes = 0
         self._tier_tokens = 0  # leading tokens of the last prompt the tier held
         self.packed, self.window = packed, window
-        if packed:  # attention over packed rows: kvpool.packed (no key basis)
+        if packed:  # attention over packed rows: kvpool.packed
             from kvpool.packed import use_packed_attention
 
-            if pool.codec.key_basis is not None:
-                raise CodecError("a packed cache needs a codec without a key basis")
             use_packed_attention(model)
 
     @classmethod
@@ -142,11 +140,6 @@ class CachedModel:
         config = config or ClientConfig()
         codec, _ = published_codec(model, endpoint, name=name, salt=salt, mac_key=mac_key,
                                    config=config)  # fmt: skip
-        if kwargs.get("packed") and codec.key_basis is not None:
-            raise CodecError(
-                "a packed cache needs a codec without a key basis, and this model's published "
-                "codec has one: use packed=False"
-            )
         ns = namespace_for_model(model, codec, name=name, salt=salt, mac_key=mac_key)
         return cls(model, KVPool(endpoint, ns, codec, model.device, config), **kwargs)
 

@@ -296,8 +296,16 @@ def test_a_cached_model_fetches_blocks_packed_and_stores_new_ones(model, smollm2
     )
     with_basis = CodecConfig(key_basis=basis)
     pool = KVPool(tier.endpoint, namespace_for_model(model, with_basis, name="basis"), with_basis)
-    with pytest.raises(CodecError, match="without a key basis"):
-        CachedModel(model, pool, packed=True)
+    ids = ids_of(tok, 600)
+    CachedModel(model, pool, packed=True).prefill(ids)  # stores the prompt's two v2 blocks
+    packed = CachedModel(model, pool, packed=True)  # codec v2: keys attended in their basis
+    logits, cache = packed.prefill(ids)
+    assert packed.last_cached_tokens == 512 and isinstance(cache, PackedCache)
+    plain = CachedModel(model, pool)  # the same blocks decoded
+    with torch.inference_mode():
+        plain_logits, _ = plain.prefill(ids)
+    assert plain.last_cached_tokens == 512
+    torch.testing.assert_close(logits, plain_logits, atol=1e-2, rtol=1e-3)
     pool.close()
     codec = codec_for(model, 8, 8)
     pool = KVPool(tier.endpoint, namespace_for_model(model, codec, name="packed-test"), codec)
