@@ -25,8 +25,9 @@ import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
 
+from kvpool.proto.keys import PLACE_BYTES
+
 _MASK = (1 << 64) - 1
-_PLACE = 8  # the bytes of a key the ring scores: its run's
 _OWNERS_KEPT = 1 << 16  # keys whose owners a Placement remembers
 
 
@@ -81,7 +82,7 @@ class Placement:
 
     def _by(self, key: bytes) -> bytes:
         """The bytes `key` is placed by: its run's, or its own in a hot run."""
-        return key[_PLACE : 2 * _PLACE] if key[:_PLACE] in self._hot else key
+        return key[PLACE_BYTES : 2 * PLACE_BYTES] if key[:PLACE_BYTES] in self._hot else key
 
     def owners(self, key: bytes) -> tuple[str, ...]:
         """The shards that store `key`, primary first."""
@@ -95,7 +96,7 @@ class Placement:
     def fallback(self, key: bytes) -> tuple[str, ...]:
         """For a key of a hot run, its run's owners that `owners` does not name (where it was
         stored before the run turned hot); else none."""
-        if key[:_PLACE] not in self._hot:
+        if key[:PLACE_BYTES] not in self._hot:
             return ()
         mine = self.owners(key)
         return tuple(s for s in self.ring.owners(key, self.replicas) if s not in mine)
@@ -114,7 +115,7 @@ class Placement:
     def mark_hot(self, key: bytes) -> bool:
         """A shard called `key` hot: its run is placed by its keys' own bytes from now on.
         True when the run was not known hot (the owners of its keys changed)."""
-        run = key[:_PLACE]
+        run = key[:PLACE_BYTES]
         if run in self._hot:
             self._hot.move_to_end(run)
             return False
@@ -127,4 +128,4 @@ class Placement:
         return True
 
     def is_hot(self, key: bytes) -> bool:
-        return key[:_PLACE] in self._hot
+        return key[:PLACE_BYTES] in self._hot

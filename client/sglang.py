@@ -70,7 +70,7 @@ from kvpool.proto.errors import (
     KVPoolError,
     TierError,
 )
-from kvpool.proto.keys import BlockHash, Namespace, page_block_key, placed, run_head
+from kvpool.proto.keys import BlockHash, Namespace, page_block_key, run_keys
 from kvpool.transport import BlockPut, ClientConfig
 
 log = logging.getLogger(__name__)
@@ -483,26 +483,19 @@ class KVPoolStorage(HiCacheStorage):
         start, n = len(prefix), self.pages_per_block
         chain = [*prefix, *keys]
         page_block = [(start + i) // n for i in range(len(keys))]
-        blocks: list[tuple[int, BlockHash]] = []
-        for b in dict.fromkeys(page_block):
-            last = (b + 1) * n - 1
-            if last >= len(chain):
-                break
-            blocks.append((b, self._block_key(chain, b)))
-        known = {b for b, _ in blocks}
+        wanted = [b for b in dict.fromkeys(page_block) if (b + 1) * n <= len(chain)]
+        stored = self._prefix_keys(chain, wanted[-1] + 1) if wanted else []
+        blocks = [(b, stored[b]) for b in wanted]
+        known = set(wanted)
         page_block = [b if b in known else -1 for b in page_block]
         return start, blocks, page_block
 
-    def _block_key(self, chain: Sequence[str], b: int) -> BlockHash:
-        """Block b's key from the page keys of its prompt (`chain`, from the first page): the
-        key of its last page, placed with its run's head (`kvpool.proto.keys`)."""
+    def _prefix_keys(self, chain: Sequence[str], blocks: int) -> list[BlockHash]:
+        """The stored keys of the prompt's first `blocks` blocks from its page keys (`chain`,
+        from the first page): each block's last page's, placed by its run (`run_keys`)."""
         n = self.pages_per_block
-
-        def digest(block: int) -> BlockHash:
-            return page_block_key(self._ns, bytes.fromhex(chain[(block + 1) * n - 1]))
-
-        head = run_head(b)
-        return digest(b) if head == b else placed(digest(head), digest(b))
+        return run_keys([page_block_key(self._ns, bytes.fromhex(chain[(b + 1) * n - 1]))
+                         for b in range(blocks)])  # fmt: skip
 
     def _verified(self, b: int, key: BlockHash, blob: bytes | None) -> Tensor | None:
         """Block b, checked to be the one asked for and decoded: [2, L, H, B, D] in the pool's
@@ -564,7 +557,7 @@ class KVPoolStorage(HiCacheStorage):
                     first = tail
                 if first == tail:
                     self._stash(keys[-1], _Pending(tail, kv))
-        blocks: list[tuple[int, BlockHash, Tensor]] = []
+        blocks: list[tuple[int, Tensor]] = []
         for b, idx in todo:
             head = [j for j in idx if j < 0]
             if head and (pending is None or pending.first_page != b * n):
@@ -574,22 +567,22 @@ class KVPoolStorage(HiCacheStorage):
             kv = torch.cat(parts, dim=3)
             if kv.shape[3] != ns.block_tokens:
                 continue
-            blocks.append((b, self._block_key(chain, b), kv))
+            blocks.append((b, kv))
         if not blocks:
             return ok
-        prefix_keys = [self._block_key(chain, b) for b in range(blocks[-1][0] + 1)]
+        prefix_keys = self._prefix_keys(chain, blocks[-1][0] + 1)
         present = self._tier(self._pool.tier.lookup(ns, prefix_keys), 0)
-        blocks = [x for x in blocks if x[0] >= present]
+        blocks = [(b, kv) for b, kv in blocks if b >= present]
         if not blocks:
             return ok
         puts = [
-            BlockPut(key, prefix_keys[0], b, self._encode(b, key, kv),
+            BlockPut(prefix_keys[b], prefix_keys[0], b, self._encode(b, prefix_keys[b], kv),
                      prefix_keys[b - 1] if b else b"")
-            for b, key, kv in blocks
+            for b, kv in blocks
         ]  # fmt: skip
         stored = self._tier(self._pool.tier.put_many(ns, puts, prefix=prefix_keys), None)
         if stored is None:  # the tier failed: these pages were not stored
-            for b, _, _ in blocks:
+            for b, _ in blocks:
                 for j in range(max(0, b * n - start), min(len(keys), (b + 1) * n - start)):
                     ok[j] = False
         else:

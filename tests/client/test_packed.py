@@ -110,6 +110,20 @@ def test_the_window_folds_g_tokens_at_a_time_and_stays_faithful(model, smollm2) 
     )
 
 
+def two_blocks(model: Any, ids: torch.Tensor, codec: CodecConfig) -> tuple[list[bytes], Any]:
+    """The model's KV of ids[:, :512] encoded as two 256-token blocks, and a DynamicCache of
+    the blocks decoded (what a store-then-decode path attends to)."""
+    exact = DynamicCache(config=model.config)
+    model(ids[:, :512], past_key_values=exact)
+    k, v = kv_from_cache(exact, 512)
+    blobs = [encode(k[:, :, i : i + 256], v[:, :, i : i + 256], codec, start_position=i)
+             for i in (0, 256)]  # fmt: skip
+    blocks = [decode(b, key_basis=codec.key_basis) for b in blobs]
+    decoded = cache_from_kv(model, torch.cat([b.keys for b in blocks], 2),
+                            torch.cat([b.values for b in blocks], 2))  # fmt: skip
+    return blobs, decoded
+
+
 def test_two_bit_packing_costs_what_store_and_decode_costs(model, smollm2) -> None:
     """Perplexity of a continuation after a stored 3/2-bit prefix of two blocks: attending to
     the blocks packed, step by step (the continuation's own older tokens fold into packed rows
@@ -122,14 +136,7 @@ def test_two_bit_packing_costs_what_store_and_decode_costs(model, smollm2) -> No
         return float(F.cross_entropy(logits[:-1], ids[0, 513:]).exp())
 
     with torch.inference_mode():
-        exact = DynamicCache(config=model.config)
-        model(ids[:, :512], past_key_values=exact)
-        k, v = kv_from_cache(exact, 512)
-        blobs = [encode(k[:, :, i : i + 256], v[:, :, i : i + 256], codec, start_position=i)
-                 for i in (0, 256)]  # fmt: skip
-        blocks = [decode(b) for b in blobs]
-        stored = cache_from_kv(model, torch.cat([b.keys for b in blocks], 2),
-                               torch.cat([b.values for b in blocks], 2))  # fmt: skip
+        blobs, stored = two_blocks(model, ids, codec)
         store_logits = model(ids[:, 512:], past_key_values=stored).logits[0]
         base = model(ids).logits[0, 512:]
         runs = {}
@@ -223,14 +230,7 @@ def test_v2_blocks_give_what_their_decoded_rows_give(model, smollm2, predict) ->
     basis = random_basis(predict)
     codec = replace(codec_for(model, key_bits=2, value_bits=2), key_basis=basis)
     with torch.inference_mode():
-        exact = DynamicCache(config=model.config)
-        model(ids[:, :512], past_key_values=exact)
-        k, v = kv_from_cache(exact, 512)
-        blobs = [encode(k[:, :, i : i + 256], v[:, :, i : i + 256], codec, start_position=i)
-                 for i in (0, 256)]  # fmt: skip
-        blocks = [decode(b, key_basis=basis) for b in blobs]
-        reference = cache_from_kv(model, torch.cat([b.keys for b in blocks], 2),
-                                  torch.cat([b.values for b in blocks], 2))  # fmt: skip
+        blobs, reference = two_blocks(model, ids, codec)
         packed = PackedCache(model, codec, window=32, fold_bits=None)
         assert packed.add_blocks([_payload(b, basis) for b in blobs]) == 512
         first = layers_of(packed)[0]
