@@ -183,6 +183,10 @@ def test_the_namespace_comes_from_vllms_config_and_matches_transformers(smollm2:
     pipelined.parallel_config.pipeline_parallel_size = 2
     with pytest.raises(LayoutError, match="pipeline"):
         namespace_for_vllm(pipelined, settings)
+    unresolved = config()
+    object.__setattr__(unresolved.model_config, "dtype", "auto")  # as before vLLM resolves it
+    with pytest.raises(LayoutError, match="unresolved"):
+        namespace_for_vllm(unresolved, settings)
     with tempfile.TemporaryDirectory() as d:
         path = Profile(
             model="other", layers=24, kv_heads=4, head_dim=64, group_size=128, sink_tokens=0,
