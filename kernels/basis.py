@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import pickle
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -162,8 +161,13 @@ class KeyBasis:
             widths = tuple(int(w) for w in data["widths"])
             maps = data.get("key_maps"), data.get("value_maps")
             return cls(data["mean"], data["rotation"], widths, *maps)
-        except (OSError, KeyError, AttributeError, RuntimeError, pickle.UnpicklingError) as e:
-            raise CodecError(f"{path}: not a readable key basis ({e})") from None
+        except CodecError:
+            raise
+        except Exception as e:  # torch.load of foreign bytes raises almost anything (IndexError,
+            # EOFError, struct.error, UnicodeDecodeError...): all of it means "not a basis"
+            raise CodecError(
+                f"{path}: not a readable key basis ({type(e).__name__}: {e})"
+            ) from None
 
     def check(self, header: BlockHeader) -> None:
         """This basis is the one a block was encoded with (BlockMismatchError otherwise)."""

@@ -124,6 +124,30 @@ def test_bad_bases_are_refused(tmp_path: Path) -> None:
         KeyBasis.load(tmp_path / "junk.pt")
 
 
+def test_any_bytes_that_are_no_basis_are_refused_with_a_codec_error(tmp_path: Path) -> None:
+    """torch.load of foreign bytes fails in many ways (IndexError, EOFError, struct.error...);
+    a published artifact is foreign bytes, so each of them must come back as CodecError."""
+    import random
+
+    rng = random.Random(20261207)
+    good = random_basis().save(tmp_path / "basis.pt").read_bytes()
+    junk = [rng.randbytes(n) for n in (1, 2, 7, 64, 4096) for _ in range(40)]
+    junk += [good[:n] for n in range(0, len(good), max(1, len(good) // 64))]  # truncated
+    for _ in range(200):  # a valid file with bytes flipped
+        flipped = bytearray(good)
+        flipped[rng.randrange(len(good))] ^= 1 << rng.randrange(8)
+        junk.append(bytes(flipped))
+    refused = 0
+    for i, data in enumerate(junk):
+        path = tmp_path / f"junk{i}.pt"
+        path.write_bytes(data)
+        try:
+            KeyBasis.load(path)
+        except CodecError:
+            refused += 1
+    assert refused >= len(junk) - 200  # flipped bytes inside a tensor may still load
+
+
 def test_headers_with_a_basis_are_checked() -> None:
     """KEY_BASIS needs its id, key widths per 8 components (0 allowed only there), the KV
     layout; a basis id without the flag is refused."""
