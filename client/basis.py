@@ -24,7 +24,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -58,13 +58,15 @@ class PublishedBasis:
     path: Path | None = field(default=None, compare=False)  # the verified local copy
 
     def codec(self, model: Any) -> CodecConfig:
-        """The codec v2 of `model` (or its config) with this basis and its options."""
+        """The codec v2 of `model` (or its config) with this basis and its options, payloads
+        deflated (lossless, about an eighth fewer bytes; outside the namespace)."""
         o = self.options
-        return codec_for(
+        codec = codec_for(
             model, 2, o["value_bits"], o["group_size"], pre_rope=o["pre_rope"],
             hadamard_values=o["hadamard_values"], sink_tokens=o["sink_tokens"],
             key_basis=self.basis,
         )  # fmt: skip
+        return replace(codec, deflate=True)
 
 
 def cache_dir() -> Path:

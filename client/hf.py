@@ -182,7 +182,7 @@ class CachedModel:
         cache = PackedCache(self.model, self.pool.codec, self.window)
         payloads = list(self.pool.get_payloads(tokens[:use], present=use))
         cached = cache.add_blocks(payloads)
-        fetched = sum(header.header_len + payload.numel() for header, payload in payloads)
+        fetched = sum(header.total_len for header, _ in payloads)  # as stored (deflated)
         if cached:
             self.cost.saw_fetch(fetched, time.perf_counter() - t0)
         self.last_cached_tokens, self.last_fetched_bytes = cached, fetched

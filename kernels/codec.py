@@ -44,6 +44,7 @@ from kvpool.proto.blockformat import (
     Section,
     check_length,
     parse_header,
+    payload_bytes,
     seal,
     verify,
 )
@@ -72,6 +73,8 @@ class CodecConfig:
     symmetric_values: per-token groups (values, the latent) keep one fp16 scale and no minimum,
     levels symmetric about zero (blockformat's SYMMETRIC_VALUES): 2 + 16/G bits instead of
     2 + 32/G, for values centred on zero (predicted residuals, Hadamard-rotated values).
+    deflate: store payloads deflated (blockformat's DEFLATED: lossless, about an eighth fewer
+    bytes for codec v2; the only option outside the namespace, since readers decode both).
     """
 
     key_bits: int | tuple[int, ...] = 2
@@ -82,6 +85,7 @@ class CodecConfig:
     sink_tokens: int = 0
     key_basis: KeyBasis | None = None
     symmetric_values: bool = False
+    deflate: bool = False
 
     def __post_init__(self) -> None:
         if self.group_size not in SUPPORTED_GROUPS:
@@ -182,10 +186,12 @@ def encode(
     keys, values = _fill_sinks(keys, sinks), _fill_sinks(values, sinks)
     if basis is not None and predicted:
         return _encode_predicted(header, basis, keys, values, [sink_k, sink_v], backend,
-                                 binding.mac_key)  # fmt: skip
+                                 binding.mac_key, config.deflate)  # fmt: skip
     if basis is not None:
         keys = basis.to_components(keys)
-    return _encode_payload(header, [keys, values], [sink_k, sink_v], backend, binding.mac_key)
+    return _encode_payload(
+        header, [keys, values], [sink_k, sink_v], backend, binding.mac_key, config.deflate
+    )
 
 
 def encode_latent(
@@ -206,7 +212,7 @@ def encode_latent(
     x = latent.unsqueeze(1)
     sink = x[:, :, : header.sink_tokens].half()
     fill = [_fill_sinks(x, header.sink_tokens)]
-    return _encode_payload(header, fill, [sink], backend, binding.mac_key)
+    return _encode_payload(header, fill, [sink], backend, binding.mac_key, config.deflate)
 
 
 def decode(
@@ -271,8 +277,7 @@ def verified_payload(
     for readers that use the sections as they are (kvpool.packed). Raises as `decode` does."""
     header = _checked_header(blob, expect, key_basis)
     verify(blob, mac_key)
-    start = header.header_len
-    payload = bytearray(memoryview(blob)[start : start + header.payload_len])
+    payload = bytearray(payload_bytes(blob, header))
     return header, torch.frombuffer(payload, dtype=torch.uint8)
 
 
@@ -403,7 +408,7 @@ def _decode_payload(
         raise CodecError(f"cannot decode to {out_dtype}; use float16, bfloat16 or float32")
     with warnings.catch_warnings():  # read-only bytes: the payload is only ever read
         warnings.simplefilter("ignore", UserWarning)
-        payload = torch.frombuffer(blob, dtype=torch.uint8, offset=header.header_len)
+        payload = torch.frombuffer(payload_bytes(blob, header), dtype=torch.uint8)
     plan.decode(payload.to(device, non_blocking=True), header, targets, key_basis)
     if plan.latent:
         return Block(header, latent=targets[0].squeeze(1) if out is None else out[0])
@@ -532,7 +537,7 @@ def _fill_sinks(x: Tensor, sinks: int) -> Tensor:
 
 def _encode_payload(
     header: BlockHeader, tensors: list[Tensor], sinks: list[Tensor], backend: Backend,
-    mac_key: bytes,
+    mac_key: bytes, deflate: bool,
 ) -> bytes:  # fmt: skip
     device = tensors[0].device
     impl = _backend(backend, device, header.head_dim)
@@ -542,12 +547,12 @@ def _encode_payload(
     if header.sink_tokens:
         flat = torch.cat([s.contiguous().flatten() for s in sinks]).view(torch.uint8)
         payload[header.sinks_offset :] = flat
-    return seal(header, payload.cpu().numpy().data, mac_key or None)
+    return seal(header, payload.cpu().numpy().data, mac_key or None, deflate)
 
 
 def _encode_predicted(
     header: BlockHeader, basis: KeyBasis, keys: Tensor, values: Tensor, sinks: list[Tensor],
-    backend: Backend, mac_key: bytes,
+    backend: Backend, mac_key: bytes, deflate: bool,
 ) -> bytes:  # fmt: skip
     """The writer's run of `basis.predicted_loop`: each layer's residuals quantized into the
     payload and decoded back before the layer is rebuilt, as a reader will rebuild it."""
@@ -591,7 +596,7 @@ def _encode_predicted(
     if header.sink_tokens:
         flat = torch.cat([s.contiguous().flatten() for s in sinks]).view(torch.uint8)
         payload[header.sinks_offset :] = flat
-    return seal(header, payload.cpu().numpy().data, mac_key or None)
+    return seal(header, payload.cpu().numpy().data, mac_key or None, deflate)
 
 
 def _backend(name: Backend, device: torch.device, head_dim: int) -> ModuleType:

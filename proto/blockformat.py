@@ -33,6 +33,16 @@ Hadamard-rotated values. 2-bit values per token at G=64 then cost 2.25 bits inst
 flag changes the payload's layout and the codec's part of the namespace, so blocks of the two
 formats never mix; a block without it reads as before.
 
+DEFLATED (any block; lossless): the payload is stored as one raw deflate stream (RFC 1951,
+Huffman coding only, no string matches), and the header's payload length field holds the stored
+length, which must be shorter than the layout's. 2-bit codes are far from uniform (a group's
+minimum and maximum are the only values at the end levels), so their bytes carry about 1.5 to
+1.7 bits of information per code: codec v2's blocks shrink by about an eighth, and the decoded
+tensors are those of the plain block, bit for bit. So it is not part of the namespace and blocks
+of both kinds may meet under one key; `BlockHeader` equality ignores it (`stored_len`). The
+crc32 and MAC cover the stored bytes; a reader inflates only after the header checks, to
+exactly the layout's length (`payload_bytes`), never more.
+
 A block is bound to where it belongs: its header names its namespace id, its own block key,
 its start position and token count. A block of the right shape stored under another key or
 position therefore fails the shard's check on Put and on Redis read-through, and the client's
@@ -54,13 +64,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import IntEnum
 
-try:  # zlib-ng: the same CRC-32, 10-15x faster than zlib's (it folds with carry-less multiplies)
-    from zlib_ng.zlib_ng import crc32
+try:  # zlib-ng: the same CRC-32, 10-15x faster than zlib's (it folds with carry-less multiplies),
+    # and deflate streams in the same format, 2-3x faster both ways
+    import zlib_ng.zlib_ng as _zlib
 except ImportError:  # e.g. where only the contract is installed: zlib gives the same values
-    from zlib import crc32
+    import zlib as _zlib  # type: ignore[no-redef]
 
 from kvpool.proto.errors import (
     BlockFormatError,
@@ -71,6 +82,8 @@ from kvpool.proto.errors import (
     UnsupportedVersionError,
 )
 
+crc32 = _zlib.crc32
+_INFLATE_ERROR: type[Exception] = _zlib.error  # type: ignore[assignment]  # zlib-ng: its own class
 MAGIC = b"KVPB"
 FORMAT_VERSION = 4  # 3: KEY_BASIS; 4: PREDICTED
 ID_BYTES = 32  # namespace ids and block keys
@@ -107,6 +120,7 @@ class Flag(IntEnum):
     KEY_BASIS = 8  # keys stored as components in a calibrated basis, widths per 8 components
     PREDICTED = 16  # layers predicted from the layer before; sections hold residuals (KEY_BASIS)
     SYMMETRIC_VALUES = 32  # per-token sections: one fp16 scale per group, no minimum
+    DEFLATED = 64  # the payload is stored deflated (wire only: BlockHeader.stored_len)
 
 
 def plane_widths(bits: int) -> tuple[int, ...]:
@@ -165,6 +179,7 @@ class BlockHeader:
     key: bytes = UNBOUND
     basis_id: bytes = b""  # KEY_BASIS only
     version: int = FORMAT_VERSION
+    stored_len: int = field(default=0, compare=False)  # DEFLATED: the stored payload's bytes
     sections: tuple[Section, ...] = field(init=False, repr=False, compare=False)
     sinks_offset: int = field(init=False, repr=False, compare=False)
     payload_len: int = field(init=False, repr=False, compare=False)
@@ -186,6 +201,10 @@ class BlockHeader:
         object.__setattr__(self, "sections", sections)
         object.__setattr__(self, "sinks_offset", sinks_offset)
         object.__setattr__(self, "payload_len", payload_len)
+        if self.stored_len and not 0 < self.stored_len < payload_len:
+            raise BlockFormatError(
+                f"a deflated payload of {self.stored_len} bytes for a {payload_len}-byte layout"
+            )
 
     def _layout(self) -> tuple[tuple[Section, ...], int, int]:
         """(sections, sinks_offset, payload_len) of a validated header's shape."""
@@ -264,9 +283,14 @@ class BlockHeader:
         return MAC_BYTES if self.flags & Flag.MAC else 0
 
     @property
+    def stored_payload_len(self) -> int:
+        """Bytes of the payload as stored: deflated (DEFLATED) or as laid out."""
+        return self.stored_len or self.payload_len
+
+    @property
     def total_len(self) -> int:
-        """Bytes of the whole block: header, payload and MAC."""
-        return self.header_len + self.payload_len + self.mac_len
+        """Bytes of the whole block: header, stored payload and MAC."""
+        return self.header_len + self.stored_payload_len + self.mac_len
 
     @property
     def elements(self) -> int:
@@ -341,10 +365,11 @@ class BlockHeader:
     def pack(self) -> bytes:
         """The header bytes without the trailing crc32 (see `seal`)."""
         fixed = _FIXED.pack(
-            MAGIC, self.version, self.header_len, self.layout, self.dtype, self.flags,
+            MAGIC, self.version, self.header_len, self.layout, self.dtype,
+            self.flags | (Flag.DEFLATED if self.stored_len else 0),
             self.group_size, self.layers, self.heads, self.head_dim, self.sink_tokens,
             self.rotary_dim, self.tokens, self.start_position, self.rope_theta,
-            self.rope_scaling, self.payload_len, self.namespace_id, self.key,
+            self.rope_scaling, self.stored_payload_len, self.namespace_id, self.key,
         )  # fmt: skip
         return fixed + bytes(self.key_bits) + bytes(self.value_bits) + self.basis_id
 
@@ -359,12 +384,19 @@ def block_mac(
 
 
 def seal(
-    header: BlockHeader, payload: bytes | bytearray | memoryview, mac_key: bytes | None = None
-) -> bytes:
+    header: BlockHeader, payload: bytes | bytearray | memoryview, mac_key: bytes | None = None,
+    deflate: bool = False,
+) -> bytes:  # fmt: skip
     """Join header and payload into a block, with the crc32 over both (and the MAC): a header
-    with the MAC flag needs `mac_key`, one without refuses it."""
-    if len(payload) != header.payload_len:
+    with the MAC flag needs `mac_key`, one without refuses it. `deflate`: store the payload
+    deflated (DEFLATED) when that makes it shorter."""
+    if len(payload) != header.payload_len or header.stored_len:
         raise BlockFormatError(f"payload is {len(payload)} bytes, header says {header.payload_len}")
+    if deflate:
+        packer = _zlib.compressobj(1, _zlib.DEFLATED, -15, 9, _zlib.Z_HUFFMAN_ONLY)
+        packed = packer.compress(payload) + packer.flush()
+        if len(packed) < len(payload):
+            header, payload = replace(header, stored_len=len(packed)), packed
     if bool(mac_key) != header.has_flag(Flag.MAC):
         raise BlockFormatError("a block carries a MAC exactly when a mac_key is given")
     head = header.pack()
@@ -380,6 +412,8 @@ def parse_header(blob: bytes | bytearray | memoryview) -> BlockHeader:
     (magic, version, header_len, layout, dtype, flags, group, layers, heads, head_dim, sinks,
      rotary_dim, tokens, start, theta, scaling, payload_len, namespace_id, key,
      ) = _FIXED.unpack_from(blob)  # fmt: skip
+    stored_len = payload_len if flags & Flag.DEFLATED else 0
+    flags &= ~Flag.DEFLATED
     if magic != MAGIC:
         raise BlockFormatError(f"not a kvpool block (magic {bytes(magic)!r})")
     if version != FORMAT_VERSION:
@@ -406,8 +440,9 @@ def parse_header(blob: bytes | bytearray | memoryview) -> BlockHeader:
         start_position=start, rope_theta=theta, rope_scaling=scaling, rotary_dim=rotary_dim,
         namespace_id=namespace_id, key=key,
         basis_id=bytes(blob[header_len - _CRC.size - id_len : header_len - _CRC.size]),
+        stored_len=stored_len,
     )  # fmt: skip
-    if header.payload_len != payload_len:
+    if header.stored_payload_len != payload_len:
         raise BlockFormatError(
             f"payload length field {payload_len} does not match the layout ({header.payload_len})"
         )
@@ -441,11 +476,33 @@ def verify(blob: bytes | bytearray | memoryview, mac_key: bytes | None = None) -
     if mac_key:
         if not header.has_flag(Flag.MAC):
             raise ForgedBlockError("the block carries no MAC; this namespace requires one")
-        payload_end = header.header_len + header.payload_len
+        payload_end = header.header_len + header.stored_payload_len
         want = block_mac(mac_key, view[:crc_at], view[header.header_len : payload_end])
         if not hmac.compare_digest(want, view[payload_end:]):
             raise ForgedBlockError("the block's MAC does not verify under the tenant's secret")
     return header
+
+
+def payload_bytes(blob: bytes | bytearray | memoryview, header: BlockHeader) -> bytes | memoryview:
+    """The payload of a block whose header and length are checked, as laid out: a view into
+    `blob`, or for a DEFLATED block the stream inflated to exactly `header.payload_len` bytes
+    (BlockFormatError for a stream that is corrupt, ends early or has bytes after its end)."""
+    start = header.header_len
+    stored = memoryview(blob)[start : start + header.stored_payload_len]
+    if not header.stored_len:
+        return stored
+    unpacker = _zlib.decompressobj(-15)
+    try:
+        payload = unpacker.decompress(stored, header.payload_len)
+    except _INFLATE_ERROR as e:
+        raise BlockFormatError(f"the deflated payload is corrupt: {e}") from None
+    if len(payload) != header.payload_len or not unpacker.eof or unpacker.unconsumed_tail:
+        raise BlockFormatError(
+            f"the deflated payload does not inflate to the layout's {header.payload_len} bytes"
+        )
+    if unpacker.unused_data:
+        raise BlockFormatError("bytes after the end of the deflated payload")
+    return payload
 
 
 def check_bound(header: BlockHeader, namespace_id: bytes, key: bytes, position: int) -> None:

@@ -17,14 +17,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from kvpool import artifacts
 from kvpool.basis import BasisUnavailable, published_codec, resolve_basis
 from kvpool.hf import CachedModel
-from kvpool.kernels.codec import KeyBasis
+from kvpool.kernels.codec import KeyBasis, block_header
 from kvpool.models import SMOLLM2
 from kvpool.proto import kvpool_pb2 as pb
 from kvpool.proto.artifacts import KEY_BASIS, record_name
+from kvpool.proto.blockformat import Layout
 from kvpool.services.artifacts import ARTIFACTS
 from kvpool.services.security import store_key
 from kvpool.services.server import ShardServer
@@ -82,6 +84,7 @@ def test_a_fresh_process_with_only_endpoint_and_name_hits_blocks_another_stored(
     model, tok = smollm2
     cached = CachedModel.connect(model, endpoint(shards))  # this process: the writer
     assert cached.pool.codec.key_basis == published and cached.pool.codec.key_basis.predicted
+    assert cached.pool.codec.deflate  # the default stores payloads deflated (lossless)
     ids = tok((ROOT / "README.md").read_text(), return_tensors="pt").input_ids[:, :600]
     cached.prefill(ids)  # stores 2 blocks of codec v2
     cached.pool.close()
@@ -94,6 +97,7 @@ cached = CachedModel.connect(model, {endpoint(shards)!r})
 ids = torch.tensor([{ids[0].tolist()!r}])
 cache = cached.fetch(ids)
 print(json.dumps({{"basis": cached.pool.codec.key_basis.id.hex(), "cached": cached.last_cached_tokens,
+                  "fetched": cached.last_fetched_bytes,
                   "namespace": cached.pool.namespace.id.hex()}}))
 """
     env = {**os.environ, "KVPOOL_CACHE_DIR": str(tmp_path)}
@@ -105,6 +109,9 @@ print(json.dumps({{"basis": cached.pool.codec.key_basis.id.hex(), "cached": cach
     assert got["basis"] == published.id.hex()
     assert got["namespace"] == cached.pool.namespace.id.hex()
     assert got["cached"] == 512  # both blocks the writer stored
+    full = sum(block_header(Layout.KV, torch.float16, (30, 3, 256, 64), cached.pool.codec, 256 * i)
+               .total_len for i in range(2))  # fmt: skip
+    assert 0 < got["fetched"] < full  # what crossed the wire: deflated
     assert len(list((tmp_path / "artifacts").glob("*.pt"))) == 1  # fetched once, kept
 
 

@@ -3,6 +3,7 @@ calibrated basis, a run of components at each width, on every backend."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -270,6 +271,10 @@ def test_predicted_blocks_are_the_same_on_every_backend(dtype: torch.dtype) -> N
     assert torch.equal(a.keys[:, :, :1], k[:, :, :1].half().to(dtype))
     assert torch.equal(a.values[:, :, :1], v[:, :, :1].half().to(dtype))
     assert float((a.values - v).abs().max()) < 0.5 * float(v.abs().max())
+    plain, packed = encode(k, v, cfg), encode(k, v, replace(cfg, deflate=True))  # deflated:
+    a, b = decode(plain, key_basis=basis), decode(packed, key_basis=basis)  # the published way
+    assert len(packed) < len(plain) and a.keys is not None and b.keys is not None
+    assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)  # type: ignore[arg-type]
 
 
 def test_predicted_blocks_need_their_maps() -> None:

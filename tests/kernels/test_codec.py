@@ -1,6 +1,7 @@
 """encode/decode of whole blocks: round trips, options, layouts, and every documented error."""
 
 import struct
+from dataclasses import replace
 
 import pytest
 import torch
@@ -443,8 +444,9 @@ def test_symmetric_values_are_another_namespace_and_another_expected_header() ->
 
 def test_a_header_whose_symmetric_flag_was_flipped_is_refused() -> None:
     """Flipping the flag changes the payload's layout: the payload length field no longer
-    matches, so parse_header refuses it before the checksum (BlockFormatError); an unknown
-    flag bit is refused too."""
+    matches, so parse_header refuses it before the checksum (BlockFormatError); so is a
+    DEFLATED flag on a plain payload (a stored length not shorter than the layout), and an
+    unknown flag bit."""
     import zlib
 
     k, v = kv(tokens=64, dim=64)
@@ -452,11 +454,54 @@ def test_a_header_whose_symmetric_flag_was_flipped_is_refused() -> None:
         blob = bytearray(encode(k, v, cfg))
         flags_at = struct.calcsize("<4sHHBB")  # magic, version, header_len, layout, dtype
         assert blob[flags_at] == parse_header(bytes(blob)).flags
-        for flip in (Flag.SYMMETRIC_VALUES, 64):
+        for flip in (Flag.SYMMETRIC_VALUES, Flag.DEFLATED, 128):
             bad = bytearray(blob)
             bad[flags_at] ^= int(flip)
             header_len = parse_header(bytes(blob)).header_len
             crc = zlib.crc32(bytes(bad[header_len:]), zlib.crc32(bytes(bad[: header_len - 4])))
             bad[header_len - 4 : header_len] = struct.pack("<I", crc)  # a well-sealed forgery
-            with pytest.raises(BlockFormatError, match=r"payload length|unknown option"):
+            with pytest.raises(
+                BlockFormatError, match=r"payload length|unknown option|deflated payload of"
+            ):
                 decode(bytes(bad))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_deflated_blocks_decode_to_exactly_the_plain_blocks_tensors(backend: str) -> None:
+    """DEFLATED is lossless and outside the namespace: each layout and option set gives the
+    same tensors, bit for bit, from a shorter block; a reader expecting the plain header takes
+    the deflated block (equality ignores the stored length); MAC and binding as before."""
+    rope = RopeParams(theta=10000.0, rotary_dim=64)
+    k, v = kv(layers=3, heads=2, tokens=128, dim=64, dtype=torch.float16, seed=3)
+    binding = Binding(b"n" * 32, b"k" * 32, b"secret")
+    for config in (
+        CodecConfig(2, 2, 128),
+        CodecConfig(3, 2, 64, rope=rope, hadamard_values=True, sink_tokens=4),
+        CodecConfig(2, 2, 128, hadamard_values=True, symmetric_values=True),
+    ):
+        plain = encode(k, v, config, backend=backend, binding=binding)
+        packed = encode(k, v, replace(config, deflate=True), backend=backend, binding=binding)
+        assert len(packed) < len(plain) and parse_header(packed).stored_len
+        assert config.describe() == replace(config, deflate=True).describe()
+        want = block_header(Layout.KV, torch.float16, tuple(k.shape), config, 0, binding)
+        a = decode(plain, backend=backend, expect=want, mac_key=b"secret")
+        b = decode(packed, backend=backend, expect=want, mac_key=b"secret")
+        assert a.keys is not None and b.keys is not None and a.values is not None
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+        with pytest.raises(ForgedBlockError):
+            decode(packed, backend=backend, mac_key=b"other")
+    latent = torch.randn(2, 128, 64, generator=torch.Generator().manual_seed(5)).half()
+    one, two = encode_latent(latent), encode_latent(latent, CodecConfig(2, deflate=True))
+    assert len(two) < len(one)
+    assert torch.equal(decode(one).latent, decode(two).latent)  # type: ignore[arg-type]
+
+
+def test_a_deflated_block_with_a_broken_stream_is_refused_not_decoded() -> None:
+    """A flipped bit inside the stored stream fails the crc (ChecksumError), and no tensors come
+    back (streams with a good crc that do not inflate: tests/proto/test_blockformat.py)."""
+    k, v = kv(tokens=128, dim=64, seed=4)
+    blob = bytearray(encode(k, v, CodecConfig(2, 2, 64, deflate=True)))
+    h = parse_header(blob)
+    blob[h.header_len + 20] ^= 0x10
+    with pytest.raises(ChecksumError):
+        decode(bytes(blob))
