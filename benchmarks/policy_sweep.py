@@ -11,6 +11,8 @@ here, and judged on traces they have not seen). Each trace is replayed, in order
 - `store`: kvpool's `BlockStore` in one store with the whole budget (the policy alone);
 - `store_sharded`: the same, one store per shard with the budget split, placed by the client's
   ring and driven as the client drives the tier (`trace_replay.Stores`);
+- `store_shared`: the same shards sharing the budget through a budget table, as the shards
+  `kvpool serve` starts on one node do (services/budget.py; BlockStore only);
 - `infinite`: the bound.
 Capacities are fractions (`--fractions`) of the blocks the trace ever stores, so each trace is
 swept from tight to roomy. The figure is the token hit rate (`trace_replay.replay`); the
@@ -52,8 +54,11 @@ def trace_keys(requests: Sequence[TraceRequest]) -> list[Keys]:
     return [list(tk(r)) for r in requests]
 
 
-def stores(store_class: type, capacity: int, shards: int) -> Cache:
-    """`trace_replay.Stores` of `shards` stores of `store_class` sharing `capacity` blocks."""
+def stores(store_class: type, capacity: int, shards: int, shared: bool = False) -> Cache:
+    """`trace_replay.Stores` of `shards` stores of `store_class` splitting `capacity` blocks
+    (with `shared`, BlockStores sharing them through a budget table)."""
+    if shared:
+        return Stores(capacity * BLOCK_BYTES, shards, BLOCK_BYTES, shared=True)
     cache = Stores(capacity * BLOCK_BYTES, shards, BLOCK_BYTES)
     cache.stores = {sid: store_class(s.budget_bytes) for sid, s in cache.stores.items()}
     return cache
@@ -80,6 +85,8 @@ def sweep(requests: Sequence[TraceRequest], fractions: Sequence[float], shards: 
         for name, cls in policies.items():
             caches[name] = partial(stores, cls, n, 1)
             caches[f"{name}_sharded"] = partial(stores, cls, n, shards)
+            if cls is BlockStore:
+                caches[f"{name}_shared"] = partial(stores, cls, n, shards, True)
         row[f"{f:g}"] = {name: round(replay(requests, keys, make(), f"{label} {f:g} {name}"), 4)
                          for name, make in caches.items()}  # fmt: skip
     return row
@@ -113,7 +120,7 @@ def main() -> None:
     results = {name: sweep(reqs, args.fractions, args.shards, policies, name)
                for name, reqs in traces.items()}  # fmt: skip
     worst: dict[str, dict[str, object]] = {}  # policy -> its smallest difference to LRU
-    names = [n for name in policies for n in (name, f"{name}_sharded")]
+    names = [n for name in policies for n in (name, f"{name}_sharded")] + ["store_shared"]
     print(f"{'trace':12} {'cap':>5} {'lru':>7} " + " ".join(f"{n:>14}" for n in names))
     for trace, row in results.items():
         for f in args.fractions:

@@ -29,8 +29,9 @@ In one run:
   concurrency;
 - simulated, in process: exact LRU over blocks at the same bytes, fp16 blocks under LRU at the
   same DRAM, an infinite cache (the bound), and the capacity sweep (kvpool's store sharded as
-  the tier, the same policy in one store, and LRU, all at the same bytes, at 1M / 3M / 10M
-  tokens of DRAM);
+  the tier, its shards sharing the budget through the same table as the tier's; the same with
+  a fixed slice per shard; the same policy in one store; and LRU, all at the same bytes, at
+  1M / 3M / 10M tokens of DRAM);
 - the prefill seconds saved at an assumed prefill rate (`--prefill-tokens-per-s`, default
   10,000: an 8-GPU node prefilling a 70B model; only the fraction is rate-free);
 - the store's memory per block beyond its bytes (tracemalloc).
@@ -45,8 +46,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import itertools
 import json
+import os
 import sys
+import tempfile
 import time
 import tracemalloc
 from collections import OrderedDict
@@ -63,6 +67,8 @@ from kvpool.kernels.codec import CodecConfig, encode
 from kvpool.proto.blockformat import parse_header
 from kvpool.proto.keys import Namespace
 from kvpool.ring import Placement, Ring
+from kvpool.services.budget import SharedBudget
+from kvpool.services.budget import create as create_budget
 from kvpool.services.hot import HotKeys
 from kvpool.services.redis_server import RedisServer
 from kvpool.services.store import BlockStore
@@ -125,17 +131,29 @@ class Infinite(Cache):
 
 
 class Stores(Cache):
-    """kvpool's BlockStore, one per shard with the budget split evenly, placed as the client
+    """kvpool's BlockStore, one per shard with the budget split evenly (with `shared`, sharing
+    it through a budget table as the shards `kvpool serve` starts on one node do, on one batch
+    counter for a clock), placed as the client
     places keys (by run; by their own bytes in a run a shard's hot counter called hot, found
     also where the run's owner kept them, and moved to their own owner when read there),
     driven as the client drives the tier: one get_many and one put_many per shard, each block
     naming the nearest earlier block of its prefix on the same shard. Hot blocks' read
     replicas are not simulated."""
 
-    def __init__(self, budget_bytes: int, shards: int, block_bytes: int) -> None:
+    def __init__(self, budget_bytes: int, shards: int, block_bytes: int,
+                 shared: bool = False) -> None:  # fmt: skip
         ids = [f"shard-{i}" for i in range(shards)]
         self.place = Placement(Ring(ids))
-        self.stores = {s: BlockStore(max(block_bytes, budget_bytes // shards)) for s in ids}
+        each = max(block_bytes, budget_bytes // shards)
+        self.stores = {s: BlockStore(each) for s in ids}
+        if shared:
+            with tempfile.NamedTemporaryFile(suffix=".budget", delete=False) as f:
+                table = f.name
+            create_budget(table, shards, each)
+            clock = itertools.count(1).__next__  # one batch counter for every store
+            self.stores = {s: BlockStore(each, share=SharedBudget(table, i), clock=clock)
+                           for i, s in enumerate(ids)}  # fmt: skip
+            os.unlink(table)  # the stores keep it mapped
         self.hot = {s: HotKeys() for s in ids}  # as each shard counts its reads
         self.blob = b"\0" * block_bytes
 
@@ -387,13 +405,16 @@ def main() -> None:
     points: dict[int, dict[str, float]] = {}  # by capacity in blocks: each replayed once
 
     def point(n: int, label: str) -> dict[str, float]:
-        """kvpool's store sharded as the tier, the same policy in one store (the policy alone,
-        without the split of the budget over shards), and exact LRU: each `n` blocks' bytes."""
+        """kvpool's store sharded as the tier (the shards sharing the budget), the same with a
+        fixed slice each, the same policy in one store (the policy alone, without the split of
+        the budget over shards), and exact LRU: each `n` blocks' bytes."""
         if n not in points:
-            stores = Stores(n * len(blob), args.shards, len(blob))
+            stores = Stores(n * len(blob), args.shards, len(blob), shared=True)
+            fixed = Stores(n * len(blob), args.shards, len(blob))
             one = Stores(n * len(blob), 1, len(blob))
             points[n] = {
                 "kvpool": round(replay(requests, keys, stores, f"kvpool {label}"), 4),
+                "kvpool_fixed_split": round(replay(requests, keys, fixed, f"fixed {label}"), 4),
                 "kvpool_one_store": round(replay(requests, keys, one, f"one store {label}"), 4),
                 "lru": round(replay(requests, keys, LRUBlocks(n), f"lru {label}"), 4),
             }
@@ -452,9 +473,11 @@ def table(out: dict[str, object]) -> None:
         print(f"{k:32} {v}")
     sweep = out["hit_rate_by_capacity"]
     assert isinstance(sweep, dict)
-    print(f"{'DRAM (fp16 tokens)':20} {'kvpool':>8} {'one store':>10} {'LRU':>8}")
+    print(f"{'DRAM (fp16 tokens)':20} {'kvpool':>8} {'fixed split':>12} {'one store':>10} "
+          f"{'LRU':>8}")  # fmt: skip
     for name, row in sweep.items():
-        print(f"{name:20} {row['kvpool']:8.4f} {row['kvpool_one_store']:10.4f} {row['lru']:8.4f}")
+        print(f"{name:20} {row['kvpool']:8.4f} {row['kvpool_fixed_split']:12.4f} "
+              f"{row['kvpool_one_store']:10.4f} {row['lru']:8.4f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -66,6 +66,7 @@ def serve(args: argparse.Namespace) -> None:
             redis_url=args.redis, redis_ttl_s=args.redis_ttl, redis_mode=args.redis_mode,
             security=security, per_node_ports=args.per_node_ports, health_port=args.health_port,
             memory_reserve_bytes=args.memory_reserve, tenant_quota=args.tenant_quota,
+            shared_budget=not args.fixed_budgets,
         )  # fmt: skip
         check_exposure(config, insecure=args.insecure)  # before Ray starts
         if args.address is None and security.tls:  # the shards run here: read their files now
@@ -352,6 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--memory-reserve", type=parse_bytes, default=None,
         help="shards give memory back (shrink and evict) while their node has less than this "
         "available, and take it again after (default: 10%% of the node's memory; 0: never)",
+    )  # fmt: skip
+    p_serve.add_argument(
+        "--fixed-budgets", action="store_true",
+        help="give each shard a fixed --budget; by default the shards started on this node share "
+        "shards x --budget, each budget following where evictions are youngest",
     )  # fmt: skip
     p_serve.add_argument("--shard-cpus", type=float, default=0.5, help="Ray CPUs per shard")
     p_serve.add_argument(

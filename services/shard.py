@@ -18,6 +18,12 @@ A cache on a shared node gives memory back before anything dies: each Shard watc
 its node (or its cgroup) has available and, while that is under `reserve_bytes`, shrinks its
 store's budget by the shortfall (evicting down to it); once the pressure is gone the budget
 grows back to the configured one (`yield_memory`).
+
+The shards `kvpool serve` starts on its own node share that node's budget
+(services/budget.py): each is given the path of the node's budget table and its row, takes a
+fair share when it starts (again after a restart), and its store's budget then follows where the
+evictions are youngest, so that the node's shards approximate one eviction order. Memory
+pressure shrinks a shard's budget and the node's total together, and grows both back.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from typing import Any
 import ray
 
 from kvpool.proto import kvpool_pb2 as pb
+from kvpool.services.budget import SharedBudget
 from kvpool.services.redis_tier import Mode, RedisTier
 from kvpool.services.security import ServerSecurity
 from kvpool.services.server import Limits, ShardServer
@@ -173,20 +180,20 @@ def next_budget(budget: int, configured: int, held: int, available: int, reserve
     return budget
 
 
-def yield_memory(
-    store: BlockStore, configured: int, reserve: int, period_s: float, stop: threading.Event
-) -> None:
-    """Until `stop`: every `period_s`, resize the store to `next_budget` (a thread per shard)."""
+def yield_memory(store: BlockStore, reserve: int, period_s: float, stop: threading.Event) -> None:
+    """Until `stop`: every `period_s`, resize the store to `next_budget` (a thread per shard).
+    What it may grow back to is its budget plus what pressure took (`store.yielded_bytes`): a
+    budget that a shared table moved elsewhere is not pressure's to take back."""
     while not stop.wait(period_s):
         try:
-            budget = next_budget(
-                store.budget_bytes, configured, store.snapshot().bytes, available_bytes(), reserve
-            )
-            if budget != store.budget_bytes:
+            held, current = store.snapshot().bytes, store.budget_bytes
+            ceiling = current + store.yielded_bytes
+            budget = next_budget(current, ceiling, held, available_bytes(), reserve)
+            if budget != current:
                 evicted = store.resize(budget)
                 log.warning(
-                    "memory pressure: store budget %d MiB (configured %d), %d MiB evicted",
-                    budget >> 20, configured >> 20, evicted >> 20,
+                    "memory pressure: store budget %d MiB (up to %d), %d MiB evicted",
+                    budget >> 20, ceiling >> 20, evicted >> 20,
                 )  # fmt: skip
         except Exception as e:  # never let the watch die: the next period tries again
             log.error("memory pressure watch: %s", e)
@@ -231,11 +238,14 @@ class Shard:
         reserve_bytes: int | None = None,
         pressure_period_s: float = 1.0,
         tenant_quota: float | None = None,
+        budget_table: tuple[str, int] | None = None,
     ) -> None:
         """picked_port: `port` was picked by the tier, not the operator: another free port is
         taken if it cannot be had. reserve_bytes: the available memory below which the shard
         gives memory back (None: `default_reserve()`; 0: never). tenant_quota: each tenant's
-        default share of the budget; the tokens file's per-tenant quotas override it."""
+        default share of the budget; the tokens file's per-tenant quotas override it.
+        budget_table: (path, row) of the node's shared budget table (services/budget.py); the
+        shard then joins it (a fair share of the node's total) instead of a fixed budget."""
         logging.basicConfig(level=logging.INFO)
         fixed_mmap_threshold()
         if picked_port and port and not port_free(host, port):
@@ -249,7 +259,14 @@ class Shard:
         redis = RedisTier(redis_url, redis_ttl_s, redis_mode) if redis_url else None
         spill = redis.offer if redis is not None and redis.mode == "evicted" else None
         quotas = security.quotas() if security is not None else {}
-        store = BlockStore(budget_bytes, on_evict=spill, tenant_quota=tenant_quota, quotas=quotas)
+        share, clock = None, None
+        if budget_table is not None:
+            share, clock = SharedBudget(*budget_table), time.monotonic_ns
+            budget_bytes = share.join()
+        store = BlockStore(
+            budget_bytes, on_evict=spill, tenant_quota=tenant_quota, quotas=quotas, share=share,
+            clock=clock,
+        )  # fmt: skip
         self.server = ShardServer(
             store, shard_id, topology=self._topology,
             host=host, port=port, advertise_host=advertise_host, limits=Limits(),
@@ -264,7 +281,7 @@ class Shard:
         reserve = default_reserve() if reserve_bytes is None else reserve_bytes
         self._stop = threading.Event()
         if reserve > 0:
-            args = (store, budget_bytes, reserve, pressure_period_s, self._stop)
+            args = (store, reserve, pressure_period_s, self._stop)
             threading.Thread(target=yield_memory, args=args, daemon=True).start()
 
     def _heartbeat(self, period: float) -> None:

@@ -44,6 +44,14 @@ prefix is gone (lookups stop at the first miss). The policy:
   again (then it is a hit again), and meanwhile it ages out like any block nobody reads.
 - Tenant quotas (optional): a tenant over its share of the budget evicts its own least recent
   leaves first, so one tenant's scan cannot evict another's working set.
+- A budget shared by the shards of a node (optional, `kvpool serve`'s default;
+  services/budget.py): before evicting a block for room, the store asks the node's table for
+  the bytes it needs, which a shard with unused room, or one whose next victim is older, gives
+  up (and evicts on its next call). So the node's shards approximate one eviction order, as one
+  store with their whole budget would, instead of each turning over its fixed slice. It does
+  not ask when its policy evicts a recent block before an older proven one (scan resistance).
+  Batches are stamped on a clock the shards share so that their victims' ages compare. Quotas
+  are shares of the budget the store has at the time.
 
 Every operation is O(log n) (a heap per queue, with lazy deletion; the ancestor walks and the
 pass over inner blocks at the head of a queue are bounded). Memory per block beyond its bytes:
@@ -58,6 +66,8 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+
+from kvpool.services.budget import SharedBudget
 
 Blob = bytes | bytearray  # a stored block; never mutated once stored
 PutItem = tuple[bytes, bytes, int, "Blob", "bytes | None", "str | None"]
@@ -193,18 +203,27 @@ class BlockStore:
         on_evict: Callable[[bytes, bytes, int, Blob], None] | None = None,
         tenant_quota: float | None = None,
         quotas: Mapping[str, float] | None = None,
+        share: SharedBudget | None = None,
+        clock: Callable[[], int] | None = None,
     ) -> None:
         """on_evict(key, chain, position, data): told of every evicted block (the Redis tier's
         "evicted" mode); called with the store's lock held: must not block.
         tenant_quota: the share of the budget (0, 1] each authenticated tenant may hold;
         quotas: per-tenant shares that override it. Blocks stored without a tenant (no
-        authentication) have no quota."""
+        authentication) have no quota.
+        share: the node's budget table this store shares with the node's other shards
+        (services/budget.py); its budget is then the table's row, not `budget_bytes`, and
+        follows where the evictions are youngest. clock: stamps batches on a clock the sharing
+        stores agree on (`time.monotonic_ns` across processes, one counter in a process), so
+        that the ages of their evictions compare; without it each store counts its own."""
+        if share is not None:
+            budget_bytes = share.budget()
         if budget_bytes <= 0:
             raise ValueError("budget_bytes must be positive")
         shares = dict(quotas or {})
-        for name, share in [("tenant_quota", tenant_quota), *shares.items()]:
-            if share is not None and not 0.0 < share <= 1.0:
-                raise ValueError(f"quota of {name!r} must lie in (0, 1], got {share}")
+        for name, part in [("tenant_quota", tenant_quota), *shares.items()]:
+            if part is not None and not 0.0 < part <= 1.0:
+                raise ValueError(f"quota of {name!r} must lie in (0, 1], got {part}")
         self._default_share, self._shares = tenant_quota, shares
         self._on_evict = on_evict
         self._blocks: dict[bytes, _Node] = {}
@@ -216,6 +235,8 @@ class BlockStore:
         self._target = budget_bytes // 2
         self._by_tenant: dict[str, _Queue] = {}  # the blocks of each tenant with a quota
         self._tick = 0  # one per call: the blocks a batch touches share it
+        self._clock, self._share = clock, share
+        self._yielded = 0  # bytes `resize` gave back (without a share; with one, its row's)
         self._stamps = itertools.count(1)
         self._lock = threading.Lock()
         self.stats = StoreStats(budget_bytes=budget_bytes)
@@ -246,8 +267,11 @@ class BlockStore:
     def get_many(self, keys: Sequence[bytes]) -> list[Blob | None]:
         """`get` of each key, under one lock, as one batch: the blocks found share one tick."""
         with self._lock:
-            self._tick += 1
-            return [self._read(key) for key in keys]
+            self._next_tick()
+            found = [self._read(key) for key in keys]
+            if self._share is not None:
+                self._share.publish(self.stats.bytes, self._oldest())
+            return found
 
     def peek_many(self, keys: Sequence[bytes]) -> list[Blob | None]:
         """The blocks of `keys` (None for each miss), changing nothing: no recency, frequency,
@@ -281,6 +305,7 @@ class BlockStore:
     def snapshot(self) -> StoreStats:
         """A consistent copy of the counters."""
         with self._lock:
+            self._follow_share()
             return replace(self.stats)
 
     def count(self, **deltas: int) -> None:
@@ -306,15 +331,17 @@ class BlockStore:
         batch; a block too large for the budget or its tenant's quota raises
         BlockTooLargeError before anything is stored."""
         for _, _, _, data, _, tenant in items:
-            limit = self.quota_bytes(tenant) or self.stats.budget_bytes  # a quota <= budget
+            limit = self.quota_bytes(tenant) or self._largest()  # a quota <= budget
             if len(data) > limit:
                 raise BlockTooLargeError(
                     f"block of {len(data)} bytes exceeds the {limit} bytes this shard can "
                     "hold for it"
                 )
         with self._lock:
-            self._tick += 1
+            self._next_tick()
             stored = [self._put(*item) for item in items]
+            if self._share is not None:
+                self._share.publish(self.stats.bytes, self._oldest())
             self.stats.blocks = len(self._blocks)
             return stored
 
@@ -328,7 +355,7 @@ class BlockStore:
             self._touch(old)
             return False
         size = len(data)
-        if size > self.stats.budget_bytes:  # the budget shrank since the size check
+        if size > self.stats.budget_bytes and self._share is None:  # it shrank since the check
             self.stats.rejected += 1
             return False
         up = None if parent is None else self._blocks.get(parent)
@@ -355,7 +382,9 @@ class BlockStore:
                 self._evict(self._victim(own), False)
                 self.stats.quota_evictions += 1
         while self.stats.bytes > self.stats.budget_bytes:
-            self._evict(*self._replacement())
+            victim, chosen = self._replacement()
+            if not self._take_budget(victim):
+                self._evict(victim, chosen)
         return True
 
     def _ghost_hit(self, key: bytes, size: int) -> bool:
@@ -393,13 +422,80 @@ class BlockStore:
             raise ValueError("budget_bytes must be positive")
         with self._lock:
             before = self.stats.bytes
-            self._target = self._target * budget_bytes // self.stats.budget_bytes
-            self.stats.budget_bytes = budget_bytes
-            while self.stats.bytes > budget_bytes:
-                self._evict(*self._replacement())
-            self._trim_ghosts()
-            self.stats.blocks = len(self._blocks)
+            self._follow_share()
+            delta = budget_bytes - self.stats.budget_bytes
+            if self._share is not None:  # the node's total shrinks (grows) with it
+                budget_bytes = self._share.resize(delta)
+            else:
+                self._yielded = max(0, self._yielded - delta)
+            self._set_budget(budget_bytes)
             return before - self.stats.bytes
+
+    @property
+    def yielded_bytes(self) -> int:
+        """Bytes `resize` took from the budget and has not given back (memory pressure)."""
+        return self._share.yielded() if self._share is not None else self._yielded
+
+    def _set_budget(self, budget_bytes: int) -> None:
+        """Take the new budget and evict down to it."""
+        self._target = self._target * budget_bytes // self.stats.budget_bytes
+        self.stats.budget_bytes = budget_bytes
+        while self.stats.bytes > budget_bytes:
+            self._evict(*self._replacement())
+        self._trim_ghosts()
+        self.stats.blocks = len(self._blocks)
+
+    # -- the node's shared budget -------------------------------------------------------------
+
+    def _next_tick(self) -> None:
+        """A new batch: the next tick, on the shared clock when there is one; then the budget
+        the table now gives (another shard may have taken a step of it)."""
+        now = 0 if self._clock is None else self._clock()
+        self._tick = max(self._tick + 1, now)
+        self._follow_share()
+
+    def _follow_share(self) -> None:
+        if self._share is not None:
+            budget = self._share.budget()
+            if budget != self.stats.budget_bytes:
+                self._set_budget(budget)
+                self._share.publish(self.stats.bytes, self._oldest())
+
+    def _largest(self) -> int:
+        """The largest block this store takes: its budget, or with a shared one, at least a
+        fair share of the node's (the shard takes budget for it, or evicts it)."""
+        share = self._share
+        fair = 0 if share is None else share.total // share.slots
+        return max(self.stats.budget_bytes, fair)
+
+    def _take_budget(self, victim: _Node) -> bool:
+        """Before evicting `victim` for room: whether another shard of the node gave budget
+        instead (one that has room it does not use, or whose next victim is older: one LRU
+        over the node would evict that one; services/budget.py). It evicts on its next call."""
+        if self._share is None:
+            return False
+        frequent = self._frequent
+        if not victim.frequent and frequent and frequent.oldest().tick < victim.tick:
+            return False  # scan resistance: a recent block over its target goes before an
+            # older proven one; it is worth less than anything another shard holds
+        need = self.stats.bytes - self.stats.budget_bytes
+        budget = self._share.rebalance(victim.tick, need)
+        if budget <= self.stats.budget_bytes:
+            return False
+        self._target = self._target * budget // self.stats.budget_bytes
+        self.stats.budget_bytes = budget
+        return True
+
+    def _oldest(self) -> int:
+        """The tick of the block that would go next (`_replacement`'s choice, without passing
+        over inner blocks: nothing moves), 0 when empty."""
+        recent, frequent = self._recent, self._frequent
+        if not (recent and frequent):
+            return (recent or frequent).oldest().tick if (recent or frequent) else 0
+        new, proven = recent.oldest(), frequent.oldest()
+        if (new.tick, -new.position) <= (proven.tick, -proven.position):
+            return new.tick
+        return (new if recent.bytes > self._target else proven).tick
 
     # -- recency ----------------------------------------------------------------------------
 

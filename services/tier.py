@@ -26,6 +26,7 @@ import grpc
 import ray
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from kvpool.services.budget import create as create_budget
 from kvpool.services.redis_server import free_port
 from kvpool.services.redis_tier import Mode
 from kvpool.services.security import ServerSecurity
@@ -68,6 +69,10 @@ class TierConfig:
     # each tenant's default share (0, 1] of every shard's budget (None: no quota); the tokens
     # file may give a tenant its own (services/security.py). Needs tenant tokens.
     tenant_quota: float | None = None
+    # the shards start_tier starts on its own local Ray share the node's budget (shards x
+    # budget_bytes; services/budget.py): budgets follow where the evictions are youngest.
+    # Shards added to a cluster joined by address keep fixed budgets.
+    shared_budget: bool = True
 
     def __post_init__(self) -> None:
         if self.shards < 0 or self.budget_bytes <= 0 or self.replication < 1:
@@ -133,6 +138,7 @@ class Tier:
     shards: dict[str, Any] = field(default_factory=dict)
     started_ray: bool = False
     temp_dir: str | None = None  # Ray's session files, when this process started Ray
+    budget_table: str | None = None  # the node's shared budget table (services/budget.py)
     tls: bool = False  # the shards serve TLS only
 
     def topology(self) -> list[tuple[str, str, str]]:
@@ -154,12 +160,15 @@ class Tier:
         tmp.write_text(json.dumps(groups, indent=2) + "\n")
         tmp.replace(path)
 
-    def add_shards(self, config: TierConfig, count: int) -> list[str]:
-        """Create `count` more shards and wait until each serves gRPC health."""
+    def add_shards(
+        self, config: TierConfig, count: int, budget_table: str | None = None
+    ) -> list[str]:
+        """Create `count` more shards and wait until each serves gRPC health; with a
+        `budget_table` of `count` rows, shard i of them takes row i."""
         ids = ray.get(self.directory.reserve_ids.remote(count))
         actor = ray.remote(Shard)
         handles = {}
-        for sid in ids:
+        for row, sid in enumerate(ids):
             port, metrics, health = config.shard_ports(int(sid.rsplit("-", 1)[-1]))
             # picked here when none is configured: Ray restarts a shard with the arguments it
             # was created with, so with port 0 each restart listened somewhere new and the
@@ -174,6 +183,7 @@ class Tier:
                 config.redis_url, config.redis_ttl_s, config.redis_mode, config.security, health,
                 picked_port=picked, reserve_bytes=config.memory_reserve_bytes,
                 pressure_period_s=config.pressure_period_s, tenant_quota=config.tenant_quota,
+                budget_table=None if budget_table is None else (budget_table, row),
             )  # fmt: skip
         self.shards.update(handles)
         self.tls = config.security.tls
@@ -218,6 +228,8 @@ class Tier:
             ray.shutdown()
             if self.temp_dir:
                 shutil.rmtree(self.temp_dir, ignore_errors=True)
+        if self.budget_table:
+            Path(self.budget_table).unlink(missing_ok=True)
 
 
 def wait_serving(address: str, timeout: float = 60.0) -> None:
@@ -270,5 +282,11 @@ def start_tier(config: TierConfig, address: str | None = None) -> Tier:
     tier = Tier(
         name=config.name, directory=directory, started_ray=started is not None, temp_dir=started
     )
-    tier.add_shards(config, config.shards)
+    table = None
+    if config.shared_budget and address is None and config.shards > 0:  # all on this node
+        folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+        table = os.path.join(folder, f"kvpool-{config.name}-{os.getpid()}-{time.time_ns()}.budget")
+        create_budget(table, config.shards, config.budget_bytes)
+        tier.budget_table = table
+    tier.add_shards(config, config.shards, table)
     return tier
