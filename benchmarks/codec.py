@@ -35,6 +35,7 @@ from kvpool.kernels.transforms import RopeParams
 from kvpool.proto.blockformat import Layout, verify
 
 SHAPE = (32, 8, 256, 128)
+MAP_RANKS = (32, 64, 128)  # low-rank prediction maps' rows (kvpool calibrate --map-rank)
 
 
 def best_seconds(
@@ -94,15 +95,19 @@ def synthetic_basis(shape: tuple[int, int, int, int] = SHAPE) -> KeyBasis:
 
 
 def synthetic_predicting_basis(
-    shape: tuple[int, int, int, int] = SHAPE, per_head: bool = False
+    shape: tuple[int, int, int, int] = SHAPE, per_head: bool = False, rank: int = 0
 ) -> KeyBasis:
-    """`synthetic_basis` with random inter-layer prediction maps of the real shapes, full or per
-    head (block-diagonal; speed only)."""
+    """`synthetic_basis` with random inter-layer prediction maps of the real shapes, full, per
+    head (block-diagonal) or of rank `rank` (two factors; speed only)."""
     basis = synthetic_basis(shape)
     layers, heads, _, dim = shape
     g = torch.Generator().manual_seed(2)
     if per_head:
         maps = [torch.randn(layers - 1, heads, n * dim + 1, dim, generator=g) / (n * dim)
+                for n in (2, 3)]  # fmt: skip
+    elif rank:
+        width = heads * dim
+        maps = [torch.randn(layers - 1, (n + 1) * width + 1, rank, generator=g) / (n * width)
                 for n in (2, 3)]  # fmt: skip
     else:
         width = heads * dim
@@ -250,6 +255,10 @@ def codec_rows() -> dict[str, CodecConfig]:
         "v2_predicted_per_head": replace(
             options, key_basis=synthetic_predicting_basis(per_head=True)
         ),
+        **{
+            f"v2_predicted_rank{r}": replace(options, key_basis=synthetic_predicting_basis(rank=r))
+            for r in MAP_RANKS
+        },
     }
 
 

@@ -60,6 +60,9 @@ in the blocks). The next ratio (issue 22 part 4): the same predicted v2 with sym
 groups (one fp16 scale, no minimum; `CodecConfig(symmetric_values=True)`, the maps fitted for
 them by `calibrate_basis(..., symmetric_values=True)`) at the key budgets of SYMMETRIC_KEY_BITS,
 chosen on the development texts (benchmarks/levers.py --ratio) before this benchmark ran them.
+Cheaper prediction (issue 22 part 3): predicted v2 at 2.0 bits with maps of rank MAP_RANKS
+(`kvpool calibrate --basis --predict --map-rank R`; faster to decode, see benchmarks/codec.py),
+the rank chosen on the development texts (levers.py) first.
 
 `--rows WORD ...` keeps only the rows whose name holds one of the words, besides the fp16
 reference and the default (always run): rows not kept are neither calibrated nor scored (the 6x
@@ -107,6 +110,9 @@ V2_KEY_BITS = (2.0, 1.75)  # key bases: bits per key value, scales and minimums 
 # predicted v2 with symmetric value groups: key budgets for 8x and 10x (the largest whose blocks
 # reach them: 8.13x, 10.24x, measured on encoded bytes), chosen with levers.py --ratio (dev texts)
 SYMMETRIC_KEY_BITS = (1.7, 0.9)
+# cheaper prediction (issue 22 part 3): low-rank maps, the rank chosen on the development texts
+# (benchmarks/levers.py's "rank:64" row: KL 9.24 mnats vs 13.0 at rank 32, per-head maps 11.78)
+MAP_RANKS = (64,)
 
 
 def prose() -> str:
@@ -246,22 +252,26 @@ def load_profile(model: Any, tokenizer: Any, path: Path | None, sinks: int) -> c
 
 
 def load_basis(
-    model: Any, tokenizer: Any, key_bits: float, predict: bool = False, symmetric: bool = False
-) -> KeyBasis:
+    model: Any, tokenizer: Any, key_bits: float, predict: bool = False, symmetric: bool = False,
+    map_rank: int = 0,
+) -> KeyBasis:  # fmt: skip
     """The key basis at `key_bits` (with inter-layer prediction maps when `predict`, fitted for
-    symmetric value groups when `symmetric`): the cached default (`kvpool calibrate --basis
-    [--predict [--symmetric-values]]`), else calibrated now on the basis sample and cached."""
+    symmetric value groups when `symmetric`, of rank `map_rank` when not 0): the cached default
+    (`kvpool calibrate --basis [--predict [--symmetric-values] [--map-rank R]]`), else
+    calibrated now on the basis sample and cached."""
     options = argparse.Namespace(
-        group_size=128, key_bits=key_bits, predict=predict, symmetric_values=symmetric
-    )
+        group_size=128, key_bits=key_bits, predict=predict, symmetric_values=symmetric,
+        map_rank=map_rank,
+    )  # fmt: skip
     path = calibrate.basis_path(model.config._name_or_path, options)
     if path.exists():
         return KeyBasis.load(path)
     t0 = time.perf_counter()
     sample = calibrate.basis_sample(tokenizer)
     basis = calibrate.calibrate_basis(
-        model, sample, key_bits=key_bits, predict=predict, symmetric_values=symmetric
-    )
+        model, sample, key_bits=key_bits, predict=predict, symmetric_values=symmetric,
+        map_rank=map_rank,
+    )  # fmt: skip
     basis.save(path)
     print(f"key basis: calibrated in {time.perf_counter() - t0:.0f} s, saved to {path}", flush=True)
     return basis
@@ -315,6 +325,12 @@ def configs(
                  v2, key_basis=load_basis(model, tokenizer, bits, predict=True, symmetric=True),
                  symmetric_values=True)))
             for bits in SYMMETRIC_KEY_BITS
+        ),
+        *(
+            (f"v2: predicted layers, rank-{r} maps, key basis 2.0 bits, V2 Hadamard, {s} sink",
+             lambda n, r=r: Row(n, replace(
+                 v2, key_basis=load_basis(model, tokenizer, 2.0, predict=True, map_rank=r))))
+            for r in MAP_RANKS
         ),
     ]  # fmt: skip
     return [Row("fp16 (reference)", None), *(make(n) for n, make in made if keep(n))]

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kvpool.kernels.basis import KeyBasis, as_rows, predicted_loop
+from kvpool.kernels.basis import KeyBasis, as_rows, mapped, predicted_loop
 from kvpool.kernels.codec import CodecConfig, block_header, decode, encode
 from kvpool.kernels.transforms import RopeParams, undo_rope
 from kvpool.proto.blockformat import CHUNK, SUPPORTED_BITS, Layout
@@ -324,7 +324,7 @@ def calibrate_basis(
     group_size: int = 128, windows: int = 6, window_tokens: int = 1024, pre_rope: bool = True,
     query_weighted: bool = True, predict: bool = False, value_bits: int = 2,
     progress: Callable[[str], None] | None = None, per_head_maps: bool = False,
-    symmetric_values: bool = False,
+    symmetric_values: bool = False, map_rank: int = 0,
 ) -> KeyBasis:  # fmt: skip
     """A key basis for `model` from sample text: per (layer, kv head), the principal components
     of its (pre-RoPE) keys over up to `windows` windows of `window_tokens` tokens of the sample
@@ -341,7 +341,10 @@ def calibrate_basis(
     its codes, the basis and widths of what the keys' prediction misses, and the values'
     residual quantized as blocks will be (Hadamard-rotated, `value_bits` per token;
     `symmetric_values`: in symmetric groups, one scale and no minimum, as CodecConfig's option).
-    per_head_maps: block-diagonal maps, each head predicted from its own head only."""
+    per_head_maps: block-diagonal maps, each head predicted from its own head only.
+    map_rank: maps of this rank (0: full), stored as two factors (see KeyBasis): each the full
+    least-squares map projected on the `map_rank` leading directions of what it predicts
+    (reduced-rank regression)."""
     from kvpool.model_facts import rope_params
 
     rope = rope_params(model) if pre_rope else None
@@ -382,7 +385,7 @@ def calibrate_basis(
         say("prediction maps, layer by layer")
         keys, values = (torch.cat(parts, 2) for parts in zip(*kept, strict=True))
         return _fit_predicted(keys, values, weights, key_bits, group_size, value_bits,
-                              per_head_maps, symmetric_values)  # fmt: skip
+                              per_head_maps, symmetric_values, map_rank)  # fmt: skip
     assert total is not None and outer is not None
     mean = total / n
     covariance = outer / n - mean[..., :, None] * mean[..., None, :]
@@ -394,7 +397,7 @@ def calibrate_basis(
 
 def _fit_predicted(
     keys: Tensor, values: Tensor, query: Tensor | None, key_bits: float, group_size: int,
-    value_bits: int, per_head: bool = False, symmetric_values: bool = False,
+    value_bits: int, per_head: bool = False, symmetric_values: bool = False, rank: int = 0,
 ) -> KeyBasis:  # fmt: skip
     """The closed-loop fit of a predicting KeyBasis on pre-RoPE keys and values [L, H, N, D]
     (N in whole groups), run as the codec's own `predicted_loop`: for each layer, the key
@@ -420,6 +423,8 @@ def _fit_predicted(
                     least_squares([x[h : h + 1] for x in inputs], target[h : h + 1])
                     for h in range(heads)
                 ]))  # fmt: skip
+            elif rank:
+                maps[i].append(reduced_rank(inputs, target, rank))
             else:
                 maps[i].append(least_squares(inputs, target))
             return maps[i][-1]
@@ -478,6 +483,18 @@ def least_squares(inputs: list[Tensor], target: Tensor) -> Tensor:
     gram = x.T @ x
     ridge = 1e-3 * float(gram.diagonal().mean()) * torch.eye(gram.shape[0], dtype=torch.float64)
     return torch.linalg.solve(gram + ridge, x.T @ as_rows([target]).double()).float()
+
+
+def reduced_rank(inputs: list[Tensor], target: Tensor, rank: int) -> Tensor:
+    """The rank-`rank` map [rows + 1 + H * D, rank] (KeyBasis's two factors: down, its last row
+    the bias, then up transposed) from `inputs` to `target` [H, N, D]: the least-squares map
+    projected on the `rank` leading right singular vectors of the values it fits."""
+    if not 0 < rank < target.shape[0] * target.shape[2]:
+        raise CodecError(f"a map's rank must be in 1..{target.shape[0] * target.shape[2] - 1}")
+    full = least_squares(inputs, target)
+    fitted = as_rows([mapped(full, inputs)])
+    up = torch.linalg.svd(fitted.double(), full_matrices=False)[2][:rank].T.float()  # [HD, r]
+    return torch.cat([full @ up, up]).contiguous()
 
 
 class _QueryEnergy:
@@ -565,15 +582,19 @@ def allocate_bands(variance: Tensor, key_bits: float, group_size: int) -> tuple[
 
 def basis_path(model: str, options: Any) -> Path:
     """Where `kvpool calibrate --basis` keeps a key basis:
-    .cache/profiles/MODEL-basis-gG-kBITS[-postrope][-qw][-pred[-head][-vsym]].pt (under KVPOOL_CACHE_DIR
-    when set; -qw: widths allocated by query-weighted error, the default; -pred: with inter-layer
-    prediction maps; -head: per-head maps; -vsym: fitted for symmetric value groups)."""
+    .cache/profiles/MODEL-basis-gG-kBITS[-postrope][-qw][-pred[-head][-rankR][-vsym]].pt (under
+    KVPOOL_CACHE_DIR when set; -qw: widths allocated by query-weighted error, the default;
+    -pred: with inter-layer prediction maps; -head: per-head maps; -rankR: maps of rank R;
+    -vsym: fitted for symmetric value groups)."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", model.split("/")[-1]).lower()
     rope = "-postrope" if getattr(options, "no_pre_rope", False) else ""
     weights = "" if getattr(options, "no_query_weights", False) else "-qw"
     predict = "-pred" if getattr(options, "predict", False) else ""
     if predict and getattr(options, "per_head_maps", False):
         predict += "-head"
+    rank: int = getattr(options, "map_rank", 0)
+    if predict and rank:
+        predict += f"-rank{rank}"
     if predict and getattr(options, "symmetric_values", False):
         predict += "-vsym"
     file = f"{name}-basis-g{options.group_size}-k{options.key_bits:.4g}{rope}{weights}{predict}.pt"

@@ -245,6 +245,24 @@ static void decode_section(const uint8_t *codes, const f16 *scales, const f16 *m
     }
 }
 
+/* float32 rows -> rows of `dtype`, RoPE redone on each when cos is not NULL: how predicted
+ * blocks' rebuilt layers reach the caller's tensors (one pass: read, rotate, round, write) */
+MULTIVERSION
+static void store_rows(const float *src, int64_t H, int64_t T, int64_t D, int64_t src_hs,
+                       int64_t src_rs, char *out, int64_t hs, int64_t rs, int dtype,
+                       const Transforms *tf) {
+    const int64_t esize = dtype == DT_F32 ? 4 : 2;
+    float *y = malloc(sizeof(float) * (size_t)D);
+    for (int64_t h = 0; h < H; h++)
+        for (int64_t t = 0; t < T; t++) {
+            memcpy(y, src + h * src_hs + t * src_rs, sizeof(float) * (size_t)D);
+            if (tf->cos)
+                rope_row(y, tf->cos + t * tf->rotary, tf->sin + t * tf->rotary, tf->rotary, 1.0f);
+            store_row(y, dtype, D, out + (h * hs + t * rs) * esize);
+        }
+    free(y);
+}
+
 /* ---- Python bindings ---------------------------------------------------------------------- */
 
 static int check_args(int dtype, long long H, long long T, long long D, int is_key, long long G,
@@ -303,11 +321,33 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_store(PyObject *self, PyObject *args) {
+    unsigned long long src, out, cos = 0, sin = 0;
+    long long H, T, D, src_hs, src_rs, hs, rs, rotary = 0;
+    int dtype;
+    if (!PyArg_ParseTuple(args, "KLLLLLKLLi|KKL", &src, &H, &T, &D, &src_hs, &src_rs, &out, &hs,
+                          &rs, &dtype, &cos, &sin, &rotary))
+        return NULL;
+    if (dtype < DT_F16 || dtype > DT_F32 || H <= 0 || T <= 0 || D <= 0)
+        return PyErr_SetString(PyExc_ValueError, "bad rows"), NULL;
+    if (cos && (!sin || rotary <= 0 || rotary > D || rotary % 2))
+        return PyErr_SetString(PyExc_ValueError, "bad RoPE tables"), NULL;
+    if ((T > 1 && rs < D) || (H > 1 && hs < T * rs))
+        return PyErr_SetString(PyExc_ValueError, "rows or heads would overlap"), NULL;
+    const Transforms tf = {0, cos ? (const float *)cos : NULL, (const float *)sin, rotary};
+    Py_BEGIN_ALLOW_THREADS
+    store_rows((const float *)src, H, T, D, src_hs, src_rs, (char *)out, hs, rs, dtype, &tf);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"encode_section", py_encode, METH_VARARGS,
      "encode_section(x, dtype, H, T, D, is_key, G, bits, codes, scales, mins[, sym]): quantize and pack (sym: symmetric per-token groups, no minimums written); False if x holds NaN, inf or |x| > 65504"},
     {"decode_section", py_decode, METH_VARARGS,
      "decode_section(codes, scales, mins, H, T, D, is_key, G, bits, out, head_stride, row_stride, dtype[, hadamard, cos, sin, rotary]): unpack, dequantize into out's rows of D (rows row_stride, heads head_stride elements apart), then undo the Hadamard rotation and redo RoPE (float32 [T, rotary] cos/sin tables) per row; sym: symmetric per-token groups (no minimums read)"},
+    {"store_rows", py_store, METH_VARARGS,
+     "store_rows(src, H, T, D, src_head_stride, src_row_stride, out, head_stride, row_stride, dtype[, cos, sin, rotary]): float32 rows of D (strides in elements) -> out's rows in dtype, RoPE redone per row with float32 [T, rotary] cos/sin tables"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -16,13 +16,14 @@ import functools
 import hashlib
 import struct
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from kvpool.kernels.transforms import hadamard
+from kvpool.kernels.transforms import hadamard, rotated
 from kvpool.proto.blockformat import BASIS_ID_BYTES, CHUNK, SUPPORTED_BITS, BlockHeader
 from kvpool.proto.errors import BlockMismatchError, CodecError
 
@@ -47,7 +48,11 @@ class KeyBasis:
     (blockformat, PREDICTED). Per-head maps (block-diagonal: each head predicted from its own
     head of the inputs only, `kvpool calibrate --basis --predict --per-head-maps`) are
     key_maps [L - 1, H, 2D + 1, D] and value_maps [L - 1, H, 3D + 1, D]: [K_l-1, V_l-1, 1] of
-    head h (rows [T, 2D]) @ key_maps[l - 1, h], H times fewer products and floats."""
+    head h (rows [T, 2D]) @ key_maps[l - 1, h], H times fewer products and floats. Rank-r maps
+    (`--map-rank R`, 0 < r < HD) are two factors stacked along the rows: key_maps
+    [L - 1, 2HD + 1 + HD, r] and value_maps [L - 1, 3HD + 1 + HD, r], the first k HD + 1 rows
+    the down factor A (last of them its bias), the last HD rows the up factor B transposed: the
+    prediction is ([inputs, 1] @ A) @ B^T, (k + 1) HD r products per token instead of k HD HD."""
 
     mean: Tensor
     rotation: Tensor
@@ -100,10 +105,13 @@ class KeyBasis:
                 (layers - 1, heads, 3 * dim + 1, dim),
             )
             got = (tuple(self.key_maps.shape), tuple(self.value_maps.shape))
-            if layers < 2 or got not in (full, per_head):
+            rank = got[0][-1]
+            low = ((layers - 1, 3 * width + 1, rank), (layers - 1, 4 * width + 1, rank))
+            shaped = got in (full, per_head) or (got == low and 0 < rank < width)
+            if layers < 2 or not shaped:
                 raise CodecError(
-                    f"prediction maps must be {full} (or per head {per_head}) for this basis, "
-                    f"got {got}"
+                    f"prediction maps must be {full} (or per head {per_head}, or of rank r < "
+                    f"{width} {low[0][:2]} + (r,), {low[1][:2]} + (r,)) for this basis, got {got}"
                 )
             maps = (self.key_maps, self.value_maps)
             if any(m.dtype != torch.float32 or not bool(torch.isfinite(m).all()) for m in maps):
@@ -119,6 +127,14 @@ class KeyBasis:
         """Whether the prediction maps are per head (block-diagonal)."""
         return self.key_maps is not None and self.key_maps.dim() == 4
 
+    @property
+    def map_rank(self) -> int:
+        """The rank r of low-rank (factored) prediction maps; 0 for full or per-head maps."""
+        if self.key_maps is None or self.key_maps.dim() != 3:
+            return 0
+        rank = self.key_maps.shape[-1]
+        return rank if rank < self.mean.shape[1] * self.mean.shape[2] else 0
+
     @functools.cached_property
     def id(self) -> bytes:
         digest = hashlib.sha256(b"kvpool key basis 1")
@@ -127,7 +143,10 @@ class KeyBasis:
         digest.update(self.rotation.contiguous().numpy().tobytes())
         digest.update(bytes(self.widths))
         if self.key_maps is not None and self.value_maps is not None:
-            digest.update(b"per-head prediction maps" if self.per_head_maps else b"prediction maps")
+            digest.update(
+                b"per-head prediction maps" if self.per_head_maps
+                else b"low-rank prediction maps" if self.map_rank else b"prediction maps"
+            )  # fmt: skip
             digest.update(self.key_maps.contiguous().numpy().tobytes())
             digest.update(self.value_maps.contiguous().numpy().tobytes())
         return digest.digest()[:BASIS_ID_BYTES]
@@ -182,6 +201,18 @@ class KeyBasis:
         per = self.mean.shape[-1] // CHUNK
         rows = [self.widths[i * per : (i + 1) * per] for i in range(self.mean.shape[0])]
         return tuple(CHUNK * max((c + 1 for c, w in enumerate(r) if w), default=0) for r in rows)
+
+    @functools.cached_property
+    def gaps(self) -> tuple[tuple[int, int, int], ...]:
+        """(layer, first, end) of each run of components not stored below its layer's extent
+        (width 0 between stored ones): a decoder that reuses its buffers zeroes them."""
+        per = self.mean.shape[-1] // CHUNK
+        return tuple(
+            (layer, c * CHUNK, (c + 1) * CHUNK)
+            for layer, n in enumerate(self.extent)
+            for c in range(n // CHUNK)
+            if not self.widths[layer * per + c]
+        )
 
     def to_components(self, keys: Tensor) -> Tensor:
         """keys [L, H, T, D] -> their components (those past `extent` left 0), float32."""
@@ -238,11 +269,15 @@ def as_rows(inputs: list[Tensor]) -> Tensor:
 def mapped(m: Tensor, inputs: list[Tensor]) -> Tensor:
     """`as_rows(inputs)` through a prediction map m [rows + 1, H * D] (last row: bias) -> the
     predicted [H, T, D]; or, for per-head maps m [H, k D + 1, D], each head's inputs side by
-    side ([T, k D]) through its own map."""
-    heads, tokens, _ = inputs[0].shape
+    side ([T, k D]) through its own map; or, for rank-r maps m [rows + 1 + H D, r], through
+    the down factor m[:rows + 1] (last row: bias), then the up factor m[rows + 1:] transposed."""
+    heads, tokens, dim = inputs[0].shape
     if m.dim() == 3:
         return torch.baddbmm(m[:, -1:], torch.cat(inputs, -1), m[:, :-1])
-    y = torch.addmm(m[-1], as_rows(inputs), m[:-1])
+    rows = len(inputs) * heads * dim
+    y = torch.addmm(m[rows], as_rows(inputs), m[:rows])
+    if m.shape[0] > rows + 1:  # low rank
+        y = y @ m[rows + 1 :].T
     return y.view(tokens, heads, -1).transpose(0, 1)
 
 
@@ -277,13 +312,34 @@ def predicted_loop(
         values[layer] = pv + value_residual(layer, pv)
 
 
-def rebuild(basis: KeyBasis, coded: list[Tensor], rotate: bool, out: tuple[Tensor, Tensor]) -> None:
-    """The reader's run of `predicted_loop`: the decoded residuals `coded` (key components and
-    value residuals [L, H, T, D], float32, values Hadamard-rotated under `rotate`) -> pre-RoPE
-    keys and values into `out` (float32)."""
+# (a layer's rows [H, T, D] float32 (rows contiguous), its target [H, T, D], RoPE's (cos, sin)
+# [T, rotary] or None) -> the rows written into the target in its dtype, RoPE redone on them
+Store = Callable[[Tensor, Tensor, tuple[Tensor, Tensor] | None], None]
+
+
+def store_rows(rows: Tensor, target: Tensor, rope: tuple[Tensor, Tensor] | None) -> None:
+    """The torch `Store` (cpu_codec.store_rows does the same in one pass of the C loop)."""
+    target.copy_(rows)
+    if rope is not None:
+        target[..., : rope[0].shape[-1]] = rotated(rows, *rope, 1.0)
+
+
+def rebuild(
+    basis: KeyBasis, coded: list[Tensor], rotate: bool, out: tuple[Tensor, Tensor],
+    rope: tuple[Tensor, Tensor] | None = None, store: Store = store_rows,
+    pool: Executor | None = None,
+) -> None:  # fmt: skip
+    """The reader's run of the predicted loop: the decoded residuals `coded` (key components and
+    value residuals [L, H, T, D], float32, values Hadamard-rotated under `rotate`) -> keys and
+    values into `out` ([L, H, T, D], any float dtype), layer by layer through `store` (keys
+    with RoPE redone when `rope`'s tables are given, pre-RoPE otherwise). Full and low-rank
+    maps go through `rebuild_rows` (its tokens split over `pool`'s workers when one is given),
+    per-head maps through `predicted_loop` itself."""
     device = coded[0].device
     mean, _, key_maps, value_maps = basis.on(device)
     assert mean is not None and key_maps is not None and value_maps is not None
+    if not basis.per_head_maps:
+        return rebuild_rows(basis, coded, rotate, out, rope, store, pool)
 
     def key_residual(layer: int, _prediction: Tensor) -> Tensor:
         rot = basis.rotation_of(layer, device)
@@ -292,5 +348,87 @@ def rebuild(basis: KeyBasis, coded: list[Tensor], rotate: bool, out: tuple[Tenso
     def value_residual(layer: int, _prediction: Tensor) -> Tensor:
         return hadamard(coded[1][layer]) if rotate else coded[1][layer]
 
-    predicted_loop(out, mean[0], lambda layer, _: key_maps[layer - 1],
+    rebuilt = (torch.empty_like(coded[0]), torch.empty_like(coded[1]))
+    predicted_loop(rebuilt, mean[0], lambda layer, _: key_maps[layer - 1],
                    lambda layer, _: value_maps[layer - 1], key_residual, value_residual)  # fmt: skip
+    for layer in range(rebuilt[0].shape[0]):
+        store(rebuilt[0][layer], out[0][layer], rope)
+        store(rebuilt[1][layer], out[1][layer], None)
+
+
+def rebuild_rows(
+    basis: KeyBasis, coded: list[Tensor], rotate: bool, out: tuple[Tensor, Tensor],
+    rope: tuple[Tensor, Tensor] | None = None, store: Store = store_rows,
+    pool: Executor | None = None,
+) -> None:  # fmt: skip
+    """`rebuild` for full or low-rank maps, as a few large matrix products per layer: the same
+    sums as `predicted_loop`'s (so the same layers up to float rounding), in another order.
+    Each layer is held as rows [T, H * D] (token-major: the maps' own layout, so no
+    concatenation or transposition feeds them), K and V of only the layer before and this one;
+    [K_l-1, V_l-1, 1] @ A is summed from its parts in place; each head's key residual is
+    added by one product into its columns; the layer is then stored head-major, with RoPE.
+    Components past a layer's extent are never read; those in `basis.gaps` must be 0.
+
+    A token's layers depend on that token's only, so with a `pool` each of its workers runs
+    the whole loop over its own run of at least 64 tokens (on the CPU: the C loop's threads,
+    each running its products on one core, rather than torch's threads synchronizing inside
+    every small product)."""
+    tokens = coded[0].shape[2]
+    workers = getattr(pool, "_max_workers", 1) if pool is not None else 1
+    parts = max(1, min(workers, tokens // 64))
+    if parts == 1 or pool is None:
+        return _rebuild_rows(basis, coded, rotate, out, rope, store)
+    cuts = [tokens * i // parts for i in range(parts + 1)]
+
+    def run(i: int) -> None:
+        a, b = cuts[i], cuts[i + 1]
+        part = [x[:, :, a:b] for x in coded]
+        tables = None if rope is None else (rope[0][a:b], rope[1][a:b])
+        _rebuild_rows(basis, part, rotate, (out[0][:, :, a:b], out[1][:, :, a:b]), tables, store)
+
+    list(pool.map(run, range(parts)))
+
+
+def _rebuild_rows(
+    basis: KeyBasis, coded: list[Tensor], rotate: bool, out: tuple[Tensor, Tensor],
+    rope: tuple[Tensor, Tensor] | None, store: Store,
+) -> None:  # fmt: skip
+    device = coded[0].device
+    mean, rotation, key_maps, value_maps = basis.on(device)
+    assert mean is not None and rotation is not None
+    assert key_maps is not None and value_maps is not None
+    layers, heads, tokens, dim = coded[0].shape
+    width = heads * dim
+    rank = basis.map_rank
+    ring = torch.empty(2, 2, tokens, width, dtype=torch.float32, device=device)  # [l % 2, K|V]
+    for layer in range(layers):
+        k, v = ring[layer % 2]
+        k_before, v_before = ring[(layer - 1) % 2]
+        if layer == 0:
+            k.copy_(mean[0].reshape(1, width).expand(tokens, width))
+        else:
+            m = key_maps[layer - 1]  # rows: K_l-1, V_l-1, bias (then B^T when low rank)
+            if rank:
+                z = torch.addmm(m[2 * width], k_before, m[:width])
+                torch.mm(z.addmm_(v_before, m[width : 2 * width]), m[2 * width + 1 :].T, out=k)
+            else:
+                torch.addmm(m[2 * width], k_before, m[:width], out=k).addmm_(
+                    v_before, m[width : 2 * width]
+                )
+        key_heads = k.view(tokens, heads, dim)
+        for h, n in ((h, basis.extent[layer]) for h in range(heads)):
+            if n:
+                key_heads[:, h].addmm_(coded[0][layer, h, :, :n], rotation[layer, h, :, :n].T)
+        residual = hadamard(coded[1][layer]) if rotate else coded[1][layer]
+        v.view(tokens, heads, dim).copy_(residual.transpose(0, 1))
+        if layer:
+            m = value_maps[layer - 1]  # rows: K_l, K_l-1, V_l-1, bias (then B^T when low rank)
+            if rank:
+                z = torch.addmm(m[3 * width], k, m[:width])
+                z.addmm_(k_before, m[width : 2 * width]).addmm_(v_before, m[2 * width : 3 * width])
+                v.addmm_(z, m[3 * width + 1 :].T)
+            else:
+                v.addmm_(k, m[:width]).addmm_(k_before, m[width : 2 * width])
+                v.addmm_(v_before, m[2 * width : 3 * width]).add_(m[3 * width])
+        store(key_heads.transpose(0, 1), out[0][layer], rope)
+        store(v.view(tokens, heads, dim).transpose(0, 1), out[1][layer], None)

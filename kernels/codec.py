@@ -23,8 +23,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from kvpool.kernels import reference
-from kvpool.kernels.basis import KeyBasis, predicted_loop, rebuild
+from kvpool.kernels import reference, scratch
+from kvpool.kernels.basis import KeyBasis, predicted_loop, rebuild, store_rows
 from kvpool.kernels.transforms import (
     RopeParams,
     hadamard,
@@ -292,7 +292,7 @@ class DecodePlan:
     shape: tuple[int, int, int, int]  # [L, H, T, D]
     latent: bool
     basis: bool  # keys are components in a key basis: rotated back in torch
-    predicted: bool  # layers rebuilt by basis.rebuild, RoPE then redone in torch
+    predicted: bool  # layers rebuilt by basis.rebuild, which redoes RoPE as it stores them
     rope: RopeParams | None
     hadamard_values: bool
     fused: bool  # impl.decode_tensor takes hadamard= and rope=
@@ -300,8 +300,11 @@ class DecodePlan:
     torch_hadamard: bool  # the Hadamard rotation undone in torch, on the float32 values
 
     def work_in_float32(self, i: int) -> bool:
-        """Whether tensor i is rebuilt in float32 before it is written in the output dtype."""
-        return self.predicted or (self.basis or self.torch_rope if i == 0 else self.torch_hadamard)
+        """Whether tensor i is rebuilt in float32 before it is written in the output dtype
+        (predicted blocks: basis.rebuild writes each layer in the output dtype itself)."""
+        if self.predicted:
+            return False
+        return self.basis or self.torch_rope if i == 0 else self.torch_hadamard
 
     def decode(
         self, payload: Tensor, header: BlockHeader, targets: list[Tensor],
@@ -319,17 +322,24 @@ class DecodePlan:
             assert key_basis is not None
             if not key_basis.predicted:  # a header may claim PREDICTED for a plain basis's id
                 raise CodecError("this block's layers are predicted: its basis must hold the maps")
-            # key components past a layer's extent stay 0; value sections cover every channel
-            coded = [torch.zeros(shape, dtype=torch.float32, device=device),
-                     torch.empty(shape, dtype=torch.float32, device=device)]  # fmt: skip
-            impl.decode_tensor(payload, header.tensor_sections(0), header, coded[0])
-            values = header.tensor_sections(1)
-            if self.fused and self.hadamard_values:  # the C loop rotates the residuals back
-                impl.decode_tensor(payload, values, header, coded[1], hadamard=True)
-            else:
-                impl.decode_tensor(payload, values, header, coded[1])
-            rotated = self.hadamard_values and not self.fused
-            rebuild(key_basis, coded, rotated, (works[0], works[1]))
+            with scratch.lent(shape, device, 2) as coded:  # reused: no page faults
+                # key components past a layer's extent are never read, those between stored
+                # ones are 0; value sections cover every channel
+                for layer, first, end in key_basis.gaps:
+                    coded[0][layer, :, :, first:end] = 0
+                impl.decode_tensor(payload, header.tensor_sections(0), header, coded[0])
+                values = header.tensor_sections(1)
+                if self.fused and self.hadamard_values:  # the C loop rotates the residuals back
+                    impl.decode_tensor(payload, values, header, coded[1], hadamard=True)
+                else:
+                    impl.decode_tensor(payload, values, header, coded[1])
+                rotated = self.hadamard_values and not self.fused
+                tables = None if rope is None else rope_tables(
+                    rope, header.start_position, header.tokens, device
+                )  # fmt: skip
+                store = getattr(impl, "store_rows", store_rows)  # the C loop's, or torch's
+                pool = getattr(impl, "POOL", None)  # the C loop's threads
+                rebuild(key_basis, coded, rotated, (works[0], works[1]), tables, store, pool)
         else:
             tables = None
             if rope is not None and self.fused:
@@ -384,7 +394,8 @@ def _plan(
     return DecodePlan(
         impl=impl, shape=shape, latent=layout == Layout.LATENT, basis=basis, predicted=predicted,
         rope=rope, hadamard_values=hadamard_values, fused=fused,
-        torch_rope=rope is not None and (basis or not fused),
+        torch_rope=rope is not None and (basis or not fused) and not predicted,  # predicted:
+        # basis.rebuild redoes RoPE as it stores each layer
         # predicted: basis.rebuild undoes the rotation of the value residuals itself
         torch_hadamard=hadamard_values and not fused and not predicted,
     )  # fmt: skip

@@ -79,3 +79,19 @@ def decode_tensor(
         )  # fmt: skip
 
     _spread(one, len(sections))
+
+
+def store_rows(rows: Tensor, target: Tensor, rope: tuple[Tensor, Tensor] | None) -> None:
+    """A layer's rows [H, T, D] float32 (rows contiguous) into target [H, T, D] (CPU, rows
+    contiguous) in its dtype, RoPE redone with rope = (cos, sin) float32 [T, rotary]: one pass
+    of the C loop in the caller's thread (basis.Store)."""
+    h, t, d = rows.shape
+    assert rows.dtype == torch.float32 and rows.stride(-1) == 1 and target.stride(-1) == 1
+    tables: tuple[int, ...] = ()
+    if rope is not None:
+        cos, sin = (x.contiguous() for x in rope)
+        tables = (cos.data_ptr(), sin.data_ptr(), cos.shape[1])
+    _cpu_codec.store_rows(
+        rows.data_ptr(), h, t, d, rows.stride(0), rows.stride(1), target.data_ptr(),
+        target.stride(0), target.stride(1), DTYPE_CODES[target.dtype], *tables,
+    )  # fmt: skip

@@ -516,3 +516,176 @@ def test_calibration_fits_the_maps_for_symmetric_value_groups() -> None:
     options = argparse.Namespace(group_size=128, key_bits=1.5, predict=True)
     named = basis_path("m", argparse.Namespace(**vars(options), symmetric_values=True))
     assert named.name.endswith("-pred-vsym.pt") and named != basis_path("m", options)
+
+
+# ---- low-rank maps, and the reader's loop over rows (issue 22 part 3) ---------------------------
+
+
+def low_rank_twin(basis: KeyBasis, rank: int) -> KeyBasis:
+    """`basis` with each map cut to rank `rank` (its leading right singular vectors), stored as
+    KeyBasis's two factors [k H D + 1 + H D, rank]."""
+    assert basis.key_maps is not None and basis.value_maps is not None
+
+    def factors(m: Tensor) -> Tensor:
+        up = torch.linalg.svd(m[:, :-1].double(), full_matrices=False)[2][:, :rank]
+        up = up.transpose(-1, -2).float()  # [L - 1, H D, rank]
+        return torch.cat([m @ up, up], 1).contiguous()
+
+    return KeyBasis(basis.mean, basis.rotation, basis.widths, factors(basis.key_maps),
+                    factors(basis.value_maps))  # fmt: skip
+
+
+def test_low_rank_maps_predict_as_the_product_of_their_factors() -> None:
+    """Rank-r maps predict ([x, 1] @ A) @ B^T, the full map A @ B^T's prediction; they are
+    another basis (another id), save and load, and maps of rank 0, of rank H D or more, or of
+    two ranks make no basis."""
+    basis = low_rank_twin(predicting_basis(seed=3), 24)
+    assert basis.map_rank == 24 and not basis.per_head_maps and basis.predicted
+    assert basis.key_maps is not None and basis.value_maps is not None
+    width = HEADS * DIM
+    product = KeyBasis(basis.mean, basis.rotation, basis.widths,
+                       basis.key_maps[:, : 2 * width + 1] @ basis.key_maps[:, 2 * width + 1 :].mT,
+                       basis.value_maps[:, : 3 * width + 1] @ basis.value_maps[:, 3 * width + 1 :].mT)  # fmt: skip
+    assert product.map_rank == 0 and product.id != basis.id
+    k, v = predictable_kv(basis, noise=0.1, seed=5)
+    torch.testing.assert_close(basis.predict_keys(1, k[0], v[0]),
+                               product.predict_keys(1, k[0], v[0]), atol=1e-4, rtol=1e-4)  # fmt: skip
+    torch.testing.assert_close(basis.predict_values(1, k[1], k[0], v[0]),
+                               product.predict_values(1, k[1], k[0], v[0]), atol=1e-4, rtol=1e-4)  # fmt: skip
+    with pytest.raises(BlockMismatchError):
+        decode(encode(k, v, config(basis)), key_basis=product)
+    km, vm = basis.key_maps, basis.value_maps
+    for bad in ((km[..., :0], vm[..., :0]), (km[..., :12], vm),
+                (torch.zeros(LAYERS - 1, 3 * width + 1, width), torch.zeros(LAYERS - 1, 4 * width + 1, width))):  # fmt: skip
+        with pytest.raises(CodecError, match="prediction maps"):
+            KeyBasis(basis.mean, basis.rotation, basis.widths, *bad)
+
+
+def test_low_rank_blocks_are_the_same_on_every_backend(tmp_path: Path) -> None:
+    """Blocks of a rank-r basis: the same bytes from every writer, decoded alike by every
+    reader, about as close to the KV as the full maps' blocks; the basis saves and loads."""
+    full = predicting_basis(seed=2)
+    basis = low_rank_twin(full, 32)
+    loaded = KeyBasis.load(basis.save(tmp_path / "basis.pt"))
+    assert loaded.id == basis.id and loaded.map_rank == 32
+    k, v = predictable_kv(full, noise=0.3, seed=4)
+    cfg = config(basis, rope=RopeParams(10000.0, DIM), hadamard_values=True, sink_tokens=1)
+    got = alike_on_every_backend(k, v, cfg)
+    ref = decode(encode(k, v, replace_basis(cfg, full)), key_basis=full)
+    assert got.keys is not None and got.values is not None
+    assert ref.keys is not None and ref.values is not None
+    for ours, theirs, x in ((got.keys, ref.keys, k), (got.values, ref.values, v)):
+        assert float((ours - x).abs().max()) <= 1.5 * float((theirs - x).abs().max())
+
+
+@pytest.mark.parametrize("rank", [0, 16])
+@pytest.mark.parametrize("rotate", [False, True])
+def test_the_readers_loop_over_rows_rebuilds_what_the_one_loop_rebuilds(
+    rank: int, rotate: bool
+) -> None:
+    """basis.rebuild_rows (the reader's loop for full and low-rank maps: rows, products summed
+    in place, tokens split over a pool) gives `predicted_loop`'s layers within float rounding,
+    keys with RoPE redone by either store (torch's or the C loop's) alike; a component between
+    stored ones is read as the 0 the decoder leaves there."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kvpool.kernels import cpu_codec
+    from kvpool.kernels.basis import predicted_loop, rebuild_rows, store_rows
+    from kvpool.kernels.transforms import hadamard, redo_rope, rope_tables
+
+    widths = (*(8, 0, 3, 3, 2, 2, 2, 0), *(4, 4, 3, 3, 3, 2, 0, 0))  # a gap in layer 0
+    basis = predicting_basis(seed=6, widths=widths)
+    basis = low_rank_twin(basis, rank) if rank else basis
+    assert basis.gaps == ((0, 8, 16),)
+    g = torch.Generator().manual_seed(8)
+    tokens = 128
+    coded = [torch.randn(LAYERS, HEADS, tokens, DIM, generator=g) for _ in range(2)]
+    coded[0][0, :, :, 8:16] = 0
+    mean, _, key_maps, value_maps = basis.on(torch.device("cpu"))
+    assert mean is not None and key_maps is not None and value_maps is not None
+
+    def key_residual(layer: int, _p: Tensor) -> Tensor:
+        rot = basis.rotation_of(layer, torch.device("cpu"))
+        return coded[0][layer, :, :, : rot.shape[-1]] @ rot.transpose(-1, -2)
+
+    def value_residual(layer: int, _p: Tensor) -> Tensor:
+        return hadamard(coded[1][layer]) if rotate else coded[1][layer]
+
+    want = (torch.empty_like(coded[0]), torch.empty_like(coded[1]))
+    predicted_loop(want, mean[0], lambda layer, _: key_maps[layer - 1],
+                   lambda layer, _: value_maps[layer - 1], key_residual, value_residual)  # fmt: skip
+    rope = RopeParams(10000.0, DIM)
+    tables = rope_tables(rope, 0, tokens, torch.device("cpu"))
+    plain = (torch.empty_like(coded[0]), torch.empty_like(coded[1]))
+    rebuild_rows(basis, coded, rotate, plain)
+    torch.testing.assert_close(plain, want, atol=1e-4, rtol=1e-5)
+    with ThreadPoolExecutor(2) as pool:
+        for store in (store_rows, cpu_codec.store_rows):
+            got = (torch.empty(coded[0].shape, dtype=torch.float16),
+                   torch.empty(coded[0].shape, dtype=torch.float16))  # fmt: skip
+            rebuild_rows(basis, coded, rotate, got, tables, store, pool)
+            torch.testing.assert_close(got[1], want[1].half(), atol=2e-3, rtol=2**-10)
+            torch.testing.assert_close(got[0], redo_rope(want[0], rope, 0).half(), atol=2e-3,
+                                       rtol=2**-10)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_the_c_loops_store_writes_rows_as_torch_does(dtype: torch.dtype) -> None:
+    """cpu_codec.store_rows: float32 rows of any row stride into a slice of a cache, in its
+    dtype, RoPE redone (a partial rotary dim) or not, as basis.store_rows does in torch."""
+    from kvpool.kernels import cpu_codec
+    from kvpool.kernels.basis import store_rows
+    from kvpool.kernels.transforms import rope_tables
+
+    g = torch.Generator().manual_seed(1)
+    rows = torch.randn(16, HEADS, DIM, generator=g).transpose(0, 1)  # [H, T, D], token-major
+    tables = rope_tables(RopeParams(10000.0, 32), 5, 16, torch.device("cpu"))
+    for rope in (None, tables):
+        want = torch.zeros(HEADS, 32, DIM, dtype=dtype)
+        got = torch.zeros_like(want)
+        store_rows(rows, want[:, 8:24], rope)
+        cpu_codec.store_rows(rows, got[:, 8:24], rope)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=2**-8)
+        assert not got[:, :8].any() and not got[:, 24:].any()
+
+
+def test_the_decoders_scratch_buffers_are_lent_and_reused() -> None:
+    from kvpool.kernels import scratch
+
+    shape, cpu = (3, 5), torch.device("cpu")
+    with scratch.lent(shape, cpu, 2) as first, scratch.lent(shape, cpu, 1) as other:
+        assert other[0].data_ptr() not in {x.data_ptr() for x in first}  # lent at once
+    with scratch.lent(shape, cpu, 3) as again:
+        kept = {x.data_ptr() for x in again}
+        assert {x.data_ptr() for x in first} <= kept and other[0].data_ptr() in kept
+        assert all(x.shape == shape and x.dtype == torch.float32 for x in again)
+
+
+def test_calibration_fits_low_rank_maps_in_the_closed_loop() -> None:
+    """Layer 1 a rank-r function of layer 0: the rank-r fit ([L - 1, k H D + 1 + H D, r]
+    factors, from layer 0 as rebuilt from its codes) leaves a residual far below the layer's
+    scale and half a rank-r/2 fit's or less; basis files get their own name."""
+    import argparse
+
+    from kvpool.calibrate import _fit_predicted, basis_path, reduced_rank
+    from kvpool.kernels.basis import as_rows
+
+    g = torch.Generator().manual_seed(7)
+    tokens, width, rank = 256, HEADS * DIM, 8
+    k = torch.empty(LAYERS, HEADS, tokens, DIM)
+    v = torch.empty_like(k)
+    k[0] = torch.randn(HEADS, tokens, DIM, generator=g)
+    v[0] = torch.randn(HEADS, tokens, DIM, generator=g)
+    a, b = torch.randn(2 * width, rank, generator=g), torch.randn(rank, width, generator=g)
+    k[1] = (as_rows([k[0], v[0]]) @ a @ b / width).view(tokens, HEADS, DIM).transpose(0, 1)
+    v[1] = 0.5 * k[1]
+    basis = _fit_predicted(k, v, None, 3.0, 128, 4, rank=rank)
+    assert basis.map_rank == rank and basis.key_maps is not None
+    assert basis.key_maps.shape == (LAYERS - 1, 3 * width + 1, rank)
+    miss = lambda b: float((b.predict_keys(1, k[0], v[0]) - k[1]).pow(2).mean())  # noqa: E731
+    lower = _fit_predicted(k, v, None, 3.0, 128, 4, rank=rank // 2)
+    assert miss(basis) < 0.1 * float(k[1].pow(2).mean()) and miss(basis) < 0.5 * miss(lower)
+    with pytest.raises(CodecError, match="rank"):
+        reduced_rank([k[0], v[0]], k[1], width)
+    options = argparse.Namespace(group_size=128, key_bits=2.0, predict=True, map_rank=64)
+    assert basis_path("m", options).name.endswith("-pred-rank64.pt")
