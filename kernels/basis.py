@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import struct
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -370,12 +371,14 @@ def rebuild_rows(
     Components past a layer's extent are never read; those in `basis.gaps` must be 0.
 
     A token's layers depend on that token's only, so with a `pool` each of its workers runs
-    the whole loop over its own run of at least 64 tokens (on the CPU: the C loop's threads,
-    each running its products on one core, rather than torch's threads synchronizing inside
-    every small product)."""
+    the whole loop over its own run of at least 64 tokens (on the CPU: the C loop's threads),
+    as many runs as the cores torch's own threads leave idle (torch.set_num_threads(1): one
+    run per core; torch's threads then do not synchronize inside every small product; all
+    cores to torch, the default: one run, torch's threads share each product)."""
     tokens = coded[0].shape[2]
     workers = getattr(pool, "_max_workers", 1) if pool is not None else 1
-    parts = max(1, min(workers, tokens // 64))
+    idle = (os.cpu_count() or 1) // torch.get_num_threads()
+    parts = max(1, min(workers, idle, tokens // 64))
     if parts == 1 or pool is None:
         return _rebuild_rows(basis, coded, rotate, out, rope, store)
     cuts = [tokens * i // parts for i in range(parts + 1)]
