@@ -60,6 +60,9 @@ in the blocks). The next ratio (issue 22 part 4): the same predicted v2 with sym
 groups (one fp16 scale, no minimum; `CodecConfig(symmetric_values=True)`, the maps fitted for
 them by `calibrate_basis(..., symmetric_values=True)`) at the key budgets of SYMMETRIC_KEY_BITS,
 chosen on the development texts (benchmarks/levers.py --ratio) before this benchmark ran them.
+Deflated payloads (the codec's lossless DEFLATED option, which the published default turns on:
+the default row's blocks are deflated): the symmetric rows again, deflated, at the key budgets
+of DEFLATED_KEY_BITS, chosen by ratio alone before any of them was scored (see there).
 Cheaper prediction (issue 22 part 3): predicted v2 at 2.0 bits with maps of rank MAP_RANKS
 (`kvpool calibrate --basis --predict --map-rank R`; faster to decode, see benchmarks/codec.py),
 the rank chosen on the development texts (levers.py) first.
@@ -110,6 +113,11 @@ V2_KEY_BITS = (2.0, 1.75)  # key bases: bits per key value, scales and minimums 
 # predicted v2 with symmetric value groups: key budgets for 8x and 10x (the largest whose blocks
 # reach them: 8.13x, 10.24x, measured on encoded bytes), chosen with levers.py --ratio (dev texts)
 SYMMETRIC_KEY_BITS = (1.7, 0.9)
+# deflated symmetric rows: the largest key budget (0.1 steps) whose deflated blocks reach 10x on
+# each development text (prose, docs, code; 2 windows of 1024 tokens each), measured on encoded
+# bytes only, before any scoring: the deflated ratio depends on the text, so every kind must
+# reach it (scratch measurement, benchmarks/results/2026-12-07-fidelity-deflate-cpu.log)
+DEFLATED_KEY_BITS = (1.6,)
 # cheaper prediction (issue 22 part 3): low-rank maps, the rank chosen on the development texts
 # (benchmarks/levers.py's "rank:64" row: KL 9.24 mnats vs 13.0 at rank 32, per-head maps 11.78)
 MAP_RANKS = (64,)
@@ -325,6 +333,14 @@ def configs(
                  v2, key_basis=load_basis(model, tokenizer, bits, predict=True, symmetric=True),
                  symmetric_values=True)))
             for bits in SYMMETRIC_KEY_BITS
+        ),
+        *(
+            (f"v2: predicted layers, key basis {bits} bits, V2 symmetric Hadamard, deflated, "
+             f"{s} sink",
+             lambda n, bits=bits: Row(n, replace(
+                 v2, key_basis=load_basis(model, tokenizer, bits, predict=True, symmetric=True),
+                 symmetric_values=True, deflate=True)))
+            for bits in DEFLATED_KEY_BITS
         ),
         *(
             (f"v2: predicted layers, rank-{r} maps, key basis 2.0 bits, V2 Hadamard, {s} sink",
