@@ -40,6 +40,9 @@ T = TypeVar("T")
 # The codec options a basis is published with (`kvpool calibrate`'s defaults): every reader
 # builds the same CodecConfig from them, so the namespace is the same everywhere.
 OPTIONS = ("value_bits", "group_size", "sink_tokens", "hadamard_values", "pre_rope")
+# Options a record names only when they are set (so records without them read as before, and a
+# reader that does not know one refuses the record rather than building another namespace).
+OPTIONAL = {"symmetric_values": False}
 _told: set[str] = set()  # models whose missing basis was already logged
 DEFAULT_CONFIG = ClientConfig()
 
@@ -52,7 +55,7 @@ class BasisUnavailable(KVPoolError):
 @dataclass(frozen=True)
 class PublishedBasis:
     basis: KeyBasis
-    options: dict[str, Any]  # OPTIONS -> value
+    options: dict[str, Any]  # OPTIONS and OPTIONAL -> value
     artifact: bytes  # the artifact's id
     version: int
     path: Path | None = field(default=None, compare=False)  # the verified local copy
@@ -66,7 +69,7 @@ class PublishedBasis:
             hadamard_values=o["hadamard_values"], sink_tokens=o["sink_tokens"],
             key_basis=self.basis,
         )  # fmt: skip
-        return replace(codec, deflate=True)
+        return replace(codec, symmetric_values=o["symmetric_values"], deflate=True)
 
 
 def cache_dir() -> Path:
@@ -105,7 +108,12 @@ def publish_basis(
     missing = set(OPTIONS) - set(options)
     if missing:
         raise CodecError(f"a published basis needs the codec options {sorted(missing)}")
-    codec = json.dumps({"basis_id": basis.id.hex(), **{k: options[k] for k in OPTIONS}})
+    unknown = set(options) - set(OPTIONS) - set(OPTIONAL)
+    if unknown:
+        raise CodecError(f"unknown codec options {sorted(unknown)}")
+    named = {k: options[k] for k in OPTIONS}
+    named |= {k: options[k] for k, unset in OPTIONAL.items() if options.get(k, unset) != unset}
+    codec = json.dumps({"basis_id": basis.id.hex(), **named})
     data = basis_bytes(basis)
     name = record_name(KEY_BASIS, model, salt)
     record = _run(
@@ -163,8 +171,8 @@ def resolve_basis(
                 f"the artifact published for {model!r} holds key basis {basis.id.hex()}, its "
                 f"record names {options['basis_id']}"
             )
-        return PublishedBasis(basis, {k: options[k] for k in OPTIONS}, record.artifact_id,
-                              record.version, path)  # fmt: skip
+        chosen = {k: options[k] for k in (*OPTIONS, *OPTIONAL)}
+        return PublishedBasis(basis, chosen, record.artifact_id, record.version, path)
 
     return _run(endpoint, config, job)
 
@@ -172,8 +180,15 @@ def resolve_basis(
 def _options(codec: str) -> dict[str, Any]:
     try:
         options = json.loads(codec)
-        if not isinstance(options, dict) or set(options) != {"basis_id", *OPTIONS}:
-            raise ValueError(f"expected the keys {['basis_id', *OPTIONS]}")
+        if not isinstance(options, dict) or not {"basis_id", *OPTIONS} <= set(options) <= {
+            "basis_id",
+            *OPTIONS,
+            *OPTIONAL,
+        }:
+            raise ValueError(f"expected the keys {['basis_id', *OPTIONS]} (and {list(OPTIONAL)})")
+        for k, unset in OPTIONAL.items():
+            if not isinstance(options.setdefault(k, unset), type(unset)):
+                raise ValueError(f"{k} must be a {type(unset).__name__}")
     except ValueError as e:
         raise BasisUnavailable(f"the published basis's codec options are unreadable: {e}") from None
     return options

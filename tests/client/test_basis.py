@@ -217,3 +217,44 @@ def test_with_a_tenant_secret_a_forged_record_is_refused(
     publish_basis(ep, "secret/model", published, options, mac_key=secret)  # the tenant again
     with_secret = resolve_basis(ep, "secret/model", mac_key=secret, cache=tmp_path / "s")
     assert with_secret is not None and with_secret.basis == published
+
+
+def test_a_basis_published_for_symmetric_value_groups_gives_every_reader_that_codec(
+    smollm2, shards, published, tmp_path
+) -> None:
+    """`kvpool calibrate --basis --predict --symmetric-values --publish`: the record names the
+    option, and readers build the symmetric codec (another namespace), deflated; records
+    without it read as before; unknown or ill-typed options are refused, by writer and reader."""
+    from kvpool.basis import basis_bytes, publish_basis
+    from kvpool.proto.errors import CodecError
+
+    model, ep = smollm2[0], endpoint(shards)
+    options = {"value_bits": 2, "group_size": 128, "sink_tokens": 1, "hadamard_values": True,
+               "pre_rope": True}  # fmt: skip
+    publish_basis(ep, "sym/model", published, {**options, "symmetric_values": True})
+    got = resolve_basis(ep, "sym/model", cache=tmp_path / "a")
+    assert got is not None and got.options["symmetric_values"] is True
+    codec = got.codec(model)
+    assert codec.symmetric_values and codec.deflate and "symv=1" in codec.describe()
+    plain = resolve_basis(ep, SMOLLM2, cache=tmp_path / "b")  # published by the fixture
+    assert plain is not None and plain.options["symmetric_values"] is False
+    assert not plain.codec(model).symmetric_values and plain.codec(model).deflate
+    assert plain.codec(model).describe() != codec.describe()
+    with pytest.raises(CodecError, match="unknown codec options"):
+        publish_basis(ep, "x/model", published, {**options, "colour": 1})
+
+    async def forge(named: dict[str, object]) -> None:
+        tier = TierClient(ep)
+        try:
+            codec = json.dumps({"basis_id": published.id.hex(), **options, **named})
+            data = basis_bytes(published)
+            await artifacts.publish(
+                tier, KEY_BASIS, data, record_name(KEY_BASIS, "bad/model"), codec
+            )
+        finally:
+            await tier.close()
+
+    for named in ({"symmetric_values": "yes"}, {"colour": 1}):
+        asyncio.run(forge(named))
+        with pytest.raises(BasisUnavailable, match="unreadable"):
+            resolve_basis(ep, "bad/model", cache=tmp_path / "c")
