@@ -18,6 +18,11 @@ from kvpool.kernels import _cpu_codec
 from kvpool.proto.blockformat import BlockHeader, Section
 from kvpool.proto.errors import NonFiniteError
 
+if not hasattr(_cpu_codec, "store_rows"):  # a build from before this checkout's C loop
+    raise ImportError(
+        f"{_cpu_codec.__file__} is older than this checkout's kernels/_cpu_codec.c: rebuild it "
+        "(pip install -e . in the checkout)"
+    )
 DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}
 _WORKERS = max(1, os.cpu_count() or 1)
 POOL = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="kvcodec")
