@@ -10,7 +10,8 @@ here, and judged on traces they have not seen). Each trace is replayed, in order
 - `lru`: exact LRU over blocks (`trace_replay.LRUBlocks`);
 - `store`: kvpool's `BlockStore` in one store with the whole budget (the policy alone);
 - `store_sharded`: the same, one store per shard with the budget split, placed by the client's
-  ring and driven as the client drives the tier (`trace_replay.Stores`);
+  ring and driven as the client drives the tier (`trace_replay.Stores`, with the client's
+  hints across shards unless `--no-hints`);
 - `store_shared`: the same shards sharing the budget through a budget table, as the shards
   `kvpool serve` starts on one node do (services/budget.py; BlockStore only);
 - `infinite`: the bound.
@@ -54,12 +55,15 @@ def trace_keys(requests: Sequence[TraceRequest]) -> list[Keys]:
     return [list(tk(r)) for r in requests]
 
 
-def stores(store_class: type, capacity: int, shards: int, shared: bool = False) -> Cache:
+def stores(store_class: type, capacity: int, shards: int, shared: bool = False,
+           hints: bool = True) -> Cache:  # fmt: skip
     """`trace_replay.Stores` of `shards` stores of `store_class` splitting `capacity` blocks
-    (with `shared`, BlockStores sharing them through a budget table)."""
+    (with `shared`, BlockStores sharing them through a budget table; `hints`: the client's
+    hints across shards, BlockStore only)."""
     if shared:
-        return Stores(capacity * BLOCK_BYTES, shards, BLOCK_BYTES, shared=True)
-    cache = Stores(capacity * BLOCK_BYTES, shards, BLOCK_BYTES)
+        return Stores(capacity * BLOCK_BYTES, shards, BLOCK_BYTES, shared=True, hints=hints)
+    hints = hints and store_class is BlockStore
+    cache = Stores(capacity * BLOCK_BYTES, shards, BLOCK_BYTES, hints=hints)
     cache.stores = {sid: store_class(s.budget_bytes) for sid, s in cache.stores.items()}
     return cache
 
@@ -72,7 +76,7 @@ def load(spec: str) -> type:
 
 
 def sweep(requests: Sequence[TraceRequest], fractions: Sequence[float], shards: int,
-          policies: dict[str, type], label: str) -> dict[str, object]:  # fmt: skip
+          policies: dict[str, type], label: str, hints: bool = True) -> dict[str, object]:  # fmt: skip
     keys = trace_keys(requests)
     unique = len({k for ks in keys for k in ks})
     row: dict[str, object] = {
@@ -84,9 +88,9 @@ def sweep(requests: Sequence[TraceRequest], fractions: Sequence[float], shards: 
         caches: dict[str, Callable[[], Cache]] = {"lru": partial(LRUBlocks, n)}
         for name, cls in policies.items():
             caches[name] = partial(stores, cls, n, 1)
-            caches[f"{name}_sharded"] = partial(stores, cls, n, shards)
+            caches[f"{name}_sharded"] = partial(stores, cls, n, shards, False, hints)
             if cls is BlockStore:
-                caches[f"{name}_shared"] = partial(stores, cls, n, shards, True)
+                caches[f"{name}_shared"] = partial(stores, cls, n, shards, True, hints)
         row[f"{f:g}"] = {name: round(replay(requests, keys, make(), f"{label} {f:g} {name}"), 4)
                          for name, make in caches.items()}  # fmt: skip
     return row
@@ -101,6 +105,8 @@ def main() -> None:
     p.add_argument("--fractions", nargs="+", type=float,
                    default=[0.02, 0.05, 0.1, 0.2, 0.4])  # fmt: skip
     p.add_argument("--shards", type=int, default=16)
+    p.add_argument("--no-hints", action="store_true",
+                   help="shards without the client's hints across shards")  # fmt: skip
     p.add_argument("--policy", action="append", default=[],
                    help="module:Class of another store to compare (repeatable)")  # fmt: skip
     args = p.parse_args()
@@ -117,7 +123,8 @@ def main() -> None:
                 traces[f"{mix}-{seed}"] = [parse_request(r, f"{mix}-{seed}")
                                            for r in generate(mix, seed, args.requests)]  # fmt: skip
 
-    results = {name: sweep(reqs, args.fractions, args.shards, policies, name)
+    hints = not args.no_hints
+    results = {name: sweep(reqs, args.fractions, args.shards, policies, name, hints)
                for name, reqs in traces.items()}  # fmt: skip
     worst: dict[str, dict[str, object]] = {}  # policy -> its smallest difference to LRU
     names = [n for name in policies for n in (name, f"{name}_sharded")] + ["store_shared"]
@@ -136,6 +143,7 @@ def main() -> None:
         print(f"worst vs LRU {n:>16}: {w['diff']:+.4f} ({w['trace']}, {w['fraction']:g})",
               file=sys.stderr)  # fmt: skip
     print(json.dumps({"worst_vs_lru": worst, "shards": args.shards, "requests": args.requests,
+                      "hints": not args.no_hints,
                       "hit_rate": results}))  # fmt: skip
 
 

@@ -25,7 +25,8 @@ What a request is made of (every length and popularity below is drawn from the s
     reads again, `--scan-length` requests in a row.
 `--mix` picks the shares: chat (sessions only), rag, mixed (half sessions, a third RAG, the
 rest one-off prompts), scan (chat with scans through it), bursty (mixed, with sessions that
-come back after long idle times). Prints nothing but the JSONL (to `-o` or stdout) and a
+come back after long idle times), long (the production conversation trace's published shape:
+half chat, half one-offs, messages 2.8x longer: about 23 blocks a prompt). Prints nothing but the JSONL (to `-o` or stdout) and a
 summary line on stderr.
 """
 
@@ -47,6 +48,9 @@ MIXES: dict[str, dict[str, float]] = {
     "mixed": {"chat": 0.5, "rag": 0.3, "oneoff": 0.2, "scan_every": 0, "idle": 1.0},
     "scan": {"chat": 0.9, "rag": 0.0, "oneoff": 0.1, "scan_every": 1500, "idle": 1.0},
     "bursty": {"chat": 0.6, "rag": 0.2, "oneoff": 0.2, "scan_every": 2500, "idle": 4.0},
+    # the conversation trace's published shape (../shared/traces/README): long prompts (about
+    # 23 blocks each), one block every request shares, a bound near 40%; messages 2.8x longer
+    "long": {"chat": 0.5, "rag": 0.0, "oneoff": 0.5, "scan_every": 0, "idle": 1.0, "length": 2.8},
 }
 
 
@@ -85,8 +89,10 @@ class Generator:
         return self.rng.choices(range(n), weights)[0]
 
     def tokens(self, mean_blocks: float) -> int:
-        """A message length in tokens, lognormal around `mean_blocks` blocks."""
-        return max(1, int(self.rng.lognormvariate(0.0, 0.8) * mean_blocks * BLOCK))
+        """A message length in tokens, lognormal around `mean_blocks` blocks (times the mix's
+        `length`)."""
+        scale = mean_blocks * self.mix.get("length", 1.0) * BLOCK
+        return max(1, int(self.rng.lognormvariate(0.0, 0.8) * scale))
 
     def request(self, prefix: list[int], extra_tokens: int) -> tuple[list[int], int]:
         """hash_ids and input_length of `prefix` (full blocks) followed by `extra_tokens`."""

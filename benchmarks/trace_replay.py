@@ -71,7 +71,7 @@ from kvpool.services.budget import SharedBudget
 from kvpool.services.budget import create as create_budget
 from kvpool.services.hot import HotKeys
 from kvpool.services.redis_server import RedisServer
-from kvpool.services.store import BlockStore
+from kvpool.services.store import BRANCHED, EXTENDS, BlockStore
 from kvpool.services.tier import TierConfig, start_tier
 from kvpool.trace import TRACE_BLOCK_TOKENS, TraceKeys, TraceRequest, read_trace
 from kvpool.transport import BlockPut, ClientConfig, TierClient
@@ -137,11 +137,17 @@ class Stores(Cache):
     places keys (by run; by their own bytes in a run a shard's hot counter called hot, found
     also where the run's owner kept them, and moved to their own owner when read there),
     driven as the client drives the tier: one get_many and one put_many per shard, each block
-    naming the nearest earlier block of its prefix on the same shard. Hot blocks' read
-    replicas are not simulated."""
+    naming the nearest earlier block of its prefix on the same shard. With `hints` the client
+    carries what one store would know of a parent on another shard (services/store.py): the
+    first block it puts gets EXTENDS when the block before it, read from another shard, has
+    not branched there (and that shard is told it has now, `mark_branched`, once), the rest
+    the same, and each block whose next one is on another shard BRANCHED (the tier's client
+    does not send them yet: the live replay runs without them). Hot blocks' read replicas are
+    not simulated."""
 
     def __init__(self, budget_bytes: int, shards: int, block_bytes: int,
-                 shared: bool = False) -> None:  # fmt: skip
+                 shared: bool = False, hints: bool = True) -> None:  # fmt: skip
+        self.hints = hints
         ids = [f"shard-{i}" for i in range(shards)]
         self.place = Placement(Ring(ids))
         each = max(block_bytes, budget_bytes // shards)
@@ -172,26 +178,32 @@ class Stores(Cache):
             holders.append(sid)
         n = len(holders)
         owners = [self.place.owners(k)[0] for k in keys]
+        # the lookup's word on the block before the first miss (where it was found)
+        fork = self.stores[holders[n - 1]].branched([keys[n - 1]])[0] if 0 < n < len(keys) else None
+        extends = EXTENDS if self.hints and fork is False else 0
         reads: dict[str, Keys] = {}
-        writes: dict[str, list] = {}
+        writes: dict[str, tuple[list, list[int]]] = {}
         last: dict[str, bytes] = {}
         for i, (key, sid) in enumerate(zip(keys, owners, strict=True)):
             if i < n:
                 reads.setdefault(holders[i], []).append(key)
-                if holders[i] != sid:  # read elsewhere: filled on its owner (read repair)
-                    item = (key, keys[0], i, self.blob, last.get(sid), None)
-                    writes.setdefault(sid, []).append(item)
-            else:
-                item = (key, keys[0], i, self.blob, last.get(sid), None)
-                writes.setdefault(sid, []).append(item)
+            if i >= n or holders[i] != sid:  # missing, or read elsewhere: filled on its owner
+                hint = extends if i >= n else 0
+                if self.hints and i + 1 < len(keys) and owners[i + 1] != sid:
+                    hint |= BRANCHED
+                items, hints = writes.setdefault(sid, ([], []))
+                items.append((key, keys[0], i, self.blob, last.get(sid), None))
+                hints.append(hint)
             last[sid] = key
         for sid, ks in reads.items():
             self.stores[sid].get_many(ks)
             for key in ks:
                 if self.hot[sid].read(key, len(self.blob)) > 1:
                     self.place.mark_hot(key)
-        for sid, items in writes.items():
-            self.stores[sid].put_many(items)
+        for sid, (items, hints) in writes.items():
+            self.stores[sid].put_many(items, hints)
+        if extends and owners[n] != holders[n - 1]:  # its parent's shard: it branched now
+            self.stores[holders[n - 1]].mark_branched([keys[n - 1]])
         return n
 
 

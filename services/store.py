@@ -42,6 +42,15 @@ prefix is gone (lookups stop at the first miss). The policy:
   elsewhere is a local root, one whose children live elsewhere a local leaf. Nothing is ever
   wrong: a block whose ancestor another shard evicted is unreachable until that ancestor is put
   again (then it is a hit again), and meanwhile it ages out like any block nobody reads.
+  What one store knows from the parent, the class rule above, the client carries across
+  shards as hints (`put_many(hints=)`, `branched`, `mark_branched`; they change eviction
+  order only, never what is stored or found): EXTENDS on a block whose parent lives on another
+  shard says that parent is proven and had no other child (it starts frequent, as under one
+  store; with a parent on this shard the shard's own knowledge wins), and BRANCHED on a block
+  (or `mark_branched` of a stored one) says a next block of its prefix lives on another shard,
+  so a later block branching off it here starts recent. BRANCHED is sticky: a block that has
+  been continued once is a branch point. `branched` reports it to the client, with local
+  children, for the next request's hint.
 - Tenant quotas (optional): a tenant over its share of the budget evicts its own least recent
   leaves first, so one tenant's scan cannot evict another's working set.
 - A budget shared by the shards of a node (optional, `kvpool serve`'s default;
@@ -76,6 +85,9 @@ PutItem = tuple[bytes, bytes, int, "Blob", "bytes | None", "str | None"]
 _PASS_LIMIT = 64  # inner blocks passed over at the LRU end before a victim is taken anyway
 _RAISE_LIMIT = 64  # ancestors one touch refreshes (keeps a put O(log n) however deep)
 _WINDOW = 8  # a ghost judges the target when within the last budget / _WINDOW bytes evicted
+EXTENDS = 1  # hint: its parent, on another shard, is proven and had no other child
+BRANCHED = 2  # hint: a next block of its prefix lives on another shard
+HINTS = EXTENDS | BRANCHED  # every hint bit a put may carry
 
 
 class BlockTooLargeError(ValueError):
@@ -88,8 +100,8 @@ class _Node:
     `tick` is the batch that last touched it; `stamp` tells its current heap entries from
     stale ones."""
 
-    __slots__ = ("chain", "children", "data", "frequent", "key", "live", "parent", "position",
-                 "size", "stamp", "tenant", "tick")  # fmt: skip
+    __slots__ = ("branched", "chain", "children", "data", "frequent", "key", "live", "parent",
+                 "position", "size", "stamp", "tenant", "tick")  # fmt: skip
 
     def __init__(
         self, key: bytes, chain: bytes, position: int, data: Blob, parent: _Node | None,
@@ -100,6 +112,7 @@ class _Node:
         self.parent, self.tenant = parent, tenant
         self.children = 0  # live children on this shard
         self.frequent = False  # in `frequent` (seen twice), else in `recent`
+        self.branched = False  # a next block of its prefix lives on another shard (a hint)
         self.live = True
         self.tick = self.stamp = 0
 
@@ -280,6 +293,26 @@ class BlockStore:
             nodes = [self._blocks.get(key) for key in keys]
         return [None if node is None else node.data for node in nodes]
 
+    def branched(self, keys: Sequence[bytes]) -> list[bool | None]:
+        """For each key: None when absent, else whether a later block branching off it starts
+        recent here (it has children on this shard, or was told of one elsewhere). Changes
+        nothing (the client's hint for the put of a block after it on another shard)."""
+        with self._lock:
+            nodes = [self._blocks.get(key) for key in keys]
+            return [None if n is None else n.children > 0 or n.branched for n in nodes]
+
+    def mark_branched(self, keys: Sequence[bytes]) -> int:
+        """A next block of each key's prefix was put on another shard: a block branching off it
+        here later starts recent. Changes no recency. Returns how many keys were present."""
+        with self._lock:
+            marked = 0
+            for key in keys:
+                node = self._blocks.get(key)
+                if node is not None:
+                    node.branched = True
+                    marked += 1
+            return marked
+
     def _read(self, key: bytes) -> Blob | None:
         node = self._blocks.get(key)
         if node is None:
@@ -326,10 +359,19 @@ class BlockStore:
         (lookups stop at the gap) and goes first. `tenant`: whose quota it counts against."""
         return self.put_many([(key, chain, position, data, parent, tenant)])[0]
 
-    def put_many(self, items: Sequence[PutItem]) -> list[bool]:
+    def put_many(self, items: Sequence[PutItem], hints: Sequence[int] | None = None) -> list[bool]:
         """`put` of each item in order (parents before children), under one lock, as one
         batch; a block too large for the budget or its tenant's quota raises
-        BlockTooLargeError before anything is stored."""
+        BlockTooLargeError before anything is stored. `hints`: per item, EXTENDS and/or
+        BRANCHED (see the module's docstring), or none; bad hints raise ValueError before
+        anything is stored."""
+        if hints is None:
+            hints = [0] * len(items)
+        if len(hints) != len(items):
+            raise ValueError(f"{len(hints)} hints for {len(items)} blocks")
+        for hint in hints:
+            if isinstance(hint, bool) or not isinstance(hint, int) or hint & ~HINTS or hint < 0:
+                raise ValueError(f"hint {hint!r} is not a combination of EXTENDS and BRANCHED")
         for _, _, _, data, _, tenant in items:
             limit = self.quota_bytes(tenant) or self._largest()  # a quota <= budget
             if len(data) > limit:
@@ -339,7 +381,7 @@ class BlockStore:
                 )
         with self._lock:
             self._next_tick()
-            stored = [self._put(*item) for item in items]
+            stored = [self._put(*item, hint) for item, hint in zip(items, hints, strict=True)]
             if self._share is not None:
                 self._share.publish(self.stats.bytes, self._oldest())
             self.stats.blocks = len(self._blocks)
@@ -347,10 +389,11 @@ class BlockStore:
 
     def _put(
         self, key: bytes, chain: bytes, position: int, data: Blob, parent: bytes | None,
-        tenant: str | None,
+        tenant: str | None, hint: int = 0,
     ) -> bool:  # fmt: skip
         old = self._blocks.get(key)
         if old is not None:
+            old.branched = old.branched or bool(hint & BRANCHED)
             self.stats.put_existing += 1
             self._touch(old)
             return False
@@ -360,10 +403,15 @@ class BlockStore:
             return False
         up = None if parent is None else self._blocks.get(parent)
         node = _Node(key, chain, position, data, up, tenant)
+        node.branched = bool(hint & BRANCHED)
         # a proven block's only continuation (the next turn of a conversation that was read)
         # is proven too; a branch off a shared block (a new prompt under a system prompt, a
-        # scan) is not
-        extends = up is not None and up.frequent and up.children == 0
+        # scan) is not. With no parent here, the client's hint says what the parent's shard
+        # knew (a parent named but gone here: unreachable, the hint does not matter)
+        if up is not None:
+            extends = up.frequent and up.children == 0 and not up.branched
+        else:
+            extends = parent is None and position > 0 and bool(hint & EXTENDS)
         node.frequent = self._ghost_hit(key, size) or extends
         self._blocks[key] = node
         if up is not None:
