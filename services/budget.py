@@ -12,7 +12,11 @@ clock every shard of the node shares: `time.monotonic_ns`, or one counter in a p
 bytes it holds, and the bytes it gave back under memory pressure. A shard writes its own age
 and bytes after each call, without a lock (no one else writes them); budgets and the total
 change only under an exclusive `flock` of the file, so they always sum to the total. flock is
-released when its holder dies, so a killed shard never blocks the others.
+released when its holder dies, so a killed shard never blocks the others. Every field is one
+aligned native 8-byte word, read and written whole (a memoryview of words: one load or store
+each), so a reader without the lock sees the old value or the new one, never a mix: `struct`'s
+pack_into zeroes a field before it writes its bytes, and a shard that read its budget then
+saw 0, evicted everything and failed every later call.
 
 Rebalancing (`rebalance`) is driven by evictions, not by time, so a given order of operations
 always gives the same budgets: a shard about to evict a block for room first asks the table
@@ -41,9 +45,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 _MAGIC = b"kvpbudg1"
-_HEADER = struct.Struct("<8sqq")  # magic, slots, total
-_ROW = struct.Struct("<qqqq")  # budget, age, held, yielded
+_HEADER = struct.Struct("=8sqq")  # magic, slots, total (native words: see the docstring)
+_ROW = struct.Struct("=qqqq")  # budget, age, held, yielded
 _HEADER_BYTES = 32
+_HEADER_WORDS, _ROW_WORDS, _TOTAL = _HEADER_BYTES // 8, _ROW.size // 8, 2
 # In fair shares (the total over the slots), chosen on synthetic traces only
 # (benchmarks/policy_sweep.py; results/2026-12-07-policy-sweep-cpu.log):
 FLOOR = 2  # no shard is taken below 1/FLOOR of a fair share
@@ -90,9 +95,11 @@ class SharedBudget:
         if not 0 <= slot < slots:
             raise ValueError(f"slot {slot} is not in the table's {slots} slots")
         self.slot, self.slots = slot, slots
-        self._own = _HEADER_BYTES + slot * _ROW.size
+        self._words = memoryview(self._map).cast("q")  # whole 8-byte loads and stores
+        self._own = _HEADER_WORDS + slot * _ROW_WORDS
 
     def close(self) -> None:
+        self._words.release()
         self._map.close()
         os.close(self._fd)
 
@@ -100,14 +107,14 @@ class SharedBudget:
 
     @property
     def total(self) -> int:
-        return int(_HEADER.unpack_from(self._map, 0)[2])
+        return int(self._words[_TOTAL])
 
     def budget(self) -> int:
         """This shard's budget now (lowered by takers since it last looked, maybe)."""
-        return int(struct.unpack_from("<q", self._map, self._own)[0])
+        return int(self._words[self._own])
 
     def yielded(self) -> int:
-        return int(struct.unpack_from("<q", self._map, self._own + 24)[0])
+        return int(self._words[self._own + 3])
 
     def rows(self) -> list[Row]:
         with self._locked():
@@ -117,7 +124,8 @@ class SharedBudget:
 
     def publish(self, held: int, age: int) -> None:
         """This shard's bytes held and the stamp of its next victim (its own fields: no lock)."""
-        struct.pack_into("<qq", self._map, self._own + 8, age, held)
+        self._words[self._own + 1] = age
+        self._words[self._own + 2] = held
 
     def join(self) -> int:
         """A (re)started shard: what its earlier life gave back under pressure returns to the
@@ -197,16 +205,19 @@ class SharedBudget:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def _rows(self) -> list[Row]:
-        return [Row(*_ROW.unpack_from(self._map, _HEADER_BYTES + i * _ROW.size))
+        w, first = self._words, _HEADER_WORDS
+        return [Row(*w[first + i * _ROW_WORDS : first + (i + 1) * _ROW_WORDS])
                 for i in range(self.slots)]  # fmt: skip
 
     def _write(self, rows: list[Row], total: int) -> None:
         """Budgets (and the own row's yielded bytes) and the total; the others' age and held
         are theirs and left alone."""
         assert sum(r.budget for r in rows) == total, "budgets must sum to the total"
+        assert all(r.budget > 0 for r in rows), "every budget stays positive"
+        w = self._words
         for i, r in enumerate(rows):
-            at = _HEADER_BYTES + i * _ROW.size
-            struct.pack_into("<q", self._map, at, r.budget)
+            at = _HEADER_WORDS + i * _ROW_WORDS
+            w[at] = r.budget
             if i == self.slot:
-                _ROW.pack_into(self._map, at, r.budget, r.age, r.held, r.yielded)
-        struct.pack_into("<q", self._map, 16, total)
+                w[at + 1], w[at + 2], w[at + 3] = r.age, r.held, r.yielded
+        w[_TOTAL] = total

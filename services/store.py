@@ -504,7 +504,7 @@ class BlockStore:
 
     def _follow_share(self) -> None:
         if self._share is not None:
-            budget = self._share.budget()
+            budget = max(1, self._share.budget())  # never 0, whatever a table says
             if budget != self.stats.budget_bytes:
                 self._set_budget(budget)
                 self._share.publish(self.stats.bytes, self._oldest())

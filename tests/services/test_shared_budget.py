@@ -222,3 +222,40 @@ def test_kvpool_serve_shares_by_default_and_fixed_budgets_turns_it_off() -> None
     assert TierConfig().shared_budget
     assert not build_parser().parse_args(["serve"]).fixed_budgets
     assert build_parser().parse_args(["serve", "--fixed-budgets"]).fixed_budgets
+
+
+def _write_budgets(path: str, rounds: int) -> None:
+    """Another shard's process: give budget back and take it again, `rounds` times."""
+    share = SharedBudget(path, 0)
+    for _ in range(rounds):
+        share.resize(-(1 << 16) - 1)
+        share.resize((1 << 16) + 1)
+    share.close()
+
+
+def test_a_reader_without_the_lock_never_sees_a_budget_half_written(tmp_path: Path) -> None:
+    """Shards read their own budget on every call without the lock while other processes write
+    it (a taker, or memory pressure). A field is read and written whole: a reader sees the old
+    value or the new one, never 0 or a mix (struct's pack_into zeroed the field first; a shard
+    that read the 0 evicted everything and failed every later call)."""
+    import multiprocessing
+
+    path = str(tmp_path / "t.budget")
+    budget.create(path, 2, (1 << 24) + 12345)  # the values written cross byte boundaries
+    allowed = {(1 << 24) + 12345, (1 << 24) + 12345 - (1 << 16) - 1}
+    reader = SharedBudget(path, 0)
+    writer = multiprocessing.get_context("spawn").Process(
+        target=_write_budgets, args=(path, 20_000)
+    )
+    writer.start()
+    seen: set[int] = set()
+    try:
+        while writer.is_alive() or not seen:
+            for _ in range(1000):
+                seen.add(reader.budget())
+                seen.add(reader.total - (1 << 24) - 12345)  # the other row's budget is fixed
+    finally:
+        writer.join(timeout=120)
+        reader.close()
+    assert writer.exitcode == 0
+    assert seen <= allowed, sorted(seen - allowed)[:5]
