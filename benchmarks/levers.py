@@ -554,26 +554,14 @@ def rows(cal: Calibration, rope: RopeParams, dim: int) -> list[Row]:
 
 def ratio_rows(model: Any, tokenizer: Any, rope: RopeParams, shape: tuple[int, ...]) -> list[Row]:
     """The real codec v2 with prediction at the budgets of RATIO_ROWS (see the docstring)."""
-    from kvpool import calibrate as calib
-    from kvpool.kernels.codec import KeyBasis
+    from fidelity import load_basis  # the cached basis, else calibrated as fidelity.py does
 
     out = []
+    zeros = torch.zeros(shape)  # bits depend on the shape alone: blocks are fixed-size
     for key_bits, symmetric in RATIO_ROWS:
-        options = argparse.Namespace(group_size=128, key_bits=key_bits, predict=True,
-                                     symmetric_values=symmetric)  # fmt: skip
-        path = calib.basis_path(model.config._name_or_path, options)
-        if path.exists():
-            basis = KeyBasis.load(path)
-        else:
-            t0 = time.perf_counter()
-            basis = calib.calibrate_basis(model, calib.basis_sample(tokenizer), key_bits=key_bits,
-                                          predict=True, symmetric_values=symmetric)  # fmt: skip
-            basis.save(path)
-            print(f"key basis: calibrated in {time.perf_counter() - t0:.0f} s, saved to {path}",
-                  flush=True)  # fmt: skip
+        basis = load_basis(model, tokenizer, key_bits, predict=True, symmetric=symmetric)
         cfg = CodecConfig(2, 2, 128, rope=rope, hadamard_values=True, sink_tokens=SINKS,
                           key_basis=basis, symmetric_values=symmetric)  # fmt: skip
-        zeros = torch.zeros(shape)  # bits depend on the shape alone: blocks are fixed-size
         size = sum(len(encode(zeros[:, :, t : t + BLOCK].half(), zeros[:, :, t : t + BLOCK].half(),
                               cfg, start_position=t)) for t in range(0, shape[2], BLOCK))  # fmt: skip
         kind = "symmetric" if symmetric else "min/max"

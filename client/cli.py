@@ -186,8 +186,6 @@ def ingest(args: argparse.Namespace) -> None:
 
 def calibrate(args: argparse.Namespace) -> None:
     """Calibrate a per-layer bit profile and write it (see kvpool.calibrate)."""
-    if args.symmetric_values and not (args.basis and args.predict):
-        raise SystemExit("kvpool calibrate: --symmetric-values goes with --basis --predict")
     if args.samples is None:  # the library's defaults: calibrate (4), calibrate_basis (6)
         args.samples = 6 if args.basis else 4
     from pathlib import Path
@@ -504,6 +502,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             build_parser().error("--per-head-maps goes with --predict")
         if args.map_rank and (not args.predict or args.per_head_maps or args.map_rank < 0):
             build_parser().error("--map-rank R (R > 0) goes with --predict, not --per-head-maps")
+        if args.symmetric_values and not args.predict:
+            build_parser().error("--symmetric-values goes with --basis --predict")
         calibrate(args)
 
 

@@ -335,12 +335,25 @@ def rebuild(
     values into `out` ([L, H, T, D], any float dtype), layer by layer through `store` (keys
     with RoPE redone when `rope`'s tables are given, pre-RoPE otherwise). Full and low-rank
     maps go through `rebuild_rows` (its tokens split over `pool`'s workers when one is given),
-    per-head maps through `predicted_loop` itself."""
+    per-head maps through `rebuild_loop`."""
+    if not basis.per_head_maps:
+        return rebuild_rows(basis, coded, rotate, out, rope, store, pool)
+    rebuilt = (torch.empty_like(coded[0]), torch.empty_like(coded[1]))
+    rebuild_loop(basis, coded, rotate, rebuilt)
+    for layer in range(rebuilt[0].shape[0]):
+        store(rebuilt[0][layer], out[0][layer], rope)
+        store(rebuilt[1][layer], out[1][layer], None)
+
+
+def rebuild_loop(
+    basis: KeyBasis, coded: list[Tensor], rotate: bool, out: tuple[Tensor, Tensor]
+) -> None:
+    """`predicted_loop` over decoded residuals (as `rebuild` takes them): keys (pre-RoPE) and
+    values into `out` ([L, H, T, D] float32), for maps of any shape; the specification that
+    `rebuild_rows` computes faster."""
     device = coded[0].device
     mean, _, key_maps, value_maps = basis.on(device)
     assert mean is not None and key_maps is not None and value_maps is not None
-    if not basis.per_head_maps:
-        return rebuild_rows(basis, coded, rotate, out, rope, store, pool)
 
     def key_residual(layer: int, _prediction: Tensor) -> Tensor:
         rot = basis.rotation_of(layer, device)
@@ -349,12 +362,8 @@ def rebuild(
     def value_residual(layer: int, _prediction: Tensor) -> Tensor:
         return hadamard(coded[1][layer]) if rotate else coded[1][layer]
 
-    rebuilt = (torch.empty_like(coded[0]), torch.empty_like(coded[1]))
-    predicted_loop(rebuilt, mean[0], lambda layer, _: key_maps[layer - 1],
+    predicted_loop(out, mean[0], lambda layer, _: key_maps[layer - 1],
                    lambda layer, _: value_maps[layer - 1], key_residual, value_residual)  # fmt: skip
-    for layer in range(rebuilt[0].shape[0]):
-        store(rebuilt[0][layer], out[0][layer], rope)
-        store(rebuilt[1][layer], out[1][layer], None)
 
 
 def rebuild_rows(

@@ -262,7 +262,7 @@ class Shard:
         share, clock = None, None
         if budget_table is not None:
             share, clock = SharedBudget(*budget_table), time.monotonic_ns
-            budget_bytes = share.join()
+            share.join()  # a fair share of the node's total: the store takes its row's budget
         store = BlockStore(
             budget_bytes, on_evict=spill, tenant_quota=tenant_quota, quotas=quotas, share=share,
             clock=clock,

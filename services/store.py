@@ -367,11 +367,12 @@ class BlockStore:
         anything is stored."""
         if hints is None:
             hints = [0] * len(items)
-        if len(hints) != len(items):
-            raise ValueError(f"{len(hints)} hints for {len(items)} blocks")
-        for hint in hints:
-            if isinstance(hint, bool) or not isinstance(hint, int) or hint & ~HINTS or hint < 0:
-                raise ValueError(f"hint {hint!r} is not a combination of EXTENDS and BRANCHED")
+        else:
+            if len(hints) != len(items):
+                raise ValueError(f"{len(hints)} hints for {len(items)} blocks")
+            for hint in hints:  # a negative int has bits outside HINTS too
+                if isinstance(hint, bool) or not isinstance(hint, int) or hint & ~HINTS:
+                    raise ValueError(f"hint {hint!r} is not a combination of EXTENDS and BRANCHED")
         for _, _, _, data, _, tenant in items:
             limit = self.quota_bytes(tenant) or self._largest()  # a quota <= budget
             if len(data) > limit:

@@ -342,3 +342,21 @@ def test_calibrating_a_basis_refuses_what_it_cannot_use() -> None:
         pytest.skip(str(e))
     with pytest.raises(CodecError, match="no group of 128"):
         cal.calibrate_basis(model, list(range(1000, 1256)), window_tokens=128, predict=True)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["calibrate", "--map-rank", "8"],  # maps need --predict
+        ["calibrate", "--basis", "--predict", "--per-head-maps", "--map-rank", "8"],
+        ["calibrate", "--basis", "--predict", "--map-rank", "-1"],
+        ["calibrate", "--basis", "--symmetric-values"],  # maps fitted for them need --predict
+        ["calibrate", "--symmetric-values"],
+    ],
+)
+def test_calibrate_refuses_options_that_do_not_go_together(argv: list[str], capsys) -> None:
+    from kvpool.cli import main
+
+    with pytest.raises(SystemExit) as refused:
+        main(argv)  # before any model is loaded
+    assert refused.value.code == 2 and "goes with" in capsys.readouterr().err

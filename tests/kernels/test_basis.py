@@ -591,8 +591,8 @@ def test_the_readers_loop_over_rows_rebuilds_what_the_one_loop_rebuilds(
     from concurrent.futures import ThreadPoolExecutor
 
     from kvpool.kernels import cpu_codec
-    from kvpool.kernels.basis import predicted_loop, rebuild_rows, store_rows
-    from kvpool.kernels.transforms import hadamard, redo_rope, rope_tables
+    from kvpool.kernels.basis import rebuild_loop, rebuild_rows, store_rows
+    from kvpool.kernels.transforms import redo_rope, rope_tables
 
     widths = (*(8, 0, 3, 3, 2, 2, 2, 0), *(4, 4, 3, 3, 3, 2, 0, 0))  # a gap in layer 0
     basis = predicting_basis(seed=6, widths=widths)
@@ -602,19 +602,8 @@ def test_the_readers_loop_over_rows_rebuilds_what_the_one_loop_rebuilds(
     tokens = 128
     coded = [torch.randn(LAYERS, HEADS, tokens, DIM, generator=g) for _ in range(2)]
     coded[0][0, :, :, 8:16] = 0
-    mean, _, key_maps, value_maps = basis.on(torch.device("cpu"))
-    assert mean is not None and key_maps is not None and value_maps is not None
-
-    def key_residual(layer: int, _p: Tensor) -> Tensor:
-        rot = basis.rotation_of(layer, torch.device("cpu"))
-        return coded[0][layer, :, :, : rot.shape[-1]] @ rot.transpose(-1, -2)
-
-    def value_residual(layer: int, _p: Tensor) -> Tensor:
-        return hadamard(coded[1][layer]) if rotate else coded[1][layer]
-
     want = (torch.empty_like(coded[0]), torch.empty_like(coded[1]))
-    predicted_loop(want, mean[0], lambda layer, _: key_maps[layer - 1],
-                   lambda layer, _: value_maps[layer - 1], key_residual, value_residual)  # fmt: skip
+    rebuild_loop(basis, coded, rotate, want)  # predicted_loop: the specification
     rope = RopeParams(10000.0, DIM)
     tables = rope_tables(rope, 0, tokens, torch.device("cpu"))
     plain = (torch.empty_like(coded[0]), torch.empty_like(coded[1]))
