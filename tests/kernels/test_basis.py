@@ -689,3 +689,49 @@ def test_calibration_fits_low_rank_maps_in_the_closed_loop() -> None:
         reduced_rank([k[0], v[0]], k[1], width)
     options = argparse.Namespace(group_size=128, key_bits=2.0, predict=True, map_rank=64)
     assert basis_path("m", options).name.endswith("-pred-rank64.pt")
+
+
+def test_the_c_loops_store_refuses_rows_tables_and_strides_it_cannot_write() -> None:
+    """store_rows' own checks, before it touches memory: an unknown dtype or empty shape, RoPE
+    tables without their pair or of an odd or too wide rotary dim, rows or heads that overlap."""
+    from kvpool.kernels import _cpu_codec
+
+    rows = torch.zeros(HEADS, 16, DIM)
+    out = torch.zeros(HEADS, 16, DIM, dtype=torch.float16)
+    src, dst = rows.data_ptr(), out.data_ptr()
+
+    def store(*args: int, h: int = HEADS, t: int = 16, rs: int = DIM, dtype: int = 1) -> None:
+        _cpu_codec.store_rows(src, h, t, DIM, 16 * DIM, DIM, dst, 16 * rs, rs, dtype, *args)
+
+    store()  # the shape as it is: stored
+    for bad, why in (
+        (lambda: store(dtype=9), "bad rows"),
+        (lambda: store(t=0), "bad rows"),
+        (lambda: store(src, 0, 32), "bad RoPE tables"),  # cos without sin
+        (lambda: store(src, src, 31), "bad RoPE tables"),  # odd rotary dim
+        (lambda: store(src, src, DIM + 2), "bad RoPE tables"),
+        (lambda: store(rs=DIM - 8), "overlap"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            bad()
+
+
+def test_a_c_extension_built_before_this_checkout_is_refused_at_import(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stale build (no store_rows) is an ImportError naming the rebuild, not an
+    AttributeError in the middle of a predicted decode."""
+    import importlib.util
+    import sys
+    import types
+
+    import kvpool.kernels
+
+    stale = types.ModuleType("kvpool.kernels._cpu_codec")
+    stale.__file__ = "stale/_cpu_codec.so"
+    monkeypatch.setitem(sys.modules, "kvpool.kernels._cpu_codec", stale)
+    monkeypatch.setattr(kvpool.kernels, "_cpu_codec", stale, raising=False)
+    spec = importlib.util.find_spec("kvpool.kernels.cpu_codec")
+    assert spec is not None and spec.loader is not None
+    with pytest.raises(ImportError, match="pip install -e"):
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))  # a fresh copy

@@ -259,3 +259,26 @@ def test_a_reader_without_the_lock_never_sees_a_budget_half_written(tmp_path: Pa
         reader.close()
     assert writer.exitcode == 0
     assert seen <= allowed, sorted(seen - allowed)[:5]
+
+
+def test_a_block_over_a_shards_budget_but_within_a_fair_share_is_taken_or_evicted(
+    tmp_path: Path,
+) -> None:
+    """With a shared budget a store takes any block up to a fair share of the node's, even
+    when its own budget is smaller: it takes budget for it, or evicts (never over its budget,
+    never the node over its total); a block over a fair share is refused before anything."""
+    from kvpool.services.store import BlockTooLargeError
+
+    (a, b, _c), view = stores(tmp_path, 3)
+    for i in range(25):  # a takes the others' unused room, down to their floors
+        put(a, 0, i)
+    b.snapshot()  # b follows the table on its next call
+    assert b.budget_bytes == EACH // 2
+    big = b"y" * (EACH * 8 // 10)  # over b's budget, within a fair share
+    b.put(key(1, 0), key(1, 0), 0, big, None, None)
+    assert total(view) == 3 * EACH
+    assert b.snapshot().bytes <= b.budget_bytes and a.snapshot().bytes <= a.budget_bytes
+    assert b.budget_bytes > EACH // 2  # it took budget for the block (from a, whose are older)
+    with pytest.raises(BlockTooLargeError):
+        b.put(key(1, 1), key(1, 1), 0, b"z" * (EACH + 1), None, None)
+    assert key(1, 1) not in b
