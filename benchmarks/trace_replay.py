@@ -59,12 +59,11 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 import torch
-from store import bind  # benchmarks/, on sys.path as the script's folder
+from store import Binder  # benchmarks/, on sys.path as the script's folder
 from tqdm import tqdm
 
 from kvpool.client import namespace_for
 from kvpool.kernels.codec import CodecConfig, encode
-from kvpool.proto.blockformat import parse_header
 from kvpool.proto.keys import Namespace
 from kvpool.ring import Placement, Ring
 from kvpool.services.budget import SharedBudget
@@ -290,13 +289,13 @@ async def kvpool_replay(endpoint: str, ns: Namespace, blob: bytes,
                                              max_inflight=4 * concurrency))  # fmt: skip
     try:
         await tier.lookup(ns, keys[0][:1])  # topology and arenas, untimed
-        head = parse_header(blob)
+        bind = Binder(blob, ns)
         before = {s.shard_id: s.bytes_served for s in await tier.stats()}
 
         async def one(i: int) -> tuple[int, int]:
             ks = keys[i]
             n = len(await tier.get_prefix(ns, ks))  # the lookup and the read of its hits
-            puts = [BlockPut(ks[j], ks[0], j, bind(blob, ns, ks[j], j, head))
+            puts = [BlockPut(ks[j], ks[0], j, bind(ks[j], j))
                     for j in range(n, len(ks))]  # fmt: skip
             if puts:
                 await tier.put_many(ns, puts, prefix=ks)

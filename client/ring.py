@@ -61,7 +61,8 @@ class Ring:
 
 class Placement:
     """Where block keys live on a `Ring` with `replicas` owners each: by their run, or by their
-    own bytes in a run seen hot (`mark_hot`). Remembers owners per key for the current ring."""
+    own bytes in a run seen hot (`mark_hot`). Remembers owners per placement for the current
+    ring."""
 
     def __init__(self, ring: Ring, replicas: int = 1, hot_runs: int = 4096) -> None:
         if replicas < 1 or hot_runs < 0:
@@ -82,15 +83,18 @@ class Placement:
 
     def _by(self, key: bytes) -> bytes:
         """The bytes `key` is placed by: its run's, or its own in a hot run."""
-        return key[PLACE_BYTES : 2 * PLACE_BYTES] if key[:PLACE_BYTES] in self._hot else key
+        run = key[:PLACE_BYTES]
+        return key[PLACE_BYTES : 2 * PLACE_BYTES] if run in self._hot else run
 
     def owners(self, key: bytes) -> tuple[str, ...]:
-        """The shards that store `key`, primary first."""
-        owners = self._owners.get(key)
+        """The shards that store `key`, primary first (remembered per placement bytes, so the
+        blocks of a run cost one ring lookup)."""
+        by = self._by(key)
+        owners = self._owners.get(by)
         if owners is None:
             if len(self._owners) >= _OWNERS_KEPT:
                 self._owners.clear()
-            owners = self._owners[key] = tuple(self.ring.owners(self._by(key), self.replicas))
+            owners = self._owners[by] = tuple(self.ring.owners(by, self.replicas))
         return owners
 
     def fallback(self, key: bytes) -> tuple[str, ...]:
