@@ -55,13 +55,12 @@ INLINE void group_params(float lo, float hi, float qmax, f16 *s16, f16 *m16) {
     *m16 = (f16)lo;
 }
 
-/* a symmetric group's scale (fp16) and the fp32 offset -h * s it implies */
-INLINE void symmetric_params(float lo, float hi, float half, f16 *s16, float *m) {
+/* a symmetric group's scale (fp16); its offset is -h * s (widen_groups) */
+INLINE void symmetric_scale(float lo, float hi, float half, f16 *s16) {
     float a = -lo > hi ? -lo : hi;
     float s = a / half;
     if (!(s >= SCALE_EPS)) s = SCALE_EPS;
     *s16 = (f16)s;
-    *m = (float)*s16 * -half;
 }
 
 INLINE void codes_row(const float *restrict x, const float *restrict s, const float *restrict m,
@@ -133,29 +132,19 @@ INLINE int encode_impl(const char *x, int dtype, int64_t H, int64_t T, int64_t D
             if (is_key) { /* one group per channel over these G rows */
                 minmax_cols(buf, G, D, lo, hi);
                 f16 *ps = scales + (r0 / G) * D, *pm = mins + (r0 / G) * D;
-                for (int64_t i = 0; i < D; i++) {
-                    group_params(lo[i], hi[i], qmax, ps + i, pm + i);
-                    s[i] = (float)ps[i];
-                    m[i] = (float)pm[i];
-                }
+                for (int64_t i = 0; i < D; i++) group_params(lo[i], hi[i], qmax, ps + i, pm + i);
+                widen_params(ps, pm, D, 1, s, m);
             } else { /* groups of G channels in this one row */
                 f16 *ps = scales + r0 * (D / G), *pm = mins + r0 * (D / G);
                 for (int64_t g = 0; g < D / G; g++) {
                     float l, u;
                     minmax_span(buf + g * G, G, &l, &u);
-                    float sf, mf;
-                    if (sym) {
-                        symmetric_params(l, u, half, ps + g, &mf);
-                    } else {
+                    if (sym)
+                        symmetric_scale(l, u, half, ps + g);
+                    else
                         group_params(l, u, qmax, ps + g, pm + g);
-                        mf = (float)pm[g];
-                    }
-                    sf = (float)ps[g];
-                    for (int64_t i = 0; i < G; i++) {
-                        s[g * G + i] = sf;
-                        m[g * G + i] = mf;
-                    }
                 }
+                widen_groups(ps, sym ? NULL : pm, D / G, G, -half, s, m);
             }
             for (int64_t k = 0; k < rows; k++) {
                 codes_row(buf + k * D, s, m, D, qmax, c);
@@ -190,13 +179,9 @@ INLINE void decode_impl(const uint8_t *codes, const f16 *scales, const f16 *mins
         else if (whole_row) {
             s[0] = (float)scales[r];
             m[0] = sym ? s[0] * neg_half : (float)mins[r];
-        } else if (!is_key && sym) {
-            for (int64_t g = 0; g < D / G; g++)
-                for (int64_t i = 0; i < G; i++) {
-                    s[g * G + i] = (float)scales[r * (D / G) + g];
-                    m[g * G + i] = s[g * G + i] * neg_half;
-                }
-        } else if (!is_key)
+        } else if (!is_key && sym) /* no minimums */
+            widen_groups(scales + r * (D / G), NULL, D / G, G, neg_half, s, m);
+        else if (!is_key)
             widen_params(scales + r * (D / G), mins + r * (D / G), D / G, G, s, m);
         /* row r is token r % T of head r / T; heads and rows are head_stride / row_stride
          * elements apart */

@@ -136,13 +136,23 @@ INLINE void store_row(const float *src, int dtype, int64_t n, void *dst) {
 
 /* ---- dequantize --------------------------------------------------------------------------- */
 
+/* n groups' fp16 scales ps and minimums pm -> per-element s and m, each group `repeat`
+ * elements wide; symmetric groups (pm NULL: no minimums) are offset by m = neg_half * s */
+INLINE void widen_groups(const f16 *restrict ps, const f16 *restrict pm, int64_t n,
+                         int64_t repeat, float neg_half, float *restrict s, float *restrict m) {
+    for (int64_t g = 0; g < n; g++) {
+        const float sg = (float)ps[g], mg = pm ? (float)pm[g] : sg * neg_half;
+        for (int64_t i = 0; i < repeat; i++) {
+            s[g * repeat + i] = sg;
+            m[g * repeat + i] = mg;
+        }
+    }
+}
+
+/* widen_groups for groups with minimums */
 INLINE void widen_params(const f16 *restrict ps, const f16 *restrict pm, int64_t n,
                          int64_t repeat, float *restrict s, float *restrict m) {
-    for (int64_t g = 0; g < n; g++)
-        for (int64_t i = 0; i < repeat; i++) {
-            s[g * repeat + i] = (float)ps[g];
-            m[g * repeat + i] = (float)pm[g];
-        }
+    widen_groups(ps, pm, n, repeat, 0.f, s, m);
 }
 
 /* unpack and dequantize one row in a single pass: y[i] = code_i * s_i + m_i, where s and m are
