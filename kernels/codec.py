@@ -318,6 +318,9 @@ class DecodePlan:
             for i, t in enumerate(targets)
         ]  # fmt: skip
         rope = self.rope
+        tables = None  # RoPE's tables for the C loop or basis.rebuild, which redo it row by row
+        if rope is not None and (self.fused or self.predicted):
+            tables = rope_tables(rope, header.start_position, header.tokens, device)
         if self.predicted:
             assert key_basis is not None
             if not key_basis.predicted:  # a header may claim PREDICTED for a plain basis's id
@@ -334,16 +337,10 @@ class DecodePlan:
                 else:
                     impl.decode_tensor(payload, values, header, coded[1])
                 rotated = self.hadamard_values and not self.fused
-                tables = None if rope is None else rope_tables(
-                    rope, header.start_position, header.tokens, device
-                )  # fmt: skip
                 store = getattr(impl, "store_rows", store_rows)  # the C loop's, or torch's
                 pool = getattr(impl, "POOL", None)  # the C loop's threads
                 rebuild(key_basis, coded, rotated, (works[0], works[1]), tables, store, pool)
         else:
-            tables = None
-            if rope is not None and self.fused:
-                tables = rope_tables(rope, header.start_position, header.tokens, device)
             for i, work in enumerate(works):
                 sections = header.tensor_sections(i)
                 if i == 0 and self.basis:
