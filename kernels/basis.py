@@ -328,16 +328,16 @@ def store_rows(rows: Tensor, target: Tensor, rope: tuple[Tensor, Tensor] | None)
 def rebuild(
     basis: KeyBasis, coded: list[Tensor], rotate: bool, out: tuple[Tensor, Tensor],
     rope: tuple[Tensor, Tensor] | None = None, store: Store = store_rows,
-    pool: Executor | None = None,
+    pool: Executor | None = None, workers: int = 1,
 ) -> None:  # fmt: skip
     """The reader's run of the predicted loop: the decoded residuals `coded` (key components and
     value residuals [L, H, T, D], float32, values Hadamard-rotated under `rotate`) -> keys and
     values into `out` ([L, H, T, D], any float dtype), layer by layer through `store` (keys
     with RoPE redone when `rope`'s tables are given, pre-RoPE otherwise). Full and low-rank
-    maps go through `rebuild_rows` (its tokens split over `pool`'s workers when one is given),
-    per-head maps through `rebuild_loop`."""
+    maps go through `rebuild_rows` (its tokens split over up to `workers` threads of `pool`
+    when one is given), per-head maps through `rebuild_loop`."""
     if not basis.per_head_maps:
-        return rebuild_rows(basis, coded, rotate, out, rope, store, pool)
+        return rebuild_rows(basis, coded, rotate, out, rope, store, pool, workers)
     rebuilt = (torch.empty_like(coded[0]), torch.empty_like(coded[1]))
     rebuild_loop(basis, coded, rotate, rebuilt)
     for layer in range(rebuilt[0].shape[0]):
@@ -369,7 +369,7 @@ def rebuild_loop(
 def rebuild_rows(
     basis: KeyBasis, coded: list[Tensor], rotate: bool, out: tuple[Tensor, Tensor],
     rope: tuple[Tensor, Tensor] | None = None, store: Store = store_rows,
-    pool: Executor | None = None,
+    pool: Executor | None = None, workers: int = 1,
 ) -> None:  # fmt: skip
     """`rebuild` for full or low-rank maps, as a few large matrix products per layer: the same
     sums as `predicted_loop`'s (so the same layers up to float rounding), in another order.
@@ -379,13 +379,12 @@ def rebuild_rows(
     added by one product into its columns; the layer is then stored head-major, with RoPE.
     Components past a layer's extent are never read; those in `basis.gaps` must be 0.
 
-    A token's layers depend on that token's only, so with a `pool` each of its workers runs
-    the whole loop over its own run of at least 64 tokens (on the CPU: the C loop's threads),
+    A token's layers depend on that token's only, so with a `pool` of `workers` threads each
+    runs the whole loop over its own run of at least 64 tokens (on the CPU: the C loop's threads),
     as many runs as the cores torch's own threads leave idle (torch.set_num_threads(1): one
     run per core; torch's threads then do not synchronize inside every small product; all
     cores to torch, the default: one run, torch's threads share each product)."""
     tokens = coded[0].shape[2]
-    workers = getattr(pool, "_max_workers", 1) if pool is not None else 1
     idle = (os.cpu_count() or 1) // torch.get_num_threads()
     parts = max(1, min(workers, idle, tokens // 64))
     if parts == 1 or pool is None:

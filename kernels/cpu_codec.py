@@ -24,14 +24,14 @@ if not hasattr(_cpu_codec, "store_rows"):  # a build from before this checkout's
         "(pip install -e . in the checkout)"
     )
 DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}
-_WORKERS = max(1, os.cpu_count() or 1)
-POOL = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="kvcodec")
+WORKERS = max(1, os.cpu_count() or 1)
+POOL = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="kvcodec")
 
 
 def _spread(fn: Callable[[int], object], n: int) -> list[object]:
     """fn(i) for i in range(n) (the sections of a tensor), in one task per worker thread (each
     a contiguous run), so a block costs a few task hand-offs rather than one per section."""
-    runs = [range(w * n // _WORKERS, (w + 1) * n // _WORKERS) for w in range(_WORKERS)]
+    runs = [range(w * n // WORKERS, (w + 1) * n // WORKERS) for w in range(WORKERS)]
     return [r for rs in POOL.map(lambda run: [fn(i) for i in run], runs) for r in rs]
 
 
