@@ -335,10 +335,10 @@ def rebuild(
     values into `out` ([L, H, T, D], any float dtype), layer by layer through `store` (keys
     with RoPE redone when `rope`'s tables are given, pre-RoPE otherwise). Full and low-rank
     maps go through `rebuild_rows` (its tokens split over up to `workers` threads of `pool`
-    when one is given), per-head maps through `rebuild_loop`."""
+    when one is given), per-head maps through `rebuild_loop` in place: it overwrites `coded`."""
     if not basis.per_head_maps:
         return rebuild_rows(basis, coded, rotate, out, rope, store, pool, workers)
-    rebuilt = (torch.empty_like(coded[0]), torch.empty_like(coded[1]))
+    rebuilt = (coded[0], coded[1])
     rebuild_loop(basis, coded, rotate, rebuilt)
     for layer in range(rebuilt[0].shape[0]):
         store(rebuilt[0][layer], out[0][layer], rope)
@@ -349,7 +349,8 @@ def rebuild_loop(
     basis: KeyBasis, coded: list[Tensor], rotate: bool, out: tuple[Tensor, Tensor]
 ) -> None:
     """`predicted_loop` over decoded residuals (as `rebuild` takes them): keys (pre-RoPE) and
-    values into `out` ([L, H, T, D] float32), for maps of any shape; the specification that
+    values into `out` ([L, H, T, D] float32; may be `coded` itself: each layer's residuals are
+    read before the layer is written), for maps of any shape; the specification that
     `rebuild_rows` computes faster."""
     device = coded[0].device
     mean, _, key_maps, value_maps = basis.on(device)

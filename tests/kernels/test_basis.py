@@ -649,6 +649,21 @@ def test_the_c_loops_store_writes_rows_as_torch_does(dtype: torch.dtype) -> None
         assert not got[:, :8].any() and not got[:, 24:].any()
 
 
+@pytest.mark.parametrize("rotate", [False, True])
+def test_the_one_loop_rebuilds_over_its_own_residuals(rotate: bool) -> None:
+    """rebuild_loop with `out` the residuals themselves (as rebuild runs per-head maps, in the
+    decoder's scratch) rebuilds the same layers, bit for bit, as into fresh tensors."""
+    from kvpool.kernels.basis import rebuild_loop
+
+    g = torch.Generator().manual_seed(4)
+    for basis in (predicting_basis(seed=2), per_head_twin(predicting_basis(seed=2))):
+        coded = [torch.randn(LAYERS, HEADS, 64, DIM, generator=g) for _ in range(2)]
+        want = (torch.empty_like(coded[0]), torch.empty_like(coded[1]))
+        rebuild_loop(basis, coded, rotate, want)
+        rebuild_loop(basis, coded, rotate, (coded[0], coded[1]))
+        assert torch.equal(coded[0], want[0]) and torch.equal(coded[1], want[1])
+
+
 def test_the_decoders_scratch_buffers_are_lent_and_reused() -> None:
     from kvpool.kernels import scratch
 
