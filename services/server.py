@@ -70,7 +70,7 @@ from kvpool.services.hot import HotKeys
 from kvpool.services.metrics import ShardMetrics
 from kvpool.services.security import ServerSecurity, store_key, tenant_of
 from kvpool.services.shared import Arena, ArenaRefused, Arenas, Owner
-from kvpool.services.store import Blob, BlockStore, BlockTooLargeError
+from kvpool.services.store import Blob, BlockStore, BlockTooLargeError, PutItem
 
 if TYPE_CHECKING:  # redis-py is needed only where a Redis tier is configured
     from kvpool.services.redis_tier import RedisTier
@@ -332,15 +332,19 @@ class _Incoming:
         self.info, self.result = info, result
         self.admitted = False
         self.received = 0
-        self.buf: bytearray | None = None
+        self.buf: Blob | None = None  # a bytearray while its bytes arrive
         self.budget: contextlib.AsyncExitStack | None = None
         self.ns: Namespace | None = None
         self.key = self.chain = b""
 
     async def refuse(self, e: Refused, store: BlockStore) -> None:
+        self.refused(e, store)
+        await self.release()
+
+    def refused(self, e: Refused, store: BlockStore) -> None:
+        """Count the refusal and say it in the block's result (its reservation stays held)."""
         store.count(rejected=1)
         self.result.stored, self.result.code, self.result.detail = False, e.code.value[0], e.detail
-        await self.release()
 
     async def release(self) -> None:
         self.buf = None
@@ -463,15 +467,10 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
 
     def _store(self, info: pb.BlockInfo, key: bytes, chain: bytes, data: Blob) -> pb.PutResponse:
         """Store an admitted, verified block under its store keys (its parent's too)."""
-        tenant = _CALLER.get()[0]
-        parent = store_key(tenant, info.namespace_id, info.parent) if info.parent else None
-        try:
-            stored = self.store.put(key, chain, info.position, data, parent=parent, tenant=tenant)
-        except BlockTooLargeError as e:
-            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
-        if stored and self.redis is not None and self.redis.mode == "all":
-            self.redis.offer(key, chain, info.position, data)
-        return pb.PutResponse(stored=stored)
+        block = _Incoming(info, pb.BlockStored())
+        block.key, block.chain, block.buf = key, chain, data
+        self._store_many([block])
+        return pb.PutResponse(stored=block.result.stored)
 
     async def Get(self, request: pb.GetRequest, context: Any) -> AsyncIterator[pb.GetResponse]:
         data, replicas = await self._read(request)
@@ -596,20 +595,60 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
             await block.refuse(e, self.store)
 
     async def _finish_block(self, block: _Incoming) -> None:
-        """Check a complete admitted block (off the event loop unless it is small), store it,
-        release its reservation."""
+        """Check a complete admitted block, store it, release its reservation."""
         try:
-            if block.buf is None or block.ns is None:
-                return  # refused or already present
+            if await self._checked(block):
+                self._store_many([block])
+        except Refused as e:
+            block.refused(e, self.store)
+        finally:
+            await block.release()
+
+    async def _checked(self, block: _Incoming) -> bool:
+        """Whether a complete admitted block is intact and bound where it is put (checked off
+        the event loop unless it is small); refused (and False) if not, False if it was
+        refused or already present before."""
+        if block.buf is None or block.ns is None:
+            return False
+        try:
             if block.info.size <= INLINE_CHECK_BYTES:
                 verify_upload(block.buf, block.info, block.ns)
             else:
                 await asyncio.to_thread(verify_upload, block.buf, block.info, block.ns)
-            block.result.stored = self._store(block.info, block.key, block.chain, block.buf).stored
         except Refused as e:
             await block.refuse(e, self.store)
-        finally:
-            await block.release()
+            return False
+        return True
+
+    def _store_many(self, blocks: list[_Incoming]) -> None:
+        """Store checked blocks of one request as one batch of the store (one lock, one tick:
+        the blocks of a prefix age together, deepest first, as one store orders a batch) and
+        set each one's result. When one is too large for the store: Refused for a lone block;
+        of several, each is stored on its own and only that one refused."""
+        if not blocks:
+            return
+        tenant = _CALLER.get()[0]
+        items: list[PutItem] = []
+        for b in blocks:
+            assert b.buf is not None
+            up = b.info.parent
+            parent = store_key(tenant, b.info.namespace_id, up) if up else None
+            items.append((b.key, b.chain, b.info.position, b.buf, parent, tenant))
+        try:
+            stored = self.store.put_many(items)
+        except BlockTooLargeError as e:
+            if len(blocks) == 1:
+                raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+            for b in blocks:  # each alone: only the one too large is refused
+                try:
+                    self._store_many([b])
+                except Refused as refused:
+                    b.refused(refused, self.store)
+            return
+        for b, item, ok in zip(blocks, items, stored, strict=True):
+            b.result.stored = ok
+            if ok and self.redis is not None and self.redis.mode == "all":
+                self.redis.offer(b.key, b.chain, b.info.position, item[3])
 
     async def OpenShared(
         self, request: pb.OpenSharedRequest, context: Any
@@ -709,6 +748,7 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
                     refused = None
                 except Refused as e:
                     refused = e
+                checked: list[_Incoming] = []
                 for info in request.blocks[first : first + run]:
                     block = _Incoming(info, reply.blocks.add())
                     if refused is not None:
@@ -718,8 +758,15 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
                     if block.buf is not None:  # a copy: the caller can still write there
                         block.buf += self._live(arena).view[at : at + info.size]
                         block.received = info.size
-                    await self._finish_block(block)
+                        if await self._checked(block):
+                            checked.append(block)
                     at += info.size
+                try:
+                    self._store_many(checked)  # the run's blocks as one batch
+                except Refused as e:  # one block, too large for the store
+                    checked[0].refused(e, self.store)
+                for block in checked:
+                    await block.release()
             first += run
         return reply
 
