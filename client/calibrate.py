@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kvpool.kernels.basis import KeyBasis, as_rows, mapped, predicted_loop
+from kvpool.kernels.basis import KeyBasis, as_rows, predicted_loop
 from kvpool.kernels.codec import CodecConfig, block_header, decode, encode
 from kvpool.kernels.transforms import RopeParams, undo_rope
 from kvpool.proto.blockformat import CHUNK, SUPPORTED_BITS, Layout
@@ -492,7 +492,7 @@ def reduced_rank(inputs: list[Tensor], target: Tensor, rank: int) -> Tensor:
     if not 0 < rank < target.shape[0] * target.shape[2]:
         raise CodecError(f"a map's rank must be in 1..{target.shape[0] * target.shape[2] - 1}")
     full = least_squares(inputs, target)
-    fitted = as_rows([mapped(full, inputs)])
+    fitted = torch.addmm(full[-1], as_rows(inputs), full[:-1])  # what it predicts, as rows
     up = torch.linalg.svd(fitted.double(), full_matrices=False)[2][:rank].T.float()  # [HD, r]
     return torch.cat([full @ up, up]).contiguous()
 
