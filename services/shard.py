@@ -285,15 +285,18 @@ class Shard:
             threading.Thread(target=yield_memory, args=args, daemon=True).start()
 
     def _heartbeat(self, period: float) -> None:
+        directory: Any = self._directory  # looked up again (a GCS call) only after a failure
         while True:
             time.sleep(period)
             try:
-                directory = ray.get_actor(directory_name(self.tier), namespace=RAY_NAMESPACE)
+                if directory is None:
+                    directory = ray.get_actor(directory_name(self.tier), namespace=RAY_NAMESPACE)
                 ref: Any = directory.register.remote(
                     self.shard_id, self.address, self.metrics_address
                 )
                 period = ray.get(ref, timeout=10) or HEARTBEAT_S
             except Exception as e:  # the Directory is restarting: try again next beat
+                directory = None
                 log.warning("shard %s could not re-register: %s", self.shard_id, e)
 
     async def _topology(self) -> pb.TopologyResponse:
