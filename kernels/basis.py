@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 import struct
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -380,14 +379,12 @@ def rebuild_rows(
     added by one product into its columns; the layer is then stored head-major, with RoPE.
     Components past a layer's extent are never read; those in `basis.gaps` must be 0.
 
-    A token's layers depend on that token's only, so with a `pool` of `workers` threads each
-    runs the whole loop over its own run of at least 64 tokens (on the CPU: the C loop's threads),
-    as many runs as the cores torch's own threads leave idle (torch.set_num_threads(1): one
-    run per core; torch's threads then do not synchronize inside every small product; all
-    cores to torch, the default: one run, torch's threads share each product)."""
+    A token's layers depend on that token's only, so with a `pool`, up to `workers` of its
+    threads each run the whole loop over their own run of at least 64 tokens (on the CPU: the C
+    loop's threads, each running torch on one thread: cpu_codec.rebuild_workers says how many
+    may run at once without fighting torch's threads)."""
     tokens = coded[0].shape[2]
-    idle = (os.cpu_count() or 1) // torch.get_num_threads()
-    parts = max(1, min(workers, idle, tokens // 64))
+    parts = max(1, min(workers, tokens // 64))
     if parts == 1 or pool is None:
         return _rebuild_rows(basis, coded, rotate, out, rope, store)
     cuts = [tokens * i // parts for i in range(parts + 1)]

@@ -338,8 +338,9 @@ class DecodePlan:
                     impl.decode_tensor(payload, values, header, coded[1])
                 rotated = self.hadamard_values and not self.fused
                 store = getattr(impl, "store_rows", store_rows)  # the C loop's, or torch's
-                # the C loop's threads and how many there are (torch's backends have none)
-                pool, workers = getattr(impl, "POOL", None), getattr(impl, "WORKERS", 1)
+                # the C loop's threads and how many split the tokens (torch's backends: none)
+                pool = getattr(impl, "POOL", None)
+                workers = impl.rebuild_workers() if hasattr(impl, "rebuild_workers") else 1
                 rebuild(key_basis, coded, rotated, (works[0], works[1]), tables, store, pool,
                         workers)  # fmt: skip
         else:

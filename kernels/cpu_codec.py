@@ -2,14 +2,19 @@
 
 Where it stands: kvpool.kernels.codec uses it for tensors on the CPU. Each call releases the
 GIL, so a small thread pool (shared with cpu_attention.py) spreads the layers of a block over
-the machine's cores.
+the machine's cores. The same threads split a predicted block's tokens (basis.rebuild_rows):
+each runs torch's products on one thread of its own, so they never fight torch's threads.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -25,7 +30,63 @@ if not hasattr(_cpu_codec, "store_rows"):  # a build from before this checkout's
     )
 DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}
 WORKERS = max(1, os.cpu_count() or 1)
-POOL = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="kvcodec")
+
+
+def _runtime(prefixes: tuple[str, ...]) -> ctypes.CDLL | None:
+    """The first shared library loaded in this process whose file name starts with one of
+    `prefixes` (torch's own OpenMP runtime and libtorch_cpu), or None (not Linux, not found)."""
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return None
+    for path in (line.split(None, 5)[-1] for line in maps if "/" in line):
+        if Path(path).name.startswith(prefixes):
+            try:
+                return ctypes.CDLL(path)
+            except OSError:
+                return None
+    return None
+
+
+def _one_torch_thread() -> None:
+    """Run this thread's torch products on one thread: what torch.set_num_threads(1) does to
+    the calling thread (its OpenMP count and MKL's thread-local count), without the process-wide
+    count that torch.set_num_threads also sets (the caller's threads and later ones keep theirs).
+    Where the runtimes are not found, the thread keeps torch's count (`rebuild_workers` checks)."""
+    torch.get_num_threads()  # torch sets a thread's counts on its first use: before ours
+    omp, mkl = _runtime(("libgomp", "libiomp", "libomp")), _runtime(("libtorch_cpu",))
+    if omp is not None and hasattr(omp, "omp_set_num_threads"):
+        omp.omp_set_num_threads(1)
+    if mkl is not None and hasattr(mkl, "MKL_Set_Num_Threads_Local"):  # MKL's C name (mkl.h
+        mkl.MKL_Set_Num_Threads_Local(1)  # defines mkl_set_num_threads_local as it: the lower-
+        # case symbol is the Fortran one, which takes a pointer)
+
+
+POOL = ThreadPoolExecutor(
+    max_workers=WORKERS, thread_name_prefix="kvcodec", initializer=_one_torch_thread
+)
+
+
+@functools.cache
+def _single_threaded_workers() -> bool:
+    """Whether every thread of POOL runs torch on one thread (each started and asked once)."""
+    barrier = threading.Barrier(WORKERS)  # holds each task on a thread of its own
+
+    def ask(_: int) -> int:
+        barrier.wait()
+        return torch.get_num_threads()
+
+    return all(n == 1 for n in POOL.map(ask, range(WORKERS)))
+
+
+def rebuild_workers() -> int:
+    """How many of POOL's threads a predicted block's rebuild splits its tokens over
+    (basis.rebuild_rows): all of them where each runs torch on one thread; otherwise as many as
+    the cores torch's own threads leave idle (torch.set_num_threads(1): one per core; the
+    default, all cores to torch: one, and torch's threads share each product)."""
+    if _single_threaded_workers():
+        return WORKERS
+    return max(1, min(WORKERS, (os.cpu_count() or 1) // torch.get_num_threads()))
 
 
 def _spread(fn: Callable[[int], object], n: int) -> list[object]:

@@ -3,7 +3,6 @@ calibrated basis, a run of components at each width, on every backend."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -585,9 +584,8 @@ def test_the_readers_loop_over_rows_rebuilds_what_the_one_loop_rebuilds(
     rank: int, rotate: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """basis.rebuild_rows (the reader's loop for full and low-rank maps: rows, products summed
-    in place, tokens split over a pool when torch leaves a core idle) gives `predicted_loop`'s
-    layers within float rounding, keys with RoPE redone by either store (torch's or the C
-    loop's) alike; a component between stored ones is read as the 0 the decoder leaves there."""
+    in place, tokens split over a pool's workers) gives `predicted_loop`'s layers within float
+    rounding, keys with RoPE redone by either store (torch's or the C loop's) alike; a component between stored ones is read as the 0 the decoder leaves there."""
     from concurrent.futures import ThreadPoolExecutor
 
     from kvpool.kernels import cpu_codec
@@ -609,24 +607,18 @@ def test_the_readers_loop_over_rows_rebuilds_what_the_one_loop_rebuilds(
     plain = (torch.empty_like(coded[0]), torch.empty_like(coded[1]))
     rebuild_rows(basis, coded, rotate, plain)
     torch.testing.assert_close(plain, want, atol=1e-4, rtol=1e-5)
-    threads = torch.get_num_threads()
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    torch.set_num_threads(1)  # a core left idle by torch: the pool's 2 workers split the tokens
-    try:
-        with ThreadPoolExecutor(2) as pool:
-            runs: list[int] = []
-            spread = pool.map
-            monkeypatch.setattr(pool, "map", lambda fn, it: spread(fn, runs.extend(it) or runs))
-            for store in (store_rows, cpu_codec.store_rows):
-                got = (torch.empty(coded[0].shape, dtype=torch.float16),
-                       torch.empty(coded[0].shape, dtype=torch.float16))  # fmt: skip
-                rebuild_rows(basis, coded, rotate, got, tables, store, pool, workers=2)
-                torch.testing.assert_close(got[1], want[1].half(), atol=2e-3, rtol=2**-10)
-                torch.testing.assert_close(got[0], redo_rope(want[0], rope, 0).half(),
-                                           atol=2e-3, rtol=2**-10)  # fmt: skip
-            assert runs == [0, 1, 0, 1]  # two runs of 64 tokens, each store
-    finally:
-        torch.set_num_threads(threads)
+    with ThreadPoolExecutor(2) as pool:  # 2 workers: the tokens split in two runs
+        runs: list[int] = []
+        spread = pool.map
+        monkeypatch.setattr(pool, "map", lambda fn, it: spread(fn, runs.extend(it) or runs))
+        for store in (store_rows, cpu_codec.store_rows):
+            got = (torch.empty(coded[0].shape, dtype=torch.float16),
+                   torch.empty(coded[0].shape, dtype=torch.float16))  # fmt: skip
+            rebuild_rows(basis, coded, rotate, got, tables, store, pool, workers=2)
+            torch.testing.assert_close(got[1], want[1].half(), atol=2e-3, rtol=2**-10)
+            torch.testing.assert_close(got[0], redo_rope(want[0], rope, 0).half(),
+                                       atol=2e-3, rtol=2**-10)  # fmt: skip
+        assert runs == [0, 1, 0, 1]  # two runs of 64 tokens, each store
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
