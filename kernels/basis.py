@@ -375,8 +375,9 @@ def rebuild_rows(
     sums as `predicted_loop`'s (so the same layers up to float rounding), in another order.
     Each layer is held as rows [T, H * D] (token-major: the maps' own layout, so no
     concatenation or transposition feeds them), K and V of only the layer before and this one;
-    [K_l-1, V_l-1, 1] @ A is summed from its parts in place; each head's key residual is
-    added by one product into its columns; the layer is then stored head-major, with RoPE.
+    [K_l-1, V_l-1, 1] @ A is summed from its parts in place; the heads' key residuals come from
+    one batched product, added into their columns in one pass; the layer is then stored
+    head-major, with RoPE.
     Components past a layer's extent are never read; those in `basis.gaps` must be 0.
 
     A token's layers depend on that token's only, so with a `pool`, up to `workers` of its
@@ -410,6 +411,7 @@ def _rebuild_rows(
     width = heads * dim
     rank = basis.map_rank
     ring = torch.empty(2, 2, tokens, width, dtype=torch.float32, device=device)  # [l % 2, K|V]
+    turned = torch.empty(heads, tokens, dim, dtype=torch.float32, device=device)  # key residual
     for layer in range(layers):
         k, v = ring[layer % 2]
         k_before, v_before = ring[(layer - 1) % 2]
@@ -425,9 +427,9 @@ def _rebuild_rows(
                     v_before, m[width : 2 * width]
                 )
         key_heads = k.view(tokens, heads, dim)
-        for h, n in ((h, basis.extent[layer]) for h in range(heads)):
-            if n:
-                key_heads[:, h].addmm_(coded[0][layer, h, :, :n], rotation[layer, h, :, :n].T)
+        if n := basis.extent[layer]:  # every head's residual in one product, added by one pass
+            rows = rotation[layer, :, :, :n].transpose(-1, -2)
+            key_heads.add_(torch.bmm(coded[0][layer, :, :, :n], rows, out=turned).transpose(0, 1))
         residual = hadamard(coded[1][layer]) if rotate else coded[1][layer]
         v.view(tokens, heads, dim).copy_(residual.transpose(0, 1))
         if layer:
