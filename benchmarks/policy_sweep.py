@@ -101,6 +101,9 @@ def main() -> None:
     p.add_argument("--mixes", nargs="+", choices=sorted(MIXES), default=sorted(MIXES))
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     p.add_argument("--requests", type=int, default=4000)
+    p.add_argument("--idle-scale", type=float, default=1.0,
+                   help="session gaps times this (synth_trace): with --requests k x 4000 and "
+                        "--idle-scale k, the same reuse at per-shard budgets k times larger")  # fmt: skip
     p.add_argument("--trace", default=None, help="a Mooncake-format JSONL file instead")
     p.add_argument("--fractions", nargs="+", type=float,
                    default=[0.02, 0.05, 0.1, 0.2, 0.4])  # fmt: skip
@@ -120,8 +123,10 @@ def main() -> None:
     else:
         for mix in args.mixes:
             for seed in args.seeds:
-                traces[f"{mix}-{seed}"] = [parse_request(r, f"{mix}-{seed}")
-                                           for r in generate(mix, seed, args.requests)]  # fmt: skip
+                traces[f"{mix}-{seed}"] = [
+                    parse_request(r, f"{mix}-{seed}")
+                    for r in generate(mix, seed, args.requests, idle_scale=args.idle_scale)
+                ]
 
     hints = not args.no_hints
     results = {name: sweep(reqs, args.fractions, args.shards, policies, name, hints)
@@ -143,7 +148,7 @@ def main() -> None:
         print(f"worst vs LRU {n:>16}: {w['diff']:+.4f} ({w['trace']}, {w['fraction']:g})",
               file=sys.stderr)  # fmt: skip
     print(json.dumps({"worst_vs_lru": worst, "shards": args.shards, "requests": args.requests,
-                      "hints": not args.no_hints,
+                      "idle_scale": args.idle_scale, "hints": not args.no_hints,
                       "hit_rate": results}))  # fmt: skip
 
 

@@ -143,13 +143,17 @@ class Generator:
 
 
 def generate(mix: str, seed: int, requests: int, system_prompts: int = 8, corpus: int = 400,
-             scan_length: int = 150) -> Iterator[dict[str, object]]:  # fmt: skip
-    """The requests of a synthetic trace, in order, as Mooncake-format dicts."""
+             scan_length: int = 150, idle_scale: float = 1.0) -> Iterator[dict[str, object]]:  # fmt: skip
+    """The requests of a synthetic trace, in order, as Mooncake-format dicts. `idle_scale`
+    multiplies the gaps before a session's next turn: a trace k times longer with gaps k times
+    longer has the same reuse at k times the capacity (so per-shard budgets of a real node's
+    size, not a few dozen blocks)."""
     if mix not in MIXES:
         raise ValueError(f"unknown mix {mix!r}; one of {sorted(MIXES)}")
-    if requests < 0 or system_prompts < 1 or corpus < 1 or scan_length < 0:
-        raise ValueError("requests >= 0, system_prompts >= 1, corpus >= 1, scan_length >= 0")
-    shares = MIXES[mix]
+    if requests < 0 or system_prompts < 1 or corpus < 1 or scan_length < 0 or idle_scale <= 0:
+        raise ValueError("requests >= 0, system_prompts >= 1, corpus >= 1, scan_length >= 0, "
+                         "idle_scale > 0")  # fmt: skip
+    shares = {**MIXES[mix], "idle": MIXES[mix]["idle"] * idle_scale}
     g = Generator(random.Random(seed), shares, system_prompts, corpus, scan_length)
     kinds = ["chat", "rag", "oneoff"]
     weights = [shares[k] for k in kinds]
@@ -177,13 +181,15 @@ def main() -> None:
     p.add_argument("--system-prompts", type=int, default=8)
     p.add_argument("--corpus", type=int, default=400, help="RAG documents")
     p.add_argument("--scan-length", type=int, default=150, help="requests in a row per scan")
+    p.add_argument("--idle-scale", type=float, default=1.0,
+                   help="gaps before a session's next turn times this")  # fmt: skip
     p.add_argument("-o", "--output", default="-", help="JSONL file (default stdout)")
     args = p.parse_args()
     out = sys.stdout if args.output == "-" else open(args.output, "w")  # noqa: SIM115
     blocks = tokens = 0
     try:
         for r in generate(args.mix, args.seed, args.requests, args.system_prompts, args.corpus,
-                          args.scan_length):  # fmt: skip
+                          args.scan_length, args.idle_scale):  # fmt: skip
             out.write(json.dumps(r) + "\n")
             blocks += len(r["hash_ids"])  # type: ignore[arg-type]
             tokens += r["input_length"]  # type: ignore[operator]
