@@ -197,28 +197,45 @@ static const float H8[8][8] = {
     {1, 1, -1, -1, -1, -1, 1, 1}, {1, -1, -1, 1, -1, 1, 1, -1},
 };
 
+/* 8 floats as one vector of gcc's vector extensions (each clone's widest fit: one AVX register,
+ * two SSE ones), loaded and stored through memcpy: rows need no alignment */
+typedef float f32x8 __attribute__((vector_size(32)));
+INLINE f32x8 load8(const float *p) {
+    f32x8 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+INLINE void store8(float *p, f32x8 v) { memcpy(p, &v, sizeof v); }
+
 /* y <- H_D y / sqrt(D) (Sylvester order, orthonormal, its own inverse), D a power of two. The
- * butterflies over the low three index bits are an 8 x 8 product per 8 values (vectorizes);
- * the higher ones add and subtract whole runs of 8 or more. */
+ * butterflies over the low three index bits are an 8 x 8 product per 8 values, summed in the
+ * order j = 0..7 as one vector of 8 sums; the higher ones add and subtract whole runs of 8 or
+ * more, 8 at a time. The same sums in the same order as one element at a time: the same bits. */
 INLINE void hadamard_row(float *restrict y, int64_t D) {
-    int64_t h = 1;
+    const float norm = 1.0f / sqrtf((float)D);
     if (D % 8 == 0) {
         for (int64_t g = 0; g < D; g += 8) {
-            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-            for (int j = 0; j < 8; j++)
-                for (int i = 0; i < 8; i++) acc[i] += H8[j][i] * y[g + j];
-            for (int i = 0; i < 8; i++) y[g + i] = acc[i];
+            f32x8 acc = {0, 0, 0, 0, 0, 0, 0, 0};
+            for (int j = 0; j < 8; j++) acc += load8(H8[j]) * y[g + j];
+            store8(y + g, acc);
         }
-        h = 8;
+        for (int64_t h = 8; h < D; h *= 2)
+            for (int64_t i = 0; i < D; i += 2 * h)
+                for (int64_t j = i; j < i + h; j += 8) {
+                    f32x8 a = load8(y + j), b = load8(y + j + h);
+                    store8(y + j, a + b);
+                    store8(y + j + h, a - b);
+                }
+        for (int64_t i = 0; i < D; i += 8) store8(y + i, load8(y + i) * norm);
+        return;
     }
-    for (; h < D; h *= 2)
+    for (int64_t h = 1; h < D; h *= 2)
         for (int64_t i = 0; i < D; i += 2 * h)
             for (int64_t j = i; j < i + h; j++) {
                 float a = y[j], b = y[j + h];
                 y[j] = a + b;
                 y[j + h] = a - b;
             }
-    const float norm = 1.0f / sqrtf((float)D);
     for (int64_t i = 0; i < D; i++) y[i] *= norm;
 }
 
