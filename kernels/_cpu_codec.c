@@ -164,17 +164,20 @@ typedef struct {
     int64_t rotary;
 } Transforms;
 
+/* decodes tokens [t0, t0 + T) of each head of a section of src_T tokens per head (t0 = 0 and
+ * src_T = T: all of it); RoPE's tables and the output start at token t0 */
 INLINE void decode_impl(const uint8_t *codes, const f16 *scales, const f16 *mins, int64_t H,
                            int64_t T, int64_t D, int is_key, int64_t G, int bits, char *out,
                            int64_t head_stride, int64_t row_stride, int dtype,
-                           const Transforms *tf, int sym) {
+                           const Transforms *tf, int sym, int64_t t0, int64_t src_T) {
     const int64_t esize = dtype == DT_F32 ? 4 : 2, row_bytes = D * bits / 8;
     const float neg_half = -0.5f * (float)((1 << bits) - 1); /* symmetric groups' offset / s */
     const int whole_row = !is_key && G == D; /* one scale and minimum per row */
     float *buf = malloc(sizeof(float) * (size_t)(3 * D));
     float *s = buf, *m = s + D, *tmp = m + D;
-    for (int64_t r = 0; r < H * T; r++) {
-        if (is_key && r % G == 0)
+    for (int64_t i = 0; i < H * T; i++) {
+        const int64_t r = (i / T) * src_T + t0 + i % T; /* the section's row */
+        if (is_key && (i % T == 0 || r % G == 0))
             widen_params(scales + (r / G) * D, mins + (r / G) * D, D, 1, s, m);
         else if (whole_row) {
             s[0] = (float)scales[r];
@@ -183,9 +186,9 @@ INLINE void decode_impl(const uint8_t *codes, const f16 *scales, const f16 *mins
             widen_groups(scales + r * (D / G), NULL, D / G, G, neg_half, s, m);
         else if (!is_key)
             widen_params(scales + r * (D / G), mins + r * (D / G), D / G, G, s, m);
-        /* row r is token r % T of head r / T; heads and rows are head_stride / row_stride
-         * elements apart */
-        char *row = out + ((r / T) * head_stride + (r % T) * row_stride) * esize;
+        /* output row i is token i % T of head i / T; heads and rows are head_stride /
+         * row_stride elements apart */
+        char *row = out + ((i / T) * head_stride + (i % T) * row_stride) * esize;
         /* float32 output is written in place; 16-bit output goes through one row of floats */
         float *y = dtype == DT_F32 ? (float *)row : tmp;
         if (whole_row)
@@ -194,7 +197,7 @@ INLINE void decode_impl(const uint8_t *codes, const f16 *scales, const f16 *mins
             decode_row(codes + r * row_bytes, D, bits, s, m, 0, y);
         if (tf->hadamard) hadamard_row(y, D);
         if (tf->cos) {
-            const int64_t t = r % T;
+            const int64_t t = i % T;
             rope_row(y, tf->cos + t * tf->rotary, tf->sin + t * tf->rotary, tf->rotary, 1.0f);
         }
         if (dtype != DT_F32) store_row(y, dtype, D, row);
@@ -217,17 +220,17 @@ static int encode_section(const char *x, int dtype, int64_t H, int64_t T, int64_
 MULTIVERSION
 static void decode_section(const uint8_t *codes, const f16 *scales, const f16 *mins, int64_t H,
                            int64_t T, int64_t D, int is_key, int64_t G, int bits, char *out,
-                           int64_t hs, int64_t rs, int dtype, const Transforms *tf, int sym) {
+                           int64_t hs, int64_t rs, int dtype, const Transforms *tf, int sym,
+                           int64_t t0, int64_t src_T) {
+#define DECODE(d)                                                                                \
+    decode_impl(codes, scales, mins, H, T, d, is_key, G, bits, out, hs, rs, dtype, tf, sym, t0,  \
+                src_T)
     switch (D) {
-    case 64:
-        decode_impl(codes, scales, mins, H, T, 64, is_key, G, bits, out, hs, rs, dtype, tf, sym);
-        break;
-    case 128:
-        decode_impl(codes, scales, mins, H, T, 128, is_key, G, bits, out, hs, rs, dtype, tf, sym);
-        break;
-    default:
-        decode_impl(codes, scales, mins, H, T, D, is_key, G, bits, out, hs, rs, dtype, tf, sym);
+    case 64: DECODE(64); break;
+    case 128: DECODE(128); break;
+    default: DECODE(D);
     }
+#undef DECODE
 }
 
 /* float32 rows -> rows of `dtype`, RoPE redone on each when cos is not NULL: how predicted
@@ -278,17 +281,29 @@ static PyObject *py_encode(PyObject *self, PyObject *args) {
     return PyBool_FromLong(!bad);
 }
 
+/* rows of D elements, H heads of T rows, heads and rows hs and rs elements apart: either
+ * each head's rows in a run (rs >= D, heads past a whole run) or the heads of a row side by
+ * side (hs >= D, rows past all heads); no two rows share an element */
+static int rows_apart(long long H, long long T, long long D, long long hs, long long rs) {
+    if (H == 1) return T == 1 || rs >= D;
+    if (T == 1) return hs >= D;
+    return (rs >= D && hs >= T * rs) || (hs >= D && rs >= H * hs);
+}
+
 static PyObject *py_decode(PyObject *self, PyObject *args) {
     unsigned long long codes, scales, mins, out;
     int dtype, is_key, bits;
-    long long H, T, D, G, head_stride, row_stride, rotary = 0;
+    long long H, T, D, G, head_stride, row_stride, rotary = 0, t0 = 0, src_T = -1;
     int hadamard = 0, sym = 0;
     unsigned long long cos = 0, sin = 0;
-    if (!PyArg_ParseTuple(args, "KKKLLLiLiKLLi|iKKLi", &codes, &scales, &mins, &H, &T, &D,
+    if (!PyArg_ParseTuple(args, "KKKLLLiLiKLLi|iKKLiLL", &codes, &scales, &mins, &H, &T, &D,
                           &is_key, &G, &bits, &out, &head_stride, &row_stride, &dtype, &hadamard,
-                          &cos, &sin, &rotary, &sym))
+                          &cos, &sin, &rotary, &sym, &t0, &src_T))
         return NULL;
-    if (!check_args(dtype, H, T, D, is_key, G, bits)) return NULL;
+    if (src_T < 0) src_T = T; /* the whole section */
+    if (t0 < 0 || T <= 0 || t0 + T > src_T)
+        return PyErr_SetString(PyExc_ValueError, "tokens beyond the section"), NULL;
+    if (!check_args(dtype, H, src_T, D, is_key, G, bits)) return NULL;
     if (sym && is_key)
         return PyErr_SetString(PyExc_ValueError, "symmetric groups are per token"), NULL;
     if (hadamard && (D & (D - 1)))
@@ -297,11 +312,11 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     if (cos && (!sin || rotary <= 0 || rotary > D || rotary % 2))
         return PyErr_SetString(PyExc_ValueError, "bad RoPE tables"), NULL;
     const Transforms tf = {hadamard, cos ? (const float *)cos : NULL, (const float *)sin, rotary};
-    if ((T > 1 && row_stride < D) || (H > 1 && head_stride < T * row_stride))
+    if (!rows_apart(H, T, D, head_stride, row_stride))
         return PyErr_SetString(PyExc_ValueError, "rows or heads would overlap"), NULL;
     Py_BEGIN_ALLOW_THREADS
     decode_section((const uint8_t *)codes, (const f16 *)scales, (const f16 *)mins, H, T, D, is_key,
-                   G, bits, (char *)out, head_stride, row_stride, dtype, &tf, sym);
+                   G, bits, (char *)out, head_stride, row_stride, dtype, &tf, sym, t0, src_T);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -330,7 +345,7 @@ static PyMethodDef methods[] = {
     {"encode_section", py_encode, METH_VARARGS,
      "encode_section(x, dtype, H, T, D, is_key, G, bits, codes, scales, mins[, sym]): quantize and pack (sym: symmetric per-token groups, no minimums written); False if x holds NaN, inf or |x| > 65504"},
     {"decode_section", py_decode, METH_VARARGS,
-     "decode_section(codes, scales, mins, H, T, D, is_key, G, bits, out, head_stride, row_stride, dtype[, hadamard, cos, sin, rotary]): unpack, dequantize into out's rows of D (rows row_stride, heads head_stride elements apart), then undo the Hadamard rotation and redo RoPE (float32 [T, rotary] cos/sin tables) per row; sym: symmetric per-token groups (no minimums read)"},
+     "decode_section(codes, scales, mins, H, T, D, is_key, G, bits, out, head_stride, row_stride, dtype[, hadamard, cos, sin, rotary, sym, t0, src_T]): unpack, dequantize into out's rows of D (rows row_stride, heads head_stride elements apart: each head's rows in a run, or the heads of a row side by side), then undo the Hadamard rotation and redo RoPE (float32 [T, rotary] cos/sin tables) per row; sym: symmetric per-token groups (no minimums read); t0, src_T: only tokens [t0, t0 + T) of a section of src_T tokens per head"},
     {"store_rows", py_store, METH_VARARGS,
      "store_rows(src, H, T, D, src_head_stride, src_row_stride, out, head_stride, row_stride, dtype[, cos, sin, rotary]): float32 rows of D (strides in elements) -> out's rows in dtype, RoPE redone per row with float32 [T, rotary] cos/sin tables"},
     {NULL, NULL, 0, NULL},

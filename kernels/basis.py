@@ -312,6 +312,26 @@ def predicted_loop(
         values[layer] = pv + value_residual(layer, pv)
 
 
+# (layer, first token, end token, a buffer [H, n, D] float32, the layer's value rows [H, n, D]
+# float32) -> the layer's key components for tokens [first, end) ([H, n, D] float32, in the
+# buffer or elsewhere; those past the layer's extent are never read, those in the basis's gaps
+# must be 0), its value residuals written into the value rows, the Hadamard rotation undone:
+# how `rebuild_rows` reads a predicted block's decoded residuals, layer by layer
+Residuals = Callable[[int, int, int, Tensor, Tensor], Tensor]
+
+
+def decoded(coded: list[Tensor], rotate: bool) -> Residuals:
+    """The `Residuals` of residuals decoded whole (`rebuild`'s coded: key components and value
+    residuals [L, H, T, D] float32, values Hadamard-rotated under `rotate`)."""
+
+    def residuals(layer: int, first: int, end: int, _: Tensor, value_rows: Tensor) -> Tensor:
+        residual = coded[1][layer, :, first:end]
+        value_rows.copy_(hadamard(residual) if rotate else residual)
+        return coded[0][layer, :, first:end]
+
+    return residuals
+
+
 # (a layer's rows [H, T, D] float32 (rows contiguous), its target [H, T, D], RoPE's (cos, sin)
 # [T, rotary] or None) -> the rows written into the target in its dtype, RoPE redone on them
 Store = Callable[[Tensor, Tensor, tuple[Tensor, Tensor] | None], None]
@@ -367,7 +387,7 @@ def rebuild_loop(
 
 
 def rebuild_rows(
-    basis: KeyBasis, coded: list[Tensor], rotate: bool, out: tuple[Tensor, Tensor],
+    basis: KeyBasis, coded: list[Tensor] | Residuals, rotate: bool, out: tuple[Tensor, Tensor],
     rope: tuple[Tensor, Tensor] | None = None, store: Store = store_rows,
     pool: Executor | None = None, workers: int = 1,
 ) -> None:  # fmt: skip
@@ -377,41 +397,43 @@ def rebuild_rows(
     concatenation or transposition feeds them), K and V of only the layer before and this one;
     [K_l-1, V_l-1, 1] @ A is summed from its parts in place; the heads' key residuals come from
     one batched product, added into their columns in one pass; the layer is then stored
-    head-major, with RoPE.
+    head-major, with RoPE. `coded` is the decoded residuals as `rebuild` takes them, or a
+    `Residuals` that decodes each layer's when the loop reaches it (`rotate` then unused).
     Components past a layer's extent are never read; those in `basis.gaps` must be 0.
 
     A token's layers depend on that token's only, so with a `pool`, up to `workers` of its
     threads each run the whole loop over their own run of at least 64 tokens (on the CPU: the C
     loop's threads, each running torch on one thread: cpu_codec.rebuild_workers says how many
     may run at once without fighting torch's threads)."""
-    tokens = coded[0].shape[2]
+    source = coded if callable(coded) else decoded(coded, rotate)
+    tokens = out[0].shape[2]
     parts = max(1, min(workers, tokens // 64))
     if parts == 1 or pool is None:
-        return _rebuild_rows(basis, coded, rotate, out, rope, store)
+        return _rebuild_rows(basis, source, 0, tokens, out, rope, store)
     cuts = [tokens * i // parts for i in range(parts + 1)]
 
     def run(i: int) -> None:
         a, b = cuts[i], cuts[i + 1]
-        part = [x[:, :, a:b] for x in coded]
         tables = None if rope is None else (rope[0][a:b], rope[1][a:b])
-        _rebuild_rows(basis, part, rotate, (out[0][:, :, a:b], out[1][:, :, a:b]), tables, store)
+        _rebuild_rows(basis, source, a, b, (out[0][:, :, a:b], out[1][:, :, a:b]), tables, store)
 
     list(pool.map(run, range(parts)))
 
 
 def _rebuild_rows(
-    basis: KeyBasis, coded: list[Tensor], rotate: bool, out: tuple[Tensor, Tensor],
+    basis: KeyBasis, source: Residuals, first: int, end: int, out: tuple[Tensor, Tensor],
     rope: tuple[Tensor, Tensor] | None, store: Store,
 ) -> None:  # fmt: skip
-    device = coded[0].device
+    device = out[0].device
     mean, rotation, key_maps, value_maps = basis.on(device)
     assert mean is not None and rotation is not None
     assert key_maps is not None and value_maps is not None
-    layers, heads, tokens, dim = coded[0].shape
+    layers, heads, tokens, dim = out[0].shape  # tokens [first, end) of the block
     width = heads * dim
     rank = basis.map_rank
     ring = torch.empty(2, 2, tokens, width, dtype=torch.float32, device=device)  # [l % 2, K|V]
     turned = torch.empty(heads, tokens, dim, dtype=torch.float32, device=device)  # key residual
+    components = torch.empty(heads, tokens, dim, dtype=torch.float32, device=device)
     for layer in range(layers):
         k, v = ring[layer % 2]
         k_before, v_before = ring[(layer - 1) % 2]
@@ -427,11 +449,11 @@ def _rebuild_rows(
                     v_before, m[width : 2 * width]
                 )
         key_heads = k.view(tokens, heads, dim)
+        # the value residual straight into this layer's V rows (the prediction is added to it)
+        coded = source(layer, first, end, components, v.view(tokens, heads, dim).transpose(0, 1))
         if n := basis.extent[layer]:  # every head's residual in one product, added by one pass
             rows = rotation[layer, :, :, :n].transpose(-1, -2)
-            key_heads.add_(torch.bmm(coded[0][layer, :, :, :n], rows, out=turned).transpose(0, 1))
-        residual = hadamard(coded[1][layer]) if rotate else coded[1][layer]
-        v.view(tokens, heads, dim).copy_(residual.transpose(0, 1))
+            key_heads.add_(torch.bmm(coded[:, :, :n], rows, out=turned).transpose(0, 1))
         if layer:
             m = value_maps[layer - 1]  # rows: K_l, K_l-1, V_l-1, bias (then B^T when low rank)
             if rank:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Literal
@@ -24,7 +24,14 @@ import torch
 from torch import Tensor
 
 from kvpool.kernels import reference, scratch
-from kvpool.kernels.basis import KeyBasis, predicted_loop, rebuild, store_rows
+from kvpool.kernels.basis import (
+    KeyBasis,
+    Store,
+    predicted_loop,
+    rebuild,
+    rebuild_rows,
+    store_rows,
+)
 from kvpool.kernels.transforms import (
     RopeParams,
     hadamard,
@@ -325,24 +332,19 @@ class DecodePlan:
             assert key_basis is not None
             if not key_basis.predicted:  # a header may claim PREDICTED for a plain basis's id
                 raise CodecError("this block's layers are predicted: its basis must hold the maps")
-            with scratch.lent(shape, device, 2) as coded:  # reused: no page faults
-                # key components past a layer's extent are never read, those between stored
-                # ones are 0; value sections cover every channel
-                for layer, first, end in key_basis.gaps:
-                    coded[0][layer, :, :, first:end] = 0
-                impl.decode_tensor(payload, header.tensor_sections(0), header, coded[0])
-                values = header.tensor_sections(1)
-                if self.fused and self.hadamard_values:  # the C loop rotates the residuals back
-                    impl.decode_tensor(payload, values, header, coded[1], hadamard=True)
-                else:
-                    impl.decode_tensor(payload, values, header, coded[1])
-                rotated = self.hadamard_values and not self.fused
-                store = getattr(impl, "store_rows", store_rows)  # the C loop's, or torch's
-                # the C loop's threads and how many split the tokens (torch's backends: none)
-                pool = getattr(impl, "POOL", None)
-                workers = impl.rebuild_workers() if hasattr(impl, "rebuild_workers") else 1
-                rebuild(key_basis, coded, rotated, (works[0], works[1]), tables, store, pool,
-                        workers)  # fmt: skip
+            store = getattr(impl, "store_rows", store_rows)  # the C loop's, or torch's
+            # the C loop's threads and how many split the tokens (torch's backends: none)
+            pool = getattr(impl, "POOL", None)
+            workers = impl.rebuild_workers() if hasattr(impl, "rebuild_workers") else 1
+            if hasattr(impl, "residuals") and not key_basis.per_head_maps:
+                # the C loop decodes each layer's residuals for each run of tokens when the
+                # rebuild reaches it (in cache, straight into the rows the loop adds to)
+                source = impl.residuals(payload, header, key_basis.gaps, self.hadamard_values)
+                rebuild_rows(key_basis, source, False, (works[0], works[1]), tables, store, pool,
+                             workers)  # fmt: skip
+            else:
+                self._rebuild_decoded(payload, header, key_basis, works, tables, store, pool,
+                                      workers)  # fmt: skip
         else:
             for i, work in enumerate(works):
                 sections = header.tensor_sections(i)
@@ -370,6 +372,27 @@ class DecodePlan:
         for work, target in zip(works, targets, strict=True):
             if work is not target:
                 target.copy_(work)
+
+    def _rebuild_decoded(
+        self, payload: Tensor, header: BlockHeader, key_basis: KeyBasis, works: list[Tensor],
+        tables: tuple[Tensor, Tensor] | None, store: Store, pool: Executor | None, workers: int,
+    ) -> None:  # fmt: skip
+        """A predicted block's layers rebuilt from its residuals decoded whole first (float32
+        [L, H, T, D] each, the decoder's scratch): torch's backends, and per-head maps."""
+        impl = self.impl
+        with scratch.lent(self.shape, payload.device, 2) as coded:  # reused: no page faults
+            # key components past a layer's extent are never read, those between stored ones
+            # are 0; value sections cover every channel
+            for layer, first, end in key_basis.gaps:
+                coded[0][layer, :, :, first:end] = 0
+            impl.decode_tensor(payload, header.tensor_sections(0), header, coded[0])
+            values = header.tensor_sections(1)
+            if self.fused and self.hadamard_values:  # the C loop rotates the residuals back
+                impl.decode_tensor(payload, values, header, coded[1], hadamard=True)
+            else:
+                impl.decode_tensor(payload, values, header, coded[1])
+            rotated = self.hadamard_values and not self.fused
+            rebuild(key_basis, coded, rotated, (works[0], works[1]), tables, store, pool, workers)
 
 
 def decode_plan(header: BlockHeader, backend: Backend, device: torch.device) -> DecodePlan:

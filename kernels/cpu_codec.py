@@ -147,6 +147,52 @@ def decode_tensor(
     _spread(one, len(sections))
 
 
+def decode_rows(
+    payload: Tensor, sections: list[Section], header: BlockHeader, out: Tensor, first: int,
+    hadamard: bool = False,
+) -> None:  # fmt: skip
+    """`decode_tensor` of tokens [first, first + n) of one layer's sections into out [H, n, D]
+    (float32, rows of D contiguous: each head's rows in a run, or the heads of a token side by
+    side), in the caller's thread: how a predicted block's rebuild decodes each layer's
+    residuals as it reaches them, while they are in cache (basis.Residuals)."""
+    h, n, d = out.shape
+    assert out.dtype == torch.float32 and out.stride(-1) == 1
+    assert (h, d) == (header.heads, header.head_dim) and first >= 0 and first + n <= header.tokens
+    base = payload.data_ptr()
+    for s in sections:
+        group = header.group_size if s.is_key else header.value_group
+        _cpu_codec.decode_section(
+            base + s.codes, base + s.scales, base + s.mins, h, n, s.channels, int(s.is_key),
+            group, s.bits, out[:, :, s.first :].data_ptr(), out.stride(0), out.stride(1),
+            DTYPE_CODES[out.dtype], int(hadamard), 0, 0, 0, int(s.symmetric), first,
+            header.tokens,
+        )  # fmt: skip
+
+
+def residuals(
+    payload: Tensor, header: BlockHeader, gaps: tuple[tuple[int, int, int], ...], hadamard: bool
+) -> Callable[[int, int, int, Tensor, Tensor], Tensor]:
+    """The basis.Residuals of a predicted block's payload: a layer's key components and value
+    residuals for a run of tokens, decoded by `decode_rows` when the rebuild reaches the layer,
+    the values' Hadamard rotation undone under `hadamard`; the components in `gaps` (the basis's:
+    between stored ones) are zeroed, those past the layer's stored ones left as they are."""
+    keys: list[list[Section]] = [[] for _ in range(header.layers)]
+    values: list[list[Section]] = [[] for _ in range(header.layers)]
+    for i, by_layer in enumerate((keys, values)):
+        for s in header.tensor_sections(i):
+            by_layer[s.layer].append(s)
+
+    def decode(layer: int, first: int, end: int, buffer: Tensor, value_rows: Tensor) -> Tensor:
+        for gap_layer, a, b in gaps:
+            if gap_layer == layer:
+                buffer[:, :, a:b] = 0
+        decode_rows(payload, keys[layer], header, buffer, first)
+        decode_rows(payload, values[layer], header, value_rows, first, hadamard)
+        return buffer
+
+    return decode
+
+
 def store_rows(rows: Tensor, target: Tensor, rope: tuple[Tensor, Tensor] | None) -> None:
     """A layer's rows [H, T, D] float32 (rows contiguous) into target [H, T, D] (CPU, rows
     contiguous) in its dtype, RoPE redone with rope = (cos, sin) float32 [T, rotary]: one pass

@@ -5,8 +5,10 @@ import threading
 
 import pytest
 import torch
+from torch import Tensor
 
-from kvpool.kernels import cpu_codec
+from kvpool.kernels import _cpu_codec, cpu_codec
+from kvpool.kernels.transforms import RopeParams
 
 
 def _threads_of_a_new_thread() -> int:
@@ -51,3 +53,90 @@ def test_where_the_pool_runs_torchs_count_the_rebuild_takes_only_idle_cores(
             assert cpu_codec.rebuild_workers() == want
     finally:
         torch.set_num_threads(threads)
+
+
+# a gap in layer 0 (components 8..16 not stored between stored ones), tails not stored
+GAPPED = (*(8, 0, 3, 3, 2, 2, 2, 0), *(4, 4, 3, 3, 3, 2, 0, 0))
+
+
+@pytest.mark.parametrize("rank", [0, 16])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("tokens", [128, 160])  # runs of 64 and of 80 tokens (off the groups)
+def test_the_c_loop_decodes_each_layers_residuals_when_the_rebuild_reaches_it(
+    rank: int, symmetric: bool, tokens: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A predicted block decoded on the CPU (each layer's residuals decoded for each run of tokens
+    as the rebuild reaches them, cpu_codec.residuals) is bit for bit the block rebuilt from its
+    residuals decoded whole first (the C loop's decode_tensor), and within rounding of the torch
+    reference's: RoPE, Hadamard values, a sink token, a gap between stored components, into a
+    slice of a longer cache."""
+    from kvpool.kernels.codec import decode, encode
+    from tests.kernels.helpers import kv
+    from tests.kernels.test_backends import _close
+    from tests.kernels.test_basis import DIM, HEADS, LAYERS, config, low_rank_twin
+    from tests.kernels.test_basis import predicting_basis as basis_of
+
+    basis = basis_of(seed=6, widths=GAPPED)
+    basis = low_rank_twin(basis, rank) if rank else basis
+    assert basis.gaps == ((0, 8, 16),)
+    k, v = kv(layers=LAYERS, heads=HEADS, tokens=tokens, dim=DIM, seed=4)
+    cfg = config(basis, rope=RopeParams(10000.0, DIM), hadamard_values=True, sink_tokens=1,
+                 symmetric_values=symmetric)  # fmt: skip
+    blob = encode(k, v, cfg)
+
+    def into_a_cache() -> tuple[Tensor, Tensor]:
+        cache = [torch.zeros(LAYERS, HEADS, tokens + 64, DIM, dtype=torch.float16) for _ in "kv"]
+        decode(blob, key_basis=basis, backend="cpu", out=(cache[0][:, :, 32:-32],
+                                                          cache[1][:, :, 32:-32]))  # fmt: skip
+        return cache[0], cache[1]
+
+    got = into_a_cache()
+    with monkeypatch.context() as m:
+        m.delattr(cpu_codec, "residuals")  # the residuals decoded whole, then the same rebuild
+        whole = into_a_cache()
+    assert torch.equal(got[0], whole[0]) and torch.equal(got[1], whole[1])
+    ref = decode(blob, key_basis=basis, backend="reference", dtype=torch.float16)
+    assert ref.keys is not None and ref.values is not None
+    _close(got[0][:, :, 32:-32], ref.keys)
+    _close(got[1][:, :, 32:-32], ref.values)
+    assert not got[0][:, :, :32].any() and not got[1][:, :, -32:].any()
+
+
+def test_a_run_of_a_sections_tokens_decodes_as_the_whole_section_does() -> None:
+    """decode_section's tokens [t0, t0 + T) of a section: the rows the whole section's decode
+    writes there, into rows laid out head-major or token-major (the heads of a token side by
+    side); tokens beyond the section, or rows that would overlap, are refused."""
+    from kvpool.kernels.codec import CodecConfig, encode
+    from kvpool.proto.blockformat import parse_header, payload_bytes
+
+    heads, tokens, dim = 3, 96, 64
+    k, v = (x.float() for x in torch.randn(2, 1, heads, tokens, dim).unbind(0))
+    blob = encode(k, v, CodecConfig(3, 2, 32, hadamard_values=True))
+    header = parse_header(blob)
+    payload = torch.frombuffer(bytearray(payload_bytes(blob, header)), dtype=torch.uint8)
+    for i in (0, 1):
+        sections = header.tensor_sections(i)
+        whole = torch.empty(1, heads, tokens, dim)
+        cpu_codec.decode_tensor(payload, sections, header, whole, hadamard=i == 1)
+        for first, end in ((0, 96), (16, 80), (40, 41), (32, 96)):
+            head_major = torch.full((heads, end - first, dim), float("nan"))
+            cpu_codec.decode_rows(payload, sections, header, head_major, first, i == 1)
+            assert torch.equal(head_major, whole[0, :, first:end])
+            token_major = torch.full((end - first, heads, dim), float("nan"))
+            cpu_codec.decode_rows(payload, sections, header, token_major.transpose(0, 1), first,
+                                  i == 1)  # fmt: skip
+            assert torch.equal(token_major.transpose(0, 1), whole[0, :, first:end])
+    s = header.tensor_sections(0)[0]
+    out = torch.empty(heads, tokens, dim)
+    base = payload.data_ptr()
+
+    def call(t: int, hs: int, rs: int, t0: int, src: int) -> None:
+        _cpu_codec.decode_section(base + s.codes, base + s.scales, base + s.mins, heads, t, dim,
+                                  1, 32, s.bits, out.data_ptr(), hs, rs, 3, 0, 0, 0, 0, 0, t0,
+                                  src)  # fmt: skip
+
+    for bad in ((32, tokens * dim, dim, 80, tokens), (32, tokens * dim, dim, -1, tokens),
+                (32, dim, dim, 0, tokens), (32, 32 * dim, dim // 2, 0, tokens)):  # fmt: skip
+        with pytest.raises(ValueError):
+            call(*bad)
+    call(32, dim, heads * dim, 64, tokens)  # token-major: fine
