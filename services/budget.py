@@ -21,7 +21,10 @@ saw 0, evicted everything and failed every later call.
 Rebalancing (`rebalance`) is driven by evictions, not by time, so a given order of operations
 always gives the same budgets: a shard about to evict a block for room first asks the table
 for the bytes it needs, from the shard with the most room it does not use, else from the shard
-whose next victim is older than its own (one LRU over the node would evict that one). The
+whose next victim is older than its own (one LRU over the node would evict that one). A donor
+evicts what it gave on its next call, so its published age is discounted by what it already
+owes: taken as read, the oldest shard would keep giving until it owed the most it may, then
+evict blocks younger than other shards' next victims. The
 store does not ask when its policy evicts a recent block because recent blocks are over their
 target (its scan resistance: that block is worth less than anything another shard holds).
 Every step is bounded: at least 1/STEPS and at most 1/CAP of a fair share (the total over the
@@ -154,13 +157,18 @@ class SharedBudget:
             self._write(rows, total)
             return budget
 
-    def rebalance(self, victim: int, need: int) -> int:
+    def rebalance(self, victim: int, need: int, now: int | None = None) -> int:
         """This shard must evict `need` bytes, its next victim stamped `victim`: take a step
         of budget (`need`, at least 1/STEPS and at most 1/CAP of a fair share) from the shard
         with the most unused room (at least a step), else from the one whose next victim is
         the oldest when older than `victim` (one LRU over the node would evict that one),
         never below the floor nor past what a donor may owe (see the module's docstring).
-        Returns this shard's budget."""
+        A donor's next victim is the one it will reach after evicting what it owes, with
+        this step: its published age moved toward `now` (the clock at this call; default
+        `victim`) in proportion to those bytes over the bytes it holds, as if its blocks'
+        stamps were spread evenly (it publishes only its first victim's age, and until its
+        next call takers would see that age however much it already gave). Returns this
+        shard's budget."""
         with self._locked():
             rows = self._rows()
             total = self.total
@@ -173,7 +181,14 @@ class SharedBudget:
             spare = [(rows[i].budget - rows[i].held, i) for i in donors]
             room, donor = max(spare, default=(0, -1))
             if room < step:
-                oldest, donor = min(((rows[i].age, i) for i in donors), default=(victim, -1))
+                now = victim if now is None else now
+
+                def next_victim(r: Row) -> int:
+                    owed = max(0, r.held - r.budget) + step
+                    return r.age + (max(now, r.age) - r.age) * owed // max(1, r.held)
+
+                oldest, donor = min(((next_victim(rows[i]), i) for i in donors),
+                                    default=(victim, -1))  # fmt: skip
                 if oldest >= victim:
                     donor = -1
             if donor >= 0:

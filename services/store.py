@@ -528,7 +528,7 @@ class BlockStore:
             return False  # scan resistance: a recent block over its target goes before an
             # older proven one; it is worth less than anything another shard holds
         need = self.stats.bytes - self.stats.budget_bytes
-        budget = self._share.rebalance(victim.tick, need)
+        budget = self._share.rebalance(victim.tick, need, self._tick)
         if budget <= self.stats.budget_bytes:
             return False
         self._target = self._target * budget // self.stats.budget_bytes

@@ -282,3 +282,21 @@ def test_a_block_over_a_shards_budget_but_within_a_fair_share_is_taken_or_evicte
     with pytest.raises(BlockTooLargeError):
         b.put(key(1, 1), key(1, 1), 0, b"z" * (EACH + 1), None, None)
     assert key(1, 1) not in b
+
+
+def test_a_donor_that_already_owes_counts_as_younger_by_what_it_owes(tmp_path: Path) -> None:
+    """Shard 1 published the oldest next victim but already gave away 150 bytes it has not
+    evicted yet; shard 2's victim is a little younger and it owes nothing. Evicting what it
+    owes takes shard 1 past shard 2's age, so the step comes from shard 2 (one LRU over the
+    node would evict shard 2's block next). Taken as published, shard 1 would give again."""
+    path = str(tmp_path / "node.budget")
+    budget.create(path, 3, 1000)
+    v0, v1, v2 = (SharedBudget(path, i) for i in range(3))
+    with v0._locked():
+        rows = v0._rows()
+        rows[0].budget, rows[1].budget = 1150, 850
+        v0._write(rows, 3000)
+    v1.publish(1000, 10)  # holds 1,000 bytes against a budget of 850: owes 150
+    v2.publish(1000, 12)
+    assert v0.rebalance(30, 100, now=110) == 1250
+    assert [r.budget for r in v0.rows()] == [1250, 850, 900]
