@@ -485,10 +485,14 @@ class BlockStore:
         """Bytes `resize` took from the budget and has not given back (memory pressure)."""
         return self._share.yielded() if self._share is not None else self._yielded
 
-    def _set_budget(self, budget_bytes: int) -> None:
-        """Take the new budget and evict down to it."""
+    def _rescale(self, budget_bytes: int) -> None:
+        """Take a new budget, `recent`'s target scaled with it (no eviction)."""
         self._target = self._target * budget_bytes // self.stats.budget_bytes
         self.stats.budget_bytes = budget_bytes
+
+    def _set_budget(self, budget_bytes: int) -> None:
+        """Take the new budget and evict down to it."""
+        self._rescale(budget_bytes)
         while self.stats.bytes > budget_bytes:
             self._evict(*self._replacement())
         self._trim_ghosts()
@@ -531,8 +535,7 @@ class BlockStore:
         budget = self._share.rebalance(victim.tick, need, self._tick)
         if budget <= self.stats.budget_bytes:
             return False
-        self._target = self._target * budget // self.stats.budget_bytes
-        self.stats.budget_bytes = budget
+        self._rescale(budget)
         return True
 
     def _oldest(self) -> int:
@@ -541,10 +544,7 @@ class BlockStore:
         recent, frequent = self._recent, self._frequent
         if not (recent and frequent):
             return (recent or frequent).oldest().tick if (recent or frequent) else 0
-        new, proven = recent.oldest(), frequent.oldest()
-        if (new.tick, -new.position) <= (proven.tick, -proven.position):
-            return new.tick
-        return (new if recent.bytes > self._target else proven).tick
+        return self._choose(recent.oldest(), frequent.oldest())[0].tick
 
     # -- recency ----------------------------------------------------------------------------
 
@@ -586,12 +586,18 @@ class BlockStore:
         recent, frequent = self._recent, self._frequent
         if not (recent and frequent):
             return self._victim(recent or frequent), False
-        new, proven = self._victim(recent), self._victim(frequent)
+        return self._choose(self._victim(recent), self._victim(frequent))
+
+    def _choose(self, new: _Node, proven: _Node) -> tuple[_Node, bool]:
+        """Between the first of `recent` and the first of `frequent`: the older, unless the
+        proven one is older and `recent` holds more than its target; and whether the target
+        chose (a target within the window of what `recent` holds could have chosen the other
+        way)."""
         if (new.tick, -new.position) <= (proven.tick, -proven.position):
             return new, False
-        # a target within the window of what `recent` holds could have chosen the other way
-        chosen = abs(recent.bytes - self._target) < self.stats.budget_bytes // _WINDOW
-        return (new if recent.bytes > self._target else proven), chosen
+        held = self._recent.bytes
+        chosen = abs(held - self._target) < self.stats.budget_bytes // _WINDOW
+        return (new if held > self._target else proven), chosen
 
     def _victim(self, queue: _Queue) -> _Node:
         """The first leaf of `queue` to go (a block with no children on this shard), passing
