@@ -60,12 +60,8 @@ def stores(store_class: type, capacity: int, shards: int, shared: bool = False,
     """`trace_replay.Stores` of `shards` stores of `store_class` splitting `capacity` blocks
     (with `shared`, BlockStores sharing them through a budget table; `hints`: the client's
     hints across shards, BlockStore only)."""
-    if shared:
-        return Stores(capacity * BLOCK_BYTES, shards, BLOCK_BYTES, shared=True, hints=hints)
     hints = hints and store_class is BlockStore
-    cache = Stores(capacity * BLOCK_BYTES, shards, BLOCK_BYTES, hints=hints)
-    cache.stores = {sid: store_class(s.budget_bytes) for sid, s in cache.stores.items()}
-    return cache
+    return Stores(capacity * BLOCK_BYTES, shards, BLOCK_BYTES, shared, hints, store_class)
 
 
 def load(spec: str) -> type:

@@ -145,20 +145,24 @@ class Stores(Cache):
     not simulated."""
 
     def __init__(self, budget_bytes: int, shards: int, block_bytes: int,
-                 shared: bool = False, hints: bool = True) -> None:  # fmt: skip
-        self.hints = hints
+                 shared: bool = False, hints: bool = True,
+                 store_class: type[BlockStore] = BlockStore) -> None:  # fmt: skip
+        """`store_class`: BlockStore or a class with its interface (hints only to BlockStore
+        and its subclasses; with `shared`, it takes BlockStore's share and clock)."""
+        self.hints = hints and issubclass(store_class, BlockStore)
         ids = [f"shard-{i}" for i in range(shards)]
         self.place = Placement(Ring(ids))
         each = max(block_bytes, budget_bytes // shards)
-        self.stores = {s: BlockStore(each) for s in ids}
         if shared:
             with tempfile.NamedTemporaryFile(suffix=".budget", delete=False) as f:
                 table = f.name
             create_budget(table, shards, each)
             clock = itertools.count(1).__next__  # one batch counter for every store
-            self.stores = {s: BlockStore(each, share=SharedBudget(table, i), clock=clock)
+            self.stores = {s: store_class(each, share=SharedBudget(table, i), clock=clock)
                            for i, s in enumerate(ids)}  # fmt: skip
             os.unlink(table)  # the stores keep it mapped
+        else:
+            self.stores = {s: store_class(each) for s in ids}
         self.hot = {s: HotKeys() for s in ids}  # as each shard counts its reads
         self.blob = b"\0" * block_bytes
 
