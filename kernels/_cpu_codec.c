@@ -225,7 +225,10 @@ static void decode_section(const uint8_t *codes, const f16 *scales, const f16 *m
 #define DECODE(d)                                                                                \
     decode_impl(codes, scales, mins, H, T, d, is_key, G, bits, out, hs, rs, dtype, tf, sym, t0,  \
                 src_T)
-    switch (D) {
+    switch (D) { /* head dims, and the runs of key components under a key basis (powers of 2) */
+    case 8: DECODE(8); break;
+    case 16: DECODE(16); break;
+    case 32: DECODE(32); break;
     case 64: DECODE(64); break;
     case 128: DECODE(128); break;
     default: DECODE(D);
