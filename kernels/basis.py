@@ -332,6 +332,12 @@ def decoded(coded: list[Tensor], rotate: bool) -> Residuals:
     return residuals
 
 
+# (layer, first token, end token, a buffer [H, n, D] float32) -> the layer's key components for
+# tokens [first, end) ([H, n, D] float32, in the buffer or elsewhere; those past the layer's
+# extent are never read, those in the basis's gaps must be 0)
+Components = Callable[[int, int, int, Tensor], Tensor]
+
+
 # (a layer's rows [H, T, D] float32 (rows contiguous), its target [H, T, D], RoPE's (cos, sin)
 # [T, rotary] or None) -> the rows written into the target in its dtype, RoPE redone on them
 Store = Callable[[Tensor, Tensor, tuple[Tensor, Tensor] | None], None]
@@ -342,6 +348,40 @@ def store_rows(rows: Tensor, target: Tensor, rope: tuple[Tensor, Tensor] | None)
     target.copy_(rows)
     if rope is not None:
         target[..., : rope[0].shape[-1]] = rotated(rows, *rope, 1.0)
+
+
+def keys_from_components(
+    basis: KeyBasis, source: Components, out: Tensor, rope: tuple[Tensor, Tensor] | None = None,
+    store: Store = store_rows, pool: Executor | None = None, workers: int = 1,
+) -> None:  # fmt: skip
+    """A KEY_BASIS block's keys into `out` ([L, H, T, D], any float dtype) from their components
+    as `source` decodes them, layer by layer and run by run of tokens: `from_components_`'s
+    products (each layer's heads in one batched product, plus the mean), stored through `store`
+    with RoPE redone when `rope`'s tables are given. With a `pool`, the tokens are split over up
+    to `workers` of its threads, as `rebuild_rows` splits them."""
+    tokens = out.shape[2]
+    parts = max(1, min(workers, tokens // 64)) if pool is not None else 1
+    cuts = [tokens * i // parts for i in range(parts + 1)]
+
+    def run(i: int) -> None:
+        a, b = cuts[i], cuts[i + 1]
+        _, heads, _, dim = out.shape
+        mean, rotation = basis.on(out.device)[:2]
+        assert mean is not None and rotation is not None
+        buffer, keys = (torch.empty(heads, b - a, dim, device=out.device) for _ in range(2))
+        tables = None if rope is None else (rope[0][a:b], rope[1][a:b])
+        for layer, n in enumerate(basis.extent):
+            if n:
+                part = source(layer, a, b, buffer)[:, :, :n]
+                torch.bmm(part, rotation[layer, :, :, :n].transpose(-1, -2), out=keys)
+                keys.add_(mean[layer][:, None])
+            else:  # no component stored: the mean
+                keys.copy_(mean[layer][:, None].expand_as(keys))
+            store(keys, out[layer][:, a:b], tables)
+
+    if parts == 1 or pool is None:
+        return run(0)
+    list(pool.map(run, range(parts)))
 
 
 def rebuild(

@@ -27,6 +27,7 @@ from kvpool.kernels import reference, scratch
 from kvpool.kernels.basis import (
     KeyBasis,
     Store,
+    keys_from_components,
     predicted_loop,
     rebuild,
     rebuild_rows,
@@ -305,13 +306,18 @@ class DecodePlan:
     fused: bool  # impl.decode_tensor takes hadamard= and rope=
     torch_rope: bool  # RoPE redone in torch, on the float32 keys
     torch_hadamard: bool  # the Hadamard rotation undone in torch, on the float32 values
+    # keys in a basis (not predicted) rebuilt by basis.keys_from_components from the C loop's
+    # components, run by run of tokens, and stored with RoPE by the C loop: no float32 copy
+    key_runs: bool = False
 
     def work_in_float32(self, i: int) -> bool:
         """Whether tensor i is rebuilt in float32 before it is written in the output dtype
         (predicted blocks: basis.rebuild writes each layer in the output dtype itself)."""
         if self.predicted:
             return False
-        return self.basis or self.torch_rope if i == 0 else self.torch_hadamard
+        if i == 0:
+            return (self.basis and not self.key_runs) or self.torch_rope
+        return self.torch_hadamard
 
     def decode(
         self, payload: Tensor, header: BlockHeader, targets: list[Tensor],
@@ -348,7 +354,12 @@ class DecodePlan:
         else:
             for i, work in enumerate(works):
                 sections = header.tensor_sections(i)
-                if i == 0 and self.basis:
+                if i == 0 and self.key_runs:  # rebuilt and stored layer by layer, with RoPE
+                    assert key_basis is not None
+                    source = impl.components(payload, header, key_basis.gaps)
+                    keys_from_components(key_basis, source, work, tables, impl.store_rows,
+                                         impl.POOL, impl.rebuild_workers())  # fmt: skip
+                elif i == 0 and self.basis:
                     assert key_basis is not None
                     components = torch.zeros(shape, dtype=torch.float32, device=device)  # 0: mean
                     impl.decode_tensor(payload, sections, header, components)
@@ -414,13 +425,14 @@ def _plan(
     predicted = bool(flags & Flag.PREDICTED)
     hadamard_values = bool(flags & Flag.HADAMARD_VALUES)
     fused = getattr(impl, "FUSES_TRANSFORMS", False)
+    key_runs = basis and not predicted and hasattr(impl, "components")
     return DecodePlan(
         impl=impl, shape=shape, latent=layout == Layout.LATENT, basis=basis, predicted=predicted,
         rope=rope, hadamard_values=hadamard_values, fused=fused,
-        torch_rope=rope is not None and (basis or not fused) and not predicted,  # predicted:
-        # basis.rebuild redoes RoPE as it stores each layer
+        torch_rope=rope is not None and (basis or not fused) and not predicted and not key_runs,
+        # predicted: basis.rebuild redoes RoPE as it stores each layer (key_runs: likewise)
         # predicted: basis.rebuild undoes the rotation of the value residuals itself
-        torch_hadamard=hadamard_values and not fused and not predicted,
+        torch_hadamard=hadamard_values and not fused and not predicted, key_runs=key_runs,
     )  # fmt: skip
 
 

@@ -169,26 +169,41 @@ def decode_rows(
         )  # fmt: skip
 
 
-def residuals(
-    payload: Tensor, header: BlockHeader, gaps: tuple[tuple[int, int, int], ...], hadamard: bool
-) -> Callable[[int, int, int, Tensor, Tensor], Tensor]:
-    """The basis.Residuals of a predicted block's payload: a layer's key components and value
-    residuals for a run of tokens, decoded by `decode_rows` when the rebuild reaches the layer,
-    the values' Hadamard rotation undone under `hadamard`; the components in `gaps` (the basis's:
-    between stored ones) are zeroed, those past the layer's stored ones left as they are."""
+def components(
+    payload: Tensor, header: BlockHeader, gaps: tuple[tuple[int, int, int], ...]
+) -> Callable[[int, int, int, Tensor], Tensor]:
+    """The basis.Components of a KEY_BASIS block's payload: a layer's key components for a run
+    of tokens, decoded by `decode_rows` into the buffer given; the components in `gaps` (the
+    basis's: between stored ones) are zeroed, those past the layer's stored ones left as they
+    are."""
     keys: list[list[Section]] = [[] for _ in range(header.layers)]
-    values: list[list[Section]] = [[] for _ in range(header.layers)]
-    for i, by_layer in enumerate((keys, values)):
-        for s in header.tensor_sections(i):
-            by_layer[s.layer].append(s)
+    for s in header.tensor_sections(0):
+        keys[s.layer].append(s)
 
-    def decode(layer: int, first: int, end: int, buffer: Tensor, value_rows: Tensor) -> Tensor:
+    def decode(layer: int, first: int, end: int, buffer: Tensor) -> Tensor:
         for gap_layer, a, b in gaps:
             if gap_layer == layer:
                 buffer[:, :, a:b] = 0
         decode_rows(payload, keys[layer], header, buffer, first)
-        decode_rows(payload, values[layer], header, value_rows, first, hadamard)
         return buffer
+
+    return decode
+
+
+def residuals(
+    payload: Tensor, header: BlockHeader, gaps: tuple[tuple[int, int, int], ...], hadamard: bool
+) -> Callable[[int, int, int, Tensor, Tensor], Tensor]:
+    """The basis.Residuals of a predicted block's payload: a layer's key components for a run of
+    tokens as `components` decodes them, and its value residuals by `decode_rows`, the Hadamard
+    rotation undone under `hadamard`."""
+    key_components = components(payload, header, gaps)
+    values: list[list[Section]] = [[] for _ in range(header.layers)]
+    for s in header.tensor_sections(1):
+        values[s.layer].append(s)
+
+    def decode(layer: int, first: int, end: int, buffer: Tensor, value_rows: Tensor) -> Tensor:
+        decode_rows(payload, values[layer], header, value_rows, first, hadamard)
+        return key_components(layer, first, end, buffer)
 
     return decode
 

@@ -140,3 +140,45 @@ def test_a_run_of_a_sections_tokens_decodes_as_the_whole_section_does() -> None:
         with pytest.raises(ValueError):
             call(*bad)
     call(32, dim, heads * dim, 64, tokens)  # token-major: fine
+
+
+@pytest.mark.parametrize("tokens", [128, 160])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_keys_in_a_basis_are_rebuilt_run_by_run_as_they_were_whole(
+    tokens: int, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A KEY_BASIS block's keys decoded on the CPU run by run of tokens (the C loop's components
+    of each layer, turned back and stored with RoPE by the C loop: basis.keys_from_components)
+    are the keys decoded whole first (from_components_, RoPE redone in torch) within float32
+    rounding: a gap between stored components, a layer with none stored, a sink token, into a
+    slice of a longer cache."""
+    from kvpool.kernels.codec import decode, encode
+    from tests.kernels.helpers import kv
+    from tests.kernels.test_basis import DIM, HEADS, LAYERS, config, random_basis
+
+    basis = random_basis(widths=(*GAPPED[:8], *(0,) * 8))  # layer 1: no component stored
+    assert basis.gaps == ((0, 8, 16),) and basis.extent == (56, 0)
+    k, v = kv(layers=LAYERS, heads=HEADS, tokens=tokens, dim=DIM, seed=5)
+    blob = encode(k, v, config(basis, rope=RopeParams(10000.0, DIM), hadamard_values=True,
+                               sink_tokens=1), start_position=0)  # fmt: skip
+
+    def into_a_cache() -> tuple[Tensor, Tensor]:
+        cache = [torch.zeros(LAYERS, HEADS, tokens + 64, DIM, dtype=dtype) for _ in "kv"]
+        decode(blob, key_basis=basis, backend="cpu", out=(cache[0][:, :, 32:-32],
+                                                          cache[1][:, :, 32:-32]))  # fmt: skip
+        return cache[0], cache[1]
+
+    got = into_a_cache()
+    with monkeypatch.context() as m:
+        m.delattr(cpu_codec, "components")  # components decoded whole, keys rebuilt in torch
+        from kvpool.kernels import codec
+
+        codec._plan.cache_clear()
+        whole = into_a_cache()
+    codec._plan.cache_clear()
+    assert torch.equal(got[1], whole[1])
+    if dtype == torch.float32:
+        torch.testing.assert_close(got[0], whole[0], atol=1e-6, rtol=1e-6)
+    else:  # rounded to fp16 from float32 keys that differ by float rounding: an ulp at most
+        torch.testing.assert_close(got[0], whole[0], atol=0, rtol=2**-10)
+    assert not got[0][:, :, :32].any() and not got[0][:, :, -32:].any()
