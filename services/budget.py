@@ -6,7 +6,8 @@ shared run head puts many prompts' continuations on one shard): a hot shard evic
 younger than those a cold one keeps. With it the shards of a node approximate one eviction
 order over all of them, as one store would.
 
-The table: a header (magic, slots, the current total) and one row per shard slot: its budget,
+The table: a header (magic, slots, the current total, the node's ARC target) and one row per
+shard slot: its budget,
 the age of its next victim (the batch stamp of the block its policy would evict next, on a
 clock every shard of the node shares: `time.monotonic_ns`, or one counter in a process), the
 bytes it holds, and the bytes it gave back under memory pressure. A shard writes its own age
@@ -17,6 +18,14 @@ aligned native 8-byte word, read and written whole (a memoryview of words: one l
 each), so a reader without the lock sees the old value or the new one, never a mix: `struct`'s
 pack_into zeroes a field before it writes its bytes, and a shard that read its budget then
 saw 0, evicted everything and failed every later call.
+
+The target (services/store.py: how much of a budget blocks seen once may hold before newer
+ones go before older proven ones) is one share for the whole node: every shard's ghost hits
+move it (by the ghost's size over that shard's budget, under the lock), and every shard reads
+it. Per shard, each target learned from a sixteenth of the evidence, and the shards of one
+node, which approximate one store, disagreed about what the next bytes of each side are worth
+(chosen on synthetic traces only, at a real node's per-shard size: +0.7 points mean over 8
+cells of 4 mixes, none lower; benchmarks/results/2026-12-07-policy-sweep-cpu.log).
 
 Rebalancing (`rebalance`) is driven by evictions, not by time, so a given order of operations
 always gives the same budgets: a shard about to evict a block for room first asks the table
@@ -47,11 +56,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-_MAGIC = b"kvpbudg1"
-_HEADER = struct.Struct("=8sqq")  # magic, slots, total (native words: see the docstring)
+_MAGIC = b"kvpbudg2"
+_HEADER = struct.Struct("=8sqqq")  # magic, slots, total, target (native words: the docstring)
 _ROW = struct.Struct("=qqqq")  # budget, age, held, yielded
 _HEADER_BYTES = 32
-_HEADER_WORDS, _ROW_WORDS, _TOTAL = _HEADER_BYTES // 8, _ROW.size // 8, 2
+_HEADER_WORDS, _ROW_WORDS, _TOTAL, _TARGET = _HEADER_BYTES // 8, _ROW.size // 8, 2, 3
+TARGET_ONE = 1 << 30  # the target's unit: the whole budget
 # In fair shares (the total over the slots), chosen on synthetic traces only
 # (benchmarks/policy_sweep.py; results/2026-12-07-policy-sweep-cpu.log):
 FLOOR = 2  # no shard is taken below 1/FLOOR of a fair share
@@ -73,7 +83,7 @@ def create(path: str, slots: int, budget_bytes: int) -> None:
     if slots < 1 or budget_bytes < slots:
         raise ValueError(f"need slots >= 1 and a budget of at least 1 byte each, got {slots}")
     data = bytearray(_HEADER_BYTES + slots * _ROW.size)
-    _HEADER.pack_into(data, 0, _MAGIC, slots, slots * budget_bytes)
+    _HEADER.pack_into(data, 0, _MAGIC, slots, slots * budget_bytes, TARGET_ONE // 2)
     for i in range(slots):
         _ROW.pack_into(data, _HEADER_BYTES + i * _ROW.size, budget_bytes, 0, 0, 0)
     tmp = f"{path}.{os.getpid()}.tmp"
@@ -89,7 +99,7 @@ class SharedBudget:
         self._fd = os.open(path, os.O_RDWR)  # an open file of its own: flock excludes threads too
         try:
             self._map = mmap.mmap(self._fd, 0)
-            magic, slots, _ = _HEADER.unpack_from(self._map, 0)
+            magic, slots, _, _ = _HEADER.unpack_from(self._map, 0)
             if magic != _MAGIC or len(self._map) != _HEADER_BYTES + slots * _ROW.size:
                 raise ValueError(f"{path} is not a kvpool budget table")
         except Exception:
@@ -116,6 +126,11 @@ class SharedBudget:
         """This shard's budget now (lowered by takers since it last looked, maybe)."""
         return int(self._words[self._own])
 
+    def target(self, budget: int) -> int:
+        """The node's target for the bytes of blocks seen once (the store's ARC target, one
+        for all the node's shards, as a share of their budgets), in bytes of `budget`."""
+        return (budget * int(self._words[_TARGET]) + TARGET_ONE // 2) // TARGET_ONE
+
     def yielded(self) -> int:
         return int(self._words[self._own + 3])
 
@@ -129,6 +144,13 @@ class SharedBudget:
         """This shard's bytes held and the stamp of its next victim (its own fields: no lock)."""
         self._words[self._own + 1] = age
         self._words[self._own + 2] = held
+
+    def move_target(self, delta: int, budget: int) -> None:
+        """A ghost hit on this shard: the node's target moves by `delta` bytes of this shard's
+        `budget` (the evidence of every shard moves one target; within [0, the budget])."""
+        with self._locked():
+            share = int(self._words[_TARGET]) + delta * TARGET_ONE // max(1, budget)
+            self._words[_TARGET] = min(TARGET_ONE, max(0, share))
 
     def join(self) -> int:
         """A (re)started shard: what its earlier life gave back under pressure returns to the

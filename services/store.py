@@ -23,7 +23,8 @@ prefix is gone (lookups stop at the first miss). The policy:
   _WINDOW`) of what `recent` holds, so that moving the target by less than the window would
   have evicted the other leaf; and a block so evicted that is put again within the last
   window of bytes its side evicted would have been kept had its side had that much more room.
-  Such a recent ghost raises the target by its size, such a frequent ghost lowers it; equal
+  Such a recent ghost raises the target by its size, such a frequent ghost lowers it (with a
+  node's shared budget the target is the node's, moved by every shard's ghosts); equal
   windows on both sides compare what the next bytes of each side are worth. (ARC counts every
   ghost hit, which compares how much traffic each side evicts, not what more room is worth:
   on chat traffic, where almost every block is read again and both sides are alike, its
@@ -245,7 +246,7 @@ class BlockStore:
         # bytes `recent` may hold before newer recent blocks go before older proven ones
         # (ARC's p), moved by ghost hits; it starts at half the budget: a scan that comes
         # before any evidence cannot flush more than half of what was proven
-        self._target = budget_bytes // 2
+        self._own_target = budget_bytes // 2  # without a shared budget (else the node's)
         self._by_tenant: dict[str, _Queue] = {}  # the blocks of each tenant with a quota
         self._tick = 0  # one per call: the blocks a batch touches share it
         self._clock, self._share = clock, share
@@ -444,13 +445,26 @@ class BlockStore:
         window = max(1, self.stats.budget_bytes // _WINDOW)
         if key in self._ghost_recent:
             if self._ghost_recent.forget(key, window):
-                self._target = min(self.stats.budget_bytes, self._target + size)
+                self._move_target(size)
             return True
         if key in self._ghost_frequent:
             if self._ghost_frequent.forget(key, window):
-                self._target = max(0, self._target - size)
+                self._move_target(-size)
             return True
         return False
+
+    @property
+    def _target(self) -> int:
+        """Bytes `recent` may hold before newer recent blocks go before older proven ones."""
+        if self._share is not None:
+            return self._share.target(self.stats.budget_bytes)
+        return self._own_target
+
+    def _move_target(self, delta: int) -> None:
+        if self._share is not None:
+            self._share.move_target(delta, self.stats.budget_bytes)
+        else:
+            self._own_target = min(self.stats.budget_bytes, max(0, self._own_target + delta))
 
     def delete(self, keys: Sequence[bytes]) -> set[bytes]:
         """Remove the given blocks; returns the keys that were present."""
@@ -486,8 +500,9 @@ class BlockStore:
         return self._share.yielded() if self._share is not None else self._yielded
 
     def _rescale(self, budget_bytes: int) -> None:
-        """Take a new budget, `recent`'s target scaled with it (no eviction)."""
-        self._target = self._target * budget_bytes // self.stats.budget_bytes
+        """Take a new budget, `recent`'s target scaled with it (no eviction; a shared target
+        is a share of the budget already)."""
+        self._own_target = self._own_target * budget_bytes // self.stats.budget_bytes
         self.stats.budget_bytes = budget_bytes
 
     def _set_budget(self, budget_bytes: int) -> None:
@@ -595,9 +610,9 @@ class BlockStore:
         way)."""
         if (new.tick, -new.position) <= (proven.tick, -proven.position):
             return new, False
-        held = self._recent.bytes
-        chosen = abs(held - self._target) < self.stats.budget_bytes // _WINDOW
-        return (new if held > self._target else proven), chosen
+        held, target = self._recent.bytes, self._target
+        chosen = abs(held - target) < self.stats.budget_bytes // _WINDOW
+        return (new if held > target else proven), chosen
 
     def _victim(self, queue: _Queue) -> _Node:
         """The first leaf of `queue` to go (a block with no children on this shard), passing

@@ -300,3 +300,22 @@ def test_a_donor_that_already_owes_counts_as_younger_by_what_it_owes(tmp_path: P
     v2.publish(1000, 12)
     assert v0.rebalance(30, 100, now=110) == 1250
     assert [r.budget for r in v0.rows()] == [1250, 850, 900]
+
+
+def test_the_node_has_one_target_that_every_shards_ghosts_move(tmp_path: Path) -> None:
+    """ARC's target is one share of the budget for the node's shards: a ghost hit on one shard
+    moves it by the ghost's size over that shard's budget, every shard reads it as a share of
+    its own budget, and it stays within [0, the whole budget]."""
+    (a, b), view = stores(tmp_path, 2)
+    assert a._target == b._target == EACH // 2  # it starts at half
+    a._move_target(BLOCK)  # a recent ghost on a: a tenth of a's budget
+    assert a._target == b._target == EACH // 2 + BLOCK
+    b._move_target(-3 * BLOCK)
+    assert a._target == b._target == EACH // 2 - 2 * BLOCK
+    view.move_target(10 * EACH, EACH)
+    assert b._target == EACH
+    view.move_target(-10 * EACH, EACH)
+    assert a._target == 0
+    alone = BlockStore(EACH)  # without a shared budget: its own
+    alone._move_target(BLOCK)
+    assert alone._target == EACH // 2 + BLOCK and a._target == 0
