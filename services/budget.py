@@ -24,8 +24,8 @@ ones go before older proven ones) is one share for the whole node: every shard's
 move it (by the ghost's size over that shard's budget, under the lock), and every shard reads
 it. Per shard, each target learned from a sixteenth of the evidence, and the shards of one
 node, which approximate one store, disagreed about what the next bytes of each side are worth
-(chosen on synthetic traces only, at a real node's per-shard size: +0.7 points mean over 8
-cells of 4 mixes, none lower; benchmarks/results/2026-12-07-policy-sweep-cpu.log).
+(chosen on synthetic traces only, at a real node's per-shard size: +0.66 points mean over 20
+cells of 5 mixes, none lower; benchmarks/results/2026-12-07-policy-sweep-cpu.log).
 
 Rebalancing (`rebalance`) is driven by evictions, not by time, so a given order of operations
 always gives the same budgets: a shard about to evict a block for room first asks the table
