@@ -68,8 +68,7 @@ POOL = ThreadPoolExecutor(
 
 
 @functools.cache
-def _single_threaded_workers() -> bool:
-    """Whether every thread of POOL runs torch on one thread (each started and asked once)."""
+def _ask_workers() -> bool:
     barrier = threading.Barrier(WORKERS)  # holds each task on a thread of its own
 
     def ask(_: int) -> int:
@@ -77,6 +76,16 @@ def _single_threaded_workers() -> bool:
         return torch.get_num_threads()
 
     return all(n == 1 for n in POOL.map(ask, range(WORKERS)))
+
+
+_ASKING = threading.Lock()
+
+
+def _single_threaded_workers() -> bool:
+    """Whether every thread of POOL runs torch on one thread (each started and asked once). One
+    caller asks at a time: two asking at once could each hold a thread at their barrier."""
+    with _ASKING:
+        return _ask_workers()
 
 
 def rebuild_workers() -> int:

@@ -182,3 +182,14 @@ def test_keys_in_a_basis_are_rebuilt_run_by_run_as_they_were_whole(
     else:  # rounded to fp16 from float32 keys that differ by float rounding: an ulp at most
         torch.testing.assert_close(got[0], whole[0], atol=0, rtol=2**-10)
     assert not got[0][:, :, :32].any() and not got[0][:, :, -32:].any()
+
+
+def test_callers_asking_at_once_how_many_workers_split_the_tokens_all_get_an_answer() -> None:
+    """The first rebuild_workers() asks every pool thread at a barrier; callers that ask at once
+    take turns (two barriers at once could each hold one of the threads: a deadlock)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cpu_codec._ask_workers.cache_clear()
+    with ThreadPoolExecutor(4) as callers:
+        got = list(callers.map(lambda _: cpu_codec.rebuild_workers(), range(8)))
+    assert len(set(got)) == 1 and 1 <= got[0] <= cpu_codec.WORKERS
