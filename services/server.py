@@ -469,7 +469,9 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
         """Store an admitted, verified block under its store keys (its parent's too)."""
         block = _Incoming(info, pb.BlockStored())
         block.key, block.chain, block.buf = key, chain, data
-        self._store_many([block])
+        [refused] = self._store_many([block])
+        if refused is not None:
+            raise refused  # counted where the RPC is refused
         return pb.PutResponse(stored=block.result.stored)
 
     async def Get(self, request: pb.GetRequest, context: Any) -> AsyncIterator[pb.GetResponse]:
@@ -598,9 +600,7 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
         """Check a complete admitted block, store it, release its reservation."""
         try:
             if await self._checked(block):
-                self._store_many([block])
-        except Refused as e:
-            block.refused(e, self.store)
+                self._refuse_each([block], self._store_many([block]))
         finally:
             await block.release()
 
@@ -620,13 +620,13 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
             return False
         return True
 
-    def _store_many(self, blocks: list[_Incoming]) -> None:
+    def _store_many(self, blocks: list[_Incoming]) -> list[Refused | None]:
         """Store checked blocks of one request as one batch of the store (one lock, one tick:
         the blocks of a prefix age together, deepest first, as one store orders a batch) and
-        set each one's result. When one is too large for the store: Refused for a lone block;
-        of several, each is stored on its own and only that one refused."""
+        set each one's result; returns each one's refusal or None. When one is too large for
+        the store, each is stored on its own, so that only it is refused."""
         if not blocks:
-            return
+            return []
         tenant = _CALLER.get()[0]
         items: list[PutItem] = []
         for b in blocks:
@@ -638,17 +638,19 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
             stored = self.store.put_many(items)
         except BlockTooLargeError as e:
             if len(blocks) == 1:
-                raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
-            for b in blocks:  # each alone: only the one too large is refused
-                try:
-                    self._store_many([b])
-                except Refused as refused:
-                    b.refused(refused, self.store)
-            return
+                return [Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))]
+            return [self._store_many([b])[0] for b in blocks]
         for b, item, ok in zip(blocks, items, stored, strict=True):
             b.result.stored = ok
             if ok and self.redis is not None and self.redis.mode == "all":
                 self.redis.offer(b.key, b.chain, b.info.position, item[3])
+        return [None] * len(blocks)
+
+    def _refuse_each(self, blocks: list[_Incoming], refusals: list[Refused | None]) -> None:
+        """Count and state in each block's result the refusal `_store_many` gave it."""
+        for b, refused in zip(blocks, refusals, strict=True):
+            if refused is not None:
+                b.refused(refused, self.store)
 
     async def OpenShared(
         self, request: pb.OpenSharedRequest, context: Any
@@ -761,10 +763,7 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
                         if await self._checked(block):
                             checked.append(block)
                     at += info.size
-                try:
-                    self._store_many(checked)  # the run's blocks as one batch
-                except Refused as e:  # one block, too large for the store
-                    checked[0].refused(e, self.store)
+                self._refuse_each(checked, self._store_many(checked))  # the run as one batch
                 for block in checked:
                     await block.release()
             first += run

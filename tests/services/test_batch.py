@@ -17,7 +17,7 @@ from kvpool.proto.keys import block_keys, run_head
 from kvpool.proto.messages import REPLY_HEAD, REQUEST_HEAD, namespace_to_proto, pack
 from kvpool.ring import Ring
 from kvpool.services.security import store_key
-from kvpool.services.server import _CALLER, KVPoolServicer, Limits, Refused, ShardServer, _Incoming
+from kvpool.services.server import _CALLER, KVPoolServicer, Limits, ShardServer, _Incoming
 from kvpool.services.store import BlockStore
 from kvpool.transport import BlockPut, ClientConfig, TierClient
 
@@ -574,7 +574,7 @@ def test_a_batch_stores_as_one_and_refuses_only_a_block_too_large_for_its_tenant
     """A run's checked blocks go to the store as one batch (one tick: the prefix ages together,
     where puts one by one would take a tick each); a block over its tenant's quota (admitted:
     its announced size is within the shard's limit) is refused alone, with RESOURCE_EXHAUSTED,
-    and the others of its batch are stored."""
+    and the others of its batch are stored; a lone one's refusal is returned for its RPC."""
     store = BlockStore(30_000, tenant_quota=0.25)  # a quota of 7,500 bytes
     srv = KVPoolServicer(store, "batch-quota", topology=None, limits=LIMITS)  # type: ignore[arg-type]
 
@@ -591,11 +591,10 @@ def test_a_batch_stores_as_one_and_refuses_only_a_block_too_large_for_its_tenant
     mixed = incoming(prefix(14_000, 3)[0], [1_000, 9_000, 1_000])
     token = _CALLER.set(("alice", "peer"))
     try:
-        srv._store_many(good)
+        assert srv._store_many(good) == [None] * 3
         ticks = {store._blocks[b.key].tick for b in good}
-        srv._store_many(mixed)
-        with pytest.raises(Refused) as refused:
-            srv._store_many(incoming(prefix(15_000, 1)[0], [9_000]))
+        srv._refuse_each(mixed, srv._store_many(mixed))
+        [refused] = srv._store_many(incoming(prefix(15_000, 1)[0], [9_000]))
     finally:
         _CALLER.reset(token)
     assert [b.result.stored for b in good] == [True] * 3 and ticks == {1}
@@ -603,5 +602,5 @@ def test_a_batch_stores_as_one_and_refuses_only_a_block_too_large_for_its_tenant
         (True, 0), (False, grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]), (True, 0),
     ]  # fmt: skip
     assert mixed[1].result.detail and mixed[1].key not in store
-    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert refused is not None and refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert store.snapshot().rejected == 1  # the lone block's refusal is counted by its RPC
