@@ -850,7 +850,8 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
             else:
                 reply = await self._put_shared(arena, request)
             return 0, reply.SerializeToString()
-        except Refused as e:
+        except Refused as e:  # counted as the gRPC edge counts a refused call
+            self.store.count(rejected=1)
             code = e.code.name
             return e.code.value[0], e.detail.encode()
         finally:

@@ -15,6 +15,7 @@ import torch
 from kvpool.cli import main
 from kvpool.client import KVPool, namespace_for
 from kvpool.kernels.codec import Binding, CodecConfig, encode
+from kvpool.proto.errors import TierError
 from kvpool.proto.keys import block_keys
 from kvpool.services.security import ServerSecurity, store_key
 from kvpool.services.server import ShardServer
@@ -184,3 +185,29 @@ def test_a_ray_tier_wires_the_quotas_into_its_shards(
         assert "kvpool_shard_quota_evictions_total 26.0" in text
     finally:
         tier.shutdown()
+
+
+@pytest.mark.parametrize("same_host", [True, False], ids=["put-shared", "put-grpc"])
+def test_a_block_over_its_tenants_quota_is_refused_once_and_not_stored(
+    pki: Path,  # noqa: F811
+    tmp_path: Path,
+    same_host: bool,
+) -> None:
+    """A block within the shard's budget but over its tenant's quota passes admission and is
+    refused by the store: the one-block put (PutShared, or Put over gRPC) ends
+    RESOURCE_EXHAUSTED, nothing is stored, and the refusal is counted once."""
+    sec = security(pki, tmp_path, {"token-b": {"tenant": "tenant-b", "quota": 0.05}})
+    store = BlockStore(BUDGET * BLOCK, quotas=sec.quotas())  # tenant-b: under one block
+    srv = ShardServer(store, "quota-refusal", security=sec)
+    srv.start()
+    try:
+        with pool(srv.address, pki, "token-b", same_host) as b:
+            key = block_keys(NS, B_PROMPTS[0])[0]
+            data = encode(*tensors(1, seed=5), CODEC, binding=Binding(NS.id, key))
+            with pytest.raises(TierError) as refused:
+                b.call(b.tier.put(NS, key, key, 0, data))
+            assert refused.value.code == "RESOURCE_EXHAUSTED"
+            assert store_key("tenant-b", NS.id, key) not in store and len(store) == 0
+            assert store.snapshot().rejected == 1
+    finally:
+        srv.stop()
