@@ -59,8 +59,7 @@ def stores(store_class: type, capacity: int, shards: int, shared: bool = False,
            hints: bool = True) -> Cache:  # fmt: skip
     """`trace_replay.Stores` of `shards` stores of `store_class` splitting `capacity` blocks
     (with `shared`, BlockStores sharing them through a budget table; `hints`: the client's
-    hints across shards, BlockStore only)."""
-    hints = hints and store_class is BlockStore
+    hints across shards, to BlockStores only)."""
     return Stores(capacity * BLOCK_BYTES, shards, BLOCK_BYTES, shared, hints, store_class)
 
 

@@ -26,8 +26,8 @@ What a request is made of (every length and popularity below is drawn from the s
 `--mix` picks the shares: chat (sessions only), rag, mixed (half sessions, a third RAG, the
 rest one-off prompts), scan (chat with scans through it), bursty (mixed, with sessions that
 come back after long idle times), long (the production conversation trace's published shape:
-half chat, half one-offs, messages 2.8x longer: about 23 blocks a prompt). Prints nothing but the JSONL (to `-o` or stdout) and a
-summary line on stderr.
+half chat, half one-offs, messages 2.8x longer: about 23 blocks a prompt). Prints nothing but
+the JSONL (to `-o` or stdout) and a summary line on stderr.
 """
 
 from __future__ import annotations

@@ -180,11 +180,8 @@ def resolve_basis(
 def _options(codec: str) -> dict[str, Any]:
     try:
         options = json.loads(codec)
-        if not isinstance(options, dict) or not {"basis_id", *OPTIONS} <= set(options) <= {
-            "basis_id",
-            *OPTIONS,
-            *OPTIONAL,
-        }:
+        needed = {"basis_id", *OPTIONS}
+        if not isinstance(options, dict) or not needed <= set(options) <= needed | set(OPTIONAL):
             raise ValueError(f"expected the keys {['basis_id', *OPTIONS]} (and {list(OPTIONAL)})")
         for k, unset in OPTIONAL.items():
             if not isinstance(options.setdefault(k, unset), type(unset)):

@@ -359,12 +359,8 @@ def keys_from_components(
     products (each layer's heads in one batched product, plus the mean), stored through `store`
     with RoPE redone when `rope`'s tables are given. With a `pool`, the tokens are split over up
     to `workers` of its threads, as `rebuild_rows` splits them."""
-    tokens = out.shape[2]
-    parts = max(1, min(workers, tokens // 64)) if pool is not None else 1
-    cuts = [tokens * i // parts for i in range(parts + 1)]
 
-    def run(i: int) -> None:
-        a, b = cuts[i], cuts[i + 1]
+    def run(a: int, b: int) -> None:
         _, heads, _, dim = out.shape
         mean, rotation = basis.on(out.device)[:2]
         assert mean is not None and rotation is not None
@@ -379,9 +375,19 @@ def keys_from_components(
                 keys.copy_(mean[layer][:, None].expand_as(keys))
             store(keys, out[layer][:, a:b], tables)
 
+    _over_runs(out.shape[2], run, pool, workers)
+
+
+def _over_runs(tokens: int, run: Callable[[int, int], None], pool: Executor | None,
+              workers: int) -> None:  # fmt: skip
+    """run(a, b) over runs of tokens [a, b) covering [0, tokens): one run, or with a `pool` up
+    to `workers` runs of at least 64 tokens, one per thread (a token's layers depend on that
+    token's only)."""
+    parts = max(1, min(workers, tokens // 64)) if pool is not None else 1
+    cuts = [tokens * i // parts for i in range(parts + 1)]
     if parts == 1 or pool is None:
-        return run(0)
-    list(pool.map(run, range(parts)))
+        return run(0, tokens)
+    list(pool.map(lambda i: run(cuts[i], cuts[i + 1]), range(parts)))
 
 
 def rebuild(
@@ -446,18 +452,12 @@ def rebuild_rows(
     loop's threads, each running torch on one thread: cpu_codec.rebuild_workers says how many
     may run at once without fighting torch's threads)."""
     source = coded if callable(coded) else decoded(coded, rotate)
-    tokens = out[0].shape[2]
-    parts = max(1, min(workers, tokens // 64))
-    if parts == 1 or pool is None:
-        return _rebuild_rows(basis, source, 0, tokens, out, rope, store)
-    cuts = [tokens * i // parts for i in range(parts + 1)]
 
-    def run(i: int) -> None:
-        a, b = cuts[i], cuts[i + 1]
+    def run(a: int, b: int) -> None:
         tables = None if rope is None else (rope[0][a:b], rope[1][a:b])
         _rebuild_rows(basis, source, a, b, (out[0][:, :, a:b], out[1][:, :, a:b]), tables, store)
 
-    list(pool.map(run, range(parts)))
+    _over_runs(out[0].shape[2], run, pool, workers)
 
 
 def _rebuild_rows(

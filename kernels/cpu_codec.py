@@ -32,6 +32,7 @@ DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}
 WORKERS = max(1, os.cpu_count() or 1)
 
 
+@functools.cache  # looked up once, not by every thread of POOL
 def _runtime(prefixes: tuple[str, ...]) -> ctypes.CDLL | None:
     """The first shared library loaded in this process whose file name starts with one of
     `prefixes` (torch's own OpenMP runtime and libtorch_cpu), or None (not Linux, not found)."""
@@ -178,6 +179,14 @@ def decode_rows(
         )  # fmt: skip
 
 
+def _by_layer(header: BlockHeader, tensor: int) -> list[list[Section]]:
+    """Tensor `tensor`'s sections (0: keys, 1: values), layer by layer."""
+    layers: list[list[Section]] = [[] for _ in range(header.layers)]
+    for s in header.tensor_sections(tensor):
+        layers[s.layer].append(s)
+    return layers
+
+
 def components(
     payload: Tensor, header: BlockHeader, gaps: tuple[tuple[int, int, int], ...]
 ) -> Callable[[int, int, int, Tensor], Tensor]:
@@ -185,14 +194,14 @@ def components(
     of tokens, decoded by `decode_rows` into the buffer given; the components in `gaps` (the
     basis's: between stored ones) are zeroed, those past the layer's stored ones left as they
     are."""
-    keys: list[list[Section]] = [[] for _ in range(header.layers)]
-    for s in header.tensor_sections(0):
-        keys[s.layer].append(s)
+    keys = _by_layer(header, 0)
+    gaps_of: list[list[tuple[int, int]]] = [[] for _ in range(header.layers)]
+    for layer, a, b in gaps:
+        gaps_of[layer].append((a, b))
 
     def decode(layer: int, first: int, end: int, buffer: Tensor) -> Tensor:
-        for gap_layer, a, b in gaps:
-            if gap_layer == layer:
-                buffer[:, :, a:b] = 0
+        for a, b in gaps_of[layer]:
+            buffer[:, :, a:b] = 0
         decode_rows(payload, keys[layer], header, buffer, first)
         return buffer
 
@@ -206,9 +215,7 @@ def residuals(
     tokens as `components` decodes them, and its value residuals by `decode_rows`, the Hadamard
     rotation undone under `hadamard`."""
     key_components = components(payload, header, gaps)
-    values: list[list[Section]] = [[] for _ in range(header.layers)]
-    for s in header.tensor_sections(1):
-        values[s.layer].append(s)
+    values = _by_layer(header, 1)
 
     def decode(layer: int, first: int, end: int, buffer: Tensor, value_rows: Tensor) -> Tensor:
         decode_rows(payload, values[layer], header, value_rows, first, hadamard)

@@ -179,15 +179,14 @@ class SharedBudget:
             self._write(rows, total)
             return budget
 
-    def rebalance(self, victim: int, need: int, now: int | None = None) -> int:
+    def rebalance(self, victim: int, need: int, now: int) -> int:
         """This shard must evict `need` bytes, its next victim stamped `victim`: take a step
         of budget (`need`, at least 1/STEPS and at most 1/CAP of a fair share) from the shard
         with the most unused room (at least a step), else from the one whose next victim is
         the oldest when older than `victim` (one LRU over the node would evict that one),
         never below the floor nor past what a donor may owe (see the module's docstring).
         A donor's next victim is the one it will reach after evicting what it owes, with
-        this step: its published age moved toward `now` (the clock at this call; default
-        `victim`) in proportion to those bytes over the bytes it holds, as if its blocks'
+        this step: its published age moved toward `now` (the clock at this call) in proportion to those bytes over the bytes it holds, as if its blocks'
         stamps were spread evenly (it publishes only its first victim's age, and until its
         next call takers would see that age however much it already gave). Returns this
         shard's budget."""
@@ -203,7 +202,6 @@ class SharedBudget:
             spare = [(rows[i].budget - rows[i].held, i) for i in donors]
             room, donor = max(spare, default=(0, -1))
             if room < step:
-                now = victim if now is None else now
 
                 def next_victim(r: Row) -> int:
                     owed = max(0, r.held - r.budget) + step
