@@ -399,6 +399,30 @@ def test_a_shard_that_stays_dead_leaves_the_topology(ray_session: None) -> None:
         tier.shutdown()
 
 
+def test_shards_register_again_with_a_directory_that_restarted_empty(ray_session: None) -> None:
+    """Ray restarts a killed Directory with nothing registered; the shards' heartbeats (which
+    keep their handle, and look the actor up again after a failed beat) register them again."""
+    config = TierConfig(shards=2, budget_bytes=16 << 20, shard_cpus=0.1, name="redirectory",
+                        stale_after_s=4.0)  # fmt: skip
+    tier = start_tier(config)
+    try:
+        first, _, before = ray.get(tier.directory.topology.remote())
+        assert len(before) == 2
+        ray.kill(tier.directory, no_restart=False)
+
+        def registered_again() -> bool:
+            try:
+                epoch, _, shards = ray.get(tier.directory.topology.remote())
+            except ray.exceptions.RayError:  # the Directory is restarting
+                return False
+            # its epoch starts at the clock in ns: a restarted one is far past the first's
+            return epoch > first + 10**6 and sorted(shards) == sorted(before)
+
+        wait_for(registered_again, timeout=60)
+    finally:
+        tier.shutdown()
+
+
 # -- safe defaults ----------------------------------------------------------------------------
 
 
