@@ -141,8 +141,9 @@ class Stores(Cache):
     first block it puts gets EXTENDS when the block before it, read from another shard, has
     not branched there (and that shard is told it has now, `mark_branched`, once), the rest
     the same, and each block whose next one is on another shard BRANCHED (the tier's client
-    does not send them yet: the live replay runs without them). Hot blocks' read replicas are
-    not simulated."""
+    sends the same hints: BlockInfo.hints, from what its probe's BlockFound.branched said of
+    the block before, and TouchRequest.branched). Hot blocks' read replicas are not
+    simulated."""
 
     def __init__(self, budget_bytes: int, shards: int, block_bytes: int,
                  shared: bool = False, hints: bool = True,

@@ -34,6 +34,8 @@ from kvpool.proto.blockformat import parse_header
 from kvpool.proto.errors import BlockFormatError, TierError
 from kvpool.proto.keys import Namespace
 from kvpool.proto.messages import (
+    BRANCHED,
+    EXTENDS,
     REPLY_HEAD,
     REQUEST_HEAD,
     SESSION_BYTES,
@@ -116,8 +118,12 @@ class TierClient:
         self._shared: dict[str, _Shared | float] = {}  # address -> arena, or when to try again
         self._shared_lock = asyncio.Lock()
         self._hot: collections.OrderedDict[bytes, list[int]] = collections.OrderedDict()
-        # blocks probed and used, not yet touched: shard id -> (namespace id, keys)
-        self._touches: dict[str, tuple[bytes, list[bytes]]] = {}
+        # blocks probed and used, not yet touched: shard id -> (namespace id, keys, those of
+        # them to mark branched)
+        self._touches: dict[str, tuple[bytes, list[bytes], list[bytes]]] = {}
+        # the last block a probe found before a prefix's first miss -> (whether its shard said
+        # it branched, that shard): what put_many's hints say of the blocks put after it
+        self._forks: collections.OrderedDict[bytes, tuple[bool, str]] = collections.OrderedDict()
         self._touch_timer: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._seen: collections.OrderedDict[bytes, None] = collections.OrderedDict()
@@ -767,6 +773,7 @@ class TierClient:
         data: list[bytes | None] = [None] * len(keys)
         present = [False] * len(keys)  # held where asked, not copied (a slot too small, Redis)
         holder: list[str] = [o[0] for o in orders]
+        forks = [False] * len(keys)  # whether the shard that found the block says it branched
         probed: set[int] = set()  # the blocks copied by a probe: touched if used
         missed: dict[int, str] = {}  # key index -> the hot replica that did not have it
         errors: list[TierError] = []
@@ -792,11 +799,12 @@ class TierClient:
                         errors.append(reply)
                         continue
                     answered = True
-                    for i, (block, found, replicas) in zip(idx, reply, strict=True):
+                    for i, (block, found, replicas, fork) in zip(idx, reply, strict=True):
                         primary = sid == self._owners_of(keys[i])[0]
                         self._note_hot(keys[i], replicas, primary=primary)
                         if found:
                             data[i], present[i], holder[i] = block, block is None, sid
+                            forks[i] = fork
                             if block is not None:
                                 probed.add(i)
                         elif turn == 0 and self._repairs(keys[i], sid):
@@ -837,6 +845,11 @@ class TierClient:
             if i in probed:
                 self._touch_later(holder[i], ns.id, keys[i])
         self._saw(keys[:n])
+        if 0 < n < len(keys):  # what the blocks put after the prefix's hits are told (put_many)
+            self._forks[keys[n - 1]] = (forks[n - 1], holder[n - 1])
+            self._forks.move_to_end(keys[n - 1])
+            while len(self._forks) > self.config.max_lookup_keys:
+                self._forks.popitem(last=False)
         used: list[bytes | None] = [*data[:n], *([None] * (len(keys) - n))]
         await self._repair(ns, keys, used, {i: s for i, s in missed.items() if i < n})
         return [b for b in data[:n] if b is not None]
@@ -852,9 +865,10 @@ class TierClient:
 
     async def _probe(
         self, sid: str, ns: Namespace, keys: list[bytes]
-    ) -> list[tuple[bytes | None, bool, int]] | TierError:
-        """One shard's ProbeShared: (the block if copied, whether found, its replica hint) per
-        key; TierError when the shard refused; one of _SOCKET_ERRORS when its socket failed."""
+    ) -> list[tuple[bytes | None, bool, int, bool]] | TierError:
+        """One shard's ProbeShared: (the block if copied, whether found, its replica hint,
+        whether it branched) per key; TierError when the shard refused; one of _SOCKET_ERRORS
+        when its socket failed."""
         shared = await self._arena(sid)
         if shared is None:
             raise ConnectionResetError(f"{sid}: the same-host path closed")
@@ -868,20 +882,22 @@ class TierClient:
                 _copy_out(reply, shared.view, offset, shared.slot_bytes, found)
             except TierError as e:
                 return e
-        return [(block, head.found, head.replicas)
+        return [(block, head.found, head.replicas, head.branched)
                 for (block, _), head in zip(found, reply.blocks, strict=True)]  # fmt: skip
 
-    def _touch_later(self, sid: str, namespace_id: bytes, key: bytes) -> None:
-        """Queue a touch of a probed block this client used: it rides in the next probe or
+    def _touch_later(self, sid: str, namespace_id: bytes, key: bytes, branched: bool = False
+                     ) -> None:  # fmt: skip
+        """Queue a touch of a probed block this client used (`branched`: only a mark that a
+        next block of its prefix was put on another shard): it rides in the next probe or
         BatchPutShared to `sid`, or leaves alone after `touch_delay_s`."""
         pending = self._touches.get(sid)
         if pending is not None and pending[0] != namespace_id:
             self._send_touches(sid)
             pending = None
         if pending is None:
-            pending = self._touches[sid] = (namespace_id, [])
-        pending[1].append(key)
-        if len(pending[1]) >= self.config.max_lookup_keys:
+            pending = self._touches[sid] = (namespace_id, [], [])
+        (pending[2] if branched else pending[1]).append(key)
+        if max(len(pending[1]), len(pending[2])) >= self.config.max_lookup_keys:
             self._send_touches(sid)
         if self._touch_timer is None and self._touches:
             loop = asyncio.get_running_loop()
@@ -894,6 +910,7 @@ class TierClient:
             del self._touches[sid]
             touch.namespace_id = namespace_id
             touch.keys.extend(pending[1])
+            touch.branched.extend(pending[2])
 
     def _flush_touches(self) -> None:
         self._touch_timer = None
@@ -901,22 +918,25 @@ class TierClient:
             self._send_touches(sid)
 
     def _send_touches(self, sid: str) -> None:
-        namespace_id, keys = self._touches.pop(sid)
-        task = asyncio.ensure_future(self._touch(sid, namespace_id, keys))
+        namespace_id, keys, branched = self._touches.pop(sid)
+        task = asyncio.ensure_future(self._touch(sid, namespace_id, keys, branched))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _touch(self, sid: str, namespace_id: bytes, keys: list[bytes]) -> None:
-        """Touch on its own: over the socket, else by reading the blocks over gRPC."""
-        request = pb.TouchRequest(namespace_id=namespace_id, keys=keys)
+    async def _touch(self, sid: str, namespace_id: bytes, keys: list[bytes],
+                     branched: list[bytes]) -> None:  # fmt: skip
+        """Touch on its own: over the socket, else by reading the blocks over gRPC (where the
+        marks of `branched` are dropped: they only order evictions)."""
+        request = pb.TouchRequest(namespace_id=namespace_id, keys=keys, branched=branched)
         try:
             shared = await self._arena(sid)
             if shared is not None:
                 with contextlib.suppress(*_SOCKET_ERRORS):
                     await self._local(shared, b"t", request, pb.TouchResponse)
                     return
-            again = pb.BatchGetRequest(namespace_id=namespace_id, keys=keys)
-            await self._call(sid, lambda s: self._fetch_many(s, again))
+            if keys:
+                again = pb.BatchGetRequest(namespace_id=namespace_id, keys=keys)
+                await self._call(sid, lambda s: self._fetch_many(s, again))
         except TierError as e:
             self._absorbed("touch", e)
 
@@ -942,9 +962,11 @@ class TierClient:
             for sid in self._owners_of(b.key):
                 per_shard.setdefault(sid, []).append(i)
         parents = self._local_parents(blocks, prefix)
+        hints = self._hints(ns, blocks, prefix)
         infos = {(sid, i): pb.BlockInfo(namespace_id=ns.id, key=b.key, chain=b.chain,
                                         position=b.position, size=len(b.data), namespace=nsp,
-                                        parent=parents.get((sid, i), self._here(b.parent, sid)))
+                                        parent=parents.get((sid, i), self._here(b.parent, sid)),
+                                        hints=hints.get((sid, i), 0))
                  for sid, idx in per_shard.items() for i in idx
                  for b in (blocks[i],)}  # fmt: skip
         batches = [(sid, batch) for sid, idx in per_shard.items()
@@ -980,6 +1002,29 @@ class TierClient:
     def _here(self, parent: bytes, sid: str) -> bytes:
         """`parent` when shard `sid` owns it too, else b"" (the shard's tree has no edge)."""
         return parent if parent and sid in self._owners_of(parent) else b""
+
+    def _hints(
+        self, ns: Namespace, blocks: Sequence[BlockPut], prefix: Sequence[bytes] | None
+    ) -> dict[tuple[str, int], int]:
+        """(owner, block index) -> the hints its put carries (BlockInfo.hints), from what one
+        store would know: BRANCHED when the next block of the prefix is not on that owner;
+        EXTENDS on every block when the block before the first one put was found by this
+        client's last probe of the prefix on a shard that said it had not branched (then that
+        shard is told it has, riding in the next touch, when the first block put is not on
+        it). Empty without a prefix (checked by `_local_parents`)."""
+        if prefix is None or not blocks:
+            return {}
+        first = min(b.position for b in blocks)
+        fork = self._forks.pop(prefix[first - 1], None) if first else None
+        extends = EXTENDS if fork is not None and not fork[0] else 0
+        hints: dict[tuple[str, int], int] = {}
+        for i, b in enumerate(blocks):
+            after = self._owners_of(prefix[b.position + 1]) if b.position + 1 < len(prefix) else ()
+            for sid in self._owners_of(b.key):
+                hints[sid, i] = extends | (BRANCHED if after and sid not in after else 0)
+        if fork is not None and extends and fork[1] not in self._owners_of(prefix[first]):
+            self._touch_later(fork[1], ns.id, prefix[first - 1], branched=True)
+        return hints
 
     def _local_parents(
         self, blocks: Sequence[BlockPut], prefix: Sequence[bytes] | None

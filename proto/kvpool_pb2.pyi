@@ -72,7 +72,7 @@ class LookupResponse(_message.Message):
     def __init__(self, present: _Optional[int] = ...) -> None: ...
 
 class BlockInfo(_message.Message):
-    __slots__ = ("namespace_id", "key", "chain", "position", "size", "namespace", "parent")
+    __slots__ = ("namespace_id", "key", "chain", "position", "size", "namespace", "parent", "hints")
     NAMESPACE_ID_FIELD_NUMBER: _ClassVar[int]
     KEY_FIELD_NUMBER: _ClassVar[int]
     CHAIN_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +80,7 @@ class BlockInfo(_message.Message):
     SIZE_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     PARENT_FIELD_NUMBER: _ClassVar[int]
+    HINTS_FIELD_NUMBER: _ClassVar[int]
     namespace_id: bytes
     key: bytes
     chain: bytes
@@ -87,7 +88,8 @@ class BlockInfo(_message.Message):
     size: int
     namespace: Namespace
     parent: bytes
-    def __init__(self, namespace_id: _Optional[bytes] = ..., key: _Optional[bytes] = ..., chain: _Optional[bytes] = ..., position: _Optional[int] = ..., size: _Optional[int] = ..., namespace: _Optional[_Union[Namespace, _Mapping]] = ..., parent: _Optional[bytes] = ...) -> None: ...
+    hints: int
+    def __init__(self, namespace_id: _Optional[bytes] = ..., key: _Optional[bytes] = ..., chain: _Optional[bytes] = ..., position: _Optional[int] = ..., size: _Optional[int] = ..., namespace: _Optional[_Union[Namespace, _Mapping]] = ..., parent: _Optional[bytes] = ..., hints: _Optional[int] = ...) -> None: ...
 
 class PutRequest(_message.Message):
     __slots__ = ("info", "chunk")
@@ -132,14 +134,16 @@ class BatchGetRequest(_message.Message):
     def __init__(self, namespace_id: _Optional[bytes] = ..., keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class BlockFound(_message.Message):
-    __slots__ = ("found", "size", "replicas")
+    __slots__ = ("found", "size", "replicas", "branched")
     FOUND_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    BRANCHED_FIELD_NUMBER: _ClassVar[int]
     found: bool
     size: int
     replicas: int
-    def __init__(self, found: _Optional[bool] = ..., size: _Optional[int] = ..., replicas: _Optional[int] = ...) -> None: ...
+    branched: bool
+    def __init__(self, found: _Optional[bool] = ..., size: _Optional[int] = ..., replicas: _Optional[int] = ..., branched: _Optional[bool] = ...) -> None: ...
 
 class BatchGetResponse(_message.Message):
     __slots__ = ("blocks", "data")
@@ -342,12 +346,14 @@ class ProbeSharedRequest(_message.Message):
     def __init__(self, namespace_id: _Optional[bytes] = ..., keys: _Optional[_Iterable[bytes]] = ..., offset: _Optional[int] = ..., capacity: _Optional[int] = ..., touch: _Optional[_Union[TouchRequest, _Mapping]] = ...) -> None: ...
 
 class TouchRequest(_message.Message):
-    __slots__ = ("namespace_id", "keys")
+    __slots__ = ("namespace_id", "keys", "branched")
     NAMESPACE_ID_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
+    BRANCHED_FIELD_NUMBER: _ClassVar[int]
     namespace_id: bytes
     keys: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, namespace_id: _Optional[bytes] = ..., keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    branched: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, namespace_id: _Optional[bytes] = ..., keys: _Optional[_Iterable[bytes]] = ..., branched: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class TouchResponse(_message.Message):
     __slots__ = ("touched",)

@@ -12,6 +12,12 @@ from kvpool.proto import kvpool_pb2 as pb
 from kvpool.proto.blockformat import DType, Layout
 from kvpool.proto.keys import Namespace
 
+# BlockInfo.hints: what one store would know of a block's neighbours on other shards (eviction
+# order only; services/store.py)
+EXTENDS = 1  # its parent, on another shard, is proven and had no other child
+BRANCHED = 2  # a next block of its prefix lives on another shard
+HINTS = EXTENDS | BRANCHED  # every hint bit a put may carry
+
 
 def namespace_to_proto(ns: Namespace) -> pb.Namespace:
     return pb.Namespace(

@@ -70,7 +70,7 @@ from kvpool.services.hot import HotKeys
 from kvpool.services.metrics import ShardMetrics
 from kvpool.services.security import ServerSecurity, store_key, tenant_of
 from kvpool.services.shared import Arena, ArenaRefused, Arenas, Owner
-from kvpool.services.store import Blob, BlockStore, BlockTooLargeError, PutItem
+from kvpool.services.store import HINTS, Blob, BlockStore, BlockTooLargeError, PutItem
 
 if TYPE_CHECKING:  # redis-py is needed only where a Redis tier is configured
     from kvpool.services.redis_tier import RedisTier
@@ -457,6 +457,10 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
         ns = self._namespace(info)
         [key, chain] = self._keys(info.namespace_id, [info.key, info.chain])
         _check_parent(info)
+        if info.hints & ~HINTS:
+            raise Refused(
+                grpc.StatusCode.INVALID_ARGUMENT, f"hints {info.hints:#x}: bits 1 and 2 only"
+            )
         limit = min(self.limits.max_block_bytes, self.store.budget_bytes)
         if info.size > limit:
             raise Refused(
@@ -490,19 +494,20 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
         self, request: pb.BatchGetRequest, context: Any
     ) -> AsyncIterator[pb.BatchGetResponse]:
         _well_formed(request)
-        found, hints = await self._read_many(request.namespace_id, list(request.keys))
+        found, hints, forks = await self._read_many(request.namespace_id, list(request.keys))
         heads = [
-            (pb.BlockFound(found=d is not None, size=0 if d is None else len(d), replicas=r), d)
-            for d, r in zip(found, hints, strict=True)
-        ]
+            (pb.BlockFound(found=d is not None, size=0 if d is None else len(d), replicas=r,
+                           branched=f), d)
+            for d, r, f in zip(found, hints, forks, strict=True)
+        ]  # fmt: skip
         for blocks, data in pack(heads, CHUNK_BYTES):
             yield pb.BatchGetResponse(blocks=blocks, data=data)
 
     async def _read_many(
         self, namespace_id: bytes, keys: list[bytes]
-    ) -> tuple[list[Blob | None], list[int]]:
-        """The blocks of `keys` (None for a miss) and the replicas each should have, as `_read`
-        reads each."""
+    ) -> tuple[list[Blob | None], list[int], list[bool]]:
+        """The blocks of `keys` (None for a miss), the replicas each should have, as `_read`
+        reads each, and whether each found one has branched (`BlockStore.branched`)."""
         store_keys = self._keys(namespace_id, keys)
         found = self.store.get_many(store_keys)
         if self.redis is not None:
@@ -518,7 +523,7 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
             0 if d is None else self.hot.read(k, len(d))
             for k, d in zip(store_keys, found, strict=True)
         ]
-        return found, hints
+        return found, hints, [bool(f) for f in self.store.branched(store_keys)]
 
     async def BatchPut(
         self, request_iterator: AsyncIterator[pb.BatchPutRequest], context: Any
@@ -629,13 +634,15 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
             return []
         tenant = _CALLER.get()[0]
         items: list[PutItem] = []
+        hints: list[int] = []
         for b in blocks:
             assert b.buf is not None
             up = b.info.parent
             parent = store_key(tenant, b.info.namespace_id, up) if up else None
             items.append((b.key, b.chain, b.info.position, b.buf, parent, tenant))
+            hints.append(b.info.hints)
         try:
-            stored = self.store.put_many(items)
+            stored = self.store.put_many(items, hints)
         except BlockTooLargeError as e:
             if len(blocks) == 1:
                 return [Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))]
@@ -709,13 +716,13 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
         """Read blocks as BatchGet does and copy those found, in key order, back to back into
         the caller's `arena` from the request's offset while they fit in its capacity."""
         self._within(arena, request.offset, request.capacity)
-        found, hints = await self._read_many(request.namespace_id, list(request.keys))
+        found, hints, forks = await self._read_many(request.namespace_id, list(request.keys))
         view = self._live(arena).view
         at, end, copied, full = request.offset, request.offset + request.capacity, 0, False
         reply = pb.BatchGetSharedResponse()
-        for data, replicas in zip(found, hints, strict=True):
+        for data, replicas, fork in zip(found, hints, forks, strict=True):
             reply.blocks.add(found=data is not None, size=0 if data is None else len(data),
-                             replicas=replicas)  # fmt: skip
+                             replicas=replicas, branched=fork)  # fmt: skip
             if data is None or full:
                 continue
             if at + len(data) > end:
@@ -782,6 +789,7 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
             self._touch(request.touch)
         keys = self._keys(request.namespace_id, list(request.keys))
         found = self.store.peek_many(keys)
+        forks = self.store.branched(keys)
         lead = next((i for i, d in enumerate(found) if d is None), len(found))
         behind = 0
         if self.redis is not None and lead < len(keys):
@@ -789,11 +797,12 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
         view = self._live(arena).view
         at, end, copied = request.offset, request.offset + request.capacity, 0
         reply = pb.BatchGetSharedResponse()
-        for i, (key, data) in enumerate(zip(keys, found, strict=True)):
+        for i, (key, data, fork) in enumerate(zip(keys, found, forks, strict=True)):
             if data is None:
                 reply.blocks.add(found=lead <= i < lead + behind)
                 continue
-            reply.blocks.add(found=True, size=len(data), replicas=self.hot.peek(key, len(data)))
+            reply.blocks.add(found=True, size=len(data), replicas=self.hot.peek(key, len(data)),
+                             branched=bool(fork))  # fmt: skip
             if i == copied and at + len(data) <= end:  # still in the leading run, and fits
                 view[at : at + len(data)] = data
                 at += len(data)
@@ -802,8 +811,11 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
         return reply
 
     def _touch(self, request: pb.TouchRequest) -> int:
-        """Touch the blocks of `request` a probe served and the caller used, as a read does;
-        how many are still here."""
+        """Touch the blocks of `request` a probe served and the caller used, as a read does,
+        and mark those it names `branched` (`BlockStore.mark_branched`); how many of its keys
+        are still here."""
+        if request.branched:
+            self.store.mark_branched(self._keys(request.namespace_id, list(request.branched)))
         if not request.keys:
             return 0
         keys = self._keys(request.namespace_id, list(request.keys))
@@ -889,7 +901,7 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
         same-host transfer): every reader verifies what it decodes, and deletes a block that
         fails. Blocks read through from Redis are checked like uploads."""
         _well_formed(request)
-        [data], [replicas] = await self._read_many(request.namespace_id, [request.key])
+        [data], [replicas], _ = await self._read_many(request.namespace_id, [request.key])
         return data, replicas
 
     async def _read_through(self, request: pb.GetRequest, key: bytes) -> Blob | None:

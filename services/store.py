@@ -77,6 +77,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from kvpool.proto.messages import BRANCHED, EXTENDS, HINTS
 from kvpool.services.budget import SharedBudget
 
 Blob = bytes | bytearray  # a stored block; never mutated once stored
@@ -86,9 +87,6 @@ PutItem = tuple[bytes, bytes, int, "Blob", "bytes | None", "str | None"]
 _PASS_LIMIT = 64  # inner blocks passed over at the LRU end before a victim is taken anyway
 _RAISE_LIMIT = 64  # ancestors one touch refreshes (keeps a put O(log n) however deep)
 _WINDOW = 8  # a ghost judges the target when within the last budget / _WINDOW bytes evicted
-EXTENDS = 1  # hint: its parent, on another shard, is proven and had no other child
-BRANCHED = 2  # hint: a next block of its prefix lives on another shard
-HINTS = EXTENDS | BRANCHED  # every hint bit a put may carry
 
 
 class BlockTooLargeError(ValueError):
