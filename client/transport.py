@@ -48,6 +48,7 @@ from kvpool.ring import Placement, Ring
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+Got = tuple[bytes | None, int, bool]  # a block read (or None), its replicas, branched
 M = TypeVar("M", bound=Message)
 _STATUS = {code.value[0]: code.name for code in grpc.StatusCode}
 _MAX_REPLY = 1 << 16  # the answers on the same-host socket are small messages
@@ -532,9 +533,17 @@ class TierClient:
         Hot blocks (a shard said so in its reply): their reads rotate over the first
         `replicas` owners on the ring; one that misses is filled from the owner that had the
         block (read repair), so replicas fill as they are read."""
+        return (await self._get_many(ns, keys))[0]
+
+    async def _get_many(
+        self, ns: Namespace, keys: Sequence[bytes]
+    ) -> tuple[list[bytes | None], list[tuple[bool, str] | None]]:
+        """`get_many`, and for each block found, whether the shard that had it said it
+        branched, and that shard."""
         found: list[bytes | None] = [None] * len(keys)
+        forks: list[tuple[bool, str] | None] = [None] * len(keys)
         if not keys:
-            return found
+            return found, forks
         await self._ensure_topology()
         orders = [self._read_order(key) for key in keys]
         pending = list(range(len(keys)))
@@ -550,7 +559,7 @@ class TierClient:
                        for sid, idx in per_shard.items()
                        for j in range(0, len(idx), self.config.max_lookup_keys)]  # fmt: skip
 
-            async def ask(sid: str, idx: list[int]) -> list[tuple[bytes | None, int]] | TierError:
+            async def ask(sid: str, idx: list[int]) -> list[Got] | TierError:
                 async with self._inflight:
                     try:
                         return await self._get_batch(sid, ns, [keys[i] for i in idx])
@@ -563,8 +572,9 @@ class TierClient:
                     errors.append(reply)
                     continue
                 answered = True
-                for i, (data, replicas) in zip(idx, reply, strict=True):
+                for i, (data, replicas, fork) in zip(idx, reply, strict=True):
                     found[i] = data
+                    forks[i] = (fork, sid)
                     self._note_hot(keys[i], replicas, primary=sid == self._owners_of(keys[i])[0])
                     if data is None and turn == 0 and self._repairs(keys[i], sid):
                         missed[i] = sid
@@ -576,7 +586,7 @@ class TierClient:
         for e in errors:
             self._absorbed("get", e)
         await self._repair(ns, keys, found, {i: s for i, s in missed.items() if found[i]})
-        return found
+        return found, forks
 
     def _holders(self, key: bytes) -> Sequence[str]:
         """The shards that may hold `key`: its owners, and its replicas when it is hot (its
@@ -672,13 +682,11 @@ class TierClient:
 
         await asyncio.gather(*(fill(sid, idx) for sid, idx in per_shard.items()))
 
-    async def _get_batch(
-        self, sid: str, ns: Namespace, keys: list[bytes]
-    ) -> list[tuple[bytes | None, int]]:
-        """One shard's blocks of `keys` and its replica hints: through its arena when it is
-        on this host (the blocks that did not fit in a slot, and all of them if the socket
-        fails, then over gRPC)."""
-        found: list[tuple[bytes | None, int]] = [(None, 0)] * len(keys)
+    async def _get_batch(self, sid: str, ns: Namespace, keys: list[bytes]) -> list[Got]:
+        """One shard's blocks of `keys`, replica hints and branch flags: through its arena
+        when it is on this host (the blocks that did not fit in a slot, and all of them if the
+        socket fails, then over gRPC)."""
+        found: list[Got] = [(None, 0, False)] * len(keys)
         rest = list(range(len(keys)))
         shared = await self._arena(sid)
         if shared is not None:
@@ -695,14 +703,14 @@ class TierClient:
                 found[i] = item
         return found
 
-    async def _fetch_many(
-        self, stub: pb_grpc.KVPoolStub, request: pb.BatchGetRequest
-    ) -> list[tuple[bytes | None, int]]:
-        """One BatchGet's blocks and replica hints, checked against what the shard announced."""
+    async def _fetch_many(self, stub: pb_grpc.KVPoolStub, request: pb.BatchGetRequest) -> list[Got]:
+        """One BatchGet's blocks, replica hints and branch flags, checked against what the
+        shard announced."""
         call = stub.BatchGet(request, timeout=self.config.timeout_s)
         want = len(request.keys)
         found: list[bytes | None] = []
         hints: list[int] = []
+        forks: list[bool] = []
         arriving: collections.deque[tuple[int, int]] = collections.deque()  # (index, size)
         part = bytearray()  # the block that runs over several messages
         async for msg in call:
@@ -711,6 +719,7 @@ class TierClient:
                     raise TierError("shard answered more blocks than asked", "DATA_LOSS")
                 found.append(b"" if head.found else None)
                 hints.append(head.replicas)
+                forks.append(head.found and head.branched)
                 if head.found and head.size:
                     arriving.append((len(found) - 1, head.size))
             data = memoryview(msg.data)
@@ -730,7 +739,7 @@ class TierClient:
                 arriving.popleft()
         if len(found) != want or arriving:
             raise TierError("truncated batch stream", "DATA_LOSS")
-        return list(zip(found, hints, strict=True))
+        return list(zip(found, hints, forks, strict=True))
 
     async def get_prefix(self, ns: Namespace, keys: Sequence[bytes]) -> list[bytes]:
         """The blocks of the longest leading run of `keys` the tier holds: `lookup` and
@@ -759,9 +768,19 @@ class TierClient:
             with contextlib.suppress(*_SOCKET_ERRORS):
                 return await self._probed(ns, keys, orders)
         n = await self.lookup(ns, keys)
-        got = await self.get_many(ns, keys[:n]) if n else []
+        got, forks = await self._get_many(ns, keys[:n])
         n = next((i for i, b in enumerate(got) if b is None), len(got))
+        if 0 < n < len(keys) and (fork := forks[n - 1]) is not None:
+            self._fork(keys[n - 1], fork)
         return [b for b in got[:n] if b is not None]
+
+    def _fork(self, key: bytes, fork: tuple[bool, str]) -> None:
+        """Remember what the shard holding `key`, the last block a read found before a prefix's
+        first miss, said of it (branched, that shard): the hints of the blocks put after it."""
+        self._forks[key] = fork
+        self._forks.move_to_end(key)
+        while len(self._forks) > self.config.max_lookup_keys:
+            self._forks.popitem(last=False)
 
     async def _probed(
         self, ns: Namespace, keys: Sequence[bytes], orders: list[Sequence[str]]
@@ -838,18 +857,15 @@ class TierClient:
                     continue
                 if isinstance(answer, BaseException):
                     raise answer
-                for i, (block, _) in zip(idx, answer, strict=True):
+                for i, (block, _, _) in zip(idx, answer, strict=True):
                     data[i] = None if block is None else bytes(block)
             n = next((i for i in range(n) if data[i] is None), n)
         for i in range(n):
             if i in probed:
                 self._touch_later(holder[i], ns.id, keys[i])
         self._saw(keys[:n])
-        if 0 < n < len(keys):  # what the blocks put after the prefix's hits are told (put_many)
-            self._forks[keys[n - 1]] = (forks[n - 1], holder[n - 1])
-            self._forks.move_to_end(keys[n - 1])
-            while len(self._forks) > self.config.max_lookup_keys:
-                self._forks.popitem(last=False)
+        if 0 < n < len(keys):
+            self._fork(keys[n - 1], (forks[n - 1], holder[n - 1]))
         used: list[bytes | None] = [*data[:n], *([None] * (len(keys) - n))]
         await self._repair(ns, keys, used, {i: s for i, s in missed.items() if i < n})
         return [b for b in data[:n] if b is not None]
@@ -876,14 +892,14 @@ class TierClient:
             request = pb.ProbeSharedRequest(namespace_id=ns.id, keys=keys, offset=offset,
                                             capacity=shared.slot_bytes)  # fmt: skip
             self._ride(sid, ns.id, request.touch)
-            found: list[tuple[bytes | None, int]] = [(None, 0)] * len(keys)
+            found: list[Got] = [(None, 0, False)] * len(keys)
             try:
                 reply = await self._local(shared, b"r", request, pb.BatchGetSharedResponse)
                 _copy_out(reply, shared.view, offset, shared.slot_bytes, found)
             except TierError as e:
                 return e
         return [(block, head.found, head.replicas, head.branched)
-                for (block, _), head in zip(found, reply.blocks, strict=True)]  # fmt: skip
+                for (block, _, _), head in zip(found, reply.blocks, strict=True)]  # fmt: skip
 
     def _touch_later(self, sid: str, namespace_id: bytes, key: bytes, branched: bool = False
                      ) -> None:  # fmt: skip
@@ -925,8 +941,7 @@ class TierClient:
 
     async def _touch(self, sid: str, namespace_id: bytes, keys: list[bytes],
                      branched: list[bytes]) -> None:  # fmt: skip
-        """Touch on its own: over the socket, else by reading the blocks over gRPC (where the
-        marks of `branched` are dropped: they only order evictions)."""
+        """Touch on its own: over the socket, else over gRPC."""
         request = pb.TouchRequest(namespace_id=namespace_id, keys=keys, branched=branched)
         try:
             shared = await self._arena(sid)
@@ -934,9 +949,7 @@ class TierClient:
                 with contextlib.suppress(*_SOCKET_ERRORS):
                     await self._local(shared, b"t", request, pb.TouchResponse)
                     return
-            if keys:
-                again = pb.BatchGetRequest(namespace_id=namespace_id, keys=keys)
-                await self._call(sid, lambda s: self._fetch_many(s, again))
+            await self._call(sid, lambda s: s.Touch(request, timeout=self.config.timeout_s))
         except TierError as e:
             self._absorbed("touch", e)
 
@@ -962,7 +975,7 @@ class TierClient:
             for sid in self._owners_of(b.key):
                 per_shard.setdefault(sid, []).append(i)
         parents = self._local_parents(blocks, prefix)
-        hints = self._hints(ns, blocks, prefix)
+        hints, mark = self._hints(blocks, prefix)
         infos = {(sid, i): pb.BlockInfo(namespace_id=ns.id, key=b.key, chain=b.chain,
                                         position=b.position, size=len(b.data), namespace=nsp,
                                         parent=parents.get((sid, i), self._here(b.parent, sid)),
@@ -982,6 +995,8 @@ class TierClient:
                     return e
 
         replies = await asyncio.gather(*(send(sid, idx) for sid, idx in batches))
+        if mark is not None:
+            await self._mark_branched(ns, *mark)
         errors = [r for r in replies if isinstance(r, TierError)]
         if len(errors) == len(replies):
             raise errors[0]
@@ -1004,16 +1019,17 @@ class TierClient:
         return parent if parent and sid in self._owners_of(parent) else b""
 
     def _hints(
-        self, ns: Namespace, blocks: Sequence[BlockPut], prefix: Sequence[bytes] | None
-    ) -> dict[tuple[str, int], int]:
+        self, blocks: Sequence[BlockPut], prefix: Sequence[bytes] | None
+    ) -> tuple[dict[tuple[str, int], int], tuple[str, bytes] | None]:
         """(owner, block index) -> the hints its put carries (BlockInfo.hints), from what one
         store would know: BRANCHED when the next block of the prefix is not on that owner;
         EXTENDS on every block when the block before the first one put was found by this
-        client's last probe of the prefix on a shard that said it had not branched (then that
-        shard is told it has, riding in the next touch, when the first block put is not on
-        it). Empty without a prefix (checked by `_local_parents`)."""
+        client's last read of the prefix on a shard that said it had not branched. Also that
+        shard and block when the first block put is not on it: it must be told the block has
+        branched now (`_mark_branched`). None without a prefix (checked by
+        `_local_parents`)."""
         if prefix is None or not blocks:
-            return {}
+            return {}, None
         first = min(b.position for b in blocks)
         fork = self._forks.pop(prefix[first - 1], None) if first else None
         extends = EXTENDS if fork is not None and not fork[0] else 0
@@ -1023,8 +1039,17 @@ class TierClient:
             for sid in self._owners_of(b.key):
                 hints[sid, i] = extends | (BRANCHED if after and sid not in after else 0)
         if fork is not None and extends and fork[1] not in self._owners_of(prefix[first]):
-            self._touch_later(fork[1], ns.id, prefix[first - 1], branched=True)
-        return hints
+            return hints, (fork[1], prefix[first - 1])
+        return hints, None
+
+    async def _mark_branched(self, ns: Namespace, sid: str, key: bytes) -> None:
+        """Tell `sid` that a next block of `key`'s prefix now lives elsewhere: riding in this
+        client's next request on its socket (ahead of that request's probe), else at once over
+        gRPC (a Touch)."""
+        if await self._arena(sid) is not None:
+            self._touch_later(sid, ns.id, key, branched=True)
+        else:
+            await self._touch(sid, ns.id, [], [key])
 
     def _local_parents(
         self, blocks: Sequence[BlockPut], prefix: Sequence[bytes] | None
@@ -1277,23 +1302,23 @@ def _cut(
 
 def _copy_out(
     reply: pb.BatchGetSharedResponse, view: mmap.mmap, offset: int, capacity: int,
-    found: list[tuple[bytes | None, int]],
+    found: list[Got],
 ) -> list[int]:  # fmt: skip
-    """Fill `found` with the blocks a BatchGetShared copied into the slot at `offset` and
-    their replica hints; the indices found but not copied (fetch them another way)."""
+    """Fill `found` with the blocks a BatchGetShared copied into the slot at `offset`, their
+    replica hints and branch flags; the indices found but not copied (fetch them another way)."""
     if len(reply.blocks) != len(found):
         raise TierError(f"shard answered {len(reply.blocks)} of {len(found)} keys", "DATA_LOSS")
     at, left, rest = offset, reply.copied, []
     for i, head in enumerate(reply.blocks):
         if not head.found:
-            found[i] = (None, head.replicas)
+            found[i] = (None, head.replicas, False)
             continue
         if not left:
             rest.append(i)
             continue
         if at + head.size > offset + capacity:
             raise TierError("shard wrote past its slot", "DATA_LOSS")
-        found[i] = (view[at : at + head.size], head.replicas)
+        found[i] = (view[at : at + head.size], head.replicas, head.branched)
         at += head.size
         left -= 1
     if left:

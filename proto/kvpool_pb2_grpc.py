@@ -64,6 +64,11 @@ class KVPoolStub:
                 request_serializer=kvpool_dot_proto_dot_kvpool__pb2.DeleteRequest.SerializeToString,
                 response_deserializer=kvpool_dot_proto_dot_kvpool__pb2.DeleteResponse.FromString,
                 _registered_method=True)
+        self.Touch = channel.unary_unary(
+                '/kvpool.v1.KVPool/Touch',
+                request_serializer=kvpool_dot_proto_dot_kvpool__pb2.TouchRequest.SerializeToString,
+                response_deserializer=kvpool_dot_proto_dot_kvpool__pb2.TouchResponse.FromString,
+                _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/kvpool.v1.KVPool/Stats',
                 request_serializer=kvpool_dot_proto_dot_kvpool__pb2.StatsRequest.SerializeToString,
@@ -167,6 +172,14 @@ class KVPoolServicer:
 
     def Delete(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Touch(self, request, context):
+        """Touch blocks the caller read some other way (as a read touches them) and mark blocks
+        branched (TouchRequest): what a same-host client sends on its socket (op b"t").
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -286,6 +299,11 @@ def add_KVPoolServicer_to_server(servicer, server):
                     servicer.Delete,
                     request_deserializer=kvpool_dot_proto_dot_kvpool__pb2.DeleteRequest.FromString,
                     response_serializer=kvpool_dot_proto_dot_kvpool__pb2.DeleteResponse.SerializeToString,
+            ),
+            'Touch': grpc.unary_unary_rpc_method_handler(
+                    servicer.Touch,
+                    request_deserializer=kvpool_dot_proto_dot_kvpool__pb2.TouchRequest.FromString,
+                    response_serializer=kvpool_dot_proto_dot_kvpool__pb2.TouchResponse.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
@@ -500,6 +518,33 @@ class KVPool:
             '/kvpool.v1.KVPool/Delete',
             kvpool_dot_proto_dot_kvpool__pb2.DeleteRequest.SerializeToString,
             kvpool_dot_proto_dot_kvpool__pb2.DeleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Touch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvpool.v1.KVPool/Touch',
+            kvpool_dot_proto_dot_kvpool__pb2.TouchRequest.SerializeToString,
+            kvpool_dot_proto_dot_kvpool__pb2.TouchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -934,6 +934,10 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
             self.store.put(key, chain, position, data, parent=None, tenant=_CALLER.get()[0])
         return data
 
+    async def Touch(self, request: pb.TouchRequest, context: Any) -> pb.TouchResponse:
+        _well_formed(request)
+        return pb.TouchResponse(touched=self._touch(request))
+
     async def Delete(self, request: pb.DeleteRequest, context: Any) -> pb.DeleteResponse:
         _well_formed(request)
         keys = self._keys(request.namespace_id, list(request.keys))
@@ -972,6 +976,7 @@ def _handlers(s: KVPoolServicer) -> grpc.GenericRpcHandler:
         "BatchGet": us(s.BatchGet, _parse(pb.BatchGetRequest), pb.BatchGetResponse.SerializeToString),
         "BatchPut": su(s.BatchPut, _parse(pb.BatchPutRequest), pb.BatchPutResponse.SerializeToString),
         "Delete": u(s.Delete, _parse(pb.DeleteRequest), pb.DeleteResponse.SerializeToString),
+        "Touch": u(s.Touch, _parse(pb.TouchRequest), pb.TouchResponse.SerializeToString),
         "Stats": u(s.Stats, _parse(pb.StatsRequest), pb.StatsResponse.SerializeToString),
         "Topology": u(s.Topology, _parse(pb.TopologyRequest), pb.TopologyResponse.SerializeToString),
         "OpenShared": u(s.OpenShared, _parse(pb.OpenSharedRequest), pb.OpenSharedResponse.SerializeToString),

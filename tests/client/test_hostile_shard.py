@@ -148,7 +148,7 @@ def reply(*heads: tuple[bool, int], copied: int) -> pb.BatchGetSharedResponse:
 )
 def test_what_a_shard_says_it_copied_into_an_arena_is_checked(shared, match) -> None:
     view = mmap.mmap(-1, 64)
-    found: list[tuple[bytes | None, int]] = [(None, 0)] * 2
+    found: list[tuple[bytes | None, int, bool]] = [(None, 0, False)] * 2
     with pytest.raises(TierError, match=match) as e:
         _copy_out(shared, view, offset=0, capacity=10, found=found)
     assert e.value.code == "DATA_LOSS"
@@ -158,7 +158,10 @@ def test_what_a_shard_says_it_copied_into_an_arena_is_checked(shared, match) -> 
 def test_blocks_a_shard_copied_come_out_and_the_rest_are_fetched_another_way() -> None:
     view = mmap.mmap(-1, 64)
     view[0:4] = b"abcd"
-    found: list[tuple[bytes | None, int]] = [(None, 0)] * 3
-    rest = _copy_out(reply((True, 4), (False, 0), (True, 8), copied=1), view, 0, 10, found)
-    assert bytes(found[0][0] or b"") == b"abcd" and found[1] == (None, 0) and rest == [2]
+    found: list[tuple[bytes | None, int, bool]] = [(None, 0, False)] * 3
+    answer = reply((True, 4), (False, 0), (True, 8), copied=1)
+    answer.blocks[0].branched = True  # carried with the block (the client's next put's hints)
+    rest = _copy_out(answer, view, 0, 10, found)
+    assert bytes(found[0][0] or b"") == b"abcd" and found[0][2] is True
+    assert found[1] == (None, 0, False) and rest == [2]
     view.close()

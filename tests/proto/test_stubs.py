@@ -23,7 +23,7 @@ def test_the_service_has_every_rpc_of_the_protocol() -> None:
     assert {m.name for m in service.methods} == {
         "Lookup", "Put", "Get", "Delete", "Stats", "Topology", "OpenShared", "GetShared",
         "PutShared", "CloseShared", "BatchGet", "BatchPut", "PutArtifact", "GetArtifact",
-        "PutRecord", "GetRecord",
+        "PutRecord", "GetRecord", "Touch",
     }  # fmt: skip
     streaming = {m.name: (m.client_streaming, m.server_streaming) for m in service.methods}
     assert streaming["Put"] == (True, False) and streaming["Get"] == (False, True)

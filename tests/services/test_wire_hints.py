@@ -60,12 +60,16 @@ async def request(client: TierClient, keys: list[bytes], blob: bytes) -> int:
     return n
 
 
-def test_a_continuation_on_another_shard_starts_as_one_store_would_start_it() -> None:
+@pytest.mark.parametrize("same_host", [True, False], ids=["probes", "grpc"])
+def test_a_continuation_on_another_shard_starts_as_one_store_would_start_it(
+    same_host: bool,
+) -> None:
     blob, tk = template(), TraceKeys(NS)
     for servers in tier(64 << 20):
 
         async def go(servers: list[ShardServer]) -> None:
-            client = TierClient(servers[0].address, ClientConfig(timeout_s=30.0))
+            config = ClientConfig(timeout_s=30.0, same_host=same_host)
+            client = TierClient(servers[0].address, config)
             try:
                 await client.lookup(NS, tk(prompt(1)))  # topology
                 prefix, x, y = spread(client, servers, tk)
