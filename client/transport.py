@@ -122,8 +122,9 @@ class TierClient:
         # blocks probed and used, not yet touched: shard id -> (namespace id, keys, those of
         # them to mark branched)
         self._touches: dict[str, tuple[bytes, list[bytes], list[bytes]]] = {}
-        # the last block a probe found before a prefix's first miss -> (whether its shard said
-        # it branched, that shard): what put_many's hints say of the blocks put after it
+        # the last block a read (a probe or a get) found before a prefix's first miss ->
+        # (whether its shard said it branched, that shard): what put_many's hints say of the
+        # blocks put after it
         self._forks: collections.OrderedDict[bytes, tuple[bool, str]] = collections.OrderedDict()
         self._touch_timer: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Task[None]] = set()
