@@ -111,3 +111,37 @@ def test_hints_with_unknown_bits_are_refused() -> None:
                 assert store_key(None, NS.id, key) not in srv.store
     finally:
         srv.stop()
+
+
+def test_a_touch_over_grpc_is_bounded_and_marks_only_what_it_names() -> None:
+    blob = template()
+    keys = TraceKeys(NS)(prompt(7, 8))
+    srv = ShardServer(BlockStore(16 << 20), "touch")
+    srv.start()
+    try:
+        with grpc.insecure_channel(srv.address) as channel:
+            stub = pb_grpc.KVPoolStub(channel)
+            for i, key in enumerate(keys):
+                info = pb.BlockInfo(namespace_id=NS.id, key=key, chain=keys[0], position=i,
+                                    size=len(blob), namespace=namespace_to_proto(NS))  # fmt: skip
+                data = bind(blob, key, i)
+                stub.Put(iter([pb.PutRequest(info=info), pb.PutRequest(chunk=data)]), timeout=10)
+            for request, code in (
+                (pb.TouchRequest(namespace_id=NS.id, branched=[keys[0]] * 4097),
+                 grpc.StatusCode.RESOURCE_EXHAUSTED),
+                (pb.TouchRequest(namespace_id=NS.id, branched=[keys[0][:31]]),
+                 grpc.StatusCode.INVALID_ARGUMENT),
+                (pb.TouchRequest(namespace_id=NS.id[:5], keys=[keys[0]]),
+                 grpc.StatusCode.INVALID_ARGUMENT),
+            ):  # fmt: skip
+                with pytest.raises(grpc.RpcError) as e:
+                    stub.Touch(request, timeout=10)
+                assert e.value.code() == code
+            assert not any(srv.store.branched([store_key(None, NS.id, k) for k in keys]))
+            reply = stub.Touch(pb.TouchRequest(namespace_id=NS.id, keys=keys, branched=[keys[1]]),
+                               timeout=10)  # fmt: skip
+            assert reply.touched == 2
+            # the one named, not its neighbour (put without a parent here: no local child)
+            assert srv.store.branched([store_key(None, NS.id, k) for k in keys]) == [False, True]
+    finally:
+        srv.stop()
