@@ -186,10 +186,10 @@ class SharedBudget:
         the oldest when older than `victim` (one LRU over the node would evict that one),
         never below the floor nor past what a donor may owe (see the module's docstring).
         A donor's next victim is the one it will reach after evicting what it owes, with
-        this step: its published age moved toward `now` (the clock at this call) in proportion to those bytes over the bytes it holds, as if its blocks'
-        stamps were spread evenly (it publishes only its first victim's age, and until its
-        next call takers would see that age however much it already gave). Returns this
-        shard's budget."""
+        this step: its published age moved toward `now` (the clock at this call) in proportion
+        to those bytes over the bytes it holds, as if its blocks' stamps were spread evenly (it
+        publishes only its first victim's age, and until its next call takers would see that
+        age however much it already gave). Returns this shard's budget."""
         with self._locked():
             rows = self._rows()
             total = self.total

@@ -788,21 +788,21 @@ class KVPoolServicer(pb_grpc.KVPoolServicer):
         if request.HasField("touch"):
             self._touch(request.touch)
         keys = self._keys(request.namespace_id, list(request.keys))
-        found = self.store.peek_many(keys)
-        forks = self.store.branched(keys)
-        lead = next((i for i, d in enumerate(found) if d is None), len(found))
+        peeks = self.store.peek_many(keys)  # (block, branched) of each key held
+        lead = next((i for i, p in enumerate(peeks) if p is None), len(peeks))
         behind = 0
         if self.redis is not None and lead < len(keys):
             behind = await asyncio.to_thread(self.redis.leading, keys[lead:])
         view = self._live(arena).view
         at, end, copied = request.offset, request.offset + request.capacity, 0
         reply = pb.BatchGetSharedResponse()
-        for i, (key, data, fork) in enumerate(zip(keys, found, forks, strict=True)):
-            if data is None:
+        for i, (key, peek) in enumerate(zip(keys, peeks, strict=True)):
+            if peek is None:
                 reply.blocks.add(found=lead <= i < lead + behind)
                 continue
+            data, fork = peek
             reply.blocks.add(found=True, size=len(data), replicas=self.hot.peek(key, len(data)),
-                             branched=bool(fork))  # fmt: skip
+                             branched=fork)  # fmt: skip
             if i == copied and at + len(data) <= end:  # still in the leading run, and fits
                 view[at : at + len(data)] = data
                 at += len(data)

@@ -285,20 +285,19 @@ class BlockStore:
                 self._share.publish(self.stats.bytes, self._oldest())
             return found
 
-    def peek_many(self, keys: Sequence[bytes]) -> list[Blob | None]:
-        """The blocks of `keys` (None for each miss), changing nothing: no recency, frequency,
-        hit or byte counts (a probe; `get_many` then touches what the caller used)."""
+    def peek_many(self, keys: Sequence[bytes]) -> list[tuple[Blob, bool] | None]:
+        """For each key: None on a miss, else its block and whether it branched (`branched`),
+        changing nothing: no recency, frequency, hit or byte counts (a probe; `get_many` then
+        touches what the caller used)."""
         with self._lock:
             nodes = [self._blocks.get(key) for key in keys]
-        return [None if node is None else node.data for node in nodes]
+            return [None if n is None else (n.data, n.children > 0 or n.branched) for n in nodes]
 
     def branched(self, keys: Sequence[bytes]) -> list[bool | None]:
         """For each key: None when absent, else whether a later block branching off it starts
         recent here (it has children on this shard, or was told of one elsewhere). Changes
         nothing (the client's hint for the put of a block after it on another shard)."""
-        with self._lock:
-            nodes = [self._blocks.get(key) for key in keys]
-            return [None if n is None else n.children > 0 or n.branched for n in nodes]
+        return [None if peek is None else peek[1] for peek in self.peek_many(keys)]
 
     def mark_branched(self, keys: Sequence[bytes]) -> int:
         """A next block of each key's prefix was put on another shard: a block branching off it
