@@ -89,6 +89,31 @@ def test_a_continuation_on_another_shard_starts_as_one_store_would_start_it(
         asyncio.run(go(servers))
 
 
+def test_a_branch_mark_its_shard_cannot_take_is_reported_and_the_put_stands() -> None:
+    blob, tk = template(), TraceKeys(NS)
+    for servers in tier(64 << 20):
+
+        async def go(servers: list[ShardServer]) -> None:
+            failures: list[tuple[str, str]] = []
+            client = TierClient(servers[0].address, ClientConfig(timeout_s=3.0, same_host=False),
+                                on_failure=lambda op, e: failures.append((op, e.code)))  # fmt: skip
+            try:
+                await client.lookup(NS, tk(prompt(1)))  # topology
+                prefix, x, _ = spread(client, servers, tk)
+                await request(client, prefix, blob)
+                assert len(await client.get_prefix(NS, x)) == 2  # its last block unbranched
+                parent = next(s for s in servers if s.shard_id == client._owners_of(x[1])[0])
+                parent.stop()  # the mark for x[1] has nowhere to go
+                put = [BlockPut(x[2], x[0], 2, bind(blob, x[2], 2))]
+                assert await client.put_many(NS, put, prefix=x) == [True]
+                assert node([s for s in servers if s is not parent], x[2]).frequent
+                assert ("touch", "UNAVAILABLE") in failures
+            finally:
+                await client.close()
+
+        asyncio.run(go(servers))
+
+
 def test_hints_with_unknown_bits_are_refused() -> None:
     blob = template()
     key = TraceKeys(NS)(prompt(7))[0]
