@@ -36,6 +36,7 @@ from kvpool.proto.blockformat import Layout, verify
 
 SHAPE = (32, 8, 256, 128)
 MAP_RANKS = (32, 64, 128)  # low-rank prediction maps' rows (kvpool calibrate --map-rank)
+BF16_RANKS = (64, 96, 128)  # the same in bfloat16 (kvpool calibrate --map-rank R --bf16-maps)
 
 
 def best_seconds(
@@ -95,10 +96,11 @@ def synthetic_basis(shape: tuple[int, int, int, int] = SHAPE) -> KeyBasis:
 
 
 def synthetic_predicting_basis(
-    shape: tuple[int, int, int, int] = SHAPE, per_head: bool = False, rank: int = 0
-) -> KeyBasis:
+    shape: tuple[int, int, int, int] = SHAPE, per_head: bool = False, rank: int = 0,
+    bf16: bool = False,
+) -> KeyBasis:  # fmt: skip
     """`synthetic_basis` with random inter-layer prediction maps of the real shapes, full, per
-    head (block-diagonal) or of rank `rank` (two factors; speed only)."""
+    head (block-diagonal) or of rank `rank` (two factors; speed only), in bfloat16 if `bf16`."""
     basis = synthetic_basis(shape)
     layers, heads, _, dim = shape
     g = torch.Generator().manual_seed(2)
@@ -113,6 +115,8 @@ def synthetic_predicting_basis(
         width = heads * dim
         maps = [torch.randn(layers - 1, n * width + 1, width, generator=g) / (n * width)
                 for n in (2, 3)]  # fmt: skip
+    if bf16:
+        maps = [m.bfloat16() for m in maps]
     return KeyBasis(basis.mean, basis.rotation, basis.widths, *maps)
 
 
@@ -258,6 +262,12 @@ def codec_rows() -> dict[str, CodecConfig]:
         **{
             f"v2_predicted_rank{r}": replace(options, key_basis=synthetic_predicting_basis(rank=r))
             for r in MAP_RANKS
+        },
+        **{
+            f"v2_predicted_rank{r}_bf16": replace(
+                options, key_basis=synthetic_predicting_basis(rank=r, bf16=True)
+            )
+            for r in BF16_RANKS
         },
     }
 

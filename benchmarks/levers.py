@@ -87,8 +87,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kvpool.calibrate import least_squares, principal
+from kvpool.calibrate import least_squares, principal, reduced_rank
 from kvpool.hf import cache_from_kv, kv_from_cache, rope_params
+from kvpool.kernels import basis as codec_basis
 from kvpool.kernels.basis import as_rows
 from kvpool.kernels.codec import CodecConfig, decode, encode
 from kvpool.kernels.transforms import RopeParams, hadamard, redo_rope, undo_rope
@@ -104,6 +105,9 @@ NF = {
 KV = tuple[Tensor, Tensor]
 # cheaper prediction maps tried (issue 22 part 3): block-diagonal per head, and low rank
 MAP_FORMS = ("head", "rank:16", "rank:32", "rank:64")
+# the same in bfloat16 (products in bfloat16 too: about twice as fast on AVX-512 BF16; issue 22's
+# decode goal), the ranks whose decode reaches about 0.5 GB/s or more (benchmarks/codec.py)
+BF16_FORMS = ("rank:64:bf16", "rank:96:bf16")
 # the next ratio (issue 22 part 4): (key band budget, symmetric value groups) of `--ratio` rows
 # (1.7 and 0.9: the largest budgets whose blocks, measured, reach 8x and 10x: 8.13x, 10.24x;
 # 1.45 and 0.65 min/max: about 8x and 10x with the codec's default value groups, for comparison;
@@ -373,7 +377,10 @@ def through_codec(k: Tensor, v: Tensor, cfg: CodecConfig) -> KV:
 def mapped(m: Tensor, inputs: list[Tensor]) -> Tensor:
     """codec.mapped's product, with the bias added after the matmul rather than fused (addmm):
     the figures in benchmarks/results/ were measured so, and the closed loop carries a last-bit
-    difference into other band widths (dev KL 6.25 vs 7.01 for the both-tensors row)."""
+    difference into other band widths (dev KL 6.25 vs 7.01 for the both-tensors row). bfloat16
+    maps (factored, "rank:R:bf16") go through the codec's own product."""
+    if m.dtype != torch.float32:
+        return codec_basis.mapped(m, inputs)
     y = as_rows(inputs) @ m[:-1] + m[-1]
     return y.reshape(y.shape[0], inputs[0].shape[0], -1).transpose(0, 1)
 
@@ -413,7 +420,11 @@ def fit_map(inputs: list[Tensor], target: Tensor, form: str) -> Tensor:
     "full" (every head from every head), "head" (block-diagonal: each head from its own heads
     of the inputs only; (k D + 1) D floats per head instead of (k H D + 1) H D) or "rank:R"
     (reduced-rank regression: the full map projected on the R leading directions of its fitted
-    values, stored as two factors of (k H D + 1) R + R H D floats)."""
+    values, stored as two factors of (k H D + 1) R + R H D floats), or "rank:R:bf16" (the
+    codec's own factors, `kvpool calibrate --map-rank R --bf16-maps`, rounded to bfloat16, their
+    products in bfloat16)."""
+    if form.endswith(":bf16"):
+        return reduced_rank(inputs, target, int(form.split(":")[1])).bfloat16()
     if form == "full":
         return least_squares(inputs, target)
     heads, _, dim = target.shape
@@ -548,7 +559,7 @@ def rows(cal: Calibration, rope: RopeParams, dim: int) -> list[Row]:
             lambda k, v: through_prediction(k, v, values_only, rope)),
         Row(f"K and V {prediction} (K residual bands ~2.0 bits, V residual 2-bit)", "both",
             (both.key_bits + 2 + 32 / 64) / 2, lambda k, v: through_prediction(k, v, both, rope)),
-        *(cheaper(form) for form in MAP_FORMS),
+        *(cheaper(form) for form in (*MAP_FORMS, *BF16_FORMS)),
     ]  # fmt: skip
 
 

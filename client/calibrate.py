@@ -324,7 +324,7 @@ def calibrate_basis(
     group_size: int = 128, windows: int = 6, window_tokens: int = 1024, pre_rope: bool = True,
     query_weighted: bool = True, predict: bool = False, value_bits: int = 2,
     progress: Callable[[str], None] | None = None, per_head_maps: bool = False,
-    symmetric_values: bool = False, map_rank: int = 0,
+    symmetric_values: bool = False, map_rank: int = 0, bf16_maps: bool = False,
 ) -> KeyBasis:  # fmt: skip
     """A key basis for `model` from sample text: per (layer, kv head), the principal components
     of its (pre-RoPE) keys over up to `windows` windows of `window_tokens` tokens of the sample
@@ -344,7 +344,9 @@ def calibrate_basis(
     per_head_maps: block-diagonal maps, each head predicted from its own head only.
     map_rank: maps of this rank (0: full), stored as two factors (see KeyBasis): each the full
     least-squares map projected on the `map_rank` leading directions of what it predicts
-    (reduced-rank regression)."""
+    (reduced-rank regression).
+    bf16_maps: the maps rounded to bfloat16 as each is fitted, so that the closed loop rebuilds
+    the next layers with the bfloat16 products the codec will run (see KeyBasis)."""
     from kvpool.model_facts import rope_params
 
     rope = rope_params(model) if pre_rope else None
@@ -385,7 +387,7 @@ def calibrate_basis(
         say("prediction maps, layer by layer")
         keys, values = (torch.cat(parts, 2) for parts in zip(*kept, strict=True))
         return _fit_predicted(keys, values, weights, key_bits, group_size, value_bits,
-                              per_head_maps, symmetric_values, map_rank)  # fmt: skip
+                              per_head_maps, symmetric_values, map_rank, bf16_maps)  # fmt: skip
     assert total is not None and outer is not None
     mean = total / n
     covariance = outer / n - mean[..., :, None] * mean[..., None, :]
@@ -398,6 +400,7 @@ def calibrate_basis(
 def _fit_predicted(
     keys: Tensor, values: Tensor, query: Tensor | None, key_bits: float, group_size: int,
     value_bits: int, per_head: bool = False, symmetric_values: bool = False, rank: int = 0,
+    bf16: bool = False,
 ) -> KeyBasis:  # fmt: skip
     """The closed-loop fit of a predicting KeyBasis on pre-RoPE keys and values [L, H, N, D]
     (N in whole groups), run as the codec's own `predicted_loop`: for each layer, the key
@@ -427,6 +430,8 @@ def _fit_predicted(
                 maps[i].append(reduced_rank(inputs, target, rank))
             else:
                 maps[i].append(least_squares(inputs, target))
+            if bf16:  # what the codec will multiply by, from here on in the loop too
+                maps[i][-1] = maps[i][-1].bfloat16()
             return maps[i][-1]
 
         return step
@@ -582,10 +587,10 @@ def allocate_bands(variance: Tensor, key_bits: float, group_size: int) -> tuple[
 
 def basis_path(model: str, options: Any) -> Path:
     """Where `kvpool calibrate --basis` keeps a key basis:
-    .cache/profiles/MODEL-basis-gG-kBITS[-postrope][-qw][-pred[-head][-rankR][-vsym]].pt (under
-    KVPOOL_CACHE_DIR when set; -qw: widths allocated by query-weighted error, the default;
-    -pred: with inter-layer prediction maps; -head: per-head maps; -rankR: maps of rank R;
-    -vsym: fitted for symmetric value groups)."""
+    .cache/profiles/MODEL-basis-gG-kBITS[-postrope][-qw][-pred[-head][-rankR][-bf16][-vsym]].pt
+    (under KVPOOL_CACHE_DIR when set; -qw: widths allocated by query-weighted error, the
+    default; -pred: with inter-layer prediction maps; -head: per-head maps; -rankR: maps of rank
+    R; -bf16: bfloat16 maps; -vsym: fitted for symmetric value groups)."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", model.split("/")[-1]).lower()
     rope = "-postrope" if getattr(options, "no_pre_rope", False) else ""
     weights = "" if getattr(options, "no_query_weights", False) else "-qw"
@@ -595,6 +600,8 @@ def basis_path(model: str, options: Any) -> Path:
     rank: int = getattr(options, "map_rank", 0)
     if predict and rank:
         predict += f"-rank{rank}"
+    if predict and getattr(options, "bf16_maps", False):
+        predict += "-bf16"
     if predict and getattr(options, "symmetric_values", False):
         predict += "-vsym"
     file = f"{name}-basis-g{options.group_size}-k{options.key_bits:.4g}{rope}{weights}{predict}.pt"

@@ -352,6 +352,7 @@ def test_calibrating_a_basis_refuses_what_it_cannot_use() -> None:
         ["calibrate", "--basis", "--predict", "--map-rank", "-1"],
         ["calibrate", "--basis", "--symmetric-values"],  # maps fitted for them need --predict
         ["calibrate", "--symmetric-values"],
+        ["calibrate", "--basis", "--bf16-maps"],  # bfloat16 maps need --predict
     ],
 )
 def test_calibrate_refuses_options_that_do_not_go_together(argv: list[str], capsys) -> None:

@@ -578,6 +578,51 @@ def test_low_rank_blocks_are_the_same_on_every_backend(tmp_path: Path) -> None:
         assert float((ours - x).abs().max()) <= 1.5 * float((theirs - x).abs().max())
 
 
+def bf16_twin(basis: KeyBasis) -> KeyBasis:
+    """`basis` with its maps rounded to bfloat16 (`kvpool calibrate --bf16-maps`)."""
+    assert basis.key_maps is not None and basis.value_maps is not None
+    return KeyBasis(basis.mean, basis.rotation, basis.widths, basis.key_maps.bfloat16(),
+                    basis.value_maps.bfloat16())  # fmt: skip
+
+
+@pytest.mark.parametrize("form", ["full", "rank", "head"])
+def test_bfloat16_maps_are_their_own_basis_and_decode_alike_on_every_backend(
+    form: str, tmp_path: Path
+) -> None:
+    """bfloat16 maps (of any form) are another basis than the float32 maps they round (another
+    id), saved and loaded as bfloat16; maps of two dtypes make no basis. Their blocks: the same
+    bytes from every writer; every reader's decoding within bfloat16 rounding of the
+    reference's (the readers sum their bfloat16 products in other orders), about as close to
+    the KV as the float32 maps' blocks."""
+    full = predicting_basis(seed=2)
+    f32 = {"full": full, "rank": low_rank_twin(full, 32), "head": per_head_twin(full)}[form]
+    basis = bf16_twin(f32)
+    assert basis.bf16_maps and not f32.bf16_maps and basis.id != f32.id
+    assert basis.map_rank == f32.map_rank and basis.per_head_maps == f32.per_head_maps
+    loaded = KeyBasis.load(basis.save(tmp_path / "basis.pt"))
+    assert loaded.id == basis.id and loaded.bf16_maps
+    assert f32.value_maps is not None and basis.key_maps is not None
+    with pytest.raises(CodecError, match="both float32 or both bfloat16"):
+        KeyBasis(basis.mean, basis.rotation, basis.widths, basis.key_maps, f32.value_maps)
+    k, v = predictable_kv(full, noise=0.3, seed=4)
+    cfg = config(basis, rope=RopeParams(10000.0, DIM), hadamard_values=True, sink_tokens=1)
+    ref = encode(k, v, cfg, backend="reference")
+    assert encode(k, v, cfg, backend="cpu") == ref
+    assert encode(k.to(TRITON_DEVICE), v.to(TRITON_DEVICE), cfg, backend="triton") == ref or (
+        TRITON_DEVICE != "cpu"
+    )
+    want = decode(ref, backend="reference", key_basis=basis)
+    plain = decode(encode(k, v, replace_basis(cfg, f32)), key_basis=f32)
+    for got in (decode(ref, backend="cpu", key_basis=basis),
+                decode(ref, device=TRITON_DEVICE, backend="triton", key_basis=basis)):  # fmt: skip
+        for ours, theirs, base, x in ((got.keys, want.keys, plain.keys, k),
+                                      (got.values, want.values, plain.values, v)):  # fmt: skip
+            assert ours is not None and theirs is not None and base is not None
+            ours = ours.cpu().float()
+            assert float((ours - theirs).abs().max()) <= 2**-6 * float(theirs.abs().max())
+            assert float((ours - x).abs().max()) <= 1.25 * float((base - x).abs().max())
+
+
 @pytest.mark.parametrize("rank", [0, 16])
 @pytest.mark.parametrize("rotate", [False, True])
 def test_the_readers_loop_over_rows_rebuilds_what_the_one_loop_rebuilds(
@@ -696,6 +741,12 @@ def test_calibration_fits_low_rank_maps_in_the_closed_loop() -> None:
         reduced_rank([k[0], v[0]], k[1], width)
     options = argparse.Namespace(group_size=128, key_bits=2.0, predict=True, map_rank=64)
     assert basis_path("m", options).name.endswith("-pred-rank64.pt")
+    # bfloat16 maps: rounded as fitted, as good a fit, a file of their own
+    low = _fit_predicted(k, v, None, 3.0, 128, 4, rank=rank, bf16=True)
+    assert low.bf16_maps and low.map_rank == rank and low.id != basis.id
+    assert miss(low) < 0.1 * float(k[1].pow(2).mean()) and miss(low) < 0.5 * miss(lower)
+    options = argparse.Namespace(**vars(options), bf16_maps=True)
+    assert basis_path("m", options).name.endswith("-pred-rank64-bf16.pt")
 
 
 def test_the_c_loops_store_refuses_rows_tables_and_strides_it_cannot_write() -> None:
