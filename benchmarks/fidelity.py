@@ -65,7 +65,8 @@ the default row's blocks are deflated): the symmetric rows again, deflated, at t
 of DEFLATED_KEY_BITS, chosen by ratio alone before any of them was scored (see there).
 Cheaper prediction (issue 22 part 3): predicted v2 at 2.0 bits with maps of rank MAP_RANKS
 (`kvpool calibrate --basis --predict --map-rank R`; faster to decode, see benchmarks/codec.py),
-the rank chosen on the development texts (levers.py) first.
+the rank chosen on the development texts (levers.py) first; and the same with bfloat16 maps of
+rank BF16_MAP_RANKS (`--bf16-maps`: their products in bfloat16 too, about twice as fast).
 
 `--rows WORD ...` keeps only the rows whose name holds one of the words, besides the fp16
 reference and the default (always run): rows not kept are neither calibrated nor scored (the 6x
@@ -121,6 +122,10 @@ DEFLATED_KEY_BITS = (1.6,)
 # cheaper prediction (issue 22 part 3): low-rank maps, the rank chosen on the development texts
 # (benchmarks/levers.py's "rank:64" row: KL 9.24 mnats vs 13.0 at rank 32, per-head maps 11.78)
 MAP_RANKS = (64,)
+# the same maps in bfloat16, their products in bfloat16 too (`--map-rank R --bf16-maps`: about
+# twice float32's rate on AVX-512 BF16, issue 22's decode goal), the rank chosen on the
+# development texts (levers.py's "rank:R:bf16" rows) before these rows ran
+BF16_MAP_RANKS = (64,)
 
 
 def prose() -> str:
@@ -261,15 +266,15 @@ def load_profile(model: Any, tokenizer: Any, path: Path | None, sinks: int) -> c
 
 def load_basis(
     model: Any, tokenizer: Any, key_bits: float, predict: bool = False, symmetric: bool = False,
-    map_rank: int = 0,
+    map_rank: int = 0, bf16_maps: bool = False,
 ) -> KeyBasis:  # fmt: skip
     """The key basis at `key_bits` (with inter-layer prediction maps when `predict`, fitted for
-    symmetric value groups when `symmetric`, of rank `map_rank` when not 0): the cached default
-    (`kvpool calibrate --basis [--predict [--symmetric-values] [--map-rank R]]`), else
-    calibrated now on the basis sample and cached."""
+    symmetric value groups when `symmetric`, of rank `map_rank` when not 0, bfloat16 when
+    `bf16_maps`): the cached default (`kvpool calibrate --basis [--predict [--symmetric-values]
+    [--map-rank R] [--bf16-maps]]`), else calibrated now on the basis sample and cached."""
     options = argparse.Namespace(
         group_size=128, key_bits=key_bits, predict=predict, symmetric_values=symmetric,
-        map_rank=map_rank,
+        map_rank=map_rank, bf16_maps=bf16_maps,
     )  # fmt: skip
     path = calibrate.basis_path(model.config._name_or_path, options)
     if path.exists():
@@ -278,7 +283,7 @@ def load_basis(
     sample = calibrate.basis_sample(tokenizer)
     basis = calibrate.calibrate_basis(
         model, sample, key_bits=key_bits, predict=predict, symmetric_values=symmetric,
-        map_rank=map_rank,
+        map_rank=map_rank, bf16_maps=bf16_maps,
     )  # fmt: skip
     basis.save(path)
     print(f"key basis: calibrated in {time.perf_counter() - t0:.0f} s, saved to {path}", flush=True)
@@ -347,6 +352,13 @@ def configs(
              lambda n, r=r: Row(n, replace(
                  v2, key_basis=load_basis(model, tokenizer, 2.0, predict=True, map_rank=r))))
             for r in MAP_RANKS
+        ),
+        *(
+            (f"v2: predicted layers, rank-{r} bfloat16 maps, key basis 2.0 bits, V2 Hadamard, "
+             f"{s} sink",
+             lambda n, r=r: Row(n, replace(v2, key_basis=load_basis(
+                 model, tokenizer, 2.0, predict=True, map_rank=r, bf16_maps=True))))
+            for r in BF16_MAP_RANKS
         ),
     ]  # fmt: skip
     return [Row("fp16 (reference)", None), *(make(n) for n, make in made if keep(n))]
