@@ -495,6 +495,10 @@ def _rebuild_rows(
     ring = torch.empty(2, 2, tokens, width, dtype=torch.float32, device=device)  # [l % 2, K|V]
     # bfloat16 maps: the products' inputs, each layer rounded once when it is rebuilt
     low = None if key_maps.dtype == torch.float32 else torch.empty_like(ring, dtype=key_maps.dtype)
+    # the products' outputs when they cannot go straight into the float32 rows (bfloat16 maps),
+    # and the low-rank latent: allocated once, not per layer
+    product = None if low is None else torch.empty_like(low[0, 0])
+    latent = torch.empty(tokens, rank, dtype=key_maps.dtype, device=device) if rank else None
     turned = torch.empty(heads, tokens, dim, dtype=torch.float32, device=device)  # key residual
     components = torch.empty(heads, tokens, dim, dtype=torch.float32, device=device)
     for layer in range(layers):
@@ -505,17 +509,16 @@ def _rebuild_rows(
             k.copy_(mean[0].reshape(1, width).expand(tokens, width))
         else:
             m = key_maps[layer - 1]  # rows: K_l-1, V_l-1, bias (then B^T when low rank)
-            into = k if low is None else None  # float32 maps: the prediction straight into k
+            into = k if product is None else product  # float32 maps: straight into k
             if rank:
-                z = torch.addmm(m[2 * width], k_before, m[:width])
-                pk = torch.mm(z.addmm_(v_before, m[width : 2 * width]), m[2 * width + 1 :].T,
-                              out=into)  # fmt: skip
+                z = torch.addmm(m[2 * width], k_before, m[:width], out=latent)
+                torch.mm(z.addmm_(v_before, m[width : 2 * width]), m[2 * width + 1 :].T, out=into)
             else:
-                pk = torch.addmm(m[2 * width], k_before, m[:width], out=into).addmm_(
+                torch.addmm(m[2 * width], k_before, m[:width], out=into).addmm_(
                     v_before, m[width : 2 * width]
                 )
-            if low is not None:
-                k.copy_(pk)
+            if product is not None:
+                k.copy_(product)
         key_heads = k.view(tokens, heads, dim)
         # the value residual straight into this layer's V rows (the prediction is added to it)
         coded = source(layer, first, end, components, v.view(tokens, heads, dim).transpose(0, 1))
@@ -527,18 +530,22 @@ def _rebuild_rows(
         if layer:
             m = value_maps[layer - 1]  # rows: K_l, K_l-1, V_l-1, bias (then B^T when low rank)
             if rank:
-                z = torch.addmm(m[3 * width], kx, m[:width])
+                z = torch.addmm(m[3 * width], kx, m[:width], out=latent)
                 z.addmm_(k_before, m[width : 2 * width]).addmm_(v_before, m[2 * width : 3 * width])
-                if low is None:
+                if product is None:
                     v.addmm_(z, m[3 * width + 1 :].T)
                 else:
-                    v.add_(torch.mm(z, m[3 * width + 1 :].T))
-            elif low is None:
+                    v.add_(torch.mm(z, m[3 * width + 1 :].T, out=product))
+            elif product is None:
                 v.addmm_(k, m[:width]).addmm_(k_before, m[width : 2 * width])
                 v.addmm_(v_before, m[2 * width : 3 * width]).add_(m[3 * width])
             else:
-                pv = torch.addmm(m[3 * width], kx, m[:width]).addmm_(k_before, m[width : 2 * width])
-                v.add_(pv.addmm_(v_before, m[2 * width : 3 * width]))
+                pv = torch.addmm(m[3 * width], kx, m[:width], out=product)
+                v.add_(
+                    pv.addmm_(k_before, m[width : 2 * width]).addmm_(
+                        v_before, m[2 * width : 3 * width]
+                    )
+                )
         if low is not None:
             low[layer % 2][1].copy_(v)
         store(key_heads.transpose(0, 1), out[0][layer], rope)
