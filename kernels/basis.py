@@ -27,6 +27,13 @@ from kvpool.kernels.transforms import hadamard, rotated
 from kvpool.proto.blockformat import BASIS_ID_BYTES, CHUNK, SUPPORTED_BITS, BlockHeader
 from kvpool.proto.errors import BlockMismatchError, CodecError
 
+# one layer's parts as `_rebuild_rows` reads them: the key map's rows from K_l-1, from V_l-1,
+# its bias, its up factor B^T (None: a full map); the value map's rows from K_l, K_l-1, V_l-1,
+# its bias, its B^T; the rotation's rows [H, n, D] back from the stored components (None: none)
+_KeyParts = tuple[Tensor, Tensor, Tensor, Tensor | None]
+_ValueParts = tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]
+_RowParts = tuple[_KeyParts | None, _ValueParts | None, Tensor | None]  # layer 0: no maps
+
 
 @dataclass(frozen=True, eq=False)
 class KeyBasis:
@@ -66,6 +73,9 @@ class KeyBasis:
     _copies: dict[torch.device, tuple[Tensor | None, ...]] = field(
         default_factory=dict, init=False, repr=False
     )
+    _row_parts: dict[torch.device, list[_RowParts]] = field(  # see _row_parts
+        default_factory=dict, init=False, repr=False
+    )
 
     def on(self, device: torch.device) -> tuple[Tensor | None, ...]:
         """(mean, rotation, key_maps, value_maps) on `device`, copied there once."""
@@ -78,7 +88,8 @@ class KeyBasis:
         return self._copies[device]
 
     def __getstate__(self) -> dict[str, object]:
-        return {**self.__dict__, "_copies": {}}  # pickled (to a worker) without device copies
+        # pickled (to a worker) without device copies
+        return {**self.__dict__, "_copies": {}, "_row_parts": {}}
 
     def __setstate__(self, state: dict[str, object]) -> None:
         self.__dict__.update(state)
@@ -481,72 +492,98 @@ def rebuild_rows(
     _over_runs(out[0].shape[2], run, pool, workers)
 
 
+def _row_parts(basis: KeyBasis, device: torch.device) -> list[_RowParts]:
+    """Per layer l >= 1 (index l - 1) the views of the maps and the rotation that the loop over
+    rows multiplies by, cut once per basis and device (not per layer of every block run)."""
+    if device in basis._row_parts:
+        return basis._row_parts[device]
+    _, rotation, key_maps, value_maps = basis.on(device)
+    assert rotation is not None and key_maps is not None and value_maps is not None
+    width = basis.mean.shape[1] * basis.mean.shape[2]
+    rank = basis.map_rank
+    parts: list[_RowParts] = []
+    for layer, n in enumerate(basis.extent):
+        rows = rotation[layer, :, :, :n].transpose(-1, -2) if n else None
+        if not layer:
+            parts.append((None, None, rows))
+            continue
+        k, v = key_maps[layer - 1], value_maps[layer - 1]
+        parts.append((
+            (k[:width], k[width : 2 * width], k[2 * width], k[2 * width + 1 :].T if rank else None),
+            (v[:width], v[width : 2 * width], v[2 * width : 3 * width], v[3 * width],
+             v[3 * width + 1 :].T if rank else None),
+            rows,
+        ))  # fmt: skip
+    basis._row_parts[device] = parts
+    return parts
+
+
 def _rebuild_rows(
     basis: KeyBasis, source: Residuals, first: int, end: int, out: tuple[Tensor, Tensor],
     rope: tuple[Tensor, Tensor] | None, store: Store,
 ) -> None:  # fmt: skip
     device = out[0].device
-    mean, rotation, key_maps, value_maps = basis.on(device)
-    assert mean is not None and rotation is not None
-    assert key_maps is not None and value_maps is not None
+    mean, _, key_maps, _ = basis.on(device)
+    assert mean is not None and key_maps is not None
+    parts = _row_parts(basis, device)
     layers, heads, tokens, dim = out[0].shape  # tokens [first, end) of the block
     width = heads * dim
-    rank = basis.map_rank
     ring = torch.empty(2, 2, tokens, width, dtype=torch.float32, device=device)  # [l % 2, K|V]
     # bfloat16 maps: the products' inputs, each layer rounded once when it is rebuilt
     low = None if key_maps.dtype == torch.float32 else torch.empty_like(ring, dtype=key_maps.dtype)
     # the products' outputs when they cannot go straight into the float32 rows (bfloat16 maps),
     # and the low-rank latent: allocated once, not per layer
     product = None if low is None else torch.empty_like(low[0, 0])
+    rank = basis.map_rank
     latent = torch.empty(tokens, rank, dtype=key_maps.dtype, device=device) if rank else None
     turned = torch.empty(heads, tokens, dim, dtype=torch.float32, device=device)  # key residual
     components = torch.empty(heads, tokens, dim, dtype=torch.float32, device=device)
+    rows_of = [ring[i].unbind(0) for i in range(2)]  # [l % 2] -> (K, V) rows [T, H D]
+    reads = rows_of if low is None else [low[i].unbind(0) for i in range(2)]  # as products read
+    heads_of = [(k.view(tokens, heads, dim), v.view(tokens, heads, dim).transpose(0, 1))
+                for k, v in rows_of]  # fmt: skip
+    out_k, out_v = out[0].unbind(0), out[1].unbind(0)
     for layer in range(layers):
-        k, v = ring[layer % 2]
-        kx, _ = (ring if low is None else low)[layer % 2]  # this layer's keys as products read
-        k_before, v_before = (ring if low is None else low)[(layer - 1) % 2]
-        if layer == 0:
+        k, v = rows_of[layer % 2]
+        key_heads, value_heads = heads_of[layer % 2]
+        kx, vx = reads[layer % 2]  # this layer's rows as products read them
+        k_before, v_before = reads[(layer - 1) % 2]
+        key_parts, value_parts, rows = parts[layer]
+        if key_parts is None:  # layer 0
             k.copy_(mean[0].reshape(1, width).expand(tokens, width))
         else:
-            m = key_maps[layer - 1]  # rows: K_l-1, V_l-1, bias (then B^T when low rank)
+            from_k, from_v, bias, up = key_parts
             into = k if product is None else product  # float32 maps: straight into k
-            if rank:
-                z = torch.addmm(m[2 * width], k_before, m[:width], out=latent)
-                torch.mm(z.addmm_(v_before, m[width : 2 * width]), m[2 * width + 1 :].T, out=into)
+            if up is not None:
+                z = torch.addmm(bias, k_before, from_k, out=latent)
+                torch.mm(z.addmm_(v_before, from_v), up, out=into)
             else:
-                torch.addmm(m[2 * width], k_before, m[:width], out=into).addmm_(
-                    v_before, m[width : 2 * width]
-                )
+                torch.addmm(bias, k_before, from_k, out=into).addmm_(v_before, from_v)
             if product is not None:
                 k.copy_(product)
-        key_heads = k.view(tokens, heads, dim)
         # the value residual straight into this layer's V rows (the prediction is added to it)
-        coded = source(layer, first, end, components, v.view(tokens, heads, dim).transpose(0, 1))
-        if n := basis.extent[layer]:  # every head's residual in one product, added by one pass
-            rows = rotation[layer, :, :, :n].transpose(-1, -2)
+        coded = source(layer, first, end, components, value_heads)
+        if rows is not None:  # every head's residual in one product, added by one pass
+            n = rows.shape[-2]
             key_heads.add_(torch.bmm(coded[:, :, :n], rows, out=turned).transpose(0, 1))
         if low is not None:
             kx.copy_(k)
-        if layer:
-            m = value_maps[layer - 1]  # rows: K_l, K_l-1, V_l-1, bias (then B^T when low rank)
-            if rank:
-                z = torch.addmm(m[3 * width], kx, m[:width], out=latent)
-                z.addmm_(k_before, m[width : 2 * width]).addmm_(v_before, m[2 * width : 3 * width])
+        if value_parts is not None:
+            v_from_k, v_from_kb, v_from_vb, v_bias, v_up = value_parts
+            if v_up is not None:
+                z = torch.addmm(v_bias, kx, v_from_k, out=latent)
+                z.addmm_(k_before, v_from_kb).addmm_(v_before, v_from_vb)
                 if product is None:
-                    v.addmm_(z, m[3 * width + 1 :].T)
+                    v.addmm_(z, v_up)
                 else:
-                    v.add_(torch.mm(z, m[3 * width + 1 :].T, out=product))
+                    v.add_(torch.mm(z, v_up, out=product))
             elif product is None:
-                v.addmm_(k, m[:width]).addmm_(k_before, m[width : 2 * width])
-                v.addmm_(v_before, m[2 * width : 3 * width]).add_(m[3 * width])
+                v.addmm_(k, v_from_k).addmm_(k_before, v_from_kb)
+                v.addmm_(v_before, v_from_vb).add_(v_bias)
             else:
-                pv = torch.addmm(m[3 * width], kx, m[:width], out=product)
-                v.add_(
-                    pv.addmm_(k_before, m[width : 2 * width]).addmm_(
-                        v_before, m[2 * width : 3 * width]
-                    )
-                )
+                pv = torch.addmm(v_bias, kx, v_from_k, out=product)
+                v.add_(pv.addmm_(k_before, v_from_kb).addmm_(v_before, v_from_vb))
         if low is not None:
-            low[layer % 2][1].copy_(v)
-        store(key_heads.transpose(0, 1), out[0][layer], rope)
-        store(v.view(tokens, heads, dim).transpose(0, 1), out[1][layer], None)
+            vx.copy_(v)
+        store(key_heads.transpose(0, 1), out_k[layer], rope)
+        store(value_heads, out_v[layer], None)
