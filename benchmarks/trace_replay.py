@@ -37,7 +37,11 @@ In one run:
 - the store's memory per block beyond its bytes (tracemalloc).
 
 The figure of each system is its token hit rate: prompt tokens served from the cache over all
-prompt tokens. Absolute speeds on a shared 2-core machine are noise; compare within a run.
+prompt tokens. Absolute speeds on a shared 2-core machine are noise; compare within a run. The
+real systems run `--rounds` times (default 3), each round a fresh tier and a fresh Redis, taking
+turns to go first: speeds are each system's median round, `block_ops_vs_redis` the median of
+the rounds' ratios (all of them in `block_ops_vs_redis_by_round`), hit rates and shard load the
+first round's (the tier's every round in `hit_rate_by_round`).
 Prints a table, then one JSON object as its last line.
 """
 
@@ -49,6 +53,7 @@ import dataclasses
 import itertools
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -389,6 +394,8 @@ def main() -> None:
                    help="block sizes and budgets are divided by this (hit rates do not change)")  # fmt: skip
     p.add_argument("--shards", type=int, default=16)
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight (tier, Redis)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="replays of each real system, taking turns (the speeds: medians)")  # fmt: skip
     p.add_argument("--prefill-tokens-per-s", type=float, default=10_000.0)
     p.add_argument("--no-tier", action="store_true", help="skip the real tier (simulations only)")
     p.add_argument("--no-redis", action="store_true")
@@ -445,28 +452,53 @@ def main() -> None:
                default_codec_hit_rate=default_point)  # fmt: skip
 
     hit = headline["kvpool"]  # the simulated tier, unless the real one runs
-    if not args.no_tier:
+
+    def tier_round() -> tuple[Live, dict[str, int]]:
         per_shard = max(len(blob), budget // args.shards)
         tier = start_tier(TierConfig(shards=args.shards, budget_bytes=per_shard, shard_cpus=0.05,
                                      metrics_port=None, name="trace-replay"))  # fmt: skip
         try:
-            live, served = asyncio.run(kvpool_replay(tier.endpoint, ns, blob, requests, keys,
-                                                     args.concurrency))  # fmt: skip
+            return asyncio.run(kvpool_replay(tier.endpoint, ns, blob, requests, keys,
+                                             args.concurrency))  # fmt: skip
         finally:
             tier.shutdown()
+
+    def redis_round() -> Live:
+        with RedisServer() as server:
+            return asyncio.run(redis_replay(server.port, budget, blob, requests, keys,
+                                            args.concurrency))  # fmt: skip
+
+    # the real systems, `--rounds` times, each round a fresh tier and a fresh Redis, taking
+    # turns to go first (this machine's speed drifts by ~20% within minutes: one pair of runs
+    # is not a ratio); the figures are each system's median round, the ratio the median of the
+    # rounds' ratios, and the hit rates and shard load the first round's
+    tiers: list[tuple[Live, dict[str, int]]] = []
+    peers: list[Live] = []
+    for r in range(args.rounds):
+        for system in ("tier", "redis") if r % 2 == 0 else ("redis", "tier"):
+            if system == "tier" and not args.no_tier:
+                tiers.append(tier_round())
+            elif system == "redis" and not args.no_redis:
+                peers.append(redis_round())
+    if tiers:
+        live, served = tiers[0]
         loads = list(served.values())
         mean = sum(loads) / len(loads)
         hit = live.hit_rate
-        out.update(requests_per_s=round(live.requests_per_s, 1),
-                   block_ops_per_s=round(live.block_ops_per_s),
-                   shard_load_max_over_mean=round(max(loads) / mean, 3) if mean else None)  # fmt: skip
-    if not args.no_redis:
-        with RedisServer() as server:
-            peer = asyncio.run(redis_replay(server.port, budget, blob, requests, keys,
-                                            args.concurrency))  # fmt: skip
-        out.update(redis_hit_rate=round(peer.hit_rate, 4),
-                   redis_requests_per_s=round(peer.requests_per_s, 1),
-                   redis_block_ops_per_s=round(peer.block_ops_per_s))  # fmt: skip
+        out.update(requests_per_s=round(statistics.median(t.requests_per_s for t, _ in tiers), 1),
+                   block_ops_per_s=round(statistics.median(t.block_ops_per_s for t, _ in tiers)),
+                   shard_load_max_over_mean=round(max(loads) / mean, 3) if mean else None,
+                   hit_rate_by_round=[round(t.hit_rate, 4) for t, _ in tiers])  # fmt: skip
+    if peers:
+        out.update(redis_hit_rate=round(peers[0].hit_rate, 4),
+                   redis_requests_per_s=round(statistics.median(p.requests_per_s for p in peers), 1),
+                   redis_block_ops_per_s=round(statistics.median(p.block_ops_per_s for p in peers)))  # fmt: skip
+    if tiers and peers:
+        ratios = [
+            t.block_ops_per_s / p.block_ops_per_s for (t, _), p in zip(tiers, peers, strict=True)
+        ]
+        out.update(block_ops_vs_redis=round(statistics.median(ratios), 3),
+                   block_ops_vs_redis_by_round=[round(x, 3) for x in ratios])  # fmt: skip
     saved_tokens = hit * total_tokens
     out = {"hit_rate": round(hit, 4), **out,
            "prefill_saved_fraction": round(hit, 4),
@@ -476,9 +508,6 @@ def main() -> None:
            "codec": args.codec, "shards": args.shards, "requests": len(requests),
            "dram_tokens": args.dram_tokens, "block_bytes": len(blob), "scale": round(scale),
            **memory_per_block()}  # fmt: skip
-    ops, redis_ops = out.get("block_ops_per_s"), out.get("redis_block_ops_per_s")
-    if isinstance(ops, (int, float)) and isinstance(redis_ops, (int, float)) and redis_ops:
-        out["block_ops_vs_redis"] = round(ops / redis_ops, 3)
     table(out)
     print(json.dumps(out))
 
