@@ -493,8 +493,9 @@ def rebuild_rows(
 
 
 def _row_parts(basis: KeyBasis, device: torch.device) -> list[_RowParts]:
-    """Per layer l >= 1 (index l - 1) the views of the maps and the rotation that the loop over
-    rows multiplies by, cut once per basis and device (not per layer of every block run)."""
+    """Per layer the views of its maps (none for layer 0) and of the rotation that the loop over
+    rows multiplies by, cut once per basis and device, not per layer of every block's run (two
+    workers cutting them at once both store the same views)."""
     if device in basis._row_parts:
         return basis._row_parts[device]
     _, rotation, key_maps, value_maps = basis.on(device)
