@@ -183,14 +183,28 @@ def score(model: Any, w: Window, keys: Tensor, values: Tensor) -> tuple[float, f
     return nll - w.reference_nll, kl
 
 
+# fidelity.py's held-out prose is the middle of the same book (30% to 70% of its characters):
+# no development window may reach into it (token offsets, with a margin for the two measures)
+HELD_OUT_PROSE = (0.27, 0.73)
+
+
 @torch.inference_mode()
-def windows(model: Any, tokenizer: Any, text: str, count: int) -> list[Window]:
+def windows(
+    model: Any, tokenizer: Any, text: str, count: int,
+    avoid: tuple[float, float] | None = None,
+) -> list[Window]:  # fmt: skip
+    """`count` windows at evenly spaced offsets of `text`; SystemExit if one would overlap the
+    fraction `avoid` of the text (held-out text)."""
     ids = tokenizer(text, return_tensors="pt").input_ids
     span = PREFIX + CONTINUATION + 1
     room = ids.shape[1] - span
+    starts = [round((i + 0.5) * room / count) for i in range(count)]
+    n = ids.shape[1]
+    if avoid is not None and any(avoid[0] * n < s + span and s < avoid[1] * n for s in starts):
+        raise SystemExit(f"{count} windows per text would read the held-out part of the book "
+                         f"({avoid[0]:.0%}-{avoid[1]:.0%}); the default, 2, does not")  # fmt: skip
     out = []
-    for i in range(count):
-        s = round((i + 0.5) * room / count)
+    for s in starts:
         tokens = ids[:, s : s + span]
         prefix = model(tokens[:, :PREFIX], use_cache=True).past_key_values
         keys, values = kv_from_cache(prefix, PREFIX)
@@ -592,7 +606,10 @@ def run(windows_per_text: int, only: list[str], ratio: bool = False) -> dict[str
     model.eval()
     rope = rope_params(model)
     assert rope is not None, "the levers are measured on pre-RoPE keys"
-    data = {n: windows(model, tokenizer, t, windows_per_text) for n, t in eval_texts().items()}
+    data = {
+        n: windows(model, tokenizer, t, windows_per_text, HELD_OUT_PROSE if n == "prose" else None)
+        for n, t in eval_texts().items()
+    }
     tokens = {n: CONTINUATION * len(ws) for n, ws in data.items()}
     base = {n: round(math.exp(sum(w.reference_nll for w in ws) / tokens[n]), 4)
             for n, ws in data.items()}  # fmt: skip
