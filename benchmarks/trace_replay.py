@@ -70,12 +70,13 @@ from tqdm import tqdm
 from kvpool.client import namespace_for
 from kvpool.kernels.codec import CodecConfig, encode
 from kvpool.proto.keys import Namespace
+from kvpool.proto.messages import BRANCHED, EXTENDS
 from kvpool.ring import Placement, Ring
 from kvpool.services.budget import SharedBudget
 from kvpool.services.budget import create as create_budget
 from kvpool.services.hot import HotKeys
 from kvpool.services.redis_server import RedisServer
-from kvpool.services.store import BRANCHED, EXTENDS, BlockStore
+from kvpool.services.store import BlockStore
 from kvpool.services.tier import TierConfig, start_tier
 from kvpool.trace import TRACE_BLOCK_TOKENS, TraceKeys, TraceRequest, read_trace
 from kvpool.transport import BlockPut, ClientConfig, TierClient
@@ -400,6 +401,8 @@ def main() -> None:
     p.add_argument("--no-tier", action="store_true", help="skip the real tier (simulations only)")
     p.add_argument("--no-redis", action="store_true")
     args = p.parse_args()
+    if args.rounds < 1:
+        p.error("--rounds is at least 1")
 
     requests = read_trace(args.trace, args.limit)
     block_fp16 = TRACE_BLOCK_TOKENS * args.bytes_per_token

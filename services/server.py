@@ -63,14 +63,14 @@ from kvpool.proto.errors import (
     UnsupportedVersionError,
 )
 from kvpool.proto.keys import Namespace
-from kvpool.proto.messages import namespace_from_proto, pack
+from kvpool.proto.messages import HINTS, namespace_from_proto, pack
 from kvpool.services.artifacts import ArtifactLimits, ArtifactServicer, ArtifactStore
 from kvpool.services.artifacts import handlers as artifact_handlers
 from kvpool.services.hot import HotKeys
 from kvpool.services.metrics import ShardMetrics
 from kvpool.services.security import ServerSecurity, store_key, tenant_of
 from kvpool.services.shared import Arena, ArenaRefused, Arenas, Owner
-from kvpool.services.store import HINTS, Blob, BlockStore, BlockTooLargeError, PutItem
+from kvpool.services.store import Blob, BlockStore, BlockTooLargeError, PutItem
 
 if TYPE_CHECKING:  # redis-py is needed only where a Redis tier is configured
     from kvpool.services.redis_tier import RedisTier

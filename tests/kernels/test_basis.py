@@ -590,7 +590,8 @@ def test_bfloat16_maps_are_their_own_basis_and_decode_alike_on_every_backend(
     form: str, tmp_path: Path
 ) -> None:
     """bfloat16 maps (of any form) are another basis than the float32 maps they round (another
-    id), saved and loaded as bfloat16; maps of two dtypes make no basis. Their blocks: the same
+    id), saved and loaded as bfloat16; maps of two dtypes, of another dtype or not finite make
+    no basis. Their blocks: the same
     bytes from every writer; every reader's decoding within bfloat16 rounding of the
     reference's (the readers sum their bfloat16 products in other orders), about as close to
     the KV as the float32 maps' blocks."""
@@ -604,6 +605,13 @@ def test_bfloat16_maps_are_their_own_basis_and_decode_alike_on_every_backend(
     assert f32.value_maps is not None and basis.key_maps is not None
     with pytest.raises(CodecError, match="both float32 or both bfloat16"):
         KeyBasis(basis.mean, basis.rotation, basis.widths, basis.key_maps, f32.value_maps)
+    with pytest.raises(CodecError, match="both float32 or both bfloat16"):  # another dtype
+        KeyBasis(basis.mean, basis.rotation, basis.widths, basis.key_maps.half(),
+                 basis.value_maps.half())  # fmt: skip
+    nan = basis.key_maps.clone()
+    nan.view(-1)[0] = float("nan")
+    with pytest.raises(CodecError, match="finite"):
+        KeyBasis(basis.mean, basis.rotation, basis.widths, nan, basis.value_maps)
     k, v = predictable_kv(full, noise=0.3, seed=4)
     cfg = config(basis, rope=RopeParams(10000.0, DIM), hadamard_values=True, sink_tokens=1)
     ref = encode(k, v, cfg, backend="reference")
