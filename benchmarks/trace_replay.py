@@ -86,7 +86,9 @@ LLAMA3_70B_BYTES_PER_TOKEN = 80 * 8 * 128 * 2 * 2  # layers x KV heads x head di
 # fp16 bytes over stored bytes, as measured on held-out text (benchmarks/results/, README):
 CODECS = {
     "v2-predicted": 7.16,  # codec v2 with a key basis and inter-layer prediction
-    "k3v2": 5.53,  # the default a new user gets today (3-bit keys, 2-bit values)
+    # what a worker gets while no key basis is published for its model (`published_codec`'s
+    # fallback: 3-bit keys, 2-bit values); with one published, the default is v2-predicted
+    "k3v2": 5.53,
     "fp16": 1.0,
 }
 SWEEP = {"1M": 1e6, "3M": 3e6, "10M": 10e6}
