@@ -85,6 +85,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from fidelity import PROSE_HELD_OUT  # benchmarks/, on sys.path as the script's folder
 from torch import Tensor
 
 from kvpool.calibrate import least_squares, principal, reduced_rank
@@ -191,10 +192,8 @@ def windows(
     """`count` windows at evenly spaced offsets of `text`; SystemExit if one would overlap the
     fraction `avoid` of the text (held-out text)."""
     ids = tokenizer(text, return_tensors="pt").input_ids
-    span = PREFIX + CONTINUATION + 1
-    room = ids.shape[1] - span
-    starts = [round((i + 0.5) * room / count) for i in range(count)]
-    n = ids.shape[1]
+    n, span = ids.shape[1], PREFIX + CONTINUATION + 1
+    starts = [round((i + 0.5) * (n - span) / count) for i in range(count)]
     if avoid is not None and any(avoid[0] * n < s + span and s < avoid[1] * n for s in starts):
         raise SystemExit(f"{count} windows per text would read the held-out part of the book "
                          f"({avoid[0]:.0%}-{avoid[1]:.0%}); the default, 2, does not")  # fmt: skip
@@ -601,8 +600,6 @@ def run(windows_per_text: int, only: list[str], ratio: bool = False) -> dict[str
     model.eval()
     rope = rope_params(model)
     assert rope is not None, "the levers are measured on pre-RoPE keys"
-    from fidelity import PROSE_HELD_OUT  # the middle of the same book
-
     # no development window may reach into it (token offsets against fidelity.py's character
     # offsets: a margin of 3% of the book for the difference)
     held_out = (PROSE_HELD_OUT[0] - 0.03, PROSE_HELD_OUT[1] + 0.03)
